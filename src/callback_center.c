@@ -1,0 +1,211 @@
+/*-------------------------------------------------------------------------
+ *
+ * callback_center.c
+ *		Module entry point: GUCs, shared memory and worker registration.
+ *
+ * The SQL API works whenever the library is loaded.  The background worker
+ * and the shared state it publishes exist only when the library is loaded
+ * through shared_preload_libraries; functions that need them say so.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/timestamp.h"
+
+#include "callback_center.h"
+
+PG_MODULE_MAGIC;
+
+CallbackCenterShared *cc_shared = NULL;
+char	   *cc_database = NULL;
+int			cc_poll_interval_ms = 1000;
+bool		cc_loaded_at_startup = false;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+void		_PG_init(void);
+static void cc_shmem_request(void);
+static void cc_shmem_startup(void);
+
+PG_FUNCTION_INFO_V1(cc_worker_status);
+PG_FUNCTION_INFO_V1(cc_wake);
+
+/*
+ * Defines the GUCs in every process that loads the library; registers the
+ * worker and requests shared memory only at postmaster start.
+ */
+void
+_PG_init(void)
+{
+	if (IsBinaryUpgrade)
+		return;
+
+	DefineCustomIntVariable("callback_center.poll_interval",
+							"Longest time the worker sleeps between looks at its queue.",
+							"The worker is normally woken when work commits; this is the fallback.",
+							&cc_poll_interval_ms,
+							1000,
+							10,
+							3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	/*
+	 * Settings read only at server start can be defined only while
+	 * shared_preload_libraries is processed; a backend that loads us later
+	 * must not define them (that is FATAL).
+	 */
+	if (process_shared_preload_libraries_in_progress)
+		DefineCustomStringVariable("callback_center.database",
+								   "Database the callback_center worker connects to.",
+								   "The extension must be created in this database for the worker to do anything.",
+								   &cc_database,
+								   "postgres",
+								   PGC_POSTMASTER,
+								   GUC_SUPERUSER_ONLY,
+								   NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("callback_center");
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	cc_loaded_at_startup = true;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = cc_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = cc_shmem_startup;
+
+	cc_register_worker();
+}
+
+static void
+cc_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(CallbackCenterShared)));
+}
+
+/*
+ * Attaches to (or, first time round, creates) the shared state.  Runs in the
+ * postmaster and again in every child on EXEC_BACKEND builds.
+ */
+static void
+cc_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	cc_shared = ShmemInitStruct("callback_center",
+								sizeof(CallbackCenterShared), &found);
+	if (!found)
+	{
+		memset(cc_shared, 0, sizeof(CallbackCenterShared));
+		SpinLockInit(&cc_shared->mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Raises a clear error when the caller needs the worker or its shared state
+ * but the library was not preloaded.
+ */
+void
+cc_require_worker(const char *what)
+{
+	if (cc_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("%s requires callback_center to be loaded via shared_preload_libraries",
+						what),
+				 errhint("Add callback_center to shared_preload_libraries in postgresql.conf and restart the server.")));
+}
+
+/*
+ * Sets the worker's latch, if a worker runs.  Cheap enough to call at every
+ * commit that queued work; a missing worker is not an error here.
+ */
+void
+cc_wake_worker(void)
+{
+	Latch	   *latch = NULL;
+
+	if (cc_shared == NULL)
+		return;
+	SpinLockAcquire(&cc_shared->mutex);
+	latch = cc_shared->worker_latch;
+	cc_shared->wakeups++;
+	SpinLockRelease(&cc_shared->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+/*
+ * callback_center.worker_status(): one row describing the worker, with
+ * pid NULL when it is not running.
+ */
+Datum
+cc_worker_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[6];
+	bool		nulls[6] = {0};
+	CallbackCenterShared snap;
+
+	cc_require_worker("callback_center.worker_status()");
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	SpinLockAcquire(&cc_shared->mutex);
+	memcpy(&snap, cc_shared, sizeof(snap));
+	SpinLockRelease(&cc_shared->mutex);
+
+	if (snap.worker_pid != 0)
+	{
+		values[0] = Int32GetDatum(snap.worker_pid);
+		values[1] = TimestampTzGetDatum(snap.worker_started_at);
+	}
+	else
+		nulls[0] = nulls[1] = true;
+	values[2] = CStringGetTextDatum(cc_database ? cc_database : "");
+	values[3] = Int64GetDatum((int64) snap.reloads);
+	values[4] = Int64GetDatum((int64) snap.loops);
+	values[5] = Int64GetDatum((int64) snap.wakeups);
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * callback_center.wake(): wakes the worker now.  Returns whether a worker
+ * was running to be woken.
+ */
+Datum
+cc_wake(PG_FUNCTION_ARGS)
+{
+	bool		running;
+
+	cc_require_worker("callback_center.wake()");
+	SpinLockAcquire(&cc_shared->mutex);
+	running = cc_shared->worker_latch != NULL;
+	SpinLockRelease(&cc_shared->mutex);
+	cc_wake_worker();
+	PG_RETURN_BOOL(running);
+}

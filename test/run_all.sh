@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The README's test command (make test): installs what is missing, builds,
+# installs, then runs pg_regress, the isolation specs and the TAP suite, each
+# on clusters it starts itself as the unprivileged "postgres" user.
+# Ends with "N passed, N failed" and exits non-zero on any failure.
+set -u
+. "$(dirname "$0")/lib.sh"
+
+cc_ensure_packages || exit 1
+cc_build_install || { echo "build failed"; echo "0 passed, 1 failed"; exit 1; }
+
+work=$(cc_work_copy)
+logs=$work/log
+mkdir -p "$logs" && as_root chown "$CC_PG_USER" "$logs"
+passed=0
+failed=0
+
+# Counts pg_regress / pg_isolation_regress result lines of a log (PG15
+# prints "test NAME ... ok" or "... FAILED").
+count_regress() {
+    local log=$1 p f
+    p=$(grep -cE '^(test | +)?[[:alnum:]_]+ +\.\.\. ok' "$log")
+    f=$(grep -cE '^(test | +)?[[:alnum:]_]+ +\.\.\. (FAILED|failed)' "$log")
+    passed=$((passed + p))
+    failed=$((failed + f))
+    echo "    $p passed, $f failed"
+}
+
+run_suite() {
+    local name=$1 target=$2 log=$logs/$1.log
+    cc_say "$name"
+    as_pg make -C "$work" -s "$target" PG_CONFIG="$CC_BINDIR/pg_config" >"$log" 2>&1
+    local rc=$?
+    grep -E '\.\.\. |^ok |^not ok|^t/|^test/t/|Result:' "$log" | sed 's/^/    /'
+    return $rc
+}
+
+run_suite regress regresscheck
+rc=$?
+count_regress "$logs/regress.log"
+if [ $rc -ne 0 ] && [ -f "$work/regression.diffs" ]; then
+    head -n 200 "$work/regression.diffs"
+fi
+if [ "$rc" -ne 0 ] && ! grep -qE '\.\.\. (ok|FAILED|failed)' "$logs/regress.log"; then
+    tail -n 30 "$logs/regress.log"; failed=$((failed + 1))
+fi
+
+if ls "$CC_ROOT"/specs/*.spec >/dev/null 2>&1; then
+    run_suite isolation isolationcheck
+    rc=$?
+    count_regress "$logs/isolation.log"
+    [ $rc -ne 0 ] && [ -f "$work/output_iso/regression.diffs" ] &&
+        head -n 200 "$work/output_iso/regression.diffs"
+    if [ "$rc" -ne 0 ] && ! grep -qE '\.\.\. (ok|FAILED|failed)' "$logs/isolation.log"; then
+        tail -n 30 "$logs/isolation.log"; failed=$((failed + 1))
+    fi
+fi
+
+# TAP: one count per test file, as prove reports them.
+run_suite tap tapcheck
+rc=$?
+p=$(grep -cE '^test/t/[^ ]+ \.+ ok' "$logs/tap.log")
+f=$(grep -cE '^test/t/[^ ]+ \.+ ' "$logs/tap.log")
+f=$((f - p))
+if [ $rc -ne 0 ] && [ $f -eq 0 ]; then f=1; fi
+passed=$((passed + p))
+failed=$((failed + f))
+echo "    $p passed, $f failed"
+if [ $rc -ne 0 ]; then
+    grep -vE '^test/t/[^ ]+ \.+ ok' "$logs/tap.log" | tail -n 60
+    for l in "$work"/tmp_check/log/regress_log_*; do
+        [ -f "$l" ] || continue
+        grep -q 'not ok' "$l" && { echo "--- $l"; tail -n 80 "$l"; }
+    done
+fi
+
+if [ "$failed" -eq 0 ]; then
+    as_root rm -rf "$work"
+else
+    echo "logs kept in $work"
+fi
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
