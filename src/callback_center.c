@@ -30,6 +30,7 @@ CallbackCenterShared *cc_shared = NULL;
 char	   *cc_database = NULL;
 int			cc_poll_interval_ms = 1000;
 bool		cc_loaded_at_startup = false;
+char	   *cc_actor = NULL;
 
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
@@ -61,6 +62,15 @@ _PG_init(void)
 							PGC_SIGHUP,
 							GUC_UNIT_MS,
 							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("callback_center.actor",
+							   "Who is making the current change, recorded in state history.",
+							   "Set it per transaction (SET LOCAL) in application code; empty means the current role.",
+							   &cc_actor,
+							   "",
+							   PGC_USERSET,
+							   0,
+							   NULL, NULL, NULL);
 
 	/*
 	 * Settings read only at server start can be defined only while

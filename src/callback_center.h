@@ -19,6 +19,28 @@
 #define CC_WORKER_TYPE		"callback_center worker"
 
 /*
+ * SQLSTATEs of the business errors, class CB ("callback_center").  Input
+ * errors use the standard codes (22023 invalid_parameter_value, 22004
+ * null_value_not_allowed, 22P02 invalid_text_representation, 42704
+ * undefined_object, 42501 insufficient_privilege).  README lists them all.
+ */
+#define CC_ERRCODE_INSUFFICIENT_STOCK		MAKE_SQLSTATE('C','B','0','0','1')
+#define CC_ERRCODE_VERSION_CONFLICT			MAKE_SQLSTATE('C','B','0','0','2')
+#define CC_ERRCODE_CONTENTION				MAKE_SQLSTATE('C','B','0','0','3')
+#define CC_ERRCODE_UNKNOWN_SKU				MAKE_SQLSTATE('C','B','0','0','4')
+#define CC_ERRCODE_ILLEGAL_TRANSITION		MAKE_SQLSTATE('C','B','0','1','0')
+#define CC_ERRCODE_UNKNOWN_STATE			MAKE_SQLSTATE('C','B','0','1','1')
+#define CC_ERRCODE_PAYLOAD_MISMATCH			MAKE_SQLSTATE('C','B','0','2','0')
+#define CC_ERRCODE_UNKNOWN_CALLBACK			MAKE_SQLSTATE('C','B','0','2','1')
+#define CC_ERRCODE_INVALID_SIGNATURE		MAKE_SQLSTATE('C','B','0','3','0')
+#define CC_ERRCODE_SIGNATURE_EXPIRED		MAKE_SQLSTATE('C','B','0','3','1')
+#define CC_ERRCODE_MALFORMED_SIGNATURE		MAKE_SQLSTATE('C','B','0','3','2')
+#define CC_ERRCODE_UNKNOWN_PROVIDER			MAKE_SQLSTATE('C','B','0','3','3')
+#define CC_ERRCODE_UNKNOWN_ENDPOINT			MAKE_SQLSTATE('C','B','0','4','0')
+#define CC_ERRCODE_UNKNOWN_ORDER			MAKE_SQLSTATE('C','B','0','5','0')
+#define CC_ERRCODE_COUPON_UNAVAILABLE		MAKE_SQLSTATE('C','B','0','5','1')
+
+/*
  * State the worker shares with backends.  Backends read it for the status
  * functions and use worker_latch to wake the worker when work commits.
  */
@@ -38,6 +60,7 @@ extern PGDLLIMPORT CallbackCenterShared *cc_shared;
 extern char *cc_database;
 extern int	cc_poll_interval_ms;
 extern bool cc_loaded_at_startup;
+extern char *cc_actor;
 
 extern void cc_require_worker(const char *what);
 extern void cc_wake_worker(void);

@@ -26,15 +26,24 @@ count_regress() {
     echo "    $p passed, $f failed"
 }
 
+# CC_REGRESS, CC_ISOLATION, CC_PROVE narrow a run to some tests (developer
+# loops), e.g. CC_REGRESS="install stock" CC_PROVE=test/t/010_x.pl; "none"
+# skips a suite.
+filters=()
+[ -n "${CC_REGRESS:-}" ] && filters+=("REGRESS=$CC_REGRESS")
+[ -n "${CC_ISOLATION:-}" ] && filters+=("ISOLATION=$CC_ISOLATION")
+[ -n "${CC_PROVE:-}" ] && filters+=("PROVE_TESTS=$CC_PROVE")
+
 run_suite() {
     local name=$1 target=$2 log=$logs/$1.log
     cc_say "$name"
-    as_pg make -C "$work" -s "$target" PG_CONFIG="$CC_BINDIR/pg_config" >"$log" 2>&1
+    as_pg make -C "$work" -s "$target" PG_CONFIG="$CC_BINDIR/pg_config" "${filters[@]}" >"$log" 2>&1
     local rc=$?
     grep -E '\.\.\. |^ok |^not ok|^t/|^test/t/|Result:' "$log" | sed 's/^/    /'
     return $rc
 }
 
+[ "${CC_REGRESS:-}" = none ] || {
 run_suite regress regresscheck
 rc=$?
 count_regress "$logs/regress.log"
@@ -44,8 +53,9 @@ fi
 if [ "$rc" -ne 0 ] && ! grep -qE '\.\.\. (ok|FAILED|failed)' "$logs/regress.log"; then
     tail -n 30 "$logs/regress.log"; failed=$((failed + 1))
 fi
+}
 
-if ls "$CC_ROOT"/specs/*.spec >/dev/null 2>&1; then
+if [ "${CC_ISOLATION:-}" != none ] && ls "$CC_ROOT"/specs/*.spec >/dev/null 2>&1; then
     run_suite isolation isolationcheck
     rc=$?
     count_regress "$logs/isolation.log"
@@ -57,6 +67,7 @@ if ls "$CC_ROOT"/specs/*.spec >/dev/null 2>&1; then
 fi
 
 # TAP: one count per test file, as prove reports them.
+if [ "${CC_PROVE:-}" != none ]; then
 run_suite tap tapcheck
 rc=$?
 p=$(grep -cE '^test/t/[^ ]+ \.+ ok' "$logs/tap.log")
@@ -72,6 +83,7 @@ if [ $rc -ne 0 ]; then
         [ -f "$l" ] || continue
         grep -q 'not ok' "$l" && { echo "--- $l"; tail -n 80 "$l"; }
     done
+fi
 fi
 
 if [ "$failed" -eq 0 ]; then

@@ -6,7 +6,7 @@
 -- qualified.  The control file names pg_catalog so that the schema is
 -- created here, as a member, and goes with DROP EXTENSION.
 CREATE SCHEMA callback_center;
-GRANT USAGE ON SCHEMA callback_center TO PUBLIC;
+
 
 COMMENT ON SCHEMA callback_center IS
     'callback_center: stock, state machines, idempotent callbacks, outbox and delivery worker';
@@ -34,3 +34,23 @@ LANGUAGE C STRICT VOLATILE;
 
 COMMENT ON FUNCTION callback_center.wake() IS
     'Wakes the background worker now; returns whether one was running';
+
+-- Roles.  Roles are cluster-wide: they are created once, if missing, and
+-- survive DROP EXTENSION (another database may use them).
+--   callback_center_admin: manages endpoints, secrets, stock, machines.
+--   callback_center_app:   runs the business functions; cannot read
+--                          secrets or change endpoints.
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'callback_center_admin') THEN
+        CREATE ROLE callback_center_admin NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'callback_center_app') THEN
+        CREATE ROLE callback_center_app NOLOGIN;
+    END IF;
+END
+$roles$;
+
+GRANT USAGE ON SCHEMA callback_center TO callback_center_admin, callback_center_app;
+REVOKE ALL ON FUNCTION callback_center.wake() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.wake() TO callback_center_admin, callback_center_app;
