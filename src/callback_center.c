@@ -29,6 +29,7 @@ PG_MODULE_MAGIC;
 CallbackCenterShared *cc_shared = NULL;
 char	   *cc_database = NULL;
 int			cc_poll_interval_ms = 1000;
+int			cc_pay_timeout_s = 1800;
 bool		cc_loaded_at_startup = false;
 char	   *cc_actor = NULL;
 
@@ -71,6 +72,17 @@ _PG_init(void)
 							   PGC_USERSET,
 							   0,
 							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("callback_center.pay_timeout",
+							"How long a placed order may stay unpaid before it is closed.",
+							"place_order() sets each order's pay deadline from it.",
+							&cc_pay_timeout_s,
+							1800,
+							1,
+							30 * 24 * 3600,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
 
 	/*
 	 * Settings read only at server start can be defined only while

@@ -59,6 +59,7 @@ typedef struct CallbackCenterShared
 extern PGDLLIMPORT CallbackCenterShared *cc_shared;
 extern char *cc_database;
 extern int	cc_poll_interval_ms;
+extern int	cc_pay_timeout_s;
 extern bool cc_loaded_at_startup;
 extern char *cc_actor;
 
