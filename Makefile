@@ -58,3 +58,7 @@ demo:
 
 bench:
 	bash bench/run.sh
+
+# C unit tests of the pure policy functions (run by test/t/060_policy_unit.pl).
+test/unit/policy_test: test/unit/policy_test.c src/policy.c src/policy.h
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/policy_test.c src/policy.c -lm
