@@ -32,8 +32,9 @@ include $(PGXS)
 
 PROVE_FLAGS += -I $(srcdir)/test/perl
 
-$(EXTENSION)--$(EXTVERSION).sql: $(SQL_PIECES)
-	cat $^ > $@
+# The directory is a prerequisite so that removing a piece rebuilds too.
+$(EXTENSION)--$(EXTVERSION).sql: $(SQL_PIECES) src/sql
+	cat $(SQL_PIECES) > $@
 
 # One suite at a time, as a non-root user, against an installed build:
 #   make regresscheck [REGRESS="stock outbox"]

@@ -98,8 +98,6 @@ _PG_init(void)
 								   PGC_POSTMASTER,
 								   GUC_SUPERUSER_ONLY,
 								   NULL, NULL, NULL);
-	if (process_shared_preload_libraries_in_progress)
-		cc_worker_define_gucs();
 
 	MarkGUCPrefixReserved("callback_center");
 
