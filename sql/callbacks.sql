@@ -116,6 +116,10 @@ SELECT is_first FROM callback_center.record_callback('cbt-5', 'pay', 'body-5');
 SELECT is_first FROM callback_center.record_callback('cbt-6', 'pay', '');
 SELECT is_first, payload_mismatch FROM callback_center.record_callback('cbt-6', 'pay', '');
 
+-- Called in the select list too.
+SELECT (callback_center.record_callback('cbt-9', 'pay', 'body-9')).is_first;
+SELECT (callback_center.record_callback('cbt-9', 'pay', 'body-9')).is_first;
+
 -- Errors.
 SELECT pg_temp.try($q$SELECT is_first FROM callback_center.record_callback(NULL, 'pay', 'b')$q$) AS null_biz_id;
 SELECT pg_temp.try($q$SELECT is_first FROM callback_center.record_callback('cbt-7', NULL, 'b')$q$) AS null_type;

@@ -167,7 +167,7 @@ cc_record_callback(PG_FUNCTION_ARGS)
 	SET_VARSIZE(hash_bytea, VARHDRSZ + CC_SHA256_LEN);
 	memcpy(VARDATA(hash_bytea), hash, CC_SHA256_LEN);
 
-	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
+	InitMaterializedSRF(fcinfo, 0);
 
 	args[0] = PointerGetDatum(biz_id);
 	args[1] = PointerGetDatum(callback_type);
