@@ -65,6 +65,11 @@ SELECT count(*) + sum(retry_count) FROM callback_center.callback_record
  WHERE biz_id LIKE 'tap-%'});
 is($firsts, $expected, 'is_first answers = rows + retries');
 cmp_ok($firsts, '>', 0, 'some deliveries were first');
+cmp_ok(
+	$node->safe_psql(
+		'postgres', q{
+SELECT sum(retry_count) FROM callback_center.callback_record WHERE biz_id LIKE 'tap-%'}),
+	'>', 0, 'failed callbacks were retried');
 
 is( $node->safe_psql(
 		'postgres', q{
