@@ -146,3 +146,9 @@ RESET ROLE;
 
 DELETE FROM callback_center.callback_conflicts WHERE biz_id LIKE 'cbt-%';
 DELETE FROM callback_center.callback_record WHERE biz_id LIKE 'cbt-%';
+
+-- Leave the database as found (sql/install.sql expects no extension).
+SET client_min_messages = warning;
+DROP EXTENSION callback_center;
+DROP EXTENSION IF EXISTS pgcrypto;
+RESET client_min_messages;

@@ -235,3 +235,9 @@ SELECT callback_center.drop_provider(name) FROM callback_center.providers
  WHERE name IN ('sig_vector', 'sig_rot', 'sig_stripe') ORDER BY name;
 SELECT pg_temp.try($q$SELECT callback_center.verify_signature('sig_rot', '{}', 'b')$q$)
        AS dropped_provider;
+
+-- Leave the database as found (sql/install.sql expects no extension).
+SET client_min_messages = warning;
+DROP EXTENSION callback_center;
+DROP EXTENSION IF EXISTS pgcrypto;
+RESET client_min_messages;
