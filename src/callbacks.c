@@ -283,9 +283,9 @@ cc_record_callback(PG_FUNCTION_ARGS)
 		}
 
 		/*
-		 * Claim a pending row or a failed one with retries left.  The
-		 * UPDATE rechecks the condition after any concurrent claimer
-		 * commits, so only one caller wins; a loser reads the row again.
+		 * Claim a pending row or a failed one with retries left.  The UPDATE
+		 * rechecks the condition after any concurrent claimer commits, so
+		 * only one caller wins; a loser reads the row again.
 		 */
 		claim_args[0] = out[0];
 		claim_args[1] = Int32GetDatum(cc_callback_max_retries);
