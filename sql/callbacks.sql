@@ -144,6 +144,15 @@ SET ROLE callback_center_app;
 SELECT pg_temp.try($q$SET callback_center.callback_max_retries = 100$q$) AS app_sets_retries;
 RESET ROLE;
 
+-- pg_dump keeps the rows (and the identity sequences' positions).
+SELECT c::regclass AS dumped
+  FROM pg_extension, unnest(extconfig) AS c
+ WHERE extname = 'callback_center'
+   AND c::regclass::text IN ('callback_center.callback_record', 'callback_center.callback_record_id_seq',
+                             'callback_center.callback_conflicts', 'callback_center.callback_conflicts_id_seq',
+                             'callback_center.providers')
+ ORDER BY c::regclass::text;
+
 DELETE FROM callback_center.callback_conflicts WHERE biz_id LIKE 'cbt-%';
 DELETE FROM callback_center.callback_record WHERE biz_id LIKE 'cbt-%';
 
