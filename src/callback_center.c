@@ -23,6 +23,7 @@
 #include "utils/timestamp.h"
 
 #include "callback_center.h"
+#include "callbacks.h"
 
 PG_MODULE_MAGIC;
 
@@ -99,6 +100,7 @@ _PG_init(void)
 								   GUC_SUPERUSER_ONLY,
 								   NULL, NULL, NULL);
 
+	cc_inbound_define_gucs();
 	MarkGUCPrefixReserved("callback_center");
 
 	if (!process_shared_preload_libraries_in_progress)

@@ -1,0 +1,700 @@
+/*-------------------------------------------------------------------------
+ *
+ * callbacks.c
+ *		Inbound callbacks: idempotent recording (record_callback) and the SQL
+ *		face of webhook signatures (verify_signature, sign_webhook,
+ *		sign_stripe, new_webhook_secret).
+ *
+ * record_callback is the hot path: one prepared INSERT ... ON CONFLICT DO
+ * NOTHING for a first delivery, and a second statement, with a fresh
+ * READ COMMITTED snapshot, to read what an earlier delivery left.  The
+ * unique index on (biz_id, callback_type) does the serialising: a second
+ * concurrent first call waits on it until the first commits or aborts.
+ *
+ * Signature verification computes the HMAC with pgcrypto's hmac(), found in
+ * whatever schema pgcrypto was installed into and called through fmgr; the
+ * plain-C HMAC of signature.c signs (sign_webhook, sign_stripe) and serves
+ * the delivery worker, and the tests check that the two agree.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+#include "callback_center.h"
+#include "callbacks.h"
+#include "signature.h"
+
+int			cc_signature_tolerance_s = 300;
+int			cc_callback_max_retries = 5;
+
+/* Status values of callback_center.callback_record. */
+#define CB_PENDING		0
+#define CB_PROCESSING	1
+#define CB_SUCCEEDED	2
+#define CB_FAILED		3
+
+/* Rounds of insert-then-read before giving up (rows deleted under us). */
+#define RECORD_ATTEMPTS 5
+
+/* Random bytes in a new whsec_ secret (32 base64 characters). */
+#define WEBHOOK_SECRET_BYTES 24
+
+static SPIPlanPtr plan_insert = NULL;
+static SPIPlanPtr plan_read = NULL;
+static SPIPlanPtr plan_claim = NULL;
+static SPIPlanPtr plan_conflict = NULL;
+static SPIPlanPtr plan_provider = NULL;
+static SPIPlanPtr plan_hmac = NULL;
+
+PG_FUNCTION_INFO_V1(cc_record_callback);
+PG_FUNCTION_INFO_V1(cc_verify_signature);
+PG_FUNCTION_INFO_V1(cc_sign_webhook_sql);
+PG_FUNCTION_INFO_V1(cc_sign_stripe_sql);
+PG_FUNCTION_INFO_V1(cc_new_webhook_secret);
+
+/*
+ * Defines the settings of inbound callbacks and signatures.  Called from
+ * _PG_init in every process that loads the library.
+ */
+void
+cc_inbound_define_gucs(void)
+{
+	DefineCustomIntVariable("callback_center.signature_tolerance",
+							"Largest difference between a webhook's signed timestamp and the server clock.",
+							"A provider's own tolerance, when set, takes precedence.",
+							&cc_signature_tolerance_s,
+							300,
+							1,
+							INT_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("callback_center.callback_max_retries",
+							"Times a failed callback may be processed again when its provider repeats it.",
+							"Past this many retries a repeat of a failed callback is answered with the failure.",
+							&cc_callback_max_retries,
+							5,
+							0,
+							INT_MAX,
+							PGC_SUSET,
+							0,
+							NULL, NULL, NULL);
+}
+
+/*
+ * Returns the saved plan in *plan, preparing and keeping it the first time.
+ * Must be called while connected to SPI.
+ */
+static SPIPlanPtr
+keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+				 sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(p) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		*plan = p;
+	}
+	return *plan;
+}
+
+/*
+ * Raises null_value_not_allowed when argument argno is NULL.
+ */
+static void
+require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+/*
+ * callback_center.record_callback(biz_id, callback_type, payload): one row
+ * (callback_id, is_first, status, result, payload_mismatch).
+ *
+ * Guarantees: at most one caller at a time gets is_first = true for a key,
+ * and only when the key is new, was left pending (0), or failed (3) with
+ * retries left; a repeat whose payload hash differs from the stored one is
+ * never processed, is written to callback_conflicts and comes back with
+ * payload_mismatch = true; any other repeat returns the stored outcome.
+ */
+Datum
+cc_record_callback(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	text	   *biz_id;
+	text	   *callback_type;
+	text	   *payload;
+	uint8		hash[CC_SHA256_LEN];
+	bytea	   *hash_bytea;
+	Datum		args[4];
+	Datum		out[5];
+	bool		outnulls[5] = {0};
+	int			attempt;
+	bool		done = false;
+
+	require_arg(fcinfo, 0, "biz_id");
+	require_arg(fcinfo, 1, "callback_type");
+	require_arg(fcinfo, 2, "payload");
+	biz_id = PG_GETARG_TEXT_PP(0);
+	callback_type = PG_GETARG_TEXT_PP(1);
+	payload = PG_GETARG_TEXT_PP(2);
+	if (VARSIZE_ANY_EXHDR(biz_id) == 0 || VARSIZE_ANY_EXHDR(callback_type) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("biz_id and callback_type must not be empty")));
+
+	cc_sha256(VARDATA_ANY(payload), VARSIZE_ANY_EXHDR(payload), hash);
+	hash_bytea = (bytea *) palloc(VARHDRSZ + CC_SHA256_LEN);
+	SET_VARSIZE(hash_bytea, VARHDRSZ + CC_SHA256_LEN);
+	memcpy(VARDATA(hash_bytea), hash, CC_SHA256_LEN);
+
+	InitMaterializedSRF(fcinfo, 0);
+
+	args[0] = PointerGetDatum(biz_id);
+	args[1] = PointerGetDatum(callback_type);
+	args[2] = PointerGetDatum(payload);
+	args[3] = PointerGetDatum(hash_bytea);
+
+	SPI_connect();
+	{
+		Oid			ins_types[4] = {TEXTOID, TEXTOID, TEXTOID, BYTEAOID};
+		Oid			claim_types[2] = {INT8OID, INT4OID};
+		Oid			conflict_types[4] = {TEXTOID, TEXTOID, TEXTOID, BYTEAOID};
+
+		keep_plan(&plan_insert,
+				  "INSERT INTO callback_center.callback_record"
+				  " (biz_id, callback_type, status, payload, payload_hash)"
+				  " VALUES ($1, $2, 1, $3, $4)"
+				  " ON CONFLICT (biz_id, callback_type) DO NOTHING"
+				  " RETURNING id",
+				  4, ins_types);
+		keep_plan(&plan_read,
+				  "SELECT id, status, retry_count, payload_hash, result"
+				  " FROM callback_center.callback_record"
+				  " WHERE biz_id = $1 AND callback_type = $2",
+				  2, ins_types);
+		keep_plan(&plan_claim,
+				  "UPDATE callback_center.callback_record"
+				  " SET status = 1,"
+				  " retry_count = retry_count"
+				  " + CASE WHEN status = 3 THEN 1 ELSE 0 END,"
+				  " result = NULL, completed_at = NULL, updated_at = now()"
+				  " WHERE id = $1"
+				  " AND (status = 0 OR (status = 3 AND retry_count < $2))"
+				  " RETURNING id",
+				  2, claim_types);
+		keep_plan(&plan_conflict,
+				  "INSERT INTO callback_center.callback_conflicts"
+				  " (biz_id, callback_type, payload, payload_hash)"
+				  " VALUES ($1, $2, $3, $4)",
+				  4, conflict_types);
+	}
+
+	for (attempt = 0; attempt < RECORD_ATTEMPTS && !done; attempt++)
+	{
+		HeapTuple	tup;
+		TupleDesc	desc;
+		bool		isnull;
+		int16		status;
+		int32		retries;
+		bytea	   *stored_hash;
+		Datum		value;
+		Datum		claim_args[2];
+		int			ret;
+
+		ret = SPI_execute_plan(plan_insert, args, NULL, false, 1);
+		if (ret != SPI_OK_INSERT_RETURNING)
+			elog(ERROR, "SPI_execute_plan failed: %s",
+				 SPI_result_code_string(ret));
+		if (SPI_processed == 1)
+		{
+			out[0] = SPI_getbinval(SPI_tuptable->vals[0],
+								   SPI_tuptable->tupdesc, 1, &isnull);
+			out[1] = BoolGetDatum(true);
+			out[2] = Int16GetDatum(CB_PROCESSING);
+			outnulls[3] = true;
+			out[4] = BoolGetDatum(false);
+			done = true;
+			break;
+		}
+
+		/*
+		 * The key exists and its inserter has committed (ON CONFLICT waited
+		 * for it).  A new statement takes a new snapshot, which sees it.
+		 */
+		ret = SPI_execute_plan(plan_read, args, NULL, false, 1);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "SPI_execute_plan failed: %s",
+				 SPI_result_code_string(ret));
+		if (SPI_processed == 0)
+			continue;			/* deleted meanwhile: insert again */
+
+		tup = SPI_tuptable->vals[0];
+		desc = SPI_tuptable->tupdesc;
+		out[0] = SPI_getbinval(tup, desc, 1, &isnull);
+		status = DatumGetInt16(SPI_getbinval(tup, desc, 2, &isnull));
+		retries = DatumGetInt32(SPI_getbinval(tup, desc, 3, &isnull));
+		value = SPI_getbinval(tup, desc, 4, &isnull);
+		stored_hash = isnull ? NULL : DatumGetByteaPP(value);
+		out[3] = SPI_getbinval(tup, desc, 5, &outnulls[3]);
+		out[1] = BoolGetDatum(false);
+		out[2] = Int16GetDatum(status);
+		out[4] = BoolGetDatum(false);
+
+		if (stored_hash == NULL ||
+			VARSIZE_ANY_EXHDR(stored_hash) != CC_SHA256_LEN ||
+			!cc_equal_consttime((uint8 *) VARDATA_ANY(stored_hash), hash,
+								CC_SHA256_LEN))
+		{
+			/* A different body under a known key: flag it, never process. */
+			ret = SPI_execute_plan(plan_conflict, args, NULL, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "SPI_execute_plan failed: %s",
+					 SPI_result_code_string(ret));
+			out[4] = BoolGetDatum(true);
+			done = true;
+			break;
+		}
+
+		if (status != CB_PENDING &&
+			!(status == CB_FAILED && retries < cc_callback_max_retries))
+		{
+			done = true;		/* processing, succeeded, or out of retries */
+			break;
+		}
+
+		/*
+		 * Claim a pending row or a failed one with retries left.  The UPDATE
+		 * rechecks the condition after any concurrent claimer commits, so
+		 * only one caller wins; a loser reads the row again.
+		 */
+		claim_args[0] = out[0];
+		claim_args[1] = Int32GetDatum(cc_callback_max_retries);
+		ret = SPI_execute_plan(plan_claim, claim_args, NULL, false, 1);
+		if (ret != SPI_OK_UPDATE_RETURNING)
+			elog(ERROR, "SPI_execute_plan failed: %s",
+				 SPI_result_code_string(ret));
+		if (SPI_processed == 1)
+		{
+			out[1] = BoolGetDatum(true);
+			out[2] = Int16GetDatum(CB_PROCESSING);
+			outnulls[3] = true;
+			done = true;
+			break;
+		}
+	}
+	if (!done)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_CONTENTION),
+				 errmsg("could not record callback after %d attempts",
+						RECORD_ATTEMPTS),
+				 errdetail("The callback row kept changing under concurrent deletes or claims."),
+				 errhint("Retry the call.")));
+
+	/* tuplestore_putvalues copies, so SPI memory may go after this */
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, out, outnulls);
+	SPI_finish();
+	return (Datum) 0;
+}
+
+/*
+ * The value of header name (ASCII case-insensitive) in the headers object,
+ * or NULL when absent.  Raises malformed signature when the header is not a
+ * string or appears twice under different spellings.
+ */
+static char *
+find_header(Jsonb *headers, const char *name)
+{
+	JsonbIterator *it = JsonbIteratorInit(&headers->root);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	size_t		namelen = strlen(name);
+	char	   *found = NULL;
+	bool		match = false;
+
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+			match = (v.val.string.len == namelen &&
+					 pg_strncasecmp(v.val.string.val, name, namelen) == 0);
+		else if (tok == WJB_VALUE && match)
+		{
+			if (v.type != jbvString)
+				ereport(ERROR,
+						(errcode(CC_ERRCODE_MALFORMED_SIGNATURE),
+						 errmsg("malformed signature"),
+						 errdetail("Header \"%s\" is not a string.", name)));
+			if (found != NULL)
+				ereport(ERROR,
+						(errcode(CC_ERRCODE_MALFORMED_SIGNATURE),
+						 errmsg("malformed signature"),
+						 errdetail("Header \"%s\" appears more than once.",
+								   name)));
+			found = pnstrdup(v.val.string.val, v.val.string.len);
+			match = false;
+		}
+	}
+	return found;
+}
+
+/*
+ * find_header, raising malformed signature when the header is absent.
+ */
+static char *
+require_header(Jsonb *headers, const char *name)
+{
+	char	   *value = find_header(headers, name);
+
+	if (value == NULL)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_MALFORMED_SIGNATURE),
+				 errmsg("malformed signature"),
+				 errdetail("Header \"%s\" is missing.", name)));
+	return value;
+}
+
+/*
+ * Raises signature expired when ts is further than tolerance seconds from
+ * the server clock, in either direction.
+ */
+static void
+check_tolerance(int64 ts, int64 tolerance)
+{
+	int64		now;
+
+	now = GetCurrentTimestamp() / USECS_PER_SEC +
+		(int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY;
+	if (ts < now - tolerance || ts > now + tolerance)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_SIGNATURE_EXPIRED),
+				 errmsg("signature expired"),
+				 errdetail("The signed timestamp is %s the server clock by more than the tolerance of " INT64_FORMAT " seconds.",
+						   ts < now ? "behind" : "ahead of", tolerance)));
+}
+
+/*
+ * OID of pgcrypto's hmac(bytea, bytea, text), in whichever schema pgcrypto
+ * lives.  Must be called while connected to SPI.
+ */
+static Oid
+pgcrypto_hmac_oid(void)
+{
+	bool		isnull;
+	int			ret;
+
+	keep_plan(&plan_hmac,
+			  "SELECT p.oid FROM pg_catalog.pg_proc p"
+			  " JOIN pg_catalog.pg_extension e"
+			  " ON e.extnamespace = p.pronamespace"
+			  " WHERE e.extname = 'pgcrypto' AND p.proname = 'hmac'"
+			  " AND p.proargtypes = '17 17 25'::pg_catalog.oidvector",
+			  0, NULL);
+	ret = SPI_execute_plan(plan_hmac, NULL, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed != 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("pgcrypto function hmac(bytea, bytea, text) not found"),
+				 errhint("Install pgcrypto in this database: CREATE EXTENSION pgcrypto.")));
+	return DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0],
+										  SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/*
+ * bytea holding the concatenation of n parts.
+ */
+static bytea *
+concat_bytea(const char *const *parts, const size_t *lens, int n)
+{
+	size_t		total = 0;
+	bytea	   *b;
+	char	   *p;
+	int			i;
+
+	for (i = 0; i < n; i++)
+		total += lens[i];
+	b = (bytea *) palloc(VARHDRSZ + total);
+	SET_VARSIZE(b, VARHDRSZ + total);
+	p = VARDATA(b);
+	for (i = 0; i < n; i++)
+	{
+		memcpy(p, parts[i], lens[i]);
+		p += lens[i];
+	}
+	return b;
+}
+
+/*
+ * True when pgcrypto's HMAC-SHA256 of content under key equals any of the
+ * header's signatures.  Compares against every signature, never stopping
+ * at the first match or mismatch.
+ */
+static bool
+hmac_matches(Oid hmacfn, bytea *content, const uint8 *key, size_t keylen,
+			 const CcSignatureHeader *hdr)
+{
+	bytea	   *keyb;
+	bytea	   *mac;
+	bool		matched = false;
+	int			i;
+
+	keyb = concat_bytea((const char *const *) &key, &keylen, 1);
+	mac = DatumGetByteaPP(OidFunctionCall3Coll(hmacfn, InvalidOid,
+											   PointerGetDatum(content),
+											   PointerGetDatum(keyb),
+											   CStringGetTextDatum("sha256")));
+	if (VARSIZE_ANY_EXHDR(mac) != CC_SHA256_LEN)
+		elog(ERROR, "pgcrypto hmac returned %d bytes",
+			 (int) VARSIZE_ANY_EXHDR(mac));
+	for (i = 0; i < hdr->nsigs; i++)
+		matched |= cc_equal_consttime((const uint8 *) VARDATA_ANY(mac),
+									  hdr->sigs[i], CC_SHA256_LEN);
+	return matched;
+}
+
+/*
+ * callback_center.verify_signature(provider, headers, body): true when one
+ * of the provider's secrets signed body as the headers claim, within the
+ * time tolerance.  Raises otherwise (see doc/inbound.md); never puts a
+ * secret or an expected signature in an error.
+ */
+Datum
+cc_verify_signature(PG_FUNCTION_ARGS)
+{
+	text	   *provider;
+	Jsonb	   *headers;
+	text	   *body;
+	char	   *provider_name;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		args[1];
+	HeapTuple	tup;
+	TupleDesc	desc;
+	bool		isnull;
+	char	   *scheme;
+	Datum	   *secrets;
+	bool	   *secret_nulls;
+	int			nsecrets;
+	int64		tolerance;
+	Oid			hmacfn;
+	CcSignatureHeader hdr;
+	const char *why = NULL;
+	bool		matched = false;
+	int			ret;
+	int			i;
+
+	require_arg(fcinfo, 0, "provider");
+	require_arg(fcinfo, 1, "headers");
+	require_arg(fcinfo, 2, "body");
+	provider = PG_GETARG_TEXT_PP(0);
+	headers = PG_GETARG_JSONB_P(1);
+	body = PG_GETARG_TEXT_PP(2);
+	provider_name = text_to_cstring(provider);
+
+	SPI_connect();
+	keep_plan(&plan_provider,
+			  "SELECT scheme, secrets,"
+			  " pg_catalog.date_part('epoch', tolerance)::bigint"
+			  " FROM callback_center.providers WHERE name = $1",
+			  1, argtypes);
+	args[0] = PointerGetDatum(provider);
+	ret = SPI_execute_plan(plan_provider, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_UNKNOWN_PROVIDER),
+				 errmsg("unknown provider \"%s\"", provider_name),
+				 errhint("An administrator registers providers with callback_center.set_provider().")));
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	scheme = SPI_getvalue(tup, desc, 1);
+	deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tup, desc, 2, &isnull)),
+					  TEXTOID, -1, false, TYPALIGN_INT,
+					  &secrets, &secret_nulls, &nsecrets);
+	tolerance = DatumGetInt64(SPI_getbinval(tup, desc, 3, &isnull));
+	if (isnull)
+		tolerance = cc_signature_tolerance_s;
+	hmacfn = pgcrypto_hmac_oid();
+
+	if (!JB_ROOT_IS_OBJECT(headers) || JB_ROOT_IS_SCALAR(headers))
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_MALFORMED_SIGNATURE),
+				 errmsg("malformed signature"),
+				 errdetail("The headers must be a JSON object of header names to strings.")));
+
+	if (strcmp(scheme, "standard_webhooks") == 0)
+	{
+		char	   *msg_id = require_header(headers, "webhook-id");
+		char	   *ts_text = require_header(headers, "webhook-timestamp");
+		char	   *sig = require_header(headers, "webhook-signature");
+		const char *parts[5];
+		size_t		lens[5];
+		bytea	   *content;
+
+		if (!cc_parse_int64(ts_text, strlen(ts_text), &hdr.timestamp))
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_MALFORMED_SIGNATURE),
+					 errmsg("malformed signature"),
+					 errdetail("Header \"webhook-timestamp\" is not a unix timestamp.")));
+		if (!cc_parse_webhook_signature(sig, &hdr, &why))
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_MALFORMED_SIGNATURE),
+					 errmsg("malformed signature"),
+					 errdetail_internal("%s", why)));
+		check_tolerance(hdr.timestamp, tolerance);
+
+		parts[0] = msg_id;
+		lens[0] = strlen(msg_id);
+		parts[1] = ".";
+		lens[1] = 1;
+		parts[2] = ts_text;
+		lens[2] = strlen(ts_text);
+		parts[3] = ".";
+		lens[3] = 1;
+		parts[4] = VARDATA_ANY(body);
+		lens[4] = VARSIZE_ANY_EXHDR(body);
+		content = concat_bytea(parts, lens, 5);
+
+		for (i = 0; i < nsecrets; i++)
+		{
+			uint8	   *key;
+			size_t		keylen;
+
+			if (secret_nulls[i] ||
+				!cc_webhook_secret_key(TextDatumGetCString(secrets[i]),
+									   &key, &keylen))
+				ereport(ERROR,
+						(errcode(ERRCODE_DATA_CORRUPTED),
+						 errmsg("provider \"%s\" has a malformed secret",
+								provider_name),
+						 errhint("Set the provider's secrets again with callback_center.set_provider().")));
+			matched |= hmac_matches(hmacfn, content, key, keylen, &hdr);
+		}
+	}
+	else if (strcmp(scheme, "stripe") == 0)
+	{
+		char	   *sig = require_header(headers, "stripe-signature");
+		const char *parts[3];
+		size_t		lens[3];
+		bytea	   *content;
+
+		if (!cc_parse_stripe_signature(sig, &hdr, &why))
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_MALFORMED_SIGNATURE),
+					 errmsg("malformed signature"),
+					 errdetail_internal("%s", why)));
+		check_tolerance(hdr.timestamp, tolerance);
+
+		parts[0] = hdr.timestamp_text;
+		lens[0] = hdr.timestamp_len;
+		parts[1] = ".";
+		lens[1] = 1;
+		parts[2] = VARDATA_ANY(body);
+		lens[2] = VARSIZE_ANY_EXHDR(body);
+		content = concat_bytea(parts, lens, 3);
+
+		for (i = 0; i < nsecrets; i++)
+		{
+			char	   *secret;
+
+			if (secret_nulls[i])
+				continue;
+			secret = TextDatumGetCString(secrets[i]);
+			matched |= hmac_matches(hmacfn, content, (uint8 *) secret,
+									strlen(secret), &hdr);
+		}
+	}
+	else
+		elog(ERROR, "unknown signature scheme \"%s\"", scheme);
+
+	if (!matched)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_INVALID_SIGNATURE),
+				 errmsg("invalid signature"),
+				 errdetail("No secret of provider \"%s\" produces a v1 signature the headers carry.",
+						   provider_name)));
+	SPI_finish();
+	PG_RETURN_BOOL(true);
+}
+
+/*
+ * callback_center.sign_webhook(secret, msg_id, ts, body): the Standard
+ * Webhooks "v1,<base64>" signature, computed in C without pgcrypto.
+ */
+Datum
+cc_sign_webhook_sql(PG_FUNCTION_ARGS)
+{
+	char	   *secret = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *msg_id = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	int64		ts = PG_GETARG_INT64(2);
+	text	   *body = PG_GETARG_TEXT_PP(3);
+	uint8	   *key;
+	size_t		keylen;
+
+	if (!cc_webhook_secret_key(secret, &key, &keylen))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("secret is not a Standard Webhooks secret"),
+				 errhint("A Standard Webhooks secret is \"whsec_\" followed by standard base64; callback_center.new_webhook_secret() makes one.")));
+	PG_RETURN_TEXT_P(cstring_to_text(cc_sign_webhook(key, keylen, msg_id, ts,
+													 VARDATA_ANY(body),
+													 VARSIZE_ANY_EXHDR(body))));
+}
+
+/*
+ * callback_center.sign_stripe(secret, ts, body): the Stripe-Signature
+ * header value "t=<ts>,v1=<hex>", computed in C without pgcrypto.
+ */
+Datum
+cc_sign_stripe_sql(PG_FUNCTION_ARGS)
+{
+	char	   *secret = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	int64		ts = PG_GETARG_INT64(1);
+	text	   *body = PG_GETARG_TEXT_PP(2);
+
+	if (secret[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("secret must not be empty")));
+	PG_RETURN_TEXT_P(cstring_to_text(cc_sign_stripe(secret, ts,
+													VARDATA_ANY(body),
+													VARSIZE_ANY_EXHDR(body))));
+}
+
+/*
+ * callback_center.new_webhook_secret(): a fresh "whsec_" secret of 24
+ * bytes from the server's strong random source (the one pgcrypto's
+ * gen_random_bytes uses).
+ */
+Datum
+cc_new_webhook_secret(PG_FUNCTION_ARGS)
+{
+	uint8		buf[WEBHOOK_SECRET_BYTES];
+
+	if (!pg_strong_random(buf, sizeof(buf)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not generate random bytes")));
+	PG_RETURN_TEXT_P(cstring_to_text(psprintf("whsec_%s",
+											  cc_base64_encode(buf, sizeof(buf)))));
+}
