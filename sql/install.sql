@@ -1,6 +1,8 @@
 -- CREATE EXTENSION brings pgcrypto; DROP EXTENSION leaves nothing behind.
+-- Start from a database without either extension, whatever ran before.
 SET client_min_messages = warning;
-DROP EXTENSION IF EXISTS callback_center;
+DROP EXTENSION IF EXISTS callback_center CASCADE;
+DROP EXTENSION IF EXISTS pgcrypto CASCADE;
 RESET client_min_messages;
 CREATE EXTENSION callback_center CASCADE;
 SELECT extname, extversion FROM pg_extension ORDER BY extname;
