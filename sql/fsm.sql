@@ -297,6 +297,11 @@ CREATE TRIGGER t_machine BEFORE INSERT ON fsm_misuse FOR EACH ROW
     EXECUTE FUNCTION callback_center.fsm_trigger('fsm_test_nope', 's', 'id');
 SELECT fsm_try($$INSERT INTO fsm_misuse VALUES ('1', 'pending_confirmation')$$);
 DROP TRIGGER t_machine ON fsm_misuse;
+-- A name longer than any machine's is no machine's (not a prefix match).
+CREATE TRIGGER t_long BEFORE INSERT ON fsm_misuse FOR EACH ROW
+    EXECUTE FUNCTION callback_center.fsm_trigger('order_pay_order_pay_order_pay_order_pay_order_pay_order_pay_order_pay', 's', 'id');
+SELECT fsm_try($$INSERT INTO fsm_misuse VALUES ('1', 'pending_confirmation')$$);
+DROP TRIGGER t_long ON fsm_misuse;
 SELECT fsm_try($$SELECT callback_center.fsm_trigger()$$);
 
 -- Detach: moves are free again; history stays.
@@ -322,3 +327,7 @@ DELETE FROM callback_center.state_history WHERE table_name LIKE 'public.fsm%';
 DELETE FROM callback_center.state_machines WHERE machine = 'fsm_test_ticket';
 DROP ROLE regress_fsm_app;
 DROP FUNCTION fsm_try(text);
+-- Leave the database as this file found a fresh one: the install test
+-- expects CREATE EXTENSION to install pgcrypto.
+DROP EXTENSION callback_center;
+DROP EXTENSION pgcrypto;

@@ -149,6 +149,12 @@ fsm_cache_machine(const char *name, HASHACTION action)
 	char		key[NAMEDATALEN];
 
 	/* Machine names are shorter than NAMEDATALEN (a CHECK says so). */
+	if (strlen(name) >= NAMEDATALEN)
+	{
+		if (action == HASH_FIND)
+			return NULL;
+		elog(ERROR, "state machine name too long: \"%s\"", name);
+	}
 	memset(key, 0, sizeof(key));
 	strlcpy(key, name, sizeof(key));
 	return (FsmMachine *) hash_search(fsm_machines, key, action, NULL);
@@ -202,7 +208,7 @@ fsm_load(void)
 
 	if (SPI_execute("SELECT machine, state, is_initial, is_final"
 					" FROM callback_center.machine_states"
-					" ORDER BY machine, state COLLATE \"C\"",
+					" ORDER BY machine, state COLLATE pg_catalog.\"C\"",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read callback_center.machine_states");
 	for (i = 0; i < SPI_processed; i++)
@@ -228,8 +234,8 @@ fsm_load(void)
 
 	if (SPI_execute("SELECT machine, from_state, to_state, event, emits"
 					" FROM callback_center.transitions"
-					" ORDER BY machine, from_state COLLATE \"C\","
-					" to_state COLLATE \"C\"",
+					" ORDER BY machine, from_state COLLATE pg_catalog.\"C\","
+					" to_state COLLATE pg_catalog.\"C\"",
 					true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read callback_center.transitions");
 	for (i = 0; i < SPI_processed; i++)
