@@ -304,6 +304,16 @@ SELECT fsm_try($$INSERT INTO fsm_misuse VALUES ('1', 'pending_confirmation')$$);
 DROP TRIGGER t_long ON fsm_misuse;
 SELECT fsm_try($$SELECT callback_center.fsm_trigger()$$);
 
+-- Rows that predate the machine with a NULL state may only start out.
+CREATE TABLE fsm_late (id text PRIMARY KEY, s text);
+INSERT INTO fsm_late VALUES ('l1', NULL), ('l2', NULL);
+SELECT callback_center.attach_state_machine('fsm_late', 's', 'order');
+SELECT fsm_try($$UPDATE fsm_late SET s = 'confirmed' WHERE id = 'l1'$$);
+UPDATE fsm_late SET s = 'pending_confirmation' WHERE id = 'l1';
+SELECT fsm_try($$SELECT callback_center.apply_event('fsm_late', 's', 'l2', 'confirm')$$);
+SELECT entity_id, from_state, to_state FROM callback_center.state_history
+ WHERE table_name = 'public.fsm_late' ORDER BY id;
+
 -- Detach: moves are free again; history stays.
 SELECT callback_center.detach_state_machine('fsm_orders', 'pay_status');
 UPDATE fsm_orders SET pay_status = 'unpaid' WHERE id = 'p1';
@@ -322,7 +332,7 @@ BEGIN
     END IF;
 END
 $$;
-DROP TABLE fsm_orders, fsm_payments, fsm_tickets, fsm_app_orders, fsm_misuse, fsm_test_events;
+DROP TABLE fsm_late, fsm_orders, fsm_payments, fsm_tickets, fsm_app_orders, fsm_misuse, fsm_test_events;
 DELETE FROM callback_center.state_history WHERE table_name LIKE 'public.fsm%';
 DELETE FROM callback_center.state_machines WHERE machine = 'fsm_test_ticket';
 DROP ROLE regress_fsm_app;
