@@ -1,0 +1,709 @@
+/*-------------------------------------------------------------------------
+ *
+ * fsm.c
+ *		The state-machine trigger: refuses illegal moves, records history
+ *		and emits outbox events.
+ *
+ * The definitions (callback_center.state_machines, machine_states,
+ * transitions) are loaded once per backend into a cache.  A statement
+ * trigger on each of those tables (fsm_invalidate) sends a relcache
+ * invalidation for the table; our relcache callback drops the cache, and
+ * the next row reloads it.  Every backend therefore sees committed changes
+ * at its next transaction, and the changing backend at its next command.
+ *
+ * History rows and enqueue() calls run as the owner of the extension's
+ * tables, so that a role that may only update its own table (for instance
+ * one with just callback_center_app) can still move states.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "nodes/pg_list.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/syscache.h"
+
+#include "callback_center.h"
+
+PG_FUNCTION_INFO_V1(cc_fsm_trigger);
+PG_FUNCTION_INFO_V1(cc_fsm_invalidate);
+
+typedef struct FsmState
+{
+	char	   *name;
+	bool		is_initial;
+	bool		is_final;
+} FsmState;
+
+typedef struct FsmTransition
+{
+	char	   *from;
+	char	   *to;
+	char	   *event;
+	int			nemits;
+	char	  **emits;
+} FsmTransition;
+
+typedef struct FsmMachine
+{
+	char		name[NAMEDATALEN];	/* hash key */
+	List	   *states;			/* of FsmState * */
+	List	   *transitions;	/* of FsmTransition * */
+} FsmMachine;
+
+/* The cache: everything below lives in fsm_cache_cxt. */
+static MemoryContext fsm_cache_cxt = NULL;
+static HTAB *fsm_machines = NULL;
+static bool fsm_cache_valid = false;
+static uint64 fsm_inval_count = 0;
+static bool fsm_callback_registered = false;
+
+/* What the cache was loaded against. */
+static Oid	fsm_machines_relid = InvalidOid;
+static Oid	fsm_states_relid = InvalidOid;
+static Oid	fsm_transitions_relid = InvalidOid;
+static Oid	fsm_owner = InvalidOid;
+
+/* Plans kept across transactions (SPI_keepplan). */
+static SPIPlanPtr fsm_history_plan = NULL;
+static SPIPlanPtr fsm_enqueue_plan = NULL;
+
+/*
+ * Drops the cache when one of the definition tables changes (or on a
+ * full relcache reset).  Only flags: it may run in the middle of a load.
+ */
+static void
+fsm_relcache_callback(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == fsm_machines_relid ||
+		relid == fsm_states_relid || relid == fsm_transitions_relid)
+	{
+		fsm_cache_valid = false;
+		fsm_inval_count++;
+	}
+}
+
+static Oid
+fsm_relid(Oid nspid, const char *relname)
+{
+	Oid			relid = get_relname_relid(relname, nspid);
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"callback_center.%s\" does not exist",
+						relname),
+				 errhint("Is the extension callback_center installed?")));
+	return relid;
+}
+
+/*
+ * Finds the definition tables and their owner (the extension owner) in the
+ * system caches; needs no privilege.
+ */
+static void
+fsm_lookup_relations(void)
+{
+	Oid			nspid;
+	HeapTuple	reltup;
+
+	nspid = get_namespace_oid("callback_center", false);
+	fsm_machines_relid = fsm_relid(nspid, "state_machines");
+	fsm_states_relid = fsm_relid(nspid, "machine_states");
+	fsm_transitions_relid = fsm_relid(nspid, "transitions");
+
+	reltup = SearchSysCache1(RELOID, ObjectIdGetDatum(fsm_machines_relid));
+	if (!HeapTupleIsValid(reltup))
+		elog(ERROR, "cache lookup failed for relation %u", fsm_machines_relid);
+	fsm_owner = ((Form_pg_class) GETSTRUCT(reltup))->relowner;
+	ReleaseSysCache(reltup);
+}
+
+static char *
+fsm_cache_string(HeapTuple tup, TupleDesc desc, int col)
+{
+	char	   *s = SPI_getvalue(tup, desc, col);
+
+	return MemoryContextStrdup(fsm_cache_cxt, s ? s : "");
+}
+
+static FsmMachine *
+fsm_cache_machine(const char *name, HASHACTION action)
+{
+	char		key[NAMEDATALEN];
+
+	/* Machine names are shorter than NAMEDATALEN (a CHECK says so). */
+	if (strlen(name) >= NAMEDATALEN)
+	{
+		if (action == HASH_FIND)
+			return NULL;
+		elog(ERROR, "state machine name too long: \"%s\"", name);
+	}
+	memset(key, 0, sizeof(key));
+	strlcpy(key, name, sizeof(key));
+	return (FsmMachine *) hash_search(fsm_machines, key, action, NULL);
+}
+
+/*
+ * Fills the cache from the definition tables.  Must run inside SPI, as the
+ * extension owner.
+ */
+static void
+fsm_load(void)
+{
+	HASHCTL		ctl;
+	uint64		i;
+
+	if (!fsm_callback_registered)
+	{
+		CacheRegisterRelcacheCallback(fsm_relcache_callback, (Datum) 0);
+		fsm_callback_registered = true;
+	}
+
+	if (fsm_cache_cxt == NULL)
+		fsm_cache_cxt = AllocSetContextCreate(CacheMemoryContext,
+											  "callback_center fsm cache",
+											  ALLOCSET_SMALL_SIZES);
+	else
+		MemoryContextReset(fsm_cache_cxt);
+	fsm_machines = NULL;
+
+	fsm_lookup_relations();
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = NAMEDATALEN;
+	ctl.entrysize = sizeof(FsmMachine);
+	ctl.hcxt = fsm_cache_cxt;
+	fsm_machines = hash_create("callback_center fsm machines", 16, &ctl,
+							   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+
+	if (SPI_execute("SELECT machine FROM callback_center.state_machines",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read callback_center.state_machines");
+	for (i = 0; i < SPI_processed; i++)
+	{
+		char	   *name = SPI_getvalue(SPI_tuptable->vals[i],
+										SPI_tuptable->tupdesc, 1);
+		FsmMachine *m = fsm_cache_machine(name, HASH_ENTER);
+
+		m->states = NIL;
+		m->transitions = NIL;
+	}
+
+	if (SPI_execute("SELECT machine, state, is_initial, is_final"
+					" FROM callback_center.machine_states"
+					" ORDER BY machine, state COLLATE pg_catalog.\"C\"",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read callback_center.machine_states");
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		FsmMachine *m = fsm_cache_machine(SPI_getvalue(tup, desc, 1),
+										  HASH_FIND);
+		FsmState   *s;
+		bool		isnull;
+		MemoryContext old;
+
+		if (m == NULL)
+			continue;
+		s = MemoryContextAlloc(fsm_cache_cxt, sizeof(FsmState));
+		s->name = fsm_cache_string(tup, desc, 2);
+		s->is_initial = DatumGetBool(SPI_getbinval(tup, desc, 3, &isnull));
+		s->is_final = DatumGetBool(SPI_getbinval(tup, desc, 4, &isnull));
+		old = MemoryContextSwitchTo(fsm_cache_cxt);
+		m->states = lappend(m->states, s);
+		MemoryContextSwitchTo(old);
+	}
+
+	if (SPI_execute("SELECT machine, from_state, to_state, event, emits"
+					" FROM callback_center.transitions"
+					" ORDER BY machine, from_state COLLATE pg_catalog.\"C\","
+					" to_state COLLATE pg_catalog.\"C\"",
+					true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read callback_center.transitions");
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		FsmMachine *m = fsm_cache_machine(SPI_getvalue(tup, desc, 1),
+										  HASH_FIND);
+		FsmTransition *t;
+		Datum		arr;
+		bool		isnull;
+		Datum	   *elems;
+		bool	   *nulls;
+		int			n;
+		MemoryContext old;
+
+		if (m == NULL)
+			continue;
+		t = MemoryContextAllocZero(fsm_cache_cxt, sizeof(FsmTransition));
+		t->from = fsm_cache_string(tup, desc, 2);
+		t->to = fsm_cache_string(tup, desc, 3);
+		t->event = fsm_cache_string(tup, desc, 4);
+		arr = SPI_getbinval(tup, desc, 5, &isnull);
+		if (!isnull)
+		{
+			deconstruct_array(DatumGetArrayTypeP(arr), TEXTOID, -1, false,
+							  TYPALIGN_INT, &elems, &nulls, &n);
+			t->emits = MemoryContextAlloc(fsm_cache_cxt,
+										  sizeof(char *) * Max(n, 1));
+			for (int j = 0; j < n; j++)
+			{
+				if (nulls[j])
+					continue;
+				t->emits[t->nemits++] =
+					MemoryContextStrdup(fsm_cache_cxt,
+										TextDatumGetCString(elems[j]));
+			}
+		}
+		old = MemoryContextSwitchTo(fsm_cache_cxt);
+		m->transitions = lappend(m->transitions, t);
+		MemoryContextSwitchTo(old);
+	}
+}
+
+/*
+ * Makes the cache valid.  Must run inside SPI, as the extension owner.
+ * Loads again if an invalidation arrived while loading.
+ */
+static void
+fsm_ensure_cache(void)
+{
+	while (!fsm_cache_valid)
+	{
+		uint64		before = fsm_inval_count;
+
+		fsm_load();
+		if (fsm_inval_count == before)
+			fsm_cache_valid = true;
+	}
+}
+
+static FsmState *
+fsm_find_state(FsmMachine *m, const char *state)
+{
+	ListCell   *lc;
+
+	foreach(lc, m->states)
+	{
+		FsmState   *s = lfirst(lc);
+
+		if (strcmp(s->name, state) == 0)
+			return s;
+	}
+	return NULL;
+}
+
+static FsmTransition *
+fsm_find_transition(FsmMachine *m, const char *from, const char *to)
+{
+	ListCell   *lc;
+
+	foreach(lc, m->transitions)
+	{
+		FsmTransition *t = lfirst(lc);
+
+		if (strcmp(t->from, from) == 0 && strcmp(t->to, to) == 0)
+			return t;
+	}
+	return NULL;
+}
+
+/* "a", "b" (quoted, in the order loaded): the legal targets from a state. */
+static char *
+fsm_targets(FsmMachine *m, const char *from)
+{
+	StringInfoData buf;
+	ListCell   *lc;
+
+	initStringInfo(&buf);
+	foreach(lc, m->transitions)
+	{
+		FsmTransition *t = lfirst(lc);
+
+		if (strcmp(t->from, from) != 0)
+			continue;
+		appendStringInfo(&buf, "%s\"%s\"", buf.len > 0 ? ", " : "", t->to);
+	}
+	return buf.data;
+}
+
+/* The states a new row may start in, as for fsm_targets. */
+static char *
+fsm_initials(FsmMachine *m)
+{
+	StringInfoData buf;
+	ListCell   *lc;
+
+	initStringInfo(&buf);
+	foreach(lc, m->states)
+	{
+		FsmState   *s = lfirst(lc);
+
+		if (s->is_initial)
+			appendStringInfo(&buf, "%s\"%s\"", buf.len > 0 ? ", " : "",
+							 s->name);
+	}
+	return buf.data;
+}
+
+static char *
+fsm_known_states(FsmMachine *m)
+{
+	StringInfoData buf;
+	ListCell   *lc;
+
+	initStringInfo(&buf);
+	foreach(lc, m->states)
+	{
+		FsmState   *s = lfirst(lc);
+
+		appendStringInfo(&buf, "%s\"%s\"", buf.len > 0 ? ", " : "", s->name);
+	}
+	return buf.data;
+}
+
+/*
+ * Appends the history row and calls enqueue() once per emitted event type.
+ * Must run inside SPI, as the extension owner.  from and t are NULL for an
+ * insert.
+ */
+static void
+fsm_record(const char *machine, const char *table_name, const char *entity_id,
+		   const char *from, const char *to, FsmTransition *t,
+		   const char *actor, HeapTuple newtuple, TupleDesc desc)
+{
+	Datum		values[7];
+	char		nulls[7];
+	Datum		row;
+	int			i;
+
+	if (fsm_history_plan == NULL)
+	{
+		Oid			types[7] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+		TEXTOID, TEXTOID, TEXTOID};
+		SPIPlanPtr	plan;
+
+		plan = SPI_prepare("INSERT INTO callback_center.state_history"
+						   " (machine, table_name, entity_id, from_state,"
+						   " to_state, event, actor)"
+						   " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+						   7, types);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s",
+				 SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		fsm_history_plan = plan;
+	}
+
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = CStringGetTextDatum(machine);
+	values[1] = CStringGetTextDatum(table_name);
+	values[2] = CStringGetTextDatum(entity_id);
+	if (from)
+		values[3] = CStringGetTextDatum(from);
+	else
+		nulls[3] = 'n';
+	values[4] = CStringGetTextDatum(to);
+	if (t)
+		values[5] = CStringGetTextDatum(t->event);
+	else
+		nulls[5] = 'n';
+	values[6] = CStringGetTextDatum(actor);
+	if (SPI_execute_plan(fsm_history_plan, values, nulls, false, 0)
+		!= SPI_OK_INSERT)
+		elog(ERROR, "could not insert into callback_center.state_history");
+
+	if (t == NULL || t->nemits == 0)
+		return;
+
+	if (fsm_enqueue_plan == NULL)
+	{
+		Oid			types[7] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+		TEXTOID, TEXTOID, JSONBOID};
+		SPIPlanPtr	plan;
+
+		/* Looked up by name: whichever enqueue() is installed now. */
+		plan = SPI_prepare("SELECT callback_center.enqueue($1, $2,"
+						   " pg_catalog.jsonb_build_object("
+						   "'machine', $3, 'entity_id', $2, 'from', $4,"
+						   " 'to', $5, 'event', $6, 'row', $7))",
+						   7, types);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s",
+				 SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		fsm_enqueue_plan = plan;
+	}
+
+	/* to_jsonb(NEW): row_to_json reads the row type from the datum. */
+	row = DirectFunctionCall1(row_to_json,
+							  heap_copy_tuple_as_datum(newtuple, desc));
+	row = DirectFunctionCall1(jsonb_in,
+							  CStringGetDatum(TextDatumGetCString(row)));
+
+	memset(nulls, ' ', sizeof(nulls));
+	values[1] = CStringGetTextDatum(entity_id);
+	values[2] = CStringGetTextDatum(machine);
+	values[3] = CStringGetTextDatum(from);
+	values[4] = CStringGetTextDatum(to);
+	values[5] = CStringGetTextDatum(t->event);
+	values[6] = row;
+	for (i = 0; i < t->nemits; i++)
+	{
+		values[0] = CStringGetTextDatum(t->emits[i]);
+		if (SPI_execute_plan(fsm_enqueue_plan, values, nulls, false, 0)
+			!= SPI_OK_SELECT)
+			elog(ERROR, "could not call callback_center.enqueue");
+	}
+}
+
+static int
+fsm_column(Relation rel, const char *table_name, const char *colname)
+{
+	int			fnum = SPI_fnumber(RelationGetDescr(rel), colname);
+
+	if (fnum <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" of table %s does not exist",
+						colname, table_name)));
+	return fnum;
+}
+
+/*
+ * BEFORE INSERT OR UPDATE OF <state column> FOR EACH ROW, arguments
+ * (machine, state_column, id_column).  Lets a row in only if its state is
+ * an initial state, and lets an update through only if the machine has a
+ * transition from the old state to the new one (an unchanged state passes
+ * untouched).  For each accepted insert or move it appends one history row
+ * and calls enqueue() for each event type the transition emits, in the
+ * caller's transaction: if the statement fails, none of it stays.
+ * Raises CB010 (illegal move), CB011 (unknown state or machine), 22004
+ * (NULL state or id).
+ */
+Datum
+cc_fsm_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	Trigger    *trigger;
+	Relation	rel;
+	TupleDesc	desc;
+	HeapTuple	newtuple;
+	HeapTuple	oldtuple = NULL;
+	const char *machine;
+	int			state_col;
+	int			id_col;
+	Oid			state_type;
+	bool		isnull;
+	Datum		d;
+	char	   *new_state;
+	char	   *old_state = NULL;
+	char	   *entity_id;
+	char	   *table_name;
+	char	   *actor;
+	Oid			save_userid;
+	int			save_sec_context;
+	FsmMachine *m;
+	FsmTransition *t = NULL;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("callback_center.fsm_trigger() was not called by the trigger manager")));
+	if (!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
+		!(TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) ||
+		  TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event)))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("callback_center.fsm_trigger() must be fired BEFORE INSERT OR UPDATE FOR EACH ROW")));
+	trigger = trigdata->tg_trigger;
+	if (trigger->tgnargs != 3)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("callback_center.fsm_trigger() takes 3 arguments, got %d",
+						trigger->tgnargs),
+				 errhint("Use callback_center.attach_state_machine() to create the trigger.")));
+
+	machine = trigger->tgargs[0];
+	rel = trigdata->tg_relation;
+	desc = RelationGetDescr(rel);
+	table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+											RelationGetRelationName(rel));
+	state_col = fsm_column(rel, table_name, trigger->tgargs[1]);
+	id_col = fsm_column(rel, table_name, trigger->tgargs[2]);
+	state_type = SPI_gettypeid(desc, state_col);
+	if (state_type != TEXTOID && state_type != VARCHAROID)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATATYPE_MISMATCH),
+				 errmsg("state column \"%s\" of table %s has type %s",
+						trigger->tgargs[1], table_name,
+						format_type_be(state_type)),
+				 errdetail("A state column must be of type text or varchar.")));
+
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		oldtuple = trigdata->tg_trigtuple;
+		newtuple = trigdata->tg_newtuple;
+	}
+	else
+		newtuple = trigdata->tg_trigtuple;
+
+	d = SPI_getbinval(newtuple, desc, state_col, &isnull);
+	if (isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("state column \"%s\" of table %s cannot be null",
+						trigger->tgargs[1], table_name),
+				 errdetail("State machine \"%s\" is attached to that column.",
+						   machine)));
+	new_state = TextDatumGetCString(d);
+
+	if (oldtuple != NULL)
+	{
+		d = SPI_getbinval(oldtuple, desc, state_col, &isnull);
+		if (!isnull)
+		{
+			old_state = TextDatumGetCString(d);
+			if (strcmp(old_state, new_state) == 0)
+				return PointerGetDatum(newtuple);
+		}
+	}
+
+	entity_id = SPI_getvalue(newtuple, desc, id_col);
+	if (entity_id == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("id column \"%s\" of table %s cannot be null",
+						trigger->tgargs[2], table_name),
+				 errdetail("State machine \"%s\" records history by that column.",
+						   machine)));
+
+	/* Whose change it is: the setting, else the role acting now. */
+	if (cc_actor != NULL && cc_actor[0] != '\0')
+		actor = pstrdup(cc_actor);
+	else
+		actor = GetUserNameFromId(GetUserId(), false);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	/*
+	 * Read the definitions and write history as the extension owner.  An
+	 * error restores the user on (sub)transaction abort.
+	 */
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	if (!fsm_cache_valid)
+		fsm_lookup_relations();
+	SetUserIdAndSecContext(fsm_owner,
+						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	fsm_ensure_cache();
+
+	m = fsm_cache_machine(machine, HASH_FIND);
+	if (m == NULL)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_UNKNOWN_STATE),
+				 errmsg("state machine \"%s\" does not exist", machine),
+				 errdetail("It is attached to column \"%s\" of table %s.",
+						   trigger->tgargs[1], table_name)));
+
+	if (fsm_find_state(m, new_state) == NULL)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_UNKNOWN_STATE),
+				 errmsg("unknown state \"%s\" in state machine \"%s\"",
+						new_state, machine),
+				 errdetail("Row with id \"%s\" of table %s.",
+						   entity_id, table_name),
+				 errhint("Known states: %s.", fsm_known_states(m))));
+
+	if (old_state == NULL)
+	{
+		/* A new row, or a row without a state yet: must start out. */
+		FsmState   *s = fsm_find_state(m, new_state);
+
+		if (!s->is_initial)
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_ILLEGAL_TRANSITION),
+					 errmsg("illegal transition in state machine \"%s\": NULL -> \"%s\"",
+							machine, new_state),
+					 errdetail("Row with id \"%s\" of table %s must start in an initial state.",
+							   entity_id, table_name),
+					 errhint("Initial states: %s.", fsm_initials(m))));
+	}
+	else
+	{
+		t = fsm_find_transition(m, old_state, new_state);
+		if (t == NULL)
+		{
+			char	   *targets = fsm_targets(m, old_state);
+
+			if (fsm_find_state(m, old_state) == NULL)
+				ereport(ERROR,
+						(errcode(CC_ERRCODE_UNKNOWN_STATE),
+						 errmsg("unknown state \"%s\" in state machine \"%s\"",
+								old_state, machine),
+						 errdetail("Row with id \"%s\" of table %s is in that state.",
+								   entity_id, table_name)));
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_ILLEGAL_TRANSITION),
+					 errmsg("illegal transition in state machine \"%s\": \"%s\" -> \"%s\"",
+							machine, old_state, new_state),
+					 errdetail("Row with id \"%s\" of table %s is in state \"%s\".",
+							   entity_id, table_name, old_state),
+					 targets[0] != '\0' ?
+					 errhint("Legal targets from \"%s\": %s.", old_state, targets) :
+					 errhint("State \"%s\" is final: no transition leaves it.",
+							 old_state)));
+		}
+	}
+
+	fsm_record(machine, table_name, entity_id, old_state, new_state, t,
+			   actor, newtuple, desc);
+
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+	SPI_finish();
+
+	return PointerGetDatum(newtuple);
+}
+
+/*
+ * AFTER ... FOR EACH STATEMENT on the definition tables: every backend
+ * drops its cache when this transaction commits (this one at once).
+ */
+Datum
+cc_fsm_invalidate(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("callback_center.fsm_invalidate() was not called by the trigger manager")));
+	if (!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_STATEMENT(trigdata->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("callback_center.fsm_invalidate() must be fired AFTER ... FOR EACH STATEMENT")));
+
+	CacheInvalidateRelcache(trigdata->tg_relation);
+	return PointerGetDatum(NULL);
+}
