@@ -16,11 +16,17 @@ passed=0
 failed=0
 
 # Counts pg_regress / pg_isolation_regress result lines of a log (PG15
-# prints "test NAME ... ok" or "... FAILED").
+# prints "test NAME ... ok" or "... FAILED").  A suite that exits non-zero
+# without a FAILED line (a missing expected file, a crashed instance) still
+# counts as one failure.
 count_regress() {
-    local log=$1 p f
+    local log=$1 rc=$2 p f
     p=$(grep -cE '^(test | +)?[[:alnum:]_]+ +\.\.\. ok' "$log")
     f=$(grep -cE '^(test | +)?[[:alnum:]_]+ +\.\.\. (FAILED|failed)' "$log")
+    if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then
+        f=1
+        tail -n 30 "$log"
+    fi
     passed=$((passed + p))
     failed=$((failed + f))
     echo "    $p passed, $f failed"
@@ -46,24 +52,18 @@ run_suite() {
 [ "${CC_REGRESS:-}" = none ] || {
 run_suite regress regresscheck
 rc=$?
-count_regress "$logs/regress.log"
+count_regress "$logs/regress.log" $rc
 if [ $rc -ne 0 ] && [ -f "$work/regression.diffs" ]; then
     head -n 200 "$work/regression.diffs"
-fi
-if [ "$rc" -ne 0 ] && ! grep -qE '\.\.\. (ok|FAILED|failed)' "$logs/regress.log"; then
-    tail -n 30 "$logs/regress.log"; failed=$((failed + 1))
 fi
 }
 
 if [ "${CC_ISOLATION:-}" != none ] && ls "$CC_ROOT"/specs/*.spec >/dev/null 2>&1; then
     run_suite isolation isolationcheck
     rc=$?
-    count_regress "$logs/isolation.log"
+    count_regress "$logs/isolation.log" $rc
     [ $rc -ne 0 ] && [ -f "$work/output_iso/regression.diffs" ] &&
         head -n 200 "$work/output_iso/regression.diffs"
-    if [ "$rc" -ne 0 ] && ! grep -qE '\.\.\. (ok|FAILED|failed)' "$logs/isolation.log"; then
-        tail -n 30 "$logs/isolation.log"; failed=$((failed + 1))
-    fi
 fi
 
 # TAP: one count per test file, as prove reports them.
