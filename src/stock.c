@@ -1,0 +1,754 @@
+/*-------------------------------------------------------------------------
+ *
+ * stock.c
+ *		Stock deduction with optimistic locking, and its compensation.
+ *
+ * deduct_stock records what a biz id (an order) takes of each SKU in
+ * callback_center.stock_deductions, then takes it from callback_center.stock
+ * with a conditional UPDATE.  Under READ COMMITTED the UPDATE re-checks its
+ * condition against the newest row version after waiting for a row lock
+ * (EvalPlanQual), so "available >= quantity" and "version = expected" are
+ * exact without a retry loop.  Several SKUs are taken in bytewise sku_id
+ * order, duplicates merged, so two orders never wait on each other in a
+ * cycle.  restore_stock gives back what a biz id took, once.
+ *
+ * doc/stock.md explains the decisions (no internal retry, REPEATABLE READ).
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <errno.h>
+#include <stdlib.h>
+
+#include "catalog/pg_type.h"
+#include "common/int.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/numeric.h"
+
+#include "callback_center.h"
+
+PG_FUNCTION_INFO_V1(cc_deduct_stock);
+PG_FUNCTION_INFO_V1(cc_deduct_stock_items);
+PG_FUNCTION_INFO_V1(cc_deduct_stock_arrays);
+PG_FUNCTION_INFO_V1(cc_restore_stock);
+PG_FUNCTION_INFO_V1(cc_restore_stock_sku);
+
+/* One SKU of a deduction request, after validation. */
+typedef struct StockItem
+{
+	text	   *sku;			/* detoasted sku_id */
+	int64		qty;			/* > 0 */
+	bool		has_version;	/* compare-and-set on expected? */
+	int64		expected;
+} StockItem;
+
+/* What one SKU of a deduction or restore came to. */
+typedef struct StockOutcome
+{
+	int64		qty;
+	int64		available;
+	int64		version;
+	bool		stock_found;	/* false only if the stock row vanished */
+	const char *status;
+} StockOutcome;
+
+/*
+ * The statements, prepared once per backend (SPI_prepare + SPI_keepplan).
+ * The plan cache re-plans them after DDL on the tables, including a DROP
+ * and CREATE EXTENSION, since every name is schema-qualified.
+ */
+typedef enum StockPlanId
+{
+	PLAN_RECORD,
+	PLAN_TAKE,
+	PLAN_TAKE_CAS,
+	PLAN_CURRENT,
+	PLAN_RECORDED,
+	PLAN_BIZ_SKUS,
+	PLAN_MARK_RESTORED,
+	PLAN_GIVE_BACK,
+	NUM_STOCK_PLANS
+} StockPlanId;
+
+typedef struct StockPlanDef
+{
+	const char *sql;
+	int			nargs;
+	Oid			argtypes[3];
+} StockPlanDef;
+
+static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
+	[PLAN_RECORD] = {
+		"INSERT INTO callback_center.stock_deductions (biz_id, sku_id, quantity)"
+		" VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+		3, {TEXTOID, TEXTOID, INT8OID}
+	},
+	[PLAN_TAKE] = {
+		"UPDATE callback_center.stock"
+		" SET available = available - $2, version = version + 1,"
+		" updated_at = pg_catalog.now()"
+		" WHERE sku_id = $1 AND available >= $2"
+		" RETURNING available, version",
+		2, {TEXTOID, INT8OID}
+	},
+	[PLAN_TAKE_CAS] = {
+		"UPDATE callback_center.stock"
+		" SET available = available - $2, version = version + 1,"
+		" updated_at = pg_catalog.now()"
+		" WHERE sku_id = $1 AND available >= $2 AND version = $3"
+		" RETURNING available, version",
+		3, {TEXTOID, INT8OID, INT8OID}
+	},
+	[PLAN_CURRENT] = {
+		"SELECT available, version FROM callback_center.stock"
+		" WHERE sku_id = $1",
+		1, {TEXTOID}
+	},
+	[PLAN_RECORDED] = {
+		"SELECT quantity, restored FROM callback_center.stock_deductions"
+		" WHERE biz_id = $1 AND sku_id = $2",
+		2, {TEXTOID, TEXTOID}
+	},
+	[PLAN_BIZ_SKUS] = {
+		"SELECT sku_id FROM callback_center.stock_deductions"
+		" WHERE biz_id = $1 AND NOT restored"
+		" ORDER BY sku_id COLLATE \"C\"",
+		1, {TEXTOID}
+	},
+	[PLAN_MARK_RESTORED] = {
+		"UPDATE callback_center.stock_deductions"
+		" SET restored = true, restored_at = pg_catalog.now()"
+		" WHERE biz_id = $1 AND sku_id = $2 AND NOT restored"
+		" RETURNING quantity",
+		2, {TEXTOID, TEXTOID}
+	},
+	[PLAN_GIVE_BACK] = {
+		"UPDATE callback_center.stock"
+		" SET available = available + $2, version = version + 1,"
+		" updated_at = pg_catalog.now()"
+		" WHERE sku_id = $1"
+		" RETURNING available, version",
+		2, {TEXTOID, INT8OID}
+	},
+};
+
+static SPIPlanPtr plans[NUM_STOCK_PLANS];
+
+/*
+ * Returns the kept plan for id, preparing it on first use.  Must be called
+ * while connected to SPI.
+ */
+static SPIPlanPtr
+stock_plan(StockPlanId id)
+{
+	if (plans[id] == NULL)
+	{
+		const StockPlanDef *def = &plan_defs[id];
+		SPIPlanPtr	plan;
+
+		plan = SPI_prepare(def->sql, def->nargs, (Oid *) def->argtypes);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
+				 def->sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		plans[id] = plan;
+	}
+	return plans[id];
+}
+
+/*
+ * Runs a kept plan and checks it returned the expected SPI code; returns
+ * the number of rows processed.
+ */
+static uint64
+stock_exec(StockPlanId id, Datum *args, int expect)
+{
+	int			rc;
+
+	rc = SPI_execute_plan(stock_plan(id), args, NULL, false, 0);
+	if (rc != expect)
+		elog(ERROR, "stock statement failed: %s (%s)",
+			 SPI_result_code_string(rc), plan_defs[id].sql);
+	return SPI_processed;
+}
+
+/* Reads a non-null int8 column of row 0 of the last SPI result. */
+static int64
+spi_int8(int col)
+{
+	bool		isnull;
+	Datum		d;
+
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col,
+					  &isnull);
+	if (isnull)
+		elog(ERROR, "unexpected null in stock row");
+	return DatumGetInt64(d);
+}
+
+/*
+ * Orders two sku ids bytewise, as COLLATE "C" does: the lock order of
+ * every multi-SKU call.
+ */
+static int
+sku_cmp(const text *a, const text *b)
+{
+	int			la = VARSIZE_ANY_EXHDR(a);
+	int			lb = VARSIZE_ANY_EXHDR(b);
+	int			r;
+
+	r = memcmp(VARDATA_ANY(a), VARDATA_ANY(b), Min(la, lb));
+	if (r != 0)
+		return r;
+	return (la > lb) - (la < lb);
+}
+
+static int
+item_cmp(const void *a, const void *b)
+{
+	return sku_cmp(((const StockItem *) a)->sku, ((const StockItem *) b)->sku);
+}
+
+/* Raises 22023 unless qty is positive. */
+static void
+check_quantity(const text *sku, int64 qty)
+{
+	if (qty <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("quantity must be positive: " INT64_FORMAT, qty),
+				 errdetail("SKU \"%s\" was asked for " INT64_FORMAT " units.",
+						   text_to_cstring(sku), qty)));
+}
+
+/*
+ * Sorts items by sku_id bytewise and merges duplicates (quantities add up;
+ * expected versions, where given, must agree).  Returns the new count.
+ */
+static int
+sort_and_merge(StockItem *items, int n)
+{
+	int			out = 0;
+
+	qsort(items, n, sizeof(StockItem), item_cmp);
+	for (int i = 0; i < n; i++)
+	{
+		StockItem  *prev = out > 0 ? &items[out - 1] : NULL;
+
+		if (prev != NULL && sku_cmp(prev->sku, items[i].sku) == 0)
+		{
+			if (pg_add_s64_overflow(prev->qty, items[i].qty, &prev->qty))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("quantity out of range for SKU \"%s\"",
+								text_to_cstring(prev->sku))));
+			if (items[i].has_version)
+			{
+				if (prev->has_version && prev->expected != items[i].expected)
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errmsg("conflicting expected versions for SKU \"%s\"",
+									text_to_cstring(prev->sku)),
+							 errdetail("The SKU is listed with versions "
+									   INT64_FORMAT " and " INT64_FORMAT ".",
+									   prev->expected, items[i].expected)));
+				prev->has_version = true;
+				prev->expected = items[i].expected;
+			}
+			continue;
+		}
+		if (out != i)
+			items[out] = items[i];
+		out++;
+	}
+	return out;
+}
+
+/*
+ * Deducts one item for biz, once.  If (biz, sku) is already recorded,
+ * changes nothing and reports the recorded quantity.  Otherwise records it
+ * and takes the units, or raises CB004 (unknown SKU), CB002 (version
+ * mismatch) or CB001 (insufficient stock); the caller's statement then
+ * rolls the record back with everything else.
+ */
+static StockOutcome
+deduct_one(Datum biz, const StockItem *item)
+{
+	StockOutcome o;
+	Datum		args[3];
+	int64		cur_avail;
+	int64		cur_version;
+
+	o.stock_found = true;
+	args[0] = biz;
+	args[1] = PointerGetDatum(item->sku);
+	args[2] = Int64GetDatum(item->qty);
+	if (stock_exec(PLAN_RECORD, args, SPI_OK_INSERT) == 0)
+	{
+		/* Recorded before (committed, or earlier in this transaction). */
+		bool		isnull;
+
+		if (stock_exec(PLAN_RECORDED, args, SPI_OK_SELECT) != 1)
+			elog(ERROR, "stock deduction row vanished");
+		o.qty = spi_int8(1);
+		o.status = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+											  SPI_tuptable->tupdesc, 2,
+											  &isnull))
+			? "already_restored" : "already_deducted";
+		if (stock_exec(PLAN_CURRENT, &args[1], SPI_OK_SELECT) == 1)
+		{
+			o.available = spi_int8(1);
+			o.version = spi_int8(2);
+		}
+		else
+			o.stock_found = false;
+		return o;
+	}
+
+	args[0] = PointerGetDatum(item->sku);
+	args[1] = Int64GetDatum(item->qty);
+	args[2] = Int64GetDatum(item->expected);
+	if (stock_exec(item->has_version ? PLAN_TAKE_CAS : PLAN_TAKE, args,
+				   SPI_OK_UPDATE_RETURNING) == 1)
+	{
+		o.qty = item->qty;
+		o.available = spi_int8(1);
+		o.version = spi_int8(2);
+		o.status = "deducted";
+		return o;
+	}
+
+	/* Nothing updated: tell the reasons apart, most specific first. */
+	if (stock_exec(PLAN_CURRENT, args, SPI_OK_SELECT) == 0)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_UNKNOWN_SKU),
+				 errmsg("unknown SKU \"%s\"", text_to_cstring(item->sku)),
+				 errhint("Create it with callback_center.set_stock().")));
+	cur_avail = spi_int8(1);
+	cur_version = spi_int8(2);
+	if (item->has_version && cur_version != item->expected)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_VERSION_CONFLICT),
+				 errmsg("version conflict on SKU \"%s\"",
+						text_to_cstring(item->sku)),
+				 errdetail("Expected version " INT64_FORMAT ", current version "
+						   INT64_FORMAT ".", item->expected, cur_version),
+				 errhint("Read the SKU again and retry with its current version.")));
+	ereport(ERROR,
+			(errcode(CC_ERRCODE_INSUFFICIENT_STOCK),
+			 errmsg("insufficient stock for SKU \"%s\"",
+					text_to_cstring(item->sku)),
+			 errdetail("Requested " INT64_FORMAT " units, " INT64_FORMAT
+					   " available.", item->qty, cur_avail)));
+	pg_unreachable();
+}
+
+/*
+ * Restores biz's deduction of sku if it was not restored yet; returns
+ * false when there was nothing to restore.  A concurrent restore of the
+ * same pair waits for the row lock and then finds it restored.
+ */
+static bool
+restore_one(Datum biz, Datum sku, StockOutcome *o)
+{
+	Datum		args[2];
+
+	args[0] = biz;
+	args[1] = sku;
+	if (stock_exec(PLAN_MARK_RESTORED, args, SPI_OK_UPDATE_RETURNING) == 0)
+		return false;
+	o->qty = spi_int8(1);
+	args[0] = sku;
+	args[1] = Int64GetDatum(o->qty);
+	if (stock_exec(PLAN_GIVE_BACK, args, SPI_OK_UPDATE_RETURNING) == 0)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_UNKNOWN_SKU),
+				 errmsg("unknown SKU \"%s\"",
+						TextDatumGetCString(sku)),
+				 errdetail("The deduction being restored names a SKU that is no longer in callback_center.stock.")));
+	o->available = spi_int8(1);
+	o->version = spi_int8(2);
+	o->stock_found = true;
+	o->status = "restored";
+	return true;
+}
+
+/* Raises 22004 naming the argument when it is null. */
+static void
+require_arg(FunctionCallInfo fcinfo, int n, const char *name)
+{
+	if (PG_ARGISNULL(n))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+/*
+ * Deducts every item for biz in sorted order inside one SPI connection and
+ * appends one row per item to the materialized result of fcinfo.  Any
+ * error aborts the whole call: no item is deducted unless all are.
+ */
+static void
+deduct_items(FunctionCallInfo fcinfo, Datum biz, StockItem *items, int n)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	n = sort_and_merge(items, n);
+	SPI_connect();
+	for (int i = 0; i < n; i++)
+	{
+		StockOutcome o = deduct_one(biz, &items[i]);
+		Datum		values[5];
+		bool		nulls[5] = {false, false, false, false, false};
+
+		values[0] = PointerGetDatum(items[i].sku);
+		values[1] = Int64GetDatum(o.qty);
+		values[2] = Int64GetDatum(o.available);
+		values[3] = Int64GetDatum(o.version);
+		values[4] = CStringGetTextDatum(o.status);
+		nulls[2] = nulls[3] = !o.stock_found;
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc,
+							 values, nulls);
+	}
+	SPI_finish();
+}
+
+/*
+ * deduct_stock(biz_id, sku_id, quantity, expected_version) -> one row.
+ * The hot path: no JSON, no arrays, the result descriptor cached.
+ */
+Datum
+cc_deduct_stock(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
+	StockItem	item;
+	StockOutcome o;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+
+	require_arg(fcinfo, 0, "biz_id");
+	require_arg(fcinfo, 1, "sku_id");
+	require_arg(fcinfo, 2, "quantity");
+	item.sku = PG_GETARG_TEXT_PP(1);
+	item.qty = PG_GETARG_INT64(2);
+	item.has_version = !PG_ARGISNULL(3);
+	item.expected = item.has_version ? PG_GETARG_INT64(3) : 0;
+	check_quantity(item.sku, item.qty);
+
+	if (tupdesc == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(fcinfo->flinfo->fn_mcxt);
+
+		if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+			elog(ERROR, "return type must be a row type");
+		tupdesc = BlessTupleDesc(CreateTupleDescCopy(tupdesc));
+		MemoryContextSwitchTo(old);
+		fcinfo->flinfo->fn_extra = tupdesc;
+	}
+
+	SPI_connect();
+	o = deduct_one(PointerGetDatum(PG_GETARG_TEXT_PP(0)), &item);
+	SPI_finish();
+
+	values[0] = PointerGetDatum(item.sku);
+	values[1] = Int64GetDatum(o.qty);
+	values[2] = Int64GetDatum(o.available);
+	values[3] = Int64GetDatum(o.version);
+	values[4] = CStringGetTextDatum(o.status);
+	nulls[2] = nulls[3] = !o.stock_found;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* Converts a JSON number to int64, or raises 22023 naming what it is. */
+static int64
+item_int8(const JsonbValue *v, const char *key, int index)
+{
+	char	   *s;
+	char	   *end;
+	long long	r;
+
+	if (v->type != jbvNumeric)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("item %d: \"%s\" must be an integer", index, key)));
+	s = numeric_normalize(v->val.numeric);
+	errno = 0;
+	r = strtoll(s, &end, 10);
+	if (errno != 0 || end == s || *end != '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("item %d: \"%s\" must be an integer, not %s",
+						index, key, s)));
+	return (int64) r;
+}
+
+/*
+ * deduct_stock(biz_id, items jsonb) -> one row per distinct SKU.  items is
+ * a non-empty array of {"sku": text, "qty": integer, "version": integer or
+ * null or absent}; other keys are refused so that a typo is not ignored.
+ */
+Datum
+cc_deduct_stock_items(PG_FUNCTION_ARGS)
+{
+	Jsonb	   *jb;
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	StockItem  *items;
+	int			n = 0;
+	int			cap;
+
+	require_arg(fcinfo, 0, "biz_id");
+	require_arg(fcinfo, 1, "items");
+	jb = PG_GETARG_JSONB_P(1);
+	if (!JB_ROOT_IS_ARRAY(jb) || JB_ROOT_IS_SCALAR(jb))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("items must be a JSON array"),
+				 errhint("Pass [{\"sku\": \"A\", \"qty\": 1}, ...].")));
+	cap = JB_ROOT_COUNT(jb);
+	if (cap == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("items must not be empty")));
+	items = palloc(sizeof(StockItem) * cap);
+
+	it = JsonbIteratorInit(&jb->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		JsonbValue	kv;
+		JsonbIterator *kit;
+		JsonbIteratorToken ktok;
+		bool		has_sku = false;
+		bool		has_qty = false;
+		StockItem  *item;
+
+		if (tok != WJB_ELEM)
+			continue;
+		item = &items[n++];
+		if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("item %d must be a JSON object", n)));
+		item->has_version = false;
+		item->expected = 0;
+		kit = JsonbIteratorInit(v.val.binary.data);
+		while ((ktok = JsonbIteratorNext(&kit, &kv, true)) != WJB_DONE)
+		{
+			char	   *key;
+			JsonbValue	val;
+
+			if (ktok != WJB_KEY)
+				continue;
+			key = pnstrdup(kv.val.string.val, kv.val.string.len);
+			if (JsonbIteratorNext(&kit, &val, true) != WJB_VALUE)
+				elog(ERROR, "malformed jsonb object");
+			if (strcmp(key, "sku") == 0)
+			{
+				if (val.type == jbvNull)
+					continue;
+				if (val.type != jbvString)
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errmsg("item %d: \"sku\" must be a string", n)));
+				item->sku = cstring_to_text_with_len(val.val.string.val,
+													 val.val.string.len);
+				has_sku = true;
+			}
+			else if (strcmp(key, "qty") == 0)
+			{
+				if (val.type == jbvNull)
+					continue;
+				item->qty = item_int8(&val, "qty", n);
+				has_qty = true;
+			}
+			else if (strcmp(key, "version") == 0)
+			{
+				if (val.type == jbvNull)
+					continue;
+				item->expected = item_int8(&val, "version", n);
+				item->has_version = true;
+			}
+			else
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("item %d: unknown key \"%s\"", n, key),
+						 errhint("An item has the keys \"sku\", \"qty\" and optionally \"version\".")));
+		}
+		if (!has_sku || !has_qty)
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("item %d: \"%s\" must not be null or missing",
+							n, has_sku ? "qty" : "sku")));
+		check_quantity(item->sku, item->qty);
+	}
+
+	InitMaterializedSRF(fcinfo, 0);
+	deduct_items(fcinfo, PointerGetDatum(PG_GETARG_TEXT_PP(0)), items, n);
+	return (Datum) 0;
+}
+
+/*
+ * deduct_stock(biz_id, sku_ids[], quantities[], expected_versions[]) ->
+ * one row per distinct SKU.  The arrays are one-dimensional and of equal
+ * length; expected_versions may be null, or hold nulls.
+ */
+Datum
+cc_deduct_stock_arrays(PG_FUNCTION_ARGS)
+{
+	ArrayType  *skus_a;
+	ArrayType  *qtys_a;
+	Datum	   *skus,
+			   *qtys,
+			   *vers = NULL;
+	bool	   *skus_null,
+			   *qtys_null,
+			   *vers_null = NULL;
+	int			n,
+				nq,
+				nv;
+	StockItem  *items;
+
+	require_arg(fcinfo, 0, "biz_id");
+	require_arg(fcinfo, 1, "sku_ids");
+	require_arg(fcinfo, 2, "quantities");
+	skus_a = PG_GETARG_ARRAYTYPE_P(1);
+	qtys_a = PG_GETARG_ARRAYTYPE_P(2);
+	if (ARR_NDIM(skus_a) > 1 || ARR_NDIM(qtys_a) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("sku_ids and quantities must be one-dimensional")));
+	deconstruct_array(skus_a, TEXTOID, -1, false, TYPALIGN_INT,
+					  &skus, &skus_null, &n);
+	deconstruct_array(qtys_a, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+					  &qtys, &qtys_null, &nq);
+	if (!PG_ARGISNULL(3))
+	{
+		ArrayType  *vers_a = PG_GETARG_ARRAYTYPE_P(3);
+
+		if (ARR_NDIM(vers_a) > 1)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("expected_versions must be one-dimensional")));
+		deconstruct_array(vers_a, INT8OID, 8, FLOAT8PASSBYVAL,
+						  TYPALIGN_DOUBLE, &vers, &vers_null, &nv);
+		if (nv != n)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("expected_versions has %d elements, sku_ids %d",
+							nv, n)));
+	}
+	if (nq != n)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("quantities has %d elements, sku_ids %d", nq, n)));
+	if (n == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("sku_ids must not be empty")));
+
+	items = palloc(sizeof(StockItem) * n);
+	for (int i = 0; i < n; i++)
+	{
+		if (skus_null[i] || qtys_null[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("element %d of %s must not be null", i + 1,
+							skus_null[i] ? "sku_ids" : "quantities")));
+		items[i].sku = DatumGetTextPP(skus[i]);
+		items[i].qty = DatumGetInt64(qtys[i]);
+		items[i].has_version = vers != NULL && !vers_null[i];
+		items[i].expected = items[i].has_version ? DatumGetInt64(vers[i]) : 0;
+		check_quantity(items[i].sku, items[i].qty);
+	}
+
+	InitMaterializedSRF(fcinfo, 0);
+	deduct_items(fcinfo, PointerGetDatum(PG_GETARG_TEXT_PP(0)), items, n);
+	return (Datum) 0;
+}
+
+/* Appends a restore outcome to the materialized result of fcinfo. */
+static void
+put_restored(FunctionCallInfo fcinfo, Datum sku, const StockOutcome *o)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Datum		values[4];
+	bool		nulls[4] = {false, false, false, false};
+
+	values[0] = sku;
+	values[1] = Int64GetDatum(o->qty);
+	values[2] = Int64GetDatum(o->available);
+	values[3] = Int64GetDatum(o->version);
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
+/*
+ * restore_stock(biz_id) -> one row per SKU this call gave back.  Gives
+ * back every deduction of biz_id not yet restored, in sku_id order; an
+ * unknown biz id, or one already restored, returns no rows.
+ */
+Datum
+cc_restore_stock(PG_FUNCTION_ARGS)
+{
+	Datum		biz;
+	Datum	   *skus;
+	uint64		n;
+
+	require_arg(fcinfo, 0, "biz_id");
+	biz = PointerGetDatum(PG_GETARG_TEXT_PP(0));
+	InitMaterializedSRF(fcinfo, 0);
+
+	SPI_connect();
+	n = stock_exec(PLAN_BIZ_SKUS, &biz, SPI_OK_SELECT);
+	skus = palloc(sizeof(Datum) * (n + 1));
+	for (uint64 i = 0; i < n; i++)
+	{
+		bool		isnull;
+
+		skus[i] = datumCopy(SPI_getbinval(SPI_tuptable->vals[i],
+										  SPI_tuptable->tupdesc, 1, &isnull),
+							false, -1);
+	}
+	for (uint64 i = 0; i < n; i++)
+	{
+		StockOutcome o;
+
+		if (restore_one(biz, skus[i], &o))
+			put_restored(fcinfo, skus[i], &o);
+	}
+	SPI_finish();
+	return (Datum) 0;
+}
+
+/*
+ * restore_stock(biz_id, sku_id) -> a row if this call gave the deduction
+ * of sku_id by biz_id back, none if there was none or it was restored.
+ */
+Datum
+cc_restore_stock_sku(PG_FUNCTION_ARGS)
+{
+	Datum		biz;
+	Datum		sku;
+	StockOutcome o;
+
+	require_arg(fcinfo, 0, "biz_id");
+	require_arg(fcinfo, 1, "sku_id");
+	biz = PointerGetDatum(PG_GETARG_TEXT_PP(0));
+	sku = PointerGetDatum(PG_GETARG_TEXT_PP(1));
+	InitMaterializedSRF(fcinfo, 0);
+
+	SPI_connect();
+	if (restore_one(biz, sku, &o))
+		put_restored(fcinfo, sku, &o);
+	SPI_finish();
+	return (Datum) 0;
+}
