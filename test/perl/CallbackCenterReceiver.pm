@@ -125,6 +125,20 @@ sub log_lines
 	return @out;
 }
 
+# Waits until at least $n requests under $prefix are logged (up to the
+# test timeout); returns whether they were.
+sub wait_for_requests
+{
+	my ($self, $prefix, $n) = @_;
+	my $deadline = time() + $PostgreSQL::Test::Utils::timeout_default;
+	while (time() < $deadline)
+	{
+		return 1 if scalar($self->log_lines($prefix)) >= $n;
+		usleep(50_000);
+	}
+	return 0;
+}
+
 # Stops the receiver (SIGTERM) and reaps it.
 sub stop
 {
