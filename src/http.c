@@ -225,6 +225,47 @@ cc_http_check_url(const char *url)
 }
 
 /*
+ * Returns "scheme://host:port" of an URL cc_http_check_url accepts (the
+ * port made explicit), palloc'd, or NULL for any other URL.  Requests to one
+ * origin share connections; callers group by it.
+ */
+char *
+cc_http_url_origin(const char *url)
+{
+	CURLU	   *h;
+	char	   *scheme = NULL;
+	char	   *host = NULL;
+	char	   *port = NULL;
+	char	   *origin = NULL;
+
+	h = curl_url();
+	if (h == NULL)
+		return NULL;
+	if (curl_url_set(h, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK &&
+		curl_url_get(h, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+		curl_url_get(h, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+		curl_url_get(h, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK)
+	{
+		/* copy into palloc'd memory only after libcurl's is freed below */
+		origin = malloc(strlen(scheme) + strlen(host) + strlen(port) + 5);
+		if (origin != NULL)
+			sprintf(origin, "%s://%s:%s", scheme, host, port);
+	}
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(port);
+	curl_url_cleanup(h);
+	if (origin != NULL)
+	{
+		char	   *result = pstrdup(origin);
+
+		free(origin);
+		return result;
+	}
+	return NULL;
+}
+
+/*
  * Opens a socket for libcurl only when PostgreSQL's descriptor budget allows
  * it, so that curl never starves the backend of files; a refusal fails that
  * one transfer (errno EMFILE) and nothing else.

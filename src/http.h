@@ -57,5 +57,6 @@ extern int	cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
 						CcHttpStopFn should_stop, void *arg);
 extern int	cc_http_concurrency_limit(int max_concurrent);
 extern const char *cc_http_check_url(const char *url);
+extern char *cc_http_url_origin(const char *url);
 
 #endif							/* CC_HTTP_H */

@@ -60,6 +60,45 @@ probe_text_array(ArrayType *arr, const char *what, int *n)
 	return out;
 }
 
+/* qsort comparator: indexes into probe_sort_keys, by string. */
+static char **probe_sort_keys;
+
+static int
+probe_cmp_origin(const void *a, const void *b)
+{
+	return strcmp(probe_sort_keys[*(const int *) a],
+				  probe_sort_keys[*(const int *) b]);
+}
+
+/*
+ * Sets reqs[i].group to a dense number per origin (scheme, host and port) of
+ * reqs[i].url, so that max_per_host caps each receiver.
+ */
+static void
+probe_group_by_origin(CcHttpRequest *reqs, int n)
+{
+	char	  **origins = palloc(sizeof(char *) * n);
+	int		   *order = palloc(sizeof(int) * n);
+	int			group = -1;
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		origins[i] = cc_http_url_origin(reqs[i].url);
+		if (origins[i] == NULL)
+			origins[i] = pstrdup(reqs[i].url);
+		order[i] = i;
+	}
+	probe_sort_keys = origins;
+	qsort(order, n, sizeof(int), probe_cmp_origin);
+	for (i = 0; i < n; i++)
+	{
+		if (i == 0 || strcmp(origins[order[i]], origins[order[i - 1]]) != 0)
+			group++;
+		reqs[order[i]].group = group;
+	}
+}
+
 /*
  * Raises 22023 unless h is "Name: value" with a token name and no CR or LF.
  */
@@ -94,8 +133,9 @@ probe_check_range(const char *name, int v, int lo, int hi)
 
 /*
  * http_probe(urls, request_body, headers, timeout_ms, max_concurrent,
- * max_body_bytes): POSTs request_body to every URL concurrently and returns
- * one row per URL, in the order given.  Failed transfers are rows with an
+ * max_body_bytes, max_per_host): POSTs request_body to every URL
+ * concurrently (at most max_concurrent at once, at most max_per_host to one
+ * origin when given) and returns one row per URL, in the order given.  Failed transfers are rows with an
  * error, not ERRORs.  A cancel stops the transfers within about 100 ms and
  * raises the usual 57014.
  */
@@ -111,6 +151,7 @@ cc_http_probe(PG_FUNCTION_ARGS)
 	int			timeout_ms;
 	int			max_concurrent;
 	int			max_body;
+	int			max_per_host;
 	CcHttpRequest *reqs;
 	CcHttpResult *results;
 	int			i;
@@ -129,10 +170,12 @@ cc_http_probe(PG_FUNCTION_ARGS)
 	timeout_ms = PG_GETARG_INT32(3);
 	max_concurrent = PG_GETARG_INT32(4);
 	max_body = PG_GETARG_INT32(5);
+	max_per_host = PG_ARGISNULL(6) ? max_concurrent : PG_GETARG_INT32(6);
 
 	probe_check_range("timeout_ms", timeout_ms, 1, PROBE_MAX_TIMEOUT_MS);
 	probe_check_range("max_concurrent", max_concurrent, 1, PROBE_MAX_CONCURRENT);
 	probe_check_range("max_body_bytes", max_body, 0, PROBE_MAX_BODY_BYTES);
+	probe_check_range("max_per_host", max_per_host, 1, PROBE_MAX_CONCURRENT);
 	for (i = 0; i < nheaders; i++)
 		probe_check_header(headers[i]);
 
@@ -163,7 +206,10 @@ cc_http_probe(PG_FUNCTION_ARGS)
 		reqs[i].group = 0;
 	}
 
-	cc_http_run(reqs, nurls, results, max_concurrent, max_concurrent,
+	if (max_per_host < max_concurrent)
+		probe_group_by_origin(reqs, nurls);
+
+	cc_http_run(reqs, nurls, results, max_concurrent, max_per_host,
 				max_body, probe_should_stop, NULL);
 	CHECK_FOR_INTERRUPTS();
 

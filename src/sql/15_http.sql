@@ -8,7 +8,8 @@ CREATE FUNCTION callback_center.http_probe(
     headers text[] DEFAULT '{}',
     timeout_ms integer DEFAULT 5000,
     max_concurrent integer DEFAULT 16,
-    max_body_bytes integer DEFAULT 65536)
+    max_body_bytes integer DEFAULT 65536,
+    max_per_host integer DEFAULT NULL)
 RETURNS TABLE(
     url text,
     status integer,
@@ -20,10 +21,10 @@ RETURNS TABLE(
 AS 'MODULE_PATHNAME', 'cc_http_probe'
 LANGUAGE C VOLATILE;
 
-COMMENT ON FUNCTION callback_center.http_probe(text[], text, text[], integer, integer, integer) IS
+COMMENT ON FUNCTION callback_center.http_probe(text[], text, text[], integer, integer, integer, integer) IS
     'POSTs request_body to every URL concurrently, as the worker would, and returns one row per URL';
 
-REVOKE ALL ON FUNCTION callback_center.http_probe(text[], text, text[], integer, integer, integer)
+REVOKE ALL ON FUNCTION callback_center.http_probe(text[], text, text[], integer, integer, integer, integer)
     FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION callback_center.http_probe(text[], text, text[], integer, integer, integer)
+GRANT EXECUTE ON FUNCTION callback_center.http_probe(text[], text, text[], integer, integer, integer, integer)
     TO callback_center_admin;

@@ -109,6 +109,23 @@ my $stats = $rcv->stats;
 cmp_ok($stats->{max_in_flight}, '<=', 8, 'at most max_concurrent in flight');
 cmp_ok($stats->{max_in_flight}, '>=', 2, 'requests did run concurrently');
 
+# max_per_host: two receivers, each capped at 2 in flight, both served.
+my $rcv2 = CallbackCenterReceiver->start;
+$rcv->reset;
+$rcv->control('/ph', '200', delay_ms => 20);
+$rcv2->control('/ph', '200', delay_ms => 20);
+my $ph_urls = join(',', map { ("'" . $rcv->url("/ph/$_") . "'", "'" . $rcv2->url("/ph/$_") . "'") } 1 .. 40);
+is($node->safe_psql('postgres', qq{
+	SELECT count(*) FILTER (WHERE status = 200)
+	FROM callback_center.http_probe(ARRAY[$ph_urls], max_concurrent => 8, max_per_host => 2)}),
+	'80', 'max_per_host: all 80 requests answered');
+for my $r ($rcv, $rcv2)
+{
+	is(scalar($r->log_lines('/ph/')), 40, 'max_per_host: each receiver got its 40');
+	cmp_ok($r->stats->{max_in_flight}, '<=', 2, 'max_per_host: at most 2 in flight per receiver');
+}
+$rcv2->stop;
+
 # Keep-alive: two calls in one session reuse the connections of the first.
 my $ka = sub {
 	my $p = shift;
@@ -155,6 +172,8 @@ is(sqlstate_of(q{SELECT * FROM callback_center.http_probe(ARRAY['http://x/'], ti
 	'22023', 'timeout_ms 0 refused with 22023');
 is(sqlstate_of(q{SELECT * FROM callback_center.http_probe(ARRAY['http://x/'], max_concurrent => 0)}),
 	'22023', 'max_concurrent 0 refused with 22023');
+is(sqlstate_of(q{SELECT * FROM callback_center.http_probe(ARRAY['http://x/'], max_per_host => 0)}),
+	'22023', 'max_per_host 0 refused with 22023');
 is(sqlstate_of(q{SELECT * FROM callback_center.http_probe(ARRAY[NULL])}),
 	'22004', 'NULL URL refused with 22004');
 is(sqlstate_of(q{SELECT * FROM callback_center.http_probe(NULL)}),
