@@ -3,7 +3,7 @@
 
     python3 test/receiver.py --port 0 --portfile F --log F.jsonl \
         [--secret whsec_...]... [--path-secret /erp=whsec_...]... \
-        [--max-seconds 600]
+        [--max-seconds 600] [--tls-cert CERT.pem --tls-key KEY.pem]
 
 Binds 127.0.0.1 only (HTTP/1.1, keep-alive), writes the chosen port to the
 portfile once it listens, and appends one JSON line per request to the log
@@ -27,6 +27,7 @@ before answering (to make requests overlap).
                    max_in_flight (concurrency high-water mark)
     POST /__reset  drops every rule and zeroes the stats
 Exits cleanly on SIGTERM or SIGINT, and by itself after --max-seconds.
+With --tls-cert and --tls-key it speaks HTTPS instead (for TLS checks).
 """
 
 import argparse
@@ -38,6 +39,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -257,10 +259,16 @@ def main():
                     type=lambda s: tuple(s.split("=", 1)),
                     help="PREFIX=whsec_... valid for paths under PREFIX")
     ap.add_argument("--max-seconds", type=float, default=600)
+    ap.add_argument("--tls-cert")
+    ap.add_argument("--tls-key")
     ARGS = ap.parse_args()
 
     LOG = open(ARGS.log, "a", encoding="utf-8")
     server = Server(("127.0.0.1", ARGS.port), Handler)
+    if ARGS.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(ARGS.tls_cert, ARGS.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
 
     def stop(*_):
         STOP.set()

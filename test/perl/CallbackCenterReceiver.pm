@@ -24,7 +24,9 @@ my $receiver_py =
 
 # Starts a receiver as a child process and waits until it listens.
 # %opts: secrets (array ref), path_secrets (hash ref prefix => secret),
-# max_seconds (default 600).
+# max_seconds (default 600), tls_cert and tls_key (PEM files: serve HTTPS;
+# url() then says https, and control/stats need IO::Socket::SSL, which the
+# test machines may lack: read the log instead).
 sub start
 {
 	my ($class, %opts) = @_;
@@ -40,6 +42,13 @@ sub start
 	push @cmd, '--secret', $_ for @{ $opts{secrets} // [] };
 	my %ps = %{ $opts{path_secrets} // {} };
 	push @cmd, '--path-secret', "$_=$ps{$_}" for sort keys %ps;
+	if ($opts{tls_cert})
+	{
+		push @cmd, '--tls-cert', $opts{tls_cert}, '--tls-key', $opts{tls_key};
+		$self->{scheme} = 'https';
+		$self->{http} = HTTP::Tiny->new(timeout => 30, keep_alive => 0,
+			verify_SSL => 0);
+	}
 
 	my $pid = fork();
 	die "fork failed: $!" unless defined $pid;
@@ -75,7 +84,8 @@ sub logfile { return $_[0]->{log}; }
 sub url
 {
 	my ($self, $path) = @_;
-	return "http://127.0.0.1:$self->{port}" . ($path // '/');
+	my $scheme = $self->{scheme} // 'http';
+	return "$scheme://127.0.0.1:$self->{port}" . ($path // '/');
 }
 
 # Sets the rule for a path prefix: mode ("200", "500", "429", "stall",
