@@ -31,6 +31,8 @@
 #include "postgres.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -106,6 +108,8 @@ static HttpSlot **http_slots = NULL;
 static int	http_nslots = 0;
 static int	http_maxconnects = 0;
 
+static sigset_t http_perform_mask;
+
 static void cc_http_cleanup(int code, Datum arg);
 
 /*
@@ -137,6 +141,18 @@ cc_http_init(void)
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("could not create a libcurl multi handle")));
 	}
+	/*
+	 * libcurl's threaded resolver starts threads inside curl_multi_perform;
+	 * they inherit the signal mask, and blocking the asynchronous signals
+	 * there keeps PostgreSQL's handlers from ever running on those threads.
+	 */
+	sigfillset(&http_perform_mask);
+	sigdelset(&http_perform_mask, SIGSEGV);
+	sigdelset(&http_perform_mask, SIGBUS);
+	sigdelset(&http_perform_mask, SIGFPE);
+	sigdelset(&http_perform_mask, SIGILL);
+	sigdelset(&http_perform_mask, SIGABRT);
+
 	http_initialized = true;
 	on_proc_exit(cc_http_cleanup, (Datum) 0);
 }
@@ -882,11 +898,15 @@ cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
 			int			msgs;
 			CURLMsg    *msg;
 			CURLMcode	mrc;
+			sigset_t	saved;
 
 			http_start_more(run);
 			if (run->active == 0)
 				break;
+			/* signals wait (not lost) while perform may start threads */
+			pthread_sigmask(SIG_BLOCK, &http_perform_mask, &saved);
 			mrc = curl_multi_perform(http_multi, &running);
+			pthread_sigmask(SIG_SETMASK, &saved, NULL);
 			if (mrc == CURLM_OK)
 			{
 				while ((msg = curl_multi_info_read(http_multi, &msgs)) != NULL)

@@ -48,6 +48,7 @@ sub sqlstate_of
 }
 
 # 200 with body and latency; the request as the receiver saw it.
+my @rows;
 my ($r) = probe([ $rcv->url('/ok/1') ],
 	q{request_body => '{"order":"o-1"}', headers => ARRAY['X-Probe: yes']});
 is($r->{status}, 200, '200 status');
@@ -63,6 +64,14 @@ is($seen->{headers}{'x-probe'}, 'yes', 'caller header delivered');
 ok(!exists $seen->{headers}{expect}, 'no Expect: 100-continue');
 like($seen->{headers}{'user-agent'}, qr{^callback_center/}, 'user agent names the extension');
 
+# Host names go through the resolver; an unknown one is a row, not an ERROR.
+my $port = $rcv->port;
+@rows = probe([ "http://localhost:$port/dns/1", 'http://no-such-host.invalid/x' ],
+	'timeout_ms => 2000');
+is($rows[0]{status}, 200, 'localhost resolved and answered');
+is($rows[1]{status}, 0, 'unknown host: status 0');
+like($rows[1]{error}, qr/resolve/i, 'unknown host: resolve error reported');
+
 # Error statuses are results, not errors.
 $rcv->control('/e500', '500');
 ($r) = probe([ $rcv->url('/e500') ]);
@@ -73,7 +82,7 @@ is($r->{error}, '<null>', 'a 500 is a response, not a transfer error');
 $rcv->control('/e429', '429', retry_after => 7);
 $rcv->control('/e503past', '503', retry_after => 'Wed, 21 Oct 2015 07:28:00 GMT');
 $rcv->control('/e503future', '503', retry_after => 'Fri, 31 Dec 2100 23:59:59 GMT');
-my @rows = probe([ $rcv->url('/e429'), $rcv->url('/e503past'), $rcv->url('/e503future') ]);
+@rows = probe([ $rcv->url('/e429'), $rcv->url('/e503past'), $rcv->url('/e503future') ]);
 is($rows[0]{status}, 429, '429 status');
 is($rows[0]{retry_after}, 7, 'Retry-After seconds parsed');
 is($rows[1]{retry_after}, 0, 'Retry-After date in the past is 0');
