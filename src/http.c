@@ -45,6 +45,7 @@
 #include "storage/fd.h"
 #include "storage/ipc.h"
 #include "utils/memutils.h"
+#include "utils/wait_event.h"
 
 #include "callback_center.h"
 #include "http.h"
@@ -922,8 +923,13 @@ cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
 			}
 			if (mrc == CURLM_OK &&
 				!(run->active < run->limit && run->ring_len > 0))
+			{
+				/* pg_stat_activity shows Extension while waiting on peers */
+				pgstat_report_wait_start(PG_WAIT_EXTENSION);
 				mrc = curl_multi_poll(http_multi, NULL, 0, CC_HTTP_POLL_MS,
 									  NULL);
+				pgstat_report_wait_end();
+			}
 			if (mrc != CURLM_OK)
 			{
 				/* The multi handle itself failed: fail what runs, go on. */

@@ -211,6 +211,9 @@ my $bgpid = $bg->query_safe('SELECT pg_backend_pid()');
 $bg->query_until(qr/started/, "\\echo started\nSELECT status FROM callback_center.http_probe(ARRAY['"
 	  . $rcv->url('/s30/1') . "','" . $rcv->url('/s30/2') . "'], timeout_ms => 60000);\n");
 ok($rcv->wait_for_requests('/s30/', 2), 'stalled requests reached the receiver');
+ok($node->poll_query_until('postgres',
+		"SELECT wait_event_type = 'Extension' FROM pg_stat_activity WHERE pid = $bgpid"),
+	'a waiting probe shows wait_event_type Extension');
 my $t0 = time();
 $node->safe_psql('postgres', "SELECT pg_cancel_backend($bgpid)");
 ok($node->poll_query_until('postgres',
