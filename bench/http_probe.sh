@@ -83,6 +83,13 @@ wrk_out=$(wrk -t2 -c"$C" -d5s "http://127.0.0.1:$nginx_port/")
 echo "$wrk_out" | sed 's/^/    /'
 wrk_rps=$(echo "$wrk_out" | awk '/Requests\/sec/ {printf "%d", $2}')
 
+# http_probe is one process on one core; wrk -t1 is the same shape.
+cc_say "wrk -t1 -c$C -d5s (one thread, like the one backend)"
+wrk1=$(wrk -t1 -c"$C" -d5s "http://127.0.0.1:$nginx_port/" | awk '/Requests\/sec/ {printf "%d", $2}')
+echo "    Requests/sec: $wrk1"
+
 echo
 printf 'http_probe best round: %s req/s; wrk: %s req/s; ratio %s\n' "$best" "$wrk_rps" \
     "$(awk -v a="$best" -v b="$wrk_rps" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
+printf 'wrk one thread: %s req/s; ratio %s\n' "$wrk1" \
+    "$(awk -v a="$best" -v b="$wrk1" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }')"
