@@ -1,0 +1,963 @@
+/*-------------------------------------------------------------------------
+ *
+ * http.c
+ *		Concurrent HTTP POST delivery with libcurl's multi interface.
+ *
+ * The worker claims a batch of outbox events, commits, and hands the batch
+ * to cc_http_run(), which POSTs all of it concurrently with no transaction
+ * open and no SPI, then returns one result per request.  Nothing here knows
+ * of SQL.
+ *
+ * Why handles are pooled: one CURLM handle and a pool of easy handles live
+ * for the life of the process.  The multi handle owns the connection cache,
+ * so HTTP/1.1 keep-alive connections opened by one batch are reused by the
+ * next one; an easy handle is curl_easy_reset() and reused rather than
+ * created per request.  Re-creating them per batch would pay a TCP (and TLS)
+ * handshake per request, which on loopback costs about half the throughput.
+ *
+ * What the caller can rely on:
+ *	- every request gets a result; a failed transfer (refused, DNS failure,
+ *	  timeout, reset, no file descriptor left) is an error string and a
+ *	  CURLcode in its result, never an ERROR;
+ *	- at most max_concurrent transfers (and max_per_group per group) run at
+ *	  once, and never more than the open-file budget allows;
+ *	- should_stop is called at least every CC_HTTP_POLL_MS, so a shutdown or
+ *	  a cancel never waits for the slowest request;
+ *	- redirects are not followed, only http and https are spoken, TLS peers
+ *	  are verified, request headers are never logged.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "miscadmin.h"
+#include "portability/instr_time.h"
+#include "storage/fd.h"
+#include "storage/ipc.h"
+#include "utils/memutils.h"
+#include "utils/wait_event.h"
+
+#include "callback_center.h"
+#include "http.h"
+
+/* How long one wait for socket activity may last. */
+#define CC_HTTP_POLL_MS 100
+
+/* File descriptors left to the rest of the process below the soft limit. */
+#define CC_HTTP_FD_MARGIN 64
+
+#define CC_HTTP_USER_AGENT "callback_center/" CC_VERSION
+
+#if LIBCURL_VERSION_NUM < 0x073e00
+#error "callback_center needs libcurl 7.62 or later"
+#endif
+
+/* One pooled easy handle and the state of the transfer it runs. */
+typedef struct HttpSlot
+{
+	CURL	   *easy;
+	int			slotno;			/* its index in http_slots */
+	int			req;			/* index of its request, -1 when idle */
+	struct curl_slist *headers; /* this transfer's header list */
+	char	   *buf;			/* malloc'd response buffer, bufcap + 1 */
+	size_t		bufcap;
+	size_t		len;			/* bytes kept in buf */
+	size_t		cap;			/* body_cap of the current run */
+	bool		truncated;
+	int			retry_after_s;
+	instr_time	started;
+	char		errbuf[CURL_ERROR_SIZE];
+} HttpSlot;
+
+/* State of one cc_http_run() call. */
+typedef struct HttpRun
+{
+	const CcHttpRequest *reqs;
+	CcHttpResult *results;
+	bool	   *done;			/* result filled in */
+	int			n;
+	int			limit;			/* transfers at once */
+	int			per_group;		/* transfers at once per group */
+	int			ngroups;
+	int		   *group_of;		/* request -> dense group index */
+	int		   *next_in_group;	/* request -> next request of its group */
+	int		   *group_head;		/* group -> first pending request, or -1 */
+	int		   *group_active;	/* group -> transfers running */
+	bool	   *in_ring;		/* group is in the ring */
+	int		   *ring;			/* groups that may start a transfer now */
+	int			ring_head;
+	int			ring_len;
+	int		   *free_slots;		/* stack of idle slot numbers */
+	int			nfree;
+	int			active;
+	int			completed;
+} HttpRun;
+
+static bool http_initialized = false;
+static CURLM *http_multi = NULL;
+static HttpSlot **http_slots = NULL;
+static int	http_nslots = 0;
+static int	http_maxconnects = 0;
+
+static sigset_t http_perform_mask;
+
+static void cc_http_cleanup(int code, Datum arg);
+
+/*
+ * Initialises libcurl in the calling process (a backend or the worker, never
+ * the postmaster) once, and registers its cleanup at process exit.  Calling
+ * it again is a no-op.  Raises an ERROR only when libcurl cannot start.
+ */
+void
+cc_http_init(void)
+{
+	CURLcode	rc;
+
+	if (http_initialized)
+		return;
+	if (IsPostmasterEnvironment && !IsUnderPostmaster)
+		elog(ERROR, "cc_http_init called in the postmaster");
+
+	rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+	if (rc != CURLE_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("could not initialize libcurl: %s",
+						curl_easy_strerror(rc))));
+	http_multi = curl_multi_init();
+	if (http_multi == NULL)
+	{
+		curl_global_cleanup();
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create a libcurl multi handle")));
+	}
+	/*
+	 * libcurl's threaded resolver starts threads inside curl_multi_perform;
+	 * they inherit the signal mask, and blocking the asynchronous signals
+	 * there keeps PostgreSQL's handlers from ever running on those threads.
+	 */
+	sigfillset(&http_perform_mask);
+	sigdelset(&http_perform_mask, SIGSEGV);
+	sigdelset(&http_perform_mask, SIGBUS);
+	sigdelset(&http_perform_mask, SIGFPE);
+	sigdelset(&http_perform_mask, SIGILL);
+	sigdelset(&http_perform_mask, SIGABRT);
+
+	http_initialized = true;
+	on_proc_exit(cc_http_cleanup, (Datum) 0);
+}
+
+/*
+ * Releases every handle and connection at process exit.
+ */
+static void
+cc_http_cleanup(int code, Datum arg)
+{
+	int			i;
+
+	if (!http_initialized)
+		return;
+	for (i = 0; i < http_nslots; i++)
+	{
+		HttpSlot   *slot = http_slots[i];
+
+		if (slot->req >= 0)
+			curl_multi_remove_handle(http_multi, slot->easy);
+		curl_slist_free_all(slot->headers);
+		slot->headers = NULL;
+	}
+	curl_multi_cleanup(http_multi);
+	for (i = 0; i < http_nslots; i++)
+	{
+		curl_easy_cleanup(http_slots[i]->easy);
+		free(http_slots[i]->buf);
+	}
+	http_multi = NULL;
+	http_nslots = 0;
+	curl_global_cleanup();
+	http_initialized = false;
+}
+
+/*
+ * The number of transfers cc_http_run() will actually run at once for a
+ * requested max_concurrent: never more than the open-file soft limit minus a
+ * margin, nor more than the share of descriptors PostgreSQL lets a process
+ * hold outside its own file cache (max_safe_fds / 3, AcquireExternalFD), and
+ * at least 1.
+ */
+int
+cc_http_concurrency_limit(int max_concurrent)
+{
+	struct rlimit rl;
+	int			limit = max_concurrent;
+
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+		(rlim_t) limit > rl.rlim_cur - Min(rl.rlim_cur, CC_HTTP_FD_MARGIN))
+		limit = (int) (rl.rlim_cur - Min(rl.rlim_cur, CC_HTTP_FD_MARGIN));
+	if (max_safe_fds > 0 && limit > max_safe_fds / 3 - 8)
+		limit = max_safe_fds / 3 - 8;
+	return Max(limit, 1);
+}
+
+/*
+ * Returns NULL when url is one cc_http_run() may be given (an absolute http
+ * or https URL with a host), else a short reason.  Allocates nothing that
+ * outlives the call.
+ */
+const char *
+cc_http_check_url(const char *url)
+{
+	CURLU	   *h;
+	char	   *scheme = NULL;
+	char	   *host = NULL;
+	const char *why = NULL;
+
+	h = curl_url();
+	if (h == NULL)
+		return "out of memory";
+	if (curl_url_set(h, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME) != CURLUE_OK)
+		why = "not a valid absolute URL";
+	else if (curl_url_get(h, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
+			 (pg_strcasecmp(scheme, "http") != 0 &&
+			  pg_strcasecmp(scheme, "https") != 0))
+		why = "scheme is not http or https";
+	else if (curl_url_get(h, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
+			 host[0] == '\0')
+		why = "URL has no host";
+	curl_free(scheme);
+	curl_free(host);
+	curl_url_cleanup(h);
+	return why;
+}
+
+/*
+ * Returns "scheme://host:port" of an URL cc_http_check_url accepts (the
+ * port made explicit), palloc'd, or NULL for any other URL.  Requests to one
+ * origin share connections; callers group by it.
+ */
+char *
+cc_http_url_origin(const char *url)
+{
+	CURLU	   *h;
+	char	   *scheme = NULL;
+	char	   *host = NULL;
+	char	   *port = NULL;
+	char	   *origin = NULL;
+
+	h = curl_url();
+	if (h == NULL)
+		return NULL;
+	if (curl_url_set(h, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME) == CURLUE_OK &&
+		curl_url_get(h, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
+		curl_url_get(h, CURLUPART_HOST, &host, 0) == CURLUE_OK &&
+		curl_url_get(h, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) == CURLUE_OK)
+	{
+		/* copy into palloc'd memory only after libcurl's is freed below */
+		origin = malloc(strlen(scheme) + strlen(host) + strlen(port) + 5);
+		if (origin != NULL)
+			sprintf(origin, "%s://%s:%s", scheme, host, port);
+	}
+	curl_free(scheme);
+	curl_free(host);
+	curl_free(port);
+	curl_url_cleanup(h);
+	if (origin != NULL)
+	{
+		char	   *result = pstrdup(origin);
+
+		free(origin);
+		return result;
+	}
+	return NULL;
+}
+
+/*
+ * Opens a socket for libcurl only when PostgreSQL's descriptor budget allows
+ * it, so that curl never starves the backend of files; a refusal fails that
+ * one transfer (errno EMFILE) and nothing else.
+ */
+static curl_socket_t
+http_open_socket(void *clientp, curlsocktype purpose,
+				 struct curl_sockaddr *address)
+{
+	curl_socket_t s;
+	int			save_errno;
+
+	if (!AcquireExternalFD())
+	{
+		errno = EMFILE;
+		return CURL_SOCKET_BAD;
+	}
+	s = socket(address->family, address->socktype, address->protocol);
+	if (s == CURL_SOCKET_BAD)
+	{
+		save_errno = errno;
+		ReleaseExternalFD();
+		errno = save_errno;
+	}
+	return s;
+}
+
+/* Closes a socket opened by http_open_socket and returns its budget. */
+static int
+http_close_socket(void *clientp, curl_socket_t item)
+{
+	int			rc = close(item);
+
+	ReleaseExternalFD();
+	return rc;
+}
+
+/*
+ * Keeps at most slot->cap bytes of the response body and discards the rest,
+ * noting the truncation.  Never fails the transfer; never allocates through
+ * palloc (no ERROR may escape into libcurl).
+ */
+static size_t
+http_write_cb(char *data, size_t size, size_t nmemb, void *userdata)
+{
+	HttpSlot   *slot = (HttpSlot *) userdata;
+	size_t		len = size * nmemb;
+	size_t		take = Min(len, slot->cap - slot->len);
+
+	if (take < len)
+		slot->truncated = true;
+	if (take == 0)
+		return len;
+	if (slot->len + take > slot->bufcap)
+	{
+		size_t		newcap = Max(slot->bufcap * 2, 1024);
+		char	   *nb;
+
+		while (newcap < slot->len + take)
+			newcap *= 2;
+		newcap = Min(newcap, slot->cap);
+		nb = realloc(slot->buf, newcap + 1);
+		if (nb == NULL)
+		{
+			slot->truncated = true;
+			take = slot->bufcap - slot->len;
+		}
+		else
+		{
+			slot->buf = nb;
+			slot->bufcap = newcap;
+		}
+	}
+	if (take > 0)
+	{
+		memcpy(slot->buf + slot->len, data, take);
+		slot->len += take;
+	}
+	return len;
+}
+
+/*
+ * Parses a Retry-After value: delta-seconds or an HTTP-date (seconds from
+ * now, at least 0).  Returns -1 when unparsable.
+ */
+static int
+http_parse_retry_after(const char *value, size_t len)
+{
+	char		copy[128];
+	char	   *p;
+	char	   *end;
+
+	while (len > 0 && (*value == ' ' || *value == '\t'))
+		value++, len--;
+	while (len > 0 && (value[len - 1] == '\r' || value[len - 1] == '\n' ||
+					   value[len - 1] == ' ' || value[len - 1] == '\t'))
+		len--;
+	if (len == 0 || len >= sizeof(copy))
+		return -1;
+	memcpy(copy, value, len);
+	copy[len] = '\0';
+
+	if (copy[0] >= '0' && copy[0] <= '9')
+	{
+		long		v;
+
+		for (p = copy; *p; p++)
+			if (*p < '0' || *p > '9')
+				return -1;
+		errno = 0;
+		v = strtol(copy, &end, 10);
+		if (errno == ERANGE || v > PG_INT32_MAX)
+			return PG_INT32_MAX;
+		return (int) v;
+	}
+	else
+	{
+		time_t		when = curl_getdate(copy, NULL);
+		time_t		now = time(NULL);
+
+		if (when == -1)
+			return -1;
+		if (when <= now)
+			return 0;
+		if (when - now > PG_INT32_MAX)
+			return PG_INT32_MAX;
+		return (int) (when - now);
+	}
+}
+
+/*
+ * Notes Retry-After of the final response (a new status line forgets what
+ * an interim response said).  Never fails the transfer.
+ */
+static size_t
+http_header_cb(char *data, size_t size, size_t nitems, void *userdata)
+{
+	HttpSlot   *slot = (HttpSlot *) userdata;
+	size_t		len = size * nitems;
+
+	if (len >= 5 && strncmp(data, "HTTP/", 5) == 0)
+		slot->retry_after_s = -1;
+	else if (len > 12 && pg_strncasecmp(data, "retry-after:", 12) == 0)
+		slot->retry_after_s = http_parse_retry_after(data + 12, len - 12);
+	return len;
+}
+
+/*
+ * Makes sure the pool holds at least want easy handles; returns how many it
+ * holds (fewer when libcurl runs out of memory).
+ */
+static int
+http_grow_pool(int want)
+{
+	if (want <= http_nslots)
+		return http_nslots;
+	if (http_slots == NULL)
+		http_slots = MemoryContextAllocZero(TopMemoryContext,
+											sizeof(HttpSlot *) * want);
+	else
+		http_slots = repalloc(http_slots, sizeof(HttpSlot *) * want);
+	while (http_nslots < want)
+	{
+		HttpSlot   *slot;
+		CURL	   *easy = curl_easy_init();
+
+		if (easy == NULL)
+			break;
+		slot = MemoryContextAllocZero(TopMemoryContext, sizeof(HttpSlot));
+		slot->easy = easy;
+		slot->slotno = http_nslots;
+		slot->req = -1;
+		http_slots[http_nslots++] = slot;
+	}
+	return http_nslots;
+}
+
+/* Fills a result for a request that failed before or without a transfer. */
+static void
+http_fail(HttpRun *run, int r, int code, const char *msg)
+{
+	CcHttpResult *res = &run->results[r];
+
+	res->status = 0;
+	res->error = pstrdup(msg);
+	res->curl_code = code;
+	run->done[r] = true;
+	run->completed++;
+}
+
+/* Appends a group to the ring of groups that may start a transfer. */
+static void
+http_ring_push(HttpRun *run, int g)
+{
+	run->ring[(run->ring_head + run->ring_len) % run->ngroups] = g;
+	run->ring_len++;
+	run->in_ring[g] = true;
+}
+
+/* Whether group g has pending requests and room for one more transfer. */
+static inline bool
+http_group_ready(HttpRun *run, int g)
+{
+	return run->group_head[g] >= 0 && run->group_active[g] < run->per_group;
+}
+
+#define SETOPT(opt, val) \
+	do { \
+		if ((rc = curl_easy_setopt(easy, (opt), (val))) != CURLE_OK) \
+			goto setopt_failed; \
+	} while (0)
+
+/*
+ * Starts request r on an idle slot, or fills in its result with the reason
+ * it could not start.
+ */
+static void
+http_start(HttpRun *run, int r)
+{
+	const CcHttpRequest *req = &run->reqs[r];
+	HttpSlot   *slot;
+	CURL	   *easy;
+	CURLcode	rc;
+	CURLMcode	mrc;
+	struct curl_slist *list = NULL;
+	bool		has_type = false;
+	int			i;
+
+	Assert(run->nfree > 0);
+	if (req->url == NULL)
+	{
+		http_fail(run, r, CURLE_URL_MALFORMAT, "no URL");
+		return;
+	}
+	slot = http_slots[run->free_slots[run->nfree - 1]];
+	easy = slot->easy;
+
+	/* Caller's headers, then the ones every delivery carries. */
+	for (i = 0; i < req->nheaders; i++)
+	{
+		const char *h = req->headers[i];
+		struct curl_slist *nl;
+
+		if (h == NULL || strpbrk(h, "\r\n") != NULL || strchr(h, ':') == NULL)
+		{
+			curl_slist_free_all(list);
+			http_fail(run, r, CURLE_BAD_FUNCTION_ARGUMENT,
+					  "invalid request header");
+			return;
+		}
+		if (pg_strncasecmp(h, "content-type:", 13) == 0)
+			has_type = true;
+		nl = curl_slist_append(list, h);
+		if (nl == NULL)
+			goto oom;
+		list = nl;
+	}
+	if (!has_type)
+	{
+		struct curl_slist *nl = curl_slist_append(list,
+												  "Content-Type: application/json");
+
+		if (nl == NULL)
+			goto oom;
+		list = nl;
+	}
+	{
+		/* An empty "Expect:" stops curl from waiting for 100-continue. */
+		struct curl_slist *nl = curl_slist_append(list, "Expect:");
+
+		if (nl == NULL)
+			goto oom;
+		list = nl;
+	}
+
+	curl_easy_reset(easy);
+	slot->errbuf[0] = '\0';
+	slot->len = 0;
+	slot->truncated = false;
+	slot->retry_after_s = -1;
+
+	SETOPT(CURLOPT_URL, req->url);
+	SETOPT(CURLOPT_POST, 1L);
+	SETOPT(CURLOPT_POSTFIELDS, req->body ? req->body : "");
+	SETOPT(CURLOPT_POSTFIELDSIZE_LARGE,
+		   (curl_off_t) (req->body ? req->body_len : 0));
+	SETOPT(CURLOPT_HTTPHEADER, list);
+	SETOPT(CURLOPT_USERAGENT, CC_HTTP_USER_AGENT);
+	SETOPT(CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
+#if LIBCURL_VERSION_NUM >= 0x075500
+	SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+	SETOPT(CURLOPT_REDIR_PROTOCOLS_STR, "http,https");
+#else
+	SETOPT(CURLOPT_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
+	SETOPT(CURLOPT_REDIR_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
+#endif
+	SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
+	SETOPT(CURLOPT_NOSIGNAL, 1L);
+	SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
+	SETOPT(CURLOPT_TIMEOUT_MS, (long) Max(req->timeout_ms, 1));
+	SETOPT(CURLOPT_CONNECTTIMEOUT_MS,
+		   (long) Min(Max(req->timeout_ms, 1), CC_HTTP_MAX_CONNECT_TIMEOUT_MS));
+	SETOPT(CURLOPT_WRITEFUNCTION, http_write_cb);
+	SETOPT(CURLOPT_WRITEDATA, slot);
+	SETOPT(CURLOPT_HEADERFUNCTION, http_header_cb);
+	SETOPT(CURLOPT_HEADERDATA, slot);
+	SETOPT(CURLOPT_ERRORBUFFER, slot->errbuf);
+	SETOPT(CURLOPT_OPENSOCKETFUNCTION, http_open_socket);
+	SETOPT(CURLOPT_CLOSESOCKETFUNCTION, http_close_socket);
+	SETOPT(CURLOPT_PRIVATE, slot);
+
+	mrc = curl_multi_add_handle(http_multi, easy);
+	if (mrc != CURLM_OK)
+	{
+		curl_slist_free_all(list);
+		http_fail(run, r, CURLE_FAILED_INIT, curl_multi_strerror(mrc));
+		return;
+	}
+	slot->headers = list;
+	slot->req = r;
+	INSTR_TIME_SET_CURRENT(slot->started);
+	run->nfree--;
+	run->active++;
+	run->group_active[run->group_of[r]]++;
+	return;
+
+setopt_failed:
+	curl_slist_free_all(list);
+	http_fail(run, r, rc, curl_easy_strerror(rc));
+	return;
+
+oom:
+	curl_slist_free_all(list);
+	http_fail(run, r, CURLE_OUT_OF_MEMORY, "out of memory");
+}
+
+/*
+ * Starts transfers while the global and per-group caps allow, taking groups
+ * round robin and each group's requests in order.
+ */
+static void
+http_start_more(HttpRun *run)
+{
+	while (run->active < run->limit && run->ring_len > 0)
+	{
+		int			g = run->ring[run->ring_head];
+		int			r = run->group_head[g];
+
+		run->ring_head = (run->ring_head + 1) % run->ngroups;
+		run->ring_len--;
+		run->in_ring[g] = false;
+
+		run->group_head[g] = run->next_in_group[r];
+		http_start(run, r);
+		if (http_group_ready(run, g))
+			http_ring_push(run, g);
+	}
+}
+
+/*
+ * Detaches a slot from its transfer: removes the handle from the multi
+ * handle, frees the header list, returns the slot to the idle stack and
+ * updates the caps.  Returns the request index it ran.
+ */
+static int
+http_release(HttpRun *run, HttpSlot *slot)
+{
+	int			r = slot->req;
+	int			g = run->group_of[r];
+
+	curl_multi_remove_handle(http_multi, slot->easy);
+	curl_slist_free_all(slot->headers);
+	slot->headers = NULL;
+	slot->req = -1;
+	run->free_slots[run->nfree++] = slot->slotno;
+	run->active--;
+	run->group_active[g]--;
+	if (!run->in_ring[g] && http_group_ready(run, g))
+		http_ring_push(run, g);
+	return r;
+}
+
+/* Records the outcome of a finished transfer and frees its slot. */
+static void
+http_finish(HttpRun *run, CURL *easy, CURLcode code)
+{
+	HttpSlot   *slot = NULL;
+	CcHttpResult *res;
+	long		status = 0;
+	curl_off_t	total_us = 0;
+	int			r;
+
+	curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **) &slot);
+	if (slot == NULL || slot->req < 0)
+		elog(ERROR, "libcurl reported a transfer callback_center did not start");
+	curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_getinfo(easy, CURLINFO_TOTAL_TIME_T, &total_us);
+
+	r = http_release(run, slot);
+	res = &run->results[r];
+	res->status = (int) status;
+	res->latency_ms = total_us / 1000.0;
+	res->curl_code = code;
+	if (status > 0)
+	{
+		res->body = palloc(slot->len + 1);
+		if (slot->len > 0)
+			memcpy(res->body, slot->buf, slot->len);
+		res->body[slot->len] = '\0';
+		res->truncated = slot->truncated;
+		res->retry_after_s = slot->retry_after_s;
+	}
+	if (code != CURLE_OK)
+		res->error = pstrdup(slot->errbuf[0] ? slot->errbuf :
+							 curl_easy_strerror(code));
+	run->done[r] = true;
+	run->completed++;
+}
+
+/*
+ * Abandons every running transfer: their results say msg (status 0) unless
+ * msg is NULL (error cleanup: the results are not touched).
+ */
+static void
+http_abort_all(HttpRun *run, int code, const char *msg)
+{
+	int			i;
+
+	for (i = 0; i < http_nslots; i++)
+	{
+		HttpSlot   *slot = http_slots[i];
+		instr_time	now;
+		int			r;
+
+		if (slot->req < 0)
+			continue;
+		r = http_release(run, slot);
+		if (msg == NULL)
+			continue;
+		INSTR_TIME_SET_CURRENT(now);
+		INSTR_TIME_SUBTRACT(now, slot->started);
+		run->results[r].latency_ms = INSTR_TIME_GET_MILLISEC(now);
+		run->results[r].error = pstrdup(msg);
+		run->results[r].curl_code = code;
+		if (code != CURLE_ABORTED_BY_CALLBACK)
+		{
+			run->done[r] = true;
+			run->completed++;
+		}
+	}
+}
+
+/* qsort comparator: requests by group, then by position. */
+static const CcHttpRequest *http_sort_reqs;
+
+static int
+http_cmp_group(const void *a, const void *b)
+{
+	int			ia = *(const int *) a;
+	int			ib = *(const int *) b;
+	int			ga = http_sort_reqs[ia].group;
+	int			gb = http_sort_reqs[ib].group;
+
+	if (ga != gb)
+		return ga < gb ? -1 : 1;
+	return ia < ib ? -1 : (ia > ib ? 1 : 0);
+}
+
+/*
+ * Sets up the groups: a dense index per distinct group, each group's
+ * requests linked in order, and every group in the ring.
+ */
+static void
+http_plan_groups(HttpRun *run)
+{
+	int			n = run->n;
+	int		   *order = palloc(sizeof(int) * n);
+	int			i;
+	int			g = -1;
+	int			prev = -1;
+
+	for (i = 0; i < n; i++)
+		order[i] = i;
+	http_sort_reqs = run->reqs;
+	qsort(order, n, sizeof(int), http_cmp_group);
+
+	run->group_of = palloc(sizeof(int) * n);
+	run->next_in_group = palloc(sizeof(int) * n);
+	run->group_head = palloc(sizeof(int) * n);
+	for (i = 0; i < n; i++)
+	{
+		int			r = order[i];
+
+		if (i == 0 || run->reqs[r].group != run->reqs[order[i - 1]].group)
+		{
+			g++;
+			run->group_head[g] = r;
+		}
+		else
+			run->next_in_group[prev] = r;
+		run->group_of[r] = g;
+		run->next_in_group[r] = -1;
+		prev = r;
+	}
+	run->ngroups = g + 1;
+	run->group_active = palloc0(sizeof(int) * run->ngroups);
+	run->in_ring = palloc0(sizeof(bool) * run->ngroups);
+	run->ring = palloc(sizeof(int) * run->ngroups);
+	run->ring_head = 0;
+	run->ring_len = 0;
+	for (g = 0; g < run->ngroups; g++)
+		http_ring_push(run, g);
+	pfree(order);
+}
+
+/* Frees what cc_http_run allocated for itself. */
+static void
+http_free_run(HttpRun *run)
+{
+	pfree(run->done);
+	pfree(run->group_of);
+	pfree(run->next_in_group);
+	pfree(run->group_head);
+	pfree(run->group_active);
+	pfree(run->in_ring);
+	pfree(run->ring);
+	pfree(run->free_slots);
+}
+
+/*
+ * POSTs the n requests concurrently and fills results[i] for reqs[i].
+ *
+ * Runs at most max_concurrent transfers at once (see
+ * cc_http_concurrency_limit) and at most max_per_group of one group
+ * (max_per_group <= 0: no group cap).  Keeps at most body_cap bytes of each
+ * response body.  Calls should_stop (when not NULL) between waits of at most
+ * CC_HTTP_POLL_MS; when it returns true, abandons the transfers in flight and
+ * those not started, whose results say error "interrupted" and status 0.
+ * Returns the number of requests that ran to an outcome (any status or
+ * transfer error), that is n unless stopped.
+ *
+ * Strings in results are palloc'd in the caller's memory context.  A failed
+ * transfer is never an ERROR; an ERROR (out of memory, or raised by
+ * should_stop) leaves libcurl clean before it propagates.
+ */
+int
+cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
+			int max_concurrent, int max_per_group, int body_cap,
+			CcHttpStopFn should_stop, void *arg)
+{
+	HttpRun    *run;
+	int			completed;
+	int			i;
+
+	if (!http_initialized)
+		elog(ERROR, "cc_http_run called before cc_http_init");
+	if (n < 0 || (n > 0 && (reqs == NULL || results == NULL)) ||
+		max_concurrent < 1 || body_cap < 0)
+		elog(ERROR, "invalid arguments to cc_http_run");
+
+	for (i = 0; i < n; i++)
+	{
+		results[i].tag = reqs[i].tag;
+		results[i].status = 0;
+		results[i].latency_ms = 0;
+		results[i].body = NULL;
+		results[i].truncated = false;
+		results[i].retry_after_s = -1;
+		results[i].error = NULL;
+		results[i].curl_code = CURLE_OK;
+	}
+	if (n == 0)
+		return 0;
+
+	run = palloc0(sizeof(HttpRun));
+	run->reqs = reqs;
+	run->results = results;
+	run->n = n;
+	run->done = palloc0(sizeof(bool) * n);
+	run->limit = Min(cc_http_concurrency_limit(max_concurrent), n);
+	run->limit = Min(http_grow_pool(run->limit), run->limit);
+	run->per_group = max_per_group > 0 ? max_per_group : run->limit;
+	run->free_slots = palloc(sizeof(int) * Max(http_nslots, 1));
+	for (i = http_nslots - 1; i >= 0; i--)
+	{
+		http_slots[i]->cap = (size_t) body_cap;
+		run->free_slots[run->nfree++] = i;
+	}
+	http_plan_groups(run);
+
+	if (run->limit < 1)
+	{
+		/* Not even one easy handle: every request fails alike. */
+		for (i = 0; i < n; i++)
+			http_fail(run, i, CURLE_OUT_OF_MEMORY,
+					  "could not create a libcurl handle");
+		completed = run->completed;
+		http_free_run(run);
+		pfree(run);
+		return completed;
+	}
+	if (http_maxconnects != run->limit)
+	{
+		curl_multi_setopt(http_multi, CURLMOPT_MAXCONNECTS, (long) run->limit);
+		http_maxconnects = run->limit;
+	}
+
+	PG_TRY();
+	{
+		bool		stopped = false;
+
+		while (run->completed < n)
+		{
+			int			running;
+			int			msgs;
+			CURLMsg    *msg;
+			CURLMcode	mrc;
+			sigset_t	saved;
+
+			http_start_more(run);
+			if (run->active == 0)
+				break;
+			/* signals wait (not lost) while perform may start threads */
+			pthread_sigmask(SIG_BLOCK, &http_perform_mask, &saved);
+			mrc = curl_multi_perform(http_multi, &running);
+			pthread_sigmask(SIG_SETMASK, &saved, NULL);
+			if (mrc == CURLM_OK)
+			{
+				while ((msg = curl_multi_info_read(http_multi, &msgs)) != NULL)
+					if (msg->msg == CURLMSG_DONE)
+						http_finish(run, msg->easy_handle, msg->data.result);
+			}
+			if (run->completed >= n)
+				break;
+			if (should_stop != NULL && should_stop(arg))
+			{
+				stopped = true;
+				break;
+			}
+			if (mrc == CURLM_OK &&
+				!(run->active < run->limit && run->ring_len > 0))
+			{
+				/* pg_stat_activity shows Extension while waiting on peers */
+				pgstat_report_wait_start(PG_WAIT_EXTENSION);
+				mrc = curl_multi_poll(http_multi, NULL, 0, CC_HTTP_POLL_MS,
+									  NULL);
+				pgstat_report_wait_end();
+			}
+			if (mrc != CURLM_OK)
+			{
+				/* The multi handle itself failed: fail what runs, go on. */
+				http_abort_all(run, CURLE_FAILED_INIT,
+							   curl_multi_strerror(mrc));
+			}
+		}
+
+		if (stopped)
+			http_abort_all(run, CURLE_ABORTED_BY_CALLBACK,
+						   CC_HTTP_INTERRUPTED);
+		for (i = 0; i < n; i++)
+		{
+			if (run->done[i] || results[i].error != NULL)
+				continue;
+			results[i].error = pstrdup(CC_HTTP_INTERRUPTED);
+			results[i].curl_code = CURLE_ABORTED_BY_CALLBACK;
+		}
+	}
+	PG_CATCH();
+	{
+		http_abort_all(run, 0, NULL);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	completed = run->completed;
+	http_free_run(run);
+	pfree(run);
+	return completed;
+}

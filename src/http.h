@@ -1,0 +1,62 @@
+/*-------------------------------------------------------------------------
+ *
+ * http.h
+ *		Concurrent HTTP POST delivery with libcurl's multi interface.
+ *
+ * http.c knows nothing of SQL: it runs no transaction, uses no SPI and never
+ * raises an ERROR for a failed transfer.  Every outcome of a request (status,
+ * connection refused, timeout, reset, out of file descriptors) is reported in
+ * its CcHttpResult.  See doc/http.md.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CC_HTTP_H
+#define CC_HTTP_H
+
+#include "postgres.h"
+
+/* One POST to perform. */
+typedef struct CcHttpRequest
+{
+	int64		tag;			/* caller's id, copied to the result */
+	const char *url;			/* http:// or https:// */
+	const char *body;			/* request body (need not be NUL-terminated) */
+	size_t		body_len;
+	const char *const *headers; /* "Name: value" lines, no CR or LF */
+	int			nheaders;
+	int			timeout_ms;		/* whole transfer; connect gets min(this, 5 s) */
+	int			group;			/* endpoint id: per-group concurrency cap */
+} CcHttpRequest;
+
+/* The outcome of one request, in the same position as its request. */
+typedef struct CcHttpResult
+{
+	int64		tag;
+	int			status;			/* HTTP status; 0 when no response arrived */
+	double		latency_ms;		/* from start of the transfer to its end */
+	char	   *body;			/* response body, at most body_cap bytes, NUL
+								 * terminated; NULL when no response */
+	bool		truncated;		/* the body was longer than body_cap */
+	int			retry_after_s;	/* Retry-After in seconds, -1 if absent */
+	char	   *error;			/* NULL when the transfer completed; else a
+								 * short message */
+	int			curl_code;		/* CURLcode, 0 on success */
+} CcHttpResult;
+
+/* Why a request did not run to completion when should_stop said so. */
+#define CC_HTTP_INTERRUPTED "interrupted"
+
+/* The connect timeout never exceeds this. */
+#define CC_HTTP_MAX_CONNECT_TIMEOUT_MS 5000
+
+typedef bool (*CcHttpStopFn) (void *arg);
+
+extern void cc_http_init(void);
+extern int	cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
+						int max_concurrent, int max_per_group, int body_cap,
+						CcHttpStopFn should_stop, void *arg);
+extern int	cc_http_concurrency_limit(int max_concurrent);
+extern const char *cc_http_check_url(const char *url);
+extern char *cc_http_url_origin(const char *url);
+
+#endif							/* CC_HTTP_H */
