@@ -68,8 +68,8 @@ SELECT e.name, o.event_type, o.aggregate_id, o.payload, o.status, o.attempts,
   FROM callback_center.outbox o JOIN callback_center.endpoints e ON e.id = o.endpoint_id
  WHERE o.aggregate_id LIKE 'ob-order-%' ORDER BY o.id;
 
--- Nobody subscribes: 0 rows, not an error.
-SELECT callback_center.enqueue('ob.nobody.listens', 'ob-order-3', '{}') AS queued;
+-- An event type only ob_all's '*' matches.
+SELECT callback_center.enqueue('ob.only.star', 'ob-order-3', '{}') AS queued;
 
 -- An aborted transaction leaves nothing.
 BEGIN;
@@ -190,3 +190,7 @@ SELECT count(*) AS outbox_left FROM callback_center.outbox WHERE aggregate_id LI
 SELECT count(*) AS endpoints_left FROM callback_center.endpoints WHERE name LIKE 'ob\_%';
 SELECT count(*) AS orphan_secrets FROM callback_center.endpoint_secrets s
  WHERE NOT EXISTS (SELECT 1 FROM callback_center.endpoints e WHERE e.id = s.endpoint_id);
+
+-- Nobody subscribes: 0 rows, not an error.
+SELECT callback_center.enqueue('ob.nobody.listens', 'ob-order-8', '{}') AS queued;
+SELECT count(*) AS queued_rows FROM callback_center.outbox WHERE aggregate_id = 'ob-order-8';
