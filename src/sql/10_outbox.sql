@@ -608,35 +608,25 @@ REVOKE ALL ON FUNCTION callback_center._outbox_note_enqueue() FROM PUBLIC;
 
 -- Queues one row per enabled endpoint subscribed to event_type (or to
 -- '*'), in the caller's transaction; returns how many (0: no subscriber).
+-- In C (src/outbox.c): a per-backend subscription list and a prepared
+-- INSERT keep it close to the cost of a plain INSERT.
 CREATE FUNCTION callback_center.enqueue(event_type text, aggregate_id text, payload jsonb)
 RETURNS integer
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, callback_center
-AS $$
-DECLARE
-    queued integer;
-BEGIN
-    IF event_type IS NULL OR aggregate_id IS NULL OR payload IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'event_type, aggregate_id and payload must not be null';
-    END IF;
-    IF event_type = '' OR event_type = '*' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('invalid event type "%s"', event_type),
-            DETAIL = 'An event type is a non-empty name; "*" only subscribes to all of them.';
-    END IF;
-    INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
-    SELECT e.id, enqueue.event_type, enqueue.aggregate_id, enqueue.payload
-      FROM callback_center.endpoints e
-     WHERE e.enabled
-       AND e.event_types && ARRAY[enqueue.event_type, '*'];
-    GET DIAGNOSTICS queued = ROW_COUNT;
-    IF queued > 0 THEN
-        PERFORM callback_center._outbox_note_enqueue();
-    END IF;
-    RETURN queued;
-END
-$$;
+AS 'MODULE_PATHNAME', 'cc_enqueue'
+LANGUAGE C VOLATILE PARALLEL UNSAFE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center;
+
+-- Any change to endpoints makes every backend reload its subscription
+-- list (a relcache invalidation; see src/outbox.c).
+CREATE FUNCTION callback_center._outbox_endpoints_changed()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'cc_outbox_endpoints_changed'
+LANGUAGE C;
+REVOKE ALL ON FUNCTION callback_center._outbox_endpoints_changed() FROM PUBLIC;
+
+CREATE TRIGGER endpoints_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON callback_center.endpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION callback_center._outbox_endpoints_changed();
 
 -- Queues one event for one named endpoint, whatever it subscribes to;
 -- returns 1, or 0 when the endpoint is disabled.  CB040 if unknown.
