@@ -65,7 +65,17 @@ synchronous_commit = on
 shared_buffers = 1GB
 max_connections = 200
 CONF
-as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -l "$work/server.log" -w start >/dev/null ||
+# The server must not inherit our open files: run under
+# "flock /tmp/cc-install.lock", a server holding the lock's descriptor
+# would keep the lock after we exit if it outlived us.
+without_fds() {
+    local fd
+    for fd in $(ls /proc/$BASHPID/fd); do
+        [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+    done
+    "$@"
+}
+(without_fds as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -l "$work/server.log" -w start) >/dev/null ||
     { cat "$work/server.log"; exit 1; }
 
 psql_() {

@@ -66,7 +66,7 @@ COMMIT;
 SELECT e.name, o.event_type, o.aggregate_id, o.payload, o.status, o.attempts,
        o.next_attempt_at <= now() AS due, o.delivered_at, o.last_http_status, o.last_error
   FROM callback_center.outbox o JOIN callback_center.endpoints e ON e.id = o.endpoint_id
- WHERE o.aggregate_id LIKE 'ob-order-%' ORDER BY o.id;
+ WHERE o.aggregate_id LIKE 'ob-order-%' ORDER BY o.aggregate_id, o.event_type, e.name;
 
 -- An event type only ob_all's '*' matches.
 SELECT callback_center.enqueue('ob.only.star', 'ob-order-3', '{}') AS queued;
