@@ -33,6 +33,8 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "storage/lmgr.h"
+#include "storage/lockdefs.h"
 #include "storage/sinval.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -66,6 +68,7 @@ static CcSubscriber *cc_subscribers = NULL;
 static int	cc_nsubscribers = 0;
 static bool cc_subscribers_valid = false;
 static Oid	cc_endpoints_relid = InvalidOid;
+static Oid	cc_outbox_relid = InvalidOid;
 static uint64 cc_endpoints_invalidations = 0;
 static bool cc_relcache_callback_registered = false;
 
@@ -151,6 +154,8 @@ cc_endpoints_relcache_callback(Datum arg, Oid relid)
 		cc_subscribers_valid = false;
 		cc_endpoints_invalidations++;
 	}
+	if (relid == InvalidOid || relid == cc_outbox_relid)
+		cc_outbox_relid = InvalidOid;
 }
 
 /*
@@ -296,7 +301,31 @@ cc_enqueue(PG_FUNCTION_ARGS)
 	args[2] = PG_GETARG_DATUM(1);
 	args[3] = PG_GETARG_DATUM(2);
 
-	SPI_connect();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	/*
+	 * Take the outbox's insert lock before looking at the subscribers.
+	 * drop_endpoint holds SHARE on the outbox until it commits, and its
+	 * invalidation is queued before it lets go: if we waited for it, taking
+	 * the lock applies the invalidation and the dropped endpoint is gone
+	 * from the list.  Later calls in this transaction already hold the
+	 * lock, so no endpoint can be dropped under them.
+	 */
+	if (!OidIsValid(cc_outbox_relid))
+	{
+		if (!cc_relcache_callback_registered)
+		{
+			CacheRegisterRelcacheCallback(cc_endpoints_relcache_callback,
+										  (Datum) 0);
+			cc_relcache_callback_registered = true;
+		}
+		cc_outbox_relid = get_relname_relid("outbox",
+											get_namespace_oid(CC_EXTENSION_NAME, false));
+		if (!OidIsValid(cc_outbox_relid))
+			elog(ERROR, "table callback_center.outbox is missing");
+	}
+	LockRelationOid(cc_outbox_relid, RowExclusiveLock);
 
 	if (IsolationUsesXactSnapshot())
 	{
