@@ -72,6 +72,20 @@ static Oid	cc_outbox_relid = InvalidOid;
 static uint64 cc_endpoints_invalidations = 0;
 static bool cc_relcache_callback_registered = false;
 
+/* The statements behind them. */
+static const char *cc_subscribers_sql =
+"SELECT e.id, e.event_types FROM callback_center.endpoints e"
+" WHERE e.enabled ORDER BY e.id";
+static const char *cc_fanout_sql =
+"INSERT INTO callback_center.outbox"
+" (endpoint_id, event_type, aggregate_id, payload)"
+" SELECT e.id, $1, $2, $3 FROM callback_center.endpoints e"
+" WHERE e.enabled AND e.event_types && ARRAY[$1, '*']";
+static const char *cc_insert_sql =
+"INSERT INTO callback_center.outbox"
+" (endpoint_id, event_type, aggregate_id, payload)"
+" VALUES ($1, $2, $3, $4)";
+
 /* Prepared plans, kept for the life of the backend. */
 static SPIPlanPtr cc_insert_plan = NULL;	/* one row for one endpoint */
 static SPIPlanPtr cc_fanout_plan = NULL;	/* reads endpoints itself */
@@ -206,9 +220,7 @@ cc_load_subscribers(void)
 		elog(ERROR, "table callback_center.endpoints is missing");
 
 	if (cc_subscribers_plan == NULL)
-		cc_subscribers_plan = cc_keep_plan(
-			"SELECT e.id, e.event_types FROM callback_center.endpoints e"
-			" WHERE e.enabled ORDER BY e.id", 0, NULL);
+		cc_subscribers_plan = cc_keep_plan(cc_subscribers_sql, 0, NULL);
 	rc = SPI_execute_plan(cc_subscribers_plan, NULL, NULL, false, 0);
 	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "reading callback_center.endpoints failed: %s",
@@ -308,9 +320,9 @@ cc_enqueue(PG_FUNCTION_ARGS)
 	 * Take the outbox's insert lock before looking at the subscribers.
 	 * drop_endpoint holds SHARE on the outbox until it commits, and its
 	 * invalidation is queued before it lets go: if we waited for it, taking
-	 * the lock applies the invalidation and the dropped endpoint is gone
-	 * from the list.  Later calls in this transaction already hold the
-	 * lock, so no endpoint can be dropped under them.
+	 * the lock applies the invalidation and the dropped endpoint is gone from
+	 * the list.  Later calls in this transaction already hold the lock, so no
+	 * endpoint can be dropped under them.
 	 */
 	if (!OidIsValid(cc_outbox_relid))
 	{
@@ -334,12 +346,7 @@ cc_enqueue(PG_FUNCTION_ARGS)
 		{
 			Oid			types[3] = {TEXTOID, TEXTOID, JSONBOID};
 
-			cc_fanout_plan = cc_keep_plan(
-				"INSERT INTO callback_center.outbox"
-				" (endpoint_id, event_type, aggregate_id, payload)"
-				" SELECT e.id, $1, $2, $3 FROM callback_center.endpoints e"
-				" WHERE e.enabled AND e.event_types && ARRAY[$1, '*']",
-				3, types);
+			cc_fanout_plan = cc_keep_plan(cc_fanout_sql, 3, types);
 		}
 		rc = SPI_execute_plan(cc_fanout_plan, &args[1], NULL, false, 0);
 		if (rc != SPI_OK_INSERT)
@@ -359,11 +366,7 @@ cc_enqueue(PG_FUNCTION_ARGS)
 		{
 			Oid			types[4] = {INT4OID, TEXTOID, TEXTOID, JSONBOID};
 
-			cc_insert_plan = cc_keep_plan(
-				"INSERT INTO callback_center.outbox"
-				" (endpoint_id, event_type, aggregate_id, payload)"
-				" VALUES ($1, $2, $3, $4)",
-				4, types);
+			cc_insert_plan = cc_keep_plan(cc_insert_sql, 4, types);
 		}
 		for (i = 0; i < cc_nsubscribers; i++)
 		{
