@@ -8,6 +8,7 @@
 #   bash bench/run.sh outbox_enqueue ...       the named cases
 #   BENCH_ROUNDS=1 bash bench/run.sh           one run of each (default 2,
 #                                              alternating, best of each)
+#   CC_INSTALL_LOCK=/tmp/cc-install.lock ...   lock only around the install
 #
 # Case file format: bench/README.md.  Results: bench/results/latest.md.
 set -u
@@ -18,6 +19,13 @@ bench_dir=$CC_ROOT/bench
 results_dir=$bench_dir/results
 
 cc_ensure_packages || exit 1
+# CC_INSTALL_LOCK=/path: hold that flock(1) lock from the install until the
+# extension is created (a shared install directory), not for the runs.
+if [ -n "${CC_INSTALL_LOCK:-}" ]; then
+    exec 9>"$CC_INSTALL_LOCK"
+    cc_say "waiting for $CC_INSTALL_LOCK"
+    flock 9
+fi
 cc_build_install || { echo "build failed" >&2; exit 1; }
 
 # The cases to run, as file paths.
@@ -82,7 +90,11 @@ psql_() {
     as_pg "$CC_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" \
         -U postgres -d postgres "$@"
 }
-psql_ -c 'CREATE EXTENSION callback_center CASCADE' || exit 1
+psql_ -q -c 'SET client_min_messages = warning' -c 'CREATE EXTENSION callback_center CASCADE' || exit 1
+if [ -n "${CC_INSTALL_LOCK:-}" ]; then
+    flock -u 9
+    exec 9>&-
+fi
 
 # Runs pgbench on script text $1 with $2 clients for $3 seconds; prints the
 # tps (excluding connection time), or nothing on failure.
