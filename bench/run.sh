@@ -6,15 +6,18 @@
 #
 #   bash bench/run.sh                          every bench/cases/*.case
 #   bash bench/run.sh outbox_enqueue ...       the named cases
-#   BENCH_ROUNDS=1 bash bench/run.sh           one run of each (default 2,
-#                                              alternating, best of each)
+#   BENCH_ROUNDS=5 bash bench/run.sh           rounds of baseline then product
+#                                              (default 3); medians reported
+#   BENCH_SECONDS=5 BENCH_CLIENTS=8 ...        override every case's figures
+#   BENCH_PRELOAD=0 bash bench/run.sh          no shared_preload_libraries: no
+#                                              worker (to see its share)
 #   CC_INSTALL_LOCK=/tmp/cc-install.lock ...   lock only around the install
 #
 # Case file format: bench/README.md.  Results: bench/results/latest.md.
 set -u
 . "$(dirname "$0")/../test/lib.sh"
 
-BENCH_ROUNDS=${BENCH_ROUNDS:-2}
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 bench_dir=$CC_ROOT/bench
 results_dir=$bench_dir/results
 
@@ -67,8 +70,8 @@ cat <<CONF | as_pg tee -a "$pgdata/postgresql.conf" >/dev/null
 listen_addresses = '127.0.0.1'
 port = $port
 unix_socket_directories = '$work'
-shared_preload_libraries = 'callback_center'
-callback_center.database = 'postgres'
+$([ "${BENCH_PRELOAD:-1}" = 0 ] || echo "shared_preload_libraries = 'callback_center'")
+$([ "${BENCH_PRELOAD:-1}" = 0 ] || echo "callback_center.database = 'postgres'")
 synchronous_commit = on
 shared_buffers = 1GB
 max_connections = 200
@@ -91,7 +94,8 @@ psql_() {
         -U postgres -d postgres "$@"
 }
 psql_ -q -c 'SET client_min_messages = warning' -c 'CREATE EXTENSION callback_center CASCADE' || exit 1
-if [ -n "${CC_INSTALL_LOCK:-}" ]; then
+# Without preload each backend loads the library from disk: keep the lock.
+if [ -n "${CC_INSTALL_LOCK:-}" ] && [ "${BENCH_PRELOAD:-1}" != 0 ]; then
     flock -u 9
     exec 9>&-
 fi
@@ -110,8 +114,11 @@ run_pgbench() {
     printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
 }
 
-# Best (largest) of a list of numbers.
-best() { printf '%s\n' "$@" | sort -g | tail -n 1; }
+# Median of a list of numbers.
+median() {
+    printf '%s\n' "$@" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
 
 mkdir -p "$results_dir"
 table=$work/table.md
@@ -126,6 +133,8 @@ for f in "${cases[@]}"; do
     CASE_CLIENTS=16 CASE_SECONDS=10 CASE_TARGET=""
     # shellcheck disable=SC1090
     . "$f"
+    CASE_SECONDS=${BENCH_SECONDS:-$CASE_SECONDS}
+    CASE_CLIENTS=${BENCH_CLIENTS:-$CASE_CLIENTS}
     name=$(basename "$f" .case)
     cc_say "$name: ${CASE_TITLE:-$name} ($CASE_CLIENTS clients, ${CASE_SECONDS}s x $BENCH_ROUNDS rounds)"
     if [ -n "$CASE_SETUP" ] && ! printf '%s\n' "$CASE_SETUP" | psql_ >"$work/setup.log" 2>&1; then
@@ -134,12 +143,13 @@ for f in "${cases[@]}"; do
         failures=$((failures + 1))
         continue
     fi
-    base=() prod=() ok=1
+    base=() prod=() ratios=() ok=1
     for ((r = 1; r <= BENCH_ROUNDS; r++)); do
         b=$(run_pgbench "$CASE_BASELINE" "$CASE_CLIENTS" "$CASE_SECONDS") || ok=0
         p=$(run_pgbench "$CASE_PRODUCT" "$CASE_CLIENTS" "$CASE_SECONDS") || ok=0
         [ $ok -eq 1 ] || break
-        echo "    round $r: baseline $b tps, product $p tps"
+        ratios+=("$(awk -v b="$b" -v p="$p" 'BEGIN { printf "%.4f", (b > 0 ? p / b : 0) }')")
+        echo "    round $r: baseline $b tps, product $p tps, ratio ${ratios[-1]}"
         base+=("$b") prod+=("$p")
     done
     if [ $ok -eq 0 ]; then
@@ -147,9 +157,9 @@ for f in "${cases[@]}"; do
         failures=$((failures + 1))
         continue
     fi
-    b=$(best "${base[@]}")
-    p=$(best "${prod[@]}")
-    ratio=$(awk -v b="$b" -v p="$p" 'BEGIN { printf "%.2f", (b > 0 ? p / b : 0) }')
+    b=$(median "${base[@]}")
+    p=$(median "${prod[@]}")
+    ratio=$(printf '%.2f' "$(median "${ratios[@]}")")
     if [ -z "$CASE_TARGET" ]; then
         verdict="report only"
     elif awk -v r="$ratio" -v t="$CASE_TARGET" 'BEGIN { exit !(r >= t) }'; then
@@ -166,7 +176,8 @@ done
     echo "# callback_center benchmarks"
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), PostgreSQL $CC_PG_VERSION, $(nproc) CPUs," \
-        "synchronous_commit on, best of $BENCH_ROUNDS alternating runs per script."
+        "synchronous_commit on, $BENCH_ROUNDS alternating baseline/product rounds;" \
+        "tps are medians, the ratio is the median of the rounds' ratios."
     echo
     cat "$table"
 } >"$results_dir/latest.md"
