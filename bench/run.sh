@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# The README's benchmark command (make bench): builds and installs
+# callback_center, starts a throwaway preloaded cluster, and for each case
+# file runs pgbench on the baseline script and on the product script,
+# printing a markdown table of transactions per second and their ratio.
+#
+#   bash bench/run.sh                          every bench/cases/*.case
+#   bash bench/run.sh outbox_enqueue ...       the named cases
+#   BENCH_ROUNDS=5 bash bench/run.sh           rounds of baseline then product
+#                                              (default 3); medians reported
+#   BENCH_SECONDS=5 BENCH_CLIENTS=8 ...        override every case's figures
+#   BENCH_PRELOAD=0 bash bench/run.sh          no shared_preload_libraries: no
+#                                              worker (to see its share)
+#   CC_INSTALL_LOCK=/tmp/cc-install.lock ...   lock only around the install
+#
+# Case file format: bench/README.md.  Results: bench/results/latest.md.
+set -u
+. "$(dirname "$0")/../test/lib.sh"
+
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+bench_dir=$CC_ROOT/bench
+results_dir=$bench_dir/results
+
+cc_ensure_packages || exit 1
+# CC_INSTALL_LOCK=/path: hold that flock(1) lock from the install until the
+# extension is created (a shared install directory), not for the runs.
+if [ -n "${CC_INSTALL_LOCK:-}" ]; then
+    exec 9>"$CC_INSTALL_LOCK"
+    cc_say "waiting for $CC_INSTALL_LOCK"
+    flock 9
+fi
+cc_build_install || { echo "build failed" >&2; exit 1; }
+
+# The cases to run, as file paths.
+cases=()
+if [ $# -gt 0 ]; then
+    for name in "$@"; do
+        name=${name%.case}
+        f=$bench_dir/cases/${name##*/}.case
+        [ -f "$f" ] || { echo "no such case: $f" >&2; exit 1; }
+        cases+=("$f")
+    done
+else
+    for f in "$bench_dir"/cases/*.case; do
+        [ -f "$f" ] && cases+=("$f")
+    done
+fi
+[ ${#cases[@]} -gt 0 ] || { echo "no cases in $bench_dir/cases" >&2; exit 1; }
+
+# The throwaway cluster, owned by the postgres OS user, removed on exit
+# whatever happens.
+work=$(mktemp -d /tmp/callback_center_bench.XXXXXX)
+chmod 755 "$work"
+as_root chown "$CC_PG_USER" "$work"
+port=$(cc_free_port 55432)
+pgdata=$work/data
+cleanup() {
+    if [ -f "$pgdata/postmaster.pid" ]; then
+        as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -m immediate -w stop >/dev/null 2>&1
+    fi
+    as_root rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+cc_say "initdb in $work (port $port)"
+as_pg "$CC_BINDIR/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 \
+    --locale=C >"$work/initdb.log" 2>&1 || { cat "$work/initdb.log"; exit 1; }
+cat <<CONF | as_pg tee -a "$pgdata/postgresql.conf" >/dev/null
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$work'
+$([ "${BENCH_PRELOAD:-1}" = 0 ] || echo "shared_preload_libraries = 'callback_center'")
+$([ "${BENCH_PRELOAD:-1}" = 0 ] || echo "callback_center.database = 'postgres'")
+synchronous_commit = on
+shared_buffers = 1GB
+max_connections = 200
+CONF
+# The server must not inherit our open files: run under
+# "flock /tmp/cc-install.lock", a server holding the lock's descriptor
+# would keep the lock after we exit if it outlived us.
+without_fds() {
+    local fd
+    for fd in $(ls /proc/$BASHPID/fd); do
+        [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+    done
+    "$@"
+}
+(without_fds as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -l "$work/server.log" -w start) >/dev/null ||
+    { cat "$work/server.log"; exit 1; }
+
+psql_() {
+    as_pg "$CC_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" \
+        -U postgres -d postgres "$@"
+}
+psql_ -q -c 'SET client_min_messages = warning' -c 'CREATE EXTENSION callback_center CASCADE' || exit 1
+# Without preload each backend loads the library from disk: keep the lock.
+if [ -n "${CC_INSTALL_LOCK:-}" ] && [ "${BENCH_PRELOAD:-1}" != 0 ]; then
+    flock -u 9
+    exec 9>&-
+fi
+
+# Runs pgbench on script text $1 with $2 clients for $3 seconds; prints the
+# tps (excluding connection time), or nothing on failure.
+run_pgbench() {
+    local script=$work/script.sql out
+    printf '%s\n' "$1" | as_pg tee "$script" >/dev/null
+    out=$(as_pg "$CC_BINDIR/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres \
+        -c "$2" -j 2 -T "$3" -f "$script" postgres 2>&1)
+    if ! printf '%s\n' "$out" | grep -q '^tps = '; then
+        printf '%s\n' "$out" | tail -n 20 >&2
+        return 1
+    fi
+    printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
+}
+
+# Median of a list of numbers.
+median() {
+    printf '%s\n' "$@" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+mkdir -p "$results_dir"
+table=$work/table.md
+{
+    echo "| case | baseline tps | product tps | ratio | target | verdict |"
+    echo "|---|---:|---:|---:|---:|---|"
+} >"$table"
+failures=0
+
+for f in "${cases[@]}"; do
+    CASE_TITLE="" CASE_SETUP="" CASE_BASELINE="" CASE_PRODUCT=""
+    CASE_CLIENTS=16 CASE_SECONDS=10 CASE_TARGET=""
+    # shellcheck disable=SC1090
+    . "$f"
+    CASE_SECONDS=${BENCH_SECONDS:-$CASE_SECONDS}
+    CASE_CLIENTS=${BENCH_CLIENTS:-$CASE_CLIENTS}
+    name=$(basename "$f" .case)
+    cc_say "$name: ${CASE_TITLE:-$name} ($CASE_CLIENTS clients, ${CASE_SECONDS}s x $BENCH_ROUNDS rounds)"
+    if [ -n "$CASE_SETUP" ] && ! printf '%s\n' "$CASE_SETUP" | psql_ >"$work/setup.log" 2>&1; then
+        cat "$work/setup.log" >&2
+        echo "| $name | - | - | - | ${CASE_TARGET:--} | setup failed |" >>"$table"
+        failures=$((failures + 1))
+        continue
+    fi
+    base=() prod=() ratios=() ok=1
+    for ((r = 1; r <= BENCH_ROUNDS; r++)); do
+        b=$(run_pgbench "$CASE_BASELINE" "$CASE_CLIENTS" "$CASE_SECONDS") || ok=0
+        p=$(run_pgbench "$CASE_PRODUCT" "$CASE_CLIENTS" "$CASE_SECONDS") || ok=0
+        [ $ok -eq 1 ] || break
+        ratios+=("$(awk -v b="$b" -v p="$p" 'BEGIN { printf "%.4f", (b > 0 ? p / b : 0) }')")
+        echo "    round $r: baseline $b tps, product $p tps, ratio ${ratios[-1]}"
+        base+=("$b") prod+=("$p")
+    done
+    if [ $ok -eq 0 ]; then
+        echo "| $name | - | - | - | ${CASE_TARGET:--} | pgbench failed |" >>"$table"
+        failures=$((failures + 1))
+        continue
+    fi
+    b=$(median "${base[@]}")
+    p=$(median "${prod[@]}")
+    ratio=$(printf '%.2f' "$(median "${ratios[@]}")")
+    if [ -z "$CASE_TARGET" ]; then
+        verdict="report only"
+    elif awk -v r="$ratio" -v t="$CASE_TARGET" 'BEGIN { exit !(r >= t) }'; then
+        verdict="pass"
+    else
+        verdict="FAIL"
+        failures=$((failures + 1))
+    fi
+    printf '| %s | %.0f | %.0f | %s | %s | %s |\n' "$name" "$b" "$p" "$ratio" \
+        "${CASE_TARGET:--}" "$verdict" >>"$table"
+done
+
+{
+    echo "# callback_center benchmarks"
+    echo
+    echo "$(date -u '+%Y-%m-%d %H:%M UTC'), PostgreSQL $CC_PG_VERSION, $(nproc) CPUs," \
+        "synchronous_commit on, $BENCH_ROUNDS alternating baseline/product rounds;" \
+        "tps are medians, the ratio is the median of the rounds' ratios."
+    echo
+    cat "$table"
+} >"$results_dir/latest.md"
+echo
+cat "$table"
+echo
+echo "written to ${results_dir#"$CC_ROOT"/}/latest.md"
+[ "$failures" -eq 0 ]

@@ -1,0 +1,121 @@
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS callback_center CASCADE;
+RESET client_min_messages;
+
+-- The role model: the application enqueues and reads settings; only the
+-- admin manages endpoints and reads secrets.
+CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE stmt;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE || ': ' || SQLERRM;
+END
+$$;
+
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS roles_test_app;
+DROP ROLE IF EXISTS roles_test_admin;
+RESET client_min_messages;
+CREATE ROLE roles_test_app NOLOGIN IN ROLE callback_center_app;
+CREATE ROLE roles_test_admin NOLOGIN IN ROLE callback_center_admin;
+
+-- The admin sets up an endpoint.
+SET ROLE roles_test_admin;
+SELECT callback_center.create_endpoint('roles_ep', 'https://roles.example/hook',
+       '{roles.event}') > 0 AS created;
+SELECT callback_center.endpoint_secret('roles_ep') LIKE 'whsec\_%' AS admin_reads_secret;
+SELECT count(*) AS admin_reads_secrets_table FROM callback_center.endpoint_secrets s
+  JOIN callback_center.endpoints e ON e.id = s.endpoint_id WHERE e.name = 'roles_ep';
+SELECT pg_temp.try($$INSERT INTO callback_center.retry_schedules (name, delays)
+                     VALUES ('roles_sched', '{2s}')$$) AS admin_adds_schedule;
+SELECT pg_temp.try($$INSERT INTO callback_center.retry_schedules (name, delays, builtin)
+                     VALUES ('roles_fake', '{2s}', true)$$) AS admin_cannot_fake_builtin;
+SELECT pg_temp.try($$INSERT INTO callback_center.endpoints (name, url, event_types)
+                     VALUES ('roles_raw', 'https://x', '{a}')$$) AS admin_no_raw_insert;
+RESET ROLE;
+
+-- The application.
+SET ROLE roles_test_app;
+SELECT callback_center.enqueue('roles.event', 'roles-agg-1', '{"n": 1}') AS app_enqueues;
+SELECT callback_center.enqueue_to('roles_ep', 'roles.direct', 'roles-agg-1', '{}') AS app_enqueues_to;
+SELECT name, url, event_types FROM callback_center.endpoint_config WHERE name = 'roles_ep';
+SELECT count(*) AS app_reads_outbox FROM callback_center.outbox WHERE aggregate_id = 'roles-agg-1';
+SELECT s, pg_temp.try(s) FROM (VALUES
+  ($$SELECT * FROM callback_center.endpoint_secrets$$),
+  ($$SELECT * FROM callback_center.endpoints$$),
+  ($$SELECT callback_center.endpoint_secret('roles_ep')$$),
+  ($$SELECT callback_center.create_endpoint('roles_x', 'https://x.example', '{a}')$$),
+  ($$SELECT callback_center.alter_endpoint('roles_ep', '{"url": "https://evil.example"}')$$),
+  ($$SELECT callback_center.set_endpoint_enabled('roles_ep', false)$$),
+  ($$SELECT callback_center.rotate_endpoint_secret('roles_ep')$$),
+  ($$SELECT callback_center.drop_endpoint('roles_ep')$$),
+  ($$SELECT callback_center._outbox_note_enqueue()$$),
+  ($$SELECT callback_center._check_secret(NULL)$$),
+  ($$INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
+     VALUES (1, 'forged', 'x', '{}')$$),
+  ($$UPDATE callback_center.outbox SET status = 'delivered'$$),
+  ($$DELETE FROM callback_center.outbox$$),
+  ($$INSERT INTO callback_center.retry_schedules (name, delays) VALUES ('roles_y', '{1s}')$$)
+) AS t(s);
+RESET ROLE;
+
+-- Someone with no grant at all.
+CREATE ROLE roles_test_nobody NOLOGIN;
+SET ROLE roles_test_nobody;
+SELECT pg_temp.try($$SELECT callback_center.enqueue('roles.event', 'roles-agg-2', '{}')$$) AS nobody_enqueue;
+SELECT pg_temp.try($$SELECT * FROM callback_center.endpoint_config$$) AS nobody_config;
+RESET ROLE;
+DROP ROLE roles_test_nobody;
+
+-- Catalog checks over the whole extension, so they stay true as areas are
+-- added.  1. Every SECURITY DEFINER function pins search_path (expected:
+-- no rows).
+SELECT p.oid::regprocedure AS definer_without_search_path
+  FROM pg_proc p
+ WHERE p.pronamespace = 'callback_center'::regnamespace
+   AND p.prosecdef
+   AND NOT EXISTS (SELECT 1 FROM unnest(p.proconfig) c WHERE c LIKE 'search\_path=%')
+ ORDER BY p.oid::regprocedure::text;
+-- 2. No function in the schema is executable by PUBLIC (expected: none).
+SELECT p.oid::regprocedure AS executable_by_public
+  FROM pg_proc p
+ WHERE p.pronamespace = 'callback_center'::regnamespace
+   AND has_function_privilege('public', p.oid, 'EXECUTE')
+ ORDER BY p.oid::regprocedure::text;
+-- 3. Functions the application role may run (reviewed list).
+SELECT p.oid::regprocedure AS app_executable
+  FROM pg_proc p
+ WHERE p.pronamespace = 'callback_center'::regnamespace
+   AND has_function_privilege('callback_center_app', p.oid, 'EXECUTE')
+ ORDER BY p.oid::regprocedure::text;
+-- 4. Tables and sequences the application role can read (reviewed list)
+-- and that no secret is among them.
+SELECT c.oid::regclass AS app_readable
+  FROM pg_class c
+ WHERE c.relnamespace = 'callback_center'::regnamespace
+   AND c.relkind IN ('r', 'v', 'm', 'p', 'S')
+   AND has_table_privilege('callback_center_app', c.oid, 'SELECT')
+ ORDER BY c.oid::regclass::text;
+SELECT c.oid::regclass AS app_sees_secret_column
+  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+ WHERE c.relnamespace = 'callback_center'::regnamespace
+   AND a.attname LIKE '%secret%' AND a.attnum > 0
+   AND has_column_privilege('callback_center_app', c.oid, a.attnum, 'SELECT')
+ ORDER BY c.oid::regclass::text;
+-- 5. Tables and sequences that hold user data are dumped by pg_dump (in
+-- pg_extension.extconfig).  Listed here: the ones that are not.  Expected:
+-- none (a table left out on purpose would be named with its reason).
+SELECT c.oid::regclass AS not_in_extconfig
+  FROM pg_class c
+ WHERE c.relnamespace = 'callback_center'::regnamespace
+   AND c.relkind IN ('r', 'p', 'S')
+   AND c.oid <> ALL (SELECT unnest(extconfig) FROM pg_extension
+                      WHERE extname = 'callback_center')
+ ORDER BY c.oid::regclass::text;
+
+-- Clean up.
+SELECT callback_center.drop_endpoint('roles_ep') AS removed_rows;
+DELETE FROM callback_center.retry_schedules WHERE name = 'roles_sched';
+DROP ROLE roles_test_app;
+DROP ROLE roles_test_admin;

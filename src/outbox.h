@@ -1,0 +1,14 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.h
+ *		The outbox's commit-time wake-up, for C code that queues rows.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef CC_OUTBOX_H
+#define CC_OUTBOX_H
+
+/* Makes the current transaction wake the worker when it commits. */
+extern void cc_outbox_note_enqueued(void);
+
+#endif							/* CC_OUTBOX_H */

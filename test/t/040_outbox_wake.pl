@@ -1,0 +1,97 @@
+# The outbox wakes the worker when, and only when, a transaction that queued
+# rows commits; many clients enqueueing at once lose nothing and see
+# endpoint changes made while they run.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use CallbackCenterTest;
+
+my $node = cc_node('outbox_wake');
+
+$node->safe_psql('postgres', q{
+SELECT callback_center.create_endpoint('wake_a', 'https://a.example/h', '{w.paid}');
+SELECT callback_center.create_endpoint('wake_b', 'https://b.example/h', '{*}');
+});
+
+sub wakeups
+{
+	return $node->safe_psql('postgres',
+		'SELECT wakeups FROM callback_center.worker_status()');
+}
+
+my $before = wakeups();
+$node->safe_psql('postgres', q{
+BEGIN;
+SELECT callback_center.enqueue('w.paid', 'w-1', '{}');
+SELECT callback_center.enqueue('w.paid', 'w-2', '{}');
+COMMIT;
+});
+is(wakeups() - $before, 1, 'a committed transaction that queued rows wakes the worker once');
+
+$before = wakeups();
+$node->safe_psql('postgres', q{
+BEGIN;
+SELECT callback_center.enqueue('w.paid', 'w-3', '{}');
+ROLLBACK;
+});
+is(wakeups() - $before, 0, 'an aborted transaction does not wake the worker');
+
+$node->safe_psql('postgres', q{
+SELECT callback_center.set_endpoint_enabled('wake_b', false);
+});
+$before = wakeups();
+is($node->safe_psql('postgres',
+		q{SELECT callback_center.enqueue('w.nobody', 'w-4', '{}')}),
+	'0', 'no subscriber: nothing queued');
+is(wakeups() - $before, 0, 'nothing queued: no wake-up');
+
+$before = wakeups();
+$node->safe_psql('postgres', q{
+BEGIN;
+SELECT callback_center.enqueue('w.paid', 'w-5', '{}');
+ROLLBACK;
+BEGIN;
+SELECT callback_center.enqueue_to('wake_a', 'w.direct', 'w-5', '{}');
+COMMIT;
+});
+is(wakeups() - $before, 1, 'the flag of an aborted transaction does not leak into the next');
+
+# Wake-up is visible to the worker: its loop counter moves.
+my $loops = $node->safe_psql('postgres',
+	'SELECT loops FROM callback_center.worker_status()');
+$node->safe_psql('postgres',
+	q{SELECT callback_center.enqueue('w.paid', 'w-6', '{}')});
+ok( $node->poll_query_until('postgres',
+		"SELECT loops > $loops FROM callback_center.worker_status()"),
+	'the worker ran a loop after the commit');
+
+# Many clients at once, 4 x 200 transactions of one enqueue each.
+$node->safe_psql('postgres',
+	q{SELECT callback_center.set_endpoint_enabled('wake_b', true)});
+my $queued_before = $node->safe_psql('postgres',
+	q{SELECT count(*) FROM callback_center.outbox WHERE aggregate_id LIKE 'pgb-%'});
+$node->pgbench(
+	'--no-vacuum --client=4 --transactions=200',
+	0,
+	[qr{processed: 800/800}],
+	[qr{^$}],
+	'concurrent enqueue',
+	{
+		'040_enqueue' => q{
+\set n random(1, 1000000)
+SELECT callback_center.enqueue('w.paid', 'pgb-' || :n, jsonb_build_object('n', :n));
+}
+	});
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) FROM callback_center.outbox WHERE aggregate_id LIKE 'pgb-%'}) -
+	  $queued_before,
+	1600, 'every transaction queued one row per endpoint');
+is( $node->safe_psql('postgres',
+		q{SELECT count(*) FROM (SELECT aggregate_id, payload, count(*) FROM callback_center.outbox
+		   WHERE aggregate_id LIKE 'pgb-%' GROUP BY 1, 2 HAVING count(*) % 2 <> 0) x}),
+	'0', 'each event went to both endpoints');
+
+$node->stop;
+done_testing();
