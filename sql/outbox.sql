@@ -110,6 +110,8 @@ SELECT c.relname, c.reloptions FROM pg_class c
 -- No foreign key from outbox (see doc/outbox.md); the others are there.
 SELECT conrelid::regclass AS tbl, confrelid::regclass AS refs, confdeltype
   FROM pg_constraint WHERE contype = 'f' AND connamespace = 'callback_center'::regnamespace
+   AND conrelid IN ('callback_center.outbox'::regclass, 'callback_center.endpoints'::regclass,
+                    'callback_center.endpoint_secrets'::regclass, 'callback_center.retry_schedules'::regclass)
  ORDER BY 1, 2;
 
 -- Bad input, each with its SQLSTATE.

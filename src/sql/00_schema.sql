@@ -52,5 +52,8 @@ END
 $roles$;
 
 GRANT USAGE ON SCHEMA callback_center TO callback_center_admin, callback_center_app;
-REVOKE ALL ON FUNCTION callback_center.wake() FROM PUBLIC;
+-- No function in the schema is executable by PUBLIC (sql/roles.sql checks).
+REVOKE ALL ON FUNCTION callback_center.wake(), callback_center.worker_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.worker_status()
+    TO callback_center_admin, callback_center_app;
 GRANT EXECUTE ON FUNCTION callback_center.wake() TO callback_center_admin, callback_center_app;

@@ -4,11 +4,6 @@
 -- API reference and design notes: doc/outbox.md.
 -------------------------------------------------------------------------
 
--- The foundation left worker_status() executable by PUBLIC; the extension
--- promises that no function in the schema is (sql/roles.sql checks it).
-REVOKE ALL ON FUNCTION callback_center.worker_status() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION callback_center.worker_status()
-    TO callback_center_admin, callback_center_app;
 
 -- Retry schedules: delays[k] is the wait after failed attempt k+1.  An
 -- endpoint makes cardinality(delays) + 1 attempts unless max_attempts says
