@@ -1,0 +1,457 @@
+
+-- Orders, payments and coupons: the business flows built from the kernel
+-- (stock, state machines, inbound callbacks, outbox).  Plain SQL/PL/pgSQL:
+-- each step is a call into the C kernel, so clarity wins here.
+
+-- Coupons: available -> frozen (by an order) -> used, or back to available.
+CREATE TABLE callback_center.coupons (
+    coupon_id text PRIMARY KEY,
+    user_id text,
+    status text NOT NULL DEFAULT 'available',
+    biz_id text,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT coupons_holder CHECK ((status = 'available') = (biz_id IS NULL))
+);
+COMMENT ON TABLE callback_center.coupons IS
+    'Coupons; biz_id is the order that froze or used it';
+
+CREATE TABLE callback_center.orders (
+    order_id text PRIMARY KEY,
+    user_id text NOT NULL,
+    items jsonb NOT NULL,
+    amount_cents bigint NOT NULL CHECK (amount_cents >= 0),
+    currency text NOT NULL DEFAULT 'CNY',
+    coupon_id text,
+    provider text,
+    status text NOT NULL DEFAULT 'pending_confirmation',
+    pay_status text NOT NULL DEFAULT 'unpaid',
+    failure_reason text,
+    pay_deadline timestamptz NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE callback_center.orders IS
+    'Orders: status follows machine "order", pay_status machine "order_pay"';
+
+-- The timeout-close job looks orders up by deadline; only confirmed orders
+-- still waiting for money are in the index, so it stays small.
+CREATE INDEX orders_pay_deadline ON callback_center.orders (pay_deadline)
+    WHERE status = 'confirmed' AND pay_status IN ('unpaid', 'paying');
+
+CREATE TABLE callback_center.payments (
+    payment_id text PRIMARY KEY,
+    order_id text NOT NULL UNIQUE REFERENCES callback_center.orders,
+    provider text,
+    provider_txn_id text UNIQUE,
+    amount_cents bigint NOT NULL CHECK (amount_cents >= 0),
+    status text NOT NULL DEFAULT 'CREATED',
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    paid_at timestamptz
+);
+COMMENT ON TABLE callback_center.payments IS
+    'One payment per order; status follows machine "payment"';
+
+SELECT pg_catalog.pg_extension_config_dump('callback_center.coupons', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.orders', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.payments', '');
+
+-- The coupon machine, and the machines on our own tables.
+SELECT callback_center.create_state_machine('coupon', 'Coupon held by an order');
+SELECT callback_center.add_state('coupon', 'available', true, false);
+SELECT callback_center.add_state('coupon', 'frozen', false, false);
+SELECT callback_center.add_state('coupon', 'used', false, true);
+SELECT callback_center.add_transition('coupon', 'available', 'frozen', 'freeze');
+SELECT callback_center.add_transition('coupon', 'frozen', 'used', 'use');
+SELECT callback_center.add_transition('coupon', 'frozen', 'available', 'unfreeze');
+UPDATE callback_center.state_machines SET builtin = true WHERE machine = 'coupon';
+UPDATE callback_center.machine_states SET builtin = true WHERE machine = 'coupon';
+UPDATE callback_center.transitions SET builtin = true WHERE machine = 'coupon';
+
+SELECT callback_center.attach_state_machine('callback_center.coupons', 'status', 'coupon', 'coupon_id');
+SELECT callback_center.attach_state_machine('callback_center.orders', 'status', 'order', 'order_id');
+SELECT callback_center.attach_state_machine('callback_center.orders', 'pay_status', 'order_pay', 'order_id');
+SELECT callback_center.attach_state_machine('callback_center.payments', 'status', 'payment', 'payment_id');
+
+-- Callbacks follow state changes: these transitions emit outbox events.
+SELECT callback_center.set_transition_emits('order', 'pending_confirmation', 'confirmed', '{order.placed}');
+SELECT callback_center.set_transition_emits('order', 'pending_confirmation', 'failed', '{order.failed}');
+SELECT callback_center.set_transition_emits('order', 'confirmed', 'closed', '{order.closed}');
+SELECT callback_center.set_transition_emits('order_pay', 'unpaid', 'paid',
+    '{merchant.erp_sync,settlement.split,user.notify}');
+SELECT callback_center.set_transition_emits('order_pay', 'paying', 'paid',
+    '{merchant.erp_sync,settlement.split,user.notify}');
+SELECT callback_center.set_transition_emits('order_pay', 'unpaid', 'pay_failed', '{order.pay_failed}');
+SELECT callback_center.set_transition_emits('order_pay', 'paying', 'pay_failed', '{order.pay_failed}');
+SELECT callback_center.set_transition_emits('order_pay', 'paid', 'refunded', '{order.refunded}');
+
+CREATE FUNCTION callback_center.issue_coupon(coupon_id text, user_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF issue_coupon.coupon_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id must not be null';
+    END IF;
+    INSERT INTO callback_center.coupons (coupon_id, user_id)
+    VALUES (issue_coupon.coupon_id, issue_coupon.user_id);
+END
+$$;
+
+-- Freezes a coupon for an order.  True when this call froze it, false when
+-- that order already holds it; CB051 when it is missing or held elsewhere.
+CREATE FUNCTION callback_center.freeze_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    c callback_center.coupons;
+BEGIN
+    IF freeze_coupon.coupon_id IS NULL OR freeze_coupon.biz_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
+    END IF;
+    SELECT * INTO c FROM callback_center.coupons k
+     WHERE k.coupon_id = freeze_coupon.coupon_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB051',
+            MESSAGE = format('coupon "%s" does not exist', freeze_coupon.coupon_id);
+    END IF;
+    IF c.status = 'frozen' AND c.biz_id = freeze_coupon.biz_id THEN
+        RETURN false;
+    END IF;
+    IF c.status <> 'available' THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB051',
+            MESSAGE = format('coupon "%s" is not available', c.coupon_id),
+            DETAIL = format('It is %s by order "%s".', c.status, c.biz_id);
+    END IF;
+    UPDATE callback_center.coupons k
+       SET status = 'frozen', biz_id = freeze_coupon.biz_id, updated_at = now()
+     WHERE k.coupon_id = c.coupon_id;
+    RETURN true;
+END
+$$;
+
+-- Marks a coupon frozen by biz_id as used.  True when this call used it,
+-- false when biz_id had already used it; CB051 otherwise.
+CREATE FUNCTION callback_center.use_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    c callback_center.coupons;
+BEGIN
+    SELECT * INTO c FROM callback_center.coupons k
+     WHERE k.coupon_id = use_coupon.coupon_id FOR UPDATE;
+    IF FOUND AND c.biz_id = use_coupon.biz_id THEN
+        IF c.status = 'used' THEN
+            RETURN false;
+        END IF;
+        UPDATE callback_center.coupons k SET status = 'used', updated_at = now()
+         WHERE k.coupon_id = c.coupon_id;
+        RETURN true;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'CB051',
+        MESSAGE = format('coupon "%s" is not frozen by order "%s"',
+                         use_coupon.coupon_id, use_coupon.biz_id);
+END
+$$;
+
+-- Gives a coupon back, once: true when this call unfroze it, false when it
+-- was not frozen by biz_id (already unfrozen, used, or someone else's).
+CREATE FUNCTION callback_center.unfreeze_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE sql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+    WITH u AS (
+        UPDATE callback_center.coupons k
+           SET status = 'available', biz_id = NULL, updated_at = now()
+         WHERE k.coupon_id = unfreeze_coupon.coupon_id
+           AND k.status = 'frozen' AND k.biz_id = unfreeze_coupon.biz_id
+        RETURNING 1)
+    SELECT count(*) = 1 FROM u
+$$;
+
+-- Places an order in one transaction: records it pending confirmation,
+-- deducts the stock of every item and freezes the coupon (all or nothing),
+-- confirms it (emitting order.placed) and creates its payment.  Short stock
+-- or an unavailable coupon is an outcome, not an error: the order is
+-- recorded as failed with the reason (emitting order.failed) and nothing is
+-- held.  Calling it again with the same order_id returns the order as it
+-- is, changing nothing.
+CREATE FUNCTION callback_center.place_order(
+    p_order_id text,
+    p_user_id text,
+    p_items jsonb,
+    p_amount_cents bigint,
+    p_coupon_id text DEFAULT NULL,
+    p_provider text DEFAULT NULL)
+RETURNS TABLE (
+    order_id text,
+    status text,
+    pay_status text,
+    payment_id text,
+    pay_deadline timestamptz,
+    failure_reason text,
+    is_new boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    timeout interval := current_setting('callback_center.pay_timeout')::interval;
+    reason text;
+BEGIN
+    IF p_order_id IS NULL OR p_user_id IS NULL OR p_items IS NULL
+       OR p_amount_cents IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'order_id, user_id, items and amount_cents must not be null';
+    END IF;
+    IF p_amount_cents < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('amount_cents must not be negative, got %s', p_amount_cents);
+    END IF;
+    IF jsonb_typeof(p_items) <> 'array' OR jsonb_array_length(p_items) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'items must be a non-empty JSON array',
+            HINT = 'Pass [{"sku": "A", "qty": 1}, ...].';
+    END IF;
+
+    -- Serialise calls for one order id, then look: a repeat (or a call
+    -- that waited for a concurrent first one) returns the order as it is.
+    -- Not INSERT ... ON CONFLICT: BEFORE INSERT triggers (state history)
+    -- would fire for a row that is then skipped.
+    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.order:' || p_order_id, 0));
+    IF EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = p_order_id) THEN
+        RETURN QUERY
+            SELECT o.order_id, o.status, o.pay_status, p.payment_id, o.pay_deadline,
+                   o.failure_reason, false
+              FROM callback_center.orders o
+              LEFT JOIN callback_center.payments p ON p.order_id = o.order_id
+             WHERE o.order_id = p_order_id;
+        RETURN;
+    END IF;
+    INSERT INTO callback_center.orders
+           (order_id, user_id, items, amount_cents, coupon_id, provider, pay_deadline)
+    VALUES (p_order_id, p_user_id, p_items, p_amount_cents, p_coupon_id, p_provider,
+            now() + timeout);
+
+    BEGIN
+        PERFORM callback_center.deduct_stock(p_order_id, p_items);
+        IF p_coupon_id IS NOT NULL THEN
+            PERFORM callback_center.freeze_coupon(p_coupon_id, p_order_id);
+        END IF;
+    EXCEPTION WHEN SQLSTATE 'CB001' OR SQLSTATE 'CB051' THEN
+        -- The subtransaction is gone: no stock taken, no coupon held.
+        reason := SQLERRM;
+    END;
+
+    IF reason IS NOT NULL THEN
+        UPDATE callback_center.orders o SET failure_reason = reason, updated_at = now()
+         WHERE o.order_id = p_order_id;
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', p_order_id, 'fail');
+    ELSE
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', p_order_id, 'confirm');
+        INSERT INTO callback_center.payments (payment_id, order_id, provider, amount_cents)
+        VALUES ('pay_' || p_order_id, p_order_id, p_provider, p_amount_cents);
+    END IF;
+
+    RETURN QUERY
+        SELECT o.order_id, o.status, o.pay_status, p.payment_id, o.pay_deadline,
+               o.failure_reason, true
+          FROM callback_center.orders o
+          LEFT JOIN callback_center.payments p ON p.order_id = o.order_id
+         WHERE o.order_id = p_order_id;
+END
+$$;
+
+-- The user went to the cashier: payment CREATED -> PAYING and the order's
+-- pay status unpaid -> paying.  Returns the payment id.
+CREATE FUNCTION callback_center.start_payment(order_id text, provider text)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    pay callback_center.payments;
+BEGIN
+    SELECT * INTO pay FROM callback_center.payments p
+     WHERE p.order_id = start_payment.order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" has no payment', start_payment.order_id),
+            HINT = 'Only confirmed orders have a payment.';
+    END IF;
+    UPDATE callback_center.payments p SET provider = start_payment.provider, updated_at = now()
+     WHERE p.payment_id = pay.payment_id;
+    PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'submit');
+    PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', pay.order_id, 'pay');
+    RETURN pay.payment_id;
+END
+$$;
+
+-- Reads a provider's notification into (txn_id, order_id, amount, verdict).
+-- verdict is 'success', 'failure' or NULL for event kinds we do not act on.
+CREATE FUNCTION callback_center._parse_payment_body(scheme text, body text,
+    OUT txn_id text, OUT order_id text, OUT amount_cents bigint, OUT verdict text)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ev jsonb;
+    obj jsonb;
+    kind text;
+BEGIN
+    BEGIN
+        ev := body::jsonb;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION USING ERRCODE = '22P02', MESSAGE = 'payment callback body is not valid JSON';
+    END;
+    kind := ev->>'type';
+    IF scheme = 'stripe' THEN
+        obj := ev->'data'->'object';
+        txn_id := obj->>'id';
+        order_id := obj->'metadata'->>'order_id';
+        amount_cents := (obj->>'amount')::bigint;
+        verdict := CASE
+            WHEN kind IN ('payment_intent.succeeded', 'charge.succeeded') THEN 'success'
+            WHEN kind IN ('payment_intent.payment_failed', 'charge.failed') THEN 'failure' END;
+    ELSE
+        obj := ev->'data';
+        txn_id := obj->>'txn_id';
+        order_id := obj->>'order_id';
+        amount_cents := (obj->>'amount_cents')::bigint;
+        verdict := CASE kind WHEN 'payment.succeeded' THEN 'success'
+                             WHEN 'payment.failed' THEN 'failure' END;
+    END IF;
+    IF txn_id IS NULL OR order_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'payment callback body lacks a transaction id or an order id',
+            DETAIL = format('Scheme %s, event type %s.', scheme, coalesce(kind, '(none)'));
+    END IF;
+END
+$$;
+
+-- A payment notification in one call: verify the signature, record it once
+-- (keyed by the provider's transaction id), move payment and order, emit
+-- the follow-ups (through the transitions' emits), and return the
+-- acknowledgement to send back.  A repeat returns the first answer and
+-- changes nothing.  Success on an order that can no longer be paid is kept:
+-- it emits payment.refund_required.
+CREATE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_provider text := payment_callback.provider;
+    cb_type text := 'payment:' || p_provider;
+    scheme text;
+    msg record;
+    rec record;
+    o callback_center.orders;
+    pay callback_center.payments;
+    result text;
+    ack constant text := '{"received":true}';
+BEGIN
+    IF p_provider IS NULL OR payment_callback.headers IS NULL OR payment_callback.body IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider, headers and body must not be null';
+    END IF;
+    -- Verification comes first: a bad signature raises and records nothing.
+    PERFORM callback_center.verify_signature(p_provider, payment_callback.headers, payment_callback.body);
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
+    msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+
+    SELECT * INTO rec FROM callback_center.record_callback(msg.txn_id, cb_type, payment_callback.body);
+    IF NOT rec.is_first THEN
+        IF rec.payload_mismatch THEN
+            RETURN QUERY SELECT 409, '{"received":false,"reason":"payload differs from the first delivery"}',
+                                false, 'payload_mismatch';
+        ELSE
+            RETURN QUERY SELECT coalesce((rec.result->>'http_status')::int, 200),
+                                coalesce(rec.result->>'body', ack), false,
+                                coalesce(rec.result->>'outcome', 'in_progress');
+        END IF;
+        RETURN;
+    END IF;
+
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = msg.order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', msg.order_id),
+            DETAIL = format('Transaction %s from provider %s.', msg.txn_id, p_provider),
+            HINT = 'Nothing was recorded; the provider will deliver it again.';
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+
+    IF msg.verdict IS NULL THEN
+        result := 'ignored';
+    ELSIF msg.amount_cents IS NOT NULL AND pay.payment_id IS NOT NULL
+          AND msg.amount_cents <> pay.amount_cents THEN
+        result := 'amount_mismatch';
+        PERFORM callback_center.enqueue('payment.amount_mismatch', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', msg.txn_id, 'provider', p_provider,
+                               'expected_cents', pay.amount_cents, 'received_cents', msg.amount_cents));
+    ELSIF msg.verdict = 'success' THEN
+        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = msg.txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'success');
+            IF o.coupon_id IS NOT NULL THEN
+                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
+            END IF;
+            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_success');
+            result := 'paid';
+        ELSE
+            -- Money arrived for an order that cannot take it (closed by
+            -- timeout, failed, or already paid by another transaction).
+            result := 'refund_required';
+            PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
+                jsonb_build_object('order_id', o.order_id, 'txn_id', msg.txn_id, 'provider', p_provider,
+                                   'amount_cents', coalesce(msg.amount_cents, pay.amount_cents),
+                                   'order_status', o.status, 'pay_status', o.pay_status));
+        END IF;
+    ELSE
+        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'fail');
+            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_fail');
+            PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'close');
+            PERFORM callback_center.restore_stock(o.order_id);
+            IF o.coupon_id IS NOT NULL THEN
+                PERFORM callback_center.unfreeze_coupon(o.coupon_id, o.order_id);
+            END IF;
+            result := 'pay_failed';
+        ELSE
+            result := 'ignored';
+        END IF;
+    END IF;
+
+    PERFORM callback_center.complete_callback(msg.txn_id, cb_type, true,
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result, 'order_id', o.order_id));
+    RETURN QUERY SELECT 200, ack, true, result;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center.issue_coupon(text, text),
+    callback_center.freeze_coupon(text, text),
+    callback_center.use_coupon(text, text),
+    callback_center.unfreeze_coupon(text, text),
+    callback_center.place_order(text, text, jsonb, bigint, text, text),
+    callback_center.start_payment(text, text),
+    callback_center._parse_payment_body(text, text),
+    callback_center.payment_callback(text, jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.issue_coupon(text, text),
+    callback_center.freeze_coupon(text, text),
+    callback_center.use_coupon(text, text),
+    callback_center.unfreeze_coupon(text, text),
+    callback_center.place_order(text, text, jsonb, bigint, text, text),
+    callback_center.start_payment(text, text),
+    callback_center.payment_callback(text, jsonb, text)
+    TO callback_center_app, callback_center_admin;
+GRANT SELECT ON callback_center.orders, callback_center.payments, callback_center.coupons
+    TO callback_center_app, callback_center_admin;
