@@ -98,7 +98,7 @@ SELECT count(DISTINCT 'msg_' || id) = count(*) AS unique_ids
 SET enable_seqscan = off;
 EXPLAIN (COSTS OFF)
 SELECT id FROM callback_center.outbox
- WHERE status IN ('pending', 'delivering') AND next_attempt_at <= now()
+ WHERE endpoint_id = 1 AND status IN ('pending', 'delivering') AND next_attempt_at <= now()
  ORDER BY next_attempt_at LIMIT 10;
 EXPLAIN (COSTS OFF)
 SELECT id FROM callback_center.outbox

@@ -101,6 +101,9 @@ _PG_init(void)
 								   NULL, NULL, NULL);
 
 	cc_inbound_define_gucs();
+	if (process_shared_preload_libraries_in_progress)
+		cc_worker_define_gucs();
+
 	MarkGUCPrefixReserved("callback_center");
 
 	if (!process_shared_preload_libraries_in_progress)

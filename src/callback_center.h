@@ -69,5 +69,6 @@ extern void cc_wake_worker(void);
 /* worker.c */
 extern PGDLLEXPORT void callback_center_worker_main(Datum main_arg);
 extern void cc_register_worker(void);
+extern void cc_worker_define_gucs(void);
 
 #endif							/* CALLBACK_CENTER_H */

@@ -12,6 +12,9 @@
  */
 #include "postgres.h"
 
+#include <math.h>
+#include <time.h>
+
 #include "access/xact.h"
 #include "commands/extension.h"
 #include "miscadmin.h"
@@ -23,17 +26,97 @@
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
+#include "utils/hsearch.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "callback_center.h"
+#include "http.h"
+#include "policy.h"
+#include "queue.h"
+#include "signature.h"
 
 /* Seconds the postmaster waits before restarting a worker that exited. */
 #define CC_WORKER_RESTART_SECONDS 5
 
+/* Delivery settings (PGC_SIGHUP: the worker re-reads them live). */
+static int	cc_batch_size = 1000;
+static int	cc_max_concurrent = 64;
+static int	cc_max_per_endpoint = 32;
+static int	cc_response_cap = 4096;
+static double cc_retry_jitter = 0.2;
+static int	cc_max_retry_after_s = 3600;
+static bool cc_degrade_non_core = false;
+static bool cc_delivery_enabled = true;
+
+/* Runtime state of one endpoint, kept in the worker for its lifetime. */
+typedef struct CcEndpointRuntime
+{
+	int32		endpoint_id;	/* hash key */
+	CcBreaker	breaker;
+	CcTokenBucket bucket;
+	bool		probing;		/* this round's claim is the breaker probe */
+} CcEndpointRuntime;
+
+static HTAB *endpoint_runtime = NULL;
+static uint64 rng_state = 0;
+
+/*
+ * Signing runs between transactions, but the OpenSSL-backed HMAC registers
+ * itself with CurrentResourceOwner; this owner lives as long as the worker.
+ */
+static ResourceOwner sign_owner = NULL;
+static bool extension_was_ready = false;
+
 static void cc_worker_detach(int code, Datum arg);
 static bool cc_extension_ready(void);
+static int	cc_delivery_round(MemoryContext cxt, int64 *wait_ms);
+static bool cc_should_stop(void *arg);
+
+/*
+ * The worker's delivery settings.  Called from _PG_init when preloaded.
+ */
+void
+cc_worker_define_gucs(void)
+{
+	DefineCustomIntVariable("callback_center.batch_size",
+							"Most events the worker claims in one round.",
+							NULL, &cc_batch_size, 1000, 1, 100000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.max_concurrent",
+							"Most HTTP requests the worker has in flight at once.",
+							"Also capped below the worker's open-file limit.",
+							&cc_max_concurrent, 64, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.max_per_endpoint",
+							"Most HTTP requests in flight to one endpoint at once.",
+							NULL, &cc_max_per_endpoint, 32, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.response_cap",
+							"Bytes of each response body kept in the attempts log.",
+							NULL, &cc_response_cap, 4096, 0, 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_BYTE, NULL, NULL, NULL);
+	DefineCustomRealVariable("callback_center.retry_jitter",
+							 "Fraction by which each retry delay is randomly spread either way.",
+							 NULL, &cc_retry_jitter, 0.2, 0.0, 1.0,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.max_retry_after",
+							"Longest Retry-After from a receiver that the worker honours.",
+							NULL, &cc_max_retry_after_s, 3600, 0, 7 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomBoolVariable("callback_center.degrade_non_core",
+							 "Holds back events for non-core endpoints while core ones flow.",
+							 "Held events wait without burning attempts; turn it off to catch up.",
+							 &cc_degrade_non_core, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("callback_center.delivery_enabled",
+							 "Whether the worker delivers outbox events at all.",
+							 "Turned off, events wait in the outbox; nothing is lost.",
+							 &cc_delivery_enabled, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+}
 
 /*
  * Registers the worker with the postmaster.  Called from _PG_init while
@@ -86,6 +169,351 @@ cc_extension_ready(void)
 	return ready;
 }
 
+static bool
+cc_should_stop(void *arg)
+{
+	return ShutdownRequestPending;
+}
+
+static int64
+now_ms(void)
+{
+	return GetCurrentTimestamp() / 1000;
+}
+
+/* Finds or creates the runtime state of an endpoint. */
+static CcEndpointRuntime *
+endpoint_state(int32 id)
+{
+	bool		found;
+	CcEndpointRuntime *rt;
+
+	if (endpoint_runtime == NULL)
+	{
+		HASHCTL		ctl;
+
+		memset(&ctl, 0, sizeof(ctl));
+		ctl.keysize = sizeof(int32);
+		ctl.entrysize = sizeof(CcEndpointRuntime);
+		endpoint_runtime = hash_create("callback_center endpoints", 64, &ctl,
+									   HASH_ELEM | HASH_BLOBS);
+	}
+	rt = hash_search(endpoint_runtime, &id, HASH_ENTER, &found);
+	if (!found)
+	{
+		memset(rt, 0, sizeof(*rt));
+		rt->endpoint_id = id;
+	}
+	return rt;
+}
+
+static CcBreakerConfig
+breaker_config(const CcEndpoint *e)
+{
+	CcBreakerConfig cfg;
+
+	cfg.failure_ratio = e->breaker_ratio;
+	cfg.window_ms = e->breaker_window_ms;
+	cfg.min_requests = e->breaker_min_requests;
+	cfg.open_ms = e->breaker_open_ms;
+	return cfg;
+}
+
+/*
+ * One round: claim what is due (per endpoint, within its breaker, rate
+ * limit and caps), deliver it with no transaction open, record the
+ * results.  Returns the number of events claimed; sets *wait_ms to how
+ * long the worker may sleep before something else falls due.
+ */
+static int
+cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
+{
+	CcEndpoint *eps;
+	int			neps;
+	int32	   *ids;
+	int32	   *quotas;
+	bool	   *ordered;
+	int			nq = 0;
+	CcJob	   *jobs;
+	int			njobs;
+	int			i;
+	int			budget = cc_batch_size;
+	int64		t0 = now_ms();
+	int64		soonest = -1;
+	CcHttpRequest *reqs;
+	CcHttpResult *res;
+	CcJobResult *results;
+	int32	   *gone;
+	int			ngone = 0;
+	CcEndpointSnapshot *snaps;
+	int			lease_s;
+	int			max_timeout_ms = 0;
+	char		ua[64];
+
+	/* Transaction 1: load endpoints, claim, commit. */
+	pgstat_report_activity(STATE_RUNNING, "callback_center: claiming");
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	neps = cc_queue_load_endpoints(&eps);
+
+	ids = palloc(sizeof(int32) * Max(neps, 1));
+	quotas = palloc(sizeof(int32) * Max(neps, 1));
+	ordered = palloc(sizeof(bool) * Max(neps, 1));
+	for (i = 0; i < neps && budget > 0; i++)
+	{
+		CcEndpoint *e = &eps[i];
+		CcEndpointRuntime *rt = endpoint_state(e->id);
+		CcBreakerConfig cfg = breaker_config(e);
+		int			q = Min(cc_max_per_endpoint, budget);
+		CcBreakerVerdict v;
+
+		rt->probing = false;
+		max_timeout_ms = Max(max_timeout_ms, e->timeout_ms);
+		if (cc_degrade_non_core && !e->is_core)
+			continue;
+		v = cc_breaker_check(&rt->breaker, &cfg, t0);
+		if (v == CC_BREAKER_DENY)
+		{
+			int64		reopen = rt->breaker.opened_at_ms + cfg.open_ms - t0;
+
+			if (reopen > 0 && (soonest < 0 || reopen < soonest))
+				soonest = reopen;
+			continue;
+		}
+		if (v == CC_BREAKER_PROBE)
+		{
+			q = 1;
+			rt->probing = true;
+		}
+		if (e->rate_per_s > 0)
+		{
+			int			tokens = 0;
+
+			/* Count the tokens there are without taking them yet. */
+			while (tokens < q &&
+				   cc_bucket_take(&rt->bucket, e->rate_per_s,
+								  Max(e->rate_per_s, 1.0), t0))
+				tokens++;
+			/* Give back what the claim does not use, below. */
+			q = tokens;
+			if (q == 0)
+			{
+				int64		w = cc_bucket_wait_ms(&rt->bucket, e->rate_per_s);
+
+				if (soonest < 0 || w < soonest)
+					soonest = w;
+				if (rt->probing)
+				{
+					rt->breaker.probe_in_flight = false;
+					rt->probing = false;
+				}
+				continue;
+			}
+		}
+		ids[nq] = e->id;
+		quotas[nq] = q;
+		ordered[nq] = e->ordered;
+		nq++;
+		budget -= q;
+	}
+
+	lease_s = (max_timeout_ms / 1000) + 60;
+	njobs = cc_queue_claim(ids, quotas, ordered, nq, lease_s, &jobs);
+	if (njobs == 0 && neps > 0)
+	{
+		/* Nothing to send: learn in the same transaction when to look next. */
+		int64		due = cc_queue_next_due_ms();
+
+		if (due >= 0 && (soonest < 0 || due < soonest))
+			soonest = due;
+	}
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+
+	/* Tokens taken but not used by the claim go back to their buckets. */
+	for (i = 0; i < nq; i++)
+	{
+		int			used = 0;
+		int			j;
+		CcEndpointRuntime *rt = endpoint_state(ids[i]);
+
+		for (j = 0; j < njobs; j++)
+			if (jobs[j].endpoint_id == ids[i])
+				used++;
+		if (rt->bucket.started && used < quotas[i])
+		{
+			CcEndpoint *e = NULL;
+
+			for (j = 0; j < neps; j++)
+				if (eps[j].id == ids[i])
+					e = &eps[j];
+			if (e && e->rate_per_s > 0)
+				rt->bucket.tokens = Min(Max(e->rate_per_s, 1.0),
+										rt->bucket.tokens + (quotas[i] - used));
+		}
+		if (rt->probing && used == 0)
+		{
+			rt->breaker.probe_in_flight = false;
+			rt->probing = false;
+		}
+	}
+
+	if (njobs == 0)
+	{
+		*wait_ms = soonest < 0 ? cc_poll_interval_ms : Max(soonest, 1);
+		return 0;
+	}
+
+	/* Deliver, with no transaction open. */
+	pgstat_report_activity(STATE_RUNNING, "callback_center: delivering");
+	if (sign_owner == NULL)
+		sign_owner = ResourceOwnerCreate(NULL, "callback_center signing");
+	Assert(CurrentResourceOwner == NULL || CurrentResourceOwner == sign_owner);
+	CurrentResourceOwner = sign_owner;
+	snprintf(ua, sizeof(ua), "User-Agent: callback_center/%s", CC_VERSION);
+	reqs = palloc0(sizeof(CcHttpRequest) * njobs);
+	res = palloc0(sizeof(CcHttpResult) * njobs);
+	for (i = 0; i < njobs; i++)
+	{
+		CcJob	   *job = &jobs[i];
+		CcEndpoint *e = NULL;
+		int			j;
+		char		msg_id[32];
+		int64		ts = (int64) time(NULL);
+		char	   *sig;
+		const char **hdr = palloc(sizeof(char *) * 5);
+
+		for (j = 0; j < neps; j++)
+			if (eps[j].id == job->endpoint_id)
+				e = &eps[j];
+		Assert(e != NULL);
+		snprintf(msg_id, sizeof(msg_id), "msg_" INT64_FORMAT, job->id);
+		sig = cc_sign_webhook(e->key, e->keylen, msg_id, ts, job->body,
+							  job->body_len);
+		/* During a rotation sign with both secrets (space-separated). */
+		if (e->prev_key)
+			sig = psprintf("%s %s", sig,
+						   cc_sign_webhook(e->prev_key, e->prev_keylen, msg_id,
+										   ts, job->body, job->body_len));
+		hdr[0] = "Content-Type: application/json";
+		hdr[1] = ua;
+		hdr[2] = psprintf("webhook-id: %s", msg_id);
+		hdr[3] = psprintf("webhook-timestamp: " INT64_FORMAT, ts);
+		hdr[4] = psprintf("webhook-signature: %s", sig);
+		reqs[i].tag = job->id;
+		reqs[i].url = e->url;
+		reqs[i].body = job->body;
+		reqs[i].body_len = job->body_len;
+		reqs[i].headers = hdr;
+		reqs[i].nheaders = 5;
+		reqs[i].timeout_ms = e->timeout_ms;
+		reqs[i].group = e->id;
+	}
+	CurrentResourceOwner = NULL;
+	cc_http_init();
+	cc_http_run(reqs, njobs, res, cc_max_concurrent, cc_max_per_endpoint,
+				cc_response_cap, cc_should_stop, NULL);
+
+	/* Judge each result against its endpoint's policy. */
+	results = palloc0(sizeof(CcJobResult) * njobs);
+	gone = palloc(sizeof(int32) * njobs);
+	for (i = 0; i < njobs; i++)
+	{
+		CcJob	   *job = &jobs[i];
+		CcHttpResult *r = &res[i];
+		CcJobResult *out = &results[i];
+		CcEndpoint *e = NULL;
+		CcEndpointRuntime *rt;
+		CcBreakerConfig cfg;
+		CcAttemptClass cls;
+		int			j;
+		int64		t = now_ms();
+
+		for (j = 0; j < neps; j++)
+			if (eps[j].id == job->endpoint_id)
+				e = &eps[j];
+		rt = endpoint_state(e->id);
+		cfg = breaker_config(e);
+		out->http_status = r->status;
+		out->latency_ms = r->latency_ms;
+		out->error = r->error;
+		out->response = r->body;
+
+		if (r->error != NULL && strcmp(r->error, CC_HTTP_INTERRUPTED) == 0)
+		{
+			/* Shutdown cut it short: give the attempt back. */
+			out->fate = CC_FATE_RELEASED;
+			if (rt->probing)
+				rt->breaker.probe_in_flight = false;
+			continue;
+		}
+		cls = cc_classify_attempt(r->status, r->error != NULL);
+		cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS, t);
+		if (cls == CC_ATTEMPT_SUCCESS)
+			out->fate = CC_FATE_DELIVERED;
+		else if (cls == CC_ATTEMPT_GONE)
+		{
+			out->fate = CC_FATE_DEAD;
+			out->error = psprintf("410 Gone: endpoint disabled%s%s",
+								  r->error ? ": " : "", r->error ? r->error : "");
+			gone[ngone++] = e->id;
+		}
+		else
+		{
+			int64		delay = cc_retry_delay_ms(e->delays_ms, e->ndelays,
+												  job->attempt, e->max_attempts,
+												  (r->status == 429 || r->status == 503) ?
+												  r->retry_after_s : -1,
+												  (int64) cc_max_retry_after_s * 1000,
+												  cc_retry_jitter, &rng_state);
+
+			if (delay < 0)
+				out->fate = CC_FATE_DEAD;
+			else
+			{
+				out->fate = CC_FATE_RETRY;
+				out->next_at = GetCurrentTimestamp() + delay * 1000;
+				if (soonest < 0 || delay < soonest)
+					soonest = delay;
+			}
+			if (out->error == NULL)
+				out->error = psprintf("HTTP %d", r->status);
+		}
+	}
+
+	/* Transaction 2: record everything at once. */
+	snaps = palloc0(sizeof(CcEndpointSnapshot) * Max(neps, 1));
+	for (i = 0; i < neps; i++)
+	{
+		CcEndpointRuntime *rt = endpoint_state(eps[i].id);
+		CcBreakerConfig cfg = breaker_config(&eps[i]);
+		int64		t = now_ms();
+
+		snaps[i].endpoint_id = eps[i].id;
+		snaps[i].breaker = rt->breaker.state == CC_BREAKER_OPEN ? "open" :
+			rt->breaker.state == CC_BREAKER_HALF_OPEN ? "half_open" : "closed";
+		snaps[i].opened_at = rt->breaker.state == CC_BREAKER_CLOSED ? 0 :
+			(TimestampTz) rt->breaker.opened_at_ms * 1000;
+		cc_breaker_window(&rt->breaker, &cfg, t, &snaps[i].window_ok,
+						  &snaps[i].window_fail);
+		snaps[i].tokens = eps[i].rate_per_s > 0 ? rt->bucket.tokens : -1;
+		snaps[i].degraded = cc_degrade_non_core && !eps[i].is_core;
+	}
+	pgstat_report_activity(STATE_RUNNING, "callback_center: recording");
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	cc_queue_record(jobs, results, njobs, gone, ngone, snaps, neps);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+
+	*wait_ms = soonest < 0 ? cc_poll_interval_ms : Max(soonest, 1);
+	return njobs;
+}
+
 /*
  * Entry point, run by the postmaster in a new process.  Returns only
  * through proc_exit.
@@ -121,22 +549,68 @@ callback_center_worker_main(Datum main_arg)
 	while (!ShutdownRequestPending)
 	{
 		MemoryContext oldcontext;
+		int64		wait_ms = cc_poll_interval_ms;
+		int			claimed = 0;
 
 		oldcontext = MemoryContextSwitchTo(loop_context);
-		pgstat_report_activity(STATE_RUNNING, "callback_center: checking");
 		if (cc_extension_ready())
 		{
-			/* Delivery and jobs plug in here. */
+			if (!extension_was_ready)
+			{
+				int			n;
+
+				StartTransactionCommand();
+				PushActiveSnapshot(GetTransactionSnapshot());
+				n = cc_queue_recover();
+				PopActiveSnapshot();
+				CommitTransactionCommand();
+				if (n > 0)
+					ereport(LOG,
+							(errmsg("callback_center worker released %d events left in flight by its predecessor",
+									n)));
+				extension_was_ready = true;
+			}
+			if (cc_delivery_enabled)
+			{
+				/*
+				 * An error in a round (a failed statement, the extension
+				 * dropped under us) is logged and the round abandoned; the
+				 * worker carries on.  What the round had claimed is released
+				 * at the next recovery, so nothing waits for a lease.
+				 */
+				PG_TRY();
+				{
+					claimed = cc_delivery_round(loop_context, &wait_ms);
+				}
+				PG_CATCH();
+				{
+					MemoryContextSwitchTo(loop_context);
+					EmitErrorReport();
+					FlushErrorState();
+					AbortOutOfAnyTransaction();
+					extension_was_ready = false;
+					claimed = 0;
+					wait_ms = cc_poll_interval_ms;
+				}
+				PG_END_TRY();
+			}
 		}
+		else
+			extension_was_ready = false;
 		pgstat_report_activity(STATE_IDLE, NULL);
 		MemoryContextSwitchTo(oldcontext);
 		MemoryContextReset(loop_context);
 
-		(void) WaitLatch(MyLatch,
-						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 cc_poll_interval_ms,
-						 PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
+		/* A full batch means more is due: go round again without waiting. */
+		if (claimed < cc_batch_size || ShutdownRequestPending)
+		{
+			wait_ms = Max(Min(wait_ms, (int64) cc_poll_interval_ms), 1);
+			(void) WaitLatch(MyLatch,
+							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 (long) wait_ms,
+							 PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
 		CHECK_FOR_INTERRUPTS();
 
 		SpinLockAcquire(&cc_shared->mutex);

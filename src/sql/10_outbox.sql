@@ -137,8 +137,9 @@ COMMENT ON TABLE callback_center.outbox IS
     'Transactional outbox: one row per event per endpoint; webhook-id is ''msg_'' || id';
 
 -- What the drain scans: only undelivered rows, so it stays small however
--- long the history grows.
-CREATE INDEX outbox_due ON callback_center.outbox (next_attempt_at)
+-- long the history grows.  The worker claims per endpoint (each with its
+-- own quota from its breaker and rate limit), oldest due first.
+CREATE INDEX outbox_due ON callback_center.outbox (endpoint_id, next_attempt_at)
     WHERE status IN ('pending', 'delivering');
 -- Per-aggregate ordering: the oldest undelivered event of an aggregate for
 -- an endpoint goes first.
