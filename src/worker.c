@@ -254,6 +254,8 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	pgstat_report_activity(STATE_RUNNING, "callback_center: claiming");
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	/* What the round keeps must outlive its transactions: the loop context. */
+	MemoryContextSwitchTo(cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	neps = cc_queue_load_endpoints(&eps);
 
@@ -330,6 +332,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	}
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);
 
 	/* Tokens taken but not used by the claim go back to their buckets. */
@@ -504,10 +507,12 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	pgstat_report_activity(STATE_RUNNING, "callback_center: recording");
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	cc_queue_record(jobs, results, njobs, gone, ngone, snaps, neps);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);
 
 	*wait_ms = soonest < 0 ? cc_poll_interval_ms : Max(soonest, 1);
@@ -570,6 +575,7 @@ callback_center_worker_main(Datum main_arg)
 									n)));
 				extension_was_ready = true;
 			}
+			MemoryContextSwitchTo(loop_context);
 			if (cc_delivery_enabled)
 			{
 				/*

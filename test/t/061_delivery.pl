@@ -1,0 +1,156 @@
+# The delivery worker end to end against the loopback receiver: every event
+# arrives once, signed, with the right headers and body; failures retry on
+# the schedule and die; replay delivers; the breaker opens and recovers; a
+# 410 disables the endpoint; the rate limit and per-aggregate order hold.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use CallbackCenterTest;
+use CallbackCenterReceiver;
+
+my $secret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
+my $rcv = CallbackCenterReceiver->start(secrets => [$secret]);
+my $node = cc_node('delivery', conf => "callback_center.retry_jitter = 0\n");
+
+sub sql { return $node->safe_psql('postgres', $_[0]); }
+
+# Happy path: 50 events to one endpoint, each delivered once and signed.
+sql(qq{SELECT callback_center.create_endpoint('erp', '@{[$rcv->url('/erp')]}',
+        '{order.paid}', '$secret')});
+sql(q{SELECT callback_center.enqueue('order.paid', 'o' || i, jsonb_build_object('n', i))
+      FROM generate_series(1, 50) i});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 50 FROM callback_center.outbox WHERE status = 'delivered'}),
+	'50 events delivered');
+my @got = $rcv->log_lines('/erp');
+is(scalar(@got), 50, 'the receiver saw 50 requests');
+is(scalar(grep { $_->{signature_ok} } @got), 50, 'every request carries a valid Standard Webhooks signature');
+my %ids = map { $_->{headers}{'webhook-id'} => 1 } @got;
+is(scalar(keys %ids), 50, 'webhook-ids are distinct');
+my ($first) = grep { $_->{headers}{'webhook-id'} eq 'msg_1' } @got;
+like($first->{headers}{'user-agent'}, qr{^callback_center/\d}, 'User-Agent names the extension');
+is($first->{headers}{'content-type'}, 'application/json', 'JSON content type');
+like($first->{body}, qr/"type": "order.paid"/, 'body carries the event type');
+like($first->{body}, qr/"data": \{"n": 1\}/, 'body carries the payload');
+is(sql(q{SELECT count(*) FROM callback_center.delivery_attempts WHERE http_status = 200}), '50',
+	'one attempt logged per event');
+
+# Retries on the schedule (1 s, 3 s, 5 s, no jitter here), then dead.
+sql(q{SELECT callback_center.create_endpoint('flaky', '} . $rcv->url('/flaky') . qq{', '{pay.flaky}', '$secret')});
+$rcv->control('/flaky', '500');
+sql(q{SELECT callback_center.enqueue('pay.flaky', 'p1', '{}')});
+ok($node->poll_query_until('postgres',
+		q{SELECT status = 'dead' FROM callback_center.outbox WHERE event_type = 'pay.flaky'}),
+	'failing event becomes dead');
+my @tries = $rcv->log_lines('/flaky');
+is(scalar(@tries), 4, 'four attempts: the first and three retries');
+my @gaps = map { $tries[$_]{received_at} - $tries[$_ - 1]{received_at} } 1 .. 3;
+my @want = (1, 3, 5);
+for my $i (0 .. 2)
+{
+	ok($gaps[$i] >= $want[$i] - 0.05 && $gaps[$i] < $want[$i] + 1.5,
+		"retry $i after about $want[$i] s (took " . sprintf('%.2f', $gaps[$i]) . ' s)');
+}
+is(scalar(keys %{ { map { $_->{headers}{'webhook-id'} => 1 } @tries } }), 1,
+	'retries keep the same webhook-id');
+is(sql(q{SELECT last_http_status || ' ' || attempts FROM callback_center.dead_letters WHERE event_type = 'pay.flaky'}),
+	'500 4', 'dead letter keeps its last status and attempts');
+
+# Replay after recovery delivers it, and is audited.
+$rcv->control('/flaky', undef);
+is(sql(q{SELECT callback_center.replay_dead('flaky', reason => 'receiver fixed')}), '1', 'replay picks one dead letter');
+ok($node->poll_query_until('postgres',
+		q{SELECT status = 'delivered' FROM callback_center.outbox WHERE event_type = 'pay.flaky'}),
+	'replayed event delivered');
+is(sql(q{SELECT reason || ' ' || attempts_before FROM callback_center.replay_audit}), 'receiver fixed 4',
+	'replay audited');
+
+# 429 with Retry-After is honoured (longer than the 1 s schedule step).
+sql(q{SELECT callback_center.create_endpoint('busy', '} . $rcv->url('/busy') . qq{', '{busy.ev}', '$secret')});
+$rcv->control('/busy', '429', retry_after => 3, times => 1);
+sql(q{SELECT callback_center.enqueue('busy.ev', 'b1', '{}')});
+ok($node->poll_query_until('postgres',
+		q{SELECT status = 'delivered' FROM callback_center.outbox WHERE event_type = 'busy.ev'}),
+	'429 then delivered');
+my @busy = $rcv->log_lines('/busy');
+ok($busy[1]{received_at} - $busy[0]{received_at} >= 2.9, 'Retry-After: 3 was honoured');
+
+# 410 Gone disables the endpoint; its other events wait.
+sql(q{SELECT callback_center.create_endpoint('gone', '} . $rcv->url('/gone') . qq{', '{gone.ev}', '$secret')});
+$rcv->control('/gone', '410');
+sql(q{SELECT callback_center.enqueue('gone.ev', 'g1', '{}')});
+ok($node->poll_query_until('postgres',
+		q{SELECT NOT enabled FROM callback_center.endpoints WHERE name = 'gone'}),
+	'410 disables the endpoint');
+is(sql(q{SELECT status FROM callback_center.outbox WHERE event_type = 'gone.ev'}), 'dead', 'the 410 event is dead');
+
+# The breaker: failures open it; events queued while it is open wait
+# without burning attempts; a probe goes after open_ms, and once the
+# receiver recovers a successful probe closes it and the rest flow.
+sql(q{SELECT callback_center.create_endpoint('brk', '} . $rcv->url('/brk')
+	. qq{', '{brk.ev,brk.late}', '$secret', '{"breaker_min_requests": 5, "breaker_open_ms": 2000, "retry_schedule": "merchant_erp"}')});
+$rcv->control('/brk', '500');
+sql(q{SELECT callback_center.enqueue('brk.ev', 'k' || i, '{}') FROM generate_series(1, 10) i});
+ok($node->poll_query_until('postgres',
+		q{SELECT breaker = 'open' FROM callback_center.endpoint_state s
+		    JOIN callback_center.endpoints e ON e.id = s.endpoint_id WHERE e.name = 'brk'}),
+	'breaker opens under failures');
+sql(q{SELECT callback_center.enqueue('brk.late', 'late' || i, '{}') FROM generate_series(1, 3) i});
+# The first probe (after 2 s) still fails and reopens the breaker.
+ok($rcv->wait_for_requests('/brk', 11), 'a probe is sent after open_ms');
+is(scalar($rcv->log_lines('/brk')), 11, 'only one probe while the receiver still fails');
+$rcv->control('/brk', undef);
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 2 FROM callback_center.outbox WHERE event_type = 'brk.late' AND status = 'delivered'}),
+	'events held by the open breaker are delivered after recovery');
+is(sql(q{SELECT breaker FROM callback_center.endpoint_state s
+		JOIN callback_center.endpoints e ON e.id = s.endpoint_id WHERE e.name = 'brk'}),
+	'closed', 'breaker closed after a successful probe');
+is(sql(q{SELECT string_agg(status || ':' || attempts, ',' ORDER BY status) FROM callback_center.outbox
+		WHERE event_type = 'brk.late'}),
+	'delivered:1,delivered:1,pending:1',
+	'held events burned no attempts; the failed probe waits for its scheduled retry');
+
+# Rate limit: 5 per second over a burst of 15.
+sql(q{SELECT callback_center.create_endpoint('slow', '} . $rcv->url('/slow')
+	. qq{', '{slow.ev}', '$secret', '{"rate_limit_per_s": 5}')});
+sql(q{SELECT callback_center.enqueue('slow.ev', 's' || i, '{}') FROM generate_series(1, 15) i});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 15 FROM callback_center.outbox WHERE event_type = 'slow.ev' AND status = 'delivered'}),
+	'rate-limited burst delivered');
+my @slow = $rcv->log_lines('/slow');
+my $span = $slow[-1]{received_at} - $slow[0]{received_at};
+ok($span >= 1.8, sprintf('15 events at 5/s (burst 5) take at least 2 s (took %.2f s)', $span));
+is(sql(q{SELECT count(*) FROM callback_center.delivery_attempts a JOIN callback_center.endpoints e
+        ON e.id = a.endpoint_id WHERE e.name = 'slow'}), '15', 'waiting for tokens burns no attempts');
+
+# Per-aggregate order: events of one order arrive in commit order.
+sql(q{SELECT callback_center.create_endpoint('ord', '} . $rcv->url('/ord')
+	. qq{', '{ord.ev}', '$secret', '{"ordered": true}')});
+$rcv->control('/ord', '500', times => 2);
+for my $i (1 .. 5)
+{
+	sql(qq{SELECT callback_center.enqueue('ord.ev', 'A', '{"seq": $i}'),
+	            callback_center.enqueue('ord.ev', 'B', '{"seq": $i}')});
+}
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 10 FROM callback_center.outbox WHERE event_type = 'ord.ev' AND status = 'delivered'}),
+	'ordered events delivered');
+for my $agg ('A', 'B')
+{
+	my @seq = map { $_->{body} =~ /"seq": (\d+)/ ? $1 : () }
+	  grep { $_->{body} =~ /"aggregate_id": "$agg"/ && ($_->{mode} // '200') eq '200' }
+	  $rcv->log_lines('/ord');
+	is(join(',', @seq), '1,2,3,4,5', "aggregate $agg delivered in commit order");
+}
+
+# Health and stats views read it all.
+is(sql(q{SELECT delivered FROM callback_center.delivery_stats WHERE endpoint = 'erp'}), '50', 'stats count deliveries');
+like(sql(q{SELECT array_to_string(alerts, ';') FROM callback_center.health WHERE endpoint = 'gone'}),
+	qr/disabled/, 'health flags the disabled endpoint');
+
+$node->stop;
+$rcv->stop;
+done_testing();
