@@ -46,6 +46,9 @@ SELECT callback_center.attach_state_machine('fsm_orders', 'status', 'order');
 SELECT table_name, state_column, machine, id_column, trigger_name
   FROM callback_center.state_machine_attachments
  WHERE table_name = 'fsm_orders'::regclass ORDER BY state_column;
+-- Each attachment is a pair: BEFORE checks, AFTER records.
+SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger
+ WHERE tgrelid = 'fsm_orders'::regclass ORDER BY tgname;
 
 -- order: a new row starts in an initial state, then moves along.
 INSERT INTO fsm_orders VALUES ('o1', 'pending_confirmation', 'unpaid');
@@ -257,6 +260,77 @@ ROLLBACK;
 INSERT INTO fsm_tickets VALUES (5, 'open', 'desk');
 UPDATE fsm_tickets SET phase = 'done' WHERE ticket_no = 5;
 
+-- Only rows actually written are recorded.  ON CONFLICT DO NOTHING fires
+-- the BEFORE INSERT triggers, then skips a conflicting row.
+INSERT INTO fsm_orders VALUES ('c1', 'pending_confirmation', 'unpaid')
+    ON CONFLICT DO NOTHING;
+INSERT INTO fsm_orders VALUES ('c1', 'pending_confirmation', 'unpaid')
+    ON CONFLICT DO NOTHING;
+INSERT INTO fsm_orders VALUES ('o1', 'pending_confirmation', 'unpaid'),
+                              ('c2', 'pending_confirmation', 'unpaid')
+    ON CONFLICT (id) DO NOTHING;
+SELECT entity_id, machine, from_state, to_state FROM callback_center.state_history
+ WHERE table_name = 'public.fsm_orders' AND entity_id IN ('o1', 'c1', 'c2')
+ ORDER BY entity_id, machine, id;
+-- Nor is anything emitted for a skipped row; ON CONFLICT DO UPDATE records
+-- the update only.  (Calls are counted from here: the counters may hold
+-- calls of earlier transactions not yet reported.)
+BEGIN;
+SET LOCAL track_functions = 'all';
+SELECT coalesce(sum(calls), 0) AS enqueue_before FROM pg_stat_xact_user_functions
+ WHERE funcid = 'callback_center.enqueue(text,text,jsonb)'::regprocedure \gset
+INSERT INTO fsm_tickets VALUES (6, 'open', 'lamp');
+INSERT INTO fsm_tickets VALUES (6, 'open', 'lamp again') ON CONFLICT DO NOTHING;
+INSERT INTO fsm_tickets VALUES (6, 'open', 'lamp again')
+    ON CONFLICT (ticket_no) DO UPDATE SET phase = 'working' WHERE false;
+SELECT coalesce(sum(calls), 0) - :enqueue_before AS enqueue_calls FROM pg_stat_xact_user_functions
+ WHERE funcid = 'callback_center.enqueue(text,text,jsonb)'::regprocedure;
+INSERT INTO fsm_tickets VALUES (6, 'open', 'lamp again')
+    ON CONFLICT (ticket_no) DO UPDATE SET phase = 'working';
+SELECT coalesce(sum(calls), 0) - :enqueue_before AS enqueue_calls FROM pg_stat_xact_user_functions
+ WHERE funcid = 'callback_center.enqueue(text,text,jsonb)'::regprocedure;
+COMMIT;
+SELECT from_state, to_state, event FROM callback_center.state_history
+ WHERE table_name = 'public.fsm_tickets' AND entity_id = '6' ORDER BY id;
+-- A BEFORE trigger of the user's that returns NULL (it sorts after
+-- cc_fsm_phase, so ours has already passed the row): no history, no emit.
+CREATE FUNCTION fsm_test_skip() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.title = 'skip' THEN
+        RETURN NULL;
+    END IF;
+    IF NEW.title = 'meddle' THEN
+        NEW.phase := 'done';
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER zz_skip BEFORE INSERT OR UPDATE ON fsm_tickets
+    FOR EACH ROW EXECUTE FUNCTION fsm_test_skip();
+BEGIN;
+SET LOCAL track_functions = 'all';
+SELECT coalesce(sum(calls), 0) AS enqueue_before FROM pg_stat_xact_user_functions
+ WHERE funcid = 'callback_center.enqueue(text,text,jsonb)'::regprocedure \gset
+INSERT INTO fsm_tickets VALUES (7, 'open', 'skip');
+UPDATE fsm_tickets SET phase = 'done', title = 'skip' WHERE ticket_no = 6;
+SELECT coalesce(sum(calls), 0) - :enqueue_before AS enqueue_calls FROM pg_stat_xact_user_functions
+ WHERE funcid = 'callback_center.enqueue(text,text,jsonb)'::regprocedure;
+COMMIT;
+SELECT ticket_no, phase, title FROM fsm_tickets WHERE ticket_no IN (6, 7) ORDER BY ticket_no;
+SELECT count(*) AS history_rows FROM callback_center.state_history
+ WHERE table_name = 'public.fsm_tickets' AND entity_id IN ('6', '7')
+   AND (from_state IS NULL AND entity_id = '7' OR to_state = 'done');
+-- The AFTER half checks the row as written: a later BEFORE trigger cannot
+-- slip an illegal state past the machine, and a legal change it makes is
+-- what history records.
+SELECT fsm_try($$INSERT INTO fsm_tickets VALUES (7, 'open', 'meddle')$$);
+INSERT INTO fsm_tickets VALUES (7, 'open', 'desk');
+UPDATE fsm_tickets SET phase = 'working', title = 'meddle' WHERE ticket_no = 7;
+SELECT from_state, to_state, event FROM callback_center.state_history
+ WHERE table_name = 'public.fsm_tickets' AND entity_id = '7' ORDER BY id;
+DROP TRIGGER zz_skip ON fsm_tickets;
+DROP FUNCTION fsm_test_skip();
+
 -- The application role: rights on its own table and callback_center_app,
 -- nothing on the extension's tables; history is still written.
 CREATE ROLE regress_fsm_app IN ROLE callback_center_app;
@@ -277,10 +351,30 @@ SELECT entity_id, from_state, to_state, event, actor FROM callback_center.state_
 
 -- The trigger used any other way.
 CREATE TABLE fsm_misuse (id text, s text, n integer);
-CREATE TRIGGER t_after AFTER INSERT ON fsm_misuse FOR EACH ROW
+CREATE TRIGGER t_stmt AFTER INSERT ON fsm_misuse FOR EACH STATEMENT
     EXECUTE FUNCTION callback_center.fsm_trigger('order', 's', 'id');
 SELECT fsm_try($$INSERT INTO fsm_misuse VALUES ('1', 'pending_confirmation')$$);
+DROP TRIGGER t_stmt ON fsm_misuse;
+INSERT INTO fsm_misuse VALUES ('0', 'pending_confirmation');
+CREATE TRIGGER t_delete BEFORE DELETE ON fsm_misuse FOR EACH ROW
+    EXECUTE FUNCTION callback_center.fsm_trigger('order', 's', 'id');
+SELECT fsm_try($$DELETE FROM fsm_misuse$$);
+DROP TRIGGER t_delete ON fsm_misuse;
+DELETE FROM fsm_misuse;
+-- Half a pair: checked but never recorded, or recorded unchecked.
+CREATE TRIGGER t_before BEFORE INSERT OR UPDATE OF s ON fsm_misuse FOR EACH ROW
+    EXECUTE FUNCTION callback_center.fsm_trigger('order', 's', 'id');
+SELECT fsm_try($$INSERT INTO fsm_misuse VALUES ('1', 'pending_confirmation')$$);
+CREATE TRIGGER t_after AFTER INSERT OR UPDATE OF s ON fsm_misuse FOR EACH ROW
+    EXECUTE FUNCTION callback_center.fsm_trigger('order', 's', 'id');
+ALTER TABLE fsm_misuse DISABLE TRIGGER t_before;
+SELECT fsm_try($$INSERT INTO fsm_misuse VALUES ('1', 'pending_confirmation')$$);
+ALTER TABLE fsm_misuse ENABLE TRIGGER t_before;
+-- A pair made by hand works.
+SELECT fsm_try($$INSERT INTO fsm_misuse VALUES ('1', 'pending_confirmation')$$);
+DROP TRIGGER t_before ON fsm_misuse;
 DROP TRIGGER t_after ON fsm_misuse;
+DELETE FROM fsm_misuse;
 CREATE TRIGGER t_args BEFORE INSERT ON fsm_misuse FOR EACH ROW
     EXECUTE FUNCTION callback_center.fsm_trigger('order');
 SELECT fsm_try($$INSERT INTO fsm_misuse VALUES ('1', 'pending_confirmation')$$);
@@ -314,6 +408,20 @@ SELECT fsm_try($$SELECT callback_center.apply_event('fsm_late', 's', 'l2', 'conf
 SELECT entity_id, from_state, to_state FROM callback_center.state_history
  WHERE table_name = 'public.fsm_late' ORDER BY id;
 
+-- Trigger names already taken get a suffix; detach finds the pair by its
+-- arguments.
+CREATE TABLE fsm_names (id text PRIMARY KEY, s text, s_log text);
+SELECT callback_center.attach_state_machine('fsm_names', 's', 'order');
+SELECT callback_center.attach_state_machine('fsm_names', 's_log', 'order_pay');
+SELECT tgname, tgtype & 2 <> 0 AS before FROM pg_trigger
+ WHERE tgrelid = 'fsm_names'::regclass ORDER BY tgname;
+INSERT INTO fsm_names VALUES ('n1', 'pending_confirmation', 'unpaid');
+SELECT callback_center.detach_state_machine('fsm_names', 's');
+SELECT tgname FROM pg_trigger WHERE tgrelid = 'fsm_names'::regclass ORDER BY tgname;
+UPDATE fsm_names SET s = 'closed', s_log = 'paying';
+SELECT machine, from_state, to_state FROM callback_center.state_history
+ WHERE table_name = 'public.fsm_names' ORDER BY id;
+
 -- Detach: moves are free again; history stays.
 SELECT callback_center.detach_state_machine('fsm_orders', 'pay_status');
 UPDATE fsm_orders SET pay_status = 'unpaid' WHERE id = 'p1';
@@ -332,7 +440,7 @@ BEGIN
     END IF;
 END
 $$;
-DROP TABLE fsm_late, fsm_orders, fsm_payments, fsm_tickets, fsm_app_orders, fsm_misuse, fsm_test_events;
+DROP TABLE fsm_names, fsm_late, fsm_orders, fsm_payments, fsm_tickets, fsm_app_orders, fsm_misuse, fsm_test_events;
 DELETE FROM callback_center.state_history WHERE table_name LIKE 'public.fsm%';
 DELETE FROM callback_center.state_machines WHERE machine = 'fsm_test_ticket';
 DROP ROLE regress_fsm_app;

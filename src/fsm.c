@@ -4,6 +4,13 @@
  *		The state-machine trigger: refuses illegal moves, records history
  *		and emits outbox events.
  *
+ * attach_state_machine() fires the one function twice per row: BEFORE the
+ * write it checks the move (under the row lock, before anything is
+ * written); AFTER the write it checks the row as written and records it.
+ * Only AFTER row triggers are sure the row was written: BEFORE INSERT
+ * triggers also fire for rows ON CONFLICT DO NOTHING then skips, and for
+ * rows a later BEFORE trigger drops.
+ *
  * The definitions (callback_center.state_machines, machine_states,
  * transitions) are loaded once per backend into a cache.  A statement
  * trigger on each of those tables (fsm_invalidate) sends a relcache
@@ -22,6 +29,7 @@
 #include "access/htup_details.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -384,7 +392,8 @@ fsm_known_states(FsmMachine *m)
 /*
  * Appends the history row and calls enqueue() once per emitted event type.
  * Must run inside SPI, as the extension owner.  from and t are NULL for an
- * insert.
+ * insert.  t must not point into the cache: enqueue() may fire this
+ * trigger on another table, which may reload the cache.
  */
 static void
 fsm_record(const char *machine, const char *table_name, const char *entity_id,
@@ -490,15 +499,130 @@ fsm_column(Relation rel, const char *table_name, const char *colname)
 }
 
 /*
- * BEFORE INSERT OR UPDATE OF <state column> FOR EACH ROW, arguments
- * (machine, state_column, id_column).  Lets a row in only if its state is
- * an initial state, and lets an update through only if the machine has a
- * transition from the old state to the new one (an unchanged state passes
- * untouched).  For each accepted insert or move it appends one history row
- * and calls enqueue() for each event type the transition emits, in the
- * caller's transaction: if the statement fails, none of it stays.
+ * Returns the transition that takes a row from old_state to new_state
+ * (NULL for a row that starts out), or raises CB010 / CB011.
+ */
+static FsmTransition *
+fsm_check(FsmMachine *m, const char *machine, const char *old_state,
+		  const char *new_state, const char *entity_id,
+		  const char *table_name)
+{
+	FsmState   *s = fsm_find_state(m, new_state);
+	FsmTransition *t;
+	char	   *targets;
+
+	if (s == NULL)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_UNKNOWN_STATE),
+				 errmsg("unknown state \"%s\" in state machine \"%s\"",
+						new_state, machine),
+				 errdetail("Row with id \"%s\" of table %s.",
+						   entity_id, table_name),
+				 errhint("Known states: %s.", fsm_known_states(m))));
+
+	if (old_state == NULL)
+	{
+		/* A new row, or a row without a state yet: must start out. */
+		if (!s->is_initial)
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_ILLEGAL_TRANSITION),
+					 errmsg("illegal transition in state machine \"%s\": NULL -> \"%s\"",
+							machine, new_state),
+					 errdetail("Row with id \"%s\" of table %s must start in an initial state.",
+							   entity_id, table_name),
+					 errhint("Initial states: %s.", fsm_initials(m))));
+		return NULL;
+	}
+
+	t = fsm_find_transition(m, old_state, new_state);
+	if (t != NULL)
+		return t;
+
+	targets = fsm_targets(m, old_state);
+	if (fsm_find_state(m, old_state) == NULL)
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_UNKNOWN_STATE),
+				 errmsg("unknown state \"%s\" in state machine \"%s\"",
+						old_state, machine),
+				 errdetail("Row with id \"%s\" of table %s is in that state.",
+						   entity_id, table_name)));
+	ereport(ERROR,
+			(errcode(CC_ERRCODE_ILLEGAL_TRANSITION),
+			 errmsg("illegal transition in state machine \"%s\": \"%s\" -> \"%s\"",
+					machine, old_state, new_state),
+			 errdetail("Row with id \"%s\" of table %s is in state \"%s\".",
+					   entity_id, table_name, old_state),
+			 targets[0] != '\0' ?
+			 errhint("Legal targets from \"%s\": %s.", old_state, targets) :
+			 errhint("State \"%s\" is final: no transition leaves it.",
+					 old_state)));
+	return NULL;				/* keep compiler quiet */
+}
+
+/*
+ * Raises 39P01 unless the table also has the other half of the pair that
+ * attach_state_machine() creates: the same function with the same
+ * arguments and columns, fired at the other time (AFTER for a BEFORE
+ * trigger and the reverse), not disabled.  Without it moves would be
+ * checked but never recorded, or recorded unchecked.
+ */
+static void
+fsm_require_pair(Relation rel, Trigger *trigger, bool before,
+				 const char *table_name)
+{
+	TriggerDesc *trigdesc = rel->trigdesc;
+
+	for (int i = 0; trigdesc != NULL && i < trigdesc->numtriggers; i++)
+	{
+		Trigger    *o = &trigdesc->triggers[i];
+		int			j;
+
+		if (o->tgoid == trigger->tgoid || o->tgfoid != trigger->tgfoid ||
+			o->tgenabled == TRIGGER_DISABLED ||
+			!TRIGGER_FOR_ROW(o->tgtype) ||
+			!TRIGGER_FOR_INSERT(o->tgtype) ||
+			!TRIGGER_FOR_UPDATE(o->tgtype) ||
+			(before ? !TRIGGER_FOR_AFTER(o->tgtype) :
+			 !TRIGGER_FOR_BEFORE(o->tgtype)) ||
+			o->tgnargs != trigger->tgnargs ||
+			o->tgnattr != trigger->tgnattr ||
+			(o->tgnattr > 0 &&
+			 memcmp(o->tgattr, trigger->tgattr,
+					sizeof(int16) * o->tgnattr) != 0))
+			continue;
+		for (j = 0; j < o->tgnargs; j++)
+			if (strcmp(o->tgargs[j], trigger->tgargs[j]) != 0)
+				break;
+		if (j == o->tgnargs)
+			return;
+	}
+	ereport(ERROR,
+			(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+			 errmsg("trigger \"%s\" on table %s has no matching %s trigger",
+					trigger->tgname, table_name, before ? "AFTER" : "BEFORE"),
+			 errdetail("callback_center.fsm_trigger() checks a move BEFORE the row is written and records it AFTER; it needs both triggers, with the same arguments."),
+			 errhint("Use callback_center.attach_state_machine() to create the triggers.")));
+}
+
+/*
+ * Row trigger on INSERT OR UPDATE OF <state column>, arguments (machine,
+ * state_column, id_column), created twice by attach_state_machine(): once
+ * BEFORE and once AFTER, with the same arguments.
+ *
+ * BEFORE, under the row lock and before the write: lets a row in only if
+ * its state is an initial state, and lets an update through only if the
+ * machine has a transition from the old state to the new one (an unchanged
+ * state passes untouched).  Records nothing.
+ *
+ * AFTER, for rows actually written (not for an INSERT that ON CONFLICT DO
+ * NOTHING skipped, nor for a row another BEFORE trigger dropped): checks
+ * the written row the same way (another BEFORE trigger may have changed
+ * it), appends one history row and calls enqueue() for each event type the
+ * transition emits, with the row as written.  All in the caller's
+ * transaction: if the statement fails, none of it stays.
+ *
  * Raises CB010 (illegal move), CB011 (unknown state or machine), 22004
- * (NULL state or id).
+ * (NULL state or id), 39P01 (not fired as such a pair).
  */
 Datum
 cc_fsm_trigger(PG_FUNCTION_ARGS)
@@ -509,6 +633,7 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 	TupleDesc	desc;
 	HeapTuple	newtuple;
 	HeapTuple	oldtuple = NULL;
+	bool		before;
 	const char *machine;
 	int			state_col;
 	int			id_col;
@@ -519,23 +644,24 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 	char	   *old_state = NULL;
 	char	   *entity_id;
 	char	   *table_name;
-	char	   *actor;
 	Oid			save_userid;
 	int			save_sec_context;
+	bool		use_spi;
 	FsmMachine *m;
-	FsmTransition *t = NULL;
+	FsmTransition *t;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("callback_center.fsm_trigger() was not called by the trigger manager")));
-	if (!TRIGGER_FIRED_BEFORE(trigdata->tg_event) ||
+	if (TRIGGER_FIRED_INSTEAD(trigdata->tg_event) ||
 		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event) ||
 		!(TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) ||
 		  TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event)))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("callback_center.fsm_trigger() must be fired BEFORE INSERT OR UPDATE FOR EACH ROW")));
+				 errmsg("callback_center.fsm_trigger() must be fired BEFORE or AFTER INSERT OR UPDATE FOR EACH ROW")));
+	before = TRIGGER_FIRED_BEFORE(trigdata->tg_event);
 	trigger = trigdata->tg_trigger;
 	if (trigger->tgnargs != 3)
 		ereport(ERROR,
@@ -585,7 +711,7 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 		{
 			old_state = TextDatumGetCString(d);
 			if (strcmp(old_state, new_state) == 0)
-				return PointerGetDatum(newtuple);
+				return PointerGetDatum(before ? newtuple : NULL);
 		}
 	}
 
@@ -598,25 +724,23 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 				 errdetail("State machine \"%s\" records history by that column.",
 						   machine)));
 
-	/* Whose change it is: the setting, else the role acting now. */
-	if (cc_actor != NULL && cc_actor[0] != '\0')
-		actor = pstrdup(cc_actor);
-	else
-		actor = GetUserNameFromId(GetUserId(), false);
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-
 	/*
 	 * Read the definitions and write history as the extension owner.  An
-	 * error restores the user on (sub)transaction abort.
+	 * error restores the user on (sub)transaction abort.  The BEFORE half
+	 * needs SPI only to load the cache.
 	 */
+	use_spi = !before || !fsm_cache_valid;
 	GetUserIdAndSecContext(&save_userid, &save_sec_context);
-	if (!fsm_cache_valid)
-		fsm_lookup_relations();
-	SetUserIdAndSecContext(fsm_owner,
-						   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
-	fsm_ensure_cache();
+	if (use_spi)
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		if (!fsm_cache_valid)
+			fsm_lookup_relations();
+		SetUserIdAndSecContext(fsm_owner,
+							   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+		fsm_ensure_cache();
+	}
 
 	m = fsm_cache_machine(machine, HASH_FIND);
 	if (m == NULL)
@@ -626,63 +750,40 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 				 errdetail("It is attached to column \"%s\" of table %s.",
 						   trigger->tgargs[1], table_name)));
 
-	if (fsm_find_state(m, new_state) == NULL)
-		ereport(ERROR,
-				(errcode(CC_ERRCODE_UNKNOWN_STATE),
-				 errmsg("unknown state \"%s\" in state machine \"%s\"",
-						new_state, machine),
-				 errdetail("Row with id \"%s\" of table %s.",
-						   entity_id, table_name),
-				 errhint("Known states: %s.", fsm_known_states(m))));
+	t = fsm_check(m, machine, old_state, new_state, entity_id, table_name);
+	fsm_require_pair(rel, trigger, before, table_name);
 
-	if (old_state == NULL)
+	if (!before)
 	{
-		/* A new row, or a row without a state yet: must start out. */
-		FsmState   *s = fsm_find_state(m, new_state);
+		FsmTransition *copy = NULL;
+		char	   *actor;
 
-		if (!s->is_initial)
-			ereport(ERROR,
-					(errcode(CC_ERRCODE_ILLEGAL_TRANSITION),
-					 errmsg("illegal transition in state machine \"%s\": NULL -> \"%s\"",
-							machine, new_state),
-					 errdetail("Row with id \"%s\" of table %s must start in an initial state.",
-							   entity_id, table_name),
-					 errhint("Initial states: %s.", fsm_initials(m))));
-	}
-	else
-	{
-		t = fsm_find_transition(m, old_state, new_state);
-		if (t == NULL)
+		/* Whose change it is: the setting, else the role acting now. */
+		if (cc_actor != NULL && cc_actor[0] != '\0')
+			actor = pstrdup(cc_actor);
+		else
+			actor = GetUserNameFromId(save_userid, false);
+
+		if (t != NULL)
 		{
-			char	   *targets = fsm_targets(m, old_state);
-
-			if (fsm_find_state(m, old_state) == NULL)
-				ereport(ERROR,
-						(errcode(CC_ERRCODE_UNKNOWN_STATE),
-						 errmsg("unknown state \"%s\" in state machine \"%s\"",
-								old_state, machine),
-						 errdetail("Row with id \"%s\" of table %s is in that state.",
-								   entity_id, table_name)));
-			ereport(ERROR,
-					(errcode(CC_ERRCODE_ILLEGAL_TRANSITION),
-					 errmsg("illegal transition in state machine \"%s\": \"%s\" -> \"%s\"",
-							machine, old_state, new_state),
-					 errdetail("Row with id \"%s\" of table %s is in state \"%s\".",
-							   entity_id, table_name, old_state),
-					 targets[0] != '\0' ?
-					 errhint("Legal targets from \"%s\": %s.", old_state, targets) :
-					 errhint("State \"%s\" is final: no transition leaves it.",
-							 old_state)));
+			copy = palloc0(sizeof(FsmTransition));
+			copy->event = pstrdup(t->event);
+			copy->emits = palloc(sizeof(char *) * Max(t->nemits, 1));
+			for (int i = 0; i < t->nemits; i++)
+				copy->emits[i] = pstrdup(t->emits[i]);
+			copy->nemits = t->nemits;
 		}
+		fsm_record(machine, table_name, entity_id, old_state, new_state,
+				   copy, actor, newtuple, desc);
 	}
 
-	fsm_record(machine, table_name, entity_id, old_state, new_state, t,
-			   actor, newtuple, desc);
+	if (use_spi)
+	{
+		SetUserIdAndSecContext(save_userid, save_sec_context);
+		SPI_finish();
+	}
 
-	SetUserIdAndSecContext(save_userid, save_sec_context);
-	SPI_finish();
-
-	return PointerGetDatum(newtuple);
+	return PointerGetDatum(before ? newtuple : NULL);
 }
 
 /*

@@ -4,9 +4,9 @@
 --
 -- A machine is a set of states and the legal moves between them.  Attaching
 -- a machine to a text column of any table puts a C trigger on it
--- (callback_center.fsm_trigger) that refuses every other move, records each
--- applied move in state_history and emits the outbox events the transition
--- names.  Rows the install script writes are marked builtin; pg_dump keeps
+-- (callback_center.fsm_trigger, fired BEFORE and AFTER) that refuses every
+-- other move before the row is written, then records each move actually
+-- written in state_history and emits the outbox events the transition names.  Rows the install script writes are marked builtin; pg_dump keeps
 -- only the others (the script recreates the built-in ones).
 -- ------------------------------------------------------------------------
 
@@ -98,8 +98,9 @@ CREATE TRIGGER cc_fsm_invalidate
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON callback_center.transitions
     FOR EACH STATEMENT EXECUTE FUNCTION callback_center.fsm_invalidate();
 
--- fsm_trigger(machine, state_column, id_column): BEFORE INSERT OR UPDATE OF
--- state_column FOR EACH ROW.  Made by attach_state_machine().
+-- fsm_trigger(machine, state_column, id_column): INSERT OR UPDATE OF
+-- state_column FOR EACH ROW, twice: BEFORE (checks the move) and AFTER
+-- (records the rows written).  Made by attach_state_machine().
 CREATE FUNCTION callback_center.fsm_trigger()
 RETURNS trigger
 AS 'MODULE_PATHNAME', 'cc_fsm_trigger'
@@ -328,8 +329,36 @@ BEGIN
 END
 $$;
 
+-- A trigger name on tbl starting with base (cut to fit) that no trigger
+-- there has yet.  Internal.
+CREATE FUNCTION callback_center._fsm_trigger_name(tbl regclass, base text)
+RETURNS name
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    candidate text;
+    suffix text := '';
+    n integer := 1;
+BEGIN
+    LOOP
+        candidate := base;
+        WHILE octet_length(candidate || suffix) > 63 LOOP
+            candidate := left(candidate, -1);
+        END LOOP;
+        candidate := candidate || suffix;
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_trigger t
+                               WHERE t.tgrelid = tbl AND t.tgname = candidate);
+        n := n + 1;
+        suffix := '_' || n;
+    END LOOP;
+    RETURN candidate;
+END
+$$;
+
 -- Every attached machine, read from the triggers themselves (so it cannot
--- drift from them).
+-- drift from them): one row per BEFORE trigger; its AFTER twin, which
+-- records history, has the same arguments.
 CREATE VIEW callback_center.state_machine_attachments AS
 SELECT t.tgrelid::regclass AS table_name,
        a[2]::name AS state_column,
@@ -339,12 +368,17 @@ SELECT t.tgrelid::regclass AS table_name,
   FROM pg_catalog.pg_trigger t
   CROSS JOIN LATERAL callback_center._fsm_trigger_args(t.tgargs) AS a
  WHERE t.tgfoid = 'callback_center.fsm_trigger()'::pg_catalog.regprocedure
-   AND t.tgnargs = 3;
+   AND t.tgnargs = 3
+   AND (t.tgtype & 2) <> 0;            -- TRIGGER_TYPE_BEFORE
 
 GRANT SELECT ON callback_center.state_machine_attachments
     TO callback_center_admin, callback_center_app;
 
--- Puts the trigger enforcing machine on tbl.state_column.  Runs with the
+-- Puts the triggers enforcing machine on tbl.state_column: cc_fsm_<column>
+-- BEFORE INSERT OR UPDATE OF it (checks each move under the row lock) and
+-- cc_fsm_<column>_log AFTER INSERT OR UPDATE OF it (records history and
+-- emits, only for rows actually written); a suffix _2, _3... is added
+-- should a name be taken.  Runs with the
 -- caller's rights (creating the trigger needs TRIGGER on tbl).  Returns
 -- true when it attached, false when the same machine was already attached
 -- the same way.  Raises 22004, 42809 (not a table), 42703 (no such column),
@@ -366,6 +400,7 @@ DECLARE
     existing record;
     bad text;
     trigger_name name;
+    log_trigger_name name;
 BEGIN
     IF tbl IS NULL OR state_column IS NULL OR machine IS NULL OR id_column IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004',
@@ -421,15 +456,19 @@ BEGIN
             DETAIL = format('Table %s already has rows in that state.', tbl);
     END IF;
 
-    trigger_name := left('cc_fsm_' || state_column, 63);
+    trigger_name := callback_center._fsm_trigger_name(tbl, 'cc_fsm_' || state_column);
     EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %I ON %s FOR EACH ROW '
                    'EXECUTE FUNCTION callback_center.fsm_trigger(%L, %L, %L)',
                    trigger_name, state_column, tbl, machine, state_column, id_column);
+    log_trigger_name := callback_center._fsm_trigger_name(tbl, 'cc_fsm_' || state_column || '_log');
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OF %I ON %s FOR EACH ROW '
+                   'EXECUTE FUNCTION callback_center.fsm_trigger(%L, %L, %L)',
+                   log_trigger_name, state_column, tbl, machine, state_column, id_column);
     RETURN true;
 END
 $$;
 
--- Removes the trigger attach_state_machine() made.  History stays.
+-- Removes the two triggers attach_state_machine() made.  History stays.
 -- Raises 22004, 42704 (nothing attached there).
 CREATE FUNCTION callback_center.detach_state_machine(
     tbl regclass,
@@ -439,13 +478,14 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
+    att record;
     trigger_name name;
 BEGIN
     IF tbl IS NULL OR state_column IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004',
             MESSAGE = 'tbl and state_column cannot be null';
     END IF;
-    SELECT s.trigger_name INTO trigger_name
+    SELECT * INTO att
       FROM callback_center.state_machine_attachments s
      WHERE s.table_name = tbl AND s.state_column = detach_state_machine.state_column;
     IF NOT FOUND THEN
@@ -453,13 +493,24 @@ BEGIN
             MESSAGE = format('no state machine is attached to column "%s" of table %s',
                              state_column, tbl);
     END IF;
-    EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    -- The BEFORE trigger and its AFTER twin: same function, same arguments.
+    FOR trigger_name IN
+        SELECT t.tgname FROM pg_trigger t
+         WHERE t.tgrelid = tbl
+           AND t.tgfoid = 'callback_center.fsm_trigger()'::regprocedure
+           AND t.tgnargs = 3
+           AND callback_center._fsm_trigger_args(t.tgargs)
+               = ARRAY[att.machine, state_column::text, att.id_column::text]
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    END LOOP;
 END
 $$;
 
 REVOKE ALL ON FUNCTION callback_center.create_state_machine(text, text),
     callback_center._fsm_require_machine(text),
     callback_center._fsm_require_state(text, text),
+    callback_center._fsm_trigger_name(regclass, text),
     callback_center.add_state(text, text, boolean, boolean),
     callback_center.add_transition(text, text, text, text, text[]),
     callback_center.set_transition_emits(text, text, text, text[]),
@@ -469,6 +520,7 @@ REVOKE ALL ON FUNCTION callback_center.create_state_machine(text, text),
 GRANT EXECUTE ON FUNCTION callback_center.create_state_machine(text, text),
     callback_center._fsm_require_machine(text),
     callback_center._fsm_require_state(text, text),
+    callback_center._fsm_trigger_name(regclass, text),
     callback_center.add_state(text, text, boolean, boolean),
     callback_center.add_transition(text, text, text, text, text[]),
     callback_center.set_transition_emits(text, text, text, text[]),
