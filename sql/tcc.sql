@@ -168,6 +168,26 @@ SELECT what FROM tcc_audit WHERE saga_id = 'tcc-saga-2' ORDER BY n;
 SELECT step_no, status FROM callback_center.saga_steps
  WHERE saga_id = 'tcc-saga-2' ORDER BY step_no;
 
+-- Actions run with the caller's rights: as an application role, a step
+-- that writes a table the role may not write fails with 42501 and the
+-- saga compensates.
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS tcc_test_app;
+RESET client_min_messages;
+CREATE ROLE tcc_test_app NOLOGIN IN ROLE callback_center_app;
+SET ROLE tcc_test_app;
+SELECT callback_center.saga_start('tcc-saga-3', $$[
+  {"action": "SELECT callback_center.tcc_stock_try($1, 'stock', 'tcc-sku-b', 1)",
+   "compensation": "SELECT callback_center.tcc_stock_cancel($1, 'stock')"},
+  {"action": "UPDATE callback_center.stock SET available = 1000 WHERE sku_id = 'tcc-sku-b'"}
+]$$) AS steps;
+SELECT callback_center.saga_run('tcc-saga-3') AS final_status;
+SELECT step_no, status, error FROM callback_center.saga_steps
+ WHERE saga_id = 'tcc-saga-3' ORDER BY step_no;
+SELECT available, reserved FROM callback_center.stock WHERE sku_id = 'tcc-sku-b';
+RESET ROLE;
+DROP ROLE tcc_test_app;
+
 -- Saga errors.
 SELECT s, pg_temp.try(s) FROM (VALUES
   ($$SELECT callback_center.saga_start(NULL, '[]')$$),
