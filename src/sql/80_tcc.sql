@@ -1,0 +1,620 @@
+
+-- TCC branches and sagas, guarded by a barrier table.  A branch calls
+-- callback_center.barrier() first, inside its own transaction, and does its
+-- work only when the answer is 'proceed'.  The barrier makes every branch
+-- idempotent, turns a cancel that arrives before its try into an empty
+-- compensation, and refuses a try that arrives after its cancel (no hanging
+-- reservation).  Plain PL/pgSQL: the unique index and row locks do the
+-- work, there is no hot loop worth C.  doc/tcc.md has the rules.
+
+-- One row per (global transaction, branch, operation) that ever arrived.
+-- written_by is the operation whose call inserted the row: a 'try' row
+-- written by a cancel is the mark an empty compensation leaves so that a
+-- late try is refused.  repeats and last_outcome record the later calls
+-- that found the row (duplicates, refusals), so nothing is swallowed.
+CREATE TABLE callback_center.tcc_barrier (
+    gid           text NOT NULL,
+    branch_id     text NOT NULL,
+    op            text NOT NULL CHECK (op IN ('try', 'confirm', 'cancel')),
+    written_by    text NOT NULL CHECK (written_by IN ('try', 'confirm', 'cancel')),
+    last_outcome  text NOT NULL CHECK (last_outcome IN
+                      ('proceed', 'duplicate', 'empty_compensation', 'refused')),
+    repeats       integer NOT NULL DEFAULT 0 CHECK (repeats >= 0),
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (gid, branch_id, op)
+);
+
+COMMENT ON TABLE callback_center.tcc_barrier IS
+    'TCC/saga barrier: one row per (gid, branch, op) that arrived, with the outcome of the last call';
+
+-- What a TCC branch reserved, so that confirm and cancel know what and how
+-- much.  One row per (gid, branch): a stock reservation (resource_id is the
+-- SKU, quantity the units) or a frozen coupon (resource_id is the coupon).
+CREATE TABLE callback_center.tcc_reservations (
+    gid          text NOT NULL,
+    branch_id    text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('stock', 'coupon')),
+    resource_id  text NOT NULL,
+    quantity     bigint NOT NULL CHECK (quantity > 0),
+    status       text NOT NULL DEFAULT 'reserved'
+                 CHECK (status IN ('reserved', 'confirmed', 'cancelled')),
+    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (gid, branch_id)
+);
+
+COMMENT ON TABLE callback_center.tcc_reservations IS
+    'What each TCC try reserved (stock units or a coupon) and whether it was confirmed or cancelled';
+
+-- Sagas: ordered steps, each an SQL call with a compensation.
+CREATE TABLE callback_center.sagas (
+    saga_id     text PRIMARY KEY,
+    status      text NOT NULL DEFAULT 'running'
+                CHECK (status IN ('running', 'completed', 'compensating', 'compensated')),
+    last_error  text,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+COMMENT ON TABLE callback_center.sagas IS
+    'Sagas declared with saga_start(); saga_run() moves them to completed or compensated';
+
+CREATE TABLE callback_center.saga_steps (
+    saga_id       text NOT NULL REFERENCES callback_center.sagas ON DELETE CASCADE,
+    step_no       integer NOT NULL CHECK (step_no > 0),
+    action        text NOT NULL,
+    compensation  text,
+    status        text NOT NULL DEFAULT 'pending'
+                  CHECK (status IN ('pending', 'done', 'compensated', 'skipped')),
+    error         text,
+    updated_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (saga_id, step_no)
+);
+
+COMMENT ON TABLE callback_center.saga_steps IS
+    'Steps of a saga: action and compensation are SQL run with the caller''s rights, $1 = saga id';
+
+SELECT pg_catalog.pg_extension_config_dump('callback_center.tcc_barrier', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.tcc_reservations', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.sagas', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.saga_steps', '');
+
+GRANT SELECT ON callback_center.tcc_barrier, callback_center.tcc_reservations,
+    callback_center.sagas, callback_center.saga_steps
+    TO callback_center_admin, callback_center_app;
+
+-- The barrier.  Returns 'proceed' (do the branch's work), 'duplicate' (this
+-- op already ran for the branch: do nothing), 'empty_compensation' (a
+-- cancel whose try never ran: it is recorded, do nothing) or 'refused' (a
+-- try after its cancel: do nothing, so nothing is left reserved).  A cancel
+-- first inserts the branch's 'try' row: if that succeeds the try never
+-- happened.  Racing calls meet on the primary key: ON CONFLICT waits for
+-- the other transaction and, once it commits, sees its row; after an abort
+-- the insert goes ahead.  The row is in the caller's transaction, so it
+-- commits or rolls back with the branch's own work.
+CREATE FUNCTION callback_center.barrier(
+    gid text,
+    branch_id text,
+    op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_op     ALIAS FOR $3;
+    n        integer;
+    outcome  text;
+BEGIN
+    IF p_gid IS NULL OR p_branch IS NULL OR p_op IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'gid, branch_id and op must not be null';
+    END IF;
+    IF p_op NOT IN ('try', 'confirm', 'cancel') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid barrier op "%s"', p_op),
+            HINT = 'Use try, confirm or cancel.';
+    END IF;
+    IF p_op = 'cancel' THEN
+        INSERT INTO callback_center.tcc_barrier AS b
+               (gid, branch_id, op, written_by, last_outcome)
+        VALUES (p_gid, p_branch, 'try', 'cancel', 'empty_compensation')
+        ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 1 THEN
+            -- The try never ran; no cancel row can exist (a cancel always
+            -- writes the try row first, in the same transaction).
+            INSERT INTO callback_center.tcc_barrier
+                   (gid, branch_id, op, written_by, last_outcome)
+            VALUES (p_gid, p_branch, 'cancel', 'cancel', 'empty_compensation');
+            RETURN 'empty_compensation';
+        END IF;
+    END IF;
+    INSERT INTO callback_center.tcc_barrier AS b
+           (gid, branch_id, op, written_by, last_outcome)
+    VALUES (p_gid, p_branch, p_op, p_op, 'proceed')
+    ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 1 THEN
+        RETURN 'proceed';
+    END IF;
+    -- The row was there (committed: ON CONFLICT waited for its writer).
+    UPDATE callback_center.tcc_barrier AS b
+       SET repeats = b.repeats + 1,
+           last_outcome = CASE WHEN p_op = 'try' AND b.written_by = 'cancel'
+                               THEN 'refused' ELSE 'duplicate' END,
+           updated_at = pg_catalog.now()
+     WHERE b.gid = p_gid AND b.branch_id = p_branch AND b.op = p_op
+    RETURNING b.last_outcome INTO outcome;
+    RETURN outcome;
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.barrier(text, text, text) IS
+    'TCC/saga barrier: proceed, duplicate, empty_compensation or refused for (gid, branch, op)';
+
+-- Raises 22004 when any of the named values is null.
+CREATE FUNCTION callback_center._tcc_require(what text, VARIADIC vals text[])
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    IF pg_catalog.array_position(vals, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = pg_catalog.format('%s must not be null', what);
+    END IF;
+END
+$fn$;
+
+-- Marks the reservation of (gid, branch) of the given kind confirmed or
+-- cancelled and returns it; 55000 when there is none still reserved.
+CREATE FUNCTION callback_center._tcc_settle(
+    p_gid text, p_branch text, p_kind text, p_status text)
+RETURNS callback_center.tcc_reservations
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    r callback_center.tcc_reservations;
+BEGIN
+    UPDATE callback_center.tcc_reservations AS t
+       SET status = p_status, updated_at = pg_catalog.now()
+     WHERE t.gid = p_gid AND t.branch_id = p_branch
+       AND t.kind = p_kind AND t.status = 'reserved'
+    RETURNING t.* INTO r;
+    IF FOUND THEN
+        RETURN r;
+    END IF;
+    SELECT * INTO r FROM callback_center.tcc_reservations AS t
+     WHERE t.gid = p_gid AND t.branch_id = p_branch;
+    RAISE EXCEPTION USING ERRCODE = '55000',
+        MESSAGE = pg_catalog.format('no %s reservation of gid "%s" branch "%s" to %s',
+                                    p_kind, p_gid, p_branch,
+                                    CASE p_status WHEN 'confirmed' THEN 'confirm' ELSE 'cancel' END),
+        DETAIL = CASE WHEN r.gid IS NULL THEN 'The branch reserved nothing.'
+                      ELSE pg_catalog.format('The branch holds a %s reservation that is %s.',
+                                             r.kind, r.status) END;
+END
+$fn$;
+
+-- TCC try on stock: moves qty units of sku from available to reserved for
+-- (gid, branch), once.  Returns the barrier outcome; only 'proceed' changes
+-- anything.
+CREATE FUNCTION callback_center.tcc_stock_try(
+    gid text,
+    branch_id text,
+    sku_id text,
+    qty bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_sku    ALIAS FOR $3;
+    p_qty    ALIAS FOR $4;
+    outcome  text;
+    cur      bigint;
+BEGIN
+    PERFORM callback_center._tcc_require('gid, branch_id, sku_id and qty',
+                                         p_gid, p_branch, p_sku, p_qty::text);
+    IF p_qty <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('qty must be positive: %s', p_qty);
+    END IF;
+    outcome := callback_center.barrier(p_gid, p_branch, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = s.available - p_qty,
+           reserved = s.reserved + p_qty,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = p_sku AND s.available >= p_qty;
+    IF NOT FOUND THEN
+        SELECT s.available INTO cur FROM callback_center.stock AS s WHERE s.sku_id = p_sku;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB004',
+                MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
+                HINT = 'Create it with callback_center.set_stock().';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'CB001',
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', p_sku),
+            DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
+                                       p_qty, cur);
+    END IF;
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (p_gid, p_branch, 'stock', p_sku, p_qty);
+    RETURN outcome;
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) IS
+    'TCC try: reserves qty units of a SKU for (gid, branch); returns the barrier outcome';
+
+-- TCC confirm on stock: consumes the reservation (reserved -= qty), once.
+CREATE FUNCTION callback_center.tcc_stock_confirm(gid text, branch_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    outcome  text;
+    r        callback_center.tcc_reservations;
+BEGIN
+    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
+    outcome := callback_center.barrier(p_gid, p_branch, 'confirm');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(p_gid, p_branch, 'stock', 'confirmed');
+    UPDATE callback_center.stock AS s
+       SET reserved = s.reserved - r.quantity,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = r.resource_id;
+    RETURN outcome;
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.tcc_stock_confirm(text, text) IS
+    'TCC confirm: consumes the stock reserved by (gid, branch); returns the barrier outcome';
+
+-- TCC cancel on stock: gives the reservation back to available, once; an
+-- empty compensation when the try never ran.
+CREATE FUNCTION callback_center.tcc_stock_cancel(gid text, branch_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    outcome  text;
+    r        callback_center.tcc_reservations;
+BEGIN
+    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
+    outcome := callback_center.barrier(p_gid, p_branch, 'cancel');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(p_gid, p_branch, 'stock', 'cancelled');
+    UPDATE callback_center.stock AS s
+       SET available = s.available + r.quantity,
+           reserved = s.reserved - r.quantity,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = r.resource_id;
+    RETURN outcome;
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.tcc_stock_cancel(text, text) IS
+    'TCC cancel: returns the stock reserved by (gid, branch) to available; returns the barrier outcome';
+
+-- TCC try on a coupon: freezes it with biz_id = gid, once.
+CREATE FUNCTION callback_center.tcc_coupon_try(gid text, branch_id text, coupon_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_coupon ALIAS FOR $3;
+    outcome  text;
+BEGIN
+    PERFORM callback_center._tcc_require('gid, branch_id and coupon_id',
+                                         p_gid, p_branch, p_coupon);
+    outcome := callback_center.barrier(p_gid, p_branch, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    PERFORM callback_center.freeze_coupon(p_coupon, p_gid);
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (p_gid, p_branch, 'coupon', p_coupon, 1);
+    RETURN outcome;
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.tcc_coupon_try(text, text, text) IS
+    'TCC try: freezes a coupon for gid; returns the barrier outcome';
+
+-- TCC confirm on a coupon: marks it used by gid, once.
+CREATE FUNCTION callback_center.tcc_coupon_confirm(gid text, branch_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    outcome  text;
+    r        callback_center.tcc_reservations;
+BEGIN
+    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
+    outcome := callback_center.barrier(p_gid, p_branch, 'confirm');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(p_gid, p_branch, 'coupon', 'confirmed');
+    PERFORM callback_center.use_coupon(r.resource_id, p_gid);
+    RETURN outcome;
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.tcc_coupon_confirm(text, text) IS
+    'TCC confirm: uses the coupon frozen by (gid, branch); returns the barrier outcome';
+
+-- TCC cancel on a coupon: unfreezes it, once; an empty compensation when
+-- the try never ran.
+CREATE FUNCTION callback_center.tcc_coupon_cancel(gid text, branch_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    outcome  text;
+    r        callback_center.tcc_reservations;
+BEGIN
+    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
+    outcome := callback_center.barrier(p_gid, p_branch, 'cancel');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(p_gid, p_branch, 'coupon', 'cancelled');
+    PERFORM callback_center.unfreeze_coupon(r.resource_id, p_gid);
+    RETURN outcome;
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.tcc_coupon_cancel(text, text) IS
+    'TCC cancel: unfreezes the coupon frozen by (gid, branch); returns the barrier outcome';
+
+-- Declares a saga: steps is a JSON array of {"action": sql, "compensation":
+-- sql or null}, numbered from 1 in array order.  Returns the step count.
+CREATE FUNCTION callback_center.saga_start(saga_id text, steps jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_saga  ALIAS FOR $1;
+    p_steps ALIAS FOR $2;
+    bad     text;
+BEGIN
+    IF p_saga IS NULL OR p_steps IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'saga_id and steps must not be null';
+    END IF;
+    IF pg_catalog.jsonb_typeof(p_steps) <> 'array' OR pg_catalog.jsonb_array_length(p_steps) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'steps must be a non-empty JSON array',
+            HINT = 'Pass [{"action": "SELECT ...", "compensation": "SELECT ..."}, ...].';
+    END IF;
+    SELECT e::text INTO bad
+      FROM pg_catalog.jsonb_array_elements(p_steps) AS e
+     WHERE pg_catalog.jsonb_typeof(e) <> 'object'
+        OR pg_catalog.jsonb_typeof(e -> 'action') IS DISTINCT FROM 'string'
+        OR pg_catalog.btrim(e ->> 'action') = ''
+        OR pg_catalog.jsonb_typeof(e -> 'compensation') NOT IN ('string', 'null')
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid saga step: %s', bad),
+            DETAIL = 'Each step needs a non-empty "action" string; "compensation" is a string or null.';
+    END IF;
+    INSERT INTO callback_center.sagas (saga_id) VALUES (p_saga);
+    INSERT INTO callback_center.saga_steps (saga_id, step_no, action, compensation)
+    SELECT p_saga, e.n::integer, e.v ->> 'action', e.v ->> 'compensation'
+      FROM pg_catalog.jsonb_array_elements(p_steps) WITH ORDINALITY AS e(v, n);
+    RETURN pg_catalog.jsonb_array_length(p_steps);
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.saga_start(text, jsonb) IS
+    'Declares a saga of ordered steps (action, compensation); returns the step count';
+
+-- Bookkeeping for saga_run (which runs with the caller's rights): locks the
+-- saga row until the end of the transaction and returns its status; 42704
+-- when there is no such saga.
+CREATE FUNCTION callback_center._saga_lock(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    st text;
+BEGIN
+    SELECT s.status INTO st FROM callback_center.sagas AS s
+     WHERE s.saga_id = _saga_lock.saga_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = pg_catalog.format('unknown saga "%s"', _saga_lock.saga_id),
+            HINT = 'Declare it with callback_center.saga_start().';
+    END IF;
+    RETURN st;
+END
+$fn$;
+
+-- Bookkeeping for saga_run: sets a step's status and error (step_no given)
+-- or the saga's status and last error (step_no null).  Only forward moves:
+-- pending -> done/skipped, done -> compensated; running -> completed or
+-- compensating, compensating -> compensated.
+CREATE FUNCTION callback_center._saga_mark(
+    saga_id text, step_no integer, new_status text, error text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+#variable_conflict use_variable
+DECLARE
+    p_saga   ALIAS FOR $1;
+    p_step   ALIAS FOR $2;
+    p_status ALIAS FOR $3;
+    p_error  ALIAS FOR $4;
+BEGIN
+    IF p_step IS NULL THEN
+        UPDATE callback_center.sagas AS s
+           SET status = p_status, last_error = COALESCE(p_error, s.last_error),
+               updated_at = pg_catalog.now()
+         WHERE s.saga_id = p_saga
+           AND (s.status, p_status) IN (('running', 'completed'), ('running', 'compensating'),
+                                        ('compensating', 'compensated'),
+                                        ('compensating', 'compensating'));
+    ELSE
+        UPDATE callback_center.saga_steps AS t
+           SET status = p_status, error = COALESCE(p_error, t.error),
+               updated_at = pg_catalog.now()
+         WHERE t.saga_id = p_saga AND t.step_no = p_step
+           AND (t.status, p_status) IN (('pending', 'done'), ('pending', 'skipped'),
+                                        ('done', 'compensated'), ('done', 'done'),
+                                        ('skipped', 'skipped'));
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = pg_catalog.format('cannot move saga "%s" step %s to %s',
+                                        p_saga, COALESCE(p_step::text, '-'), p_status);
+    END IF;
+END
+$fn$;
+
+-- Runs a saga: its pending steps in order, each through the barrier (gid =
+-- saga id, branch = step number, op try) in a subtransaction.  When a step
+-- raises, its work is rolled back, the error recorded, and the saga
+-- compensates: from the last step down, every step goes through the
+-- barrier with op cancel; done steps run their compensation, the failed
+-- step and those never run are empty compensations (marked skipped, and a
+-- late try of them would be refused).  SECURITY INVOKER: actions and
+-- compensations run with the caller's rights and search_path, with the
+-- saga id as $1.  Returns the final status; re-running a finished saga
+-- changes nothing.  A compensation that raises is rolled back and recorded
+-- and the saga stays 'compensating' for a later run to finish.
+CREATE FUNCTION callback_center.saga_run(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $fn$
+DECLARE
+    p_saga   ALIAS FOR $1;
+    st       text;
+    step     record;
+    outcome  text;
+    err      text;
+BEGIN
+    IF p_saga IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'saga_id must not be null';
+    END IF;
+    st := callback_center._saga_lock(p_saga);
+    IF st IN ('completed', 'compensated') THEN
+        RETURN st;
+    END IF;
+    IF st = 'running' THEN
+        FOR step IN SELECT t.step_no, t.action FROM callback_center.saga_steps AS t
+                     WHERE t.saga_id = p_saga AND t.status = 'pending'
+                     ORDER BY t.step_no
+        LOOP
+            BEGIN
+                outcome := callback_center.barrier(p_saga, step.step_no::text, 'try');
+                IF outcome = 'proceed' THEN
+                    EXECUTE step.action USING p_saga;
+                ELSIF outcome = 'refused' THEN
+                    RAISE EXCEPTION USING ERRCODE = '55000',
+                        MESSAGE = pg_catalog.format('step %s refused by the barrier', step.step_no),
+                        DETAIL = 'Its compensation already ran.';
+                END IF;
+                PERFORM callback_center._saga_mark(p_saga, step.step_no, 'done', NULL);
+            EXCEPTION WHEN OTHERS THEN
+                err := pg_catalog.format('step %s: %s: %s', step.step_no, SQLSTATE, SQLERRM);
+                PERFORM callback_center._saga_mark(p_saga, step.step_no, 'skipped', err);
+                EXIT;
+            END;
+        END LOOP;
+        IF err IS NULL THEN
+            PERFORM callback_center._saga_mark(p_saga, NULL, 'completed', NULL);
+            RETURN 'completed';
+        END IF;
+        PERFORM callback_center._saga_mark(p_saga, NULL, 'compensating', err);
+    END IF;
+    -- Compensating: from the last step down, each through the barrier.
+    FOR step IN SELECT t.step_no, t.status, t.compensation FROM callback_center.saga_steps AS t
+                 WHERE t.saga_id = p_saga AND t.status <> 'compensated'
+                 ORDER BY t.step_no DESC
+    LOOP
+        BEGIN
+            outcome := callback_center.barrier(p_saga, step.step_no::text, 'cancel');
+            IF outcome = 'proceed' AND step.compensation IS NOT NULL THEN
+                EXECUTE step.compensation USING p_saga;
+            END IF;
+            PERFORM callback_center._saga_mark(p_saga, step.step_no,
+                CASE WHEN step.status = 'done' THEN 'compensated' ELSE 'skipped' END, NULL);
+        EXCEPTION WHEN OTHERS THEN
+            err := pg_catalog.format('compensation of step %s: %s: %s',
+                                     step.step_no, SQLSTATE, SQLERRM);
+            PERFORM callback_center._saga_mark(p_saga, NULL, 'compensating', err);
+            RETURN 'compensating';
+        END;
+    END LOOP;
+    PERFORM callback_center._saga_mark(p_saga, NULL, 'compensated', NULL);
+    RETURN 'compensated';
+END
+$fn$;
+
+COMMENT ON FUNCTION callback_center.saga_run(text) IS
+    'Runs a saga''s pending steps through the barrier; on failure compensates done steps in reverse';
+
+REVOKE ALL ON FUNCTION callback_center.barrier(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._tcc_require(text, text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._tcc_settle(text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center.tcc_stock_confirm(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center.tcc_stock_cancel(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center.tcc_coupon_try(text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center.tcc_coupon_confirm(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center.tcc_coupon_cancel(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center.saga_start(text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._saga_lock(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._saga_mark(text, integer, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center.saga_run(text) FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION
+    callback_center.barrier(text, text, text),
+    callback_center.tcc_stock_try(text, text, text, bigint),
+    callback_center.tcc_stock_confirm(text, text),
+    callback_center.tcc_stock_cancel(text, text),
+    callback_center.tcc_coupon_try(text, text, text),
+    callback_center.tcc_coupon_confirm(text, text),
+    callback_center.tcc_coupon_cancel(text, text),
+    callback_center.saga_start(text, jsonb),
+    callback_center._saga_lock(text),
+    callback_center._saga_mark(text, integer, text, text),
+    callback_center.saga_run(text)
+    TO callback_center_app, callback_center_admin;
