@@ -19,7 +19,10 @@ port=$(cc_free_port 55432)
 pgdata=$dir/data
 started=0
 
+rcv_pid=
+
 stop_all() {
+    [ -n "$rcv_pid" ] && [ "${KEEP:-0}" != 1 ] && kill "$rcv_pid" 2>/dev/null
     if [ "$started" = 1 ] && [ "${KEEP:-0}" != 1 ]; then
         as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null 2>&1
         as_root rm -rf "$dir"
@@ -47,8 +50,50 @@ psql_demo() {
         -v ON_ERROR_STOP=1 "$@"
 }
 
+# The merchant ERP, settlement and notification services: one loopback
+# receiver that records and verifies every request.
+secret=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+python3 "$CC_ROOT/test/receiver.py" --port 0 --portfile "$dir/rcv.port" \
+    --log "$dir/rcv.jsonl" --secret "$secret" --max-seconds 900 9>&- &
+rcv_pid=$!
+for _ in $(seq 100); do [ -s "$dir/rcv.port" ] && break; sleep 0.1; done
+rport=$(cat "$dir/rcv.port")
+cc_say "receiver listening on 127.0.0.1:$rport"
+
 cc_say "running the story (test/demo.sql)"
-psql_demo -f "$CC_ROOT/test/demo.sql" || { echo "demo failed"; exit 1; }
+psql_demo -v rcv="http://127.0.0.1:$rport" -v secret="$secret" \
+    -f "$CC_ROOT/test/demo.sql" || { echo "demo failed"; exit 1; }
+
+# E. Receiver down: retries on schedule, dead letter, replay after recovery.
+cc_say "E. the settlement service goes down"
+curl -s -X POST "http://127.0.0.1:$rport/__control" \
+    -d '{"path": "/settlement", "mode": "500"}' >/dev/null
+psql_demo -v rcv="http://127.0.0.1:$rport" -f "$CC_ROOT/test/demo_outage.sql" --set phase=down ||
+    { echo "demo failed"; exit 1; }
+cc_say "E. the settlement service is back: replay its dead letters"
+curl -s -X POST "http://127.0.0.1:$rport/__reset" >/dev/null
+psql_demo -f "$CC_ROOT/test/demo_outage.sql" --set phase=replay || { echo "demo failed"; exit 1; }
+
+# F. kill -9 of the worker in the middle of a burst: nothing is lost.
+cc_say "F. 2,000 events, and the worker is killed with SIGKILL mid-delivery"
+psql_demo -c "SELECT count(*) AS queued FROM (SELECT callback_center.enqueue('user.notify', 'crash-' || i, jsonb_build_object('i', i)) FROM generate_series(1, 2000) i) x" >/dev/null
+wpid=$(psql_demo -At -c "SELECT pid FROM callback_center.worker_status()")
+kill -9 "$wpid" 2>/dev/null
+for _ in $(seq 600); do
+    left=$(psql_demo -At -c "SELECT count(*) FROM callback_center.outbox WHERE aggregate_id LIKE 'crash-%' AND status NOT IN ('delivered', 'dead')" 2>/dev/null)
+    [ "$left" = 0 ] && break
+    sleep 0.2
+done
+psql_demo -f "$CC_ROOT/test/demo_crash.sql" || { echo "demo failed"; exit 1; }
+python3 - "$dir/rcv.jsonl" <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+crash = [l for l in lines if '"crash-' in l["body"]]
+ids = {l["headers"]["webhook-id"] for l in crash}
+print(f"   receiver: {len(lines)} requests in all, {sum(1 for l in lines if l.get('signature_ok'))} with a valid signature")
+print(f"   crash burst: {len(ids)} distinct webhook-ids received for 2000 events "
+      f"({len(crash) - len(ids)} duplicates, each under the same webhook-id so receivers can drop them)")
+PY
 
 if [ "${KEEP:-0}" = 1 ]; then
     cat <<MSG
