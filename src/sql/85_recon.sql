@@ -184,13 +184,19 @@ BEGIN
                  ELSE 'flagged'
                END AS resolution,
                u.payment_id AS apply_payment_id
+          -- Index probes for the unmatched lines only (LIMIT 1 keeps
+          -- them per-row lookups, not hash joins over every payment).
           FROM j
-          LEFT JOIN callback_center.payments x
-                 ON j.l_txn IS NULL AND x.provider_txn_id = j.s_txn
-                AND x.provider = p_channel
-          LEFT JOIN callback_center.payments u
-                 ON j.l_txn IS NULL AND x.payment_id IS NULL
-                AND u.order_id = j.s_order AND u.provider_txn_id IS NULL
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND p.provider_txn_id = j.s_txn
+                   AND p.provider = p_channel
+                 LIMIT 1) x ON true
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND x.payment_id IS NULL
+                   AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                 LIMIT 1) u ON true
     ), ins AS (
         INSERT INTO callback_center.recon_diffs AS d
                (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
