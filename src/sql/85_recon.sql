@@ -1,0 +1,428 @@
+
+-- Reconciliation against providers' daily statements, maintenance
+-- scheduling through pg_cron (optional), and retention (doc/recon.md).
+
+-- A provider's statement for one bill date, loaded with COPY.  status is
+-- the provider's word: 'success', 'refund', 'closed' (others are kept and
+-- compared as they are).
+CREATE TABLE callback_center.provider_statement (
+    channel         text NOT NULL,
+    bill_date       date NOT NULL,
+    provider_txn_id text NOT NULL,
+    order_id        text,
+    amount_cents    bigint NOT NULL,
+    status          text NOT NULL,
+    loaded_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (channel, bill_date, provider_txn_id)
+);
+COMMENT ON TABLE callback_center.provider_statement IS
+    'Provider statements, one row per transaction per bill date; load with COPY';
+
+-- What reconcile found.  One row per (statement line or local payment,
+-- kind); resolution says what was done: applied (settled by reconcile),
+-- flagged (for people), pending_grace (may be a cross-midnight timing
+-- difference; the next run decides).
+CREATE TABLE callback_center.recon_diffs (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    channel         text NOT NULL,
+    bill_date       date NOT NULL,
+    provider_txn_id text NOT NULL,
+    order_id        text,
+    kind            text NOT NULL CHECK (kind IN ('missing_local', 'missing_provider',
+                                                  'amount_mismatch', 'status_mismatch')),
+    provider_amount bigint,
+    local_amount    bigint,
+    provider_status text,
+    local_status    text,
+    resolution      text NOT NULL CHECK (resolution IN ('applied', 'flagged', 'pending_grace')),
+    note            text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    checked_at      timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (channel, bill_date, provider_txn_id, kind)
+);
+COMMENT ON TABLE callback_center.recon_diffs IS
+    'Differences between provider statements and local payments, by (channel, bill_date)';
+
+-- Local payments are looked up by provider and paid time.
+CREATE INDEX payments_provider_paid_at
+    ON callback_center.payments (provider, paid_at) WHERE paid_at IS NOT NULL;
+
+SELECT pg_catalog.pg_extension_config_dump('callback_center.provider_statement', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.recon_diffs', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.recon_diffs_id_seq', '');
+
+GRANT SELECT ON callback_center.provider_statement, callback_center.recon_diffs
+    TO callback_center_admin;
+GRANT INSERT, DELETE ON callback_center.provider_statement TO callback_center_admin;
+
+-- Does the provider's statement status agree with our payment status?
+CREATE FUNCTION callback_center._recon_status_agrees(provider_status text, local_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT CASE provider_status
+        WHEN 'success' THEN local_status = 'PAID'
+        WHEN 'refund' THEN local_status = 'REFUNDED'
+        WHEN 'closed' THEN local_status IN ('CLOSED', 'FAILED')
+        ELSE false END
+$$;
+
+-- Reconciles one channel's statement for one bill date against local
+-- payments in one set-based pass, records every difference in recon_diffs
+-- (upsert: a rerun adds nothing twice, and drops differences that are gone
+-- unless applied), settles provider-paid / locally-unpaid payments like a
+-- callback would, and returns the count of recorded differences per kind
+-- for (channel, bill_date).  The bill date's day is midnight to midnight in
+-- the session's TimeZone.
+CREATE FUNCTION callback_center.reconcile(channel text, bill_date date,
+    grace interval DEFAULT '30 minutes')
+RETURNS TABLE (kind text, count bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_channel text := reconcile.channel;
+    p_date date := reconcile.bill_date;
+    day_start timestamptz;
+    day_end timestamptz;
+    run_at timestamptz := clock_timestamp();
+    r record;
+    applied_ids bigint[];
+    o callback_center.orders;
+    pay callback_center.payments;
+BEGIN
+    IF p_channel IS NULL OR p_date IS NULL OR reconcile.grace IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'channel, bill_date and grace must not be null';
+    END IF;
+    IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
+    END IF;
+    day_start := p_date::timestamptz;
+    day_end := (p_date + 1)::timestamptz;
+
+    -- Serialise runs for one (channel, bill_date).
+    PERFORM pg_advisory_xact_lock(hashtextextended(
+        'callback_center.recon:' || p_channel || ':' || p_date::text, 0));
+
+    -- One pass: statement lines of the day FULL JOIN local payments of the
+    -- provider paid in the day widened by grace at both edges, matched on
+    -- the provider's transaction id.  Lines left unmatched look further:
+    -- the same transaction id paid on another day (x), or the unpaid
+    -- payment of the line's order (u).  Lines already settled by an earlier
+    -- run are left alone.
+    WITH s AS (
+        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
+          FROM callback_center.provider_statement st
+         WHERE st.channel = p_channel AND st.bill_date = p_date
+           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                              AND d.provider_txn_id = st.provider_txn_id
+                              AND d.resolution = 'applied')
+    ), l AS (
+        SELECT p.payment_id, p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
+          FROM callback_center.payments p
+         WHERE p.provider = p_channel
+           AND p.paid_at >= day_start - reconcile.grace
+           AND p.paid_at < day_end + reconcile.grace
+           AND p.provider_txn_id IS NOT NULL
+    ), j AS (
+        SELECT s.provider_txn_id AS s_txn, s.order_id AS s_order, s.amount_cents AS s_amount,
+               s.status AS s_status,
+               l.provider_txn_id AS l_txn, l.order_id AS l_order, l.amount_cents AS l_amount,
+               l.status AS l_status, l.paid_at AS l_paid_at
+          FROM s FULL JOIN l ON l.provider_txn_id = s.provider_txn_id
+    ), c AS (
+        SELECT coalesce(j.s_txn, j.l_txn) AS txn,
+               coalesce(j.s_order, j.l_order, x.order_id, u.order_id) AS order_id,
+               j.s_amount, j.s_status,
+               coalesce(j.l_amount, x.amount_cents, u.amount_cents) AS local_amount,
+               coalesce(j.l_status, x.status, u.status) AS local_status,
+               CASE
+                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN
+                   CASE WHEN j.s_amount <> j.l_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, j.l_status)
+                             THEN 'status_mismatch' END
+                 WHEN j.l_txn IS NOT NULL THEN
+                   -- Local only; rows in the grace margins belong to the
+                   -- neighbouring days' statements.
+                   CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
+                        THEN 'missing_provider' END
+                 WHEN x.payment_id IS NOT NULL THEN
+                   CASE WHEN x.paid_at >= day_start - interval '1 day'
+                             AND x.paid_at < day_end + interval '1 day'
+                        THEN 'missing_local'
+                        WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, x.status)
+                             THEN 'status_mismatch' END
+                 WHEN u.payment_id IS NOT NULL THEN
+                   CASE WHEN u.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, u.status)
+                             THEN 'status_mismatch' END
+                 ELSE 'missing_local'
+               END AS kind,
+               CASE
+                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN 'flagged'
+                 WHEN j.l_txn IS NOT NULL THEN
+                   CASE WHEN j.l_paid_at < day_start + reconcile.grace
+                          OR j.l_paid_at >= day_end - reconcile.grace
+                          OR EXISTS (SELECT 1 FROM callback_center.provider_statement n
+                                      WHERE n.channel = p_channel
+                                        AND n.bill_date IN (p_date - 1, p_date + 1)
+                                        AND n.provider_txn_id = j.l_txn)
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN x.payment_id IS NOT NULL THEN
+                   CASE WHEN x.paid_at >= day_start - interval '1 day'
+                             AND x.paid_at < day_end + interval '1 day'
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN u.payment_id IS NOT NULL AND j.s_status = 'success'
+                      AND u.amount_cents = j.s_amount
+                      AND u.status IN ('CREATED', 'PAYING', 'CLOSED', 'FAILED') THEN 'applied'
+                 ELSE 'flagged'
+               END AS resolution,
+               u.payment_id AS apply_payment_id
+          -- Index probes for the unmatched lines only (LIMIT 1 keeps
+          -- them per-row lookups, not hash joins over every payment).
+          FROM j
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND p.provider_txn_id = j.s_txn
+                   AND p.provider = p_channel
+                 LIMIT 1) x ON true
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND x.payment_id IS NULL
+                   AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                 LIMIT 1) u ON true
+    ), ins AS (
+        INSERT INTO callback_center.recon_diffs AS d
+               (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
+                local_amount, provider_status, local_status, resolution, checked_at)
+        SELECT p_channel, p_date, c.txn, c.order_id, c.kind, c.s_amount, c.local_amount,
+               c.s_status, c.local_status, c.resolution, run_at
+          FROM c
+         WHERE c.kind IS NOT NULL
+        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+           SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
+               local_amount = excluded.local_amount, provider_status = excluded.provider_status,
+               local_status = excluded.local_status, resolution = excluded.resolution,
+               checked_at = excluded.checked_at
+         WHERE d.resolution <> 'applied'
+        RETURNING d.id, d.provider_txn_id, d.order_id, d.resolution
+    )
+    SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
+      INTO applied_ids
+      FROM ins;
+
+    -- Differences an earlier run recorded that this run no longer finds.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date = p_date
+       AND d.resolution <> 'applied' AND d.checked_at <> run_at;
+
+    -- Settle what the provider was paid for and we were not told: like a
+    -- callback, through the state machines (which emit the follow-ups); on
+    -- an order that can no longer take the money, ask for a refund.
+    FOR r IN
+        SELECT d.id, d.provider_txn_id, d.order_id
+          FROM callback_center.recon_diffs d
+         WHERE d.id = ANY (coalesce(applied_ids, '{}'))
+         ORDER BY d.id
+    LOOP
+        SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = r.order_id FOR UPDATE;
+        SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = r.order_id FOR UPDATE;
+        IF pay.provider_txn_id IS NOT NULL THEN
+            -- A callback got there first, after the pass read the row.
+            UPDATE callback_center.recon_diffs d
+               SET resolution = 'flagged',
+                   note = format('payment took transaction %s meanwhile', pay.provider_txn_id)
+             WHERE d.id = r.id;
+        ELSIF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+              AND pay.status IN ('CREATED', 'PAYING') THEN
+            UPDATE callback_center.payments x
+               SET provider = p_channel, provider_txn_id = r.provider_txn_id,
+                   paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                pay.payment_id, 'success');
+            IF o.coupon_id IS NOT NULL THEN
+                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
+            END IF;
+            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status',
+                                                o.order_id, 'pay_success');
+            UPDATE callback_center.recon_diffs d SET note = 'payment marked paid'
+             WHERE d.id = r.id;
+        ELSE
+            PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
+                jsonb_build_object('order_id', o.order_id, 'txn_id', r.provider_txn_id,
+                                   'provider', p_channel, 'amount_cents', pay.amount_cents,
+                                   'order_status', o.status, 'pay_status', o.pay_status,
+                                   'source', 'reconciliation'));
+            UPDATE callback_center.recon_diffs d
+               SET note = format('order is %s/%s: payment.refund_required emitted',
+                                 o.status, o.pay_status)
+             WHERE d.id = r.id;
+        END IF;
+    END LOOP;
+
+    RETURN QUERY
+        SELECT k.kind, count(d.id)
+          FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
+                            'status_mismatch']) WITH ORDINALITY AS k(kind, ord)
+          LEFT JOIN callback_center.recon_diffs d
+                 ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
+         GROUP BY k.kind, k.ord
+         ORDER BY k.ord;
+END
+$$;
+
+-- Deletes, in batches of at most batch_size rows, what is older than
+-- older_than and no longer needed: delivered outbox rows, delivery attempts
+-- (when that table exists), state history, succeeded callback records and
+-- reconciliation differences.  Pending, delivering and dead outbox rows and
+-- pending, processing and failed callback records are never touched.  Rows
+-- locked by others are skipped, never waited for.  Returns the rows deleted
+-- per relation.
+CREATE FUNCTION callback_center.purge(older_than interval DEFAULT '7 days',
+    batch_size integer DEFAULT 10000)
+RETURNS TABLE (relation text, purged bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    cutoff timestamptz;
+    t record;
+    n bigint;
+    total bigint;
+    last_id bigint;
+BEGIN
+    IF older_than IS NULL OR batch_size IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'older_than and batch_size must not be null';
+    END IF;
+    IF older_than < interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('older_than must not be negative, got %s', older_than);
+    END IF;
+    IF batch_size < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('batch_size must be positive, got %s', batch_size);
+    END IF;
+    cutoff := now() - older_than;
+
+    FOR t IN
+        SELECT v.rel, v.cond
+          FROM (VALUES
+            (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1'),
+            (2, 'callback_center.delivery_attempts', 'attempted_at < $1'),
+            (3, 'callback_center.state_history', 'at < $1'),
+            (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1'),
+            (5, 'callback_center.recon_diffs', 'created_at < $1')) AS v(ord, rel, cond)
+         WHERE to_regclass(v.rel) IS NOT NULL
+         ORDER BY v.ord
+    LOOP
+        total := 0;
+        last_id := 0;
+        LOOP
+            -- Walk the primary key upwards: old rows have low ids, and no
+            -- batch rescans what an earlier one passed.
+            EXECUTE format(
+                'WITH b AS (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
+                ' FOR UPDATE SKIP LOCKED),'
+                ' d AS (DELETE FROM %s WHERE id IN (SELECT id FROM b) RETURNING id)'
+                ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
+                ' FROM (SELECT count(*) FROM d) AS x',
+                t.rel, t.cond, t.rel)
+                INTO n, last_id USING cutoff, last_id, batch_size;
+            total := total + n;
+            EXIT WHEN n < batch_size;
+        END LOOP;
+        relation := t.rel;
+        purged := total;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- Schedules the maintenance jobs with pg_cron (when it is installed in this
+-- database): callback_center_retention running purge() on retention_cron,
+-- and callback_center_recon_<channel> running reconcile() for yesterday on
+-- recon_cron for each channel.  Jobs of the same names are replaced and
+-- recon jobs of channels no longer listed are removed, so calling it again
+-- is safe.  Returns the job ids.
+CREATE FUNCTION callback_center.schedule_maintenance(
+    reconcile_channels text[] DEFAULT '{}',
+    retention_cron text DEFAULT '*/10 * * * *',
+    recon_cron text DEFAULT '30 1 * * *')
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ch text;
+    jobid bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = 'pg_cron is not installed in this database',
+            HINT = 'Install pg_cron: set shared_preload_libraries = ''pg_cron'' and '
+                   'cron.database_name to this database, restart, then run CREATE EXTENSION pg_cron.';
+    END IF;
+    IF reconcile_channels IS NULL OR retention_cron IS NULL OR recon_cron IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'reconcile_channels, retention_cron and recon_cron must not be null';
+    END IF;
+    IF array_position(reconcile_channels, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'a channel must not be null';
+    END IF;
+
+    EXECUTE 'SELECT cron.unschedule(jobid) FROM cron.job'
+            ' WHERE jobname LIKE ''callback\_center\_recon\_%'' AND jobname <> ALL ($1)'
+        USING ARRAY(SELECT 'callback_center_recon_' || c FROM unnest(reconcile_channels) c);
+
+    EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
+        USING 'callback_center_retention', retention_cron, 'SELECT callback_center.purge()';
+    RETURN NEXT jobid;
+    FOREACH ch IN ARRAY reconcile_channels LOOP
+        EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
+            USING 'callback_center_recon_' || ch, recon_cron,
+                  format('SELECT * FROM callback_center.reconcile(%L, current_date - 1)', ch);
+        RETURN NEXT jobid;
+    END LOOP;
+END
+$$;
+
+-- Removes every job schedule_maintenance made.  Returns how many.
+CREATE FUNCTION callback_center.unschedule_maintenance()
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = 'pg_cron is not installed in this database',
+            HINT = 'Install pg_cron: set shared_preload_libraries = ''pg_cron'' and '
+                   'cron.database_name to this database, restart, then run CREATE EXTENSION pg_cron.';
+    END IF;
+    EXECUTE 'SELECT count(cron.unschedule(jobid)) FROM cron.job'
+            ' WHERE jobname LIKE ''callback\_center\_%'''
+        INTO n;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._recon_status_agrees(text, text),
+    callback_center.reconcile(text, date, interval),
+    callback_center.purge(interval, integer),
+    callback_center.schedule_maintenance(text[], text, text),
+    callback_center.unschedule_maintenance() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.reconcile(text, date, interval),
+    callback_center.purge(interval, integer),
+    callback_center.schedule_maintenance(text[], text, text),
+    callback_center.unschedule_maintenance()
+    TO callback_center_admin;
