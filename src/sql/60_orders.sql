@@ -175,6 +175,21 @@ AS $$
     SELECT count(*) = 1 FROM u
 $$;
 
+-- What place_order returns for an order.
+CREATE FUNCTION callback_center._order_summary(p_order_id text, p_is_new boolean)
+RETURNS TABLE (order_id text, status text, pay_status text, payment_id text,
+               pay_deadline timestamptz, failure_reason text, is_new boolean)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT o.order_id, o.status, o.pay_status, p.payment_id, o.pay_deadline,
+           o.failure_reason, p_is_new
+      FROM callback_center.orders o
+      LEFT JOIN callback_center.payments p ON p.order_id = o.order_id
+     WHERE o.order_id = p_order_id
+$$;
+REVOKE ALL ON FUNCTION callback_center._order_summary(text, boolean) FROM PUBLIC;
+
 -- Places an order in one transaction: records it pending confirmation,
 -- deducts the stock of every item and freezes the coupon (all or nothing),
 -- confirms it (emitting order.placed) and creates its payment.  Short stock
@@ -226,12 +241,7 @@ BEGIN
     -- would fire for a row that is then skipped.
     PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.order:' || p_order_id, 0));
     IF EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = p_order_id) THEN
-        RETURN QUERY
-            SELECT o.order_id, o.status, o.pay_status, p.payment_id, o.pay_deadline,
-                   o.failure_reason, false
-              FROM callback_center.orders o
-              LEFT JOIN callback_center.payments p ON p.order_id = o.order_id
-             WHERE o.order_id = p_order_id;
+        RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, false);
         RETURN;
     END IF;
     INSERT INTO callback_center.orders
@@ -259,12 +269,7 @@ BEGIN
         VALUES ('pay_' || p_order_id, p_order_id, p_provider, p_amount_cents);
     END IF;
 
-    RETURN QUERY
-        SELECT o.order_id, o.status, o.pay_status, p.payment_id, o.pay_deadline,
-               o.failure_reason, true
-          FROM callback_center.orders o
-          LEFT JOIN callback_center.payments p ON p.order_id = o.order_id
-         WHERE o.order_id = p_order_id;
+    RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, true);
 END
 $$;
 
