@@ -22,7 +22,10 @@ started=0
 rcv_pid=
 
 stop_all() {
-    [ -n "$rcv_pid" ] && [ "${KEEP:-0}" != 1 ] && kill "$rcv_pid" 2>/dev/null
+    if [ -n "$rcv_pid" ] && [ "${KEEP:-0}" != 1 ]; then
+        kill "$rcv_pid" 2>/dev/null
+        rm -rf "$rdir"
+    fi
     if [ "$started" = 1 ] && [ "${KEEP:-0}" != 1 ]; then
         as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null 2>&1
         as_root rm -rf "$dir"
@@ -53,11 +56,14 @@ psql_demo() {
 # The merchant ERP, settlement and notification services: one loopback
 # receiver that records and verifies every request.
 secret=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
-python3 "$CC_ROOT/test/receiver.py" --port 0 --portfile "$dir/rcv.port" \
-    --log "$dir/rcv.jsonl" --secret "$secret" --max-seconds 900 9>&- &
+# It runs as the invoking user, so its files go in a directory of its own
+# (the cluster's directory belongs to postgres).
+rdir=$(mktemp -d /tmp/callback_center_receiver.XXXXXX)
+python3 "$CC_ROOT/test/receiver.py" --port 0 --portfile "$rdir/rcv.port" \
+    --log "$rdir/rcv.jsonl" --secret "$secret" --max-seconds 900 9>&- &
 rcv_pid=$!
-for _ in $(seq 100); do [ -s "$dir/rcv.port" ] && break; sleep 0.1; done
-rport=$(cat "$dir/rcv.port")
+for _ in $(seq 100); do [ -s "$rdir/rcv.port" ] && break; sleep 0.1; done
+rport=$(cat "$rdir/rcv.port")
 cc_say "receiver listening on 127.0.0.1:$rport"
 
 cc_say "running the story (test/demo.sql)"
@@ -85,7 +91,7 @@ for _ in $(seq 600); do
     sleep 0.2
 done
 psql_demo -f "$CC_ROOT/test/demo_crash.sql" || { echo "demo failed"; exit 1; }
-python3 - "$dir/rcv.jsonl" <<'PY'
+python3 - "$rdir/rcv.jsonl" <<'PY'
 import json, sys
 lines = [json.loads(l) for l in open(sys.argv[1])]
 crash = [l for l in lines if '"crash-' in l["body"]]
