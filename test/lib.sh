@@ -67,8 +67,8 @@ cc_work_copy() {
     dir=$(mktemp -d /tmp/callback_center.XXXXXX)
     (cd "$CC_ROOT" && tar --exclude=.git --exclude='tmp_check*' --exclude=results \
         --exclude=log -cf - .) | tar -C "$dir" -xf -
-    as_root chown -R "$CC_PG_USER" "$dir"
     chmod 755 "$dir"
+    as_root chown -R "$CC_PG_USER" "$dir"
     echo "$dir"
 }
 
