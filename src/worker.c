@@ -207,6 +207,30 @@ endpoint_state(int32 id)
 	return rt;
 }
 
+/*
+ * The endpoint with this id, or NULL.  cc_queue_load_endpoints returns them
+ * ordered by id, so a binary search serves every job of a batch.
+ */
+static CcEndpoint *
+find_endpoint(CcEndpoint *eps, int neps, int32 id)
+{
+	int			lo = 0,
+				hi = neps - 1;
+
+	while (lo <= hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+
+		if (eps[mid].id == id)
+			return &eps[mid];
+		if (eps[mid].id < id)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return NULL;
+}
+
 static CcBreakerConfig
 breaker_config(const CcEndpoint *e)
 {
@@ -347,11 +371,8 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 				used++;
 		if (rt->bucket.started && used < quotas[i])
 		{
-			CcEndpoint *e = NULL;
+			CcEndpoint *e = find_endpoint(eps, neps, ids[i]);
 
-			for (j = 0; j < neps; j++)
-				if (eps[j].id == ids[i])
-					e = &eps[j];
 			if (e && e->rate_per_s > 0)
 				rt->bucket.tokens = Min(Max(e->rate_per_s, 1.0),
 										rt->bucket.tokens + (quotas[i] - used));
@@ -381,16 +402,12 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	for (i = 0; i < njobs; i++)
 	{
 		CcJob	   *job = &jobs[i];
-		CcEndpoint *e = NULL;
-		int			j;
+		CcEndpoint *e = find_endpoint(eps, neps, job->endpoint_id);
 		char		msg_id[32];
 		int64		ts = (int64) time(NULL);
 		char	   *sig;
 		const char **hdr = palloc(sizeof(char *) * 5);
 
-		for (j = 0; j < neps; j++)
-			if (eps[j].id == job->endpoint_id)
-				e = &eps[j];
 		Assert(e != NULL);
 		snprintf(msg_id, sizeof(msg_id), "msg_" INT64_FORMAT, job->id);
 		sig = cc_sign_webhook(e->key, e->keylen, msg_id, ts, job->body,
@@ -427,16 +444,13 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 		CcJob	   *job = &jobs[i];
 		CcHttpResult *r = &res[i];
 		CcJobResult *out = &results[i];
-		CcEndpoint *e = NULL;
+		CcEndpoint *e = find_endpoint(eps, neps, job->endpoint_id);
 		CcEndpointRuntime *rt;
 		CcBreakerConfig cfg;
 		CcAttemptClass cls;
-		int			j;
 		int64		t = now_ms();
 
-		for (j = 0; j < neps; j++)
-			if (eps[j].id == job->endpoint_id)
-				e = &eps[j];
+		Assert(e != NULL);
 		rt = endpoint_state(e->id);
 		cfg = breaker_config(e);
 		out->http_status = r->status;
