@@ -6,7 +6,9 @@
 
 CC_ROOT=${CC_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 CC_PG_VERSION=15
-CC_BINDIR=/usr/lib/postgresql/$CC_PG_VERSION/bin
+# A relocated copy of the PostgreSQL tree (see CONTRIBUTING in README) may be
+# named by CC_BINDIR so parallel work does not share one install directory.
+CC_BINDIR=${CC_BINDIR:-/usr/lib/postgresql/$CC_PG_VERSION/bin}
 CC_PG_USER=postgres
 
 # Debian packages the build, the tests, the demo and the benchmarks need.
