@@ -19,7 +19,9 @@ COMMENT ON TABLE callback_center.provider_statement IS
     'Provider statements, one row per transaction per bill date; load with COPY';
 
 -- What reconcile found.  One row per (statement line or local payment,
--- kind); resolution says what was done: applied (settled by reconcile),
+-- kind); refund_required is money the provider took for an order that could
+-- not take it (callback_center.late_payments), for people to refund;
+-- resolution says what was done: applied (settled by reconcile),
 -- flagged (for people), pending_grace (may be a cross-midnight timing
 -- difference; the next run decides).
 CREATE TABLE callback_center.recon_diffs (
@@ -29,7 +31,8 @@ CREATE TABLE callback_center.recon_diffs (
     provider_txn_id text NOT NULL,
     order_id        text,
     kind            text NOT NULL CHECK (kind IN ('missing_local', 'missing_provider',
-                                                  'amount_mismatch', 'status_mismatch')),
+                                                  'amount_mismatch', 'status_mismatch',
+                                                  'refund_required')),
     provider_amount bigint,
     local_amount    bigint,
     provider_status text,
@@ -92,6 +95,7 @@ DECLARE
     applied_ids bigint[];
     o callback_center.orders;
     pay callback_center.payments;
+    outcome text;
 BEGIN
     IF p_channel IS NULL OR p_date IS NULL OR reconcile.grace IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004',
@@ -201,10 +205,21 @@ BEGIN
         INSERT INTO callback_center.recon_diffs AS d
                (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
                 local_amount, provider_status, local_status, resolution, checked_at)
-        SELECT p_channel, p_date, c.txn, c.order_id, c.kind, c.s_amount, c.local_amount,
-               c.s_status, c.local_status, c.resolution, run_at
+        SELECT p_channel, p_date, c.txn, c.order_id,
+               -- Known late money is a refund for people, whatever else
+               -- differs; once refunded, the provider's refund agrees.
+               CASE WHEN lp.status = 'refund_required' AND c.resolution <> 'applied'
+                    THEN 'refund_required' ELSE c.kind END,
+               c.s_amount, c.local_amount, c.s_status, c.local_status,
+               CASE WHEN lp.status = 'refund_required' AND c.resolution = 'pending_grace'
+                    THEN 'flagged' ELSE c.resolution END,
+               run_at
           FROM c
+          LEFT JOIN LATERAL (
+                SELECT l.status FROM callback_center.late_payments l
+                 WHERE l.provider = p_channel AND l.provider_txn_id = c.txn) lp ON true
          WHERE c.kind IS NOT NULL
+           AND NOT (lp.status IS NOT DISTINCT FROM 'refunded' AND c.s_status = 'refund')
         ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
            SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
                local_amount = excluded.local_amount, provider_status = excluded.provider_status,
@@ -222,11 +237,11 @@ BEGIN
      WHERE d.channel = p_channel AND d.bill_date = p_date
        AND d.resolution <> 'applied' AND d.checked_at <> run_at;
 
-    -- Settle what the provider was paid for and we were not told: like a
-    -- callback, through the state machines (which emit the follow-ups); on
-    -- an order that can no longer take the money, ask for a refund.
+    -- Settle what the provider was paid for and we were not told, through
+    -- the same path as a callback (state machines, follow-up events; on an
+    -- order that can no longer take the money, a late payment to refund).
     FOR r IN
-        SELECT d.id, d.provider_txn_id, d.order_id
+        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount
           FROM callback_center.recon_diffs d
          WHERE d.id = ANY (coalesce(applied_ids, '{}'))
          ORDER BY d.id
@@ -239,38 +254,27 @@ BEGIN
                SET resolution = 'flagged',
                    note = format('payment took transaction %s meanwhile', pay.provider_txn_id)
              WHERE d.id = r.id;
-        ELSIF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
-              AND pay.status IN ('CREATED', 'PAYING') THEN
-            UPDATE callback_center.payments x
-               SET provider = p_channel, provider_txn_id = r.provider_txn_id,
-                   paid_at = now(), updated_at = now()
-             WHERE x.payment_id = pay.payment_id;
-            PERFORM callback_center.apply_event('callback_center.payments', 'status',
-                                                pay.payment_id, 'success');
-            IF o.coupon_id IS NOT NULL THEN
-                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
-            END IF;
-            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status',
-                                                o.order_id, 'pay_success');
-            UPDATE callback_center.recon_diffs d SET note = 'payment marked paid'
-             WHERE d.id = r.id;
-        ELSE
-            PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
-                jsonb_build_object('order_id', o.order_id, 'txn_id', r.provider_txn_id,
-                                   'provider', p_channel, 'amount_cents', pay.amount_cents,
-                                   'order_status', o.status, 'pay_status', o.pay_status,
-                                   'source', 'reconciliation'));
-            UPDATE callback_center.recon_diffs d
-               SET note = format('order is %s/%s: payment.refund_required emitted',
-                                 o.status, o.pay_status)
-             WHERE d.id = r.id;
+            CONTINUE;
         END IF;
+        outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
+                                                         r.provider_amount, 'success',
+                                                         'reconciliation');
+        UPDATE callback_center.recon_diffs d
+           SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
+               resolution = CASE outcome WHEN 'refund_required' THEN 'flagged' ELSE d.resolution END,
+               note = CASE outcome
+                        WHEN 'paid' THEN 'payment marked paid'
+                        WHEN 'refund_required'
+                          THEN format('order is %s/%s: payment.refund_required emitted',
+                                      o.status, o.pay_status)
+                        ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
     END LOOP;
 
     RETURN QUERY
         SELECT k.kind, count(d.id)
           FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
-                            'status_mismatch']) WITH ORDINALITY AS k(kind, ord)
+                            'status_mismatch', 'refund_required']) WITH ORDINALITY AS k(kind, ord)
           LEFT JOIN callback_center.recon_diffs d
                  ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
          GROUP BY k.kind, k.ord
