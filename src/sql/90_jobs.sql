@@ -8,16 +8,57 @@
 -- Timeout close
 -- ------------------------------------------------------------------------
 
--- Closes one order whose pay deadline has passed: payment CLOSED, order
--- pay status closed (timeout) and status closed (emitting order.closed),
--- stock restored and coupon unfrozen, all in the caller's transaction.
--- The order and its payment are locked with SKIP LOCKED and the order is
--- re-checked under the lock, so a payment callback running at the same
--- time and this close never both win: whichever locks first decides, and
--- the other sees its result (the callback then takes the late-payment
--- path).  Returns true when this call closed the order, false when it was
--- not due, no longer waiting for money, or busy (locked by someone else:
--- try again later).  CB050 when the order does not exist.
+-- Closes orders the caller has locked and found due: locks their payments
+-- (SKIP LOCKED: an order whose payment someone else holds is left for a
+-- later round), then payment CLOSED, order pay status closed (timeout)
+-- and status closed (emitting order.closed, which carries the closed pay
+-- status), stock restored and coupon unfrozen.  Set-based: plain UPDATEs
+-- under the state-machine triggers (which check every move and record
+-- it), not one apply_event call per row.  Returns how many were closed.
+CREATE FUNCTION callback_center._close_locked_orders(ids text[])
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    held text[];
+    done text[];
+BEGIN
+    held := ARRAY(SELECT p.order_id FROM callback_center.payments p
+                   WHERE p.order_id = ANY (ids)
+                   ORDER BY p.order_id
+                     FOR UPDATE SKIP LOCKED);
+    done := ARRAY(SELECT i FROM unnest(ids) i
+                   WHERE i = ANY (held)
+                      OR NOT EXISTS (SELECT 1 FROM callback_center.payments p
+                                      WHERE p.order_id = i));
+    IF cardinality(done) = 0 THEN
+        RETURN 0;
+    END IF;
+    UPDATE callback_center.payments p SET status = 'CLOSED', updated_at = now()
+     WHERE p.order_id = ANY (done) AND p.status IN ('CREATED', 'PAYING');
+    UPDATE callback_center.orders o SET pay_status = 'closed', updated_at = now()
+     WHERE o.order_id = ANY (done);
+    UPDATE callback_center.orders o SET status = 'closed'
+     WHERE o.order_id = ANY (done);
+    PERFORM count(*) FROM unnest(done) i, LATERAL callback_center.restore_stock(i) r;
+    PERFORM count(callback_center.unfreeze_coupon(o.coupon_id, o.order_id))
+       FROM callback_center.orders o
+      WHERE o.order_id = ANY (done) AND o.coupon_id IS NOT NULL;
+    RETURN cardinality(done);
+END
+$$;
+
+-- Closes one order whose pay deadline has passed, in the caller's
+-- transaction: payment CLOSED, order pay status and status closed (emitting
+-- order.closed), stock restored, coupon unfrozen.  The order and its
+-- payment are locked with SKIP LOCKED and the order is re-checked under
+-- the lock, so a payment callback running at the same time and this close
+-- never both win: whichever locks the order first decides, and the other
+-- sees its result (the callback then takes the late-payment path).
+-- Returns true when this call closed the order, false when it was not
+-- due, no longer waiting for money, or busy (locked by someone else: try
+-- again later).  CB050 when the order does not exist.
 CREATE FUNCTION callback_center._close_order(p_order_id text)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -25,7 +66,6 @@ SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
     o callback_center.orders;
-    pay callback_center.payments;
 BEGIN
     SELECT * INTO o FROM callback_center.orders x
      WHERE x.order_id = p_order_id FOR UPDATE SKIP LOCKED;
@@ -40,41 +80,22 @@ BEGIN
             AND o.pay_deadline <= now()) THEN
         RETURN false;
     END IF;
-    SELECT * INTO pay FROM callback_center.payments x
-     WHERE x.order_id = o.order_id FOR UPDATE SKIP LOCKED;
-    IF NOT FOUND AND EXISTS (SELECT 1 FROM callback_center.payments x
-                              WHERE x.order_id = o.order_id) THEN
-        RETURN false;
-    END IF;
-
-    IF pay.status IN ('CREATED', 'PAYING') THEN
-        PERFORM callback_center.apply_event('callback_center.payments', 'status',
-                                            pay.payment_id, 'close');
-    END IF;
-    -- Pay status first: order.closed then carries pay_status = closed.
-    PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'timeout');
-    PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'close');
-    PERFORM callback_center.restore_stock(o.order_id);
-    IF o.coupon_id IS NOT NULL THEN
-        PERFORM callback_center.unfreeze_coupon(o.coupon_id, o.order_id);
-    END IF;
-    RETURN true;
+    RETURN callback_center._close_locked_orders(ARRAY[o.order_id]) = 1;
 END
 $$;
 
 -- Closes up to max_orders orders whose pay deadline has passed, oldest
--- deadline first, found through the partial index orders_pay_deadline;
--- orders locked by others are skipped (SKIP LOCKED), never waited for.
--- Each order is closed entirely in the caller's transaction, exactly once
--- (see _close_order).  Returns how many were closed.
+-- deadline first, found through the partial index orders_pay_deadline and
+-- locked with SKIP LOCKED (under READ COMMITTED the lock re-checks the
+-- condition against the newest row version, so an order paid meanwhile is
+-- passed over); orders or payments locked by others are skipped, never
+-- waited for.  Each order is closed entirely in the caller's transaction,
+-- exactly once.  Returns how many were closed.
 CREATE FUNCTION callback_center.close_expired_orders(max_orders integer DEFAULT 100)
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-DECLARE
-    r record;
-    n integer := 0;
 BEGIN
     IF max_orders IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_orders must not be null';
@@ -83,19 +104,13 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('max_orders must be positive, got %s', max_orders);
     END IF;
-    FOR r IN
+    RETURN callback_center._close_locked_orders(ARRAY(
         SELECT o.order_id FROM callback_center.orders o
          WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
            AND o.pay_deadline <= now()
          ORDER BY o.pay_deadline
          LIMIT max_orders
-           FOR UPDATE SKIP LOCKED
-    LOOP
-        IF callback_center._close_order(r.order_id) THEN
-            n := n + 1;
-        END IF;
-    END LOOP;
-    RETURN n;
+           FOR UPDATE SKIP LOCKED));
 END
 $$;
 
@@ -339,7 +354,8 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON FUNCTION callback_center._close_order(text),
+REVOKE ALL ON FUNCTION callback_center._close_locked_orders(text[]),
+    callback_center._close_order(text),
     callback_center.close_expired_orders(integer),
     callback_center.set_provider_query_endpoint(text, text),
     callback_center.query_stuck_payments(integer, interval, interval),
