@@ -282,25 +282,65 @@ BEGIN
 END
 $$;
 
--- Deletes, in batches of at most batch_size rows, what is older than
--- older_than and no longer needed: delivered outbox rows, delivery attempts
--- (when that table exists), state history, succeeded callback records and
--- reconciliation differences.  Pending, delivering and dead outbox rows and
--- pending, processing and failed callback records are never touched.  Rows
--- locked by others are skipped, never waited for.  Returns the rows deleted
--- per relation.
-CREATE FUNCTION callback_center.purge(older_than interval DEFAULT '7 days',
-    batch_size integer DEFAULT 10000)
-RETURNS TABLE (relation text, purged bigint)
+-- What retention deletes, per relation, in order: delivered outbox rows,
+-- delivery attempts (when that table exists), state history, succeeded
+-- callback records and reconciliation differences older than the cutoff
+-- ($1).  Pending, delivering and dead outbox rows and pending, processing
+-- and failed callback records are never touched.
+CREATE FUNCTION callback_center._purge_targets()
+RETURNS TABLE (rel text, cond text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT v.rel, v.cond
+      FROM (VALUES
+        (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1'),
+        (2, 'callback_center.delivery_attempts', 'attempted_at < $1'),
+        (3, 'callback_center.state_history', 'at < $1'),
+        (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1'),
+        (5, 'callback_center.recon_diffs', 'created_at < $1')) AS v(ord, rel, cond)
+     WHERE to_regclass(v.rel) IS NOT NULL
+     ORDER BY v.ord
+$$;
+
+-- Deletes one batch of at most batch_size rows of one retention target
+-- (see _purge_targets) older than cutoff with an id above after_id, rows
+-- locked by others skipped.  Returns how many it deleted and the highest id
+-- it passed (the next batch's after_id).  22023 for a relation that is not
+-- a retention target.
+CREATE FUNCTION callback_center._purge_batch(rel text, cutoff timestamptz, after_id bigint,
+    batch_size integer, OUT purged bigint, OUT last_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    cutoff timestamptz;
-    t record;
-    n bigint;
-    total bigint;
-    last_id bigint;
+    condition text;
+BEGIN
+    SELECT t.cond INTO condition FROM callback_center._purge_targets() t
+     WHERE t.rel = _purge_batch.rel;
+    IF condition IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('"%s" is not a retention target', _purge_batch.rel);
+    END IF;
+    -- Walk the primary key upwards: old rows have low ids, and no batch
+    -- rescans what an earlier one passed.
+    EXECUTE format(
+        'WITH b AS (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
+        ' FOR UPDATE SKIP LOCKED),'
+        ' d AS (DELETE FROM %s WHERE id IN (SELECT id FROM b) RETURNING id)'
+        ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
+        ' FROM (SELECT count(*) FROM d) AS x',
+        _purge_batch.rel, condition, _purge_batch.rel)
+        INTO purged, last_id USING cutoff, after_id, batch_size;
+END
+$$;
+
+-- Checks purge's arguments; raises 22004 or 22023.
+CREATE FUNCTION callback_center._purge_check(older_than interval, batch_size integer)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
 BEGIN
     IF older_than IS NULL OR batch_size IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004',
@@ -314,38 +354,75 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('batch_size must be positive, got %s', batch_size);
     END IF;
-    cutoff := now() - older_than;
+END
+$$;
 
-    FOR t IN
-        SELECT v.rel, v.cond
-          FROM (VALUES
-            (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1'),
-            (2, 'callback_center.delivery_attempts', 'attempted_at < $1'),
-            (3, 'callback_center.state_history', 'at < $1'),
-            (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1'),
-            (5, 'callback_center.recon_diffs', 'created_at < $1')) AS v(ord, rel, cond)
-         WHERE to_regclass(v.rel) IS NOT NULL
-         ORDER BY v.ord
-    LOOP
+-- Deletes, in batches of at most batch_size rows, what is older than
+-- older_than and no longer needed (see _purge_targets), all in the
+-- caller's transaction.  Rows locked by others are skipped, never waited
+-- for.  Returns the rows deleted per relation.  purge_in_batches does the
+-- same, committing after every batch.
+CREATE FUNCTION callback_center.purge(older_than interval DEFAULT '7 days',
+    batch_size integer DEFAULT 10000)
+RETURNS TABLE (relation text, purged bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    cutoff timestamptz;
+    t record;
+    b record;
+    total bigint;
+    last_id bigint;
+BEGIN
+    PERFORM callback_center._purge_check(older_than, batch_size);
+    cutoff := now() - older_than;
+    FOR t IN SELECT * FROM callback_center._purge_targets() LOOP
         total := 0;
         last_id := 0;
         LOOP
-            -- Walk the primary key upwards: old rows have low ids, and no
-            -- batch rescans what an earlier one passed.
-            EXECUTE format(
-                'WITH b AS (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
-                ' FOR UPDATE SKIP LOCKED),'
-                ' d AS (DELETE FROM %s WHERE id IN (SELECT id FROM b) RETURNING id)'
-                ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
-                ' FROM (SELECT count(*) FROM d) AS x',
-                t.rel, t.cond, t.rel)
-                INTO n, last_id USING cutoff, last_id, batch_size;
-            total := total + n;
-            EXIT WHEN n < batch_size;
+            b := callback_center._purge_batch(t.rel, cutoff, last_id, batch_size);
+            total := total + b.purged;
+            last_id := b.last_id;
+            EXIT WHEN b.purged < batch_size;
         END LOOP;
         relation := t.rel;
         purged := total;
         RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- purge() as a procedure that commits after every batch, so a large purge
+-- holds no long transaction (no bloat held back, no locks kept) and what
+-- it deleted stays deleted if it is interrupted.  Must be CALLed outside a
+-- transaction block (2D000 inside one).  Not SECURITY DEFINER (a procedure
+-- that commits cannot be): it runs the batches through _purge_batch, which
+-- is.  purged returns the total number of rows deleted.
+CREATE PROCEDURE callback_center.purge_in_batches(older_than interval DEFAULT '7 days',
+    batch_size integer DEFAULT 10000, INOUT purged bigint DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    cutoff timestamptz;
+    rels text[];
+    r text;
+    b record;
+    last_id bigint;
+BEGIN
+    PERFORM callback_center._purge_check(older_than, batch_size);
+    cutoff := pg_catalog.now() - older_than;
+    rels := ARRAY(SELECT t.rel FROM callback_center._purge_targets() t);
+    purged := 0;
+    FOREACH r IN ARRAY rels LOOP
+        last_id := 0;
+        LOOP
+            b := callback_center._purge_batch(r, cutoff, last_id, batch_size);
+            purged := purged + b.purged;
+            last_id := b.last_id;
+            COMMIT;
+            EXIT WHEN b.purged < batch_size;
+        END LOOP;
     END LOOP;
 END
 $$;
@@ -422,10 +499,19 @@ $$;
 
 REVOKE ALL ON FUNCTION callback_center._recon_status_agrees(text, text),
     callback_center.reconcile(text, date, interval),
+    callback_center._purge_targets(),
+    callback_center._purge_batch(text, timestamptz, bigint, integer),
+    callback_center._purge_check(interval, integer),
     callback_center.purge(interval, integer),
     callback_center.schedule_maintenance(text[], text, text),
     callback_center.unschedule_maintenance() FROM PUBLIC;
+REVOKE ALL ON PROCEDURE callback_center.purge_in_batches(interval, integer, bigint) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE callback_center.purge_in_batches(interval, integer, bigint)
+    TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.reconcile(text, date, interval),
+    callback_center._purge_targets(),
+    callback_center._purge_batch(text, timestamptz, bigint, integer),
+    callback_center._purge_check(interval, integer),
     callback_center.purge(interval, integer),
     callback_center.schedule_maintenance(text[], text, text),
     callback_center.unschedule_maintenance()
