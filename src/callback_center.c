@@ -24,6 +24,7 @@
 
 #include "callback_center.h"
 #include "callbacks.h"
+#include "jobs.h"
 
 PG_MODULE_MAGIC;
 
@@ -103,6 +104,7 @@ _PG_init(void)
 	cc_inbound_define_gucs();
 	if (process_shared_preload_libraries_in_progress)
 		cc_worker_define_gucs();
+	cc_jobs_define_gucs();
 
 	MarkGUCPrefixReserved("callback_center");
 
@@ -117,6 +119,7 @@ _PG_init(void)
 	shmem_startup_hook = cc_shmem_startup;
 
 	cc_register_worker();
+	cc_register_jobs_worker();
 }
 
 static void

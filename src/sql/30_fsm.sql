@@ -645,11 +645,14 @@ INSERT INTO callback_center.machine_states (machine, state, is_initial, is_final
     ('payment', 'CREATED', true, false, true),
     ('payment', 'PAYING', false, false, true),
     ('payment', 'PAID', false, false, true),
-    ('payment', 'FAILED', false, true, true),
-    ('payment', 'CLOSED', false, true, true),
+    ('payment', 'FAILED', false, false, true),
+    ('payment', 'CLOSED', false, false, true),
+    ('payment', 'REFUND_REQUIRED', false, false, true),
     ('payment', 'REFUNDED', false, true, true);
 
--- payment: FAILED -> REFUNDED is deliberately absent: no money moved.
+-- payment: FAILED -> REFUNDED is deliberately absent: no money moved.  Money
+-- that arrives after the payment failed or was closed (late_success) must go
+-- back: REFUND_REQUIRED, then REFUNDED once refunded.
 INSERT INTO callback_center.transitions (machine, from_state, to_state, event, builtin) VALUES
     ('order', 'pending_confirmation', 'confirmed', 'confirm', true),
     ('order', 'pending_confirmation', 'failed', 'fail', true),
@@ -670,4 +673,7 @@ INSERT INTO callback_center.transitions (machine, from_state, to_state, event, b
     ('payment', 'PAYING', 'FAILED', 'fail', true),
     ('payment', 'CREATED', 'CLOSED', 'close', true),
     ('payment', 'PAYING', 'CLOSED', 'close', true),
-    ('payment', 'PAID', 'REFUNDED', 'refund', true);
+    ('payment', 'PAID', 'REFUNDED', 'refund', true),
+    ('payment', 'CLOSED', 'REFUND_REQUIRED', 'late_success', true),
+    ('payment', 'FAILED', 'REFUND_REQUIRED', 'late_success', true),
+    ('payment', 'REFUND_REQUIRED', 'REFUNDED', 'refund', true);

@@ -340,6 +340,177 @@ BEGIN
 END
 $$;
 
+-- Money the provider took for an order that could no longer take it (closed
+-- by timeout, failed, or paid by another transaction): kept here, once per
+-- provider transaction, until it is refunded.  source says who brought the
+-- news: a callback, an active query or reconciliation.
+CREATE TABLE callback_center.late_payments (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    provider        text NOT NULL,
+    provider_txn_id text NOT NULL,
+    order_id        text NOT NULL,
+    payment_id      text,
+    amount_cents    bigint,
+    order_status    text NOT NULL,
+    pay_status      text NOT NULL,
+    payment_status  text,
+    source          text NOT NULL CHECK (source IN ('callback', 'query', 'reconciliation')),
+    status          text NOT NULL DEFAULT 'refund_required'
+                    CHECK (status IN ('refund_required', 'refunded')),
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    refunded_at     timestamptz,
+    UNIQUE (provider, provider_txn_id)
+);
+COMMENT ON TABLE callback_center.late_payments IS
+    'Payments that arrived for orders that could not take them; each needs a refund';
+CREATE INDEX late_payments_open ON callback_center.late_payments (order_id)
+    WHERE status = 'refund_required';
+
+SELECT pg_catalog.pg_extension_config_dump('callback_center.late_payments', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.late_payments_id_seq', '');
+GRANT SELECT ON callback_center.late_payments TO callback_center_admin;
+
+-- Applies a provider's verdict on an order's payment, whoever brought it
+-- (payment_callback after verifying and recording it, the answer to an
+-- active query, reconciliation): under the order's and then the payment's
+-- row lock, moves them through their machines (which emit the follow-ups)
+-- and returns the outcome: paid, pay_failed, refund_required (money for an
+-- order that cannot take it: recorded once per transaction in
+-- late_payments, payment.refund_required emitted, the order never
+-- reopened), already_applied (this transaction already paid this payment),
+-- amount_mismatch (not applied, payment.amount_mismatch emitted) or ignored
+-- (no verdict, or a failure for an order no longer waiting).  CB050 when
+-- the order does not exist.  verdict is 'success', 'failure' or NULL.
+CREATE FUNCTION callback_center._apply_payment_result(
+    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
+    p_verdict text, p_source text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+    pay callback_center.payments;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', p_order_id),
+            DETAIL = format('Transaction %s from provider %s.', p_txn_id, p_provider),
+            HINT = 'Nothing was recorded; the provider will deliver it again.';
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+
+    IF p_verdict IS NULL THEN
+        RETURN 'ignored';
+    END IF;
+    IF p_amount_cents IS NOT NULL AND pay.payment_id IS NOT NULL
+       AND p_amount_cents <> pay.amount_cents THEN
+        PERFORM callback_center.enqueue('payment.amount_mismatch', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'expected_cents', pay.amount_cents, 'received_cents', p_amount_cents,
+                               'source', p_source));
+        RETURN 'amount_mismatch';
+    END IF;
+
+    IF p_verdict = 'success' THEN
+        IF pay.provider_txn_id = p_txn_id THEN
+            -- Told twice of the same money (a callback and a query answer).
+            RETURN CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
+                        THEN 'refund_required' ELSE 'already_applied' END;
+        END IF;
+        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'success');
+            IF o.coupon_id IS NOT NULL THEN
+                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
+            END IF;
+            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_success');
+            RETURN 'paid';
+        END IF;
+        -- Late money: kept once per transaction, never reopening the order.
+        INSERT INTO callback_center.late_payments
+               (provider, provider_txn_id, order_id, payment_id, amount_cents,
+                order_status, pay_status, payment_status, source)
+        VALUES (p_provider, p_txn_id, o.order_id, pay.payment_id,
+                coalesce(p_amount_cents, pay.amount_cents),
+                o.status, o.pay_status, pay.status, p_source)
+        ON CONFLICT (provider, provider_txn_id) DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN 'refund_required';
+        END IF;
+        IF pay.status IN ('CLOSED', 'FAILED') AND pay.provider_txn_id IS NULL THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                pay.payment_id, 'late_success');
+        END IF;
+        PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'amount_cents', coalesce(p_amount_cents, pay.amount_cents),
+                               'order_status', o.status, 'pay_status', o.pay_status,
+                               'source', p_source));
+        RETURN 'refund_required';
+    END IF;
+
+    IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'close');
+        PERFORM callback_center.restore_stock(o.order_id);
+        IF o.coupon_id IS NOT NULL THEN
+            PERFORM callback_center.unfreeze_coupon(o.coupon_id, o.order_id);
+        END IF;
+        RETURN 'pay_failed';
+    END IF;
+    RETURN 'ignored';
+END
+$$;
+
+-- Marks a late payment refunded (admin, once the money went back): the
+-- late_payments row becomes refunded and a payment holding that
+-- transaction moves REFUND_REQUIRED -> REFUNDED.  True when this call
+-- marked it, false when it already was; 42704 when there is no such late
+-- payment.
+CREATE FUNCTION callback_center.mark_refunded(provider text, provider_txn_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    lp callback_center.late_payments;
+BEGIN
+    IF mark_refunded.provider IS NULL OR mark_refunded.provider_txn_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'provider and provider_txn_id must not be null';
+    END IF;
+    SELECT * INTO lp FROM callback_center.late_payments l
+     WHERE l.provider = mark_refunded.provider AND l.provider_txn_id = mark_refunded.provider_txn_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('no late payment %s from provider "%s"',
+                             mark_refunded.provider_txn_id, mark_refunded.provider),
+            HINT = 'See callback_center.late_payments.';
+    END IF;
+    IF lp.status = 'refunded' THEN
+        RETURN false;
+    END IF;
+    UPDATE callback_center.late_payments l SET status = 'refunded', refunded_at = now()
+     WHERE l.id = lp.id;
+    IF EXISTS (SELECT 1 FROM callback_center.payments p
+                WHERE p.provider_txn_id = lp.provider_txn_id AND p.status = 'REFUND_REQUIRED') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status',
+            (SELECT p.payment_id FROM callback_center.payments p
+              WHERE p.provider_txn_id = lp.provider_txn_id), 'refund');
+    END IF;
+    RETURN true;
+END
+$$;
+
 -- A payment notification in one call: verify the signature, record it once
 -- (keyed by the provider's transaction id), move payment and order, emit
 -- the follow-ups (through the transitions' emits), and return the
@@ -358,8 +529,6 @@ DECLARE
     scheme text;
     msg record;
     rec record;
-    o callback_center.orders;
-    pay callback_center.payments;
     result text;
     ack constant text := '{"received":true}';
 BEGIN
@@ -384,60 +553,11 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = msg.order_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'CB050',
-            MESSAGE = format('order "%s" does not exist', msg.order_id),
-            DETAIL = format('Transaction %s from provider %s.', msg.txn_id, p_provider),
-            HINT = 'Nothing was recorded; the provider will deliver it again.';
-    END IF;
-    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
-
-    IF msg.verdict IS NULL THEN
-        result := 'ignored';
-    ELSIF msg.amount_cents IS NOT NULL AND pay.payment_id IS NOT NULL
-          AND msg.amount_cents <> pay.amount_cents THEN
-        result := 'amount_mismatch';
-        PERFORM callback_center.enqueue('payment.amount_mismatch', o.order_id,
-            jsonb_build_object('order_id', o.order_id, 'txn_id', msg.txn_id, 'provider', p_provider,
-                               'expected_cents', pay.amount_cents, 'received_cents', msg.amount_cents));
-    ELSIF msg.verdict = 'success' THEN
-        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
-            UPDATE callback_center.payments x
-               SET provider = p_provider, provider_txn_id = msg.txn_id, paid_at = now(), updated_at = now()
-             WHERE x.payment_id = pay.payment_id;
-            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'success');
-            IF o.coupon_id IS NOT NULL THEN
-                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
-            END IF;
-            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_success');
-            result := 'paid';
-        ELSE
-            -- Money arrived for an order that cannot take it (closed by
-            -- timeout, failed, or already paid by another transaction).
-            result := 'refund_required';
-            PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
-                jsonb_build_object('order_id', o.order_id, 'txn_id', msg.txn_id, 'provider', p_provider,
-                                   'amount_cents', coalesce(msg.amount_cents, pay.amount_cents),
-                                   'order_status', o.status, 'pay_status', o.pay_status));
-        END IF;
-    ELSE
-        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
-            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'fail');
-            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_fail');
-            PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'close');
-            PERFORM callback_center.restore_stock(o.order_id);
-            IF o.coupon_id IS NOT NULL THEN
-                PERFORM callback_center.unfreeze_coupon(o.coupon_id, o.order_id);
-            END IF;
-            result := 'pay_failed';
-        ELSE
-            result := 'ignored';
-        END IF;
-    END IF;
+    result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
+                                                    msg.amount_cents, msg.verdict, 'callback');
 
     PERFORM callback_center.complete_callback(msg.txn_id, cb_type, true,
-        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result, 'order_id', o.order_id));
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result, 'order_id', msg.order_id));
     RETURN QUERY SELECT 200, ack, true, result;
 END
 $$;
@@ -449,7 +569,10 @@ REVOKE ALL ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.place_order(text, text, jsonb, bigint, text, text),
     callback_center.start_payment(text, text),
     callback_center._parse_payment_body(text, text),
+    callback_center._apply_payment_result(text, text, text, bigint, text, text),
+    callback_center.mark_refunded(text, text),
     callback_center.payment_callback(text, jsonb, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.mark_refunded(text, text) TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.freeze_coupon(text, text),
     callback_center.use_coupon(text, text),

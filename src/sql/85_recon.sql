@@ -19,7 +19,9 @@ COMMENT ON TABLE callback_center.provider_statement IS
     'Provider statements, one row per transaction per bill date; load with COPY';
 
 -- What reconcile found.  One row per (statement line or local payment,
--- kind); resolution says what was done: applied (settled by reconcile),
+-- kind); refund_required is money the provider took for an order that could
+-- not take it (callback_center.late_payments), for people to refund;
+-- resolution says what was done: applied (settled by reconcile),
 -- flagged (for people), pending_grace (may be a cross-midnight timing
 -- difference; the next run decides).
 CREATE TABLE callback_center.recon_diffs (
@@ -29,7 +31,8 @@ CREATE TABLE callback_center.recon_diffs (
     provider_txn_id text NOT NULL,
     order_id        text,
     kind            text NOT NULL CHECK (kind IN ('missing_local', 'missing_provider',
-                                                  'amount_mismatch', 'status_mismatch')),
+                                                  'amount_mismatch', 'status_mismatch',
+                                                  'refund_required')),
     provider_amount bigint,
     local_amount    bigint,
     provider_status text,
@@ -92,6 +95,7 @@ DECLARE
     applied_ids bigint[];
     o callback_center.orders;
     pay callback_center.payments;
+    outcome text;
 BEGIN
     IF p_channel IS NULL OR p_date IS NULL OR reconcile.grace IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004',
@@ -201,10 +205,21 @@ BEGIN
         INSERT INTO callback_center.recon_diffs AS d
                (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
                 local_amount, provider_status, local_status, resolution, checked_at)
-        SELECT p_channel, p_date, c.txn, c.order_id, c.kind, c.s_amount, c.local_amount,
-               c.s_status, c.local_status, c.resolution, run_at
+        SELECT p_channel, p_date, c.txn, c.order_id,
+               -- Known late money is a refund for people, whatever else
+               -- differs; once refunded, the provider's refund agrees.
+               CASE WHEN lp.status = 'refund_required' AND c.resolution <> 'applied'
+                    THEN 'refund_required' ELSE c.kind END,
+               c.s_amount, c.local_amount, c.s_status, c.local_status,
+               CASE WHEN lp.status = 'refund_required' AND c.resolution = 'pending_grace'
+                    THEN 'flagged' ELSE c.resolution END,
+               run_at
           FROM c
+          LEFT JOIN LATERAL (
+                SELECT l.status FROM callback_center.late_payments l
+                 WHERE l.provider = p_channel AND l.provider_txn_id = c.txn) lp ON true
          WHERE c.kind IS NOT NULL
+           AND NOT (lp.status IS NOT DISTINCT FROM 'refunded' AND c.s_status = 'refund')
         ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
            SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
                local_amount = excluded.local_amount, provider_status = excluded.provider_status,
@@ -222,11 +237,11 @@ BEGIN
      WHERE d.channel = p_channel AND d.bill_date = p_date
        AND d.resolution <> 'applied' AND d.checked_at <> run_at;
 
-    -- Settle what the provider was paid for and we were not told: like a
-    -- callback, through the state machines (which emit the follow-ups); on
-    -- an order that can no longer take the money, ask for a refund.
+    -- Settle what the provider was paid for and we were not told, through
+    -- the same path as a callback (state machines, follow-up events; on an
+    -- order that can no longer take the money, a late payment to refund).
     FOR r IN
-        SELECT d.id, d.provider_txn_id, d.order_id
+        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount
           FROM callback_center.recon_diffs d
          WHERE d.id = ANY (coalesce(applied_ids, '{}'))
          ORDER BY d.id
@@ -239,38 +254,27 @@ BEGIN
                SET resolution = 'flagged',
                    note = format('payment took transaction %s meanwhile', pay.provider_txn_id)
              WHERE d.id = r.id;
-        ELSIF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
-              AND pay.status IN ('CREATED', 'PAYING') THEN
-            UPDATE callback_center.payments x
-               SET provider = p_channel, provider_txn_id = r.provider_txn_id,
-                   paid_at = now(), updated_at = now()
-             WHERE x.payment_id = pay.payment_id;
-            PERFORM callback_center.apply_event('callback_center.payments', 'status',
-                                                pay.payment_id, 'success');
-            IF o.coupon_id IS NOT NULL THEN
-                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
-            END IF;
-            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status',
-                                                o.order_id, 'pay_success');
-            UPDATE callback_center.recon_diffs d SET note = 'payment marked paid'
-             WHERE d.id = r.id;
-        ELSE
-            PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
-                jsonb_build_object('order_id', o.order_id, 'txn_id', r.provider_txn_id,
-                                   'provider', p_channel, 'amount_cents', pay.amount_cents,
-                                   'order_status', o.status, 'pay_status', o.pay_status,
-                                   'source', 'reconciliation'));
-            UPDATE callback_center.recon_diffs d
-               SET note = format('order is %s/%s: payment.refund_required emitted',
-                                 o.status, o.pay_status)
-             WHERE d.id = r.id;
+            CONTINUE;
         END IF;
+        outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
+                                                         r.provider_amount, 'success',
+                                                         'reconciliation');
+        UPDATE callback_center.recon_diffs d
+           SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
+               resolution = CASE outcome WHEN 'refund_required' THEN 'flagged' ELSE d.resolution END,
+               note = CASE outcome
+                        WHEN 'paid' THEN 'payment marked paid'
+                        WHEN 'refund_required'
+                          THEN format('order is %s/%s: payment.refund_required emitted',
+                                      o.status, o.pay_status)
+                        ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
     END LOOP;
 
     RETURN QUERY
         SELECT k.kind, count(d.id)
           FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
-                            'status_mismatch']) WITH ORDINALITY AS k(kind, ord)
+                            'status_mismatch', 'refund_required']) WITH ORDINALITY AS k(kind, ord)
           LEFT JOIN callback_center.recon_diffs d
                  ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
          GROUP BY k.kind, k.ord
@@ -278,25 +282,65 @@ BEGIN
 END
 $$;
 
--- Deletes, in batches of at most batch_size rows, what is older than
--- older_than and no longer needed: delivered outbox rows, delivery attempts
--- (when that table exists), state history, succeeded callback records and
--- reconciliation differences.  Pending, delivering and dead outbox rows and
--- pending, processing and failed callback records are never touched.  Rows
--- locked by others are skipped, never waited for.  Returns the rows deleted
--- per relation.
-CREATE FUNCTION callback_center.purge(older_than interval DEFAULT '7 days',
-    batch_size integer DEFAULT 10000)
-RETURNS TABLE (relation text, purged bigint)
+-- What retention deletes, per relation, in order: delivered outbox rows,
+-- delivery attempts (when that table exists), state history, succeeded
+-- callback records and reconciliation differences older than the cutoff
+-- ($1).  Pending, delivering and dead outbox rows and pending, processing
+-- and failed callback records are never touched.
+CREATE FUNCTION callback_center._purge_targets()
+RETURNS TABLE (rel text, cond text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT v.rel, v.cond
+      FROM (VALUES
+        (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1'),
+        (2, 'callback_center.delivery_attempts', 'attempted_at < $1'),
+        (3, 'callback_center.state_history', 'at < $1'),
+        (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1'),
+        (5, 'callback_center.recon_diffs', 'created_at < $1')) AS v(ord, rel, cond)
+     WHERE to_regclass(v.rel) IS NOT NULL
+     ORDER BY v.ord
+$$;
+
+-- Deletes one batch of at most batch_size rows of one retention target
+-- (see _purge_targets) older than cutoff with an id above after_id, rows
+-- locked by others skipped.  Returns how many it deleted and the highest id
+-- it passed (the next batch's after_id).  22023 for a relation that is not
+-- a retention target.
+CREATE FUNCTION callback_center._purge_batch(rel text, cutoff timestamptz, after_id bigint,
+    batch_size integer, OUT purged bigint, OUT last_id bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    cutoff timestamptz;
-    t record;
-    n bigint;
-    total bigint;
-    last_id bigint;
+    condition text;
+BEGIN
+    SELECT t.cond INTO condition FROM callback_center._purge_targets() t
+     WHERE t.rel = _purge_batch.rel;
+    IF condition IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('"%s" is not a retention target', _purge_batch.rel);
+    END IF;
+    -- Walk the primary key upwards: old rows have low ids, and no batch
+    -- rescans what an earlier one passed.
+    EXECUTE format(
+        'WITH b AS (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
+        ' FOR UPDATE SKIP LOCKED),'
+        ' d AS (DELETE FROM %s WHERE id IN (SELECT id FROM b) RETURNING id)'
+        ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
+        ' FROM (SELECT count(*) FROM d) AS x',
+        _purge_batch.rel, condition, _purge_batch.rel)
+        INTO purged, last_id USING cutoff, after_id, batch_size;
+END
+$$;
+
+-- Checks purge's arguments; raises 22004 or 22023.
+CREATE FUNCTION callback_center._purge_check(older_than interval, batch_size integer)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
 BEGIN
     IF older_than IS NULL OR batch_size IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004',
@@ -310,38 +354,75 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('batch_size must be positive, got %s', batch_size);
     END IF;
-    cutoff := now() - older_than;
+END
+$$;
 
-    FOR t IN
-        SELECT v.rel, v.cond
-          FROM (VALUES
-            (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1'),
-            (2, 'callback_center.delivery_attempts', 'attempted_at < $1'),
-            (3, 'callback_center.state_history', 'at < $1'),
-            (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1'),
-            (5, 'callback_center.recon_diffs', 'created_at < $1')) AS v(ord, rel, cond)
-         WHERE to_regclass(v.rel) IS NOT NULL
-         ORDER BY v.ord
-    LOOP
+-- Deletes, in batches of at most batch_size rows, what is older than
+-- older_than and no longer needed (see _purge_targets), all in the
+-- caller's transaction.  Rows locked by others are skipped, never waited
+-- for.  Returns the rows deleted per relation.  purge_in_batches does the
+-- same, committing after every batch.
+CREATE FUNCTION callback_center.purge(older_than interval DEFAULT '7 days',
+    batch_size integer DEFAULT 10000)
+RETURNS TABLE (relation text, purged bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    cutoff timestamptz;
+    t record;
+    b record;
+    total bigint;
+    last_id bigint;
+BEGIN
+    PERFORM callback_center._purge_check(older_than, batch_size);
+    cutoff := now() - older_than;
+    FOR t IN SELECT * FROM callback_center._purge_targets() LOOP
         total := 0;
         last_id := 0;
         LOOP
-            -- Walk the primary key upwards: old rows have low ids, and no
-            -- batch rescans what an earlier one passed.
-            EXECUTE format(
-                'WITH b AS (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
-                ' FOR UPDATE SKIP LOCKED),'
-                ' d AS (DELETE FROM %s WHERE id IN (SELECT id FROM b) RETURNING id)'
-                ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
-                ' FROM (SELECT count(*) FROM d) AS x',
-                t.rel, t.cond, t.rel)
-                INTO n, last_id USING cutoff, last_id, batch_size;
-            total := total + n;
-            EXIT WHEN n < batch_size;
+            b := callback_center._purge_batch(t.rel, cutoff, last_id, batch_size);
+            total := total + b.purged;
+            last_id := b.last_id;
+            EXIT WHEN b.purged < batch_size;
         END LOOP;
         relation := t.rel;
         purged := total;
         RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- purge() as a procedure that commits after every batch, so a large purge
+-- holds no long transaction (no bloat held back, no locks kept) and what
+-- it deleted stays deleted if it is interrupted.  Must be CALLed outside a
+-- transaction block (2D000 inside one).  Not SECURITY DEFINER (a procedure
+-- that commits cannot be): it runs the batches through _purge_batch, which
+-- is.  purged returns the total number of rows deleted.
+CREATE PROCEDURE callback_center.purge_in_batches(older_than interval DEFAULT '7 days',
+    batch_size integer DEFAULT 10000, INOUT purged bigint DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    cutoff timestamptz;
+    rels text[];
+    r text;
+    b record;
+    last_id bigint;
+BEGIN
+    PERFORM callback_center._purge_check(older_than, batch_size);
+    cutoff := pg_catalog.now() - older_than;
+    rels := ARRAY(SELECT t.rel FROM callback_center._purge_targets() t);
+    purged := 0;
+    FOREACH r IN ARRAY rels LOOP
+        last_id := 0;
+        LOOP
+            b := callback_center._purge_batch(r, cutoff, last_id, batch_size);
+            purged := purged + b.purged;
+            last_id := b.last_id;
+            COMMIT;
+            EXIT WHEN b.purged < batch_size;
+        END LOOP;
     END LOOP;
 END
 $$;
@@ -418,10 +499,19 @@ $$;
 
 REVOKE ALL ON FUNCTION callback_center._recon_status_agrees(text, text),
     callback_center.reconcile(text, date, interval),
+    callback_center._purge_targets(),
+    callback_center._purge_batch(text, timestamptz, bigint, integer),
+    callback_center._purge_check(interval, integer),
     callback_center.purge(interval, integer),
     callback_center.schedule_maintenance(text[], text, text),
     callback_center.unschedule_maintenance() FROM PUBLIC;
+REVOKE ALL ON PROCEDURE callback_center.purge_in_batches(interval, integer, bigint) FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE callback_center.purge_in_batches(interval, integer, bigint)
+    TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.reconcile(text, date, interval),
+    callback_center._purge_targets(),
+    callback_center._purge_batch(text, timestamptz, bigint, integer),
+    callback_center._purge_check(interval, integer),
     callback_center.purge(interval, integer),
     callback_center.schedule_maintenance(text[], text, text),
     callback_center.unschedule_maintenance()

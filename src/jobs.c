@@ -1,0 +1,493 @@
+/*-------------------------------------------------------------------------
+ *
+ * jobs.c
+ *		The "callback_center jobs" background worker: timeout close of
+ *		unpaid orders and the active query of payments stuck in PAYING.
+ *
+ * A second worker, next to the delivery worker, so that closing a backlog
+ * of expired orders never delays deliveries (and a slow delivery round
+ * never delays a close).  Started once recovery has finished (never on a
+ * standby), connected to callback_center.database.  Each round runs the
+ * SQL functions of src/sql/90_jobs.sql, one bounded batch per transaction:
+ * close_expired_orders, query_stuck_payments, apply_query_answers.  An
+ * error in a round is logged and counted; the worker carries on.  When a
+ * close batch fails, its orders are closed one per transaction so that one
+ * bad order cannot hold back the others.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/proc.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "callback_center.h"
+#include "jobs.h"
+
+#define CC_JOBS_RESTART_SECONDS 5
+#define CC_JOBS_ERROR_LEN 256
+
+/* Settings (PGC_SIGHUP: the worker re-reads them live). */
+static bool cc_jobs_enabled = true;
+static int	cc_jobs_interval_ms = 1000;
+static int	cc_jobs_batch = 100;
+static int	cc_pay_query_after_s = 300;
+static int	cc_pay_query_interval_s = 60;
+
+/* What the jobs worker publishes for callback_center.jobs_status(). */
+typedef struct CcJobsShared
+{
+	slock_t		mutex;			/* protects every field below */
+	pid_t		pid;			/* 0 while no jobs worker runs */
+	TimestampTz started_at;
+	uint64		rounds;
+	uint64		orders_closed;
+	uint64		queries_sent;
+	uint64		answers_applied;
+	uint64		errors;
+	char		last_error[CC_JOBS_ERROR_LEN];
+} CcJobsShared;
+
+static CcJobsShared *jobs_shared = NULL;
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+PG_FUNCTION_INFO_V1(cc_jobs_status);
+
+/*
+ * The jobs settings.  Defined in every process that loads the library:
+ * the SQL functions read pay_query_after and pay_query_interval.
+ */
+void
+cc_jobs_define_gucs(void)
+{
+	DefineCustomBoolVariable("callback_center.jobs_enabled",
+							 "Whether the jobs worker closes expired orders and queries stuck payments.",
+							 "Turned off, expired orders wait; closing them later is still exactly once.",
+							 &cc_jobs_enabled, true,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.jobs_interval",
+							"Time the jobs worker sleeps when a round found nothing more to do.",
+							NULL, &cc_jobs_interval_ms, 1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.jobs_batch",
+							"Most orders closed, queries sent or answers applied in one transaction.",
+							NULL, &cc_jobs_batch, 100, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.pay_query_after",
+							"How long a payment may stay PAYING before its provider is asked for its status.",
+							NULL, &cc_pay_query_after_s, 300, 1, 30 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.pay_query_interval",
+							"Shortest time between two status queries for one payment.",
+							NULL, &cc_pay_query_interval_s, 60, 1, 30 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+}
+
+static void
+cc_jobs_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(CcJobsShared)));
+}
+
+/* Attaches to (or first creates) the jobs worker's shared state. */
+static void
+cc_jobs_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	jobs_shared = ShmemInitStruct("callback_center jobs",
+								  sizeof(CcJobsShared), &found);
+	if (!found)
+	{
+		memset(jobs_shared, 0, sizeof(CcJobsShared));
+		SpinLockInit(&jobs_shared->mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Registers the jobs worker and its shared state.  Called from _PG_init
+ * while shared_preload_libraries is being processed.
+ */
+void
+cc_register_jobs_worker(void)
+{
+	BackgroundWorker worker;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = cc_jobs_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = cc_jobs_shmem_startup;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
+		BGWORKER_BACKEND_DATABASE_CONNECTION;
+	/* RecoveryFinished: a standby never runs it; a promoted one does. */
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = CC_JOBS_RESTART_SECONDS;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, CC_EXTENSION_NAME);
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "callback_center_jobs_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, CC_JOBS_WORKER_TYPE);
+	snprintf(worker.bgw_type, BGW_MAXLEN, CC_JOBS_WORKER_TYPE);
+	worker.bgw_main_arg = (Datum) 0;
+	worker.bgw_notify_pid = 0;
+	RegisterBackgroundWorker(&worker);
+}
+
+/* Unpublishes the jobs worker as it exits, however it exits. */
+static void
+cc_jobs_detach(int code, Datum arg)
+{
+	SpinLockAcquire(&jobs_shared->mutex);
+	jobs_shared->pid = 0;
+	SpinLockRelease(&jobs_shared->mutex);
+}
+
+/* Counts an error and keeps its message for jobs_status(). */
+static void
+cc_jobs_note_error(const char *message)
+{
+	SpinLockAcquire(&jobs_shared->mutex);
+	jobs_shared->errors++;
+	strlcpy(jobs_shared->last_error, message ? message : "",
+			CC_JOBS_ERROR_LEN);
+	SpinLockRelease(&jobs_shared->mutex);
+}
+
+/*
+ * Logs the error being handled, counts it, and leaves no transaction
+ * open.  For use in PG_CATCH; cxt is where the worker continues.
+ */
+static void
+cc_jobs_recover(MemoryContext cxt)
+{
+	ErrorData  *edata;
+
+	MemoryContextSwitchTo(cxt);
+	edata = CopyErrorData();
+	EmitErrorReport();
+	FlushErrorState();
+	AbortOutOfAnyTransaction();
+	cc_jobs_note_error(edata->message);
+	FreeErrorData(edata);
+	MemoryContextSwitchTo(cxt);
+}
+
+static void
+cc_jobs_begin(const char *activity)
+{
+	pgstat_report_activity(STATE_RUNNING, activity);
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+}
+
+static void
+cc_jobs_commit(MemoryContext cxt)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_stat(false);
+}
+
+/*
+ * Runs "SELECT f($1)" for an integer-returning job function in its own
+ * transaction and returns the result.  Errors propagate.
+ */
+static int
+cc_jobs_call(MemoryContext cxt, const char *activity, const char *sql,
+			 Datum arg, Oid argtype)
+{
+	int			n = 0;
+	bool		isnull;
+	Datum		d;
+
+	cc_jobs_begin(activity);
+	if (SPI_execute_with_args(sql, 1, &argtype, &arg, NULL, false, 1)
+		!= SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "callback_center jobs: \"%s\" failed", sql);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+					  &isnull);
+	if (!isnull)
+		n = DatumGetInt32(d);
+	cc_jobs_commit(cxt);
+	return n;
+}
+
+/*
+ * Closes due orders one per transaction, after a batch failed: each order
+ * that fails is logged and counted, the others are closed.  Returns how
+ * many were closed.
+ */
+static int
+cc_jobs_close_one_by_one(MemoryContext cxt)
+{
+	char	  **ids;
+	int			nids = 0;
+	int			closed = 0;
+	int			i;
+	Datum		arg = Int32GetDatum(cc_jobs_batch);
+	Oid			argtype = INT4OID;
+
+	cc_jobs_begin("callback_center jobs: listing expired orders");
+	if (SPI_execute_with_args("SELECT order_id FROM callback_center.orders"
+							  " WHERE status = 'confirmed'"
+							  " AND pay_status IN ('unpaid', 'paying')"
+							  " AND pay_deadline <= now()"
+							  " ORDER BY pay_deadline LIMIT $1",
+							  1, &argtype, &arg, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "callback_center jobs: could not list expired orders");
+	ids = MemoryContextAlloc(cxt, sizeof(char *) * Max(SPI_processed, 1));
+	for (i = 0; i < (int) SPI_processed; i++)
+		ids[nids++] = MemoryContextStrdup(cxt,
+										  SPI_getvalue(SPI_tuptable->vals[i],
+													   SPI_tuptable->tupdesc, 1));
+	cc_jobs_commit(cxt);
+
+	for (i = 0; i < nids && !ShutdownRequestPending; i++)
+	{
+		PG_TRY();
+		{
+			closed += cc_jobs_call(cxt, "callback_center jobs: closing an order",
+								   "SELECT callback_center._close_order($1)::integer",
+								   CStringGetTextDatum(ids[i]), TEXTOID);
+		}
+		PG_CATCH();
+		{
+			cc_jobs_recover(cxt);
+			ereport(WARNING,
+					(errmsg("callback_center jobs could not close order \"%s\"",
+							ids[i]),
+					 errdetail("The order stays open; it is tried again next round.")));
+		}
+		PG_END_TRY();
+	}
+	return closed;
+}
+
+/*
+ * One round: a batch of each job.  Returns true when some batch was full,
+ * so more may be due at once.
+ */
+static bool
+cc_jobs_round(MemoryContext cxt)
+{
+	int			closed = 0;
+	int			sent;
+	int			applied;
+	bool		failed = false;
+	Datum		batch = Int32GetDatum(cc_jobs_batch);
+
+	PG_TRY();
+	{
+		closed = cc_jobs_call(cxt, "callback_center jobs: closing expired orders",
+							  "SELECT callback_center.close_expired_orders($1)",
+							  batch, INT4OID);
+	}
+	PG_CATCH();
+	{
+		cc_jobs_recover(cxt);
+		failed = true;
+	}
+	PG_END_TRY();
+	if (failed)
+		closed = cc_jobs_close_one_by_one(cxt);
+
+	sent = cc_jobs_call(cxt, "callback_center jobs: querying stuck payments",
+						"SELECT callback_center.query_stuck_payments($1)",
+						batch, INT4OID);
+	applied = cc_jobs_call(cxt, "callback_center jobs: applying query answers",
+						   "SELECT callback_center.apply_query_answers($1)",
+						   batch, INT4OID);
+
+	SpinLockAcquire(&jobs_shared->mutex);
+	jobs_shared->orders_closed += closed;
+	jobs_shared->queries_sent += sent;
+	jobs_shared->answers_applied += applied;
+	SpinLockRelease(&jobs_shared->mutex);
+
+	return (!failed && closed >= cc_jobs_batch) || sent >= cc_jobs_batch ||
+		applied >= cc_jobs_batch;
+}
+
+/* Whether the extension is installed in our database. */
+static bool
+cc_jobs_extension_ready(void)
+{
+	bool		ready;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	ready = OidIsValid(get_extension_oid(CC_EXTENSION_NAME, true));
+	CommitTransactionCommand();
+	return ready;
+}
+
+/*
+ * Entry point, run by the postmaster in a new process.  Returns only
+ * through proc_exit.
+ */
+void
+callback_center_jobs_main(Datum main_arg)
+{
+	MemoryContext loop_context;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(cc_database, NULL, 0);
+
+	SpinLockAcquire(&jobs_shared->mutex);
+	jobs_shared->pid = MyProcPid;
+	jobs_shared->started_at = GetCurrentTimestamp();
+	jobs_shared->rounds = 0;
+	SpinLockRelease(&jobs_shared->mutex);
+	before_shmem_exit(cc_jobs_detach, (Datum) 0);
+
+	/* State history names the job as the actor of its moves. */
+	SetConfigOption("callback_center.actor", CC_JOBS_WORKER_TYPE,
+					PGC_SUSET, PGC_S_OVERRIDE);
+
+	ereport(LOG,
+			(errmsg("callback_center jobs worker started in database \"%s\"",
+					cc_database)));
+
+	loop_context = AllocSetContextCreate(TopMemoryContext,
+										 "callback_center jobs loop",
+										 ALLOCSET_DEFAULT_SIZES);
+
+	while (!ShutdownRequestPending)
+	{
+		MemoryContext oldcontext;
+		bool		more = false;
+
+		oldcontext = MemoryContextSwitchTo(loop_context);
+		if (cc_jobs_enabled)
+		{
+			/*
+			 * An error in a round (a failed statement, the extension dropped
+			 * under us) is logged and the round abandoned; every batch is
+			 * its own transaction, so what committed stays done.
+			 */
+			PG_TRY();
+			{
+				if (cc_jobs_extension_ready())
+					more = cc_jobs_round(loop_context);
+			}
+			PG_CATCH();
+			{
+				cc_jobs_recover(loop_context);
+				more = false;
+			}
+			PG_END_TRY();
+		}
+		pgstat_report_activity(STATE_IDLE, NULL);
+		MemoryContextSwitchTo(oldcontext);
+		MemoryContextReset(loop_context);
+
+		SpinLockAcquire(&jobs_shared->mutex);
+		jobs_shared->rounds++;
+		SpinLockRelease(&jobs_shared->mutex);
+
+		/* A full batch means more is due: go round again without waiting. */
+		if (!more || ShutdownRequestPending)
+		{
+			(void) WaitLatch(MyLatch,
+							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 (long) cc_jobs_interval_ms,
+							 PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+		CHECK_FOR_INTERRUPTS();
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			ereport(LOG,
+					(errmsg("callback_center jobs worker reloaded configuration"),
+					 errdetail("jobs_interval is %d ms, jobs_batch is %d.",
+							   cc_jobs_interval_ms, cc_jobs_batch)));
+		}
+	}
+
+	ereport(LOG, (errmsg("callback_center jobs worker shutting down")));
+
+	/* Exit code 1: restarted after a crash or pg_terminate_backend. */
+	proc_exit(1);
+}
+
+/*
+ * callback_center.jobs_status(): what the jobs worker has done since it
+ * started; pid NULL when it is not running.
+ */
+Datum
+cc_jobs_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[8];
+	bool		nulls[8] = {0};
+	CcJobsShared snap;
+
+	/* Both shared states exist exactly when the library was preloaded. */
+	cc_require_worker("callback_center.jobs_status()");
+	Assert(jobs_shared != NULL);
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	SpinLockAcquire(&jobs_shared->mutex);
+	memcpy(&snap, jobs_shared, sizeof(snap));
+	SpinLockRelease(&jobs_shared->mutex);
+
+	if (snap.pid != 0)
+	{
+		values[0] = Int32GetDatum(snap.pid);
+		values[1] = TimestampTzGetDatum(snap.started_at);
+	}
+	else
+		nulls[0] = nulls[1] = true;
+	values[2] = Int64GetDatum((int64) snap.rounds);
+	values[3] = Int64GetDatum((int64) snap.orders_closed);
+	values[4] = Int64GetDatum((int64) snap.queries_sent);
+	values[5] = Int64GetDatum((int64) snap.answers_applied);
+	values[6] = Int64GetDatum((int64) snap.errors);
+	if (snap.last_error[0] != '\0')
+		values[7] = CStringGetTextDatum(snap.last_error);
+	else
+		nulls[7] = true;
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}

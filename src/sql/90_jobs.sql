@@ -1,0 +1,380 @@
+
+-- Compensation jobs (doc/jobs.md): the timeout close of unpaid orders and
+-- the active query of payments stuck in PAYING.  Plain SQL functions, so
+-- they can be run by hand; the "callback_center jobs" background worker
+-- (src/jobs.c) calls them on its clock, one bounded batch per transaction.
+
+-- ------------------------------------------------------------------------
+-- Timeout close
+-- ------------------------------------------------------------------------
+
+-- Closes orders the caller has locked and found due: locks their payments
+-- (SKIP LOCKED: an order whose payment someone else holds is left for a
+-- later round), then payment CLOSED, order pay status closed (timeout)
+-- and status closed (emitting order.closed, which carries the closed pay
+-- status), stock restored and coupon unfrozen.  Set-based: plain UPDATEs
+-- under the state-machine triggers (which check every move and record
+-- it), not one apply_event call per row.  Returns how many were closed.
+CREATE FUNCTION callback_center._close_locked_orders(ids text[])
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    held text[];
+    done text[];
+BEGIN
+    held := ARRAY(SELECT p.order_id FROM callback_center.payments p
+                   WHERE p.order_id = ANY (ids)
+                   ORDER BY p.order_id
+                     FOR UPDATE SKIP LOCKED);
+    done := ARRAY(SELECT i FROM unnest(ids) i
+                   WHERE i = ANY (held)
+                      OR NOT EXISTS (SELECT 1 FROM callback_center.payments p
+                                      WHERE p.order_id = i));
+    IF cardinality(done) = 0 THEN
+        RETURN 0;
+    END IF;
+    UPDATE callback_center.payments p SET status = 'CLOSED', updated_at = now()
+     WHERE p.order_id = ANY (done) AND p.status IN ('CREATED', 'PAYING');
+    UPDATE callback_center.orders o SET pay_status = 'closed', updated_at = now()
+     WHERE o.order_id = ANY (done);
+    UPDATE callback_center.orders o SET status = 'closed'
+     WHERE o.order_id = ANY (done);
+    PERFORM count(*) FROM unnest(done) i, LATERAL callback_center.restore_stock(i) r;
+    PERFORM count(callback_center.unfreeze_coupon(o.coupon_id, o.order_id))
+       FROM callback_center.orders o
+      WHERE o.order_id = ANY (done) AND o.coupon_id IS NOT NULL;
+    RETURN cardinality(done);
+END
+$$;
+
+-- Closes one order whose pay deadline has passed, in the caller's
+-- transaction: payment CLOSED, order pay status and status closed (emitting
+-- order.closed), stock restored, coupon unfrozen.  The order and its
+-- payment are locked with SKIP LOCKED and the order is re-checked under
+-- the lock, so a payment callback running at the same time and this close
+-- never both win: whichever locks the order first decides, and the other
+-- sees its result (the callback then takes the late-payment path).
+-- Returns true when this call closed the order, false when it was not
+-- due, no longer waiting for money, or busy (locked by someone else: try
+-- again later).  CB050 when the order does not exist.
+CREATE FUNCTION callback_center._close_order(p_order_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x
+     WHERE x.order_id = p_order_id FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT 1 FROM callback_center.orders x WHERE x.order_id = p_order_id) THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB050',
+                MESSAGE = format('order "%s" does not exist', p_order_id);
+        END IF;
+        RETURN false;
+    END IF;
+    IF NOT (o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+            AND o.pay_deadline <= now()) THEN
+        RETURN false;
+    END IF;
+    RETURN callback_center._close_locked_orders(ARRAY[o.order_id]) = 1;
+END
+$$;
+
+-- Closes up to max_orders orders whose pay deadline has passed, oldest
+-- deadline first, found through the partial index orders_pay_deadline and
+-- locked with SKIP LOCKED (under READ COMMITTED the lock re-checks the
+-- condition against the newest row version, so an order paid meanwhile is
+-- passed over); orders or payments locked by others are skipped, never
+-- waited for.  Each order is closed entirely in the caller's transaction,
+-- exactly once.  Returns how many were closed.
+CREATE FUNCTION callback_center.close_expired_orders(max_orders integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF max_orders IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_orders must not be null';
+    END IF;
+    IF max_orders < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_orders must be positive, got %s', max_orders);
+    END IF;
+    RETURN callback_center._close_locked_orders(ARRAY(
+        SELECT o.order_id FROM callback_center.orders o
+         WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+           AND o.pay_deadline <= now()
+         ORDER BY o.pay_deadline
+         LIMIT max_orders
+           FOR UPDATE SKIP LOCKED));
+END
+$$;
+
+-- ------------------------------------------------------------------------
+-- Active query
+-- ------------------------------------------------------------------------
+
+-- Where each provider answers status queries: an endpoint (10_outbox.sql)
+-- that receives payment.query events; NULL: the provider is not queried.
+ALTER TABLE callback_center.providers
+    ADD COLUMN query_endpoint text
+        REFERENCES callback_center.endpoints (name) ON UPDATE CASCADE ON DELETE SET NULL;
+
+-- Payments waiting for money are found by the time they started paying.
+CREATE INDEX payments_paying ON callback_center.payments (updated_at)
+    WHERE status = 'PAYING';
+
+-- Every status query sent for a payment stuck in PAYING, and what came of
+-- it.  status: sent (the payment.query event is in the outbox), answered
+-- (the answer was applied, outcome says how), failed (no usable answer:
+-- the delivery died, the event is gone, or applying it raised; error says
+-- why).  Each answer is applied at most once: the row moves out of sent in
+-- the transaction that applies it.
+CREATE TABLE callback_center.payment_queries (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    payment_id  text NOT NULL,
+    order_id    text NOT NULL,
+    provider    text NOT NULL,
+    endpoint_id integer NOT NULL,
+    outbox_id   bigint NOT NULL,
+    status      text NOT NULL DEFAULT 'sent'
+                CHECK (status IN ('sent', 'answered', 'failed')),
+    answer      text,
+    outcome     text,
+    error       text,
+    queried_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    CHECK ((status = 'sent') = (finished_at IS NULL))
+);
+COMMENT ON TABLE callback_center.payment_queries IS
+    'Status queries sent to providers for payments stuck in PAYING, and their outcome';
+CREATE INDEX payment_queries_sent ON callback_center.payment_queries (outbox_id)
+    WHERE status = 'sent';
+CREATE INDEX payment_queries_payment ON callback_center.payment_queries (payment_id, queried_at);
+
+SELECT pg_catalog.pg_extension_config_dump('callback_center.payment_queries', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.payment_queries_id_seq', '');
+GRANT SELECT ON callback_center.payment_queries TO callback_center_admin;
+
+-- Names the endpoint that answers a provider's status queries (admin);
+-- NULL stops querying it.  CB033 unknown provider, CB040 unknown endpoint.
+CREATE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF set_provider_query_endpoint.provider IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider must not be null';
+    END IF;
+    IF set_provider_query_endpoint.endpoint IS NOT NULL THEN
+        PERFORM callback_center._endpoint_id(set_provider_query_endpoint.endpoint, false);
+    END IF;
+    UPDATE callback_center.providers p
+       SET query_endpoint = set_provider_query_endpoint.endpoint
+     WHERE p.name = set_provider_query_endpoint.provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', set_provider_query_endpoint.provider);
+    END IF;
+END
+$$;
+
+-- Sends a status query (event payment.query, to the provider's query
+-- endpoint only) for up to max_payments payments that have been PAYING for
+-- at least older_than (default callback_center.pay_query_after) and have no
+-- query in flight nor one sent within min_interval (default
+-- callback_center.pay_query_interval).  Payments locked by others are
+-- skipped.  Returns how many queries were sent.
+CREATE FUNCTION callback_center.query_stuck_payments(max_payments integer DEFAULT 100,
+    older_than interval DEFAULT NULL, min_interval interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    stuck interval := coalesce(older_than,
+        current_setting('callback_center.pay_query_after', true)::interval, '5 minutes');
+    again interval := coalesce(min_interval,
+        current_setting('callback_center.pay_query_interval', true)::interval, '1 minute');
+    r record;
+    ob_id bigint;
+    n integer := 0;
+BEGIN
+    IF max_payments IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_payments must not be null';
+    END IF;
+    IF max_payments < 1 OR stuck < interval '0' OR again < interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'max_payments must be positive and the intervals not negative';
+    END IF;
+    FOR r IN
+        SELECT p.payment_id, p.order_id, p.provider, p.amount_cents, e.id AS endpoint_id
+          FROM callback_center.payments p
+          JOIN callback_center.providers pr ON pr.name = p.provider
+          JOIN callback_center.endpoints e ON e.name = pr.query_endpoint AND e.enabled
+         WHERE p.status = 'PAYING' AND p.updated_at <= now() - stuck
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = p.payment_id
+                              AND (q.status = 'sent' OR q.queried_at > now() - again))
+         ORDER BY p.updated_at
+         LIMIT max_payments
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        -- To the query endpoint only, whatever else subscribes.
+        INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
+        VALUES (r.endpoint_id, 'payment.query', r.order_id,
+                jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'amount_cents', r.amount_cents))
+        RETURNING id INTO ob_id;
+        INSERT INTO callback_center.payment_queries
+               (payment_id, order_id, provider, endpoint_id, outbox_id)
+        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
+        n := n + 1;
+    END LOOP;
+    IF n > 0 THEN
+        PERFORM callback_center._outbox_note_enqueue();
+    END IF;
+    RETURN n;
+END
+$$;
+
+-- Applies a provider's answer (the response body of the delivered
+-- payment.query) to the query's payment through the same path as
+-- payment_callback (_apply_payment_result, source 'query'), once: the
+-- query becomes answered with the outcome, or failed (outcome bad_answer)
+-- when the body is not a payment message for that order.  Calling it again
+-- for a finished query changes nothing and returns the recorded outcome.
+-- 42704 when the query does not exist.
+CREATE FUNCTION callback_center._apply_query_answer(query_id bigint, answer text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    q callback_center.payment_queries;
+    scheme text;
+    msg record;
+    result text;
+BEGIN
+    SELECT * INTO q FROM callback_center.payment_queries x WHERE x.id = query_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('payment query %s does not exist', query_id);
+    END IF;
+    IF q.status <> 'sent' THEN
+        RETURN q.outcome;
+    END IF;
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = q.provider;
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, coalesce(answer, ''));
+    EXCEPTION WHEN data_exception THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = SQLERRM, finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END;
+    IF msg.order_id IS DISTINCT FROM q.order_id THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = format('the answer is about order "%s", not "%s"', msg.order_id, q.order_id),
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END IF;
+    result := callback_center._apply_payment_result(q.provider, msg.txn_id, msg.order_id,
+                                                    msg.amount_cents, msg.verdict, 'query');
+    UPDATE callback_center.payment_queries x
+       SET status = 'answered', answer = _apply_query_answer.answer, outcome = result,
+           finished_at = now()
+     WHERE x.id = q.id;
+    RETURN result;
+END
+$$;
+
+-- Finishes up to max_queries queries whose event has been delivered (the
+-- answer is the 2xx response body the worker kept), has died, or is gone.
+-- Each is applied in its own subtransaction: one that raises is recorded
+-- as failed with the error, and the payment is queried again later.
+-- Queries locked by others are skipped.  Returns how many were finished.
+CREATE FUNCTION callback_center.apply_query_answers(max_queries integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r record;
+    body text;
+    n integer := 0;
+BEGIN
+    IF max_queries IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_queries must not be null';
+    END IF;
+    IF max_queries < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_queries must be positive, got %s', max_queries);
+    END IF;
+    FOR r IN
+        SELECT q.id, q.outbox_id, ob.status AS event_status, ob.last_error
+          FROM callback_center.payment_queries q
+          LEFT JOIN callback_center.outbox ob ON ob.id = q.outbox_id
+         WHERE q.status = 'sent'
+           AND (ob.id IS NULL OR ob.status IN ('delivered', 'dead'))
+         ORDER BY q.id
+         LIMIT max_queries
+           FOR UPDATE OF q SKIP LOCKED
+    LOOP
+        n := n + 1;
+        IF r.event_status IS DISTINCT FROM 'delivered' THEN
+            UPDATE callback_center.payment_queries x
+               SET status = 'failed', finished_at = now(),
+                   error = CASE WHEN r.event_status IS NULL THEN 'the query event is gone'
+                                ELSE format('the query was not delivered: %s', r.last_error) END
+             WHERE x.id = r.id;
+            CONTINUE;
+        END IF;
+        SELECT a.response_body INTO body FROM callback_center.delivery_attempts a
+         WHERE a.outbox_id = r.outbox_id AND a.http_status BETWEEN 200 AND 299
+         ORDER BY a.id DESC LIMIT 1;
+        BEGIN
+            PERFORM callback_center._apply_query_answer(r.id, body);
+        EXCEPTION WHEN OTHERS THEN
+            UPDATE callback_center.payment_queries x
+               SET status = 'failed', answer = body, outcome = 'error',
+                   error = format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE), finished_at = now()
+             WHERE x.id = r.id;
+        END;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._close_locked_orders(text[]),
+    callback_center._close_order(text),
+    callback_center.close_expired_orders(integer),
+    callback_center.set_provider_query_endpoint(text, text),
+    callback_center.query_stuck_payments(integer, interval, interval),
+    callback_center._apply_query_answer(bigint, text),
+    callback_center.apply_query_answers(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
+    callback_center.set_provider_query_endpoint(text, text),
+    callback_center.query_stuck_payments(integer, interval, interval),
+    callback_center.apply_query_answers(integer)
+    TO callback_center_admin;
+
+-- What the jobs worker has done since it started (needs
+-- shared_preload_libraries; 55000 otherwise).
+CREATE FUNCTION callback_center.jobs_status(
+    OUT pid integer, OUT started_at timestamptz, OUT rounds bigint,
+    OUT orders_closed bigint, OUT queries_sent bigint, OUT answers_applied bigint,
+    OUT errors bigint, OUT last_error text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cc_jobs_status'
+LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION callback_center.jobs_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.jobs_status() TO callback_center_admin;
