@@ -75,7 +75,7 @@ psql_() {
 }
 now_s() { date +%s.%N; }
 # calc EXPR [DECIMALS]: arithmetic on decimals (awk; no bc needed).
-calc() { awk "BEGIN { printf \"%.${2:-2}f\", $1 }"; }
+calc() { awk "BEGIN { printf \"%.${2:-2}f\", ($1) }"; }  # parenthesised: a bare > in awk printf redirects to a file
 
 psql_ -c 'SET client_min_messages = warning' -c 'CREATE EXTENSION callback_center CASCADE' || exit 1
 
