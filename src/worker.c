@@ -749,8 +749,8 @@ callback_center_worker_main(Datum main_arg)
 	/*
 	 * The worker's statements touch a batch of rows through indexes, but
 	 * their generic plans (a LIMIT from a parameter) are costed high enough
-	 * to be JIT-compiled, which costs far more than running them (about
-	 * 200 ms against 10 ms per claim).  No JIT here, whatever the server's
+	 * to be JIT-compiled, which costs far more than running them (about 200
+	 * ms against 10 ms per claim).  No JIT here, whatever the server's
 	 * setting.
 	 */
 	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
