@@ -194,6 +194,29 @@ median() {
         awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
+# Memory of the worker: VmRSS and RssAnon (/proc/<pid>/status; RssAnon is
+# its private heap, VmRSS also counts the shared buffers it has touched),
+# Pss (smaps_rollup), and the grand total of its memory contexts, which it
+# logs for pg_log_backend_memory_contexts().  Appends "label rss anon pss
+# context_bytes" to mem.txt.
+: >"$work/mem.txt"
+mem_sample() {
+    local label=$1 rss anon pss want i ctx=""
+    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$worker_pid/status")
+    anon=$(awk '/^RssAnon:/ { print $2 }' "/proc/$worker_pid/status")
+    pss=$(awk '/^Pss:/ { print $2 }' "/proc/$worker_pid/smaps_rollup")
+    want=$(( $(wc -l <"$work/mem.txt") + 1 ))
+    psql_ -c "SELECT pg_log_backend_memory_contexts($worker_pid)" >/dev/null
+    for ((i = 0; i < 100; i++)); do
+        ctx=$(sed -n 's/.*Grand total: \([0-9]*\) bytes.*/\1/p' "$work/server.log" | sed -n "${want}p")
+        [ -n "$ctx" ] && break
+        sleep 0.05
+    done
+    echo "$label $rss $anon $pss ${ctx:-0}" >>"$work/mem.txt"
+}
+# A sample of the worker at rest: its rounds are over, it waits.
+idle_sample() { sleep 1; mem_sample "$1"; }
+
 rows=()
 failures=0
 row() {
@@ -247,6 +270,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
     printf '    round %d: %d of %d delivered in %.2f s: %s/s\n' "$r" "$ok" "$n" "$secs" "$rate"
     [ "$ok" -eq "$N_THR" ] || { echo "not every event was delivered" >&2; failures=$((failures + 1)); }
     thr_rates+=("$rate")
+    [ "$r" = 1 ] && idle_sample "idle:$N_THR"
 done
 thr=$(median "${thr_rates[@]}")
 row "throughput, $N_THR events queued then drained, median of $ROUNDS (min $(printf '%s\n' "${thr_rates[@]}" | sort -g | head -1), max $(printf '%s\n' "${thr_rates[@]}" | sort -g | tail -1))" \
@@ -294,18 +318,9 @@ base=$(last_id)
 att_base=$(psql_ -c "SELECT coalesce(max(id), 0) FROM callback_center.delivery_attempts")
 enqueue_n "$N_BIG" || exit 1
 quiesce
-# Memory of the worker: RssAnon (its private heap; VmRSS also counts the
-# shared buffers it has touched), Pss, and the memory-context grand total
-# it logs for pg_log_backend_memory_contexts().
-mem_sample() {
-    local label=$1 rss anon pss
-    rss=$(awk '/^VmRSS:/ { print $2 }' "/proc/$worker_pid/status")
-    anon=$(awk '/^RssAnon:/ { print $2 }' "/proc/$worker_pid/status")
-    pss=$(awk '/^Pss:/ { print $2 }' "/proc/$worker_pid/smaps_rollup")
-    psql_ -c "SELECT pg_log_backend_memory_contexts($worker_pid)" >/dev/null
-    echo "$label $rss $anon $pss" >>"$work/mem.txt"
-}
-: >"$work/mem.txt"
+# The worker at rest before this drain, unless step 2 took one after its
+# first drain.
+grep -q '^idle:' "$work/mem.txt" || idle_sample "idle:0"
 t0=$(psql_ -c "SELECT extract(epoch FROM clock_timestamp())")
 set_delivery on || exit 1
 step=$((N_BIG / 10))
@@ -313,7 +328,7 @@ next=$MEM_FIRST
 while :; do
     done_=$(psql_ -c "SELECT coalesce(max(id), 0) - $att_base FROM callback_center.delivery_attempts")
     if [ "$done_" -ge "$next" ]; then
-        mem_sample "$done_"
+        mem_sample "drain:$done_"
         next=$((next + step))
     fi
     [ "$done_" -ge "$N_BIG" ] && break
@@ -324,14 +339,9 @@ while :; do
     fi
 done
 wait_drained 120 || exit 1
-sleep 1
-mem_sample "$N_BIG(idle)"
-sleep 1
-# The grand totals, in the order of the samples.
-sed -n 's/.*Grand total: \([0-9]*\) bytes.*/\1/p' "$work/server.log" >"$work/grand.txt"
-echo "    deliveries   VmRSS kB   RssAnon kB   Pss kB   context total bytes"
-paste -d ' ' "$work/mem.txt" "$work/grand.txt" |
-    awk '{ printf "    %-12s %9s %12s %8s %21s\n", $1, $2, $3, $4, $5 }'
+idle_sample "idle:$N_BIG"
+echo "    sample (deliveries)    VmRSS kB   RssAnon kB   Pss kB   context total bytes"
+awk '{ printf "    %-20s %10s %12s %8s %21s\n", $1, $2, $3, $4, $5 }' "$work/mem.txt"
 
 # Per-decile drain rates from delivered_at, starting at t0.
 psql_ -F ' ' -c "SELECT k, extract(epoch FROM max(delivered_at)) - $t0, count(*)
@@ -346,21 +356,16 @@ ratio=$(awk -v a="$last" -v b="$first" 'BEGIN { printf "%.2f", a / b }')
 row "$N_BIG events: whole drain" "$(awk '{ n += $3; t = $2 } END { printf "%.0f/s", n / t }' "$work/deciles.txt")" "-" "report"
 row "last 10% / first 10% of $N_BIG ($last/s vs $first/s)" "$ratio" ">= 0.90" "$(verdict "$ratio" 0.9)"
 
-# Early (up to half way) against late (the second half and idle at the
-# end): the highest sample of each, since a sample may land mid-round.
-paste -d ' ' "$work/mem.txt" "$work/grand.txt" | sed 's/(idle)//' >"$work/memall.txt"
-half=$((N_BIG / 2))
-early_late() {     # column number -> "early late"
-    awk -v c="$1" -v h="$half" '$1 <= h { if ($c > e) e = $c } $1 > h { if ($c > l) l = $c }
-        END { print e + 0, l + 0 }' "$work/memall.txt"
-}
-read -r anon1 anon2 <<<"$(early_late 3)"
-read -r ctx1 ctx2 <<<"$(early_late 5)"
-anon_ratio=$(awk -v a="$anon2" -v b="$anon1" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')
-row "worker RssAnon, highest up to $half -> after $half deliveries" "$anon1 -> $anon2 kB ($anon_ratio)" "<= 1.10" "$(verdict "$anon_ratio" 1.10 le)"
+# At rest after the first drain (or before the long one) against at rest
+# after the long drain: mid-round samples depend on where the round was.
+read -r _ _ anon1 _ ctx1 <<<"$(grep '^idle:' "$work/mem.txt" | head -1)"
+read -r _ _ anon2 _ ctx2 <<<"$(grep '^idle:' "$work/mem.txt" | tail -1)"
+anon_ratio=$(awk -v a="$anon2" -v b="$anon1" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+row "worker RssAnon at rest, after $(grep '^idle:' "$work/mem.txt" | head -1 | cut -d ' ' -f 1 | cut -d : -f 2) -> after +$N_BIG deliveries" \
+    "$anon1 -> $anon2 kB ($anon_ratio)" "<= 1.10" "$(verdict "$anon_ratio" 1.10 le)"
 if [ "$ctx1" -gt 0 ] && [ "$ctx2" -gt 0 ]; then
     ctx_ratio=$(awk -v a="$ctx2" -v b="$ctx1" 'BEGIN { printf "%.2f", a / b }')
-    row "worker memory contexts, the same" "$ctx1 -> $ctx2 bytes ($ctx_ratio)" "<= 1.10" "$(verdict "$ctx_ratio" 1.10 le)"
+    row "worker memory contexts at rest, the same" "$ctx1 -> $ctx2 bytes ($ctx_ratio)" "<= 1.10" "$(verdict "$ctx_ratio" 1.10 le)"
 else
     row "worker memory contexts" "not logged" "<= 1.10" "FAIL"
 fi
