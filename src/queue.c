@@ -35,13 +35,50 @@ static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
 static SPIPlanPtr attempts_plan = NULL;
 static SPIPlanPtr state_plan = NULL;
+static SPIPlanPtr endpoints_plan = NULL;
+static SPIPlanPtr next_due_plan = NULL;
 
-/* Ask for claims oldest-due first, per endpoint, respecting ordering. */
+static const char *endpoints_sql =
+"SELECT e.id, e.name, e.url, s.secret,"
+"       CASE WHEN s.rotated_at > now() - interval '24 hours'"
+"            THEN s.previous_secret END,"
+"       e.timeout_ms,"
+"       coalesce(e.max_attempts, cardinality(r.delays) + 1),"
+"       ARRAY(SELECT (extract(epoch FROM d) * 1000)::int8"
+"               FROM unnest(r.delays) d),"
+"       coalesce(e.rate_limit_per_s, 0)::float8,"
+"       e.breaker_failure_ratio::float8, e.breaker_window_s,"
+"       e.breaker_min_requests, e.breaker_open_ms,"
+"       e.is_core, e.ordered"
+"  FROM callback_center.endpoints e"
+"  JOIN callback_center.endpoint_secrets s ON s.endpoint_id = e.id"
+"  JOIN callback_center.retry_schedules r ON r.name = e.retry_schedule"
+" WHERE e.enabled ORDER BY e.id";
+
+static const char *next_due_sql =
+"SELECT greatest(0, (extract(epoch FROM min(n.t) - clock_timestamp()) * 1000)::int8)"
+"  FROM callback_center.endpoints e"
+"  CROSS JOIN LATERAL ("
+"    SELECT o.next_attempt_at AS t FROM callback_center.outbox o"
+"     WHERE o.endpoint_id = e.id"
+"       AND o.status IN ('pending', 'delivering')"
+"     ORDER BY o.next_attempt_at LIMIT 1) n"
+" WHERE e.enabled";
+
+/*
+ * Claims oldest-due first, per endpoint, respecting ordering.  The rows to
+ * update are found by primary key from the locked ids (= ANY of an array),
+ * never by a join the planner could turn into a scan of the whole outbox:
+ * the outbox keeps its delivered history, the claim must not see it.
+ */
 static const char *claim_sql =
-"WITH q AS ("
-"  SELECT * FROM unnest($1::int4[], $2::int4[], $3::bool[]) AS q(endpoint_id, n, ordered)"
-"), due AS ("
-"  SELECT d.id FROM q CROSS JOIN LATERAL ("
+"UPDATE callback_center.outbox o"
+"   SET status = 'delivering', attempts = o.attempts + 1,"
+"       next_attempt_at = now() + make_interval(secs => $4)"
+" WHERE o.id = ANY (ARRAY("
+"  SELECT d.id"
+"    FROM unnest($1::int4[], $2::int4[], $3::bool[]) AS q(endpoint_id, n, ordered)"
+"   CROSS JOIN LATERAL ("
 "    SELECT o.id FROM callback_center.outbox o"
 "     WHERE o.endpoint_id = q.endpoint_id"
 "       AND o.status IN ('pending', 'delivering')"
@@ -54,12 +91,7 @@ static const char *claim_sql =
 "                AND p.id < o.id))"
 "     ORDER BY o.next_attempt_at"
 "     LIMIT q.n"
-"     FOR UPDATE SKIP LOCKED) d"
-") "
-"UPDATE callback_center.outbox o"
-"   SET status = 'delivering', attempts = o.attempts + 1,"
-"       next_attempt_at = now() + make_interval(secs => $4)"
-"  FROM due WHERE o.id = due.id "
+"     FOR UPDATE SKIP LOCKED) d)) "
 "RETURNING o.id, o.endpoint_id, o.attempts,"
 "  jsonb_build_object('type', o.event_type, 'timestamp', o.created_at,"
 "                     'aggregate_id', o.aggregate_id, 'data', o.payload)::text";
@@ -97,13 +129,19 @@ static const char *state_sql =
 "       IS DISTINCT FROM (excluded.breaker, excluded.opened_at, excluded.window_ok,"
 "                         excluded.window_fail, excluded.tokens, excluded.degraded)";
 
-/* Prepares a statement once per process. */
+/*
+ * Prepares a statement once per process, with a generic plan: the arrays
+ * the statements take vary from one element to a whole batch, and a plan
+ * made for one size (a hash join over the whole outbox for a large batch)
+ * must not be kept for the others.  The generic plans probe indexes.
+ */
 static SPIPlanPtr
 prepare_once(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types)
 {
 	if (*plan == NULL)
 	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, types);
+		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, types,
+										   CURSOR_OPT_GENERIC_PLAN);
 
 		if (p == NULL)
 			elog(ERROR, "callback_center: SPI_prepare failed: %s",
@@ -189,22 +227,9 @@ cc_queue_load_endpoints(CcEndpoint **endpoints)
 	CcEndpoint *eps;
 
 	SPI_connect();
-	ret = SPI_execute(
-					  "SELECT e.id, e.name, e.url, s.secret,"
-					  "       CASE WHEN s.rotated_at > now() - interval '24 hours'"
-					  "            THEN s.previous_secret END,"
-					  "       e.timeout_ms,"
-					  "       coalesce(e.max_attempts, cardinality(r.delays) + 1),"
-					  "       ARRAY(SELECT (extract(epoch FROM d) * 1000)::int8"
-					  "               FROM unnest(r.delays) d),"
-					  "       coalesce(e.rate_limit_per_s, 0)::float8,"
-					  "       e.breaker_failure_ratio::float8, e.breaker_window_s,"
-					  "       e.breaker_min_requests, e.breaker_open_ms,"
-					  "       e.is_core, e.ordered"
-					  "  FROM callback_center.endpoints e"
-					  "  JOIN callback_center.endpoint_secrets s ON s.endpoint_id = e.id"
-					  "  JOIN callback_center.retry_schedules r ON r.name = e.retry_schedule"
-					  " WHERE e.enabled ORDER BY e.id", true, 0);
+	ret = SPI_execute_plan(prepare_once(&endpoints_plan, endpoints_sql, 0,
+										NULL),
+						   NULL, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "callback_center: loading endpoints failed: %s",
 			 SPI_result_code_string(ret));
@@ -504,14 +529,8 @@ cc_queue_next_due_ms(void)
 	int64		result = -1;
 
 	SPI_connect();
-	ret = SPI_execute("SELECT greatest(0, (extract(epoch FROM min(n.t) - clock_timestamp()) * 1000)::int8)"
-					  "  FROM callback_center.endpoints e"
-					  "  CROSS JOIN LATERAL ("
-					  "    SELECT o.next_attempt_at AS t FROM callback_center.outbox o"
-					  "     WHERE o.endpoint_id = e.id"
-					  "       AND o.status IN ('pending', 'delivering')"
-					  "     ORDER BY o.next_attempt_at LIMIT 1) n"
-					  " WHERE e.enabled", true, 1);
+	ret = SPI_execute_plan(prepare_once(&next_due_plan, next_due_sql, 0, NULL),
+						   NULL, NULL, true, 1);
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
 		bool		isnull;

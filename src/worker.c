@@ -41,6 +41,17 @@
 /* Seconds the postmaster waits before restarting a worker that exited. */
 #define CC_WORKER_RESTART_SECONDS 5
 
+/*
+ * How long a round should take for one endpoint: an endpoint is given
+ * about this many milliseconds' worth of requests at its measured latency
+ * (at least one request per connection it may use), so a slow receiver
+ * never holds a round up for long, and a fast one gets whole batches.
+ */
+#define CC_ROUND_TARGET_MS 200
+
+/* Claim statements per round at most (see CcClaimPlan). */
+#define CC_CLAIM_PASSES 3
+
 /* Delivery settings (PGC_SIGHUP: the worker re-reads them live). */
 static int	cc_batch_size = 1000;
 static int	cc_max_concurrent = 64;
@@ -58,7 +69,30 @@ typedef struct CcEndpointRuntime
 	CcBreaker	breaker;
 	CcTokenBucket bucket;
 	bool		probing;		/* this round's claim is the breaker probe */
+	double		latency_ms;		/* moving average of successful attempts */
+	bool		failing;		/* its last round had a failed attempt */
 } CcEndpointRuntime;
+
+/*
+ * What one round plans for one endpoint it may claim for.  Claims are made
+ * in passes: the first shares the batch between the endpoints, later ones
+ * share what is left between the endpoints that filled their quota.
+ */
+typedef struct CcClaimPlan
+{
+	int32		id;
+	bool		ordered;
+	bool		exact;			/* probe or token-limited: one pass only */
+	int			cap;			/* most it may claim this round */
+	int			quota;			/* asked for in the current pass */
+	int			got;			/* claimed in the current pass */
+	int			total;			/* claimed over all passes */
+	bool		full;			/* its last pass claimed all it asked for */
+	double		latency_sum;	/* of this round's successful attempts */
+	int			nok;
+	int			nfailed;
+	int			tokens;			/* tokens taken from its bucket */
+} CcClaimPlan;
 
 static HTAB *endpoint_runtime = NULL;
 static uint64 rng_state = 0;
@@ -72,7 +106,7 @@ static bool extension_was_ready = false;
 
 static void cc_worker_detach(int code, Datum arg);
 static bool cc_extension_ready(void);
-static int	cc_delivery_round(MemoryContext cxt, int64 *wait_ms);
+static int	cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more);
 static bool cc_should_stop(void *arg);
 
 /*
@@ -244,24 +278,114 @@ breaker_config(const CcEndpoint *e)
 }
 
 /*
+ * The most one endpoint may claim this round: one request per connection it
+ * may use while its latency is unknown or its last round failed, else about
+ * CC_ROUND_TARGET_MS worth of requests at its latency; never above the
+ * batch size.
+ */
+static int
+endpoint_cap(const CcEndpointRuntime *rt)
+{
+	int			per_wave = Min(cc_max_per_endpoint, cc_max_concurrent);
+	double		waves = 1.0;
+
+	if (!rt->failing && rt->latency_ms > 0)
+		waves = Max(1.0, CC_ROUND_TARGET_MS / rt->latency_ms);
+	return (int) Max(1.0, Min((double) cc_batch_size, per_wave * waves));
+}
+
+/* The plan of the endpoint with this id (plans are ordered by id). */
+static CcClaimPlan *
+find_plan(CcClaimPlan *plans, int n, int32 id)
+{
+	int			lo = 0,
+				hi = n - 1;
+
+	while (lo <= hi)
+	{
+		int			mid = lo + (hi - lo) / 2;
+
+		if (plans[mid].id == id)
+			return &plans[mid];
+		if (plans[mid].id < id)
+			lo = mid + 1;
+		else
+			hi = mid - 1;
+	}
+	return NULL;
+}
+
+/*
+ * Claims for the plans whose quota is set (one statement) and appends the
+ * jobs to *jobs; updates got and total.  Returns the number claimed.
+ */
+static int
+claim_pass(CcClaimPlan *plans, int nplans, int lease_s, CcJob **jobs,
+		   int *njobs)
+{
+	int32	   *ids = palloc(sizeof(int32) * Max(nplans, 1));
+	int32	   *quotas = palloc(sizeof(int32) * Max(nplans, 1));
+	bool	   *ordered = palloc(sizeof(bool) * Max(nplans, 1));
+	int			nq = 0;
+	CcJob	   *got;
+	int			ngot;
+	int			i;
+
+	for (i = 0; i < nplans; i++)
+	{
+		plans[i].got = 0;
+		if (plans[i].quota <= 0)
+			continue;
+		plans[i].full = false;
+		ids[nq] = plans[i].id;
+		quotas[nq] = plans[i].quota;
+		ordered[nq] = plans[i].ordered;
+		nq++;
+	}
+	ngot = cc_queue_claim(ids, quotas, ordered, nq, lease_s, &got);
+	if (ngot > 0)
+	{
+		if (*jobs == NULL)
+			*jobs = got;
+		else
+		{
+			*jobs = repalloc(*jobs, sizeof(CcJob) * (*njobs + ngot));
+			memcpy(*jobs + *njobs, got, sizeof(CcJob) * ngot);
+		}
+		for (i = 0; i < ngot; i++)
+		{
+			CcClaimPlan *p = find_plan(plans, nplans, got[i].endpoint_id);
+
+			Assert(p != NULL);
+			p->got++;
+			p->total++;
+			p->full = (p->got == p->quota);
+		}
+		*njobs += ngot;
+	}
+	return ngot;
+}
+
+/*
  * One round: claim what is due (per endpoint, within its breaker, rate
  * limit and caps), deliver it with no transaction open, record the
  * results.  Returns the number of events claimed; sets *wait_ms to how
- * long the worker may sleep before something else falls due.
+ * long the worker may sleep before something else falls due, and *more
+ * when an endpoint claimed all it was allowed (more may be due at once).
  */
 static int
-cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
+cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 {
 	CcEndpoint *eps;
 	int			neps;
-	int32	   *ids;
-	int32	   *quotas;
-	bool	   *ordered;
-	int			nq = 0;
-	CcJob	   *jobs;
-	int			njobs;
+	CcClaimPlan *plans;
+	int			nplans = 0;
+	CcJob	   *jobs = NULL;
+	int			njobs = 0;
 	int			i;
+	int			pass;
 	int			budget = cc_batch_size;
+	int			per_wave = Min(cc_max_per_endpoint, cc_max_concurrent);
 	int64		t0 = now_ms();
 	int64		soonest = -1;
 	CcHttpRequest *reqs;
@@ -271,8 +395,10 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	int			ngone = 0;
 	CcEndpointSnapshot *snaps;
 	int			lease_s;
-	int			max_timeout_ms = 0;
+	int64		lease_ms = 0;
 	char		ua[64];
+
+	*more = false;
 
 	/* Transaction 1: load endpoints, claim, commit. */
 	pgstat_report_activity(STATE_RUNNING, "callback_center: claiming");
@@ -283,19 +409,17 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	neps = cc_queue_load_endpoints(&eps);
 
-	ids = palloc(sizeof(int32) * Max(neps, 1));
-	quotas = palloc(sizeof(int32) * Max(neps, 1));
-	ordered = palloc(sizeof(bool) * Max(neps, 1));
-	for (i = 0; i < neps && budget > 0; i++)
+	/* Which endpoints may send now (breaker, degradation), in id order. */
+	plans = palloc0(sizeof(CcClaimPlan) * Max(neps, 1));
+	for (i = 0; i < neps; i++)
 	{
 		CcEndpoint *e = &eps[i];
 		CcEndpointRuntime *rt = endpoint_state(e->id);
 		CcBreakerConfig cfg = breaker_config(e);
-		int			q = Min(cc_max_per_endpoint, budget);
+		CcClaimPlan *p;
 		CcBreakerVerdict v;
 
 		rt->probing = false;
-		max_timeout_ms = Max(max_timeout_ms, e->timeout_ms);
 		if (cc_degrade_non_core && !e->is_core)
 			continue;
 		v = cc_breaker_check(&rt->breaker, &cfg, t0);
@@ -307,45 +431,93 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 				soonest = reopen;
 			continue;
 		}
+		p = &plans[nplans++];
+		p->id = e->id;
+		p->ordered = e->ordered;
+		p->cap = endpoint_cap(rt);
 		if (v == CC_BREAKER_PROBE)
 		{
-			q = 1;
+			p->cap = 1;
+			p->exact = true;
 			rt->probing = true;
 		}
-		if (e->rate_per_s > 0)
-		{
-			int			tokens = 0;
-
-			/* Count the tokens there are without taking them yet. */
-			while (tokens < q &&
-				   cc_bucket_take(&rt->bucket, e->rate_per_s,
-								  Max(e->rate_per_s, 1.0), t0))
-				tokens++;
-			/* Give back what the claim does not use, below. */
-			q = tokens;
-			if (q == 0)
-			{
-				int64		w = cc_bucket_wait_ms(&rt->bucket, e->rate_per_s);
-
-				if (soonest < 0 || w < soonest)
-					soonest = w;
-				if (rt->probing)
-				{
-					rt->breaker.probe_in_flight = false;
-					rt->probing = false;
-				}
-				continue;
-			}
-		}
-		ids[nq] = e->id;
-		quotas[nq] = q;
-		ordered[nq] = e->ordered;
-		nq++;
-		budget -= q;
+		lease_ms = Max(lease_ms, (int64) e->timeout_ms *
+					   ((p->cap + per_wave - 1) / per_wave));
 	}
 
-	lease_s = (max_timeout_ms / 1000) + 60;
-	njobs = cc_queue_claim(ids, quotas, ordered, nq, lease_s, &jobs);
+	/*
+	 * First pass: the batch shared equally (within each endpoint's cap and
+	 * tokens).  Later passes share what is left between the endpoints that
+	 * filled their quota, so one busy endpoint among idle ones still gets
+	 * whole batches.
+	 */
+	lease_s = (int) (lease_ms / 1000) + 60;
+	for (pass = 0; pass < CC_CLAIM_PASSES && budget > 0; pass++)
+	{
+		bool	   *cand = palloc0(sizeof(bool) * Max(nplans, 1));
+		int			ncand = 0;
+		int			share;
+		int			spare;
+
+		for (i = 0; i < nplans; i++)
+		{
+			CcClaimPlan *p = &plans[i];
+
+			if (pass == 0 || (!p->exact && p->full && p->total < p->cap))
+				cand[i] = true;
+			p->quota = 0;
+			if (cand[i])
+				ncand++;
+		}
+		if (ncand == 0)
+			break;
+		/* budget / ncand each; the first budget % ncand get one more */
+		share = budget / ncand;
+		spare = budget % ncand;
+		for (i = 0; i < nplans; i++)
+		{
+			CcClaimPlan *p = &plans[i];
+			CcEndpoint *e;
+			CcEndpointRuntime *rt;
+			int			q;
+
+			if (!cand[i])
+				continue;
+			q = share + (spare > 0 ? 1 : 0);
+			if (spare > 0)
+				spare--;
+			q = Min(q, p->cap - p->total);
+			if (q <= 0)
+				continue;
+			e = find_endpoint(eps, neps, p->id);
+			rt = endpoint_state(p->id);
+			if (e->rate_per_s > 0)
+			{
+				int			tokens = 0;
+
+				/* Take the tokens there are; unused ones go back below. */
+				while (tokens < q &&
+					   cc_bucket_take(&rt->bucket, e->rate_per_s,
+									  Max(e->rate_per_s, 1.0), t0))
+					tokens++;
+				p->tokens += tokens;
+				p->exact = true;
+				q = tokens;
+				if (q == 0)
+				{
+					int64		w = cc_bucket_wait_ms(&rt->bucket,
+													  e->rate_per_s);
+
+					if (soonest < 0 || w < soonest)
+						soonest = w;
+				}
+			}
+			p->quota = q;
+		}
+		budget -= claim_pass(plans, nplans, lease_s, &jobs, &njobs);
+		pfree(cand);
+	}
+
 	if (njobs == 0 && neps > 0)
 	{
 		/* Nothing to send: learn in the same transaction when to look next. */
@@ -359,29 +531,27 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);
 
-	/* Tokens taken but not used by the claim go back to their buckets. */
-	for (i = 0; i < nq; i++)
+	for (i = 0; i < nplans; i++)
 	{
-		int			used = 0;
-		int			j;
-		CcEndpointRuntime *rt = endpoint_state(ids[i]);
+		CcClaimPlan *p = &plans[i];
+		CcEndpointRuntime *rt = endpoint_state(p->id);
 
-		for (j = 0; j < njobs; j++)
-			if (jobs[j].endpoint_id == ids[i])
-				used++;
-		if (rt->bucket.started && used < quotas[i])
+		/* Tokens taken but not used by the claim go back to their buckets. */
+		if (p->tokens > p->total)
 		{
-			CcEndpoint *e = find_endpoint(eps, neps, ids[i]);
+			CcEndpoint *e = find_endpoint(eps, neps, p->id);
 
-			if (e && e->rate_per_s > 0)
-				rt->bucket.tokens = Min(Max(e->rate_per_s, 1.0),
-										rt->bucket.tokens + (quotas[i] - used));
+			rt->bucket.tokens = Min(Max(e->rate_per_s, 1.0),
+									rt->bucket.tokens + (p->tokens - p->total));
 		}
-		if (rt->probing && used == 0)
+		if (rt->probing && p->total == 0)
 		{
 			rt->breaker.probe_in_flight = false;
 			rt->probing = false;
 		}
+		/* It claimed all it was allowed: more may be due right away. */
+		if (p->full)
+			*more = true;
 	}
 
 	if (njobs == 0)
@@ -448,6 +618,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 		CcEndpointRuntime *rt;
 		CcBreakerConfig cfg;
 		CcAttemptClass cls;
+		CcClaimPlan *plan;
 		int64		t = now_ms();
 
 		Assert(e != NULL);
@@ -468,6 +639,15 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 		}
 		cls = cc_classify_attempt(r->status, r->error != NULL);
 		cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS, t);
+		plan = find_plan(plans, nplans, e->id);
+		Assert(plan != NULL);
+		if (cls == CC_ATTEMPT_SUCCESS)
+		{
+			plan->nok++;
+			plan->latency_sum += r->latency_ms;
+		}
+		else
+			plan->nfailed++;
 		if (cls == CC_ATTEMPT_SUCCESS)
 			out->fate = CC_FATE_DELIVERED;
 		else if (cls == CC_ATTEMPT_GONE)
@@ -497,6 +677,24 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 			}
 			if (out->error == NULL)
 				out->error = psprintf("HTTP %d", r->status);
+		}
+	}
+
+	/* What this round says of each endpoint's latency, for its next cap. */
+	for (i = 0; i < nplans; i++)
+	{
+		CcClaimPlan *p = &plans[i];
+		CcEndpointRuntime *rt = endpoint_state(p->id);
+
+		if (p->nok + p->nfailed == 0)
+			continue;
+		rt->failing = (p->nfailed > 0);
+		if (p->nok > 0)
+		{
+			double		avg = p->latency_sum / p->nok;
+
+			rt->latency_ms = rt->latency_ms > 0 ?
+				(rt->latency_ms + avg) / 2 : avg;
 		}
 	}
 
@@ -548,6 +746,15 @@ callback_center_worker_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(cc_database, NULL, 0);
 
+	/*
+	 * The worker's statements touch a batch of rows through indexes, but
+	 * their generic plans (a LIMIT from a parameter) are costed high enough
+	 * to be JIT-compiled, which costs far more than running them (about 200
+	 * ms against 10 ms per claim).  No JIT here, whatever the server's
+	 * setting.
+	 */
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
 	SpinLockAcquire(&cc_shared->mutex);
 	cc_shared->worker_pid = MyProcPid;
 	cc_shared->worker_latch = MyLatch;
@@ -569,7 +776,7 @@ callback_center_worker_main(Datum main_arg)
 	{
 		MemoryContext oldcontext;
 		int64		wait_ms = cc_poll_interval_ms;
-		int			claimed = 0;
+		bool		more = false;
 
 		oldcontext = MemoryContextSwitchTo(loop_context);
 		if (cc_extension_ready())
@@ -600,7 +807,7 @@ callback_center_worker_main(Datum main_arg)
 				 */
 				PG_TRY();
 				{
-					claimed = cc_delivery_round(loop_context, &wait_ms);
+					(void) cc_delivery_round(loop_context, &wait_ms, &more);
 				}
 				PG_CATCH();
 				{
@@ -609,7 +816,7 @@ callback_center_worker_main(Datum main_arg)
 					FlushErrorState();
 					AbortOutOfAnyTransaction();
 					extension_was_ready = false;
-					claimed = 0;
+					more = false;
 					wait_ms = cc_poll_interval_ms;
 				}
 				PG_END_TRY();
@@ -621,8 +828,11 @@ callback_center_worker_main(Datum main_arg)
 		MemoryContextSwitchTo(oldcontext);
 		MemoryContextReset(loop_context);
 
-		/* A full batch means more is due: go round again without waiting. */
-		if (claimed < cc_batch_size || ShutdownRequestPending)
+		/*
+		 * An endpoint that claimed all it was allowed may have more due: go
+		 * round again without waiting.
+		 */
+		if (!more || ShutdownRequestPending)
 		{
 			wait_ms = Max(Min(wait_ms, (int64) cc_poll_interval_ms), 1);
 			(void) WaitLatch(MyLatch,
