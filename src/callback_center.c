@@ -22,6 +22,7 @@
 #include "utils/guc.h"
 #include "utils/timestamp.h"
 
+#include "allowlist.h"
 #include "callback_center.h"
 #include "callbacks.h"
 
@@ -104,6 +105,7 @@ _PG_init(void)
 	if (process_shared_preload_libraries_in_progress)
 		cc_worker_define_gucs();
 
+	cc_allowlist_define_gucs();
 	MarkGUCPrefixReserved("callback_center");
 
 	if (!process_shared_preload_libraries_in_progress)

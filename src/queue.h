@@ -85,5 +85,6 @@ extern void cc_queue_record(const CcJob *jobs, const CcJobResult *results,
 							int n, const int32 *gone, int ngone,
 							const CcEndpointSnapshot *snaps, int nsnaps);
 extern int64 cc_queue_next_due_ms(void);
+extern int	cc_queue_bury_orphans(void);
 
 #endif							/* CC_QUEUE_H */

@@ -41,6 +41,9 @@
 /* Seconds the postmaster waits before restarting a worker that exited. */
 #define CC_WORKER_RESTART_SECONDS 5
 
+/* How often events of dropped endpoints are looked for (and made dead). */
+#define CC_BURY_INTERVAL_MS 5000
+
 /* Delivery settings (PGC_SIGHUP: the worker re-reads them live). */
 static int	cc_batch_size = 1000;
 static int	cc_max_concurrent = 64;
@@ -62,6 +65,7 @@ typedef struct CcEndpointRuntime
 
 static HTAB *endpoint_runtime = NULL;
 static uint64 rng_state = 0;
+static int64 last_bury_ms = 0;
 
 /*
  * Signing runs between transactions, but the OpenSSL-backed HMAC registers
@@ -282,6 +286,12 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	MemoryContextSwitchTo(cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	neps = cc_queue_load_endpoints(&eps);
+	if (t0 - last_bury_ms >= CC_BURY_INTERVAL_MS)
+	{
+		/* Rows no endpoint will ever claim must not wait for ever. */
+		(void) cc_queue_bury_orphans();
+		last_bury_ms = t0;
+	}
 
 	ids = palloc(sizeof(int32) * Max(neps, 1));
 	quotas = palloc(sizeof(int32) * Max(neps, 1));
