@@ -573,3 +573,47 @@ cc_queue_bury_orphans(void)
 						n)));
 	return (int) n;
 }
+
+/*
+ * How many events of the given endpoints are due now, counting no further
+ * than limit: at most limit entries of outbox_due are read, however long
+ * the backlog.
+ */
+int
+cc_queue_due_count(const int32 *endpoint_ids, int n, int limit)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT4ARRAYOID, INT4OID};
+	Datum		values[2];
+	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
+	int			ret;
+	int			i;
+	int			count = 0;
+
+	if (n == 0 || limit <= 0)
+		return 0;
+	for (i = 0; i < n; i++)
+		ids[i] = Int32GetDatum(endpoint_ids[i]);
+	values[0] = make_array(ids, NULL, n, INT4OID);
+	values[1] = Int32GetDatum(limit);
+	SPI_connect();
+	ret = SPI_execute_plan(prepare_once(&plan,
+										"SELECT count(*)::int4 FROM ("
+										"  SELECT 1 FROM callback_center.outbox o"
+										"   WHERE o.endpoint_id = ANY ($1)"
+										"     AND o.status IN ('pending', 'delivering')"
+										"     AND o.next_attempt_at <= now()"
+										"   LIMIT $2) d", 2, types),
+						   values, NULL, true, 1);
+	if (ret == SPI_OK_SELECT && SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			count = DatumGetInt32(d);
+	}
+	SPI_finish();
+	return count;
+}

@@ -52,6 +52,8 @@ static int	cc_response_cap = 4096;
 static double cc_retry_jitter = 0.2;
 static int	cc_max_retry_after_s = 3600;
 static bool cc_degrade_non_core = false;
+static bool cc_degrade_on_core_breaker = false;
+static int	cc_degrade_core_backlog = 0;
 static bool cc_delivery_enabled = true;
 
 /* Runtime state of one endpoint, kept in the worker for its lifetime. */
@@ -66,6 +68,12 @@ typedef struct CcEndpointRuntime
 static HTAB *endpoint_runtime = NULL;
 static uint64 rng_state = 0;
 static int64 last_bury_ms = 0;
+static uint32 claim_start = 0;	/* endpoint the next round asks first */
+
+/* Automatic degradation of non-core endpoints (degrade_non_core_now). */
+static int64 backlog_checked_ms = 0;
+static bool backlog_high = false;
+static bool auto_degraded = false;
 
 /*
  * Signing runs between transactions, but the OpenSSL-backed HMAC registers
@@ -115,6 +123,16 @@ cc_worker_define_gucs(void)
 							 "Held events wait without burning attempts; turn it off to catch up.",
 							 &cc_degrade_non_core, false,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("callback_center.degrade_on_core_breaker",
+							 "Holds back events for non-core endpoints while a core endpoint's circuit breaker is open.",
+							 "They flow again once every core breaker has closed.",
+							 &cc_degrade_on_core_breaker, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.degrade_core_backlog",
+							"Holds back events for non-core endpoints while at least this many core events are due.",
+							"Zero turns it off.  The worker counts due core events at most once a second.",
+							&cc_degrade_core_backlog, 0, 0, 10000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("callback_center.delivery_enabled",
 							 "Whether the worker delivers outbox events at all.",
 							 "Turned off, events wait in the outbox; nothing is lost.",
@@ -248,6 +266,64 @@ breaker_config(const CcEndpoint *e)
 }
 
 /*
+ * Whether events for non-core endpoints are held back this round: by
+ * callback_center.degrade_non_core, or automatically while a core
+ * endpoint's breaker is open or probing (degrade_on_core_breaker) or while at
+ * least degrade_core_backlog core events are due (counted at most once a
+ * second, reading no more than that many index entries).  Runs in the
+ * claim transaction; logs when automatic degradation starts and ends.
+ */
+static bool
+degrade_non_core_now(const CcEndpoint *eps, int neps, int64 now)
+{
+	const char *why = NULL;
+	int			i;
+
+	if (cc_degrade_non_core)
+		return true;
+	if (cc_degrade_on_core_breaker)
+		for (i = 0; i < neps && why == NULL; i++)
+		{
+			CcBreaker  *b = &endpoint_state(eps[i].id)->breaker;
+
+			/* Half open with no probe: it has nothing due to deliver. */
+			if (eps[i].is_core && (b->state == CC_BREAKER_OPEN ||
+								   (b->state == CC_BREAKER_HALF_OPEN &&
+									b->probe_in_flight)))
+				why = "a core endpoint's circuit breaker is open";
+		}
+	if (why == NULL && cc_degrade_core_backlog > 0)
+	{
+		if (now - backlog_checked_ms >= 1000 || now < backlog_checked_ms)
+		{
+			int32	   *core = palloc(sizeof(int32) * Max(neps, 1));
+			int			ncore = 0;
+
+			for (i = 0; i < neps; i++)
+				if (eps[i].is_core)
+					core[ncore++] = eps[i].id;
+			backlog_high = cc_queue_due_count(core, ncore,
+											  cc_degrade_core_backlog) >=
+				cc_degrade_core_backlog;
+			backlog_checked_ms = now;
+		}
+		if (backlog_high)
+			why = "the backlog of due core events reached callback_center.degrade_core_backlog";
+	}
+	if ((why != NULL) != auto_degraded)
+	{
+		auto_degraded = (why != NULL);
+		if (auto_degraded)
+			ereport(LOG,
+					(errmsg("callback_center worker holds back non-core endpoints: %s", why)));
+		else
+			ereport(LOG,
+					(errmsg("callback_center worker delivers to non-core endpoints again")));
+	}
+	return auto_degraded;
+}
+
+/*
  * One round: claim what is due (per endpoint, within its breaker, rate
  * limit and caps), deliver it with no transaction open, record the
  * results.  Returns the number of events claimed; sets *wait_ms to how
@@ -277,6 +353,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	int			lease_s;
 	int			max_timeout_ms = 0;
 	char		ua[64];
+	bool		degrade;
 
 	/* Transaction 1: load endpoints, claim, commit. */
 	pgstat_report_activity(STATE_RUNNING, "callback_center: claiming");
@@ -293,12 +370,20 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 		last_bury_ms = t0;
 	}
 
+	degrade = degrade_non_core_now(eps, neps, t0);
+
 	ids = palloc(sizeof(int32) * Max(neps, 1));
 	quotas = palloc(sizeof(int32) * Max(neps, 1));
 	ordered = palloc(sizeof(bool) * Max(neps, 1));
+	/*
+	 * Each round starts one endpoint further, so that when the batch is
+	 * smaller than the endpoints' quotas added up every endpoint still gets
+	 * its turn (starting at the lowest id starved the others).
+	 */
+	claim_start++;
 	for (i = 0; i < neps && budget > 0; i++)
 	{
-		CcEndpoint *e = &eps[i];
+		CcEndpoint *e = &eps[(claim_start + i) % neps];
 		CcEndpointRuntime *rt = endpoint_state(e->id);
 		CcBreakerConfig cfg = breaker_config(e);
 		int			q = Min(cc_max_per_endpoint, budget);
@@ -306,7 +391,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 
 		rt->probing = false;
 		max_timeout_ms = Max(max_timeout_ms, e->timeout_ms);
-		if (cc_degrade_non_core && !e->is_core)
+		if (degrade && !e->is_core)
 			continue;
 		v = cc_breaker_check(&rt->breaker, &cfg, t0);
 		if (v == CC_BREAKER_DENY)
@@ -526,7 +611,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 		cc_breaker_window(&rt->breaker, &cfg, t, &snaps[i].window_ok,
 						  &snaps[i].window_fail);
 		snaps[i].tokens = eps[i].rate_per_s > 0 ? rt->bucket.tokens : -1;
-		snaps[i].degraded = cc_degrade_non_core && !eps[i].is_core;
+		snaps[i].degraded = degrade && !eps[i].is_core;
 	}
 	pgstat_report_activity(STATE_RUNNING, "callback_center: recording");
 	SetCurrentStatementStartTimestamp();
