@@ -183,7 +183,7 @@ parse_entry(const char *entry, CcAllowEntry *e, char *err, size_t errlen)
 		{
 			int			keep = e->bits - i * 8;
 			unsigned char mask = keep >= 8 ? 0xff :
-				keep <= 0 ? 0 : (unsigned char) (0xff << (8 - keep));
+			keep <= 0 ? 0 : (unsigned char) (0xff << (8 - keep));
 
 			if (e->addr[i] & ~mask)
 				return entry_error(err, errlen, entry,

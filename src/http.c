@@ -315,9 +315,12 @@ http_destination_allowed(HttpSlot *slot, struct curl_sockaddr *address)
 	}
 	if (!ok)
 	{
-		const void *a = address->family == AF_INET6 ?
-			(void *) &((struct sockaddr_in6 *) &address->addr)->sin6_addr :
-			(void *) &((struct sockaddr_in *) &address->addr)->sin_addr;
+		const void *a;
+
+		if (address->family == AF_INET6)
+			a = &((struct sockaddr_in6 *) &address->addr)->sin6_addr;
+		else
+			a = &((struct sockaddr_in *) &address->addr)->sin_addr;
 
 		if (inet_ntop(address->family, a, slot->blocked,
 					  sizeof(slot->blocked)) == NULL)

@@ -375,6 +375,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms)
 	ids = palloc(sizeof(int32) * Max(neps, 1));
 	quotas = palloc(sizeof(int32) * Max(neps, 1));
 	ordered = palloc(sizeof(bool) * Max(neps, 1));
+
 	/*
 	 * Each round starts one endpoint further, so that when the batch is
 	 * smaller than the endpoints' quotas added up every endpoint still gets

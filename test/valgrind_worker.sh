@@ -56,6 +56,7 @@ rport=$(cat "$dir/rcv.port")
 cc_say "starting the cluster under valgrind (logs in $dir)"
 as_pg valgrind --tool=memcheck --leak-check=full --show-leak-kinds=definite,indirect \
     --errors-for-leak-kinds=definite --num-callers=30 --error-limit=no \
+    --suppressions="$CC_ROOT/test/valgrind.supp" \
     --log-file="$dir/vg.%p.log" \
     "$CC_BINDIR/postgres" -D "$dir/data" >"$dir/server.log" 2>&1 &
 for _ in $(seq 600); do
