@@ -45,11 +45,21 @@ cc_allowlist_check_hook(char **newval, void **extra, GucSource source)
 	return true;
 }
 
-/* Makes the parsed list current and tells http.c that it changed. */
+/*
+ * Makes the parsed list current and, when its text changed (a reload sets
+ * every setting in the file again), tells http.c, which then drops its
+ * kept-alive connections.
+ */
 static void
 cc_allowlist_assign_hook(const char *newval, void *extra)
 {
+	static char *last = NULL;
+
 	allow_current = (const CcAllowList *) extra;
+	if (last != NULL && newval != NULL && strcmp(last, newval) == 0)
+		return;
+	free(last);
+	last = newval ? strdup(newval) : NULL;
 	allow_generation++;
 }
 
