@@ -63,3 +63,7 @@ bench:
 # C unit tests of the pure policy functions (run by test/t/060_policy_unit.pl).
 test/unit/policy_test: test/unit/policy_test.c src/policy.c src/policy.h
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/policy_test.c src/policy.c -lm
+
+# C unit tests of the destination allowlist (run by test/t/063_allowlist_unit.pl).
+test/unit/allowlist_test: test/unit/allowlist_test.c src/allowlist.c src/allowlist.h
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/allowlist_test.c src/allowlist.c

@@ -22,6 +22,7 @@
 #include "utils/guc.h"
 #include "utils/timestamp.h"
 
+#include "allowlist.h"
 #include "callback_center.h"
 #include "callbacks.h"
 #include "jobs.h"
@@ -106,6 +107,7 @@ _PG_init(void)
 		cc_worker_define_gucs();
 	cc_jobs_define_gucs();
 
+	cc_allowlist_define_gucs();
 	MarkGUCPrefixReserved("callback_center");
 
 	if (!process_shared_preload_libraries_in_progress)

@@ -30,6 +30,7 @@
  */
 #include "postgres.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -47,6 +48,7 @@
 #include "utils/memutils.h"
 #include "utils/wait_event.h"
 
+#include "allowlist.h"
 #include "callback_center.h"
 #include "http.h"
 
@@ -77,6 +79,9 @@ typedef struct HttpSlot
 	int			retry_after_s;
 	instr_time	started;
 	char		errbuf[CURL_ERROR_SIZE];
+	const char *url;			/* the current transfer's URL */
+	char		blocked[INET6_ADDRSTRLEN];	/* address refused by the
+											 * allowlist, or "" */
 } HttpSlot;
 
 /* State of one cc_http_run() call. */
@@ -108,6 +113,7 @@ static CURLM *http_multi = NULL;
 static HttpSlot **http_slots = NULL;
 static int	http_nslots = 0;
 static int	http_maxconnects = 0;
+static uint64 http_allow_generation = 0;
 
 static sigset_t http_perform_mask;
 
@@ -283,9 +289,52 @@ cc_http_url_origin(const char *url)
 }
 
 /*
- * Opens a socket for libcurl only when PostgreSQL's descriptor budget allows
- * it, so that curl never starves the backend of files; a refusal fails that
- * one transfer (errno EMFILE) and nothing else.
+ * Whether callback_center.allowed_destinations lets slot's transfer connect
+ * to address: the resolved address is in a listed network, or the URL's
+ * host is a listed name.  Runs inside libcurl: malloc only.
+ */
+static bool
+http_destination_allowed(HttpSlot *slot, struct curl_sockaddr *address)
+{
+	const CcAllowList *list = cc_allowlist_current();
+	bool		ok = false;
+
+	if (list == NULL || cc_allowlist_match_addr(list, &address->addr))
+		return true;
+	if (list->nnames > 0 && slot->url != NULL)
+	{
+		CURLU	   *h = curl_url();
+		char	   *host = NULL;
+
+		if (h != NULL &&
+			curl_url_set(h, CURLUPART_URL, slot->url, 0) == CURLUE_OK &&
+			curl_url_get(h, CURLUPART_HOST, &host, 0) == CURLUE_OK)
+			ok = cc_allowlist_match_name(list, host);
+		curl_free(host);
+		curl_url_cleanup(h);
+	}
+	if (!ok)
+	{
+		const void *a;
+
+		if (address->family == AF_INET6)
+			a = &((struct sockaddr_in6 *) &address->addr)->sin6_addr;
+		else
+			a = &((struct sockaddr_in *) &address->addr)->sin_addr;
+
+		if (inet_ntop(address->family, a, slot->blocked,
+					  sizeof(slot->blocked)) == NULL)
+			strlcpy(slot->blocked, "address", sizeof(slot->blocked));
+	}
+	return ok;
+}
+
+/*
+ * Opens a socket for libcurl only when callback_center.allowed_destinations
+ * allows the address (checked here, after DNS, so that no name can lead
+ * elsewhere) and PostgreSQL's descriptor budget allows it, so that curl
+ * never starves the backend of files; a refusal fails that one transfer
+ * (errno EACCES or EMFILE) and nothing else.
  */
 static curl_socket_t
 http_open_socket(void *clientp, curlsocktype purpose,
@@ -294,6 +343,11 @@ http_open_socket(void *clientp, curlsocktype purpose,
 	curl_socket_t s;
 	int			save_errno;
 
+	if (clientp != NULL && !http_destination_allowed((HttpSlot *) clientp, address))
+	{
+		errno = EACCES;
+		return CURL_SOCKET_BAD;
+	}
 	if (!AcquireExternalFD())
 	{
 		errno = EMFILE;
@@ -562,6 +616,8 @@ http_start(HttpRun *run, int r)
 	slot->len = 0;
 	slot->truncated = false;
 	slot->retry_after_s = -1;
+	slot->url = req->url;
+	slot->blocked[0] = '\0';
 
 	SETOPT(CURLOPT_URL, req->url);
 	SETOPT(CURLOPT_POST, 1L);
@@ -590,6 +646,7 @@ http_start(HttpRun *run, int r)
 	SETOPT(CURLOPT_HEADERDATA, slot);
 	SETOPT(CURLOPT_ERRORBUFFER, slot->errbuf);
 	SETOPT(CURLOPT_OPENSOCKETFUNCTION, http_open_socket);
+	SETOPT(CURLOPT_OPENSOCKETDATA, slot);
 	SETOPT(CURLOPT_CLOSESOCKETFUNCTION, http_close_socket);
 	SETOPT(CURLOPT_PRIVATE, slot);
 
@@ -694,7 +751,10 @@ http_finish(HttpRun *run, CURL *easy, CURLcode code)
 		res->truncated = slot->truncated;
 		res->retry_after_s = slot->retry_after_s;
 	}
-	if (code != CURLE_OK)
+	if (code != CURLE_OK && slot->blocked[0] != '\0')
+		res->error = psprintf("destination not allowed: %s is not in callback_center.allowed_destinations",
+							  slot->blocked);
+	else if (code != CURLE_OK)
 		res->error = pstrdup(slot->errbuf[0] ? slot->errbuf :
 							 curl_easy_strerror(code));
 	run->done[r] = true;
@@ -882,6 +942,23 @@ cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
 		http_free_run(run);
 		pfree(run);
 		return completed;
+	}
+	if (http_allow_generation != cc_allowlist_generation())
+	{
+		/*
+		 * The allowlist changed: close every kept-alive connection (a new
+		 * multi handle) so none opened under the old list is reused.  No
+		 * transfer is attached between runs.
+		 */
+		CURLM	   *m = curl_multi_init();
+
+		if (m != NULL)
+		{
+			curl_multi_cleanup(http_multi);
+			http_multi = m;
+			http_maxconnects = 0;
+			http_allow_generation = cc_allowlist_generation();
+		}
 	}
 	if (http_maxconnects != run->limit)
 	{

@@ -543,3 +543,96 @@ cc_queue_next_due_ms(void)
 	SPI_finish();
 	return result;
 }
+
+/*
+ * Marks dead the undelivered events whose endpoint no longer exists (a
+ * REPEATABLE READ enqueue whose snapshot predates drop_endpoint can still
+ * queue one; see doc/outbox.md), with last_error naming the endpoint id.
+ * Returns how many.  Finds the endpoints of the pending set with one index
+ * probe per distinct endpoint (a skip scan of outbox_due), so it costs the
+ * same however long the backlog.
+ */
+int
+cc_queue_bury_orphans(void)
+{
+	int			ret;
+	uint64		n;
+
+	SPI_connect();
+	ret = SPI_execute("WITH RECURSIVE ids(endpoint_id) AS ("
+					  "  (SELECT o.endpoint_id FROM callback_center.outbox o"
+					  "    WHERE o.status IN ('pending', 'delivering')"
+					  "    ORDER BY o.endpoint_id LIMIT 1)"
+					  "  UNION ALL"
+					  "  SELECT (SELECT o.endpoint_id FROM callback_center.outbox o"
+					  "           WHERE o.status IN ('pending', 'delivering')"
+					  "             AND o.endpoint_id > ids.endpoint_id"
+					  "           ORDER BY o.endpoint_id LIMIT 1)"
+					  "    FROM ids WHERE ids.endpoint_id IS NOT NULL"
+					  "), orphans AS ("
+					  "  SELECT i.endpoint_id FROM ids i"
+					  "   WHERE i.endpoint_id IS NOT NULL"
+					  "     AND NOT EXISTS (SELECT 1 FROM callback_center.endpoints e"
+					  "                      WHERE e.id = i.endpoint_id)"
+					  ") "
+					  "UPDATE callback_center.outbox o"
+					  "   SET status = 'dead', next_attempt_at = now(),"
+					  "       last_error = 'endpoint ' || o.endpoint_id || ' no longer exists'"
+					  "  FROM orphans"
+					  " WHERE o.endpoint_id = orphans.endpoint_id"
+					  "   AND o.status IN ('pending', 'delivering')", false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "callback_center: marking events of dropped endpoints failed: %s",
+			 SPI_result_code_string(ret));
+	n = SPI_processed;
+	SPI_finish();
+	if (n > 0)
+		ereport(LOG,
+				(errmsg("callback_center: marked " UINT64_FORMAT " events of dropped endpoints dead",
+						n)));
+	return (int) n;
+}
+
+/*
+ * How many events of the given endpoints are due now, counting no further
+ * than limit: at most limit entries of outbox_due are read, however long
+ * the backlog.
+ */
+int
+cc_queue_due_count(const int32 *endpoint_ids, int n, int limit)
+{
+	static SPIPlanPtr plan = NULL;
+	Oid			types[2] = {INT4ARRAYOID, INT4OID};
+	Datum		values[2];
+	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
+	int			ret;
+	int			i;
+	int			count = 0;
+
+	if (n == 0 || limit <= 0)
+		return 0;
+	for (i = 0; i < n; i++)
+		ids[i] = Int32GetDatum(endpoint_ids[i]);
+	values[0] = make_array(ids, NULL, n, INT4OID);
+	values[1] = Int32GetDatum(limit);
+	SPI_connect();
+	ret = SPI_execute_plan(prepare_once(&plan,
+										"SELECT count(*)::int4 FROM ("
+										"  SELECT 1 FROM callback_center.outbox o"
+										"   WHERE o.endpoint_id = ANY ($1)"
+										"     AND o.status IN ('pending', 'delivering')"
+										"     AND o.next_attempt_at <= now()"
+										"   LIMIT $2) d", 2, types),
+						   values, NULL, true, 1);
+	if (ret == SPI_OK_SELECT && SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0],
+									  SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+			count = DatumGetInt32(d);
+	}
+	SPI_finish();
+	return count;
+}

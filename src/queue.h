@@ -85,5 +85,7 @@ extern void cc_queue_record(const CcJob *jobs, const CcJobResult *results,
 							int n, const int32 *gone, int ngone,
 							const CcEndpointSnapshot *snaps, int nsnaps);
 extern int64 cc_queue_next_due_ms(void);
+extern int	cc_queue_bury_orphans(void);
+extern int	cc_queue_due_count(const int32 *endpoint_ids, int n, int limit);
 
 #endif							/* CC_QUEUE_H */

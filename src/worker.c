@@ -52,6 +52,9 @@
 /* Claim statements per round at most (see CcClaimPlan). */
 #define CC_CLAIM_PASSES 3
 
+/* How often events of dropped endpoints are looked for (and made dead). */
+#define CC_BURY_INTERVAL_MS 5000
+
 /* Delivery settings (PGC_SIGHUP: the worker re-reads them live). */
 static int	cc_batch_size = 1000;
 static int	cc_max_concurrent = 64;
@@ -60,6 +63,8 @@ static int	cc_response_cap = 4096;
 static double cc_retry_jitter = 0.2;
 static int	cc_max_retry_after_s = 3600;
 static bool cc_degrade_non_core = false;
+static bool cc_degrade_on_core_breaker = false;
+static int	cc_degrade_core_backlog = 0;
 static bool cc_delivery_enabled = true;
 
 /* Runtime state of one endpoint, kept in the worker for its lifetime. */
@@ -96,6 +101,13 @@ typedef struct CcClaimPlan
 
 static HTAB *endpoint_runtime = NULL;
 static uint64 rng_state = 0;
+static int64 last_bury_ms = 0;
+static uint32 claim_start = 0;	/* endpoint the next round asks first */
+
+/* Automatic degradation of non-core endpoints (degrade_non_core_now). */
+static int64 backlog_checked_ms = 0;
+static bool backlog_high = false;
+static bool auto_degraded = false;
 
 /*
  * Signing runs between transactions, but the OpenSSL-backed HMAC registers
@@ -145,6 +157,16 @@ cc_worker_define_gucs(void)
 							 "Held events wait without burning attempts; turn it off to catch up.",
 							 &cc_degrade_non_core, false,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("callback_center.degrade_on_core_breaker",
+							 "Holds back events for non-core endpoints while a core endpoint's circuit breaker is open.",
+							 "They flow again once every core breaker has closed.",
+							 &cc_degrade_on_core_breaker, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.degrade_core_backlog",
+							"Holds back events for non-core endpoints while at least this many core events are due.",
+							"Zero turns it off.  The worker counts due core events at most once a second.",
+							&cc_degrade_core_backlog, 0, 0, 10000000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomBoolVariable("callback_center.delivery_enabled",
 							 "Whether the worker delivers outbox events at all.",
 							 "Turned off, events wait in the outbox; nothing is lost.",
@@ -367,6 +389,64 @@ claim_pass(CcClaimPlan *plans, int nplans, int lease_s, CcJob **jobs,
 }
 
 /*
+ * Whether events for non-core endpoints are held back this round: by
+ * callback_center.degrade_non_core, or automatically while a core
+ * endpoint's breaker is open or probing (degrade_on_core_breaker) or while at
+ * least degrade_core_backlog core events are due (counted at most once a
+ * second, reading no more than that many index entries).  Runs in the
+ * claim transaction; logs when automatic degradation starts and ends.
+ */
+static bool
+degrade_non_core_now(const CcEndpoint *eps, int neps, int64 now)
+{
+	const char *why = NULL;
+	int			i;
+
+	if (cc_degrade_non_core)
+		return true;
+	if (cc_degrade_on_core_breaker)
+		for (i = 0; i < neps && why == NULL; i++)
+		{
+			CcBreaker  *b = &endpoint_state(eps[i].id)->breaker;
+
+			/* Half open with no probe: it has nothing due to deliver. */
+			if (eps[i].is_core && (b->state == CC_BREAKER_OPEN ||
+								   (b->state == CC_BREAKER_HALF_OPEN &&
+									b->probe_in_flight)))
+				why = "a core endpoint's circuit breaker is open";
+		}
+	if (why == NULL && cc_degrade_core_backlog > 0)
+	{
+		if (now - backlog_checked_ms >= 1000 || now < backlog_checked_ms)
+		{
+			int32	   *core = palloc(sizeof(int32) * Max(neps, 1));
+			int			ncore = 0;
+
+			for (i = 0; i < neps; i++)
+				if (eps[i].is_core)
+					core[ncore++] = eps[i].id;
+			backlog_high = cc_queue_due_count(core, ncore,
+											  cc_degrade_core_backlog) >=
+				cc_degrade_core_backlog;
+			backlog_checked_ms = now;
+		}
+		if (backlog_high)
+			why = "the backlog of due core events reached callback_center.degrade_core_backlog";
+	}
+	if ((why != NULL) != auto_degraded)
+	{
+		auto_degraded = (why != NULL);
+		if (auto_degraded)
+			ereport(LOG,
+					(errmsg("callback_center worker holds back non-core endpoints: %s", why)));
+		else
+			ereport(LOG,
+					(errmsg("callback_center worker delivers to non-core endpoints again")));
+	}
+	return auto_degraded;
+}
+
+/*
  * One round: claim what is due (per endpoint, within its breaker, rate
  * limit and caps), deliver it with no transaction open, record the
  * results.  Returns the number of events claimed; sets *wait_ms to how
@@ -383,6 +463,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	CcJob	   *jobs = NULL;
 	int			njobs = 0;
 	int			i;
+	int			k;
 	int			pass;
 	int			budget = cc_batch_size;
 	int			per_wave = Min(cc_max_per_endpoint, cc_max_concurrent);
@@ -397,6 +478,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	int			lease_s;
 	int64		lease_ms = 0;
 	char		ua[64];
+	bool		degrade;
 
 	*more = false;
 
@@ -408,6 +490,14 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	MemoryContextSwitchTo(cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	neps = cc_queue_load_endpoints(&eps);
+	if (t0 - last_bury_ms >= CC_BURY_INTERVAL_MS)
+	{
+		/* Rows no endpoint will ever claim must not wait for ever. */
+		(void) cc_queue_bury_orphans();
+		last_bury_ms = t0;
+	}
+
+	degrade = degrade_non_core_now(eps, neps, t0);
 
 	/* Which endpoints may send now (breaker, degradation), in id order. */
 	plans = palloc0(sizeof(CcClaimPlan) * Max(neps, 1));
@@ -420,7 +510,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		CcBreakerVerdict v;
 
 		rt->probing = false;
-		if (cc_degrade_non_core && !e->is_core)
+		if (degrade && !e->is_core)
 			continue;
 		v = cc_breaker_check(&rt->breaker, &cfg, t0);
 		if (v == CC_BREAKER_DENY)
@@ -452,6 +542,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	 * whole batches.
 	 */
 	lease_s = (int) (lease_ms / 1000) + 60;
+	claim_start++;
 	for (pass = 0; pass < CC_CLAIM_PASSES && budget > 0; pass++)
 	{
 		bool	   *cand = palloc0(sizeof(bool) * Max(nplans, 1));
@@ -474,12 +565,22 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		/* budget / ncand each; the first budget % ncand get one more */
 		share = budget / ncand;
 		spare = budget % ncand;
-		for (i = 0; i < nplans; i++)
+
+		/*
+		 * The spare events go first to the endpoints from claim_start on,
+		 * one further each round: with more endpoints than the batch holds
+		 * (share 0) every endpoint still gets its turn; starting at the
+		 * lowest id starved the others.
+		 */
+		for (k = 0; k < nplans; k++)
 		{
-			CcClaimPlan *p = &plans[i];
+			CcClaimPlan *p;
 			CcEndpoint *e;
 			CcEndpointRuntime *rt;
 			int			q;
+
+			i = (int) ((claim_start + k) % nplans);
+			p = &plans[i];
 
 			if (!cand[i])
 				continue;
@@ -714,7 +815,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		cc_breaker_window(&rt->breaker, &cfg, t, &snaps[i].window_ok,
 						  &snaps[i].window_fail);
 		snaps[i].tokens = eps[i].rate_per_s > 0 ? rt->bucket.tokens : -1;
-		snaps[i].degraded = cc_degrade_non_core && !eps[i].is_core;
+		snaps[i].degraded = degrade && !eps[i].is_core;
 	}
 	pgstat_report_activity(STATE_RUNNING, "callback_center: recording");
 	SetCurrentStatementStartTimestamp();

@@ -182,11 +182,22 @@ GRANT SELECT ON callback_center.endpoint_secrets TO callback_center_admin;
 -- below run as the extension owner).
 -------------------------------------------------------------------------
 
--- Returns url when it is an absolute http(s) URL with a host, raises 22023
--- naming the problem otherwise.
+-- Returns url when its host may be delivered to under the destination list
+-- allowed (NULL: callback_center.allowed_destinations), raises CB041
+-- otherwise (src/allowlist_guc.c).  The worker checks every connection
+-- again, on the resolved address.
+CREATE FUNCTION callback_center._check_destination(url text, allowed text DEFAULT NULL)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_check_destination'
+LANGUAGE C STABLE PARALLEL SAFE;
+REVOKE ALL ON FUNCTION callback_center._check_destination(text, text) FROM PUBLIC;
+
+-- Returns url when it is an absolute http(s) URL with a host that
+-- callback_center.allowed_destinations allows; raises 22023 naming the
+-- problem, or CB041 for a destination not allowed.
 CREATE FUNCTION callback_center._check_url(url text)
 RETURNS text
-LANGUAGE plpgsql IMMUTABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
@@ -223,7 +234,7 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('url "%s" has no valid host', url);
     END IF;
-    RETURN url;
+    RETURN callback_center._check_destination(url);
 END
 $$;
 REVOKE ALL ON FUNCTION callback_center._check_url(text) FROM PUBLIC;
