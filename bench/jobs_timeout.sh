@@ -28,8 +28,7 @@ cc_build_install || { echo "build failed" >&2; exit 1; }
 
 work=$(cc_cluster_dir callback_center_jobs_bench) || exit 1
 port=$(cc_free_port 55532)
-cleanup() { cc_cluster_stop "$work"; }
-trap cleanup EXIT
+trap 'cc_cluster_stop "$work"' EXIT
 trap 'exit 130' INT TERM
 
 cc_say "initdb in $work (port $port)"

@@ -52,8 +52,7 @@ fi
 # whatever happens.
 work=$(cc_cluster_dir callback_center_bench) || exit 1
 port=$(cc_free_port 55432)
-cleanup() { cc_cluster_stop "$work"; }
-trap cleanup EXIT
+trap 'cc_cluster_stop "$work"' EXIT
 trap 'exit 130' INT TERM
 
 cc_say "initdb in $work (port $port)"
