@@ -48,12 +48,9 @@ CHUNK=50000                     # events per enqueuing transaction
 cc_ensure_packages || exit 1
 cc_build_install || { echo "build failed" >&2; exit 1; }
 
-work=$(mktemp -d /tmp/cc_delivery_bench.XXXXXX)
-chmod 755 "$work"
-as_root chown "$CC_PG_USER" "$work"
+work=$(cc_cluster_dir cc_delivery_bench) || exit 1
 nginx_port=$(cc_free_port 18180)
 port=$(cc_free_port 55632)
-pgdata=$work/data
 results_dir=$CC_ROOT/bench/results
 
 cleanup() {
@@ -63,22 +60,10 @@ cleanup() {
     if [ -f "$work/nginx.pid" ]; then
         as_root nginx -p "$work/nginx" -c "$work/nginx.conf" -s stop 2>/dev/null
     fi
-    if [ -f "$pgdata/postmaster.pid" ]; then
-        as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -m immediate -w stop >/dev/null 2>&1
-    fi
-    as_root rm -rf "$work"
+    cc_cluster_stop "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# Servers must not inherit our open files (a flock descriptor, a pipe).
-without_fds() {
-    local fd
-    for fd in $(ls /proc/$BASHPID/fd); do
-        [ "$fd" -gt 2 ] && eval "exec $fd>&-"
-    done
-    "$@"
-}
 
 # nginx: one worker process, keep-alive without limits, 200 to everything.
 mkdir -p "$work/nginx/logs"
@@ -99,16 +84,11 @@ http {
     }
 }
 NGINX
-(without_fds as_root nginx -p "$work/nginx" -c "$work/nginx.conf") ||
+(cc_without_fds as_root nginx -p "$work/nginx" -c "$work/nginx.conf") ||
     { echo "nginx did not start" >&2; exit 1; }
 
 cc_say "initdb in $work (port $port, nginx on $nginx_port)"
-as_pg "$CC_BINDIR/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 \
-    --locale=C >"$work/initdb.log" 2>&1 || { cat "$work/initdb.log"; exit 1; }
-cat <<CONF | as_pg tee -a "$pgdata/postgresql.conf" >/dev/null
-listen_addresses = '127.0.0.1'
-port = $port
-unix_socket_directories = '$work'
+cc_cluster_init "$work" "$port" <<CONF || exit 1
 shared_preload_libraries = 'callback_center'
 callback_center.database = 'postgres'
 synchronous_commit = on
@@ -119,13 +99,9 @@ max_connections = 100
 log_line_prefix = '%m [%p] '
 ${DELIVERY_CONF:-}
 CONF
-(without_fds as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -l "$work/server.log" -w start) >/dev/null ||
-    { cat "$work/server.log"; exit 1; }
+cc_cluster_start "$work" || exit 1
 
-psql_() {
-    as_pg "$CC_BINDIR/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" \
-        -U postgres -d postgres "$@"
-}
+psql_() { cc_psql "$port" -A -t "$@"; }
 psql_ -c 'SET client_min_messages = warning' -c 'CREATE EXTENSION callback_center CASCADE' || exit 1
 
 max_concurrent=$(psql_ -c "SHOW callback_center.max_concurrent")

@@ -26,27 +26,13 @@ JOBS_BATCH=${JOBS_BATCH:-100}
 cc_ensure_packages || exit 1
 cc_build_install || { echo "build failed" >&2; exit 1; }
 
-work=$(mktemp -d /tmp/callback_center_jobs_bench.XXXXXX)
-chmod 755 "$work"
-as_root chown "$CC_PG_USER" "$work"
+work=$(cc_cluster_dir callback_center_jobs_bench) || exit 1
 port=$(cc_free_port 55532)
-pgdata=$work/data
-cleanup() {
-    if [ -f "$pgdata/postmaster.pid" ]; then
-        as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -m immediate -w stop >/dev/null 2>&1
-    fi
-    as_root rm -rf "$work"
-}
-trap cleanup EXIT
+trap 'cc_cluster_stop "$work"' EXIT
 trap 'exit 130' INT TERM
 
 cc_say "initdb in $work (port $port)"
-as_pg "$CC_BINDIR/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 \
-    --locale=C >"$work/initdb.log" 2>&1 || { cat "$work/initdb.log"; exit 1; }
-cat <<CONF | as_pg tee -a "$pgdata/postgresql.conf" >/dev/null
-listen_addresses = '127.0.0.1'
-port = $port
-unix_socket_directories = '$work'
+cc_cluster_init "$work" "$port" <<CONF || exit 1
 shared_preload_libraries = 'callback_center'
 callback_center.database = 'postgres'
 callback_center.jobs_enabled = off
@@ -58,21 +44,9 @@ synchronous_commit = on
 shared_buffers = 1GB
 max_connections = 200
 CONF
-# The server must not inherit our open files (see bench/run.sh).
-without_fds() {
-    local fd
-    for fd in $(ls /proc/$BASHPID/fd); do
-        [ "$fd" -gt 2 ] && eval "exec $fd>&-"
-    done
-    "$@"
-}
-(without_fds as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -l "$work/server.log" -w start) >/dev/null ||
-    { cat "$work/server.log"; exit 1; }
+cc_cluster_start "$work" || exit 1
 
-psql_() {
-    as_pg "$CC_BINDIR/psql" -X -q -A -t -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" \
-        -U postgres -d postgres "$@"
-}
+psql_() { cc_psql "$port" -A -t "$@"; }
 now_s() { date +%s.%N; }
 # calc EXPR [DECIMALS]: arithmetic on decimals (awk; no bc needed).
 calc() { awk "BEGIN { printf \"%.${2:-2}f\", ($1) }"; }  # parenthesised: a bare > in awk printf redirects to a file
@@ -115,16 +89,7 @@ SELECT status FROM callback_center.place_order('w' || :client_id || '-' || :n, '
     jsonb_build_array(jsonb_build_object('sku', 'bw-' || :a, 'qty', 1),
                       jsonb_build_object('sku', 'bw-' || :b, 'qty', 2)), 300);
 SQL
-run_pgbench() {
-    local out
-    out=$(as_pg "$CC_BINDIR/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres \
-        -c "$BENCH_CLIENTS" -j 2 -T "$BENCH_SECONDS" -f "$script" postgres 2>&1)
-    if ! printf '%s\n' "$out" | grep -q '^tps = '; then
-        printf '%s\n' "$out" | tail -n 20 >&2
-        return 1
-    fi
-    printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
-}
+run_pgbench() { cc_pgbench_tps "$port" "$BENCH_CLIENTS" "$BENCH_SECONDS" "$script"; }
 closed_so_far() { psql_ -c 'SELECT orders_closed FROM callback_center.jobs_status()'; }
 set_jobs() {
     psql_ -c "ALTER SYSTEM SET callback_center.jobs_enabled = $1" -c 'SELECT pg_reload_conf()' >/dev/null

@@ -50,50 +50,24 @@ fi
 
 # The throwaway cluster, owned by the postgres OS user, removed on exit
 # whatever happens.
-work=$(mktemp -d /tmp/callback_center_bench.XXXXXX)
-chmod 755 "$work"
-as_root chown "$CC_PG_USER" "$work"
+work=$(cc_cluster_dir callback_center_bench) || exit 1
 port=$(cc_free_port 55432)
-pgdata=$work/data
-cleanup() {
-    if [ -f "$pgdata/postmaster.pid" ]; then
-        as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -m immediate -w stop >/dev/null 2>&1
-    fi
-    as_root rm -rf "$work"
-}
-trap cleanup EXIT
+trap 'cc_cluster_stop "$work"' EXIT
 trap 'exit 130' INT TERM
 
 cc_say "initdb in $work (port $port)"
-as_pg "$CC_BINDIR/initdb" -D "$pgdata" -U postgres --auth=trust -E UTF8 \
-    --locale=C >"$work/initdb.log" 2>&1 || { cat "$work/initdb.log"; exit 1; }
-cat <<CONF | as_pg tee -a "$pgdata/postgresql.conf" >/dev/null
-listen_addresses = '127.0.0.1'
-port = $port
-unix_socket_directories = '$work'
+cc_cluster_init "$work" "$port" <<CONF || exit 1
 $([ "${BENCH_PRELOAD:-1}" = 0 ] || echo "shared_preload_libraries = 'callback_center'")
 $([ "${BENCH_PRELOAD:-1}" = 0 ] || echo "callback_center.database = 'postgres'")
 synchronous_commit = on
 shared_buffers = 1GB
 max_connections = 200
 CONF
-# The server must not inherit our open files: run under
-# "flock /tmp/cc-install.lock", a server holding the lock's descriptor
-# would keep the lock after we exit if it outlived us.
-without_fds() {
-    local fd
-    for fd in $(ls /proc/$BASHPID/fd); do
-        [ "$fd" -gt 2 ] && eval "exec $fd>&-"
-    done
-    "$@"
-}
-(without_fds as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -l "$work/server.log" -w start) >/dev/null ||
-    { cat "$work/server.log"; exit 1; }
+# Started without our open files: under "flock /tmp/cc-install.lock" a
+# server holding the lock's descriptor would keep the lock after we exit.
+cc_cluster_start "$work" || exit 1
 
-psql_() {
-    as_pg "$CC_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" \
-        -U postgres -d postgres "$@"
-}
+psql_() { cc_psql "$port" "$@"; }
 psql_ -q -c 'SET client_min_messages = warning' -c 'CREATE EXTENSION callback_center CASCADE' || exit 1
 # Without preload each backend loads the library from disk: keep the lock.
 if [ -n "${CC_INSTALL_LOCK:-}" ] && [ "${BENCH_PRELOAD:-1}" != 0 ]; then
@@ -104,15 +78,9 @@ fi
 # Runs pgbench on script text $1 with $2 clients for $3 seconds; prints the
 # tps (excluding connection time), or nothing on failure.
 run_pgbench() {
-    local script=$work/script.sql out
+    local script=$work/script.sql
     printf '%s\n' "$1" | as_pg tee "$script" >/dev/null
-    out=$(as_pg "$CC_BINDIR/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres \
-        -c "$2" -j 2 -T "$3" -f "$script" postgres 2>&1)
-    if ! printf '%s\n' "$out" | grep -q '^tps = '; then
-        printf '%s\n' "$out" | tail -n 20 >&2
-        return 1
-    fi
-    printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
+    cc_pgbench_tps "$port" "$2" "$3" "$script"
 }
 
 # Prints "median min max" of a list of numbers.

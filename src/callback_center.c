@@ -12,9 +12,12 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
+#include "commands/extension.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
@@ -29,6 +32,9 @@
 
 PG_MODULE_MAGIC;
 
+/* Seconds the postmaster waits before restarting a worker that exited. */
+#define CC_WORKER_RESTART_SECONDS 5
+
 CallbackCenterShared *cc_shared = NULL;
 char	   *cc_database = NULL;
 int			cc_poll_interval_ms = 1000;
@@ -42,6 +48,7 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 void		_PG_init(void);
 static void cc_shmem_request(void);
 static void cc_shmem_startup(void);
+static void cc_worker_detach(int code, Datum arg);
 
 PG_FUNCTION_INFO_V1(cc_worker_status);
 PG_FUNCTION_INFO_V1(cc_wake);
@@ -120,8 +127,35 @@ _PG_init(void)
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = cc_shmem_startup;
 
-	cc_register_worker();
-	cc_register_jobs_worker();
+	cc_register_bgworker(CC_WORKER_TYPE, "callback_center_worker_main");
+	cc_register_bgworker(CC_JOBS_WORKER_TYPE, "callback_center_jobs_main");
+}
+
+/*
+ * Registers a worker of this library with the postmaster: connected to a
+ * database, started once recovery has finished (a standby never runs it; a
+ * promoted one does), restarted after CC_WORKER_RESTART_SECONDS when it
+ * exits with code 1.  type names it in pg_stat_activity.backend_type;
+ * function is its exported entry point.  Called from _PG_init while
+ * shared_preload_libraries is being processed.
+ */
+void
+cc_register_bgworker(const char *type, const char *function)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
+		BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = CC_WORKER_RESTART_SECONDS;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, CC_EXTENSION_NAME);
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "%s", function);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "%s", type);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "%s", type);
+	worker.bgw_main_arg = (Datum) 0;
+	worker.bgw_notify_pid = 0;
+	RegisterBackgroundWorker(&worker);
 }
 
 static void
@@ -133,7 +167,8 @@ cc_shmem_request(void)
 }
 
 /*
- * Attaches to (or, first time round, creates) the shared state.  Runs in the
+ * Attaches to (or, first time round, creates) the shared state of both
+ * workers.  Runs in the
  * postmaster and again in every child on EXEC_BACKEND builds.
  */
 static void
@@ -153,6 +188,49 @@ cc_shmem_startup(void)
 		SpinLockInit(&cc_shared->mutex);
 	}
 	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Publishes the calling worker in its slot of the shared state, and
+ * unpublishes it as it exits, however it exits.
+ */
+void
+cc_worker_attach(CcWorkerSlot *slot)
+{
+	SpinLockAcquire(&cc_shared->mutex);
+	slot->pid = MyProcPid;
+	slot->latch = MyLatch;
+	slot->started_at = GetCurrentTimestamp();
+	SpinLockRelease(&cc_shared->mutex);
+	before_shmem_exit(cc_worker_detach, PointerGetDatum(slot));
+}
+
+static void
+cc_worker_detach(int code, Datum arg)
+{
+	CcWorkerSlot *slot = (CcWorkerSlot *) DatumGetPointer(arg);
+
+	SpinLockAcquire(&cc_shared->mutex);
+	slot->pid = 0;
+	slot->latch = NULL;
+	SpinLockRelease(&cc_shared->mutex);
+}
+
+/*
+ * Whether the extension is installed in the worker's database.  A worker
+ * starts before anyone runs CREATE EXTENSION, and must survive DROP
+ * EXTENSION; it asks this each time round, in a transaction of its own.
+ */
+bool
+cc_extension_exists(void)
+{
+	bool		exists;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	exists = OidIsValid(get_extension_oid(CC_EXTENSION_NAME, true));
+	CommitTransactionCommand();
+	return exists;
 }
 
 /*
@@ -182,7 +260,7 @@ cc_wake_worker(void)
 	if (cc_shared == NULL)
 		return;
 	SpinLockAcquire(&cc_shared->mutex);
-	latch = cc_shared->worker_latch;
+	latch = cc_shared->worker.latch;
 	cc_shared->wakeups++;
 	SpinLockRelease(&cc_shared->mutex);
 	if (latch != NULL)
@@ -210,10 +288,10 @@ cc_worker_status(PG_FUNCTION_ARGS)
 	memcpy(&snap, cc_shared, sizeof(snap));
 	SpinLockRelease(&cc_shared->mutex);
 
-	if (snap.worker_pid != 0)
+	if (snap.worker.pid != 0)
 	{
-		values[0] = Int32GetDatum(snap.worker_pid);
-		values[1] = TimestampTzGetDatum(snap.worker_started_at);
+		values[0] = Int32GetDatum(snap.worker.pid);
+		values[1] = TimestampTzGetDatum(snap.worker.started_at);
 	}
 	else
 		nulls[0] = nulls[1] = true;
@@ -236,7 +314,7 @@ cc_wake(PG_FUNCTION_ARGS)
 
 	cc_require_worker("callback_center.wake()");
 	SpinLockAcquire(&cc_shared->mutex);
-	running = cc_shared->worker_latch != NULL;
+	running = cc_shared->worker.latch != NULL;
 	SpinLockRelease(&cc_shared->mutex);
 	cc_wake_worker();
 	PG_RETURN_BOOL(running);

@@ -41,19 +41,40 @@
 #define CC_ERRCODE_UNKNOWN_ORDER			MAKE_SQLSTATE('C','B','0','5','0')
 #define CC_ERRCODE_COUPON_UNAVAILABLE		MAKE_SQLSTATE('C','B','0','5','1')
 
+/* Bytes of the jobs worker's last error message kept for jobs_status(). */
+#define CC_JOBS_ERROR_LEN	256
+
+/* Whether, and since when, one background worker runs. */
+typedef struct CcWorkerSlot
+{
+	pid_t		pid;			/* 0 while the worker does not run */
+	Latch	   *latch;			/* its proc latch, or NULL */
+	TimestampTz started_at;
+} CcWorkerSlot;
+
 /*
- * State the worker shares with backends.  Backends read it for the status
- * functions and use worker_latch to wake the worker when work commits.
+ * State the workers share with backends.  Backends read it for the status
+ * functions and use the delivery worker's latch to wake it when work
+ * commits.
  */
 typedef struct CallbackCenterShared
 {
 	slock_t		mutex;			/* protects every field below */
-	pid_t		worker_pid;		/* 0 while no worker runs */
-	Latch	   *worker_latch;	/* the worker's proc latch, or NULL */
-	TimestampTz worker_started_at;
+
+	/* the delivery worker */
+	CcWorkerSlot worker;
 	uint64		reloads;		/* SIGHUPs processed since start */
 	uint64		loops;			/* latch wake-ups (work or timeout) */
 	uint64		wakeups;		/* wake requests from backends */
+
+	/* the jobs worker, since it started */
+	CcWorkerSlot jobs;
+	uint64		jobs_rounds;
+	uint64		orders_closed;
+	uint64		queries_sent;
+	uint64		answers_applied;
+	uint64		jobs_errors;
+	char		jobs_last_error[CC_JOBS_ERROR_LEN];
 } CallbackCenterShared;
 
 /* callback_center.c */
@@ -66,10 +87,12 @@ extern char *cc_actor;
 
 extern void cc_require_worker(const char *what);
 extern void cc_wake_worker(void);
+extern void cc_register_bgworker(const char *type, const char *function);
+extern void cc_worker_attach(CcWorkerSlot *slot);
+extern bool cc_extension_exists(void);
 
 /* worker.c */
 extern PGDLLEXPORT void callback_center_worker_main(Datum main_arg);
-extern void cc_register_worker(void);
 extern void cc_worker_define_gucs(void);
 
 #endif							/* CALLBACK_CENTER_H */

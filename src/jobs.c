@@ -21,7 +21,6 @@
 #include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
-#include "commands/extension.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -31,9 +30,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
-#include "storage/lwlock.h"
 #include "storage/proc.h"
-#include "storage/shmem.h"
 #include "storage/spin.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
@@ -45,33 +42,12 @@
 #include "callback_center.h"
 #include "jobs.h"
 
-#define CC_JOBS_RESTART_SECONDS 5
-#define CC_JOBS_ERROR_LEN 256
-
 /* Settings (PGC_SIGHUP: the worker re-reads them live). */
 static bool cc_jobs_enabled = true;
 static int	cc_jobs_interval_ms = 1000;
 static int	cc_jobs_batch = 100;
 static int	cc_pay_query_after_s = 300;
 static int	cc_pay_query_interval_s = 60;
-
-/* What the jobs worker publishes for callback_center.jobs_status(). */
-typedef struct CcJobsShared
-{
-	slock_t		mutex;			/* protects every field below */
-	pid_t		pid;			/* 0 while no jobs worker runs */
-	TimestampTz started_at;
-	uint64		rounds;
-	uint64		orders_closed;
-	uint64		queries_sent;
-	uint64		answers_applied;
-	uint64		errors;
-	char		last_error[CC_JOBS_ERROR_LEN];
-} CcJobsShared;
-
-static CcJobsShared *jobs_shared = NULL;
-static shmem_request_hook_type prev_shmem_request_hook = NULL;
-static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 PG_FUNCTION_INFO_V1(cc_jobs_status);
 
@@ -105,81 +81,15 @@ cc_jobs_define_gucs(void)
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 }
 
-static void
-cc_jobs_shmem_request(void)
-{
-	if (prev_shmem_request_hook)
-		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(CcJobsShared)));
-}
-
-/* Attaches to (or first creates) the jobs worker's shared state. */
-static void
-cc_jobs_shmem_startup(void)
-{
-	bool		found;
-
-	if (prev_shmem_startup_hook)
-		prev_shmem_startup_hook();
-
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	jobs_shared = ShmemInitStruct("callback_center jobs",
-								  sizeof(CcJobsShared), &found);
-	if (!found)
-	{
-		memset(jobs_shared, 0, sizeof(CcJobsShared));
-		SpinLockInit(&jobs_shared->mutex);
-	}
-	LWLockRelease(AddinShmemInitLock);
-}
-
-/*
- * Registers the jobs worker and its shared state.  Called from _PG_init
- * while shared_preload_libraries is being processed.
- */
-void
-cc_register_jobs_worker(void)
-{
-	BackgroundWorker worker;
-
-	prev_shmem_request_hook = shmem_request_hook;
-	shmem_request_hook = cc_jobs_shmem_request;
-	prev_shmem_startup_hook = shmem_startup_hook;
-	shmem_startup_hook = cc_jobs_shmem_startup;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
-		BGWORKER_BACKEND_DATABASE_CONNECTION;
-	/* RecoveryFinished: a standby never runs it; a promoted one does. */
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = CC_JOBS_RESTART_SECONDS;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, CC_EXTENSION_NAME);
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "callback_center_jobs_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, CC_JOBS_WORKER_TYPE);
-	snprintf(worker.bgw_type, BGW_MAXLEN, CC_JOBS_WORKER_TYPE);
-	worker.bgw_main_arg = (Datum) 0;
-	worker.bgw_notify_pid = 0;
-	RegisterBackgroundWorker(&worker);
-}
-
-/* Unpublishes the jobs worker as it exits, however it exits. */
-static void
-cc_jobs_detach(int code, Datum arg)
-{
-	SpinLockAcquire(&jobs_shared->mutex);
-	jobs_shared->pid = 0;
-	SpinLockRelease(&jobs_shared->mutex);
-}
-
 /* Counts an error and keeps its message for jobs_status(). */
 static void
 cc_jobs_note_error(const char *message)
 {
-	SpinLockAcquire(&jobs_shared->mutex);
-	jobs_shared->errors++;
-	strlcpy(jobs_shared->last_error, message ? message : "",
+	SpinLockAcquire(&cc_shared->mutex);
+	cc_shared->jobs_errors++;
+	strlcpy(cc_shared->jobs_last_error, message ? message : "",
 			CC_JOBS_ERROR_LEN);
-	SpinLockRelease(&jobs_shared->mutex);
+	SpinLockRelease(&cc_shared->mutex);
 }
 
 /*
@@ -331,27 +241,14 @@ cc_jobs_round(MemoryContext cxt)
 						   "SELECT callback_center.apply_query_answers($1)",
 						   batch, INT4OID);
 
-	SpinLockAcquire(&jobs_shared->mutex);
-	jobs_shared->orders_closed += closed;
-	jobs_shared->queries_sent += sent;
-	jobs_shared->answers_applied += applied;
-	SpinLockRelease(&jobs_shared->mutex);
+	SpinLockAcquire(&cc_shared->mutex);
+	cc_shared->orders_closed += closed;
+	cc_shared->queries_sent += sent;
+	cc_shared->answers_applied += applied;
+	SpinLockRelease(&cc_shared->mutex);
 
 	return (!failed && closed >= cc_jobs_batch) || sent >= cc_jobs_batch ||
 		applied >= cc_jobs_batch;
-}
-
-/* Whether the extension is installed in our database. */
-static bool
-cc_jobs_extension_ready(void)
-{
-	bool		ready;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	ready = OidIsValid(get_extension_oid(CC_EXTENSION_NAME, true));
-	CommitTransactionCommand();
-	return ready;
 }
 
 /*
@@ -369,12 +266,10 @@ callback_center_jobs_main(Datum main_arg)
 
 	BackgroundWorkerInitializeConnection(cc_database, NULL, 0);
 
-	SpinLockAcquire(&jobs_shared->mutex);
-	jobs_shared->pid = MyProcPid;
-	jobs_shared->started_at = GetCurrentTimestamp();
-	jobs_shared->rounds = 0;
-	SpinLockRelease(&jobs_shared->mutex);
-	before_shmem_exit(cc_jobs_detach, (Datum) 0);
+	SpinLockAcquire(&cc_shared->mutex);
+	cc_shared->jobs_rounds = 0;
+	SpinLockRelease(&cc_shared->mutex);
+	cc_worker_attach(&cc_shared->jobs);
 
 	/* State history names the job as the actor of its moves. */
 	SetConfigOption("callback_center.actor", CC_JOBS_WORKER_TYPE,
@@ -403,7 +298,7 @@ callback_center_jobs_main(Datum main_arg)
 			 */
 			PG_TRY();
 			{
-				if (cc_jobs_extension_ready())
+				if (cc_extension_exists())
 					more = cc_jobs_round(loop_context);
 			}
 			PG_CATCH();
@@ -417,9 +312,9 @@ callback_center_jobs_main(Datum main_arg)
 		MemoryContextSwitchTo(oldcontext);
 		MemoryContextReset(loop_context);
 
-		SpinLockAcquire(&jobs_shared->mutex);
-		jobs_shared->rounds++;
-		SpinLockRelease(&jobs_shared->mutex);
+		SpinLockAcquire(&cc_shared->mutex);
+		cc_shared->jobs_rounds++;
+		SpinLockRelease(&cc_shared->mutex);
 
 		/* A full batch means more is due: go round again without waiting. */
 		if (!more || ShutdownRequestPending)
@@ -459,33 +354,31 @@ cc_jobs_status(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc;
 	Datum		values[8];
 	bool		nulls[8] = {0};
-	CcJobsShared snap;
+	CallbackCenterShared snap;
 
-	/* Both shared states exist exactly when the library was preloaded. */
 	cc_require_worker("callback_center.jobs_status()");
-	Assert(jobs_shared != NULL);
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	SpinLockAcquire(&jobs_shared->mutex);
-	memcpy(&snap, jobs_shared, sizeof(snap));
-	SpinLockRelease(&jobs_shared->mutex);
+	SpinLockAcquire(&cc_shared->mutex);
+	memcpy(&snap, cc_shared, sizeof(snap));
+	SpinLockRelease(&cc_shared->mutex);
 
-	if (snap.pid != 0)
+	if (snap.jobs.pid != 0)
 	{
-		values[0] = Int32GetDatum(snap.pid);
-		values[1] = TimestampTzGetDatum(snap.started_at);
+		values[0] = Int32GetDatum(snap.jobs.pid);
+		values[1] = TimestampTzGetDatum(snap.jobs.started_at);
 	}
 	else
 		nulls[0] = nulls[1] = true;
-	values[2] = Int64GetDatum((int64) snap.rounds);
+	values[2] = Int64GetDatum((int64) snap.jobs_rounds);
 	values[3] = Int64GetDatum((int64) snap.orders_closed);
 	values[4] = Int64GetDatum((int64) snap.queries_sent);
 	values[5] = Int64GetDatum((int64) snap.answers_applied);
-	values[6] = Int64GetDatum((int64) snap.errors);
-	if (snap.last_error[0] != '\0')
-		values[7] = CStringGetTextDatum(snap.last_error);
+	values[6] = Int64GetDatum((int64) snap.jobs_errors);
+	if (snap.jobs_last_error[0] != '\0')
+		values[7] = CStringGetTextDatum(snap.jobs_last_error);
 	else
 		nulls[7] = true;
 

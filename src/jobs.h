@@ -13,7 +13,6 @@
 #define CC_JOBS_WORKER_TYPE "callback_center jobs"
 
 extern void cc_jobs_define_gucs(void);
-extern void cc_register_jobs_worker(void);
 extern PGDLLEXPORT void callback_center_jobs_main(Datum main_arg);
 
 #endif							/* CC_JOBS_H */

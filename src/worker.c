@@ -16,7 +16,6 @@
 #include <time.h>
 
 #include "access/xact.h"
-#include "commands/extension.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -37,9 +36,6 @@
 #include "policy.h"
 #include "queue.h"
 #include "signature.h"
-
-/* Seconds the postmaster waits before restarting a worker that exited. */
-#define CC_WORKER_RESTART_SECONDS 5
 
 /*
  * How long a round should take for one endpoint: an endpoint is given
@@ -116,8 +112,6 @@ static bool auto_degraded = false;
 static ResourceOwner sign_owner = NULL;
 static bool extension_was_ready = false;
 
-static void cc_worker_detach(int code, Datum arg);
-static bool cc_extension_ready(void);
 static int	cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more);
 static bool cc_should_stop(void *arg);
 
@@ -172,57 +166,6 @@ cc_worker_define_gucs(void)
 							 "Turned off, events wait in the outbox; nothing is lost.",
 							 &cc_delivery_enabled, true,
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
-}
-
-/*
- * Registers the worker with the postmaster.  Called from _PG_init while
- * shared_preload_libraries is being processed.
- */
-void
-cc_register_worker(void)
-{
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
-		BGWORKER_BACKEND_DATABASE_CONNECTION;
-	/* RecoveryFinished: a standby never runs it; a promoted one does. */
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = CC_WORKER_RESTART_SECONDS;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, CC_EXTENSION_NAME);
-	snprintf(worker.bgw_function_name, BGW_MAXLEN,
-			 "callback_center_worker_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, CC_WORKER_TYPE);
-	snprintf(worker.bgw_type, BGW_MAXLEN, CC_WORKER_TYPE);
-	worker.bgw_main_arg = (Datum) 0;
-	worker.bgw_notify_pid = 0;
-	RegisterBackgroundWorker(&worker);
-}
-
-/* Unpublishes the worker from shared memory as it exits, however it exits. */
-static void
-cc_worker_detach(int code, Datum arg)
-{
-	SpinLockAcquire(&cc_shared->mutex);
-	cc_shared->worker_pid = 0;
-	cc_shared->worker_latch = NULL;
-	SpinLockRelease(&cc_shared->mutex);
-}
-
-/*
- * Whether the extension is installed in our database.  The worker starts
- * before anyone runs CREATE EXTENSION, and must survive DROP EXTENSION.
- */
-static bool
-cc_extension_ready(void)
-{
-	bool		ready;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	ready = OidIsValid(get_extension_oid(CC_EXTENSION_NAME, true));
-	CommitTransactionCommand();
-	return ready;
 }
 
 static bool
@@ -857,13 +800,10 @@ callback_center_worker_main(Datum main_arg)
 	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
 	SpinLockAcquire(&cc_shared->mutex);
-	cc_shared->worker_pid = MyProcPid;
-	cc_shared->worker_latch = MyLatch;
-	cc_shared->worker_started_at = GetCurrentTimestamp();
 	cc_shared->reloads = 0;
 	cc_shared->loops = 0;
 	SpinLockRelease(&cc_shared->mutex);
-	before_shmem_exit(cc_worker_detach, (Datum) 0);
+	cc_worker_attach(&cc_shared->worker);
 
 	ereport(LOG,
 			(errmsg("callback_center worker started in database \"%s\"",
@@ -880,7 +820,7 @@ callback_center_worker_main(Datum main_arg)
 		bool		more = false;
 
 		oldcontext = MemoryContextSwitchTo(loop_context);
-		if (cc_extension_ready())
+		if (cc_extension_exists())
 		{
 			if (!extension_was_ready)
 			{

@@ -12,9 +12,7 @@ set -u
 cc_ensure_packages || exit 1
 cc_build_install || exit 1
 
-dir=$(mktemp -d /tmp/callback_center_demo.XXXXXX)
-as_root chown "$CC_PG_USER" "$dir"
-chmod 755 "$dir"
+dir=$(cc_cluster_dir callback_center_demo) || exit 1
 port=$(cc_free_port 55432)
 pgdata=$dir/data
 started=0
@@ -26,32 +24,25 @@ stop_all() {
         kill "$rcv_pid" 2>/dev/null
         rm -rf "$rdir"
     fi
-    if [ "$started" = 1 ] && [ "${KEEP:-0}" != 1 ]; then
-        as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -m fast -w stop >/dev/null 2>&1
-        as_root rm -rf "$dir"
-        cc_say "stopped the demo cluster and removed $dir"
+    if [ "${KEEP:-0}" != 1 ] || [ "$started" != 1 ]; then
+        cc_cluster_stop "$dir" fast
+        if [ "$started" = 1 ]; then
+            cc_say "stopped the demo cluster and removed $dir"
+        fi
     fi
 }
 trap stop_all EXIT
 
 cc_say "starting a throwaway cluster on 127.0.0.1:$port (data in $pgdata)"
-as_pg "$CC_BINDIR/initdb" -D "$pgdata" -A trust -U postgres --no-instructions >/dev/null || exit 1
-cat <<CONF | as_pg tee -a "$pgdata/postgresql.conf" >/dev/null
-listen_addresses = '127.0.0.1'
-port = $port
-unix_socket_directories = '$dir'
+cc_cluster_init "$dir" "$port" <<CONF || exit 1
 shared_preload_libraries = 'callback_center'
 callback_center.database = 'postgres'
 callback_center.poll_interval = '200ms'
 CONF
-as_pg "$CC_BINDIR/pg_ctl" -D "$pgdata" -l "$dir/server.log" -w start >/dev/null || {
-    cat "$dir/server.log"; exit 1; }
+cc_cluster_start "$dir" || exit 1
 started=1
 
-psql_demo() {
-    as_pg "$CC_BINDIR/psql" -X -q -h "$dir" -p "$port" -U postgres -d postgres \
-        -v ON_ERROR_STOP=1 "$@"
-}
+psql_demo() { cc_psql "$port" "$@"; }
 
 # The merchant ERP, settlement and notification services: one loopback
 # receiver that records and verifies every request.

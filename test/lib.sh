@@ -1,4 +1,4 @@
-# Shared by test/run_all.sh, test/demo.sh and bench/run.sh.  Source it.
+# Shared by test/run_all.sh, test/demo.sh and the bench scripts.  Source it.
 #
 # Everything here works as root (CI) and as an ordinary user with sudo.
 # Clusters always run as the unprivileged OS user "postgres" (initdb and
@@ -81,4 +81,93 @@ cc_free_port() {
         p=$((p + 1))
     done
     echo "$p"
+}
+
+# --- throwaway clusters (test/demo.sh and the bench scripts) ---------------
+#
+#   dir=$(cc_cluster_dir NAME)         a fresh directory the cluster owner owns
+#   cc_cluster_init "$dir" "$port" <<CONF  initdb into $dir/data; base settings
+#   ...settings of the caller...           (loopback on $port, socket in $dir)
+#   CONF                                   then the caller's from stdin
+#   cc_cluster_start "$dir"            pg_ctl start, log in $dir/server.log
+#   cc_psql "$port" -c ...             psql as postgres to database postgres
+#   cc_cluster_stop "$dir" [MODE]      stop (immediate by default), remove $dir
+
+# Makes a directory /tmp/NAME.XXXXXX owned by the cluster owner, readable
+# by all, and prints its path.
+cc_cluster_dir() {
+    local dir
+    dir=$(mktemp -d "/tmp/$1.XXXXXX") || return 1
+    chmod 755 "$dir"
+    as_root chown "$CC_PG_USER" "$dir" || return 1
+    echo "$dir"
+}
+
+# Runs a command with no open file descriptors beyond 0-2.  A server started
+# under "flock LOCK" (CC_INSTALL_LOCK) or from a pipe must not inherit them:
+# one that outlived us would hold the lock or keep the pipe open.
+cc_without_fds() {
+    local fd
+    for fd in $(ls /proc/$BASHPID/fd); do
+        [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+    done
+    "$@"
+}
+
+# initdb in DIR/data (trust, UTF8, locale C), listening on 127.0.0.1:PORT
+# with its socket in DIR, and with the settings read from stdin appended.
+cc_cluster_init() {
+    local dir=$1 port=$2
+    as_pg "$CC_BINDIR/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 \
+        --locale=C --no-instructions >"$dir/initdb.log" 2>&1 ||
+        { cat "$dir/initdb.log"; return 1; }
+    {
+        cat <<CONF
+listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'
+CONF
+        cat
+    } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
+}
+
+# Starts the cluster in DIR/data and waits until it accepts connections;
+# prints the server log if it does not start.
+cc_cluster_start() {
+    local dir=$1
+    (cc_without_fds as_pg "$CC_BINDIR/pg_ctl" -D "$dir/data" -l "$dir/server.log" \
+        -w start) >/dev/null || { cat "$dir/server.log"; return 1; }
+}
+
+# Stops the cluster in DIR/data if it runs (MODE: immediate unless given),
+# then removes DIR.
+cc_cluster_stop() {
+    local dir=$1 mode=${2:-immediate}
+    if [ -f "$dir/data/postmaster.pid" ]; then
+        as_pg "$CC_BINDIR/pg_ctl" -D "$dir/data" -m "$mode" -w stop >/dev/null 2>&1
+    fi
+    as_root rm -rf "$dir"
+}
+
+# psql as postgres to database postgres on 127.0.0.1:PORT, stopping at the
+# first error; further arguments are psql's.
+cc_psql() {
+    local port=$1
+    shift
+    as_pg "$CC_BINDIR/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" \
+        -U postgres -d postgres "$@"
+}
+
+# Runs pgbench with SCRIPT (a file the cluster owner can read) on
+# 127.0.0.1:PORT, CLIENTS clients for SECONDS; prints the tps (without
+# connection time), or the tail of pgbench's output on stderr and fails.
+cc_pgbench_tps() {
+    local port=$1 clients=$2 seconds=$3 script=$4 out
+    out=$(as_pg "$CC_BINDIR/pgbench" -n -h 127.0.0.1 -p "$port" -U postgres \
+        -c "$clients" -j 2 -T "$seconds" -f "$script" postgres 2>&1)
+    if ! printf '%s\n' "$out" | grep -q '^tps = '; then
+        printf '%s\n' "$out" | tail -n 20 >&2
+        return 1
+    fi
+    printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
 }
