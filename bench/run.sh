@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The README's benchmark command (make bench): builds and installs
 # callback_center, starts a throwaway preloaded cluster, and for each case
-# file runs pgbench on the baseline script and on the product script,
+# file runs pgbench on the baseline script(s) and on the product script,
 # printing a markdown table of transactions per second and their ratio.
 #
 #   bash bench/run.sh                          every bench/cases/*.case
 #   bash bench/run.sh outbox_enqueue ...       the named cases
-#   BENCH_ROUNDS=5 bash bench/run.sh           rounds of baseline then product
-#                                              (default 3); medians reported
+#   BENCH_ROUNDS=7 bash bench/run.sh           rounds per case (default 5);
+#                                              each round runs every script
+#                                              once, in a rotating order
 #   BENCH_SECONDS=5 BENCH_CLIENTS=8 ...        override every case's figures
 #   BENCH_PRELOAD=0 bash bench/run.sh          no shared_preload_libraries: no
 #                                              worker (to see its share)
@@ -17,7 +18,7 @@
 set -u
 . "$(dirname "$0")/../test/lib.sh"
 
-BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_ROUNDS=${BENCH_ROUNDS:-5}
 bench_dir=$CC_ROOT/bench
 results_dir=$bench_dir/results
 
@@ -114,22 +115,54 @@ run_pgbench() {
     printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
 }
 
-# Median of a list of numbers.
-median() {
+# Prints "median min max" of a list of numbers.
+stats() {
     printf '%s\n' "$@" | sort -g |
-        awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+        awk '{ v[NR] = $1 }
+             END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+                   print m, v[1], v[NR] }'
 }
+
+# Product tps $2 over baseline tps $1.
+ratio() { awk -v b="$1" -v p="$2" 'BEGIN { printf "%.4f", (b > 0 ? p / b : 0) }'; }
+
+# The 1-minute load average now.
+load1() { cut -d' ' -f1 /proc/loadavg; }
 
 mkdir -p "$results_dir"
 table=$work/table.md
 {
-    echo "| case | baseline tps | product tps | ratio | target | verdict |"
-    echo "|---|---:|---:|---:|---:|---|"
+    echo "| case | baseline | baseline tps | product tps | ratio (median) | ratio spread | rounds | load seen | target | verdict |"
+    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
 } >"$table"
 failures=0
 
+# Appends one table row: case, baseline label, baseline tps list name,
+# product tps list name, ratio list name, target.
+table_row() {
+    local name=$1 label=$2 target=$3 verdict b p r
+    local -n bl=$4 pl=$5 rl=$6
+    read -r b _ _ <<<"$(stats "${bl[@]}")"
+    read -r p _ _ <<<"$(stats "${pl[@]}")"
+    read -r r rmin rmax <<<"$(stats "${rl[@]}")"
+    r=$(printf '%.2f' "$r")
+    if [ -z "$target" ]; then
+        verdict="report only"
+    elif awk -v r="$r" -v t="$target" 'BEGIN { exit !(r >= t) }'; then
+        verdict="pass"
+    else
+        verdict="FAIL"
+        failures=$((failures + 1))
+    fi
+    printf '| %s | %s | %.0f | %.0f | %s | %.2f-%.2f | %d | %s-%s | %s | %s |\n' \
+        "$name" "$label" "$b" "$p" "$r" "$rmin" "$rmax" "${#rl[@]}" \
+        "$load_min" "$load_max" "${target:--}" "$verdict" >>"$table"
+}
+
 for f in "${cases[@]}"; do
     CASE_TITLE="" CASE_SETUP="" CASE_BASELINE="" CASE_PRODUCT=""
+    CASE_BASELINE_TITLE="" CASE_BASELINE2="" CASE_BASELINE2_TITLE=""
+    CASE_CONF="" CASE_TEARDOWN=""
     CASE_CLIENTS=16 CASE_SECONDS=10 CASE_TARGET=""
     # shellcheck disable=SC1090
     . "$f"
@@ -139,45 +172,96 @@ for f in "${cases[@]}"; do
     cc_say "$name: ${CASE_TITLE:-$name} ($CASE_CLIENTS clients, ${CASE_SECONDS}s x $BENCH_ROUNDS rounds)"
     if [ -n "$CASE_SETUP" ] && ! printf '%s\n' "$CASE_SETUP" | psql_ >"$work/setup.log" 2>&1; then
         cat "$work/setup.log" >&2
-        echo "| $name | - | - | - | ${CASE_TARGET:--} | setup failed |" >>"$table"
+        echo "| $name | - | - | - | - | - | - | - | ${CASE_TARGET:--} | setup failed |" >>"$table"
         failures=$((failures + 1))
         continue
     fi
-    base=() prod=() ratios=() ok=1
-    for ((r = 1; r <= BENCH_ROUNDS; r++)); do
-        b=$(run_pgbench "$CASE_BASELINE" "$CASE_CLIENTS" "$CASE_SECONDS") || ok=0
-        p=$(run_pgbench "$CASE_PRODUCT" "$CASE_CLIENTS" "$CASE_SECONDS") || ok=0
+    # Server settings for this case only (ALTER SYSTEM, reset after it);
+    # they name the worker's settings, so only with the library preloaded.
+    conf_names=()
+    if [ -n "$CASE_CONF" ] && [ "${BENCH_PRELOAD:-1}" != 0 ]; then
+        while IFS='=' read -r k v; do
+            k=$(echo $k)
+            [ -n "$k" ] || continue
+            psql_ -c "ALTER SYSTEM SET $k = $v" || exit 1
+            conf_names+=("$k")
+        done <<<"$CASE_CONF"
+        psql_ -c 'SELECT pg_reload_conf()' >/dev/null || exit 1
+    fi
+    # The scripts of a round: product (P), baseline (B), second baseline (C).
+    kinds=(P)
+    [ -n "$CASE_BASELINE" ] && kinds+=(B)
+    [ -n "$CASE_BASELINE2" ] && kinds+=(C)
+    base=() prod=() base2=() ratios=() ratios2=() ok=1
+    load_min="" load_max=""
+    for ((r = 1; r <= BENCH_ROUNDS && ok; r++)); do
+        # Rotate the order each round, so that neither script always runs
+        # first (a warmer cache) or last (a machine getting busier).
+        order=()
+        for ((i = 0; i < ${#kinds[@]}; i++)); do
+            order+=("${kinds[$(((i + r) % ${#kinds[@]}))]}")
+        done
+        l=$(load1)
+        load_min=$(awk -v a="${load_min:-$l}" -v b="$l" 'BEGIN { print (b < a ? b : a) }')
+        load_max=$(awk -v a="${load_max:-$l}" -v b="$l" 'BEGIN { print (b > a ? b : a) }')
+        declare -A tps=()
+        for k in "${order[@]}"; do
+            case $k in
+                P) script=$CASE_PRODUCT ;;
+                B) script=$CASE_BASELINE ;;
+                C) script=$CASE_BASELINE2 ;;
+            esac
+            tps[$k]=$(run_pgbench "$script" "$CASE_CLIENTS" "$CASE_SECONDS") || { ok=0; break; }
+        done
         [ $ok -eq 1 ] || break
-        ratios+=("$(awk -v b="$b" -v p="$p" 'BEGIN { printf "%.4f", (b > 0 ? p / b : 0) }')")
-        echo "    round $r: baseline $b tps, product $p tps, ratio ${ratios[-1]}"
-        base+=("$b") prod+=("$p")
+        prod+=("${tps[P]}")
+        line="    round $r (${order[*]}, load $l): product ${tps[P]}"
+        if [ -n "$CASE_BASELINE" ]; then
+            base+=("${tps[B]}")
+            ratios+=("$(ratio "${tps[B]}" "${tps[P]}")")
+            line="$line, baseline ${tps[B]}, ratio ${ratios[-1]}"
+        fi
+        if [ -n "$CASE_BASELINE2" ]; then
+            base2+=("${tps[C]}")
+            ratios2+=("$(ratio "${tps[C]}" "${tps[P]}")")
+            line="$line; second baseline ${tps[C]}, ratio ${ratios2[-1]}"
+        fi
+        echo "$line"
+        unset tps
     done
+    if [ -n "$CASE_TEARDOWN" ] && ! printf '%s\n' "$CASE_TEARDOWN" | psql_ >"$work/teardown.log" 2>&1; then
+        cat "$work/teardown.log" >&2
+        ok=0
+    fi
+    for k in "${conf_names[@]}"; do
+        psql_ -c "ALTER SYSTEM RESET $k" || exit 1
+    done
+    [ ${#conf_names[@]} -eq 0 ] || psql_ -c 'SELECT pg_reload_conf()' >/dev/null
     if [ $ok -eq 0 ]; then
-        echo "| $name | - | - | - | ${CASE_TARGET:--} | pgbench failed |" >>"$table"
+        echo "| $name | - | - | - | - | - | - | - | ${CASE_TARGET:--} | pgbench failed |" >>"$table"
         failures=$((failures + 1))
         continue
     fi
-    b=$(median "${base[@]}")
-    p=$(median "${prod[@]}")
-    ratio=$(printf '%.2f' "$(median "${ratios[@]}")")
-    if [ -z "$CASE_TARGET" ]; then
-        verdict="report only"
-    elif awk -v r="$ratio" -v t="$CASE_TARGET" 'BEGIN { exit !(r >= t) }'; then
-        verdict="pass"
-    else
-        verdict="FAIL"
-        failures=$((failures + 1))
+    if [ -z "$CASE_BASELINE" ]; then
+        read -r p pmin pmax <<<"$(stats "${prod[@]}")"
+        printf '| %s | none (tps only) | - | %.0f (%.0f-%.0f) | - | - | %d | %s-%s | - | report only |\n' \
+            "$name" "$p" "$pmin" "$pmax" "${#prod[@]}" "$load_min" "$load_max" >>"$table"
+        continue
     fi
-    printf '| %s | %.0f | %.0f | %s | %s | %s |\n' "$name" "$b" "$p" "$ratio" \
-        "${CASE_TARGET:--}" "$verdict" >>"$table"
+    table_row "$name" "${CASE_BASELINE_TITLE:-baseline}" "$CASE_TARGET" base prod ratios
+    if [ -n "$CASE_BASELINE2" ]; then
+        table_row "$name" "${CASE_BASELINE2_TITLE:-second baseline}" "" base2 prod ratios2
+    fi
 done
 
 {
     echo "# callback_center benchmarks"
     echo
     echo "$(date -u '+%Y-%m-%d %H:%M UTC'), PostgreSQL $CC_PG_VERSION, $(nproc) CPUs," \
-        "synchronous_commit on, $BENCH_ROUNDS alternating baseline/product rounds;" \
-        "tps are medians, the ratio is the median of the rounds' ratios."
+        "synchronous_commit on, $BENCH_ROUNDS rounds per case, scripts in a rotating" \
+        "order; tps are medians, the ratio is the median of the rounds' ratios" \
+        "(product / baseline of the same round), the spread their min-max, the load" \
+        "the 1-minute load average at the rounds' starts."
     echo
     cat "$table"
 } >"$results_dir/latest.md"
