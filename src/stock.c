@@ -21,17 +21,25 @@
 #include <errno.h>
 #include <stdlib.h>
 
+#include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/numeric.h"
+#include "utils/syscache.h"
 
 #include "callback_center.h"
 
@@ -63,7 +71,9 @@ typedef struct StockOutcome
 /*
  * The statements, prepared once per backend (SPI_prepare + SPI_keepplan).
  * The plan cache re-plans them after DDL on the tables, including a DROP
- * and CREATE EXTENSION, since every name is schema-qualified.
+ * and CREATE EXTENSION.  They never depend on the caller's search_path:
+ * every table, function, operator and collation is schema-qualified, and
+ * they are prepared and run only under the pinned path of stock_enter().
  */
 typedef enum StockPlanId
 {
@@ -93,48 +103,56 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 	},
 	[PLAN_TAKE] = {
 		"UPDATE callback_center.stock"
-		" SET available = available - $2, version = version + 1,"
+		" SET available = available OPERATOR(pg_catalog.-) $2,"
+		" version = version OPERATOR(pg_catalog.+) 1,"
 		" updated_at = pg_catalog.now()"
-		" WHERE sku_id = $1 AND available >= $2"
+		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
+		" AND available OPERATOR(pg_catalog.>=) $2"
 		" RETURNING available, version",
 		2, {TEXTOID, INT8OID}
 	},
 	[PLAN_TAKE_CAS] = {
 		"UPDATE callback_center.stock"
-		" SET available = available - $2, version = version + 1,"
+		" SET available = available OPERATOR(pg_catalog.-) $2,"
+		" version = version OPERATOR(pg_catalog.+) 1,"
 		" updated_at = pg_catalog.now()"
-		" WHERE sku_id = $1 AND available >= $2 AND version = $3"
+		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
+		" AND available OPERATOR(pg_catalog.>=) $2"
+		" AND version OPERATOR(pg_catalog.=) $3"
 		" RETURNING available, version",
 		3, {TEXTOID, INT8OID, INT8OID}
 	},
 	[PLAN_CURRENT] = {
 		"SELECT available, version FROM callback_center.stock"
-		" WHERE sku_id = $1",
+		" WHERE sku_id OPERATOR(pg_catalog.=) $1",
 		1, {TEXTOID}
 	},
 	[PLAN_RECORDED] = {
 		"SELECT quantity, restored FROM callback_center.stock_deductions"
-		" WHERE biz_id = $1 AND sku_id = $2",
+		" WHERE biz_id OPERATOR(pg_catalog.=) $1"
+		" AND sku_id OPERATOR(pg_catalog.=) $2",
 		2, {TEXTOID, TEXTOID}
 	},
 	[PLAN_BIZ_SKUS] = {
 		"SELECT sku_id FROM callback_center.stock_deductions"
-		" WHERE biz_id = $1 AND NOT restored"
-		" ORDER BY sku_id COLLATE \"C\"",
+		" WHERE biz_id OPERATOR(pg_catalog.=) $1 AND NOT restored"
+		" ORDER BY sku_id COLLATE pg_catalog.\"C\"",
 		1, {TEXTOID}
 	},
 	[PLAN_MARK_RESTORED] = {
 		"UPDATE callback_center.stock_deductions"
 		" SET restored = true, restored_at = pg_catalog.now()"
-		" WHERE biz_id = $1 AND sku_id = $2 AND NOT restored"
+		" WHERE biz_id OPERATOR(pg_catalog.=) $1"
+		" AND sku_id OPERATOR(pg_catalog.=) $2 AND NOT restored"
 		" RETURNING quantity",
 		2, {TEXTOID, TEXTOID}
 	},
 	[PLAN_GIVE_BACK] = {
 		"UPDATE callback_center.stock"
-		" SET available = available + $2, version = version + 1,"
+		" SET available = available OPERATOR(pg_catalog.+) $2,"
+		" version = version OPERATOR(pg_catalog.+) 1,"
 		" updated_at = pg_catalog.now()"
-		" WHERE sku_id = $1"
+		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" RETURNING available, version",
 		2, {TEXTOID, INT8OID}
 	},
@@ -179,6 +197,136 @@ stock_exec(StockPlanId id, Datum *args, int expect)
 		elog(ERROR, "stock statement failed: %s (%s)",
 			 SPI_result_code_string(rc), plan_defs[id].sql);
 	return SPI_processed;
+}
+
+/*
+ * Who a stock function runs as, and the search path its statements see.
+ *
+ * deduct_stock and restore_stock are neither SECURITY DEFINER nor declared
+ * with SET search_path: fmgr_security_definer's GUC nest level, the
+ * search_path assignment and AtEOXact_GUC cost about a tenth of a
+ * deduction.  stock_enter() does the same job directly:
+ *
+ * - The user id becomes the owner of the called function (pg_proc), with
+ *   SECURITY_LOCAL_USERID_CHANGE added to the security context, as
+ *   fmgr_security_definer does; stock_leave() restores the caller's.  An
+ *   error in between needs no cleanup here: AbortTransaction and
+ *   AbortSubTransaction (xact.c, PG15) reset the user id and security
+ *   context to those saved when the (sub)transaction began, which is also
+ *   how a SECURITY DEFINER function is unwound.
+ *
+ * - The search path is pinned to pg_catalog, then the function's own
+ *   schema, with PushOverrideSearchPath; the temp schema is not searched
+ *   at all (SET search_path would still search pg_temp first for tables).
+ *   On error, AtEOXact_Namespace and AtEOSubXact_Namespace pop override
+ *   entries pushed at or above the aborting level.  In PG15 a
+ *   CachedPlanSource keeps the path it was analyzed under only to compare
+ *   it with the current one (RevalidateCachedQuery): on a mismatch, or
+ *   after an invalidation, it re-analyzes under the path current at that
+ *   moment.  Under the pinned path that is always the same path, so a
+ *   caller's schemas, tables or operators are never seen, and a caller
+ *   with another search_path does not force a re-analysis per call.  The
+ *   statements qualify every name besides, so even a re-analysis under a
+ *   hostile path would find the same objects.
+ *
+ * Owner and schema are read once per function and cached until pg_proc
+ * changes (ALTER FUNCTION ... OWNER TO, DROP EXTENSION).
+ */
+typedef struct StockRunAs
+{
+	Oid			fn_oid;
+	Oid			owner;
+	OverrideSearchPath path;	/* schemas list in TopMemoryContext */
+} StockRunAs;
+
+#define STOCK_RUN_AS_SLOTS 8
+
+static StockRunAs run_as[STOCK_RUN_AS_SLOTS];
+static int	run_as_count = 0;
+static bool run_as_callback = false;
+
+/* What stock_leave() restores. */
+typedef struct StockCall
+{
+	Oid			save_userid;
+	int			save_sec_context;
+} StockCall;
+
+/* Forgets every cached owner and schema when a pg_proc row changes. */
+static void
+run_as_invalidate(Datum arg, int cacheid, uint32 hashvalue)
+{
+	run_as_count = 0;
+}
+
+/* Returns the owner and pinned path of function fn_oid, from the cache. */
+static StockRunAs *
+run_as_lookup(Oid fn_oid)
+{
+	HeapTuple	tup;
+	Form_pg_proc proc;
+	StockRunAs *r;
+	MemoryContext old;
+
+	for (int i = 0; i < run_as_count; i++)
+		if (run_as[i].fn_oid == fn_oid)
+			return &run_as[i];
+
+	if (!run_as_callback)
+	{
+		CacheRegisterSyscacheCallback(PROCOID, run_as_invalidate, (Datum) 0);
+		run_as_callback = true;
+	}
+	tup = SearchSysCache1(PROCOID, ObjectIdGetDatum(fn_oid));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for function %u", fn_oid);
+	proc = (Form_pg_proc) GETSTRUCT(tup);
+
+	/* No catalog access from here on: no invalidation can interleave. */
+	if (run_as_count == STOCK_RUN_AS_SLOTS)
+		run_as_count = 0;
+	r = &run_as[run_as_count];
+	list_free(r->path.schemas);
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	r->path.schemas = list_make2_oid(PG_CATALOG_NAMESPACE,
+									 proc->pronamespace);
+	MemoryContextSwitchTo(old);
+	r->path.addCatalog = false;
+	r->path.addTemp = false;
+	r->path.generation = 0;
+	r->owner = proc->proowner;
+	r->fn_oid = fn_oid;
+	ReleaseSysCache(tup);
+	run_as_count++;
+	return r;
+}
+
+/*
+ * Runs the rest of the call as the owner of the called function, under the
+ * pinned search path, connected to SPI; stock_leave() undoes all three.
+ */
+static void
+stock_enter(FunctionCallInfo fcinfo, StockCall *call)
+{
+	StockRunAs *r;
+
+	if (fcinfo->flinfo == NULL || !OidIsValid(fcinfo->flinfo->fn_oid))
+		elog(ERROR, "stock functions must be called as SQL functions");
+	r = run_as_lookup(fcinfo->flinfo->fn_oid);
+	GetUserIdAndSecContext(&call->save_userid, &call->save_sec_context);
+	SetUserIdAndSecContext(r->owner,
+						   call->save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+	PushOverrideSearchPath(&r->path);
+	SPI_connect();
+}
+
+/* Disconnects from SPI and gives the caller back its user and path. */
+static void
+stock_leave(const StockCall *call)
+{
+	SPI_finish();
+	PopOverrideSearchPath();
+	SetUserIdAndSecContext(call->save_userid, call->save_sec_context);
 }
 
 /* Reads a non-null int8 column of row 0 of the last SPI result. */
@@ -401,9 +549,10 @@ static void
 deduct_items(FunctionCallInfo fcinfo, Datum biz, StockItem *items, int n)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	StockCall	call;
 
 	n = sort_and_merge(items, n);
-	SPI_connect();
+	stock_enter(fcinfo, &call);
 	for (int i = 0; i < n; i++)
 	{
 		StockOutcome o = deduct_one(biz, &items[i]);
@@ -419,7 +568,7 @@ deduct_items(FunctionCallInfo fcinfo, Datum biz, StockItem *items, int n)
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc,
 							 values, nulls);
 	}
-	SPI_finish();
+	stock_leave(&call);
 }
 
 /*
@@ -432,6 +581,7 @@ cc_deduct_stock(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
 	StockItem	item;
 	StockOutcome o;
+	StockCall	call;
 	Datum		values[5];
 	bool		nulls[5] = {false, false, false, false, false};
 
@@ -455,9 +605,9 @@ cc_deduct_stock(PG_FUNCTION_ARGS)
 		fcinfo->flinfo->fn_extra = tupdesc;
 	}
 
-	SPI_connect();
+	stock_enter(fcinfo, &call);
 	o = deduct_one(PointerGetDatum(PG_GETARG_TEXT_PP(0)), &item);
-	SPI_finish();
+	stock_leave(&call);
 
 	values[0] = PointerGetDatum(item.sku);
 	values[1] = Int64GetDatum(o.qty);
@@ -702,12 +852,13 @@ cc_restore_stock(PG_FUNCTION_ARGS)
 	Datum		biz;
 	Datum	   *skus;
 	uint64		n;
+	StockCall	call;
 
 	require_arg(fcinfo, 0, "biz_id");
 	biz = PointerGetDatum(PG_GETARG_TEXT_PP(0));
 	InitMaterializedSRF(fcinfo, 0);
 
-	SPI_connect();
+	stock_enter(fcinfo, &call);
 	n = stock_exec(PLAN_BIZ_SKUS, &biz, SPI_OK_SELECT);
 	skus = palloc(sizeof(Datum) * (n + 1));
 	for (uint64 i = 0; i < n; i++)
@@ -725,7 +876,7 @@ cc_restore_stock(PG_FUNCTION_ARGS)
 		if (restore_one(biz, skus[i], &o))
 			put_restored(fcinfo, skus[i], &o);
 	}
-	SPI_finish();
+	stock_leave(&call);
 	return (Datum) 0;
 }
 
@@ -739,6 +890,7 @@ cc_restore_stock_sku(PG_FUNCTION_ARGS)
 	Datum		biz;
 	Datum		sku;
 	StockOutcome o;
+	StockCall	call;
 
 	require_arg(fcinfo, 0, "biz_id");
 	require_arg(fcinfo, 1, "sku_id");
@@ -746,9 +898,9 @@ cc_restore_stock_sku(PG_FUNCTION_ARGS)
 	sku = PointerGetDatum(PG_GETARG_TEXT_PP(1));
 	InitMaterializedSRF(fcinfo, 0);
 
-	SPI_connect();
+	stock_enter(fcinfo, &call);
 	if (restore_one(biz, sku, &o))
 		put_restored(fcinfo, sku, &o);
-	SPI_finish();
+	stock_leave(&call);
 	return (Datum) 0;
 }

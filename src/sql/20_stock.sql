@@ -125,6 +125,13 @@ $fn$;
 COMMENT ON FUNCTION callback_center.adjust_stock(text, bigint) IS
     'Admin: adds delta to the available units of a SKU, never below zero';
 
+-- The C functions below (deduct_stock, restore_stock) are neither SECURITY
+-- DEFINER nor declared with SET search_path: the C code switches to the
+-- function's owner and pins the search path (pg_catalog, callback_center,
+-- no temp schema) around its own statements, which qualify every name, and
+-- saves the GUC save/restore that SET costs on every call.  src/stock.c
+-- (stock_enter) gives the reasoning.  EXECUTE is granted as for the others.
+
 -- Deducts quantity units of one SKU for biz_id, once.  With
 -- expected_version the deduction is a compare-and-set on the version.
 CREATE FUNCTION callback_center.deduct_stock(
@@ -139,8 +146,7 @@ CREATE FUNCTION callback_center.deduct_stock(
     OUT status text)
 RETURNS record
 AS 'MODULE_PATHNAME', 'cc_deduct_stock'
-LANGUAGE C VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, callback_center;
+LANGUAGE C VOLATILE;
 
 COMMENT ON FUNCTION callback_center.deduct_stock(text, text, bigint, bigint) IS
     'Deducts units of one SKU for a biz id, once; optional version compare-and-set';
@@ -157,8 +163,7 @@ RETURNS TABLE (
     version bigint,
     status text)
 AS 'MODULE_PATHNAME', 'cc_deduct_stock_items'
-LANGUAGE C VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, callback_center
+LANGUAGE C VOLATILE
 ROWS 4;
 
 COMMENT ON FUNCTION callback_center.deduct_stock(text, jsonb) IS
@@ -178,8 +183,7 @@ RETURNS TABLE (
     version bigint,
     status text)
 AS 'MODULE_PATHNAME', 'cc_deduct_stock_arrays'
-LANGUAGE C VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, callback_center
+LANGUAGE C VOLATILE
 ROWS 4;
 
 COMMENT ON FUNCTION callback_center.deduct_stock(text, text[], bigint[], bigint[]) IS
@@ -195,8 +199,7 @@ RETURNS TABLE (
     available bigint,
     version bigint)
 AS 'MODULE_PATHNAME', 'cc_restore_stock'
-LANGUAGE C VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, callback_center
+LANGUAGE C VOLATILE
 ROWS 4;
 
 COMMENT ON FUNCTION callback_center.restore_stock(text) IS
@@ -211,8 +214,7 @@ RETURNS TABLE (
     available bigint,
     version bigint)
 AS 'MODULE_PATHNAME', 'cc_restore_stock_sku'
-LANGUAGE C VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, callback_center
+LANGUAGE C VOLATILE
 ROWS 1;
 
 COMMENT ON FUNCTION callback_center.restore_stock(text, text) IS
