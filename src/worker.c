@@ -82,6 +82,7 @@ typedef struct CcEndpointRuntime
 typedef struct CcClaimPlan
 {
 	int32		id;
+	CcEndpoint *ep;				/* its entry in the round's endpoint list */
 	bool		ordered;
 	bool		exact;			/* probe or token-limited: one pass only */
 	int			cap;			/* most it may claim this round */
@@ -206,30 +207,6 @@ endpoint_state(int32 id)
 	return rt;
 }
 
-/*
- * The endpoint with this id, or NULL.  cc_queue_load_endpoints returns them
- * ordered by id, so a binary search serves every job of a batch.
- */
-static CcEndpoint *
-find_endpoint(CcEndpoint *eps, int neps, int32 id)
-{
-	int			lo = 0,
-				hi = neps - 1;
-
-	while (lo <= hi)
-	{
-		int			mid = lo + (hi - lo) / 2;
-
-		if (eps[mid].id == id)
-			return &eps[mid];
-		if (eps[mid].id < id)
-			lo = mid + 1;
-		else
-			hi = mid - 1;
-	}
-	return NULL;
-}
-
 static CcBreakerConfig
 breaker_config(const CcEndpoint *e)
 {
@@ -282,11 +259,13 @@ find_plan(CcClaimPlan *plans, int n, int32 id)
 
 /*
  * Claims for the plans whose quota is set (one statement) and appends the
- * jobs to *jobs; updates got and total.  Returns the number claimed.
+ * jobs to *jobs and the index of each job's plan to *job_plan, so that the
+ * rest of the round never looks a job's endpoint up again; updates got and
+ * total.  Returns the number claimed.
  */
 static int
 claim_pass(CcClaimPlan *plans, int nplans, int lease_s, CcJob **jobs,
-		   int *njobs)
+		   int **job_plan, int *njobs)
 {
 	int32	   *ids = palloc(sizeof(int32) * Max(nplans, 1));
 	int32	   *quotas = palloc(sizeof(int32) * Max(nplans, 1));
@@ -311,17 +290,22 @@ claim_pass(CcClaimPlan *plans, int nplans, int lease_s, CcJob **jobs,
 	if (ngot > 0)
 	{
 		if (*jobs == NULL)
+		{
 			*jobs = got;
+			*job_plan = palloc(sizeof(int) * ngot);
+		}
 		else
 		{
 			*jobs = repalloc(*jobs, sizeof(CcJob) * (*njobs + ngot));
 			memcpy(*jobs + *njobs, got, sizeof(CcJob) * ngot);
+			*job_plan = repalloc(*job_plan, sizeof(int) * (*njobs + ngot));
 		}
 		for (i = 0; i < ngot; i++)
 		{
 			CcClaimPlan *p = find_plan(plans, nplans, got[i].endpoint_id);
 
 			Assert(p != NULL);
+			(*job_plan)[*njobs + i] = (int) (p - plans);
 			p->got++;
 			p->total++;
 			p->full = (p->got == p->quota);
@@ -404,6 +388,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	CcClaimPlan *plans;
 	int			nplans = 0;
 	CcJob	   *jobs = NULL;
+	int		   *job_plan = NULL;
 	int			njobs = 0;
 	int			i;
 	int			k;
@@ -466,6 +451,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		}
 		p = &plans[nplans++];
 		p->id = e->id;
+		p->ep = e;
 		p->ordered = e->ordered;
 		p->cap = endpoint_cap(rt);
 		if (v == CC_BREAKER_PROBE)
@@ -533,7 +519,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 			q = Min(q, p->cap - p->total);
 			if (q <= 0)
 				continue;
-			e = find_endpoint(eps, neps, p->id);
+			e = p->ep;
 			rt = endpoint_state(p->id);
 			if (e->rate_per_s > 0)
 			{
@@ -558,7 +544,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 			}
 			p->quota = q;
 		}
-		budget -= claim_pass(plans, nplans, lease_s, &jobs, &njobs);
+		budget -= claim_pass(plans, nplans, lease_s, &jobs, &job_plan, &njobs);
 		pfree(cand);
 	}
 
@@ -583,7 +569,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		/* Tokens taken but not used by the claim go back to their buckets. */
 		if (p->tokens > p->total)
 		{
-			CcEndpoint *e = find_endpoint(eps, neps, p->id);
+			CcEndpoint *e = p->ep;
 
 			rt->bucket.tokens = Min(Max(e->rate_per_s, 1.0),
 									rt->bucket.tokens + (p->tokens - p->total));
@@ -616,7 +602,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	for (i = 0; i < njobs; i++)
 	{
 		CcJob	   *job = &jobs[i];
-		CcEndpoint *e = find_endpoint(eps, neps, job->endpoint_id);
+		CcEndpoint *e = plans[job_plan[i]].ep;
 		char		msg_id[32];
 		int64		ts = (int64) time(NULL);
 		char	   *sig;
@@ -658,11 +644,11 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		CcJob	   *job = &jobs[i];
 		CcHttpResult *r = &res[i];
 		CcJobResult *out = &results[i];
-		CcEndpoint *e = find_endpoint(eps, neps, job->endpoint_id);
+		CcClaimPlan *plan = &plans[job_plan[i]];
+		CcEndpoint *e = plan->ep;
 		CcEndpointRuntime *rt;
 		CcBreakerConfig cfg;
 		CcAttemptClass cls;
-		CcClaimPlan *plan;
 		int64		t = now_ms();
 
 		Assert(e != NULL);
@@ -683,8 +669,6 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		}
 		cls = cc_classify_attempt(r->status, r->error != NULL);
 		cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS, t);
-		plan = find_plan(plans, nplans, e->id);
-		Assert(plan != NULL);
 		if (cls == CC_ATTEMPT_SUCCESS)
 		{
 			plan->nok++;
