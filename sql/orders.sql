@@ -272,6 +272,14 @@ SELECT * FROM callback_center.payment_callback('ord-stripe', ord_stripe_headers(
 SELECT ord_trace('ord-10', 'evt_10') AS canceled, ord_events('ord-10') AS events;
 SELECT available FROM callback_center.stock WHERE sku_id = 'ord-A';
 
+-- Stripe's success is judged on amount_received: less than the order's
+-- amount is not applied.
+SELECT status FROM callback_center.place_order('ord-11', 'u11', '[{"sku":"ord-A","qty":1}]', 1100);
+SELECT jsonb_set(ord_stripe_body('payment_intent.succeeded', 'evt_11', 'pi_11', 'ord-11', 1100)::jsonb,
+                 '{data,object,amount_received}', '1000')::text AS s11 \gset
+SELECT * FROM callback_center.payment_callback('ord-stripe', ord_stripe_headers(:'s11'), :'s11');
+SELECT ord_trace('ord-11', 'evt_11') AS short_payment, ord_events('ord-11') AS events;
+
 -- Coupons, directly: freeze, use and unfreeze are idempotent for their
 -- order and never touch another order's hold.
 SELECT callback_center.issue_coupon('ord-cpd', 'ud');
