@@ -106,6 +106,46 @@ VALUES ('cbt-4', 'pay', 0, 'body-4', sha256('body-4'::bytea));
 SELECT is_first, status FROM callback_center.record_callback('cbt-4', 'pay', 'body-4');
 SELECT * FROM pg_temp.row_of('cbt-4', 'pay');
 
+-- A callback left processing by a handler that died after committing the
+-- record: reclaim_stale_callbacks marks it failed, so the provider's next
+-- delivery processes it again (a counted retry, bounded by
+-- callback_max_retries).  Recent processing rows and completed rows are
+-- left alone.
+SELECT is_first FROM callback_center.record_callback('cbt-10', 'pay', 'body-10');
+SELECT is_first FROM callback_center.record_callback('cbt-11', 'pay', 'body-11');
+SELECT is_first FROM callback_center.record_callback('cbt-12', 'pay', 'body-12');
+SELECT callback_center.complete_callback('cbt-12', 'pay', true, '{"ok": true}');
+UPDATE callback_center.callback_record SET updated_at = now() - interval '1 hour'
+ WHERE biz_id IN ('cbt-10', 'cbt-12');
+SELECT is_first, status FROM callback_center.record_callback('cbt-10', 'pay', 'body-10') AS stuck;
+SELECT callback_center.reclaim_stale_callbacks(interval '10 minutes') AS reclaimed;
+SELECT * FROM pg_temp.row_of('cbt-10', 'pay');
+SELECT status FROM pg_temp.row_of('cbt-11', 'pay') AS recent;
+SELECT status, result FROM pg_temp.row_of('cbt-12', 'pay') AS completed;
+SELECT callback_center.reclaim_stale_callbacks(interval '10 minutes') AS reclaimed_again;
+SET callback_center.callback_max_retries = 1;
+SELECT is_first, status, result, payload_mismatch
+  FROM callback_center.record_callback('cbt-10', 'pay', 'body-10') AS redelivered;
+SELECT * FROM pg_temp.row_of('cbt-10', 'pay');
+-- The retry dies too: reclaimed again, and now out of retries.
+UPDATE callback_center.callback_record SET updated_at = now() - interval '1 hour'
+ WHERE biz_id = 'cbt-10';
+SELECT callback_center.reclaim_stale_callbacks(interval '10 minutes') AS reclaimed;
+SELECT is_first, status, result->>'error' AS error
+  FROM callback_center.record_callback('cbt-10', 'pay', 'body-10') AS out_of_retries;
+SELECT * FROM pg_temp.row_of('cbt-10', 'pay');
+RESET callback_center.callback_max_retries;
+-- A handler that was only slow finds its callback failed and cannot
+-- complete it as succeeded.
+SELECT pg_temp.try($q$SELECT callback_center.complete_callback('cbt-10', 'pay', true, NULL)$q$)
+       AS late_handler;
+-- Zero reclaims every processing row; bad arguments.
+SELECT callback_center.reclaim_stale_callbacks(interval '0') AS reclaim_all;
+SELECT status FROM pg_temp.row_of('cbt-11', 'pay');
+SELECT pg_temp.try($q$SELECT callback_center.reclaim_stale_callbacks(NULL)$q$) AS reclaim_null;
+SELECT pg_temp.try($q$SELECT callback_center.reclaim_stale_callbacks(interval '-1 second')$q$)
+       AS reclaim_negative;
+
 -- A rolled-back first call leaves nothing: the next call is first again.
 BEGIN;
 SELECT is_first FROM callback_center.record_callback('cbt-5', 'pay', 'body-5');
@@ -128,6 +168,8 @@ SELECT pg_temp.try($q$SELECT is_first FROM callback_center.record_callback('', '
 SELECT pg_temp.try($q$SELECT callback_center.complete_callback('cbt-none', 'pay', true, NULL)$q$) AS complete_unknown;
 SELECT pg_temp.try($q$SELECT callback_center.complete_callback('cbt-1', 'pay', NULL, NULL)$q$) AS complete_null;
 SELECT pg_temp.try($q$SELECT (callback_center.get_callback('cbt-none', 'pay')).status$q$) AS get_unknown;
+SELECT pg_temp.try($q$SELECT (callback_center.get_callback(NULL, 'pay')).status$q$) AS get_null;
+SELECT pg_temp.try($q$SELECT (callback_center.get_callback('cbt-1', NULL)).status$q$) AS get_null_type;
 SELECT count(*) AS cbt_7_rows FROM callback_center.callback_record WHERE biz_id = 'cbt-7';
 
 -- The application role uses the functions but not the tables.
@@ -137,6 +179,7 @@ SELECT callback_center.complete_callback('cbt-8', 'pay', true, '{}');
 SELECT (callback_center.get_callback('cbt-8', 'pay')).status;
 SELECT pg_temp.try($q$SELECT count(*) FROM callback_center.callback_record$q$) AS app_reads_table;
 SELECT pg_temp.try($q$SELECT count(*) FROM callback_center.callback_conflicts$q$) AS app_reads_conflicts;
+SELECT pg_temp.try($q$SELECT callback_center.reclaim_stale_callbacks(interval '1 hour')$q$) AS app_reclaims;
 RESET ROLE;
 
 -- Settings are superuser-only.

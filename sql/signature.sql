@@ -213,6 +213,16 @@ SELECT pg_temp.try($q$SELECT callback_center.set_provider('sig_x', 'stripe', ARR
 SELECT pg_temp.try($q$SELECT callback_center.set_provider('', 'stripe', ARRAY['k'])$q$) AS empty_name;
 SELECT pg_temp.try($q$SELECT callback_center.set_provider(NULL, 'stripe', ARRAY['k'])$q$) AS null_name;
 SELECT pg_temp.try($q$SELECT callback_center.drop_provider('sig_x')$q$) AS drop_unknown;
+SELECT pg_temp.try($q$SELECT callback_center.drop_provider(NULL)$q$) AS drop_null;
+-- The signers are not STRICT: a NULL raises rather than yielding a NULL
+-- header.
+SELECT pg_temp.try($q$SELECT callback_center.sign_webhook(NULL, 'm', 1, 'b')$q$) AS sw_null_secret,
+       pg_temp.try($q$SELECT callback_center.sign_webhook('whsec_YWJjZA==', NULL, 1, 'b')$q$) AS sw_null_id,
+       pg_temp.try($q$SELECT callback_center.sign_webhook('whsec_YWJjZA==', 'm', NULL, 'b')$q$) AS sw_null_ts,
+       pg_temp.try($q$SELECT callback_center.sign_webhook('whsec_YWJjZA==', 'm', 1, NULL)$q$) AS sw_null_body;
+SELECT pg_temp.try($q$SELECT callback_center.sign_stripe(NULL, 1, 'b')$q$) AS st_null_secret,
+       pg_temp.try($q$SELECT callback_center.sign_stripe('k', NULL, 'b')$q$) AS st_null_ts,
+       pg_temp.try($q$SELECT callback_center.sign_stripe('k', 1, NULL)$q$) AS st_null_body;
 SELECT count(*) AS sig_x_rows FROM callback_center.providers WHERE name = 'sig_x';
 
 -- The application role verifies but cannot read secrets or manage providers.

@@ -639,18 +639,28 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 
 /*
  * callback_center.sign_webhook(secret, msg_id, ts, body): the Standard
- * Webhooks "v1,<base64>" signature, computed in C without pgcrypto.
+ * Webhooks "v1,<base64>" signature, computed in C without pgcrypto.  Not
+ * STRICT: a NULL argument raises, as everywhere in the API, rather than
+ * yielding a NULL header that would fail later as "malformed".
  */
 Datum
 cc_sign_webhook_sql(PG_FUNCTION_ARGS)
 {
-	char	   *secret = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	char	   *msg_id = text_to_cstring(PG_GETARG_TEXT_PP(1));
-	int64		ts = PG_GETARG_INT64(2);
-	text	   *body = PG_GETARG_TEXT_PP(3);
+	char	   *secret;
+	char	   *msg_id;
+	int64		ts;
+	text	   *body;
 	uint8	   *key;
 	size_t		keylen;
 
+	require_arg(fcinfo, 0, "secret");
+	require_arg(fcinfo, 1, "msg_id");
+	require_arg(fcinfo, 2, "ts");
+	require_arg(fcinfo, 3, "body");
+	secret = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	msg_id = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	ts = PG_GETARG_INT64(2);
+	body = PG_GETARG_TEXT_PP(3);
 	if (!cc_webhook_secret_key(secret, &key, &keylen))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -668,10 +678,16 @@ cc_sign_webhook_sql(PG_FUNCTION_ARGS)
 Datum
 cc_sign_stripe_sql(PG_FUNCTION_ARGS)
 {
-	char	   *secret = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	int64		ts = PG_GETARG_INT64(1);
-	text	   *body = PG_GETARG_TEXT_PP(2);
+	char	   *secret;
+	int64		ts;
+	text	   *body;
 
+	require_arg(fcinfo, 0, "secret");
+	require_arg(fcinfo, 1, "ts");
+	require_arg(fcinfo, 2, "body");
+	secret = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	ts = PG_GETARG_INT64(1);
+	body = PG_GETARG_TEXT_PP(2);
 	if (secret[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

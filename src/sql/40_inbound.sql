@@ -136,6 +136,10 @@ AS $$
 DECLARE
     r callback_center.callback_record;
 BEGIN
+    IF p_biz_id IS NULL OR p_callback_type IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'biz_id and callback_type must not be null';
+    END IF;
     SELECT * INTO r FROM callback_center.callback_record c
      WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type;
     IF NOT FOUND THEN
@@ -149,12 +153,52 @@ $$;
 COMMENT ON FUNCTION callback_center.get_callback(text, text) IS
     'The recorded callback for (biz_id, callback_type)';
 
+-- reclaim_stale_callbacks: a callback left processing (1) by a handler
+-- that recorded it, committed, and died before completing it would answer
+-- "in progress" forever.  Marking it failed (3) hands it to the retry path
+-- of record_callback: the provider's next delivery processes it again,
+-- counted in retry_count and bounded by callback_center.callback_max_retries.
+-- older_than must exceed the longest a live handler may take: a handler
+-- still running when its row is reclaimed finds it failed (22023 on
+-- completing as succeeded) or re-claimed by a redelivery.
+CREATE FUNCTION callback_center.reclaim_stale_callbacks(older_than interval)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF older_than IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'older_than must not be null';
+    END IF;
+    IF older_than < interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'older_than must not be negative';
+    END IF;
+    -- A row a handler is completing right now is locked: the UPDATE waits,
+    -- then rechecks status and skips it.
+    UPDATE callback_center.callback_record c
+       SET status = 3,
+           result = jsonb_build_object('error', 'processing abandoned',
+                                       'reclaimed_after', older_than::text),
+           completed_at = now(), updated_at = now()
+     WHERE c.status = 1 AND c.updated_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+COMMENT ON FUNCTION callback_center.reclaim_stale_callbacks(interval) IS
+    'Marks callbacks processing for longer than older_than failed, so that a redelivery retries them (admin)';
+
 -- Signatures.
 CREATE FUNCTION callback_center.sign_webhook(
     secret text, msg_id text, ts bigint, body text)
 RETURNS text
 AS 'MODULE_PATHNAME', 'cc_sign_webhook_sql'
-LANGUAGE C IMMUTABLE STRICT;
+LANGUAGE C IMMUTABLE;
 
 COMMENT ON FUNCTION callback_center.sign_webhook(text, text, bigint, text) IS
     'Standard Webhooks signature "v1,<base64>" of <msg_id>.<ts>.<body> under a whsec_ secret';
@@ -162,7 +206,7 @@ COMMENT ON FUNCTION callback_center.sign_webhook(text, text, bigint, text) IS
 CREATE FUNCTION callback_center.sign_stripe(secret text, ts bigint, body text)
 RETURNS text
 AS 'MODULE_PATHNAME', 'cc_sign_stripe_sql'
-LANGUAGE C IMMUTABLE STRICT;
+LANGUAGE C IMMUTABLE;
 
 COMMENT ON FUNCTION callback_center.sign_stripe(text, bigint, text) IS
     'Stripe-Signature header value "t=<ts>,v1=<hex>" of <ts>.<body>';
@@ -247,6 +291,10 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
+    IF p_name IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'name must not be null';
+    END IF;
     DELETE FROM callback_center.providers WHERE name = p_name;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
@@ -267,7 +315,8 @@ REVOKE ALL ON FUNCTION
     callback_center.new_webhook_secret(),
     callback_center.verify_signature(text, jsonb, text),
     callback_center.set_provider(text, text, text[], interval),
-    callback_center.drop_provider(text)
+    callback_center.drop_provider(text),
+    callback_center.reclaim_stale_callbacks(interval)
 FROM PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
@@ -282,5 +331,6 @@ TO callback_center_app, callback_center_admin;
 
 GRANT EXECUTE ON FUNCTION
     callback_center.set_provider(text, text, text[], interval),
-    callback_center.drop_provider(text)
+    callback_center.drop_provider(text),
+    callback_center.reclaim_stale_callbacks(interval)
 TO callback_center_admin;

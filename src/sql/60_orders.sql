@@ -85,17 +85,34 @@ SELECT callback_center.set_transition_emits('order_pay', 'unpaid', 'pay_failed',
 SELECT callback_center.set_transition_emits('order_pay', 'paying', 'pay_failed', '{order.pay_failed}');
 SELECT callback_center.set_transition_emits('order_pay', 'paid', 'refunded', '{order.refunded}');
 
+-- Issues a coupon, available.  Issuing an existing coupon id again for the
+-- same user changes nothing, whatever the coupon's state (a retried admin
+-- script must not give a used coupon back); for another user it is 23505.
 CREATE FUNCTION callback_center.issue_coupon(coupon_id text, user_id text DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
+DECLARE
+    owner text;
 BEGIN
     IF issue_coupon.coupon_id IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id must not be null';
     END IF;
     INSERT INTO callback_center.coupons (coupon_id, user_id)
-    VALUES (issue_coupon.coupon_id, issue_coupon.user_id);
+    VALUES (issue_coupon.coupon_id, issue_coupon.user_id)
+    ON CONFLICT ON CONSTRAINT coupons_pkey DO NOTHING;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    SELECT k.user_id INTO owner FROM callback_center.coupons k
+     WHERE k.coupon_id = issue_coupon.coupon_id;
+    IF owner IS DISTINCT FROM issue_coupon.user_id THEN
+        RAISE EXCEPTION USING ERRCODE = '23505',
+            MESSAGE = format('coupon "%s" already exists for another user', issue_coupon.coupon_id),
+            DETAIL = format('It was issued to %s.', coalesce('user "' || owner || '"', 'no user')),
+            HINT = 'Coupon ids are unique; issue this one under a new id.';
+    END IF;
 END
 $$;
 
@@ -134,7 +151,8 @@ END
 $$;
 
 -- Marks a coupon frozen by biz_id as used.  True when this call used it,
--- false when biz_id had already used it; CB051 otherwise.
+-- false when biz_id had already used it; CB051 otherwise (missing, free,
+-- or held by another order, which is left as it is).
 CREATE FUNCTION callback_center.use_coupon(coupon_id text, biz_id text)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER
@@ -143,6 +161,9 @@ AS $$
 DECLARE
     c callback_center.coupons;
 BEGIN
+    IF use_coupon.coupon_id IS NULL OR use_coupon.biz_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
+    END IF;
     SELECT * INTO c FROM callback_center.coupons k
      WHERE k.coupon_id = use_coupon.coupon_id FOR UPDATE;
     IF FOUND AND c.biz_id = use_coupon.biz_id THEN
@@ -155,24 +176,31 @@ BEGIN
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'CB051',
         MESSAGE = format('coupon "%s" is not frozen by order "%s"',
-                         use_coupon.coupon_id, use_coupon.biz_id);
+                         use_coupon.coupon_id, use_coupon.biz_id),
+        DETAIL = CASE WHEN NOT FOUND THEN 'No such coupon exists.'
+                      WHEN c.biz_id IS NULL THEN 'It is available, held by no order.'
+                      ELSE format('It is %s by another order.', c.status) END;
 END
 $$;
 
 -- Gives a coupon back, once: true when this call unfroze it, false when it
--- was not frozen by biz_id (already unfrozen, used, or someone else's).
+-- was not frozen by biz_id (already unfrozen, used, someone else's, or no
+-- such coupon: compensation paths call it without knowing which).
 CREATE FUNCTION callback_center.unfreeze_coupon(coupon_id text, biz_id text)
 RETURNS boolean
-LANGUAGE sql SECURITY DEFINER
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-    WITH u AS (
-        UPDATE callback_center.coupons k
-           SET status = 'available', biz_id = NULL, updated_at = now()
-         WHERE k.coupon_id = unfreeze_coupon.coupon_id
-           AND k.status = 'frozen' AND k.biz_id = unfreeze_coupon.biz_id
-        RETURNING 1)
-    SELECT count(*) = 1 FROM u
+BEGIN
+    IF unfreeze_coupon.coupon_id IS NULL OR unfreeze_coupon.biz_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
+    END IF;
+    UPDATE callback_center.coupons k
+       SET status = 'available', biz_id = NULL, updated_at = now()
+     WHERE k.coupon_id = unfreeze_coupon.coupon_id
+       AND k.status = 'frozen' AND k.biz_id = unfreeze_coupon.biz_id;
+    RETURN FOUND;
+END
 $$;
 
 -- What place_order returns for an order.
@@ -274,7 +302,11 @@ END
 $$;
 
 -- The user went to the cashier: payment CREATED -> PAYING and the order's
--- pay status unpaid -> paying.  Returns the payment id.
+-- pay status unpaid -> paying.  Returns the payment id.  A repeat while the
+-- payment is PAYING (the user came back to the cashier) returns the same id
+-- and moves nothing; a different provider replaces the recorded one (the
+-- user switched channels).  Any other payment state is CB010 from the
+-- machine.
 CREATE FUNCTION callback_center.start_payment(order_id text, provider text)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
@@ -283,6 +315,9 @@ AS $$
 DECLARE
     pay callback_center.payments;
 BEGIN
+    IF start_payment.order_id IS NULL OR start_payment.provider IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'order_id and provider must not be null';
+    END IF;
     SELECT * INTO pay FROM callback_center.payments p
      WHERE p.order_id = start_payment.order_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -290,52 +325,78 @@ BEGIN
             MESSAGE = format('order "%s" has no payment', start_payment.order_id),
             HINT = 'Only confirmed orders have a payment.';
     END IF;
-    UPDATE callback_center.payments p SET provider = start_payment.provider, updated_at = now()
-     WHERE p.payment_id = pay.payment_id;
+    IF pay.provider IS DISTINCT FROM start_payment.provider THEN
+        UPDATE callback_center.payments p SET provider = start_payment.provider, updated_at = now()
+         WHERE p.payment_id = pay.payment_id;
+    END IF;
+    IF pay.status = 'PAYING' THEN
+        RETURN pay.payment_id;
+    END IF;
     PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'submit');
     PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', pay.order_id, 'pay');
     RETURN pay.payment_id;
 END
 $$;
 
--- Reads a provider's notification into (txn_id, order_id, amount, verdict).
--- verdict is 'success', 'failure' or NULL for event kinds we do not act on.
+-- Reads a provider's notification into (event_id, event_type, txn_id,
+-- order_id, amount_cents, verdict).  verdict is 'success', 'failure'
+-- (terminal: the order's payment is over), 'attempt_failed' (one attempt
+-- failed, the customer may try again: nothing moves) or NULL for event
+-- types we do not act on.  Acted-on events must carry a transaction and an
+-- order id (22023); others need not.  event_id is Stripe's evt_ id (the
+-- Standard Webhooks message id is a header, not in the body).  See
+-- doc/orders.md for the event types of each scheme.
 CREATE FUNCTION callback_center._parse_payment_body(scheme text, body text,
-    OUT txn_id text, OUT order_id text, OUT amount_cents bigint, OUT verdict text)
+    OUT txn_id text, OUT order_id text, OUT amount_cents bigint, OUT verdict text,
+    OUT event_id text, OUT event_type text)
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
     ev jsonb;
     obj jsonb;
-    kind text;
 BEGIN
     BEGIN
         ev := body::jsonb;
     EXCEPTION WHEN invalid_text_representation THEN
         RAISE EXCEPTION USING ERRCODE = '22P02', MESSAGE = 'payment callback body is not valid JSON';
     END;
-    kind := ev->>'type';
+    IF jsonb_typeof(ev) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'payment callback body is not a JSON object';
+    END IF;
+    event_type := ev->>'type';
     IF scheme = 'stripe' THEN
+        event_id := ev->>'id';
         obj := ev->'data'->'object';
         txn_id := obj->>'id';
         order_id := obj->'metadata'->>'order_id';
-        amount_cents := (obj->>'amount')::bigint;
-        verdict := CASE
-            WHEN kind IN ('payment_intent.succeeded', 'charge.succeeded') THEN 'success'
-            WHEN kind IN ('payment_intent.payment_failed', 'charge.failed') THEN 'failure' END;
+        -- One event type means money: payment_intent.succeeded.  charge.*
+        -- events describe the same money again and are ignored, so that a
+        -- payment is never applied twice under two ids (pi_ and ch_).
+        verdict := CASE event_type
+            WHEN 'payment_intent.succeeded' THEN 'success'
+            WHEN 'payment_intent.payment_failed' THEN 'attempt_failed'
+            WHEN 'payment_intent.canceled' THEN 'failure' END;
+        amount_cents := (CASE WHEN verdict = 'success'
+                              THEN coalesce(obj->>'amount_received', obj->>'amount')
+                              ELSE obj->>'amount' END)::bigint;
+        IF event_id IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = 'payment callback body lacks an event id',
+                DETAIL = format('Scheme stripe, event type %s.', coalesce(event_type, '(none)'));
+        END IF;
     ELSE
         obj := ev->'data';
         txn_id := obj->>'txn_id';
         order_id := obj->>'order_id';
         amount_cents := (obj->>'amount_cents')::bigint;
-        verdict := CASE kind WHEN 'payment.succeeded' THEN 'success'
-                             WHEN 'payment.failed' THEN 'failure' END;
+        verdict := CASE event_type WHEN 'payment.succeeded' THEN 'success'
+                                   WHEN 'payment.failed' THEN 'failure' END;
     END IF;
-    IF txn_id IS NULL OR order_id IS NULL THEN
+    IF verdict IS NOT NULL AND (txn_id IS NULL OR order_id IS NULL) THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'payment callback body lacks a transaction id or an order id',
-            DETAIL = format('Scheme %s, event type %s.', scheme, coalesce(kind, '(none)'));
+            DETAIL = format('Scheme %s, event type %s.', scheme, event_type);
     END IF;
 END
 $$;
@@ -378,9 +439,11 @@ GRANT SELECT ON callback_center.late_payments TO callback_center_admin;
 -- order that cannot take it: recorded once per transaction in
 -- late_payments, payment.refund_required emitted, the order never
 -- reopened), already_applied (this transaction already paid this payment),
--- amount_mismatch (not applied, payment.amount_mismatch emitted) or ignored
--- (no verdict, or a failure for an order no longer waiting).  CB050 when
--- the order does not exist.  verdict is 'success', 'failure' or NULL.
+-- amount_mismatch (not applied, payment.amount_mismatch emitted),
+-- attempt_failed (a non-terminal failure: nothing moves) or ignored (no
+-- verdict, or a failure for an order no longer waiting).  CB050 when the
+-- order does not exist.  verdict is 'success', 'failure', 'attempt_failed'
+-- or NULL.
 CREATE FUNCTION callback_center._apply_payment_result(
     p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
     p_verdict text, p_source text)
@@ -403,6 +466,11 @@ BEGIN
 
     IF p_verdict IS NULL THEN
         RETURN 'ignored';
+    END IF;
+    IF p_verdict = 'attempt_failed' THEN
+        -- The customer may retry on the same transaction: the payment stays
+        -- open until a success, a terminal failure or the timeout close.
+        RETURN 'attempt_failed';
     END IF;
     IF p_amount_cents IS NOT NULL AND pay.payment_id IS NOT NULL
        AND p_amount_cents <> pay.amount_cents THEN
@@ -512,11 +580,15 @@ END
 $$;
 
 -- A payment notification in one call: verify the signature, record it once
--- (keyed by the provider's transaction id), move payment and order, emit
--- the follow-ups (through the transitions' emits), and return the
--- acknowledgement to send back.  A repeat returns the first answer and
--- changes nothing.  Success on an order that can no longer be paid is kept:
--- it emits payment.refund_required.
+-- (keyed by the provider's message id: Stripe's event id, the Standard
+-- Webhooks webhook-id header), move payment and order, emit the follow-ups
+-- (through the transitions' emits), and return the acknowledgement to send
+-- back.  A repeat returns the first answer and changes nothing.  The
+-- payment row guards the money itself: a second message about a
+-- transaction already applied is already_applied, and success on an order
+-- that can no longer be paid is kept and emits payment.refund_required.
+-- Event types we do not act on are recorded and acknowledged (ignored).
+-- See doc/orders.md.
 CREATE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
 RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -528,6 +600,7 @@ DECLARE
     cb_type text := 'payment:' || p_provider;
     scheme text;
     msg record;
+    msg_id text;
     rec record;
     result text;
     ack constant text := '{"received":true}';
@@ -539,25 +612,46 @@ BEGIN
     PERFORM callback_center.verify_signature(p_provider, payment_callback.headers, payment_callback.body);
     SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
     msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+    IF scheme = 'stripe' THEN
+        msg_id := msg.event_id;
+    ELSE
+        -- verify_signature found exactly one, whatever its spelling.
+        SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
+         WHERE lower(h.key) = 'webhook-id';
+    END IF;
 
-    SELECT * INTO rec FROM callback_center.record_callback(msg.txn_id, cb_type, payment_callback.body);
+    SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, payment_callback.body);
     IF NOT rec.is_first THEN
         IF rec.payload_mismatch THEN
             RETURN QUERY SELECT 409, '{"received":false,"reason":"payload differs from the first delivery"}',
                                 false, 'payload_mismatch';
-        ELSE
+        ELSIF rec.status = 2 THEN
             RETURN QUERY SELECT coalesce((rec.result->>'http_status')::int, 200),
                                 coalesce(rec.result->>'body', ack), false,
-                                coalesce(rec.result->>'outcome', 'in_progress');
+                                coalesce(rec.result->>'outcome', 'processed');
+        ELSIF rec.status = 1 THEN
+            -- Recorded but not finished (by a handler that records and
+            -- processes in separate transactions): the provider must come back.
+            RETURN QUERY SELECT 503, '{"received":false,"reason":"in progress"}', false, 'in_progress';
+        ELSE
+            -- Failed with no retries left (see reclaim_stale_callbacks): not
+            -- acknowledged, so the provider keeps it visible as failing.
+            RETURN QUERY SELECT 500, '{"received":false,"reason":"processing failed"}', false, 'failed';
         END IF;
         RETURN;
     END IF;
 
-    result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
-                                                    msg.amount_cents, msg.verdict, 'callback');
+    IF msg.verdict IS NULL THEN
+        result := 'ignored';
+    ELSE
+        result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
+                                                        msg.amount_cents, msg.verdict, 'callback');
+    END IF;
 
-    PERFORM callback_center.complete_callback(msg.txn_id, cb_type, true,
-        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result, 'order_id', msg.order_id));
+    PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result,
+                           'order_id', msg.order_id, 'txn_id', msg.txn_id,
+                           'event_type', msg.event_type));
     RETURN QUERY SELECT 200, ack, true, result;
 END
 $$;
