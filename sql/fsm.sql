@@ -34,7 +34,8 @@ SELECT c.relname, x.cond
        unnest(e.extconfig, e.extcondition) AS x(oid, cond)
   JOIN pg_class c ON c.oid = x.oid
  WHERE e.extname = 'callback_center' AND c.relname IN
-       ('state_machines', 'machine_states', 'transitions', 'state_history', 'state_history_id_seq')
+       ('state_machines', 'machine_states', 'transitions', 'builtin_emits', 'state_history',
+        'state_history_id_seq')
  ORDER BY c.relname;
 
 -- Two machines on one table, on different columns.

@@ -33,6 +33,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -53,6 +54,7 @@
 
 PG_FUNCTION_INFO_V1(cc_fsm_trigger);
 PG_FUNCTION_INFO_V1(cc_fsm_invalidate);
+PG_FUNCTION_INFO_V1(cc_fsm_installing);
 
 typedef struct FsmState
 {
@@ -839,4 +841,18 @@ cc_fsm_invalidate(PG_FUNCTION_ARGS)
 
 	CacheInvalidateRelcache(trigdata->tg_relation);
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * True while the script of CREATE or ALTER EXTENSION callback_center runs.
+ * set_transition_emits() asks: what the script sets on built-in
+ * transitions it sets again on restore, so only later changes are kept
+ * for pg_dump.
+ */
+Datum
+cc_fsm_installing(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(creating_extension &&
+				   CurrentExtensionObject ==
+				   get_extension_oid("callback_center", true));
 }
