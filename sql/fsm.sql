@@ -34,8 +34,27 @@ SELECT c.relname, x.cond
        unnest(e.extconfig, e.extcondition) AS x(oid, cond)
   JOIN pg_class c ON c.oid = x.oid
  WHERE e.extname = 'callback_center' AND c.relname IN
-       ('state_machines', 'machine_states', 'transitions', 'state_history', 'state_history_id_seq')
+       ('state_machines', 'machine_states', 'transitions', 'builtin_emits', 'state_history',
+        'state_history_id_seq')
  ORDER BY c.relname;
+
+-- Emits set on a built-in transition after installation go to
+-- builtin_emits as well (pg_dump keeps that table, not built-in rows); the
+-- install script's own settings do not.  A row written there, as a restore
+-- writes it, sets the transition's emits.
+SELECT count(*) AS builtin_emits_after_install FROM callback_center.builtin_emits;
+BEGIN;
+SELECT callback_center.set_transition_emits('payment', 'CREATED', 'PAYING', '{fsm_test.submitted}');
+SELECT callback_center.set_transition_emits('payment', 'CREATED', 'PAYING', '{fsm_test.paying}');
+SELECT machine, from_state, to_state, emits FROM callback_center.builtin_emits;
+SELECT emits FROM callback_center.transitions
+ WHERE machine = 'payment' AND from_state = 'CREATED' AND to_state = 'PAYING';
+DELETE FROM callback_center.builtin_emits;
+INSERT INTO callback_center.builtin_emits (machine, from_state, to_state, emits)
+VALUES ('order', 'confirmed', 'closed', '{fsm_test.restored}');
+SELECT emits FROM callback_center.transitions
+ WHERE machine = 'order' AND from_state = 'confirmed' AND to_state = 'closed';
+ROLLBACK;
 
 -- Two machines on one table, on different columns.
 CREATE TABLE fsm_orders (id text PRIMARY KEY, status text, pay_status varchar(20));
@@ -348,6 +367,44 @@ SELECT fsm_try($$SELECT callback_center.add_state('order', 'x')$$);
 RESET ROLE;
 SELECT entity_id, from_state, to_state, event, actor FROM callback_center.state_history
  WHERE table_name = 'public.fsm_app_orders' ORDER BY id;
+
+-- The trigger acts as the extension owner (a superuser) to write history,
+-- but the row's JSON for the emitted events is built as the role that made
+-- the change: row_to_json runs casts to json of the row's column types,
+-- which a table owner can write.  Here a non-superuser's cast records who
+-- ran it; it must be that role, never the superuser.
+CREATE ROLE regress_fsm_owner;
+CREATE SCHEMA fsm_own AUTHORIZATION regress_fsm_owner;
+SET ROLE regress_fsm_owner;
+CREATE TYPE fsm_own.mood AS ENUM ('calm', 'cross');
+CREATE TABLE fsm_own.cast_calls (who text, superuser boolean);
+CREATE FUNCTION fsm_own.mood_json(m fsm_own.mood) RETURNS json
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO fsm_own.cast_calls
+    SELECT current_user, r.rolsuper FROM pg_roles r WHERE r.rolname = current_user;
+    RETURN to_json(m::text || '!');
+END
+$$;
+CREATE CAST (fsm_own.mood AS json) WITH FUNCTION fsm_own.mood_json(fsm_own.mood);
+CREATE TABLE fsm_own.tickets (id text PRIMARY KEY, phase text, mood fsm_own.mood);
+RESET ROLE;
+SELECT callback_center.attach_state_machine('fsm_own.tickets', 'phase', 'fsm_test_ticket');
+SET ROLE regress_fsm_owner;
+INSERT INTO fsm_own.tickets VALUES ('c1', 'open', 'cross');
+UPDATE fsm_own.tickets SET phase = 'working' WHERE id = 'c1';
+-- One move emitting two events: the row is converted once.
+SELECT count(*) AS cast_calls,
+       bool_and(who = 'regress_fsm_owner') AS all_as_invoker,
+       bool_or(superuser) AS any_as_superuser
+  FROM fsm_own.cast_calls;
+RESET ROLE;
+SELECT entity_id, from_state, to_state, event, actor FROM callback_center.state_history
+ WHERE table_name = 'fsm_own.tickets' ORDER BY id;
+SET client_min_messages = warning;
+DROP SCHEMA fsm_own CASCADE;
+RESET client_min_messages;
+DROP ROLE regress_fsm_owner;
 
 -- The trigger used any other way.
 CREATE TABLE fsm_misuse (id text, s text, n integer);

@@ -89,6 +89,28 @@ SELECT p.oid::regprocedure AS app_executable
  WHERE p.pronamespace = 'callback_center'::regnamespace
    AND has_function_privilege('callback_center_app', p.oid, 'EXECUTE')
  ORDER BY p.oid::regprocedure::text;
+-- 3b. Internal functions (named "_...") the roles may run.  Each is here
+-- only because a SECURITY INVOKER function or view of that role calls it
+-- with the role's rights; everything else internal is called by SECURITY
+-- DEFINER functions, as the owner, and granted to no one.
+--   app: _fsm_trigger_args (view state_machine_attachments, read by
+--        apply_event); _saga_lock, _saga_mark (saga_run runs its steps with
+--        the caller's rights, so it is SECURITY INVOKER; called directly
+--        they only lock a saga or move its bookkeeping forward).
+--   admin: the same; _fsm_require_machine, _fsm_trigger_name
+--        (attach_state_machine); _purge_batch, _purge_check, _purge_targets
+--        (the procedure purge_in_batches, which commits between batches and
+--        so cannot be SECURITY DEFINER).
+SELECT p.oid::regprocedure AS internal_function,
+       has_function_privilege('callback_center_app', p.oid, 'EXECUTE') AS app,
+       has_function_privilege('callback_center_admin', p.oid, 'EXECUTE') AS admin,
+       p.prosecdef AS definer
+  FROM pg_proc p
+ WHERE p.pronamespace = 'callback_center'::regnamespace
+   AND p.proname LIKE '\_%'
+   AND (has_function_privilege('callback_center_app', p.oid, 'EXECUTE')
+        OR has_function_privilege('callback_center_admin', p.oid, 'EXECUTE'))
+ ORDER BY p.oid::regprocedure::text;
 -- 4. Tables and sequences the application role can read (reviewed list)
 -- and that no secret is among them.
 SELECT c.oid::regclass AS app_readable
@@ -104,8 +126,10 @@ SELECT c.oid::regclass AS app_sees_secret_column
    AND has_column_privilege('callback_center_app', c.oid, a.attnum, 'SELECT')
  ORDER BY c.oid::regclass::text;
 -- 5. Tables and sequences that hold user data are dumped by pg_dump (in
--- pg_extension.extconfig).  Listed here: the ones that are not.  Expected:
--- none (a table left out on purpose would be named with its reason).
+-- pg_extension.extconfig), with the sequences behind their ids (else a
+-- restored table hands out its ids again).  Listed here: the ones that are
+-- not.  Expected: only endpoint_state, runtime state the worker publishes
+-- and never reads back (70_delivery.sql).
 SELECT c.oid::regclass AS not_in_extconfig
   FROM pg_class c
  WHERE c.relnamespace = 'callback_center'::regnamespace

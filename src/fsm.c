@@ -20,7 +20,9 @@
  *
  * History rows and enqueue() calls run as the owner of the extension's
  * tables, so that a role that may only update its own table (for instance
- * one with just callback_center_app) can still move states.
+ * one with just callback_center_app) can still move states.  That owner is
+ * a superuser: nothing the table's owner controls (output functions and
+ * casts of the row's column types) runs while we act as it.
  *
  *-------------------------------------------------------------------------
  */
@@ -31,6 +33,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
+#include "commands/extension.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -51,6 +54,7 @@
 
 PG_FUNCTION_INFO_V1(cc_fsm_trigger);
 PG_FUNCTION_INFO_V1(cc_fsm_invalidate);
+PG_FUNCTION_INFO_V1(cc_fsm_installing);
 
 typedef struct FsmState
 {
@@ -390,19 +394,38 @@ fsm_known_states(FsmMachine *m)
 }
 
 /*
- * Appends the history row and calls enqueue() once per emitted event type.
- * Must run inside SPI, as the extension owner.  from and t are NULL for an
- * insert.  t must not point into the cache: enqueue() may fire this
- * trigger on another table, which may reload the cache.
+ * to_jsonb(NEW) (row_to_json reads the row type from the datum).  It runs
+ * the output functions of the row's column types and their casts to json,
+ * which whoever owns a column's type may have written: call it as the
+ * invoking user, never as the extension owner (a superuser), or a table
+ * owner's cast would run with superuser rights.
+ */
+static Datum
+fsm_row_jsonb(HeapTuple newtuple, TupleDesc desc)
+{
+	Datum		row;
+
+	row = DirectFunctionCall1(row_to_json,
+							  heap_copy_tuple_as_datum(newtuple, desc));
+	return DirectFunctionCall1(jsonb_in,
+							   CStringGetDatum(TextDatumGetCString(row)));
+}
+
+/*
+ * Appends the history row and calls enqueue() once per emitted event type
+ * with row (from fsm_row_jsonb) in the payload.  Must run inside SPI, as the
+ * extension owner, and must run no code the table's owner controls: see
+ * fsm_row_jsonb.  from and t are NULL for an insert.  t must not point into
+ * the cache: enqueue() may fire this trigger on another table, which may
+ * reload the cache.
  */
 static void
 fsm_record(const char *machine, const char *table_name, const char *entity_id,
 		   const char *from, const char *to, FsmTransition *t,
-		   const char *actor, HeapTuple newtuple, TupleDesc desc)
+		   const char *actor, Datum row)
 {
 	Datum		values[7];
 	char		nulls[7];
-	Datum		row;
 	int			i;
 
 	if (fsm_history_plan == NULL)
@@ -462,12 +485,6 @@ fsm_record(const char *machine, const char *table_name, const char *entity_id,
 		SPI_keepplan(plan);
 		fsm_enqueue_plan = plan;
 	}
-
-	/* to_jsonb(NEW): row_to_json reads the row type from the datum. */
-	row = DirectFunctionCall1(row_to_json,
-							  heap_copy_tuple_as_datum(newtuple, desc));
-	row = DirectFunctionCall1(jsonb_in,
-							  CStringGetDatum(TextDatumGetCString(row)));
 
 	memset(nulls, ' ', sizeof(nulls));
 	values[1] = CStringGetTextDatum(entity_id);
@@ -646,6 +663,7 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 	char	   *table_name;
 	Oid			save_userid;
 	int			save_sec_context;
+	Oid			owner = InvalidOid;
 	bool		use_spi;
 	FsmMachine *m;
 	FsmTransition *t;
@@ -715,6 +733,11 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 		}
 	}
 
+	/*
+	 * Read here, as the invoking user: the id column's output function may
+	 * be anybody's code.  Below, only the definitions and the history are
+	 * handled as the extension owner (see fsm_row_jsonb).
+	 */
 	entity_id = SPI_getvalue(newtuple, desc, id_col);
 	if (entity_id == NULL)
 		ereport(ERROR,
@@ -737,7 +760,8 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 			elog(ERROR, "SPI_connect failed");
 		if (!fsm_cache_valid)
 			fsm_lookup_relations();
-		SetUserIdAndSecContext(fsm_owner,
+		owner = fsm_owner;
+		SetUserIdAndSecContext(owner,
 							   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 		fsm_ensure_cache();
 	}
@@ -757,6 +781,7 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 	{
 		FsmTransition *copy = NULL;
 		char	   *actor;
+		Datum		row = (Datum) 0;
 
 		/* Whose change it is: the setting, else the role acting now. */
 		if (cc_actor != NULL && cc_actor[0] != '\0')
@@ -773,8 +798,17 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 				copy->emits[i] = pstrdup(t->emits[i]);
 			copy->nemits = t->nemits;
 		}
+
+		/* The row's JSON runs user code: back to the invoking user for it. */
+		if (copy != NULL && copy->nemits > 0)
+		{
+			SetUserIdAndSecContext(save_userid, save_sec_context);
+			row = fsm_row_jsonb(newtuple, desc);
+			SetUserIdAndSecContext(owner,
+								   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+		}
 		fsm_record(machine, table_name, entity_id, old_state, new_state,
-				   copy, actor, newtuple, desc);
+				   copy, actor, row);
 	}
 
 	if (use_spi)
@@ -807,4 +841,18 @@ cc_fsm_invalidate(PG_FUNCTION_ARGS)
 
 	CacheInvalidateRelcache(trigdata->tg_relation);
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * True while the script of CREATE or ALTER EXTENSION callback_center runs.
+ * set_transition_emits() asks: what the script sets on built-in
+ * transitions it sets again on restore, so only later changes are kept
+ * for pg_dump.
+ */
+Datum
+cc_fsm_installing(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(creating_extension &&
+				   CurrentExtensionObject ==
+				   get_extension_oid("callback_center", true));
 }

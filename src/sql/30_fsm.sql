@@ -6,8 +6,10 @@
 -- a machine to a text column of any table puts a C trigger on it
 -- (callback_center.fsm_trigger, fired BEFORE and AFTER) that refuses every
 -- other move before the row is written, then records each move actually
--- written in state_history and emits the outbox events the transition names.  Rows the install script writes are marked builtin; pg_dump keeps
--- only the others (the script recreates the built-in ones).
+-- written in state_history and emits the outbox events the transition
+-- names.  Rows the install script writes are marked builtin; pg_dump keeps
+-- only the others (the script recreates the built-in ones), and keeps the
+-- emits chosen later for built-in transitions in builtin_emits.
 -- ------------------------------------------------------------------------
 
 CREATE TABLE callback_center.state_machines (
@@ -45,6 +47,23 @@ CREATE TABLE callback_center.transitions (
         REFERENCES callback_center.machine_states ON DELETE CASCADE
 );
 
+-- set_transition_emits() on a built-in transition after installation.
+-- pg_dump skips built-in transitions (CREATE EXTENSION makes them again,
+-- with the install script's emits), so such a change is kept here too,
+-- where pg_dump keeps it; restoring a row applies it again (trigger
+-- cc_fsm_builtin_emits).  Changes the install script makes are not kept
+-- here: the script makes them again itself.
+CREATE TABLE callback_center.builtin_emits (
+    machine     text NOT NULL,
+    from_state  text NOT NULL,
+    to_state    text NOT NULL,
+    emits       text[] NOT NULL CHECK (array_position(emits, NULL) IS NULL),
+    changed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (machine, from_state, to_state),
+    FOREIGN KEY (machine, from_state, to_state)
+        REFERENCES callback_center.transitions ON DELETE CASCADE
+);
+
 CREATE TABLE callback_center.state_history (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     machine     text NOT NULL,
@@ -64,18 +83,21 @@ COMMENT ON TABLE callback_center.state_machines IS
     'State machines; rows with builtin = true come with the extension';
 COMMENT ON TABLE callback_center.transitions IS
     'Legal moves of each machine; emits lists the outbox event types queued on the move';
+COMMENT ON TABLE callback_center.builtin_emits IS
+    'Emits set on built-in transitions after installation; pg_dump keeps them and a restore applies them again';
 COMMENT ON TABLE callback_center.state_history IS
     'One row per state a row entered under an attached machine';
 
 SELECT pg_catalog.pg_extension_config_dump('callback_center.state_machines', 'WHERE NOT builtin');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.machine_states', 'WHERE NOT builtin');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.transitions', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.builtin_emits', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.state_history', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.state_history_id_seq', '');
 
 -- Machine definitions are harmless to read; history is for admins.
 GRANT SELECT ON callback_center.state_machines, callback_center.machine_states,
-    callback_center.transitions
+    callback_center.transitions, callback_center.builtin_emits
     TO callback_center_admin, callback_center_app;
 GRANT SELECT ON callback_center.state_history TO callback_center_admin;
 
@@ -97,6 +119,37 @@ CREATE TRIGGER cc_fsm_invalidate
 CREATE TRIGGER cc_fsm_invalidate
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON callback_center.transitions
     FOR EACH STATEMENT EXECUTE FUNCTION callback_center.fsm_invalidate();
+
+-- A row of builtin_emits sets the transition's emits: when
+-- set_transition_emits() writes it, and when a restore does.  Only the
+-- extension owner writes the table.
+CREATE FUNCTION callback_center._fsm_builtin_emits()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    UPDATE callback_center.transitions t
+       SET emits = NEW.emits
+     WHERE t.machine = NEW.machine AND t.from_state = NEW.from_state
+       AND t.to_state = NEW.to_state;
+    RETURN NULL;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._fsm_builtin_emits() FROM PUBLIC;
+
+CREATE TRIGGER cc_fsm_builtin_emits
+    AFTER INSERT OR UPDATE ON callback_center.builtin_emits
+    FOR EACH ROW EXECUTE FUNCTION callback_center._fsm_builtin_emits();
+
+-- True while the callback_center install (or update) script runs.
+CREATE FUNCTION callback_center._fsm_installing()
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'cc_fsm_installing'
+LANGUAGE C STABLE;
+
+REVOKE ALL ON FUNCTION callback_center._fsm_installing() FROM PUBLIC;
 
 -- fsm_trigger(machine, state_column, id_column): INSERT OR UPDATE OF
 -- state_column FOR EACH ROW, twice: BEFORE (checks the move) and AFTER
@@ -269,8 +322,10 @@ BEGIN
 END
 $$;
 
--- Replaces the event types a move emits.  Raises 22004, 22023 (empty
--- name), CB011 (no such machine), 42704 (no such transition).
+-- Replaces the event types a move emits.  On a built-in transition, outside
+-- the install script, the choice goes to builtin_emits (whose trigger sets
+-- it) so that pg_dump keeps it.  Raises 22004, 22023 (empty name), CB011
+-- (no such machine), 42704 (no such transition).
 CREATE FUNCTION callback_center.set_transition_emits(
     machine text,
     from_state text,
@@ -280,6 +335,8 @@ RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
+DECLARE
+    is_builtin boolean;
 BEGIN
     PERFORM callback_center._fsm_require_machine(machine);
     IF from_state IS NULL OR to_state IS NULL OR emits IS NULL
@@ -291,15 +348,28 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'event names cannot be empty';
     END IF;
-    UPDATE callback_center.transitions t
-       SET emits = set_transition_emits.emits
+    SELECT t.builtin INTO is_builtin FROM callback_center.transitions t
      WHERE t.machine = set_transition_emits.machine
        AND t.from_state = set_transition_emits.from_state
-       AND t.to_state = set_transition_emits.to_state;
+       AND t.to_state = set_transition_emits.to_state
+       FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = '42704',
             MESSAGE = format('state machine "%s" has no transition "%s" -> "%s"',
                              machine, from_state, to_state);
+    END IF;
+    IF is_builtin AND NOT callback_center._fsm_installing() THEN
+        INSERT INTO callback_center.builtin_emits AS b (machine, from_state, to_state, emits)
+        VALUES (set_transition_emits.machine, set_transition_emits.from_state,
+                set_transition_emits.to_state, set_transition_emits.emits)
+        ON CONFLICT ON CONSTRAINT builtin_emits_pkey
+        DO UPDATE SET emits = EXCLUDED.emits, changed_at = now();
+    ELSE
+        UPDATE callback_center.transitions t
+           SET emits = set_transition_emits.emits
+         WHERE t.machine = set_transition_emits.machine
+           AND t.from_state = set_transition_emits.from_state
+           AND t.to_state = set_transition_emits.to_state;
     END IF;
 END
 $$;
@@ -517,9 +587,11 @@ REVOKE ALL ON FUNCTION callback_center.create_state_machine(text, text),
     callback_center.attach_state_machine(regclass, name, text, name),
     callback_center.detach_state_machine(regclass, name)
     FROM PUBLIC;
+-- attach_state_machine() runs with the caller's rights: its two helpers
+-- are granted too.  _fsm_require_state is called only by SECURITY DEFINER
+-- functions (as the owner) and granted to no one.
 GRANT EXECUTE ON FUNCTION callback_center.create_state_machine(text, text),
     callback_center._fsm_require_machine(text),
-    callback_center._fsm_require_state(text, text),
     callback_center._fsm_trigger_name(regclass, text),
     callback_center.add_state(text, text, boolean, boolean),
     callback_center.add_transition(text, text, text, text, text[]),
@@ -617,6 +689,8 @@ $$;
 REVOKE ALL ON FUNCTION callback_center.apply_event(regclass, name, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.apply_event(regclass, name, text, text)
     TO callback_center_app, callback_center_admin;
+-- The view state_machine_attachments calls it with the reader's rights
+-- (apply_event and detach_state_machine read the view).
 REVOKE ALL ON FUNCTION callback_center._fsm_trigger_args(bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center._fsm_trigger_args(bytea)
     TO callback_center_app, callback_center_admin;

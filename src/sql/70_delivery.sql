@@ -22,7 +22,10 @@ COMMENT ON TABLE callback_center.delivery_attempts IS
     'Every delivery attempt: status, latency, error, capped response body';
 
 -- Breaker and rate-limit state of each endpoint, published by the worker
--- (its own memory is the truth; this is the view of it).
+-- (its own memory is the truth; this is the view of it).  Not marked for
+-- pg_dump: it is runtime state the worker only writes, never reads back; a
+-- restored database starts with closed breakers and full buckets, and its
+-- worker publishes their state again.
 CREATE TABLE callback_center.endpoint_state (
     endpoint_id integer PRIMARY KEY,
     breaker     text NOT NULL CHECK (breaker IN ('closed', 'open', 'half_open')),
@@ -49,8 +52,13 @@ CREATE TABLE callback_center.replay_audit (
 );
 CREATE INDEX replay_audit_outbox ON callback_center.replay_audit (outbox_id);
 
+-- The identity sequences too: without their state a restored table would
+-- hand out its ids again from 1, and the next insert would hit a
+-- duplicate key.
 SELECT pg_catalog.pg_extension_config_dump('callback_center.delivery_attempts', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.delivery_attempts_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.replay_audit', '');
+SELECT pg_catalog.pg_extension_config_dump('callback_center.replay_audit_id_seq', '');
 
 -- Dead letters with their endpoint, newest first.
 CREATE VIEW callback_center.dead_letters AS

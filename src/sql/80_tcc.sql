@@ -605,6 +605,12 @@ REVOKE ALL ON FUNCTION callback_center._saga_lock(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._saga_mark(text, integer, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.saga_run(text) FROM PUBLIC;
 
+-- _saga_lock and _saga_mark are granted because saga_run, which calls
+-- them, is SECURITY INVOKER (its steps run with the caller's rights).
+-- Called directly they move only the bookkeeping, forward (a step or a
+-- saga can be marked done without running it; nothing is reserved or
+-- released that way, the branches go through the barrier); _tcc_require and _tcc_settle are called only by SECURITY
+-- DEFINER functions and granted to no one.
 GRANT EXECUTE ON FUNCTION
     callback_center.barrier(text, text, text),
     callback_center.tcc_stock_try(text, text, text, bigint),

@@ -1,6 +1,8 @@
 # pg_dump keeps the machines users define, their history and the triggers
 # on their tables, and not the built-in rows (CREATE EXTENSION brings those
-# back).  The restored trigger enforces the restored machine.
+# back) but the emits users chose for built-in transitions.  The restored
+# trigger enforces the restored machine.  The delivery records keep their
+# id sequences: inserts after the restore get new ids.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -24,7 +26,45 @@ $node->safe_psql('postgres', q{
 	INSERT INTO doors VALUES (1, 'shut'), (2, 'shut');
 	SELECT callback_center.set_transition_emits('door', 'shut', 'ajar', '{}');
 	UPDATE doors SET state = 'ajar' WHERE id = 1;
+	-- emits chosen for built-in transitions after installation
+	SELECT callback_center.set_transition_emits('order', 'confirmed', 'closed',
+	                                            '{order.closed,audit.closed}');
+	SELECT callback_center.set_transition_emits('payment', 'CREATED', 'PAYING',
+	                                            '{payment.submitted}');
+	-- a delivery attempt and a replayed dead letter (the endpoint disabled,
+	-- so that the worker leaves it alone)
+	SELECT callback_center.create_endpoint('dump_ep', 'https://dump.example/hook', '{door.opened}');
+	SELECT callback_center.set_endpoint_enabled('dump_ep', false);
+	INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload, status, attempts)
+	SELECT id, 'door.opened', 'dump-1', '{}', 'dead', 3
+	  FROM callback_center.endpoints WHERE name = 'dump_ep';
+	INSERT INTO callback_center.delivery_attempts (outbox_id, endpoint_id, attempt, http_status, latency_ms)
+	SELECT id, endpoint_id, 3, 500, 1.5 FROM callback_center.outbox WHERE aggregate_id = 'dump-1';
+	SELECT callback_center.replay_dead(id, 'before dump')
+	  FROM callback_center.outbox WHERE aggregate_id = 'dump-1';
 });
+
+# The built-in transitions whose emits the install script or the user set.
+my $emits = q{
+	SELECT string_agg(format('%s %s->%s %s', machine, from_state, to_state, emits), '; '
+	                  ORDER BY machine, from_state, to_state)
+	  FROM callback_center.transitions
+	 WHERE (machine, from_state, to_state) IN
+	       (('order', 'confirmed', 'closed'), ('order', 'pending_confirmation', 'failed'),
+	        ('payment', 'CREATED', 'PAYING'))};
+my $emits_before = $node->safe_psql('postgres', $emits);
+is($emits_before,
+	'order confirmed->closed {order.closed,audit.closed}; '
+	  . 'order pending_confirmation->failed {order.failed}; '
+	  . 'payment CREATED->PAYING {payment.submitted}',
+	'emits of built-in transitions before dump');
+# Only the user's changes are kept: the install script makes its own again.
+is($node->safe_psql('postgres', q{
+	SELECT string_agg(format('%s %s->%s', machine, from_state, to_state), ', '
+	                  ORDER BY machine, from_state)
+	  FROM callback_center.builtin_emits}),
+	'order confirmed->closed, payment CREATED->PAYING',
+	'user-set emits of built-in transitions are recorded for pg_dump');
 
 my $counts = q{
 	SELECT (SELECT count(*) FROM callback_center.state_machines) || '/' ||
@@ -64,6 +104,27 @@ is($node->safe_psql('restored', q{
 	  FROM callback_center.state_history}),
 	'1 null->shut, 2 null->shut, 1 shut->ajar, 2 shut->ajar, 2 ajar->shut',
 	'history continues after restore');
+
+is($node->safe_psql('restored', $emits), $emits_before,
+	'emits set on built-in transitions survive the restore');
+
+# New delivery records after restore: no duplicate key (the sequences came
+# with the tables).
+($ret, $out, $err) = $node->psql('restored', q{
+	UPDATE callback_center.outbox SET status = 'dead' WHERE aggregate_id = 'dump-1';
+	SELECT callback_center.replay_dead(id, 'after restore')
+	  FROM callback_center.outbox WHERE aggregate_id = 'dump-1';});
+is($ret, 0, 'replay after restore succeeds');
+unlike($err, qr/duplicate key/, 'no duplicate key in replay_audit after restore');
+($ret, $out, $err) = $node->psql('restored', q{
+	INSERT INTO callback_center.delivery_attempts (outbox_id, endpoint_id, attempt, http_status, latency_ms)
+	SELECT id, endpoint_id, 1, 200, 2.5 FROM callback_center.outbox WHERE aggregate_id = 'dump-1';});
+is($ret, 0, 'delivery attempt after restore succeeds');
+unlike($err, qr/duplicate key/, 'no duplicate key in delivery_attempts after restore');
+is($node->safe_psql('restored', q{
+	SELECT (SELECT string_agg(reason, ',' ORDER BY id) FROM callback_center.replay_audit) || ' / ' ||
+	       (SELECT string_agg(attempt::text, ',' ORDER BY id) FROM callback_center.delivery_attempts)}),
+	'before dump,after restore / 3,1', 'audit and attempts continue after restore');
 
 # A new history id after restore does not collide with restored ones.
 is($node->safe_psql('restored', q{
