@@ -115,9 +115,14 @@ BEGIN
     -- One pass: statement lines of the day FULL JOIN local payments of the
     -- provider paid in the day widened by grace at both edges, matched on
     -- the provider's transaction id.  Lines left unmatched look further:
-    -- the same transaction id paid on another day (x), or the unpaid
-    -- payment of the line's order (u).  Lines already settled by an earlier
-    -- run are left alone.
+    -- the same transaction id paid on any other day (x: the provider booked
+    -- it across midnight from us, or later; compared like a match), or the
+    -- unpaid payment of the line's order (u).  Local payments left
+    -- unmatched are differences only when paid in the day and not on a
+    -- neighbouring day's statement (that day's run compares them); grace is
+    -- how long before or after midnight one may still turn up on the
+    -- neighbour's statement, so those wait as pending_grace.  Lines already
+    -- settled by an earlier run are left alone.
     WITH s AS (
         SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
           FROM callback_center.provider_statement st
@@ -151,15 +156,17 @@ BEGIN
                         WHEN NOT callback_center._recon_status_agrees(j.s_status, j.l_status)
                              THEN 'status_mismatch' END
                  WHEN j.l_txn IS NOT NULL THEN
-                   -- Local only; rows in the grace margins belong to the
-                   -- neighbouring days' statements.
+                   -- Local only; rows in the grace margins, and rows on a
+                   -- neighbouring day's statement, are that day's to judge.
                    CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                    AND n.provider_txn_id = j.l_txn)
                         THEN 'missing_provider' END
                  WHEN x.payment_id IS NOT NULL THEN
-                   CASE WHEN x.paid_at >= day_start - interval '1 day'
-                             AND x.paid_at < day_end + interval '1 day'
-                        THEN 'missing_local'
-                        WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                   CASE WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
                         WHEN NOT callback_center._recon_status_agrees(j.s_status, x.status)
                              THEN 'status_mismatch' END
                  WHEN u.payment_id IS NOT NULL THEN
@@ -169,18 +176,9 @@ BEGIN
                  ELSE 'missing_local'
                END AS kind,
                CASE
-                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN 'flagged'
-                 WHEN j.l_txn IS NOT NULL THEN
+                 WHEN j.l_txn IS NOT NULL AND j.s_txn IS NULL THEN
                    CASE WHEN j.l_paid_at < day_start + reconcile.grace
                           OR j.l_paid_at >= day_end - reconcile.grace
-                          OR EXISTS (SELECT 1 FROM callback_center.provider_statement n
-                                      WHERE n.channel = p_channel
-                                        AND n.bill_date IN (p_date - 1, p_date + 1)
-                                        AND n.provider_txn_id = j.l_txn)
-                        THEN 'pending_grace' ELSE 'flagged' END
-                 WHEN x.payment_id IS NOT NULL THEN
-                   CASE WHEN x.paid_at >= day_start - interval '1 day'
-                             AND x.paid_at < day_end + interval '1 day'
                         THEN 'pending_grace' ELSE 'flagged' END
                  WHEN u.payment_id IS NOT NULL AND j.s_status = 'success'
                       AND u.amount_cents = j.s_amount
@@ -236,6 +234,16 @@ BEGIN
     DELETE FROM callback_center.recon_diffs d
      WHERE d.channel = p_channel AND d.bill_date = p_date
        AND d.resolution <> 'applied' AND d.checked_at <> run_at;
+
+    -- Local payments a neighbouring day's run left waiting for a
+    -- statement line that turned up on this day's statement: compared
+    -- above, so no longer differences of that day.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date IN (p_date - 1, p_date + 1)
+       AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
+       AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
+                    WHERE st.channel = p_channel AND st.bill_date = p_date
+                      AND st.provider_txn_id = d.provider_txn_id);
 
     -- Settle what the provider was paid for and we were not told, through
     -- the same path as a callback (state machines, follow-up events; on an
