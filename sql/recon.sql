@@ -164,7 +164,20 @@ SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-15', '-1 minute');
 SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-15', '1 day');
 \echo :LAST_ERROR_SQLSTATE
 
--- Scheduling needs pg_cron, which the regress cluster does not have.
+-- Scheduling checks its arguments first, then needs pg_cron, which the
+-- regress cluster does not have.
+SELECT * FROM callback_center.schedule_maintenance(NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay}', NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay,NULL}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay}', older_than => NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay}', history_older_than => '-1 day');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay}', batch_size => 0);
+\echo :LAST_ERROR_SQLSTATE
 SELECT * FROM callback_center.schedule_maintenance('{recon-pay}');
 \echo :LAST_ERROR_SQLSTATE
 SELECT callback_center.unschedule_maintenance();
