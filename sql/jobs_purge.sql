@@ -20,7 +20,7 @@ UPDATE callback_center.outbox o
 
 -- Batches of 2, each committed: the 5 old rows go (and whatever other
 -- tests left old).
-CALL callback_center.purge_in_batches('7 days', 2, NULL) \gset
+CALL callback_center.purge_in_batches('7 days', 2, purged => NULL) \gset
 SELECT :purged >= 5 AS purged_ours;
 SELECT aggregate_id, status FROM callback_center.outbox
  WHERE aggregate_id LIKE 'jp-%' ORDER BY aggregate_id;
@@ -38,6 +38,8 @@ CALL callback_center.purge_in_batches('-1 day');
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 CALL callback_center.purge_in_batches('7 days', 0);
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
+CALL callback_center.purge_in_batches('7 days', 10, attempts_older_than => '-1 day');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
 -- It commits, so it cannot run inside a transaction block.
 BEGIN;
 CALL callback_center.purge_in_batches('7 days', 2);
@@ -46,8 +48,8 @@ ROLLBACK;
 
 -- For admins only; the application role may not.
 SELECT has_function_privilege('callback_center_admin',
-           'callback_center.purge_in_batches(interval, integer, bigint)', 'EXECUTE') AS admin,
+           'callback_center.purge_in_batches(interval, integer, interval, interval, bigint)', 'EXECUTE') AS admin,
        has_function_privilege('callback_center_app',
-           'callback_center.purge_in_batches(interval, integer, bigint)', 'EXECUTE') AS app;
+           'callback_center.purge_in_batches(interval, integer, interval, interval, bigint)', 'EXECUTE') AS app;
 
 SELECT callback_center.drop_endpoint('jp-sink') >= 0 AS dropped;

@@ -24,7 +24,7 @@ END $$;
 
 SELECT count(*) AS placed FROM (VALUES ('rc-ok', 1000), ('rc-amt', 2000), ('rc-stat', 3000),
     ('rc-miss', 4000), ('rc-apply', 1500), ('rc-closed', 1700), ('rc-late', 900),
-    ('rc-next', 800), ('rc-edge', 700)) AS v(oid, cents),
+    ('rc-next', 800), ('rc-edge', 700), ('rc-xamt', 600)) AS v(oid, cents),
     LATERAL callback_center.place_order(v.oid, 'rc-user', '[{"sku":"rc-A","qty":1}]', v.cents,
                                         NULL, 'recon-pay') p
  WHERE p.status = 'confirmed';
@@ -34,7 +34,8 @@ SELECT rc_paid('rc-ok', 't-ok', '2026-01-15 10:00'),
        rc_paid('rc-miss', 't-miss', '2026-01-15 11:00'),
        rc_paid('rc-late', 't-late', '2026-01-15 23:50'),       -- near midnight
        rc_paid('rc-next', 't-next', '2026-01-16 05:00'),       -- booked next day
-       rc_paid('rc-edge', 't-edge', '2026-01-16 00:10');       -- within grace
+       rc_paid('rc-edge', 't-edge', '2026-01-16 00:10'),       -- within grace
+       rc_paid('rc-xamt', 't-xamt', '2026-01-16 03:00');       -- next day, beyond grace
 -- rc-apply: the user went to the cashier, the callback never came.
 SELECT callback_center.start_payment('rc-apply', 'recon-pay');
 -- rc-closed: the order timed out and closed before the money was seen.
@@ -53,6 +54,7 @@ recon-pay,2026-01-15,t-apply,rc-apply,1500,success
 recon-pay,2026-01-15,t-closed,rc-closed,1700,success
 recon-pay,2026-01-15,t-next,rc-next,800,success
 recon-pay,2026-01-15,t-edge,rc-edge,700,success
+recon-pay,2026-01-15,t-xamt,rc-xamt,650,success
 other-pay,2026-01-15,t-ok,rc-ok,1,closed
 \.
 
@@ -97,6 +99,42 @@ SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-15', '0');
 SELECT provider_txn_id, kind, resolution FROM callback_center.recon_diffs
  WHERE channel = 'recon-pay' AND provider_txn_id IN ('t-late', 't-edge') ORDER BY 1, 2;
 
+-- Cross-midnight: a line is compared with our payment whichever day we
+-- booked it on.  t-xamt (paid 03:00 on the 16th, beyond grace) differs in
+-- amount: flagged at once, with or without grace; t-next (05:00 on the
+-- 16th) and t-edge (00:10, within grace) agree: no difference.
+SELECT provider_txn_id, kind, provider_amount, local_amount, resolution
+  FROM callback_center.recon_diffs
+ WHERE channel = 'recon-pay' AND provider_txn_id IN ('t-xamt', 't-next', 't-edge') ORDER BY 1, 2;
+SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-15');
+SELECT provider_txn_id, kind, provider_amount, local_amount, resolution
+  FROM callback_center.recon_diffs
+ WHERE channel = 'recon-pay' AND provider_txn_id IN ('t-late', 't-xamt', 't-next', 't-edge') ORDER BY 1, 2;
+-- The 16th's statement carries t-late (we booked it at 23:50 on the 15th).
+-- The 16th's run matches it, finds nothing of its own to flag (t-xamt,
+-- t-next and t-edge are the 15th's lines, compared there), and settles the
+-- 15th's wait for t-late.
+INSERT INTO callback_center.provider_statement (channel, bill_date, provider_txn_id, order_id,
+                                                amount_cents, status)
+VALUES ('recon-pay', '2026-01-16', 't-late', 'rc-late', 900, 'success');
+SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-16');
+SELECT bill_date, provider_txn_id, kind, resolution FROM callback_center.recon_diffs
+ WHERE channel = 'recon-pay' AND provider_txn_id IN ('t-late', 't-xamt', 't-next', 't-edge')
+ ORDER BY 1, 2, 3;
+-- Rerunning the 15th agrees: t-late is the 16th's.  Its grace does not
+-- matter any more (the line turned up); with no grace, t-xamt is flagged.
+SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-15', '0');
+SELECT bill_date, provider_txn_id, kind, resolution FROM callback_center.recon_diffs
+ WHERE channel = 'recon-pay' AND provider_txn_id IN ('t-late', 't-xamt', 't-next', 't-edge')
+ ORDER BY 1, 2, 3;
+-- A 16th line differing from a payment we booked on the 15th is flagged
+-- on the 16th, even with no grace.
+UPDATE callback_center.provider_statement SET amount_cents = 950
+ WHERE channel = 'recon-pay' AND bill_date = '2026-01-16' AND provider_txn_id = 't-late';
+SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-16', '0');
+SELECT bill_date, provider_txn_id, kind, provider_amount, local_amount, resolution
+  FROM callback_center.recon_diffs WHERE channel = 'recon-pay' AND bill_date = '2026-01-16';
+
 -- Another channel's statement is reconciled on its own: transaction ids
 -- are the provider's, so its t-ok line is not our recon-pay payment t-ok.
 SELECT * FROM callback_center.reconcile('other-pay', '2026-01-15');
@@ -126,7 +164,20 @@ SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-15', '-1 minute');
 SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-15', '1 day');
 \echo :LAST_ERROR_SQLSTATE
 
--- Scheduling needs pg_cron, which the regress cluster does not have.
+-- Scheduling checks its arguments first, then needs pg_cron, which the
+-- regress cluster does not have.
+SELECT * FROM callback_center.schedule_maintenance(NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay}', NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay,NULL}');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay}', older_than => NULL);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay}', history_older_than => '-1 day');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.schedule_maintenance('{recon-pay}', batch_size => 0);
+\echo :LAST_ERROR_SQLSTATE
 SELECT * FROM callback_center.schedule_maintenance('{recon-pay}');
 \echo :LAST_ERROR_SQLSTATE
 SELECT callback_center.unschedule_maintenance();

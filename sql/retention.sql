@@ -46,12 +46,20 @@ INSERT INTO callback_center.recon_diffs (channel, bill_date, provider_txn_id, ki
 VALUES ('rt-chan', '2026-01-01', 'rt-t1', 'missing_local', 'flagged', now() - interval '30 days'),
        ('rt-chan', '2026-01-02', 'rt-t2', 'missing_local', 'flagged', now());
 
--- Batches of 2: 5 old delivered rows go in batches of 2, 2 and 1; the 4
--- aged history rows in 2 and 1.  (delivery_attempts is
--- left out of the listing: it exists only once the delivery log lands.)
-SELECT relation, purged
-  FROM callback_center.purge('7 days', 2)
- WHERE relation <> 'callback_center.delivery_attempts';
+-- Delivery attempts: 25 old, 2 recent.
+INSERT INTO callback_center.delivery_attempts (outbox_id, endpoint_id, attempt, http_status,
+                                               latency_ms, attempted_at)
+SELECT o.id, o.endpoint_id, g, 200, 1,
+       now() - CASE WHEN g <= 25 THEN interval '10 days' ELSE interval '1 day' END
+  FROM callback_center.outbox o, generate_series(1, 27) g
+ WHERE o.aggregate_id = 'rt-7';
+
+-- Each relation has its own age: attempts and history kept 30 days here,
+-- so they lose nothing.  Batches of 2: the 5 old delivered rows go in 3
+-- batches (2, 2, 1).
+SELECT relation, purged, batches
+  FROM callback_center.purge('7 days', 2, attempts_older_than => '30 days',
+                             history_older_than => '30 days');
 
 SELECT aggregate_id, status FROM callback_center.outbox
  WHERE aggregate_id LIKE 'rt-%' ORDER BY aggregate_id;
@@ -59,12 +67,37 @@ SELECT count(*) AS history_left FROM callback_center.state_history WHERE entity_
 SELECT biz_id, status FROM callback_center.callback_record WHERE biz_id LIKE 'rt-b%' ORDER BY 1;
 SELECT provider_txn_id FROM callback_center.recon_diffs WHERE channel = 'rt-chan';
 
--- Nothing more to do: a second run purges nothing.
-SELECT relation, purged
-  FROM callback_center.purge('7 days', 2)
- WHERE relation <> 'callback_center.delivery_attempts';
+SELECT count(*) AS attempts_left FROM callback_center.delivery_attempts a
+  JOIN callback_center.outbox o ON o.id = a.outbox_id WHERE o.aggregate_id = 'rt-7';
+
+-- Attempts kept 7 days, in batches of 10: the 25 old ones go in 3 batches
+-- (10, 10, 5), the recent ones stay; history kept 10 days: the 20-day-old
+-- rows go.
+SELECT relation, purged, batches
+  FROM callback_center.purge('7 days', 10, history_older_than => '10 days');
+SELECT count(*) AS attempts_left FROM callback_center.delivery_attempts a
+  JOIN callback_center.outbox o ON o.id = a.outbox_id WHERE o.aggregate_id = 'rt-7';
+SELECT count(*) AS history_left FROM callback_center.state_history WHERE entity_id IN ('rt-o1', 'pay_rt-o1');
+
+-- One batch deletes at most batch_size rows: 15 old attempts, a batch of 10.
+INSERT INTO callback_center.delivery_attempts (outbox_id, endpoint_id, attempt, http_status,
+                                               latency_ms, attempted_at)
+SELECT o.id, o.endpoint_id, g, 200, 1, now() - interval '10 days'
+  FROM callback_center.outbox o, generate_series(1, 15) g
+ WHERE o.aggregate_id = 'rt-7';
+SELECT purged FROM callback_center._purge_batch('callback_center.delivery_attempts',
+                                                now() - interval '7 days', 0, 10);
+SELECT count(*) AS old_attempts_left FROM callback_center.delivery_attempts a
+  JOIN callback_center.outbox o ON o.id = a.outbox_id
+ WHERE o.aggregate_id = 'rt-7' AND a.attempted_at < now() - interval '7 days';
+
+-- A full run takes the 5 old attempts left; nothing else is due.
+SELECT relation, purged, batches
+  FROM callback_center.purge('7 days', 10);
 
 -- A shorter age takes the day-old delivered row too; the default batch.
+-- The 30-day-old dead row stays whatever the age (it is kept for replay),
+-- as do the pending and delivering ones.
 SELECT purged FROM callback_center.purge('12 hours')
  WHERE relation = 'callback_center.outbox';
 SELECT aggregate_id, status FROM callback_center.outbox
@@ -74,8 +107,7 @@ SELECT aggregate_id, status FROM callback_center.outbox
 CREATE ROLE rt_admin NOLOGIN IN ROLE callback_center_admin;
 CREATE ROLE rt_app NOLOGIN IN ROLE callback_center_app;
 SET ROLE rt_admin;
-SELECT count(*) AS admin_relations FROM callback_center.purge('7 days')
- WHERE relation <> 'callback_center.delivery_attempts';
+SELECT count(*) AS admin_relations FROM callback_center.purge('7 days');
 RESET ROLE;
 \set SHOW_CONTEXT never
 \set ON_ERROR_STOP 0
@@ -92,6 +124,10 @@ SELECT * FROM callback_center.purge('7 days', NULL);
 SELECT * FROM callback_center.purge('-1 day');
 \echo :LAST_ERROR_SQLSTATE
 SELECT * FROM callback_center.purge('7 days', 0);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.purge('7 days', 10, attempts_older_than => '-1 day');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM callback_center.purge('7 days', 10, history_older_than => '-1 day');
 \echo :LAST_ERROR_SQLSTATE
 
 -- Clean up.

@@ -11,8 +11,10 @@
  * SQL functions of src/sql/90_jobs.sql, one bounded batch per transaction:
  * close_expired_orders, query_stuck_payments, apply_query_answers.  An
  * error in a round is logged and counted; the worker carries on.  When a
- * close batch fails, its orders are closed one per transaction so that one
- * bad order cannot hold back the others.
+ * close batch fails, the due orders are closed one per transaction, and
+ * each order that fails is recorded in close_failures and left alone for a
+ * while (backing off), so failing orders, however many, cannot hold back
+ * the others: the next batch passes over them.
  *
  *-------------------------------------------------------------------------
  */
@@ -94,12 +96,14 @@ cc_jobs_note_error(const char *message)
 
 /*
  * Logs the error being handled, counts it, and leaves no transaction
- * open.  For use in PG_CATCH; cxt is where the worker continues.
+ * open.  For use in PG_CATCH; cxt is where the worker continues.  Returns
+ * the error message, allocated in cxt.
  */
-static void
+static char *
 cc_jobs_recover(MemoryContext cxt)
 {
 	ErrorData  *edata;
+	char	   *message;
 
 	MemoryContextSwitchTo(cxt);
 	edata = CopyErrorData();
@@ -107,8 +111,10 @@ cc_jobs_recover(MemoryContext cxt)
 	FlushErrorState();
 	AbortOutOfAnyTransaction();
 	cc_jobs_note_error(edata->message);
+	message = MemoryContextStrdup(cxt, edata->message ? edata->message : "");
 	FreeErrorData(edata);
 	MemoryContextSwitchTo(cxt);
+	return message;
 }
 
 static void
@@ -132,6 +138,31 @@ cc_jobs_commit(MemoryContext cxt)
 }
 
 /*
+ * Runs a one-row, one-column SELECT with nargs arguments in its own
+ * transaction and returns its integer result (0 when NULL or not an
+ * integer).  Errors propagate.
+ */
+static int
+cc_jobs_call_args(MemoryContext cxt, const char *activity, const char *sql,
+				  int nargs, Datum *args, Oid *argtypes)
+{
+	int			n = 0;
+	bool		isnull;
+	Datum		d;
+
+	cc_jobs_begin(activity);
+	if (SPI_execute_with_args(sql, nargs, argtypes, args, NULL, false, 1)
+		!= SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "callback_center jobs: \"%s\" failed", sql);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+					  &isnull);
+	if (!isnull && SPI_gettypeid(SPI_tuptable->tupdesc, 1) == INT4OID)
+		n = DatumGetInt32(d);
+	cc_jobs_commit(cxt);
+	return n;
+}
+
+/*
  * Runs "SELECT f($1)" for an integer-returning job function in its own
  * transaction and returns the result.  Errors propagate.
  */
@@ -139,25 +170,14 @@ static int
 cc_jobs_call(MemoryContext cxt, const char *activity, const char *sql,
 			 Datum arg, Oid argtype)
 {
-	int			n = 0;
-	bool		isnull;
-	Datum		d;
-
-	cc_jobs_begin(activity);
-	if (SPI_execute_with_args(sql, 1, &argtype, &arg, NULL, false, 1)
-		!= SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "callback_center jobs: \"%s\" failed", sql);
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-					  &isnull);
-	if (!isnull)
-		n = DatumGetInt32(d);
-	cc_jobs_commit(cxt);
-	return n;
+	return cc_jobs_call_args(cxt, activity, sql, 1, &arg, &argtype);
 }
 
 /*
  * Closes due orders one per transaction, after a batch failed: each order
- * that fails is logged and counted, the others are closed.  Returns how
+ * that fails is logged, counted and recorded in close_failures (in a
+ * transaction of its own, the failed one being gone), which keeps it out of
+ * the due orders until its retry time; the others are closed.  Returns how
  * many were closed.
  */
 static int
@@ -165,16 +185,13 @@ cc_jobs_close_one_by_one(MemoryContext cxt)
 {
 	char	  **ids;
 	int			nids = 0;
-	int			closed = 0;
+	volatile int closed = 0;
 	int			i;
 	Datum		arg = Int32GetDatum(cc_jobs_batch);
 	Oid			argtype = INT4OID;
 
 	cc_jobs_begin("callback_center jobs: listing expired orders");
-	if (SPI_execute_with_args("SELECT order_id FROM callback_center.orders"
-							  " WHERE status = 'confirmed'"
-							  " AND pay_status IN ('unpaid', 'paying')"
-							  " AND pay_deadline <= now()"
+	if (SPI_execute_with_args("SELECT order_id FROM callback_center._orders_due"
 							  " ORDER BY pay_deadline LIMIT $1",
 							  1, &argtype, &arg, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "callback_center jobs: could not list expired orders");
@@ -187,6 +204,10 @@ cc_jobs_close_one_by_one(MemoryContext cxt)
 
 	for (i = 0; i < nids && !ShutdownRequestPending; i++)
 	{
+		char	   *failure = NULL;
+		Datum		args[2];
+		Oid			types[2] = {TEXTOID, TEXTOID};
+
 		PG_TRY();
 		{
 			closed += cc_jobs_call(cxt, "callback_center jobs: closing an order",
@@ -195,13 +216,21 @@ cc_jobs_close_one_by_one(MemoryContext cxt)
 		}
 		PG_CATCH();
 		{
-			cc_jobs_recover(cxt);
-			ereport(WARNING,
-					(errmsg("callback_center jobs could not close order \"%s\"",
-							ids[i]),
-					 errdetail("The order stays open; it is tried again next round.")));
+			failure = cc_jobs_recover(cxt);
 		}
 		PG_END_TRY();
+
+		if (failure == NULL)
+			continue;
+		ereport(WARNING,
+				(errmsg("callback_center jobs could not close order \"%s\"",
+						ids[i]),
+				 errdetail("The order stays open; it is tried again after a backoff (see callback_center.close_failures).")));
+		args[0] = CStringGetTextDatum(ids[i]);
+		args[1] = CStringGetTextDatum(failure);
+		(void) cc_jobs_call_args(cxt, "callback_center jobs: noting a failed close",
+								 "SELECT callback_center._note_close_failure($1, $2)",
+								 2, args, types);
 	}
 	return closed;
 }

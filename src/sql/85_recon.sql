@@ -115,9 +115,14 @@ BEGIN
     -- One pass: statement lines of the day FULL JOIN local payments of the
     -- provider paid in the day widened by grace at both edges, matched on
     -- the provider's transaction id.  Lines left unmatched look further:
-    -- the same transaction id paid on another day (x), or the unpaid
-    -- payment of the line's order (u).  Lines already settled by an earlier
-    -- run are left alone.
+    -- the same transaction id paid on any other day (x: the provider booked
+    -- it across midnight from us, or later; compared like a match), or the
+    -- unpaid payment of the line's order (u).  Local payments left
+    -- unmatched are differences only when paid in the day and not on a
+    -- neighbouring day's statement (that day's run compares them); grace is
+    -- how long before or after midnight one may still turn up on the
+    -- neighbour's statement, so those wait as pending_grace.  Lines already
+    -- settled by an earlier run are left alone.
     WITH s AS (
         SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
           FROM callback_center.provider_statement st
@@ -151,15 +156,17 @@ BEGIN
                         WHEN NOT callback_center._recon_status_agrees(j.s_status, j.l_status)
                              THEN 'status_mismatch' END
                  WHEN j.l_txn IS NOT NULL THEN
-                   -- Local only; rows in the grace margins belong to the
-                   -- neighbouring days' statements.
+                   -- Local only; rows in the grace margins, and rows on a
+                   -- neighbouring day's statement, are that day's to judge.
                    CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                    AND n.provider_txn_id = j.l_txn)
                         THEN 'missing_provider' END
                  WHEN x.payment_id IS NOT NULL THEN
-                   CASE WHEN x.paid_at >= day_start - interval '1 day'
-                             AND x.paid_at < day_end + interval '1 day'
-                        THEN 'missing_local'
-                        WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                   CASE WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
                         WHEN NOT callback_center._recon_status_agrees(j.s_status, x.status)
                              THEN 'status_mismatch' END
                  WHEN u.payment_id IS NOT NULL THEN
@@ -169,18 +176,9 @@ BEGIN
                  ELSE 'missing_local'
                END AS kind,
                CASE
-                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN 'flagged'
-                 WHEN j.l_txn IS NOT NULL THEN
+                 WHEN j.l_txn IS NOT NULL AND j.s_txn IS NULL THEN
                    CASE WHEN j.l_paid_at < day_start + reconcile.grace
                           OR j.l_paid_at >= day_end - reconcile.grace
-                          OR EXISTS (SELECT 1 FROM callback_center.provider_statement n
-                                      WHERE n.channel = p_channel
-                                        AND n.bill_date IN (p_date - 1, p_date + 1)
-                                        AND n.provider_txn_id = j.l_txn)
-                        THEN 'pending_grace' ELSE 'flagged' END
-                 WHEN x.payment_id IS NOT NULL THEN
-                   CASE WHEN x.paid_at >= day_start - interval '1 day'
-                             AND x.paid_at < day_end + interval '1 day'
                         THEN 'pending_grace' ELSE 'flagged' END
                  WHEN u.payment_id IS NOT NULL AND j.s_status = 'success'
                       AND u.amount_cents = j.s_amount
@@ -237,6 +235,16 @@ BEGIN
      WHERE d.channel = p_channel AND d.bill_date = p_date
        AND d.resolution <> 'applied' AND d.checked_at <> run_at;
 
+    -- Local payments a neighbouring day's run left waiting for a
+    -- statement line that turned up on this day's statement: compared
+    -- above, so no longer differences of that day.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date IN (p_date - 1, p_date + 1)
+       AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
+       AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
+                    WHERE st.channel = p_channel AND st.bill_date = p_date
+                      AND st.provider_txn_id = d.provider_txn_id);
+
     -- Settle what the provider was paid for and we were not told, through
     -- the same path as a callback (state machines, follow-up events; on an
     -- order that can no longer take the money, a late payment to refund).
@@ -285,20 +293,22 @@ $$;
 -- What retention deletes, per relation, in order: delivered outbox rows,
 -- delivery attempts (when that table exists), state history, succeeded
 -- callback records and reconciliation differences older than the cutoff
--- ($1).  Pending, delivering and dead outbox rows and pending, processing
--- and failed callback records are never touched.
+-- ($1).  Pending, delivering and dead outbox rows (dead ones stay for
+-- replay) and pending, processing and failed callback records are never
+-- touched.  age says which of purge's ages applies: attempts, history, or
+-- events (older_than).
 CREATE FUNCTION callback_center._purge_targets()
-RETURNS TABLE (rel text, cond text)
+RETURNS TABLE (rel text, cond text, age text)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, callback_center
 AS $$
-    SELECT v.rel, v.cond
+    SELECT v.rel, v.cond, v.age
       FROM (VALUES
-        (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1'),
-        (2, 'callback_center.delivery_attempts', 'attempted_at < $1'),
-        (3, 'callback_center.state_history', 'at < $1'),
-        (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1'),
-        (5, 'callback_center.recon_diffs', 'created_at < $1')) AS v(ord, rel, cond)
+        (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1', 'events'),
+        (2, 'callback_center.delivery_attempts', 'attempted_at < $1', 'attempts'),
+        (3, 'callback_center.state_history', 'at < $1', 'history'),
+        (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1', 'events'),
+        (5, 'callback_center.recon_diffs', 'created_at < $1', 'events')) AS v(ord, rel, cond, age)
      WHERE to_regclass(v.rel) IS NOT NULL
      ORDER BY v.ord
 $$;
@@ -335,8 +345,10 @@ BEGIN
 END
 $$;
 
--- Checks purge's arguments; raises 22004 or 22023.
-CREATE FUNCTION callback_center._purge_check(older_than interval, batch_size integer)
+-- Checks purge's arguments; raises 22004 or 22023.  The per-relation ages
+-- may be NULL (the same as older_than).
+CREATE FUNCTION callback_center._purge_check(older_than interval, batch_size integer,
+    attempts_older_than interval, history_older_than interval)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
@@ -346,9 +358,12 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22004',
             MESSAGE = 'older_than and batch_size must not be null';
     END IF;
-    IF older_than < interval '0' THEN
+    IF older_than < interval '0' OR attempts_older_than < interval '0'
+       OR history_older_than < interval '0' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('older_than must not be negative, got %s', older_than);
+            MESSAGE = format('retention ages must not be negative, got %s, %s and %s',
+                             older_than, coalesce(attempts_older_than::text, 'NULL'),
+                             coalesce(history_older_than::text, 'NULL'));
     END IF;
     IF batch_size < 1 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
@@ -357,37 +372,56 @@ BEGIN
 END
 $$;
 
--- Deletes, in batches of at most batch_size rows, what is older than
--- older_than and no longer needed (see _purge_targets), all in the
--- caller's transaction.  Rows locked by others are skipped, never waited
--- for.  Returns the rows deleted per relation.  purge_in_batches does the
--- same, committing after every batch.
+-- The retention targets with the cutoff of each: now() less its age.
+CREATE FUNCTION callback_center._purge_plan(older_than interval,
+    attempts_older_than interval, history_older_than interval)
+RETURNS TABLE (rel text, cutoff timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT t.rel,
+           now() - CASE t.age
+                     WHEN 'attempts' THEN coalesce(attempts_older_than, older_than)
+                     WHEN 'history' THEN coalesce(history_older_than, older_than)
+                     ELSE older_than END
+      FROM callback_center._purge_targets() t
+$$;
+
+-- Deletes, in batches of at most batch_size rows, what is older than its
+-- age and no longer needed (see _purge_targets), all in the caller's
+-- transaction: delivered events, callback records and reconciliation
+-- differences older than older_than, delivery attempts older than
+-- attempts_older_than and state history older than history_older_than
+-- (each NULL: older_than).  Rows locked by others are skipped, never
+-- waited for.  Returns the rows deleted and the batches run per relation.
+-- purge_in_batches does the same, committing after every batch.
 CREATE FUNCTION callback_center.purge(older_than interval DEFAULT '7 days',
-    batch_size integer DEFAULT 10000)
-RETURNS TABLE (relation text, purged bigint)
+    batch_size integer DEFAULT 10000, attempts_older_than interval DEFAULT NULL,
+    history_older_than interval DEFAULT NULL)
+RETURNS TABLE (relation text, purged bigint, batches integer)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    cutoff timestamptz;
     t record;
     b record;
-    total bigint;
     last_id bigint;
 BEGIN
-    PERFORM callback_center._purge_check(older_than, batch_size);
-    cutoff := now() - older_than;
-    FOR t IN SELECT * FROM callback_center._purge_targets() LOOP
-        total := 0;
+    PERFORM callback_center._purge_check(older_than, batch_size, attempts_older_than,
+                                         history_older_than);
+    FOR t IN SELECT * FROM callback_center._purge_plan(older_than, attempts_older_than,
+                                                       history_older_than) LOOP
+        relation := t.rel;
+        purged := 0;
+        batches := 0;
         last_id := 0;
         LOOP
-            b := callback_center._purge_batch(t.rel, cutoff, last_id, batch_size);
-            total := total + b.purged;
+            b := callback_center._purge_batch(t.rel, t.cutoff, last_id, batch_size);
+            purged := purged + b.purged;
+            batches := batches + 1;
             last_id := b.last_id;
             EXIT WHEN b.purged < batch_size;
         END LOOP;
-        relation := t.rel;
-        purged := total;
         RETURN NEXT;
     END LOOP;
 END
@@ -398,26 +432,31 @@ $$;
 -- it deleted stays deleted if it is interrupted.  Must be CALLed outside a
 -- transaction block (2D000 inside one).  Not SECURITY DEFINER (a procedure
 -- that commits cannot be): it runs the batches through _purge_batch, which
--- is.  purged returns the total number of rows deleted.
+-- is.  purged returns the total number of rows deleted.  The pg_cron
+-- retention job (schedule_maintenance) calls this.
 CREATE PROCEDURE callback_center.purge_in_batches(older_than interval DEFAULT '7 days',
-    batch_size integer DEFAULT 10000, INOUT purged bigint DEFAULT NULL)
+    batch_size integer DEFAULT 10000, attempts_older_than interval DEFAULT NULL,
+    history_older_than interval DEFAULT NULL, INOUT purged bigint DEFAULT NULL)
 LANGUAGE plpgsql
 AS $$
 DECLARE
-    cutoff timestamptz;
-    rels text[];
-    r text;
+    plan record;
+    targets text[];
+    cutoffs timestamptz[];
+    i integer;
     b record;
     last_id bigint;
 BEGIN
-    PERFORM callback_center._purge_check(older_than, batch_size);
-    cutoff := pg_catalog.now() - older_than;
-    rels := ARRAY(SELECT t.rel FROM callback_center._purge_targets() t);
+    PERFORM callback_center._purge_check(older_than, batch_size, attempts_older_than,
+                                         history_older_than);
+    -- Cutoffs fixed once, at the start: later batches do not chase now().
+    SELECT pg_catalog.array_agg(p.rel), pg_catalog.array_agg(p.cutoff) INTO targets, cutoffs
+      FROM callback_center._purge_plan(older_than, attempts_older_than, history_older_than) p;
     purged := 0;
-    FOREACH r IN ARRAY rels LOOP
+    FOR i IN 1 .. coalesce(pg_catalog.cardinality(targets), 0) LOOP
         last_id := 0;
         LOOP
-            b := callback_center._purge_batch(r, cutoff, last_id, batch_size);
+            b := callback_center._purge_batch(targets[i], cutoffs[i], last_id, batch_size);
             purged := purged + b.purged;
             last_id := b.last_id;
             COMMIT;
@@ -428,15 +467,20 @@ END
 $$;
 
 -- Schedules the maintenance jobs with pg_cron (when it is installed in this
--- database): callback_center_retention running purge() on retention_cron,
--- and callback_center_recon_<channel> running reconcile() for yesterday on
+-- database): callback_center_retention CALLing purge_in_batches() with the
+-- given ages and batch size on retention_cron, and
+-- callback_center_recon_<channel> running reconcile() for yesterday on
 -- recon_cron for each channel.  Jobs of the same names are replaced and
 -- recon jobs of channels no longer listed are removed, so calling it again
 -- is safe.  Returns the job ids.
 CREATE FUNCTION callback_center.schedule_maintenance(
     reconcile_channels text[] DEFAULT '{}',
     retention_cron text DEFAULT '*/10 * * * *',
-    recon_cron text DEFAULT '30 1 * * *')
+    recon_cron text DEFAULT '30 1 * * *',
+    older_than interval DEFAULT '7 days',
+    attempts_older_than interval DEFAULT NULL,
+    history_older_than interval DEFAULT NULL,
+    batch_size integer DEFAULT 10000)
 RETURNS SETOF bigint
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
@@ -445,12 +489,6 @@ DECLARE
     ch text;
     jobid bigint;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
-        RAISE EXCEPTION USING ERRCODE = '55000',
-            MESSAGE = 'pg_cron is not installed in this database',
-            HINT = 'Install pg_cron: set shared_preload_libraries = ''pg_cron'' and '
-                   'cron.database_name to this database, restart, then run CREATE EXTENSION pg_cron.';
-    END IF;
     IF reconcile_channels IS NULL OR retention_cron IS NULL OR recon_cron IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004',
             MESSAGE = 'reconcile_channels, retention_cron and recon_cron must not be null';
@@ -458,13 +496,26 @@ BEGIN
     IF array_position(reconcile_channels, NULL) IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'a channel must not be null';
     END IF;
+    PERFORM callback_center._purge_check(older_than, batch_size, attempts_older_than,
+                                         history_older_than);
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = 'pg_cron is not installed in this database',
+            HINT = 'Install pg_cron: set shared_preload_libraries = ''pg_cron'' and '
+                   'cron.database_name to this database, restart, then run CREATE EXTENSION pg_cron.';
+    END IF;
 
     EXECUTE 'SELECT cron.unschedule(jobid) FROM cron.job'
             ' WHERE jobname LIKE ''callback\_center\_recon\_%'' AND jobname <> ALL ($1)'
         USING ARRAY(SELECT 'callback_center_recon_' || c FROM unnest(reconcile_channels) c);
 
+    -- A CALL alone in the job: pg_cron runs it outside a transaction block,
+    -- so the procedure may commit after each batch.
     EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
-        USING 'callback_center_retention', retention_cron, 'SELECT callback_center.purge()';
+        USING 'callback_center_retention', retention_cron,
+              format('CALL callback_center.purge_in_batches(older_than => %L, batch_size => %s,'
+                     ' attempts_older_than => %L, history_older_than => %L)',
+                     older_than, batch_size, attempts_older_than, history_older_than);
     RETURN NEXT jobid;
     FOREACH ch IN ARRAY reconcile_channels LOOP
         EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
@@ -501,18 +552,21 @@ REVOKE ALL ON FUNCTION callback_center._recon_status_agrees(text, text),
     callback_center.reconcile(text, date, interval),
     callback_center._purge_targets(),
     callback_center._purge_batch(text, timestamptz, bigint, integer),
-    callback_center._purge_check(interval, integer),
-    callback_center.purge(interval, integer),
-    callback_center.schedule_maintenance(text[], text, text),
+    callback_center._purge_check(interval, integer, interval, interval),
+    callback_center._purge_plan(interval, interval, interval),
+    callback_center.purge(interval, integer, interval, interval),
+    callback_center.schedule_maintenance(text[], text, text, interval, interval, interval, integer),
     callback_center.unschedule_maintenance() FROM PUBLIC;
-REVOKE ALL ON PROCEDURE callback_center.purge_in_batches(interval, integer, bigint) FROM PUBLIC;
-GRANT EXECUTE ON PROCEDURE callback_center.purge_in_batches(interval, integer, bigint)
+REVOKE ALL ON PROCEDURE callback_center.purge_in_batches(interval, integer, interval, interval, bigint)
+    FROM PUBLIC;
+GRANT EXECUTE ON PROCEDURE callback_center.purge_in_batches(interval, integer, interval, interval, bigint)
     TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.reconcile(text, date, interval),
     callback_center._purge_targets(),
     callback_center._purge_batch(text, timestamptz, bigint, integer),
-    callback_center._purge_check(interval, integer),
-    callback_center.purge(interval, integer),
-    callback_center.schedule_maintenance(text[], text, text),
+    callback_center._purge_check(interval, integer, interval, interval),
+    callback_center._purge_plan(interval, interval, interval),
+    callback_center.purge(interval, integer, interval, interval),
+    callback_center.schedule_maintenance(text[], text, text, interval, interval, interval, integer),
     callback_center.unschedule_maintenance()
     TO callback_center_admin;

@@ -8,6 +8,65 @@
 -- Timeout close
 -- ------------------------------------------------------------------------
 
+-- Orders whose close raised (a trigger of the user's refusing it, say),
+-- written by the jobs worker after the failed attempt, in a transaction of
+-- its own.  An order is not tried again before retry_at (backing off from
+-- 1 s, doubling, to 5 minutes), so failing orders, however many, never keep
+-- the job from the orders behind them.  The row goes when the order is
+-- closed; a row whose order no longer waits for money goes with the next
+-- failure noted.
+CREATE TABLE callback_center.close_failures (
+    order_id   text PRIMARY KEY,
+    failures   integer NOT NULL,
+    last_error text,
+    failed_at  timestamptz NOT NULL,
+    retry_at   timestamptz NOT NULL
+);
+COMMENT ON TABLE callback_center.close_failures IS
+    'Orders the timeout close failed on, and when they are tried again';
+SELECT pg_catalog.pg_extension_config_dump('callback_center.close_failures', '');
+GRANT SELECT ON callback_center.close_failures TO callback_center_admin;
+
+-- The orders due for the timeout close: confirmed, still waiting for money,
+-- past their deadline, not backing off after a failure.  Read through the
+-- partial index orders_pay_deadline.  The one definition that both
+-- close_expired_orders and the worker's one-by-one fallback read, so they
+-- agree on what is due.
+CREATE VIEW callback_center._orders_due AS
+    SELECT o.order_id, o.pay_deadline
+      FROM callback_center.orders o
+     WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+       AND o.pay_deadline <= pg_catalog.now()
+       AND NOT EXISTS (SELECT 1 FROM callback_center.close_failures f
+                        WHERE f.order_id = o.order_id AND f.retry_at > pg_catalog.now());
+
+-- Records that closing p_order_id raised error: one more failure, tried
+-- again after 2^(failures - 1) seconds, at most 5 minutes.  Also drops the
+-- rows of orders no longer waiting for money.  Returns when it is retried.
+CREATE FUNCTION callback_center._note_close_failure(p_order_id text, error text)
+RETURNS timestamptz
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    retry timestamptz;
+BEGIN
+    DELETE FROM callback_center.close_failures f
+     WHERE NOT EXISTS (SELECT 1 FROM callback_center.orders o
+                        WHERE o.order_id = f.order_id AND o.status = 'confirmed'
+                          AND o.pay_status IN ('unpaid', 'paying'));
+    INSERT INTO callback_center.close_failures AS f
+           (order_id, failures, last_error, failed_at, retry_at)
+    VALUES (p_order_id, 1, error, now(), now() + interval '1 second')
+    ON CONFLICT (order_id) DO UPDATE
+       SET failures = f.failures + 1, last_error = excluded.last_error, failed_at = now(),
+           retry_at = now() + least(interval '1 second' * power(2, least(f.failures, 20)),
+                                    interval '5 minutes')
+    RETURNING f.retry_at INTO retry;
+    RETURN retry;
+END
+$$;
+
 -- Closes orders the caller has locked and found due: locks their payments
 -- (SKIP LOCKED: an order whose payment someone else holds is left for a
 -- later round), then payment CLOSED, order pay status closed (timeout)
@@ -37,6 +96,7 @@ BEGIN
     END IF;
     UPDATE callback_center.payments p SET status = 'CLOSED', updated_at = now()
      WHERE p.order_id = ANY (done) AND p.status IN ('CREATED', 'PAYING');
+    DELETE FROM callback_center.close_failures f WHERE f.order_id = ANY (done);
     UPDATE callback_center.orders o SET pay_status = 'closed', updated_at = now()
      WHERE o.order_id = ANY (done);
     UPDATE callback_center.orders o SET status = 'closed'
@@ -85,8 +145,9 @@ END
 $$;
 
 -- Closes up to max_orders orders whose pay deadline has passed, oldest
--- deadline first, found through the partial index orders_pay_deadline and
--- locked with SKIP LOCKED (under READ COMMITTED the lock re-checks the
+-- deadline first, found through the partial index orders_pay_deadline
+-- (the view _orders_due, which passes over orders backing off after a
+-- failed close) and locked with SKIP LOCKED (under READ COMMITTED the lock re-checks the
 -- condition against the newest row version, so an order paid meanwhile is
 -- passed over); orders or payments locked by others are skipped, never
 -- waited for.  Each order is closed entirely in the caller's transaction,
@@ -105,10 +166,8 @@ BEGIN
             MESSAGE = format('max_orders must be positive, got %s', max_orders);
     END IF;
     RETURN callback_center._close_locked_orders(ARRAY(
-        SELECT o.order_id FROM callback_center.orders o
-         WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
-           AND o.pay_deadline <= now()
-         ORDER BY o.pay_deadline
+        SELECT d.order_id FROM callback_center._orders_due d
+         ORDER BY d.pay_deadline
          LIMIT max_orders
            FOR UPDATE SKIP LOCKED));
 END
@@ -354,7 +413,9 @@ BEGIN
 END
 $$;
 
+REVOKE ALL ON callback_center._orders_due FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._close_locked_orders(text[]),
+    callback_center._note_close_failure(text, text),
     callback_center._close_order(text),
     callback_center.close_expired_orders(integer),
     callback_center.set_provider_query_endpoint(text, text),

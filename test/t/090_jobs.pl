@@ -132,27 +132,40 @@ is(sq(q{SELECT status FROM callback_center.payments WHERE order_id = 'tq-3'}), '
 	'and changes nothing');
 $rcv->control('/query', undef);
 
-# 3. Errors: an order whose close fails (a user trigger refuses it) is
-# logged and retried; the others are still closed; the worker does not
-# restart.
+# 3. Errors: orders whose close fails (a user trigger refuses them) are
+# logged, recorded with a backoff and retried; the others are still closed,
+# even behind more failing orders than a batch holds (8 failing ones due
+# first, batches of 7); the worker does not restart.
 sq(q{CREATE FUNCTION public.tj_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN RAISE EXCEPTION 'order tj-poison is frozen'; END $$;
+    BEGIN RAISE EXCEPTION 'order % is frozen', OLD.order_id; END $$;
     CREATE TRIGGER tj_refuse BEFORE UPDATE ON callback_center.orders
-        FOR EACH ROW WHEN (OLD.order_id = 'tj-poison' AND NEW.status = 'closed') EXECUTE FUNCTION public.tj_refuse();
-    SELECT callback_center.place_order('tj-poison', 'u', '[{"sku":"tj-A","qty":1}]', 100);
-    SELECT callback_center.place_order('tj-next', 'u', '[{"sku":"tj-A","qty":1}]', 100)});
+        FOR EACH ROW WHEN (OLD.order_id LIKE 'tj-poison-%' AND NEW.status = 'closed')
+        EXECUTE FUNCTION public.tj_refuse();
+    SELECT callback_center.place_order('tj-poison-' || i, 'u', '[{"sku":"tj-A","qty":1}]', 100)
+      FROM generate_series(1, 8) i});
+sq(q{SELECT callback_center.place_order('tj-next-' || i, 'u', '[{"sku":"tj-A","qty":1}]', 100)
+      FROM generate_series(1, 3) i});
 ok($node->poll_query_until('postgres',
-		q{SELECT status = 'closed' FROM callback_center.orders WHERE order_id = 'tj-next'}),
-	'an order behind a failing one is closed');
+		q{SELECT count(*) = 3 FROM callback_center.orders
+		   WHERE order_id LIKE 'tj-next-%' AND status = 'closed'}),
+	'orders behind more failing orders than a batch holds are closed');
 ok($node->poll_query_until('postgres',
-		q{SELECT errors > 0 AND last_error LIKE '%tj-poison is frozen%' FROM callback_center.jobs_status()}),
+		q{SELECT errors > 0 AND last_error LIKE 'order tj-poison-% is frozen' FROM callback_center.jobs_status()}),
 	'the failure is counted and shown');
-is(sq(q{SELECT status FROM callback_center.orders WHERE order_id = 'tj-poison'}), 'confirmed',
-	'the failing order stays open');
+is(sq(q{SELECT count(*) FROM callback_center.orders WHERE order_id LIKE 'tj-poison-%' AND status = 'confirmed'}),
+	'8', 'the failing orders stay open');
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 8 FROM callback_center.close_failures
+		   WHERE order_id LIKE 'tj-poison-%' AND failures >= 1 AND retry_at > failed_at
+		     AND last_error LIKE '%is frozen'}),
+	'each failing order is recorded with its error and retry time');
 sq(q{DROP TRIGGER tj_refuse ON callback_center.orders});
 ok($node->poll_query_until('postgres',
-		q{SELECT status = 'closed' FROM callback_center.orders WHERE order_id = 'tj-poison'}),
+		q{SELECT count(*) = 8 FROM callback_center.orders
+		   WHERE order_id LIKE 'tj-poison-%' AND status = 'closed'}),
 	'closed once the trigger is gone');
+is(sq(q{SELECT count(*) FROM callback_center.close_failures}), '0',
+	'their failure records went with the close');
 
 # The extension dropped under the worker, then created again.
 sq(q{DROP EXTENSION callback_center CASCADE});
