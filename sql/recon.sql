@@ -141,6 +141,31 @@ SELECT * FROM callback_center.reconcile('other-pay', '2026-01-15');
 SELECT provider_txn_id, order_id, kind, provider_status, local_status, resolution
   FROM callback_center.recon_diffs WHERE channel = 'other-pay';
 
+-- A person settles a flagged difference; later runs leave it resolved.
+SELECT callback_center.resolve_recon_diff(id, 'refunded by hand, ticket 42') AS resolved
+  FROM callback_center.recon_diffs
+ WHERE channel = 'recon-pay' AND bill_date = '2026-01-15' AND provider_txn_id = 't-stat';
+SELECT callback_center.resolve_recon_diff(id, 'again') AS resolved_again
+  FROM callback_center.recon_diffs
+ WHERE channel = 'recon-pay' AND bill_date = '2026-01-15' AND provider_txn_id = 't-stat';
+SELECT * FROM callback_center.reconcile('recon-pay', '2026-01-15');
+SELECT provider_txn_id, kind, resolution, note, resolved_by IS NOT NULL AS by_whom,
+       resolved_at IS NOT NULL AS when_
+  FROM callback_center.recon_diffs
+ WHERE channel = 'recon-pay' AND bill_date = '2026-01-15' AND provider_txn_id = 't-stat';
+\set SHOW_CONTEXT never
+\set ON_ERROR_STOP 0
+\set VERBOSITY sqlstate
+SELECT callback_center.resolve_recon_diff(id, 'x') FROM callback_center.recon_diffs
+ WHERE channel = 'recon-pay' AND resolution = 'applied' LIMIT 1;
+\set VERBOSITY default
+SELECT callback_center.resolve_recon_diff(-1, 'x');
+\echo :LAST_ERROR_SQLSTATE
+SELECT callback_center.resolve_recon_diff(1, NULL);
+\echo :LAST_ERROR_SQLSTATE
+\set ON_ERROR_STOP 1
+\set SHOW_CONTEXT errors
+
 -- The admin role may reconcile; the application may not.
 CREATE ROLE rc_admin NOLOGIN IN ROLE callback_center_admin;
 CREATE ROLE rc_app NOLOGIN IN ROLE callback_center_app;

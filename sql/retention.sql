@@ -41,10 +41,14 @@ UPDATE callback_center.callback_record
        completed_at = CASE WHEN completed_at IS NOT NULL THEN now() - interval '20 days' END
  WHERE biz_id LIKE 'rt-b%';
 
--- Reconciliation differences, one old, one new.
+-- Reconciliation differences: flagged ones stay however old (nobody has
+-- dealt with them yet); old applied and resolved ones go.
 INSERT INTO callback_center.recon_diffs (channel, bill_date, provider_txn_id, kind, resolution, created_at)
 VALUES ('rt-chan', '2026-01-01', 'rt-t1', 'missing_local', 'flagged', now() - interval '30 days'),
-       ('rt-chan', '2026-01-02', 'rt-t2', 'missing_local', 'flagged', now());
+       ('rt-chan', '2026-01-02', 'rt-t2', 'missing_local', 'flagged', now()),
+       ('rt-chan', '2026-01-03', 'rt-t3', 'missing_local', 'resolved', now() - interval '30 days'),
+       ('rt-chan', '2026-01-04', 'rt-t4', 'missing_local', 'applied', now() - interval '30 days'),
+       ('rt-chan', '2026-01-05', 'rt-t5', 'missing_local', 'resolved', now());
 
 -- Delivery attempts: 25 old, 2 recent.
 INSERT INTO callback_center.delivery_attempts (outbox_id, endpoint_id, attempt, http_status,

@@ -23,7 +23,10 @@ COMMENT ON TABLE callback_center.provider_statement IS
 -- not take it (callback_center.late_payments), for people to refund;
 -- resolution says what was done: applied (settled by reconcile),
 -- flagged (for people), pending_grace (may be a cross-midnight timing
--- difference; the next run decides).
+-- difference; the next run decides), resolved (a person settled a flagged
+-- one with resolve_recon_diff; later runs leave it so).  Retention purges
+-- only applied and resolved rows: a flagged difference stays until someone
+-- has dealt with it, however old.
 CREATE TABLE callback_center.recon_diffs (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     channel         text NOT NULL,
@@ -37,8 +40,11 @@ CREATE TABLE callback_center.recon_diffs (
     local_amount    bigint,
     provider_status text,
     local_status    text,
-    resolution      text NOT NULL CHECK (resolution IN ('applied', 'flagged', 'pending_grace')),
+    resolution      text NOT NULL CHECK (resolution IN ('applied', 'flagged', 'pending_grace',
+                                                        'resolved')),
     note            text,
+    resolved_by     text,
+    resolved_at     timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     checked_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (channel, bill_date, provider_txn_id, kind)
@@ -223,7 +229,7 @@ BEGIN
                local_amount = excluded.local_amount, provider_status = excluded.provider_status,
                local_status = excluded.local_status, resolution = excluded.resolution,
                checked_at = excluded.checked_at
-         WHERE d.resolution <> 'applied'
+         WHERE d.resolution NOT IN ('applied', 'resolved')
         RETURNING d.id, d.provider_txn_id, d.order_id, d.resolution
     )
     SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
@@ -233,7 +239,7 @@ BEGIN
     -- Differences an earlier run recorded that this run no longer finds.
     DELETE FROM callback_center.recon_diffs d
      WHERE d.channel = p_channel AND d.bill_date = p_date
-       AND d.resolution <> 'applied' AND d.checked_at <> run_at;
+       AND d.resolution NOT IN ('applied', 'resolved') AND d.checked_at <> run_at;
 
     -- Local payments a neighbouring day's run left waiting for a
     -- statement line that turned up on this day's statement: compared
@@ -290,9 +296,53 @@ BEGIN
 END
 $$;
 
+-- A person settles a flagged difference (refunded by hand, booked in the
+-- ERP, written off): resolution becomes resolved, with who, when and why.
+-- Later runs of reconcile leave it resolved, and retention may then purge
+-- it.  Returns false when it was already resolved (a repeat changes
+-- nothing).  22004 for NULLs, P0002 for an unknown id, 22023 for a
+-- difference that is not flagged (applied ones are settled already;
+-- pending_grace ones are still the next run's to judge).
+CREATE FUNCTION callback_center.resolve_recon_diff(diff_id bigint, note text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    d callback_center.recon_diffs;
+BEGIN
+    IF diff_id IS NULL OR note IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'diff_id and note must not be null',
+            HINT = 'Say how the difference was settled.';
+    END IF;
+    SELECT * INTO d FROM callback_center.recon_diffs x WHERE x.id = diff_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'P0002',
+            MESSAGE = format('no reconciliation difference %s', diff_id);
+    END IF;
+    IF d.resolution = 'resolved' THEN
+        RETURN false;
+    END IF;
+    IF d.resolution <> 'flagged' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('reconciliation difference %s is %s, not flagged', diff_id, d.resolution),
+            DETAIL = 'Only flagged differences are waiting for a person.';
+    END IF;
+    UPDATE callback_center.recon_diffs x
+       SET resolution = 'resolved',
+           note = CASE WHEN x.note IS NULL THEN resolve_recon_diff.note
+                       ELSE x.note || '; ' || resolve_recon_diff.note END,
+           resolved_by = session_user, resolved_at = now()
+     WHERE x.id = diff_id;
+    RETURN true;
+END
+$$;
+
 -- What retention deletes, per relation, in order: delivered outbox rows,
 -- delivery attempts (when that table exists), state history, succeeded
--- callback records and reconciliation differences older than the cutoff
+-- callback records and settled (applied or resolved) reconciliation
+-- differences older than the cutoff
 -- ($1).  Pending, delivering and dead outbox rows (dead ones stay for
 -- replay) and pending, processing and failed callback records are never
 -- touched.  age says which of purge's ages applies: attempts, history, or
@@ -308,7 +358,8 @@ AS $$
         (2, 'callback_center.delivery_attempts', 'attempted_at < $1', 'attempts'),
         (3, 'callback_center.state_history', 'at < $1', 'history'),
         (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1', 'events'),
-        (5, 'callback_center.recon_diffs', 'created_at < $1', 'events')) AS v(ord, rel, cond, age)
+        (5, 'callback_center.recon_diffs',
+         'resolution IN (''applied'', ''resolved'') AND created_at < $1', 'events')) AS v(ord, rel, cond, age)
      WHERE to_regclass(v.rel) IS NOT NULL
      ORDER BY v.ord
 $$;
@@ -550,6 +601,7 @@ $$;
 
 REVOKE ALL ON FUNCTION callback_center._recon_status_agrees(text, text),
     callback_center.reconcile(text, date, interval),
+    callback_center.resolve_recon_diff(bigint, text),
     callback_center._purge_targets(),
     callback_center._purge_batch(text, timestamptz, bigint, integer),
     callback_center._purge_check(interval, integer, interval, interval),
@@ -562,6 +614,7 @@ REVOKE ALL ON PROCEDURE callback_center.purge_in_batches(interval, integer, inte
 GRANT EXECUTE ON PROCEDURE callback_center.purge_in_batches(interval, integer, interval, interval, bigint)
     TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.reconcile(text, date, interval),
+    callback_center.resolve_recon_diff(bigint, text),
     callback_center._purge_targets(),
     callback_center._purge_batch(text, timestamptz, bigint, integer),
     callback_center._purge_check(interval, integer, interval, interval),
