@@ -48,10 +48,10 @@ SELECT callback_center.start_payment('A-1001', 'paychan');
 SELECT pg_temp.pay_body('payment.succeeded', 'T-77', 'A-1001', 3500) AS body \gset
 SELECT 'first' AS delivery, * FROM callback_center.payment_callback('paychan', pg_temp.signed(:'body', 'evt-1'), :'body');
 SELECT 'repeat' AS delivery, * FROM callback_center.payment_callback('paychan', pg_temp.signed(:'body', 'evt-1'), :'body');
-\echo 'a forged one is refused and records nothing:'
+\echo 'a forged one (well-formed, wrong key) is refused and records nothing:'
 \set ON_ERROR_STOP off
 SELECT * FROM callback_center.payment_callback('paychan',
-    jsonb_set(pg_temp.signed(:'body', 'evt-1'), '{webhook-signature}', '"v1,Zm9yZ2VkIHNpZ25hdHVyZSBmb3IgYSBkZW1vIQ=="'), :'body');
+    jsonb_set(pg_temp.signed(:'body', 'evt-1'), '{webhook-signature}', '"v1,Zm9yZ2VkIHNpZ25hdHVyZSwgMzIgYnl0ZXMgbG9uZyE="'), :'body');
 \set ON_ERROR_STOP on
 SELECT o.order_id, o.status, o.pay_status, p.status AS payment, c.status AS coupon
   FROM callback_center.orders o JOIN callback_center.payments p USING (order_id)
