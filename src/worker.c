@@ -668,7 +668,8 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 			continue;
 		}
 		cls = cc_classify_attempt(r->status, r->error != NULL);
-		cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS, t);
+		cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS,
+						  rt->probing, t);
 		if (cls == CC_ATTEMPT_SUCCESS)
 		{
 			plan->nok++;
