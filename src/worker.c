@@ -48,6 +48,13 @@
 /* Claim statements per round at most (see CcClaimPlan). */
 #define CC_CLAIM_PASSES 3
 
+/*
+ * How long to wait when events were due at the claim but none could be
+ * claimed: another transaction holds their rows locked (a replay, an
+ * operator's UPDATE), and its commit may not wake the worker.
+ */
+#define CC_LOCKED_WAIT_MS 100
+
 /* How often events of dropped endpoints are looked for (and made dead). */
 #define CC_BURY_INTERVAL_MS 5000
 
@@ -94,6 +101,7 @@ typedef struct CcClaimPlan
 	int			nok;
 	int			nfailed;
 	int			tokens;			/* tokens taken from its bucket */
+	bool		held;			/* no token: claims nothing this round */
 } CcClaimPlan;
 
 static HTAB *endpoint_runtime = NULL;
@@ -538,6 +546,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 					int64		w = cc_bucket_wait_ms(&rt->bucket,
 													  e->rate_per_s);
 
+					p->held = true;
 					if (soonest < 0 || w < soonest)
 						soonest = w;
 				}
@@ -548,11 +557,36 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		pfree(cand);
 	}
 
-	if (njobs == 0 && neps > 0)
+	if (njobs == 0 && nplans > 0)
 	{
-		/* Nothing to send: learn in the same transaction when to look next. */
-		int64		due = cc_queue_next_due_ms();
+		/*
+		 * Nothing to send: learn in the same transaction when to look next.
+		 * Only the endpoints that could claim count; those held back
+		 * (breaker open, no token, degraded) had their own wake-up time put
+		 * in soonest above, or wait for the poll interval.  Counting their
+		 * due events made the worker go round every millisecond.
+		 */
+		int32	   *ids = palloc(sizeof(int32) * nplans);
+		bool	   *ord = palloc(sizeof(bool) * nplans);
+		int			nids = 0;
+		int64		due;
 
+		for (i = 0; i < nplans; i++)
+		{
+			if (plans[i].held)
+				continue;
+			ids[nids] = plans[i].id;
+			ord[nids] = plans[i].ordered;
+			nids++;
+		}
+		due = cc_queue_next_due_ms(ids, ord, nids);
+		if (due == 0)
+		{
+			/* Due at the claim, yet not claimed: their rows are locked. */
+			due = CC_LOCKED_WAIT_MS;
+		}
+		else if (due > 0)
+			due = Max(due - (now_ms() - t0), 1);
 		if (due >= 0 && (soonest < 0 || due < soonest))
 			soonest = due;
 	}
