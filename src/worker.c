@@ -22,6 +22,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/pmsignal.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
@@ -177,9 +178,18 @@ cc_worker_define_gucs(void)
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 }
 
+/*
+ * Asked by the HTTP loop at least every 100 ms.  Without the postmaster the
+ * worker exits at once, as WL_EXIT_ON_PM_DEATH would: its claimed rows stay
+ * 'delivering' and the next worker releases them (receivers may see those
+ * webhook-ids again), and a restarted postmaster is not kept waiting for
+ * the slowest receiver.
+ */
 static bool
 cc_should_stop(void *arg)
 {
+	if (!PostmasterIsAlive())
+		proc_exit(1);
 	return ShutdownRequestPending;
 }
 
