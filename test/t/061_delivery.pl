@@ -7,6 +7,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 use CallbackCenterTest;
 use CallbackCenterReceiver;
 
@@ -155,6 +156,26 @@ is(sql(q{SELECT string_agg(status || ':' || attempts, ',' ORDER BY status) FROM 
 		WHERE event_type = 'brk.late'}),
 	'delivered:1,delivered:1,pending:1',
 	'held events burned no attempts; the failed probe waits for its scheduled retry');
+
+# A receiver failing 60% of the time: the breaker opens part way through
+# the first batch (32 requests) and stays open; the later successes of
+# that batch, sent before it opened, do not close it, so the 18 events
+# left wait for the probe (in a minute) without attempts.
+sql(q{SELECT callback_center.create_endpoint('b60', '} . $rcv->url('/b60')
+	. qq{', '{b60.ev}', '$secret', '{"breaker_min_requests": 10, "breaker_open_ms": 60000, "retry_schedule": "merchant_erp"}')});
+$rcv->control('/b60', '500', cycle => [ '500', '200', '500', '200', '500' ]);
+sql(q{SELECT callback_center.enqueue('b60.ev', 'b' || i, '{}') FROM generate_series(1, 50) i});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) >= 32 FROM callback_center.delivery_attempts a
+		    JOIN callback_center.endpoints e ON e.id = a.endpoint_id WHERE e.name = 'b60'}),
+	'the first batch to the 60% failing endpoint is recorded');
+usleep(2_000_000);
+is(sql(q{SELECT breaker FROM callback_center.endpoint_state s
+		JOIN callback_center.endpoints e ON e.id = s.endpoint_id WHERE e.name = 'b60'}),
+	'open', 'the breaker opened in the batch is still open after it');
+is(sql(q{SELECT count(*) FROM callback_center.outbox WHERE event_type = 'b60.ev' AND attempts = 0}),
+	'18', 'nothing more was sent while it is open');
+$rcv->control('/b60', undef);
 
 # Rate limit: 5 per second over a burst of 15.
 sql(q{SELECT callback_center.create_endpoint('slow', '} . $rcv->url('/slow')
