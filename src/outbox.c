@@ -23,17 +23,32 @@
  * At commit of a transaction that queued rows, the worker is woken
  * (cc_wake_worker); a transaction that aborts wakes nobody.
  *
+ * Ordered endpoints deliver the events of one aggregate in id order, which
+ * must be commit order.  Ids are assigned at insert, and the worker cannot
+ * see uncommitted rows, so two transactions enqueueing for one aggregate at
+ * once could commit in the opposite order of their ids.  When an ordered
+ * endpoint is among the targets, enqueue therefore takes a
+ * transaction-scoped advisory lock on the aggregate before inserting: a
+ * second transaction for that aggregate waits until the first ends, and its
+ * ids follow.  Only ordered endpoints pay; the key is a hash of the
+ * aggregate id, so a collision only serializes two aggregates needlessly.
+ * A transaction that enqueues for aggregates A then B while another
+ * enqueues B then A deadlocks (one is cancelled, SQLSTATE 40P01).
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "common/hashfn.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "storage/lmgr.h"
+#include "storage/lock.h"
 #include "storage/lockdefs.h"
 #include "storage/sinval.h"
 #include "utils/array.h"
@@ -51,10 +66,17 @@
 typedef struct CcSubscriber
 {
 	int32		endpoint_id;
+	bool		ordered;		/* delivers each aggregate in commit order */
 	bool		all_types;		/* subscribes to '*' */
 	int			ntypes;
 	char	  **types;
 } CcSubscriber;
+
+/*
+ * First key of the advisory lock on an aggregate of ordered endpoints
+ * ("ccor"); enqueue_to in src/sql/10_outbox.sql uses the same number.
+ */
+#define CC_ORDER_LOCK_CLASS 1667460978
 
 /* Whether the current transaction queued at least one outbox row. */
 static bool cc_outbox_pending_wake = false;
@@ -74,13 +96,16 @@ static bool cc_relcache_callback_registered = false;
 
 /* The statements behind them. */
 static const char *cc_subscribers_sql =
-"SELECT e.id, e.event_types FROM callback_center.endpoints e"
+"SELECT e.id, e.event_types, e.ordered FROM callback_center.endpoints e"
 " WHERE e.enabled ORDER BY e.id";
 static const char *cc_fanout_sql =
 "INSERT INTO callback_center.outbox"
 " (endpoint_id, event_type, aggregate_id, payload)"
 " SELECT e.id, $1, $2, $3 FROM callback_center.endpoints e"
 " WHERE e.enabled AND e.event_types && ARRAY[$1, '*']";
+static const char *cc_ordered_sql =
+"SELECT EXISTS (SELECT 1 FROM callback_center.endpoints e"
+" WHERE e.enabled AND e.ordered AND e.event_types && ARRAY[$1, '*'])";
 static const char *cc_insert_sql =
 "INSERT INTO callback_center.outbox"
 " (endpoint_id, event_type, aggregate_id, payload)"
@@ -90,8 +115,10 @@ static const char *cc_insert_sql =
 static SPIPlanPtr cc_insert_plan = NULL;	/* one row for one endpoint */
 static SPIPlanPtr cc_fanout_plan = NULL;	/* reads endpoints itself */
 static SPIPlanPtr cc_subscribers_plan = NULL;
+static SPIPlanPtr cc_ordered_plan = NULL;	/* any ordered subscriber? */
 
 static void cc_outbox_xact_callback(XactEvent event, void *arg);
+static void cc_outbox_lock_aggregate(text *aggregate_id);
 static void cc_endpoints_relcache_callback(Datum arg, Oid relid);
 static void cc_load_subscribers(void);
 static bool cc_subscribes(const CcSubscriber *sub, const char *event_type);
@@ -243,6 +270,7 @@ cc_load_subscribers(void)
 		int			j;
 
 		sub->endpoint_id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
+		sub->ordered = DatumGetBool(SPI_getbinval(tuple, desc, 3, &isnull));
 		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)),
 						  TEXTOID, -1, false, TYPALIGN_INT,
 						  &elems, &elem_nulls, &n);
@@ -280,6 +308,26 @@ cc_subscribes(const CcSubscriber *sub, const char *event_type)
 		if (strcmp(sub->types[j], event_type) == 0)
 			return true;
 	return false;
+}
+
+/*
+ * Takes the transaction-scoped lock that serializes enqueues for one
+ * aggregate to ordered endpoints (see the head of this file).  It is the
+ * lock of pg_advisory_xact_lock(CC_ORDER_LOCK_CLASS, hashtext(aggregate_id))
+ * (hash_any of the bytes is hashtext's value under a deterministic
+ * collation), so enqueue_to in SQL takes the same one.
+ */
+static void
+cc_outbox_lock_aggregate(text *aggregate_id)
+{
+	LOCKTAG		tag;
+	int32		key;
+
+	key = DatumGetInt32(hash_any((unsigned char *) VARDATA_ANY(aggregate_id),
+								 VARSIZE_ANY_EXHDR(aggregate_id)));
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) CC_ORDER_LOCK_CLASS,
+						 (uint32) key, 2);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 
 /*
@@ -341,7 +389,22 @@ cc_enqueue(PG_FUNCTION_ARGS)
 
 	if (IsolationUsesXactSnapshot())
 	{
+		bool		isnull;
+
 		/* One snapshot for the whole transaction: read endpoints with it. */
+		if (cc_ordered_plan == NULL)
+		{
+			Oid			types[1] = {TEXTOID};
+
+			cc_ordered_plan = cc_keep_plan(cc_ordered_sql, 1, types);
+		}
+		rc = SPI_execute_plan(cc_ordered_plan, &args[1], NULL, true, 1);
+		if (rc != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "reading callback_center.endpoints failed: %s",
+				 SPI_result_code_string(rc));
+		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull)))
+			cc_outbox_lock_aggregate(PG_GETARG_TEXT_PP(1));
 		if (cc_fanout_plan == NULL)
 		{
 			Oid			types[3] = {TEXTOID, TEXTOID, JSONBOID};
@@ -368,6 +431,14 @@ cc_enqueue(PG_FUNCTION_ARGS)
 
 			cc_insert_plan = cc_keep_plan(cc_insert_sql, 4, types);
 		}
+		/* Before any row gets its id: see the head of this file. */
+		for (i = 0; i < cc_nsubscribers; i++)
+			if (cc_subscribers[i].ordered &&
+				cc_subscribes(&cc_subscribers[i], event_type))
+			{
+				cc_outbox_lock_aggregate(PG_GETARG_TEXT_PP(1));
+				break;
+			}
 		for (i = 0; i < cc_nsubscribers; i++)
 		{
 			if (!cc_subscribes(&cc_subscribers[i], event_type))

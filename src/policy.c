@@ -152,14 +152,18 @@ cc_breaker_check(CcBreaker *b, const CcBreakerConfig *cfg, int64 now_ms)
 }
 
 /*
- * Records an attempt's outcome.  In half-open state the probe decides:
- * success closes the breaker with a clean window, failure reopens it for
- * another open_ms.  Closed, it opens when the window holds at least
+ * Records an attempt's outcome; probe says whether it is the result of the
+ * probe cc_breaker_check let through.  Open or half open, only the probe
+ * decides: success closes the breaker with a clean window, failure reopens
+ * it for another open_ms.  Other results arriving then belong to requests
+ * sent before the breaker opened (the rest of the batch that opened it):
+ * they say nothing of the receiver now, so they neither close it nor push
+ * its reopening back.  Closed, it opens when the window holds at least
  * min_requests and the failure ratio exceeds failure_ratio.
  */
 void
 cc_breaker_record(CcBreaker *b, const CcBreakerConfig *cfg, bool success,
-				  int64 now_ms)
+				  bool probe, int64 now_ms)
 {
 	int64		start;
 	int			i = bucket_index(cfg, now_ms, &start);
@@ -168,6 +172,8 @@ cc_breaker_record(CcBreaker *b, const CcBreakerConfig *cfg, bool success,
 
 	if (b->state == CC_BREAKER_HALF_OPEN || b->state == CC_BREAKER_OPEN)
 	{
+		if (!probe || !b->probe_in_flight)
+			return;
 		b->probe_in_flight = false;
 		if (success)
 		{

@@ -78,7 +78,7 @@ extern CcBreakerVerdict cc_breaker_check(CcBreaker *b,
 										 const CcBreakerConfig *cfg,
 										 int64 now_ms);
 extern void cc_breaker_record(CcBreaker *b, const CcBreakerConfig *cfg,
-							  bool success, int64 now_ms);
+							  bool success, bool probe, int64 now_ms);
 extern void cc_breaker_window(const CcBreaker *b, const CcBreakerConfig *cfg,
 							  int64 now_ms, int *ok, int *fail);
 

@@ -55,15 +55,27 @@ static const char *endpoints_sql =
 "  JOIN callback_center.retry_schedules r ON r.name = e.retry_schedule"
 " WHERE e.enabled ORDER BY e.id";
 
+/*
+ * When the first event the claim could take for each endpoint in $1 falls
+ * due, in milliseconds after the claim's now() (0: it was due then).  For an
+ * ordered endpoint ($2) only the head of each aggregate counts: events
+ * waiting behind an earlier one that waits for its retry are not due,
+ * however old their next_attempt_at.
+ */
 static const char *next_due_sql =
-"SELECT greatest(0, (extract(epoch FROM min(n.t) - clock_timestamp()) * 1000)::int8)"
-"  FROM callback_center.endpoints e"
+"SELECT greatest(0, ceil(extract(epoch FROM min(n.t) - now()) * 1000))::int8"
+"  FROM unnest($1::int4[], $2::bool[]) AS q(endpoint_id, ordered)"
 "  CROSS JOIN LATERAL ("
 "    SELECT o.next_attempt_at AS t FROM callback_center.outbox o"
-"     WHERE o.endpoint_id = e.id"
+"     WHERE o.endpoint_id = q.endpoint_id"
 "       AND o.status IN ('pending', 'delivering')"
-"     ORDER BY o.next_attempt_at LIMIT 1) n"
-" WHERE e.enabled";
+"       AND (NOT q.ordered OR NOT EXISTS ("
+"             SELECT 1 FROM callback_center.outbox p"
+"              WHERE p.endpoint_id = o.endpoint_id"
+"                AND p.aggregate_id = o.aggregate_id"
+"                AND p.status IN ('pending', 'delivering')"
+"                AND p.id < o.id))"
+"     ORDER BY o.next_attempt_at LIMIT 1) n";
 
 /*
  * Claims oldest-due first, per endpoint, respecting ordering.  The rows to
@@ -518,19 +530,39 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 }
 
 /*
- * Milliseconds until the earliest due event of an enabled endpoint (0 when
- * one is due now), or -1 when nothing is waiting.  One index probe per
- * endpoint.
+ * Milliseconds from the claim's now() until the first event the claim could
+ * take for one of the n endpoints falls due (0 when one was due then), or
+ * -1 when none waits.  The caller passes only the endpoints it would
+ * claim for: events held back (open breaker, empty bucket, degraded) must
+ * not count, or the worker would wake at once to claim nothing, for ever.
+ * One index probe per endpoint (more for an ordered endpoint with events
+ * blocked behind a retry, as in the claim).
  */
 int64
-cc_queue_next_due_ms(void)
+cc_queue_next_due_ms(const int32 *endpoint_ids, const bool *ordered, int n)
 {
+	Oid			types[2] = {INT4ARRAYOID, BOOLARRAYOID};
+	Datum		values[2];
+	Datum	   *ids;
+	Datum	   *ords;
 	int			ret;
+	int			i;
 	int64		result = -1;
 
+	if (n == 0)
+		return -1;
+	ids = palloc(sizeof(Datum) * n);
+	ords = palloc(sizeof(Datum) * n);
+	for (i = 0; i < n; i++)
+	{
+		ids[i] = Int32GetDatum(endpoint_ids[i]);
+		ords[i] = BoolGetDatum(ordered[i]);
+	}
+	values[0] = make_array(ids, NULL, n, INT4OID);
+	values[1] = make_array(ords, NULL, n, BOOLOID);
 	SPI_connect();
-	ret = SPI_execute_plan(prepare_once(&next_due_plan, next_due_sql, 0, NULL),
-						   NULL, NULL, true, 1);
+	ret = SPI_execute_plan(prepare_once(&next_due_plan, next_due_sql, 2, types),
+						   values, NULL, true, 1);
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
 		bool		isnull;

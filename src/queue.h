@@ -84,7 +84,8 @@ extern int	cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 extern void cc_queue_record(const CcJob *jobs, const CcJobResult *results,
 							int n, const int32 *gone, int ngone,
 							const CcEndpointSnapshot *snaps, int nsnaps);
-extern int64 cc_queue_next_due_ms(void);
+extern int64 cc_queue_next_due_ms(const int32 *endpoint_ids,
+								  const bool *ordered, int n);
 extern int	cc_queue_bury_orphans(void);
 extern int	cc_queue_due_count(const int32 *endpoint_ids, int n, int limit);
 

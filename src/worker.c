@@ -22,6 +22,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/pmsignal.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
 #include "utils/guc.h"
@@ -47,6 +48,13 @@
 
 /* Claim statements per round at most (see CcClaimPlan). */
 #define CC_CLAIM_PASSES 3
+
+/*
+ * How long to wait when events were due at the claim but none could be
+ * claimed: another transaction holds their rows locked (a replay, an
+ * operator's UPDATE), and its commit may not wake the worker.
+ */
+#define CC_LOCKED_WAIT_MS 100
 
 /* How often events of dropped endpoints are looked for (and made dead). */
 #define CC_BURY_INTERVAL_MS 5000
@@ -94,6 +102,7 @@ typedef struct CcClaimPlan
 	int			nok;
 	int			nfailed;
 	int			tokens;			/* tokens taken from its bucket */
+	bool		held;			/* no token: claims nothing this round */
 } CcClaimPlan;
 
 static HTAB *endpoint_runtime = NULL;
@@ -169,9 +178,18 @@ cc_worker_define_gucs(void)
 							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 }
 
+/*
+ * Asked by the HTTP loop at least every 100 ms.  Without the postmaster the
+ * worker exits at once, as WL_EXIT_ON_PM_DEATH would: its claimed rows stay
+ * 'delivering' and the next worker releases them (receivers may see those
+ * webhook-ids again), and a restarted postmaster is not kept waiting for
+ * the slowest receiver.
+ */
 static bool
 cc_should_stop(void *arg)
 {
+	if (!PostmasterIsAlive())
+		proc_exit(1);
 	return ShutdownRequestPending;
 }
 
@@ -538,6 +556,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 					int64		w = cc_bucket_wait_ms(&rt->bucket,
 													  e->rate_per_s);
 
+					p->held = true;
 					if (soonest < 0 || w < soonest)
 						soonest = w;
 				}
@@ -548,11 +567,36 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		pfree(cand);
 	}
 
-	if (njobs == 0 && neps > 0)
+	if (njobs == 0 && nplans > 0)
 	{
-		/* Nothing to send: learn in the same transaction when to look next. */
-		int64		due = cc_queue_next_due_ms();
+		/*
+		 * Nothing to send: learn in the same transaction when to look next.
+		 * Only the endpoints that could claim count; those held back
+		 * (breaker open, no token, degraded) had their own wake-up time put
+		 * in soonest above, or wait for the poll interval.  Counting their
+		 * due events made the worker go round every millisecond.
+		 */
+		int32	   *ids = palloc(sizeof(int32) * nplans);
+		bool	   *ord = palloc(sizeof(bool) * nplans);
+		int			nids = 0;
+		int64		due;
 
+		for (i = 0; i < nplans; i++)
+		{
+			if (plans[i].held)
+				continue;
+			ids[nids] = plans[i].id;
+			ord[nids] = plans[i].ordered;
+			nids++;
+		}
+		due = cc_queue_next_due_ms(ids, ord, nids);
+		if (due == 0)
+		{
+			/* Due at the claim, yet not claimed: their rows are locked. */
+			due = CC_LOCKED_WAIT_MS;
+		}
+		else if (due > 0)
+			due = Max(due - (now_ms() - t0), 1);
 		if (due >= 0 && (soonest < 0 || due < soonest))
 			soonest = due;
 	}
@@ -668,7 +712,8 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 			continue;
 		}
 		cls = cc_classify_attempt(r->status, r->error != NULL);
-		cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS, t);
+		cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS,
+						  rt->probing, t);
 		if (cls == CC_ATTEMPT_SUCCESS)
 		{
 			plan->nok++;

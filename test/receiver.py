@@ -20,7 +20,9 @@ mode is an HTTP status ("200", "429", "500", "503", "410", ...), "stall"
 socket with an RST, no answer) or "redirect" (302 to /redirected).  A rule
 applies to paths starting with its path (longest prefix wins), "times"
 times when given (then it is dropped), else until changed; "mode": null
-drops it.  retry_after is sent verbatim as Retry-After (seconds or an
+drops it.  "cycle": ["500", "500", "200"] answers with each mode of the
+list in turn, request after request (mode must still be given; it is
+ignored).  retry_after is sent verbatim as Retry-After (seconds or an
 HTTP-date); body_size pads the body to that many bytes; delay_ms sleeps
 before answering (to make requests overlap).
     GET /__stats   counts per path and mode, requests, connections,
@@ -103,6 +105,11 @@ def take_rule(path):
         if best is None:
             return {"mode": "200"}
         rule = dict(RULES[best])
+        cycle = RULES[best].get("cycle")
+        if cycle:
+            n = RULES[best].get("served", 0)
+            rule["mode"] = str(cycle[n % len(cycle)])
+            RULES[best]["served"] = n + 1
         if "times" in RULES[best] and RULES[best]["times"] is not None:
             RULES[best]["times"] -= 1
             if RULES[best]["times"] <= 0:

@@ -658,6 +658,12 @@ BEGIN
             DETAIL = 'An event type is a non-empty name; "*" only subscribes to all of them.';
     END IF;
     ep_id := callback_center._endpoint_id(endpoint, false);
+    -- An ordered endpoint delivers an aggregate's events in id order: the
+    -- lock enqueue() takes (src/outbox.c) makes ids follow commit order.
+    IF EXISTS (SELECT 1 FROM callback_center.endpoints e
+                WHERE e.id = ep_id AND e.enabled AND e.ordered) THEN
+        PERFORM pg_advisory_xact_lock(1667460978, hashtext(enqueue_to.aggregate_id));
+    END IF;
     INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
     SELECT e.id, enqueue_to.event_type, enqueue_to.aggregate_id, enqueue_to.payload
       FROM callback_center.endpoints e

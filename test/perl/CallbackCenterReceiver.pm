@@ -90,7 +90,8 @@ sub url
 
 # Sets the rule for a path prefix: mode ("200", "500", "429", "stall",
 # "reset", "redirect", ...; undef drops the rule) and options retry_after,
-# stall_s, times, status_body, body_size, delay_ms.
+# stall_s, times, status_body, body_size, delay_ms, cycle (array ref of
+# modes answered in turn).
 sub control
 {
 	my ($self, $path, $mode, %opts) = @_;

@@ -7,6 +7,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 use CallbackCenterTest;
 use CallbackCenterReceiver;
 
@@ -67,6 +68,49 @@ ok($node->poll_query_until('postgres',
 is(sql(q{SELECT reason || ' ' || attempts_before FROM callback_center.replay_audit}), 'receiver fixed 4',
 	'replay audited');
 
+# Replay one dead letter by id, then those that died in a time range
+# [since, until); the others stay dead and unaudited.
+sql(q{SELECT callback_center.create_endpoint('dl', '} . $rcv->url('/dl') . qq{', '{dl.ev}', '$secret', '{"max_attempts": 1}')});
+$rcv->control('/dl', '500');
+sql(q{SELECT callback_center.enqueue('dl.ev', 'd' || i, '{}') FROM generate_series(1, 4) i});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 4 FROM callback_center.dead_letters WHERE event_type = 'dl.ev'}),
+	'four dead letters');
+$rcv->control('/dl', undef);
+# Give them distinct days of death, for the range.
+sql(q{UPDATE callback_center.outbox
+         SET next_attempt_at = '2020-01-01'::timestamptz + (substr(aggregate_id, 2)::int - 1) * interval '1 day'
+       WHERE event_type = 'dl.ev'});
+sub dl_states
+{
+	return sql(q{SELECT string_agg(aggregate_id || ':' || status, ',' ORDER BY aggregate_id)
+	               FROM callback_center.outbox WHERE event_type = 'dl.ev'});
+}
+my $d1 = sql(q{SELECT id FROM callback_center.outbox WHERE event_type = 'dl.ev' AND aggregate_id = 'd1'});
+is(sql(qq{SELECT callback_center.replay_dead(${d1}::bigint, 'one by id')}), '1', 'replay by id replays one');
+ok($node->poll_query_until('postgres',
+		qq{SELECT status = 'delivered' FROM callback_center.outbox WHERE id = $d1}),
+	'the event replayed by id is delivered');
+is(dl_states(), 'd1:delivered,d2:dead,d3:dead,d4:dead', 'replay by id leaves the other dead letters dead');
+is(sql(qq{SELECT count(*) || ' ' || min(reason) || ' ' || min(attempts_before) FROM callback_center.replay_audit
+          WHERE outbox_id = $d1}), '1 one by id 1', 'replay by id audited');
+my ($rc, $out, $err) = $node->psql('postgres', qq{SELECT callback_center.replay_dead(${d1}::bigint)});
+like($err, qr/is not a dead letter/, 'replaying an event that is not dead fails');
+# d2 died on 2020-01-02, d3 on 2020-01-03 (until is exclusive), d4 later.
+is(sql(q{SELECT callback_center.replay_dead(NULL::text, '2020-01-02', '2020-01-04', 'by range')}), '2',
+	'replay by time range replays the two that died in it');
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 2 FROM callback_center.outbox
+		   WHERE event_type = 'dl.ev' AND aggregate_id IN ('d2', 'd3') AND status = 'delivered'}),
+	'the events replayed by range are delivered');
+is(dl_states(), 'd1:delivered,d2:delivered,d3:delivered,d4:dead', 'the dead letter outside the range stays dead');
+is(sql(q{SELECT string_agg(o.aggregate_id || ':' || a.reason, ',' ORDER BY o.aggregate_id)
+           FROM callback_center.replay_audit a JOIN callback_center.outbox o ON o.id = a.outbox_id
+          WHERE o.event_type = 'dl.ev'}),
+	'd1:one by id,d2:by range,d3:by range', 'each replay audited, nothing else');
+is(sql(q{SELECT callback_center.replay_dead(NULL::text, '2020-01-04', '2020-01-04', 'empty')}), '0',
+	'an empty range replays nothing');
+
 # 429 with Retry-After is honoured (longer than the 1 s schedule step).
 sql(q{SELECT callback_center.create_endpoint('busy', '} . $rcv->url('/busy') . qq{', '{busy.ev}', '$secret')});
 $rcv->control('/busy', '429', retry_after => 3, times => 1);
@@ -113,6 +157,26 @@ is(sql(q{SELECT string_agg(status || ':' || attempts, ',' ORDER BY status) FROM 
 	'delivered:1,delivered:1,pending:1',
 	'held events burned no attempts; the failed probe waits for its scheduled retry');
 
+# A receiver failing 60% of the time: the breaker opens part way through
+# the first batch (32 requests) and stays open; the later successes of
+# that batch, sent before it opened, do not close it, so the 18 events
+# left wait for the probe (in a minute) without attempts.
+sql(q{SELECT callback_center.create_endpoint('b60', '} . $rcv->url('/b60')
+	. qq{', '{b60.ev}', '$secret', '{"breaker_min_requests": 10, "breaker_open_ms": 60000, "retry_schedule": "merchant_erp"}')});
+$rcv->control('/b60', '500', cycle => [ '500', '200', '500', '200', '500' ]);
+sql(q{SELECT callback_center.enqueue('b60.ev', 'b' || i, '{}') FROM generate_series(1, 50) i});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) >= 32 FROM callback_center.delivery_attempts a
+		    JOIN callback_center.endpoints e ON e.id = a.endpoint_id WHERE e.name = 'b60'}),
+	'the first batch to the 60% failing endpoint is recorded');
+usleep(2_000_000);
+is(sql(q{SELECT breaker FROM callback_center.endpoint_state s
+		JOIN callback_center.endpoints e ON e.id = s.endpoint_id WHERE e.name = 'b60'}),
+	'open', 'the breaker opened in the batch is still open after it');
+is(sql(q{SELECT count(*) FROM callback_center.outbox WHERE event_type = 'b60.ev' AND attempts = 0}),
+	'18', 'nothing more was sent while it is open');
+$rcv->control('/b60', undef);
+
 # Rate limit: 5 per second over a burst of 15.
 sql(q{SELECT callback_center.create_endpoint('slow', '} . $rcv->url('/slow')
 	. qq{', '{slow.ev}', '$secret', '{"rate_limit_per_s": 5}')});
@@ -123,6 +187,16 @@ ok($node->poll_query_until('postgres',
 my @slow = $rcv->log_lines('/slow');
 my $span = $slow[-1]{received_at} - $slow[0]{received_at};
 ok($span >= 1.8, sprintf('15 events at 5/s (burst 5) take at least 2 s (took %.2f s)', $span));
+# In any 1-second window at most burst + rate = 10 arrive (unlimited, all
+# 15 would arrive at once).
+my @at = sort { $a <=> $b } map { $_->{received_at} } @slow;
+my $most = 0;
+for my $i (0 .. $#at)
+{
+	my $n = grep { $_ >= $at[$i] && $_ < $at[$i] + 1.0 } @at;
+	$most = $n if $n > $most;
+}
+ok($most <= 10, "at most rate + burst (10) deliveries in any 1 s window (saw $most)");
 is(sql(q{SELECT count(*) FROM callback_center.delivery_attempts a JOIN callback_center.endpoints e
         ON e.id = a.endpoint_id WHERE e.name = 'slow'}), '15', 'waiting for tokens burns no attempts');
 
@@ -145,6 +219,33 @@ for my $agg ('A', 'B')
 	  $rcv->log_lines('/ord');
 	is(join(',', @seq), '1,2,3,4,5', "aggregate $agg delivered in commit order");
 }
+
+# Other aggregates keep flowing while one is blocked: A1 fails and waits 3 s
+# for its retry; A2 waits behind it while B1..B5 are delivered.
+sql(q{INSERT INTO callback_center.retry_schedules (name, delays) VALUES ('three_s', '{3s}')});
+sql(q{SELECT callback_center.create_endpoint('ord2', '} . $rcv->url('/ord2')
+	. qq{', '{ord2.ev}', '$secret', '{"ordered": true, "retry_schedule": "three_s"}')});
+$rcv->control('/ord2', '500', times => 1);
+sql(q{SELECT callback_center.enqueue('ord2.ev', 'A', '{"seq": 1}')});
+ok($node->poll_query_until('postgres',
+		q{SELECT attempts = 1 AND status = 'pending' FROM callback_center.outbox
+		   WHERE event_type = 'ord2.ev' AND aggregate_id = 'A'}),
+	'A1 failed and waits for its retry');
+sql(q{SELECT callback_center.enqueue('ord2.ev', 'A', '{"seq": 2}')});
+sql(q{SELECT callback_center.enqueue('ord2.ev', 'B', jsonb_build_object('seq', i)) FROM generate_series(1, 5) i});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 5 FROM callback_center.outbox
+		   WHERE event_type = 'ord2.ev' AND aggregate_id = 'B' AND status = 'delivered'}),
+	'B1..B5 delivered');
+is(sql(q{SELECT string_agg(payload->>'seq' || ':' || status || ':' || attempts, ',' ORDER BY id)
+           FROM callback_center.outbox WHERE event_type = 'ord2.ev' AND aggregate_id = 'A'}),
+	'1:pending:1,2:pending:0', 'meanwhile A2 waits behind A1, unattempted');
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 7 FROM callback_center.outbox WHERE event_type = 'ord2.ev' AND status = 'delivered'}),
+	'A1 and A2 delivered after the retry');
+my @arrivals = map { ($_->{body} =~ /"aggregate_id": "(\w)"/)[0] . (($_->{body} =~ /"seq": (\d+)/)[0]) }
+  grep { ($_->{mode} // '200') eq '200' } $rcv->log_lines('/ord2');
+is(join(',', @arrivals), 'B1,B2,B3,B4,B5,A1,A2', 'B flowed while A was blocked; A in order');
 
 # Health and stats views read it all.
 is(sql(q{SELECT delivered FROM callback_center.delivery_stats WHERE endpoint = 'erp'}), '50', 'stats count deliveries');

@@ -87,18 +87,18 @@ test_breaker(void)
 
 	memset(&b, 0, sizeof(b));
 	for (i = 0; i < 19; i++)
-		cc_breaker_record(&b, &cfg, false, t);
+		cc_breaker_record(&b, &cfg, false, false, t);
 	ok(b.state == CC_BREAKER_CLOSED, "19 failures: below min_requests, still closed");
-	cc_breaker_record(&b, &cfg, false, t);
+	cc_breaker_record(&b, &cfg, false, false, t);
 	ok(b.state == CC_BREAKER_OPEN, "20 failures: open");
 	ok(cc_breaker_check(&b, &cfg, t + 4999) == CC_BREAKER_DENY, "open: denies for 5 s");
 	ok(cc_breaker_check(&b, &cfg, t + 5000) == CC_BREAKER_PROBE, "after 5 s: one probe");
 	ok(cc_breaker_check(&b, &cfg, t + 5001) == CC_BREAKER_DENY, "only one probe at a time");
-	cc_breaker_record(&b, &cfg, false, t + 5100);
+	cc_breaker_record(&b, &cfg, false, true, t + 5100);
 	ok(b.state == CC_BREAKER_OPEN, "failed probe reopens");
 	ok(cc_breaker_check(&b, &cfg, t + 9000) == CC_BREAKER_DENY, "reopened: denies again");
 	ok(cc_breaker_check(&b, &cfg, t + 10100) == CC_BREAKER_PROBE, "probe after another 5 s");
-	cc_breaker_record(&b, &cfg, true, t + 10200);
+	cc_breaker_record(&b, &cfg, true, true, t + 10200);
 	ok(b.state == CC_BREAKER_CLOSED, "successful probe closes");
 	ok(cc_breaker_check(&b, &cfg, t + 10201) == CC_BREAKER_ALLOW, "closed: allows");
 
@@ -106,20 +106,51 @@ test_breaker(void)
 	memset(&b, 0, sizeof(b));
 	for (i = 0; i < 10; i++)
 	{
-		cc_breaker_record(&b, &cfg, true, t);
-		cc_breaker_record(&b, &cfg, false, t);
+		cc_breaker_record(&b, &cfg, true, false, t);
+		cc_breaker_record(&b, &cfg, false, false, t);
 	}
 	ok(b.state == CC_BREAKER_CLOSED, "50% failures: closed");
-	cc_breaker_record(&b, &cfg, false, t);
+	cc_breaker_record(&b, &cfg, false, false, t);
 	ok(b.state == CC_BREAKER_OPEN, "11 of 21 failed: open");
 
 	/* Old failures leave the window. */
 	memset(&b, 0, sizeof(b));
 	for (i = 0; i < 15; i++)
-		cc_breaker_record(&b, &cfg, false, t);
+		cc_breaker_record(&b, &cfg, false, false, t);
 	for (i = 0; i < 15; i++)
-		cc_breaker_record(&b, &cfg, false, t + 20000);
+		cc_breaker_record(&b, &cfg, false, false, t + 20000);
 	ok(b.state == CC_BREAKER_CLOSED, "failures spread past the window do not add up");
+
+	/*
+	 * A batch to an endpoint failing 60% of the time: the breaker opens
+	 * part way through; the batch's later results, sent before it opened,
+	 * must not close it (nor reopen it later), only the probe decides.
+	 */
+	memset(&b, 0, sizeof(b));
+	for (i = 0; i < 100; i++)
+		cc_breaker_record(&b, &cfg, (i % 5) >= 3, false, t + i);
+	ok(b.state == CC_BREAKER_OPEN,
+	   "60% failures in one batch: open at the end of the batch");
+	ok(b.opened_at_ms < t + 30,
+	   "late results of the batch do not push the reopen time back");
+	{
+		int64		opened = b.opened_at_ms;
+
+		cc_breaker_record(&b, &cfg, true, false, opened + 1);
+		ok(b.state == CC_BREAKER_OPEN,
+		   "a success sent before the breaker opened does not close it");
+		ok(cc_breaker_check(&b, &cfg, opened + 4999) == CC_BREAKER_DENY,
+		   "still denies until open_ms have passed");
+		ok(cc_breaker_check(&b, &cfg, opened + 5000) == CC_BREAKER_PROBE,
+		   "then one probe");
+		cc_breaker_record(&b, &cfg, true, false, opened + 5001);
+		ok(b.state == CC_BREAKER_HALF_OPEN && b.probe_in_flight,
+		   "half open: a late non-probe success does not close it");
+		ok(cc_breaker_check(&b, &cfg, opened + 5002) == CC_BREAKER_DENY,
+		   "half open: still only the one probe");
+		cc_breaker_record(&b, &cfg, true, true, opened + 5010);
+		ok(b.state == CC_BREAKER_CLOSED, "the probe's success closes it");
+	}
 }
 
 static void
