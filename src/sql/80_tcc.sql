@@ -200,6 +200,45 @@ BEGIN
 END
 $fn$;
 
+-- The second phase of a TCC branch (op 'confirm' or 'cancel') on a
+-- reservation of the given kind: through the barrier, then, only on
+-- 'proceed', settles the reservation and applies it (stock: reserved goes,
+-- back to available on cancel; coupon: used on confirm, unfrozen on
+-- cancel).  Returns the barrier outcome.  Runs as the SECURITY DEFINER
+-- wrapper that calls it.
+CREATE FUNCTION callback_center._tcc_second_phase(
+    p_gid text, p_branch text, p_kind text, p_op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome text;
+    r       callback_center.tcc_reservations;
+BEGIN
+    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
+    outcome := callback_center.barrier(p_gid, p_branch, p_op);
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(p_gid, p_branch, p_kind,
+                                     CASE p_op WHEN 'confirm' THEN 'confirmed' ELSE 'cancelled' END);
+    IF p_kind = 'stock' THEN
+        UPDATE callback_center.stock AS s
+           SET available = s.available + CASE p_op WHEN 'cancel' THEN r.quantity ELSE 0 END,
+               reserved = s.reserved - r.quantity,
+               version = s.version + 1,
+               updated_at = pg_catalog.now()
+         WHERE s.sku_id = r.resource_id;
+    ELSIF p_op = 'confirm' THEN
+        PERFORM callback_center.use_coupon(r.resource_id, p_gid);
+    ELSE
+        PERFORM callback_center.unfreeze_coupon(r.resource_id, p_gid);
+    END IF;
+    RETURN outcome;
+END
+$fn$;
+
 -- TCC try on stock: moves qty units of sku from available to reserved for
 -- (gid, branch), once.  Returns the barrier outcome; only 'proceed' changes
 -- anything.
@@ -260,28 +299,10 @@ COMMENT ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) IS
 -- TCC confirm on stock: consumes the reservation (reserved -= qty), once.
 CREATE FUNCTION callback_center.tcc_stock_confirm(gid text, branch_id text)
 RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-DECLARE
-    p_gid    ALIAS FOR $1;
-    p_branch ALIAS FOR $2;
-    outcome  text;
-    r        callback_center.tcc_reservations;
-BEGIN
-    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
-    outcome := callback_center.barrier(p_gid, p_branch, 'confirm');
-    IF outcome <> 'proceed' THEN
-        RETURN outcome;
-    END IF;
-    r := callback_center._tcc_settle(p_gid, p_branch, 'stock', 'confirmed');
-    UPDATE callback_center.stock AS s
-       SET reserved = s.reserved - r.quantity,
-           version = s.version + 1,
-           updated_at = pg_catalog.now()
-     WHERE s.sku_id = r.resource_id;
-    RETURN outcome;
-END
+    SELECT callback_center._tcc_second_phase($1, $2, 'stock', 'confirm');
 $fn$;
 
 COMMENT ON FUNCTION callback_center.tcc_stock_confirm(text, text) IS
@@ -291,29 +312,10 @@ COMMENT ON FUNCTION callback_center.tcc_stock_confirm(text, text) IS
 -- empty compensation when the try never ran.
 CREATE FUNCTION callback_center.tcc_stock_cancel(gid text, branch_id text)
 RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-DECLARE
-    p_gid    ALIAS FOR $1;
-    p_branch ALIAS FOR $2;
-    outcome  text;
-    r        callback_center.tcc_reservations;
-BEGIN
-    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
-    outcome := callback_center.barrier(p_gid, p_branch, 'cancel');
-    IF outcome <> 'proceed' THEN
-        RETURN outcome;
-    END IF;
-    r := callback_center._tcc_settle(p_gid, p_branch, 'stock', 'cancelled');
-    UPDATE callback_center.stock AS s
-       SET available = s.available + r.quantity,
-           reserved = s.reserved - r.quantity,
-           version = s.version + 1,
-           updated_at = pg_catalog.now()
-     WHERE s.sku_id = r.resource_id;
-    RETURN outcome;
-END
+    SELECT callback_center._tcc_second_phase($1, $2, 'stock', 'cancel');
 $fn$;
 
 COMMENT ON FUNCTION callback_center.tcc_stock_cancel(text, text) IS
@@ -350,24 +352,10 @@ COMMENT ON FUNCTION callback_center.tcc_coupon_try(text, text, text) IS
 -- TCC confirm on a coupon: marks it used by gid, once.
 CREATE FUNCTION callback_center.tcc_coupon_confirm(gid text, branch_id text)
 RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-DECLARE
-    p_gid    ALIAS FOR $1;
-    p_branch ALIAS FOR $2;
-    outcome  text;
-    r        callback_center.tcc_reservations;
-BEGIN
-    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
-    outcome := callback_center.barrier(p_gid, p_branch, 'confirm');
-    IF outcome <> 'proceed' THEN
-        RETURN outcome;
-    END IF;
-    r := callback_center._tcc_settle(p_gid, p_branch, 'coupon', 'confirmed');
-    PERFORM callback_center.use_coupon(r.resource_id, p_gid);
-    RETURN outcome;
-END
+    SELECT callback_center._tcc_second_phase($1, $2, 'coupon', 'confirm');
 $fn$;
 
 COMMENT ON FUNCTION callback_center.tcc_coupon_confirm(text, text) IS
@@ -377,24 +365,10 @@ COMMENT ON FUNCTION callback_center.tcc_coupon_confirm(text, text) IS
 -- the try never ran.
 CREATE FUNCTION callback_center.tcc_coupon_cancel(gid text, branch_id text)
 RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-DECLARE
-    p_gid    ALIAS FOR $1;
-    p_branch ALIAS FOR $2;
-    outcome  text;
-    r        callback_center.tcc_reservations;
-BEGIN
-    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
-    outcome := callback_center.barrier(p_gid, p_branch, 'cancel');
-    IF outcome <> 'proceed' THEN
-        RETURN outcome;
-    END IF;
-    r := callback_center._tcc_settle(p_gid, p_branch, 'coupon', 'cancelled');
-    PERFORM callback_center.unfreeze_coupon(r.resource_id, p_gid);
-    RETURN outcome;
-END
+    SELECT callback_center._tcc_second_phase($1, $2, 'coupon', 'cancel');
 $fn$;
 
 COMMENT ON FUNCTION callback_center.tcc_coupon_cancel(text, text) IS
@@ -594,6 +568,7 @@ COMMENT ON FUNCTION callback_center.saga_run(text) IS
 REVOKE ALL ON FUNCTION callback_center.barrier(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._tcc_require(text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._tcc_settle(text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._tcc_second_phase(text, text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.tcc_stock_confirm(text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.tcc_stock_cancel(text, text) FROM PUBLIC;
