@@ -14,7 +14,8 @@
  *
  * A hot SKU (set_hot_sku) keeps its units in callback_center.stock_slots,
  * spread over several rows, and 0 in its stock row; deduct_hot() below
- * takes from one slot without waiting, or exactly across slots.
+ * takes from one slot, preferably without waiting, or exactly across
+ * slots.
  *
  * doc/stock.md explains the decisions (no internal retry, REPEATABLE READ).
  *
@@ -93,6 +94,7 @@ typedef enum StockPlanId
 	PLAN_GIVE_BACK,
 	PLAN_TOTAL,
 	PLAN_SLOT_TAKE,
+	PLAN_SLOT_WAIT,
 	PLAN_SLOT_LOCK_ALL,
 	PLAN_SLOT_ADD,
 	PLAN_SLOT_GIVE,
@@ -196,6 +198,24 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" AND t.available OPERATOR(pg_catalog.>=) $2"
 		" RETURNING t.slot",
 		4, {TEXTOID, INT8OID, INT4OID, INT4OID}
+	},
+	/*
+	 * Takes $2 units from one slot that had them when the statement
+	 * started, the first from slot $3 on (then from 0), waiting for it if
+	 * another transaction holds it.
+	 */
+	[PLAN_SLOT_WAIT] = {
+		"UPDATE callback_center.stock_slots AS t"
+		" SET available = t.available OPERATOR(pg_catalog.-) $2"
+		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1"
+		" AND t.slot OPERATOR(pg_catalog.=) (SELECT f.slot"
+		" FROM callback_center.stock_slots AS f"
+		" WHERE f.sku_id OPERATOR(pg_catalog.=) $1"
+		" AND f.available OPERATOR(pg_catalog.>=) $2"
+		" ORDER BY f.slot OPERATOR(pg_catalog.<) $3, f.slot LIMIT 1)"
+		" AND t.available OPERATOR(pg_catalog.>=) $2"
+		" RETURNING t.slot",
+		3, {TEXTOID, INT8OID, INT4OID}
 	},
 	/* Read through a cursor: each fetch waits for and locks one slot. */
 	[PLAN_SLOT_LOCK_ALL] = {
@@ -527,31 +547,38 @@ read_total(Datum sku, StockOutcome *o)
  * is refused on a hot SKU (it needs one row whose version moves with
  * every change).
  *
- * A deduction first tries slot_take_free(): from a random slot, the first
- * slot that has the quantity and that no other transaction holds (FOR
- * UPDATE SKIP LOCKED), without ever waiting.  When none qualifies it takes
- * the exact path, slot_take_exact(): it waits for and locks the slots in
- * slot order, one at a time, until the locked ones hold the quantity, and
- * takes it across them; if all slots are locked and fall short, the SKU
- * has fewer units than asked (CB001), unless set_hot_sku changed the slots
- * meanwhile (the stock row's version moved), in which case the deduction
- * starts over.
+ * A deduction takes, in the first of three steps that succeeds:
+ *
+ * 1. free: from a random slot on (wrapping), the first slot that has the
+ *    quantity and that no other transaction holds (FOR UPDATE SKIP
+ *    LOCKED).  Never waits.  The common case.
+ * 2. wait: every slot with enough is held by others, typically until
+ *    their commits.  Waits for one of them, the first from the same random
+ *    slot on that had enough at the start, and takes from it if it still
+ *    has enough.  Without this step such callers would all queue in step
+ *    3 on slot 0.
+ * 3. exact: waits for and locks the slots in slot order, one at a time,
+ *    until the locked ones hold the quantity, and takes it across them.
+ *    If all slots are locked and fall short, the SKU has fewer units than
+ *    asked (CB001), unless set_hot_sku changed the slots meanwhile (the
+ *    stock row's version moved), in which case the deduction starts over.
  *
  * Deadlock freedom.  Order the locks of one SKU as: deduction records
  * (biz_id, sku_id), then the stock row, then slot 0, 1, ... n-1; SKUs
- * bytewise, as for normal SKUs.  Within one call, every lock that can be
- * waited for is taken in that order:
+ * bytewise, as for normal SKUs.  A call waits only for a lock later in
+ * that order than every lock it holds; then no cycle of waits can form.
  *
- * - slot_take_free() never waits.  But a row it locked whose newest
- *   version no longer holds the quantity (EvalPlanQual rejects it) stays
- *   locked, at any slot: it runs in a subtransaction that is rolled back
- *   when it takes nothing, so such locks are released before anything
- *   waits.  When it does take, the call holds that one slot and is done
- *   with the SKU.
- * - slot_take_exact() waits only for slots in ascending order, holding no
- *   other slot of the SKU (the free pass left none), and never for the
- *   stock row.  An EvalPlanQual re-check cannot reject a row here (the
- *   cursor's condition is the key), so it holds exactly a prefix.
+ * - A row that a locking statement locked but then rejected, because its
+ *   newest version no longer has the quantity (the EvalPlanQual re-check),
+ *   stays locked until the (sub)transaction ends, at whatever slot.  So
+ *   steps 1 and 2 each run in a subtransaction of their own, rolled back
+ *   when it takes nothing: each starts holding no slot of the SKU, and
+ *   after a miss holds none again.  A hit holds one slot and the call is
+ *   done with the SKU.
+ * - Step 1 never waits.  Step 2 waits once, for one slot, holding none.
+ * - Step 3 waits only for slots in ascending order, holding only lower
+ *   slots, and never for the stock row.  Its condition is the key, which
+ *   no re-check can reject, so it holds exactly the prefix it read.
  * - set_hot_sku, set_stock and adjust_stock lock the stock row, then all
  *   slots in slot order.
  * - A restore of a hot SKU gives back to a slot no other transaction
@@ -567,19 +594,19 @@ read_total(Datum sku, StockOutcome *o)
  */
 
 /*
- * Takes qty from one free slot of a hot SKU with nslots slots, starting at
- * a random one; returns false if no free slot has it.  Never waits.
+ * Takes qty from one slot of a hot SKU with nslots slots, starting at slot
+ * start, in a subtransaction that is rolled back when it takes nothing, so
+ * that no row it locked stays locked then.  PLAN_SLOT_TAKE never waits and
+ * tries the slots from start on, then those before it; PLAN_SLOT_WAIT
+ * waits for one slot.
  */
 static bool
-slot_take_free(Datum sku, int64 qty, int32 nslots)
+slot_take_sub(StockPlanId id, Datum sku, int64 qty, int32 start)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
-	int32		start;
 	bool		taken = false;
 
-	start = (int32) pg_prng_uint64_range(&pg_global_prng_state, 0,
-										 (uint64) nslots - 1);
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();
@@ -590,13 +617,12 @@ slot_take_free(Datum sku, int64 qty, int32 nslots)
 		args[1] = Int64GetDatum(qty);
 		args[2] = Int32GetDatum(start);
 		args[3] = Int32GetDatum(PG_INT32_MAX);
-		taken = stock_exec(PLAN_SLOT_TAKE, args, SPI_OK_UPDATE_RETURNING) == 1;
-		if (!taken && start > 0)
+		taken = stock_exec(id, args, SPI_OK_UPDATE_RETURNING) == 1;
+		if (!taken && id == PLAN_SLOT_TAKE && start > 0)
 		{
 			args[2] = Int32GetDatum(0);
 			args[3] = Int32GetDatum(start);
-			taken = stock_exec(PLAN_SLOT_TAKE, args,
-							   SPI_OK_UPDATE_RETURNING) == 1;
+			taken = stock_exec(id, args, SPI_OK_UPDATE_RETURNING) == 1;
 		}
 	}
 	PG_CATCH();
@@ -613,7 +639,6 @@ slot_take_free(Datum sku, int64 qty, int32 nslots)
 	}
 	PG_END_TRY();
 
-	/* Keep the taken slot; drop the locks of rows that fell short. */
 	if (taken)
 		ReleaseCurrentSubTransaction();
 	else
@@ -693,8 +718,12 @@ deduct_hot(const StockItem *item, int32 nslots, int64 version,
 {
 	Datum		sku = PointerGetDatum(item->sku);
 	int64		total;
+	int32		start;
 
-	if (!slot_take_free(sku, item->qty, nslots) &&
+	start = (int32) pg_prng_uint64_range(&pg_global_prng_state, 0,
+										 (uint64) nslots - 1);
+	if (!slot_take_sub(PLAN_SLOT_TAKE, sku, item->qty, start) &&
+		!slot_take_sub(PLAN_SLOT_WAIT, sku, item->qty, start) &&
 		!slot_take_exact(sku, item->qty, &total))
 	{
 		/*

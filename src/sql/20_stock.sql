@@ -23,13 +23,18 @@ COMMENT ON TABLE callback_center.stock IS
 -- available.  Only set_hot_sku inserts or deletes slot rows, always with
 -- the stock row locked first; src/stock.c explains the locking.  No foreign
 -- key to stock: its RI trigger would fire on every deduction of a normal
--- SKU, and the API never deletes a SKU.
+-- SKU, and the API never deletes a SKU.  fillfactor 10: a slot row is
+-- updated by every buyer, and with many buyers pinning a full page
+-- PostgreSQL can rarely prune it, so updates stop being HOT (new index
+-- entries, a growing table).  Measured with 32 clients on 32 slots: 60%
+-- of updates HOT and 5,400 deductions/s at the default fillfactor, all
+-- HOT and 7,800/s at 10 (the slots then spread over 3 pages, not 1).
 CREATE TABLE callback_center.stock_slots (
     sku_id      text NOT NULL,
     slot        integer NOT NULL CHECK (slot >= 0),
     available   bigint NOT NULL CHECK (available >= 0),
     PRIMARY KEY (sku_id, slot)
-);
+) WITH (fillfactor = 10);
 
 COMMENT ON TABLE callback_center.stock_slots IS
     'Units of hot SKUs, spread over slots that are deducted independently';
