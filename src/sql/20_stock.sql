@@ -3,7 +3,7 @@
 -- what each order (biz id) took so that a deduction happens once and its
 -- restore (the compensation) gives back exactly that, once.  The hot path
 -- (deduct_stock, restore_stock) is C in src/stock.c; doc/stock.md explains
--- the locking.
+-- the locking.  A hot SKU (set_hot_sku) keeps its units in stock_slots.
 
 CREATE TABLE callback_center.stock (
     sku_id      text PRIMARY KEY,
