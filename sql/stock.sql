@@ -189,7 +189,7 @@ SELECT * FROM callback_center.restore_stock('rs-app');
 SELECT pg_temp.try($$SELECT callback_center.set_stock('rs-c', 100)$$);
 SELECT pg_temp.try($$UPDATE callback_center.stock SET available = 100 WHERE sku_id = 'rs-c'$$);
 RESET ROLE;
--- both tables are dumped with the extension's data
+-- the stock tables are dumped with the extension's data
 SELECT c::regclass AS dumped
   FROM pg_extension, unnest(extconfig) AS c
  WHERE extname = 'callback_center' AND c::regclass::text LIKE 'callback_center.stock%'

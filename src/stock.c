@@ -12,6 +12,11 @@
  * order, duplicates merged, so two orders never wait on each other in a
  * cycle.  restore_stock gives back what a biz id took, once.
  *
+ * A hot SKU (set_hot_sku) keeps its units in callback_center.stock_slots,
+ * spread over several rows, and 0 in its stock row; deduct_hot() below
+ * takes from one slot, preferably without waiting, or exactly across
+ * slots.
+ *
  * doc/stock.md explains the decisions (no internal retry, REPEATABLE READ).
  *
  *-------------------------------------------------------------------------
@@ -22,11 +27,13 @@
 #include <stdlib.h>
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "common/int.h"
+#include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -85,6 +92,12 @@ typedef enum StockPlanId
 	PLAN_BIZ_SKUS,
 	PLAN_MARK_RESTORED,
 	PLAN_GIVE_BACK,
+	PLAN_TOTAL,
+	PLAN_SLOT_TAKE,
+	PLAN_SLOT_WAIT,
+	PLAN_SLOT_LOCK_ALL,
+	PLAN_SLOT_ADD,
+	PLAN_SLOT_GIVE,
 	NUM_STOCK_PLANS
 } StockPlanId;
 
@@ -92,7 +105,7 @@ typedef struct StockPlanDef
 {
 	const char *sql;
 	int			nargs;
-	Oid			argtypes[3];
+	Oid			argtypes[4];
 } StockPlanDef;
 
 static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
@@ -123,7 +136,7 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		3, {TEXTOID, INT8OID, INT8OID}
 	},
 	[PLAN_CURRENT] = {
-		"SELECT available, version FROM callback_center.stock"
+		"SELECT available, version, slots FROM callback_center.stock"
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1",
 		1, {TEXTOID}
 	},
@@ -153,8 +166,84 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" version = version OPERATOR(pg_catalog.+) 1,"
 		" updated_at = pg_catalog.now()"
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
+		" AND slots OPERATOR(pg_catalog.=) 0"
 		" RETURNING available, version",
 		2, {TEXTOID, INT8OID}
+	},
+	/* The true total: a hot SKU's units are in its slots. */
+	[PLAN_TOTAL] = {
+		"SELECT s.available OPERATOR(pg_catalog.+) CAST(COALESCE("
+		" (SELECT pg_catalog.sum(t.available)"
+		" FROM callback_center.stock_slots AS t"
+		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1), 0) AS pg_catalog.int8),"
+		" s.version FROM callback_center.stock AS s"
+		" WHERE s.sku_id OPERATOR(pg_catalog.=) $1",
+		1, {TEXTOID}
+	},
+	/*
+	 * Takes $2 units from the first slot in [$3, $4) that has them and that
+	 * no other transaction holds; never waits.
+	 */
+	[PLAN_SLOT_TAKE] = {
+		"UPDATE callback_center.stock_slots AS t"
+		" SET available = t.available OPERATOR(pg_catalog.-) $2"
+		" FROM (SELECT f.slot FROM callback_center.stock_slots AS f"
+		" WHERE f.sku_id OPERATOR(pg_catalog.=) $1"
+		" AND f.slot OPERATOR(pg_catalog.>=) $3"
+		" AND f.slot OPERATOR(pg_catalog.<) $4"
+		" AND f.available OPERATOR(pg_catalog.>=) $2"
+		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED) AS p"
+		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1"
+		" AND t.slot OPERATOR(pg_catalog.=) p.slot"
+		" AND t.available OPERATOR(pg_catalog.>=) $2"
+		" RETURNING t.slot",
+		4, {TEXTOID, INT8OID, INT4OID, INT4OID}
+	},
+	/*
+	 * Takes $2 units from one slot that had them when the statement
+	 * started, the first from slot $3 on (then from 0), waiting for it if
+	 * another transaction holds it.
+	 */
+	[PLAN_SLOT_WAIT] = {
+		"UPDATE callback_center.stock_slots AS t"
+		" SET available = t.available OPERATOR(pg_catalog.-) $2"
+		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1"
+		" AND t.slot OPERATOR(pg_catalog.=) (SELECT f.slot"
+		" FROM callback_center.stock_slots AS f"
+		" WHERE f.sku_id OPERATOR(pg_catalog.=) $1"
+		" AND f.available OPERATOR(pg_catalog.>=) $2"
+		" ORDER BY f.slot OPERATOR(pg_catalog.<) $3, f.slot LIMIT 1)"
+		" AND t.available OPERATOR(pg_catalog.>=) $2"
+		" RETURNING t.slot",
+		3, {TEXTOID, INT8OID, INT4OID}
+	},
+	/* Read through a cursor: each fetch waits for and locks one slot. */
+	[PLAN_SLOT_LOCK_ALL] = {
+		"SELECT slot, available FROM callback_center.stock_slots"
+		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
+		" ORDER BY slot FOR UPDATE",
+		1, {TEXTOID}
+	},
+	[PLAN_SLOT_ADD] = {
+		"UPDATE callback_center.stock_slots"
+		" SET available = available OPERATOR(pg_catalog.+) $3"
+		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
+		" AND slot OPERATOR(pg_catalog.=) $2",
+		3, {TEXTOID, INT4OID, INT8OID}
+	},
+	/* Gives $2 units to the first slot in [$3, $4) no other xact holds. */
+	[PLAN_SLOT_GIVE] = {
+		"UPDATE callback_center.stock_slots AS t"
+		" SET available = t.available OPERATOR(pg_catalog.+) $2"
+		" FROM (SELECT f.slot FROM callback_center.stock_slots AS f"
+		" WHERE f.sku_id OPERATOR(pg_catalog.=) $1"
+		" AND f.slot OPERATOR(pg_catalog.>=) $3"
+		" AND f.slot OPERATOR(pg_catalog.<) $4"
+		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED) AS p"
+		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1"
+		" AND t.slot OPERATOR(pg_catalog.=) p.slot"
+		" RETURNING t.slot",
+		4, {TEXTOID, INT8OID, INT4OID, INT4OID}
 	},
 };
 
@@ -421,12 +510,252 @@ sort_and_merge(StockItem *items, int n)
 	return out;
 }
 
+/* Reads a non-null int4 column of row 0 of the last SPI result. */
+static int32
+spi_int4(int col)
+{
+	bool		isnull;
+	Datum		d;
+
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col,
+					  &isnull);
+	if (isnull)
+		elog(ERROR, "unexpected null in stock row");
+	return DatumGetInt32(d);
+}
+
+/* Fills o's available (the true total) and version from a fresh read. */
+static void
+read_total(Datum sku, StockOutcome *o)
+{
+	o->stock_found = stock_exec(PLAN_TOTAL, &sku, SPI_OK_SELECT) == 1;
+	if (o->stock_found)
+	{
+		o->available = spi_int8(1);
+		o->version = spi_int8(2);
+	}
+}
+
+/*
+ * Hot SKUs.
+ *
+ * A hot SKU's units are in slot rows 0 .. n-1 of stock_slots; its stock
+ * row holds 0 available (so the ordinary conditional UPDATE of the stock
+ * row matches nothing and locks nothing) and its version, which counts
+ * admin changes only: deductions and restores change slots, never the
+ * stock row, or they would all queue on it again.  Hence compare-and-set
+ * is refused on a hot SKU (it needs one row whose version moves with
+ * every change).
+ *
+ * A deduction takes, in the first of three steps that succeeds:
+ *
+ * 1. free: from a random slot on (wrapping), the first slot that has the
+ *    quantity and that no other transaction holds (FOR UPDATE SKIP
+ *    LOCKED).  Never waits.  The common case.
+ * 2. wait: every slot with enough is held by others, typically until
+ *    their commits.  Waits for one of them, the first from the same random
+ *    slot on that had enough at the start, and takes from it if it still
+ *    has enough.  Without this step such callers would all queue in step
+ *    3 on slot 0.
+ * 3. exact: waits for and locks the slots in slot order, one at a time,
+ *    until the locked ones hold the quantity, and takes it across them.
+ *    If all slots are locked and fall short, the SKU has fewer units than
+ *    asked (CB001), unless set_hot_sku changed the slots meanwhile (the
+ *    stock row's version moved), in which case the deduction starts over.
+ *
+ * Deadlock freedom.  Order the locks of one SKU as: deduction records
+ * (biz_id, sku_id), then the stock row, then slot 0, 1, ... n-1; SKUs
+ * bytewise, as for normal SKUs.  A call waits only for a lock later in
+ * that order than every lock it holds; then no cycle of waits can form.
+ *
+ * - A row that a locking statement locked but then rejected, because its
+ *   newest version no longer has the quantity (the EvalPlanQual re-check),
+ *   stays locked until the (sub)transaction ends, at whatever slot.  So
+ *   steps 1 and 2 each run in a subtransaction of their own, rolled back
+ *   when it takes nothing: each starts holding no slot of the SKU, and
+ *   after a miss holds none again.  A hit holds one slot and the call is
+ *   done with the SKU.
+ * - Step 1 never waits.  Step 2 waits once, for one slot, holding none.
+ * - Step 3 waits only for slots in ascending order, holding only lower
+ *   slots, and never for the stock row.  Its condition is the key, which
+ *   no re-check can reject, so it holds exactly the prefix it read.
+ * - set_hot_sku, set_stock and adjust_stock lock the stock row, then all
+ *   slots in slot order.
+ * - A restore of a hot SKU gives back to a slot no other transaction
+ *   holds, or one this transaction holds, without waiting (the condition
+ *   is the key only); only when every slot is held by others does it wait
+ *   for one, holding no slot of the SKU.
+ *
+ * A waiter therefore holds only locks earlier in the order than the one
+ * it waits for, so no cycle can form: every wait goes forward.  As for
+ * normal SKUs, separate calls in one transaction follow the caller's
+ * order: a second deduction of the same hot SKU in a transaction already
+ * holding one of its slots may wait in slot order while holding it.
+ */
+
+/*
+ * Takes qty from one slot of a hot SKU with nslots slots, starting at slot
+ * start, in a subtransaction that is rolled back when it takes nothing, so
+ * that no row it locked stays locked then.  PLAN_SLOT_TAKE never waits and
+ * tries the slots from start on, then those before it; PLAN_SLOT_WAIT
+ * waits for one slot.
+ */
+static bool
+slot_take_sub(StockPlanId id, Datum sku, int64 qty, int32 start)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	bool		taken = false;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		Datum		args[4];
+
+		args[0] = sku;
+		args[1] = Int64GetDatum(qty);
+		args[2] = Int32GetDatum(start);
+		args[3] = Int32GetDatum(PG_INT32_MAX);
+		taken = stock_exec(id, args, SPI_OK_UPDATE_RETURNING) == 1;
+		if (!taken && id == PLAN_SLOT_TAKE && start > 0)
+		{
+			args[2] = Int32GetDatum(0);
+			args[3] = Int32GetDatum(start);
+			taken = stock_exec(id, args, SPI_OK_UPDATE_RETURNING) == 1;
+		}
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		ReThrowError(edata);
+	}
+	PG_END_TRY();
+
+	if (taken)
+		ReleaseCurrentSubTransaction();
+	else
+		RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(oldcxt);
+	CurrentResourceOwner = oldowner;
+	return taken;
+}
+
+/*
+ * Locks the slots of a hot SKU in slot order, waiting as needed, until
+ * the locked ones hold qty, and takes qty across them.  Returns false,
+ * with all slots locked and their sum in *total, if they fall short.
+ */
+static bool
+slot_take_exact(Datum sku, int64 qty, int64 *total)
+{
+	Portal		portal;
+	int			cap = 16;
+	int			n = 0;
+	int32	   *slot = palloc(sizeof(int32) * cap);
+	int64	   *avail = palloc(sizeof(int64) * cap);
+	int64		sum = 0;
+	int64		left = qty;
+
+	portal = SPI_cursor_open(NULL, stock_plan(PLAN_SLOT_LOCK_ALL), &sku,
+							 NULL, false);
+	while (sum < qty)
+	{
+		SPI_cursor_fetch(portal, true, 1);
+		if (SPI_processed == 0)
+			break;
+		if (n == cap)
+		{
+			cap *= 2;
+			slot = repalloc(slot, sizeof(int32) * cap);
+			avail = repalloc(avail, sizeof(int64) * cap);
+		}
+		slot[n] = spi_int4(1);
+		avail[n] = spi_int8(2);
+		if (pg_add_s64_overflow(sum, avail[n], &sum))
+			sum = PG_INT64_MAX;
+		n++;
+	}
+	SPI_cursor_close(portal);
+	if (sum < qty)
+	{
+		*total = sum;
+		return false;
+	}
+	for (int i = 0; i < n && left > 0; i++)
+	{
+		int64		take = Min(avail[i], left);
+		Datum		args[3];
+
+		if (take == 0)
+			continue;
+		args[0] = sku;
+		args[1] = Int32GetDatum(slot[i]);
+		args[2] = Int64GetDatum(-take);
+		if (stock_exec(PLAN_SLOT_ADD, args, SPI_OK_UPDATE) != 1)
+			elog(ERROR, "locked stock slot vanished");
+		left -= take;
+	}
+	return true;
+}
+
+/*
+ * Deducts item from hot SKU with nslots slots, whose stock row had
+ * version when read.  Returns false when set_hot_sku changed the SKU
+ * meanwhile and the deduction must start over; raises CB001 when the
+ * slots hold fewer units than asked.
+ */
+static bool
+deduct_hot(const StockItem *item, int32 nslots, int64 version,
+		   StockOutcome *o)
+{
+	Datum		sku = PointerGetDatum(item->sku);
+	int64		total;
+	int32		start;
+
+	start = (int32) pg_prng_uint64_range(&pg_global_prng_state, 0,
+										 (uint64) nslots - 1);
+	if (!slot_take_sub(PLAN_SLOT_TAKE, sku, item->qty, start) &&
+		!slot_take_sub(PLAN_SLOT_WAIT, sku, item->qty, start) &&
+		!slot_take_exact(sku, item->qty, &total))
+	{
+		/*
+		 * Every slot is locked and they fall short: exact, unless the set
+		 * of slots changed since the SKU was read (a slot added after the
+		 * cursor's snapshot is not among them).  Any such change bumps
+		 * the version, and none can commit while this call holds the
+		 * slots it found.
+		 */
+		if (stock_exec(PLAN_CURRENT, &sku, SPI_OK_SELECT) != 1 ||
+			spi_int8(2) != version)
+			return false;
+		ereport(ERROR,
+				(errcode(CC_ERRCODE_INSUFFICIENT_STOCK),
+				 errmsg("insufficient stock for SKU \"%s\"",
+						text_to_cstring(item->sku)),
+				 errdetail("Requested " INT64_FORMAT " units, " INT64_FORMAT
+						   " available.", item->qty,
+						   total + spi_int8(1))));
+	}
+	o->qty = item->qty;
+	o->status = "deducted";
+	read_total(sku, o);
+	return true;
+}
+
 /*
  * Deducts one item for biz, once.  If (biz, sku) is already recorded,
  * changes nothing and reports the recorded quantity.  Otherwise records it
- * and takes the units, or raises CB004 (unknown SKU), CB002 (version
- * mismatch) or CB001 (insufficient stock); the caller's statement then
- * rolls the record back with everything else.
+ * and takes the units, or raises CB004 (unknown SKU), 0A000 (a version on
+ * a hot SKU), CB002 (version mismatch) or CB001 (insufficient stock); the
+ * caller's statement then rolls the record back with everything else.
  */
 static StockOutcome
 deduct_one(Datum biz, const StockItem *item)
@@ -435,6 +764,7 @@ deduct_one(Datum biz, const StockItem *item)
 	Datum		args[3];
 	int64		cur_avail;
 	int64		cur_version;
+	int32		cur_slots;
 
 	o.stock_found = true;
 	args[0] = biz;
@@ -452,52 +782,97 @@ deduct_one(Datum biz, const StockItem *item)
 											  SPI_tuptable->tupdesc, 2,
 											  &isnull))
 			? "already_restored" : "already_deducted";
-		if (stock_exec(PLAN_CURRENT, &args[1], SPI_OK_SELECT) == 1)
-		{
-			o.available = spi_int8(1);
-			o.version = spi_int8(2);
-		}
-		else
-			o.stock_found = false;
+		read_total(args[1], &o);
 		return o;
 	}
 
 	args[0] = PointerGetDatum(item->sku);
 	args[1] = Int64GetDatum(item->qty);
 	args[2] = Int64GetDatum(item->expected);
-	if (stock_exec(item->has_version ? PLAN_TAKE_CAS : PLAN_TAKE, args,
-				   SPI_OK_UPDATE_RETURNING) == 1)
+	for (;;)
 	{
-		o.qty = item->qty;
-		o.available = spi_int8(1);
-		o.version = spi_int8(2);
-		o.status = "deducted";
-		return o;
-	}
+		CHECK_FOR_INTERRUPTS();
+		if (stock_exec(item->has_version ? PLAN_TAKE_CAS : PLAN_TAKE, args,
+					   SPI_OK_UPDATE_RETURNING) == 1)
+		{
+			o.qty = item->qty;
+			o.available = spi_int8(1);
+			o.version = spi_int8(2);
+			o.status = "deducted";
+			return o;
+		}
 
-	/* Nothing updated: tell the reasons apart, most specific first. */
-	if (stock_exec(PLAN_CURRENT, args, SPI_OK_SELECT) == 0)
+		/* Nothing updated: tell the reasons apart, most specific first. */
+		if (stock_exec(PLAN_CURRENT, args, SPI_OK_SELECT) == 0)
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_UNKNOWN_SKU),
+					 errmsg("unknown SKU \"%s\"", text_to_cstring(item->sku)),
+					 errhint("Create it with callback_center.set_stock().")));
+		cur_avail = spi_int8(1);
+		cur_version = spi_int8(2);
+		cur_slots = spi_int4(3);
+		if (cur_slots > 0)
+		{
+			if (item->has_version)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("compare-and-set is not supported on hot SKU \"%s\"",
+								text_to_cstring(item->sku)),
+						 errdetail("Its units are spread over %d slots, and its version changes only when an admin changes the SKU.",
+								   cur_slots),
+						 errhint("Deduct without an expected version, or make the SKU normal again with callback_center.set_hot_sku(sku_id, 1).")));
+			if (deduct_hot(item, cur_slots, cur_version, &o))
+				return o;
+			continue;
+		}
+		if (item->has_version && cur_version != item->expected)
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_VERSION_CONFLICT),
+					 errmsg("version conflict on SKU \"%s\"",
+							text_to_cstring(item->sku)),
+					 errdetail("Expected version " INT64_FORMAT ", current version "
+							   INT64_FORMAT ".", item->expected, cur_version),
+					 errhint("Read the SKU again and retry with its current version.")));
+		/* Units arrived between the two reads (or the SKU stopped being hot). */
+		if (cur_avail >= item->qty)
+			continue;
 		ereport(ERROR,
-				(errcode(CC_ERRCODE_UNKNOWN_SKU),
-				 errmsg("unknown SKU \"%s\"", text_to_cstring(item->sku)),
-				 errhint("Create it with callback_center.set_stock().")));
-	cur_avail = spi_int8(1);
-	cur_version = spi_int8(2);
-	if (item->has_version && cur_version != item->expected)
-		ereport(ERROR,
-				(errcode(CC_ERRCODE_VERSION_CONFLICT),
-				 errmsg("version conflict on SKU \"%s\"",
+				(errcode(CC_ERRCODE_INSUFFICIENT_STOCK),
+				 errmsg("insufficient stock for SKU \"%s\"",
 						text_to_cstring(item->sku)),
-				 errdetail("Expected version " INT64_FORMAT ", current version "
-						   INT64_FORMAT ".", item->expected, cur_version),
-				 errhint("Read the SKU again and retry with its current version.")));
-	ereport(ERROR,
-			(errcode(CC_ERRCODE_INSUFFICIENT_STOCK),
-			 errmsg("insufficient stock for SKU \"%s\"",
-					text_to_cstring(item->sku)),
-			 errdetail("Requested " INT64_FORMAT " units, " INT64_FORMAT
-					   " available.", item->qty, cur_avail)));
-	pg_unreachable();
+				 errdetail("Requested " INT64_FORMAT " units, " INT64_FORMAT
+						   " available.", item->qty, cur_avail)));
+	}
+}
+
+/*
+ * Gives qty back to a hot SKU with nslots slots: to a slot no other
+ * transaction holds (or one this one holds), from a random one; when all
+ * are held, waits for a random one.  Returns false if the slots changed
+ * meanwhile (set_hot_sku) and the restore must look again.
+ */
+static bool
+slot_give(Datum sku, int64 qty, int32 nslots)
+{
+	Datum		args[4];
+	int32		start;
+
+	start = (int32) pg_prng_uint64_range(&pg_global_prng_state, 0,
+										 (uint64) nslots - 1);
+	args[0] = sku;
+	args[1] = Int64GetDatum(qty);
+	args[2] = Int32GetDatum(start);
+	args[3] = Int32GetDatum(PG_INT32_MAX);
+	if (stock_exec(PLAN_SLOT_GIVE, args, SPI_OK_UPDATE_RETURNING) == 1)
+		return true;
+	args[2] = Int32GetDatum(0);
+	args[3] = Int32GetDatum(start);
+	if (start > 0 &&
+		stock_exec(PLAN_SLOT_GIVE, args, SPI_OK_UPDATE_RETURNING) == 1)
+		return true;
+	args[1] = Int32GetDatum(start);
+	args[2] = Int64GetDatum(qty);
+	return stock_exec(PLAN_SLOT_ADD, args, SPI_OK_UPDATE) == 1;
 }
 
 /*
@@ -515,19 +890,34 @@ restore_one(Datum biz, Datum sku, StockOutcome *o)
 	if (stock_exec(PLAN_MARK_RESTORED, args, SPI_OK_UPDATE_RETURNING) == 0)
 		return false;
 	o->qty = spi_int8(1);
+	o->status = "restored";
 	args[0] = sku;
 	args[1] = Int64GetDatum(o->qty);
-	if (stock_exec(PLAN_GIVE_BACK, args, SPI_OK_UPDATE_RETURNING) == 0)
-		ereport(ERROR,
-				(errcode(CC_ERRCODE_UNKNOWN_SKU),
-				 errmsg("unknown SKU \"%s\"",
-						TextDatumGetCString(sku)),
-				 errdetail("The deduction being restored names a SKU that is no longer in callback_center.stock.")));
-	o->available = spi_int8(1);
-	o->version = spi_int8(2);
-	o->stock_found = true;
-	o->status = "restored";
-	return true;
+	for (;;)
+	{
+		int32		nslots;
+
+		CHECK_FOR_INTERRUPTS();
+		if (stock_exec(PLAN_GIVE_BACK, args, SPI_OK_UPDATE_RETURNING) == 1)
+		{
+			o->available = spi_int8(1);
+			o->version = spi_int8(2);
+			o->stock_found = true;
+			return true;
+		}
+		if (stock_exec(PLAN_CURRENT, args, SPI_OK_SELECT) == 0)
+			ereport(ERROR,
+					(errcode(CC_ERRCODE_UNKNOWN_SKU),
+					 errmsg("unknown SKU \"%s\"",
+							TextDatumGetCString(sku)),
+					 errdetail("The deduction being restored names a SKU that is no longer in callback_center.stock.")));
+		nslots = spi_int4(3);
+		if (nslots > 0 && slot_give(sku, o->qty, nslots))
+		{
+			read_total(sku, o);
+			return true;
+		}
+	}
 }
 
 /* Raises 22004 naming the argument when it is null. */
