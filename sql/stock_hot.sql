@@ -157,7 +157,7 @@ SELECT callback_center.tcc_stock_try('hs-g1', 'b1', 'hs-t', 2);
 SELECT pg_temp.try($$SELECT callback_center.set_hot_sku('hs-t', 4)$$);
 SELECT callback_center.tcc_stock_cancel('hs-g1', 'b1');
 SELECT sku_id, available, reserved, slots FROM callback_center.set_hot_sku('hs-t', 4);
--- and a hot SKU cannot be reserved (tcc_stock_try reads the row's 0)
+-- and a hot SKU cannot be reserved through TCC (0A000)
 SELECT pg_temp.try($$SELECT callback_center.tcc_stock_try('hs-g2', 'b1', 'hs-t', 1)$$);
 SELECT * FROM pg_temp.hs;
 

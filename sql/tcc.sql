@@ -92,6 +92,12 @@ SELECT s, pg_temp.try(s) FROM (VALUES
   ($$SELECT callback_center.tcc_stock_confirm('tcc-g6', 'stock')$$)
 ) AS t(s);
 SELECT count(*) AS g6_barrier_rows FROM callback_center.tcc_barrier WHERE gid = 'tcc-g6';
+-- A hot SKU (units in slots) cannot be reserved: 0A000, nothing written.
+SELECT available FROM callback_center.set_stock('hot-tcc', 8);
+SELECT slots FROM callback_center.set_hot_sku('hot-tcc', 4);
+SELECT pg_temp.try($$SELECT callback_center.tcc_stock_try('tcc-g6h', 'stock', 'hot-tcc', 1)$$) AS hot_try;
+SELECT count(*) AS g6h_rows FROM callback_center.tcc_barrier WHERE gid = 'tcc-g6h';
+SELECT available FROM callback_center.stock_levels WHERE sku_id = 'hot-tcc';
 SELECT callback_center.tcc_stock_try('tcc-g6', 'stock', 'tcc-sku-a', 7) AS retry_fits;
 SELECT * FROM pg_temp.tcc_stock ORDER BY sku_id;
 SELECT callback_center.tcc_stock_cancel('tcc-g6', 'stock') AS cancel;

@@ -258,6 +258,7 @@ DECLARE
     p_qty    ALIAS FOR $4;
     outcome  text;
     cur      bigint;
+    nslots   integer;
 BEGIN
     PERFORM callback_center._tcc_require('gid, branch_id, sku_id and qty',
                                          p_gid, p_branch, p_sku, p_qty::text);
@@ -276,11 +277,20 @@ BEGIN
            updated_at = pg_catalog.now()
      WHERE s.sku_id = p_sku AND s.available >= p_qty;
     IF NOT FOUND THEN
-        SELECT s.available INTO cur FROM callback_center.stock AS s WHERE s.sku_id = p_sku;
+        SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s WHERE s.sku_id = p_sku;
         IF NOT FOUND THEN
             RAISE EXCEPTION USING ERRCODE = 'CB004',
                 MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
                 HINT = 'Create it with callback_center.set_stock().';
+        END IF;
+        -- A hot SKU's units are in its slots, not on the row: a reservation
+        -- there would have to be given back to a slot by the cancel, which
+        -- the reservation model (one row) does not do.
+        IF nslots > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = '0A000',
+                MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', p_sku),
+                DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
+                HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
         END IF;
         RAISE EXCEPTION USING ERRCODE = 'CB001',
             MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', p_sku),
