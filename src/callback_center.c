@@ -249,19 +249,29 @@ cc_require_worker(const char *what)
 }
 
 /*
- * Sets the worker's latch, if a worker runs.  Cheap enough to call at every
- * commit that queued work; a missing worker is not an error here.
+ * Wakes the delivery worker: at the commit of a transaction that queued
+ * events, or when asked (force, callback_center.wake()).  A commit sets the
+ * worker's latch only when the worker is asleep waiting for one, so a busy
+ * stream of commits costs no syscalls and a worker with delivery paused is
+ * not woken at all; every request bumps commit_gen, which the worker reads
+ * under the same lock before it sleeps, so no request is lost between the
+ * end of a round and the wait.
  */
 void
-cc_wake_worker(void)
+cc_wake_worker(bool force)
 {
 	Latch	   *latch = NULL;
 
 	if (cc_shared == NULL)
 		return;
 	SpinLockAcquire(&cc_shared->mutex);
-	latch = cc_shared->worker.latch;
 	cc_shared->wakeups++;
+	cc_shared->commit_gen++;
+	if (force || cc_shared->worker_waiting)
+	{
+		latch = cc_shared->worker.latch;
+		cc_shared->worker_waiting = false;
+	}
 	SpinLockRelease(&cc_shared->mutex);
 	if (latch != NULL)
 		SetLatch(latch);
@@ -316,6 +326,6 @@ cc_wake(PG_FUNCTION_ARGS)
 	SpinLockAcquire(&cc_shared->mutex);
 	running = cc_shared->worker.latch != NULL;
 	SpinLockRelease(&cc_shared->mutex);
-	cc_wake_worker();
+	cc_wake_worker(true);
 	PG_RETURN_BOOL(running);
 }

@@ -66,6 +66,8 @@ typedef struct CallbackCenterShared
 	uint64		reloads;		/* SIGHUPs processed since start */
 	uint64		loops;			/* latch wake-ups (work or timeout) */
 	uint64		wakeups;		/* wake requests from backends */
+	uint64		commit_gen;		/* bumped by every wake request */
+	bool		worker_waiting; /* asleep and wants the next wake request */
 
 	/* the jobs worker, since it started */
 	CcWorkerSlot jobs;
@@ -86,7 +88,7 @@ extern bool cc_loaded_at_startup;
 extern char *cc_actor;
 
 extern void cc_require_worker(const char *what);
-extern void cc_wake_worker(void);
+extern void cc_wake_worker(bool force);
 extern void cc_register_bgworker(const char *type, const char *function);
 extern void cc_worker_attach(CcWorkerSlot *slot);
 extern bool cc_extension_exists(void);

@@ -144,7 +144,7 @@ cc_outbox_xact_callback(XactEvent event, void *arg)
 			if (cc_outbox_pending_wake)
 			{
 				cc_outbox_pending_wake = false;
-				cc_wake_worker();
+				cc_wake_worker(false);
 			}
 			break;
 		case XACT_EVENT_ABORT:

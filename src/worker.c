@@ -847,6 +847,12 @@ callback_center_worker_main(Datum main_arg)
 		MemoryContext oldcontext;
 		int64		wait_ms = cc_poll_interval_ms;
 		bool		more = false;
+		uint64		gen_seen;
+
+		/* Wake requests up to here are answered by this round. */
+		SpinLockAcquire(&cc_shared->mutex);
+		gen_seen = cc_shared->commit_gen;
+		SpinLockRelease(&cc_shared->mutex);
 
 		oldcontext = MemoryContextSwitchTo(loop_context);
 		if (cc_extension_exists())
@@ -904,12 +910,33 @@ callback_center_worker_main(Datum main_arg)
 		 */
 		if (!more || ShutdownRequestPending)
 		{
-			wait_ms = Max(Min(wait_ms, (int64) cc_poll_interval_ms), 1);
-			(void) WaitLatch(MyLatch,
-							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 (long) wait_ms,
-							 PG_WAIT_EXTENSION);
-			ResetLatch(MyLatch);
+			bool		sleep = true;
+
+			/*
+			 * Events committed during the round: go round again at once.
+			 * Otherwise ask for the next commit's wake-up (not while delivery
+			 * is paused: the poll and a reload are enough then), checked and
+			 * set under the lock that wake requests take.
+			 */
+			SpinLockAcquire(&cc_shared->mutex);
+			if (cc_delivery_enabled && !ShutdownRequestPending &&
+				cc_shared->commit_gen != gen_seen)
+				sleep = false;
+			else
+				cc_shared->worker_waiting = cc_delivery_enabled;
+			SpinLockRelease(&cc_shared->mutex);
+			if (sleep)
+			{
+				wait_ms = Max(Min(wait_ms, (int64) cc_poll_interval_ms), 1);
+				(void) WaitLatch(MyLatch,
+								 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+								 (long) wait_ms,
+								 PG_WAIT_EXTENSION);
+				ResetLatch(MyLatch);
+				SpinLockAcquire(&cc_shared->mutex);
+				cc_shared->worker_waiting = false;
+				SpinLockRelease(&cc_shared->mutex);
+			}
 		}
 		CHECK_FOR_INTERRUPTS();
 

@@ -93,5 +93,37 @@ is( $node->safe_psql('postgres',
 		   WHERE aggregate_id LIKE 'pgb-%' GROUP BY 1, 2 HAVING count(*) % 2 <> 0) x}),
 	'0', 'each event went to both endpoints');
 
+# With delivery paused the worker does not ask for commit wake-ups: 300
+# committing transactions cost it no loops beyond its poll (100 ms here);
+# before, each commit woke it.  A manual wake() still does.
+my $reloads = $node->safe_psql('postgres', 'SELECT reloads FROM callback_center.worker_status()');
+$node->safe_psql('postgres', q{ALTER SYSTEM SET callback_center.delivery_enabled = off});
+$node->safe_psql('postgres', q{SELECT pg_reload_conf()});
+ok($node->poll_query_until('postgres',
+		"SELECT reloads > $reloads FROM callback_center.worker_status()"),
+	'the worker reloaded with delivery paused');
+$loops = $node->safe_psql('postgres', 'SELECT loops FROM callback_center.worker_status()');
+my $t0 = time();
+$node->pgbench(
+	'--no-vacuum --client=1 --transactions=300',
+	0,
+	[qr{processed: 300/300}],
+	[qr{^$}],
+	'enqueue with delivery paused',
+	{
+		'040_paused' => q{
+SELECT callback_center.enqueue('w.paid', 'paused', '{}');
+}
+	});
+my $elapsed = time() - $t0 + 1;
+my $paused_loops = $node->safe_psql('postgres', 'SELECT loops FROM callback_center.worker_status()') - $loops;
+ok($paused_loops <= 20 * $elapsed + 10,
+	"300 commits with delivery paused: $paused_loops worker loops in about $elapsed s (polls only)");
+$loops = $node->safe_psql('postgres', 'SELECT loops FROM callback_center.worker_status()');
+$node->safe_psql('postgres', 'SELECT callback_center.wake()');
+ok($node->poll_query_until('postgres',
+		"SELECT loops > $loops FROM callback_center.worker_status()"),
+	'wake() still wakes a paused worker');
+
 $node->stop;
 done_testing();
