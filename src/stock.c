@@ -418,9 +418,9 @@ stock_leave(const StockCall *call)
 	SetUserIdAndSecContext(call->save_userid, call->save_sec_context);
 }
 
-/* Reads a non-null int8 column of row 0 of the last SPI result. */
-static int64
-spi_int8(int col)
+/* Reads a non-null column of row 0 of the last SPI result. */
+static Datum
+spi_col(int col)
 {
 	bool		isnull;
 	Datum		d;
@@ -429,8 +429,11 @@ spi_int8(int col)
 					  &isnull);
 	if (isnull)
 		elog(ERROR, "unexpected null in stock row");
-	return DatumGetInt64(d);
+	return d;
 }
+
+#define spi_int8(col) DatumGetInt64(spi_col(col))
+#define spi_int4(col) DatumGetInt32(spi_col(col))
 
 /*
  * Orders two sku ids bytewise, as COLLATE "C" does: the lock order of
@@ -508,20 +511,6 @@ sort_and_merge(StockItem *items, int n)
 		out++;
 	}
 	return out;
-}
-
-/* Reads a non-null int4 column of row 0 of the last SPI result. */
-static int32
-spi_int4(int col)
-{
-	bool		isnull;
-	Datum		d;
-
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col,
-					  &isnull);
-	if (isnull)
-		elog(ERROR, "unexpected null in stock row");
-	return DatumGetInt32(d);
 }
 
 /* Fills o's available (the true total) and version from a fresh read. */
