@@ -138,9 +138,8 @@ cc_jobs_commit(MemoryContext cxt)
 }
 
 /*
- * Runs a one-row, one-column SELECT with nargs arguments in its own
- * transaction and returns its integer result (0 when NULL or not an
- * integer).  Errors propagate.
+ * Runs a one-row SELECT of one integer with nargs arguments in its own
+ * transaction and returns the integer (0 when NULL).  Errors propagate.
  */
 static int
 cc_jobs_call_args(MemoryContext cxt, const char *activity, const char *sql,
@@ -156,7 +155,7 @@ cc_jobs_call_args(MemoryContext cxt, const char *activity, const char *sql,
 		elog(ERROR, "callback_center jobs: \"%s\" failed", sql);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
 					  &isnull);
-	if (!isnull && SPI_gettypeid(SPI_tuptable->tupdesc, 1) == INT4OID)
+	if (!isnull)
 		n = DatumGetInt32(d);
 	cc_jobs_commit(cxt);
 	return n;
@@ -229,7 +228,7 @@ cc_jobs_close_one_by_one(MemoryContext cxt)
 		args[0] = CStringGetTextDatum(ids[i]);
 		args[1] = CStringGetTextDatum(failure);
 		(void) cc_jobs_call_args(cxt, "callback_center jobs: noting a failed close",
-								 "SELECT callback_center._note_close_failure($1, $2)",
+								 "SELECT 0 FROM callback_center._note_close_failure($1, $2)",
 								 2, args, types);
 	}
 	return closed;

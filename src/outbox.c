@@ -40,8 +40,8 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "common/hashfn.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_collation.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -72,10 +72,7 @@ typedef struct CcSubscriber
 	char	  **types;
 } CcSubscriber;
 
-/*
- * First key of the advisory lock on an aggregate of ordered endpoints
- * ("ccor"); enqueue_to in src/sql/10_outbox.sql uses the same number.
- */
+/* First key of the advisory lock on an aggregate of ordered endpoints ("ccor"). */
 #define CC_ORDER_LOCK_CLASS 1667460978
 
 /* Whether the current transaction queued at least one outbox row. */
@@ -88,6 +85,7 @@ static bool cc_outbox_callback_registered = false;
 static MemoryContext cc_subscribers_context = NULL;
 static CcSubscriber *cc_subscribers = NULL;
 static int	cc_nsubscribers = 0;
+static bool cc_any_ordered = false;	/* one of them is ordered */
 static bool cc_subscribers_valid = false;
 static Oid	cc_endpoints_relid = InvalidOid;
 static Oid	cc_outbox_relid = InvalidOid;
@@ -127,6 +125,7 @@ static SPIPlanPtr cc_keep_plan(const char *sql, int nargs, Oid *argtypes);
 PG_FUNCTION_INFO_V1(cc_outbox_note_enqueue);
 PG_FUNCTION_INFO_V1(cc_enqueue);
 PG_FUNCTION_INFO_V1(cc_outbox_endpoints_changed);
+PG_FUNCTION_INFO_V1(cc_outbox_lock_aggregate_sql);
 
 /*
  * At commit, wakes the worker if the transaction queued rows; whatever the
@@ -254,6 +253,7 @@ cc_load_subscribers(void)
 			 SPI_result_code_string(rc));
 
 	MemoryContextReset(cc_subscribers_context);
+	cc_any_ordered = false;
 	cc_subscribers = MemoryContextAllocZero(cc_subscribers_context,
 											sizeof(CcSubscriber) *
 											Max(SPI_processed, 1));
@@ -271,6 +271,8 @@ cc_load_subscribers(void)
 
 		sub->endpoint_id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
 		sub->ordered = DatumGetBool(SPI_getbinval(tuple, desc, 3, &isnull));
+		if (sub->ordered)
+			cc_any_ordered = true;
 		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)),
 						  TEXTOID, -1, false, TYPALIGN_INT,
 						  &elems, &elem_nulls, &n);
@@ -312,10 +314,10 @@ cc_subscribes(const CcSubscriber *sub, const char *event_type)
 
 /*
  * Takes the transaction-scoped lock that serializes enqueues for one
- * aggregate to ordered endpoints (see the head of this file).  It is the
- * lock of pg_advisory_xact_lock(CC_ORDER_LOCK_CLASS, hashtext(aggregate_id))
- * (hash_any of the bytes is hashtext's value under a deterministic
- * collation), so enqueue_to in SQL takes the same one.
+ * aggregate to ordered endpoints (see the head of this file): the lock of
+ * pg_advisory_xact_lock(CC_ORDER_LOCK_CLASS, hashtext(aggregate_id)), the
+ * one operators see in pg_locks.  enqueue_to takes it through
+ * _outbox_lock_aggregate(), so the key is computed in one place.
  */
 static void
 cc_outbox_lock_aggregate(text *aggregate_id)
@@ -323,11 +325,24 @@ cc_outbox_lock_aggregate(text *aggregate_id)
 	LOCKTAG		tag;
 	int32		key;
 
-	key = DatumGetInt32(hash_any((unsigned char *) VARDATA_ANY(aggregate_id),
-								 VARSIZE_ANY_EXHDR(aggregate_id)));
+	key = DatumGetInt32(DirectFunctionCall1Coll(hashtext,
+												DEFAULT_COLLATION_OID,
+												PointerGetDatum(aggregate_id)));
 	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) CC_ORDER_LOCK_CLASS,
 						 (uint32) key, 2);
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+}
+
+/*
+ * callback_center._outbox_lock_aggregate(aggregate_id): the SQL face of
+ * cc_outbox_lock_aggregate(), for SQL functions that insert outbox rows
+ * for an ordered endpoint.
+ */
+Datum
+cc_outbox_lock_aggregate_sql(PG_FUNCTION_ARGS)
+{
+	cc_outbox_lock_aggregate(PG_GETARG_TEXT_PP(0));
+	PG_RETURN_VOID();
 }
 
 /*
@@ -432,7 +447,7 @@ cc_enqueue(PG_FUNCTION_ARGS)
 			cc_insert_plan = cc_keep_plan(cc_insert_sql, 4, types);
 		}
 		/* Before any row gets its id: see the head of this file. */
-		for (i = 0; i < cc_nsubscribers; i++)
+		for (i = 0; cc_any_ordered && i < cc_nsubscribers; i++)
 			if (cc_subscribers[i].ordered &&
 				cc_subscribes(&cc_subscribers[i], event_type))
 			{

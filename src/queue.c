@@ -56,6 +56,19 @@ static const char *endpoints_sql =
 " WHERE e.enabled ORDER BY e.id";
 
 /*
+ * For an ordered endpoint (q.ordered), only the oldest undelivered event of
+ * each aggregate may go: the claim and the next-due look-up share this
+ * condition on outbox row o.
+ */
+#define AGGREGATE_HEAD \
+"       AND (NOT q.ordered OR NOT EXISTS (" \
+"             SELECT 1 FROM callback_center.outbox p" \
+"              WHERE p.endpoint_id = o.endpoint_id" \
+"                AND p.aggregate_id = o.aggregate_id" \
+"                AND p.status IN ('pending', 'delivering')" \
+"                AND p.id < o.id))"
+
+/*
  * When the first event the claim could take for each endpoint in $1 falls
  * due, in milliseconds after the claim's now() (0: it was due then).  For an
  * ordered endpoint ($2) only the head of each aggregate counts: events
@@ -69,12 +82,7 @@ static const char *next_due_sql =
 "    SELECT o.next_attempt_at AS t FROM callback_center.outbox o"
 "     WHERE o.endpoint_id = q.endpoint_id"
 "       AND o.status IN ('pending', 'delivering')"
-"       AND (NOT q.ordered OR NOT EXISTS ("
-"             SELECT 1 FROM callback_center.outbox p"
-"              WHERE p.endpoint_id = o.endpoint_id"
-"                AND p.aggregate_id = o.aggregate_id"
-"                AND p.status IN ('pending', 'delivering')"
-"                AND p.id < o.id))"
+AGGREGATE_HEAD
 "     ORDER BY o.next_attempt_at LIMIT 1) n";
 
 /*
@@ -95,12 +103,7 @@ static const char *claim_sql =
 "     WHERE o.endpoint_id = q.endpoint_id"
 "       AND o.status IN ('pending', 'delivering')"
 "       AND o.next_attempt_at <= now()"
-"       AND (NOT q.ordered OR NOT EXISTS ("
-"             SELECT 1 FROM callback_center.outbox p"
-"              WHERE p.endpoint_id = o.endpoint_id"
-"                AND p.aggregate_id = o.aggregate_id"
-"                AND p.status IN ('pending', 'delivering')"
-"                AND p.id < o.id))"
+AGGREGATE_HEAD
 "     ORDER BY o.next_attempt_at"
 "     LIMIT q.n"
 "     FOR UPDATE SKIP LOCKED) d)) "

@@ -613,6 +613,14 @@ AS 'MODULE_PATHNAME', 'cc_outbox_note_enqueue'
 LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
 REVOKE ALL ON FUNCTION callback_center._outbox_note_enqueue() FROM PUBLIC;
 
+-- Internal: the lock that makes an aggregate's ids follow commit order for
+-- ordered endpoints (src/outbox.c); enqueue() takes it itself.
+CREATE FUNCTION callback_center._outbox_lock_aggregate(aggregate_id text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'cc_outbox_lock_aggregate_sql'
+LANGUAGE C STRICT VOLATILE;
+REVOKE ALL ON FUNCTION callback_center._outbox_lock_aggregate(text) FROM PUBLIC;
+
 -- Queues one row per enabled endpoint subscribed to event_type (or to
 -- '*'), in the caller's transaction; returns how many (0: no subscriber).
 -- In C (src/outbox.c): a per-backend subscription list and a prepared
@@ -662,7 +670,7 @@ BEGIN
     -- lock enqueue() takes (src/outbox.c) makes ids follow commit order.
     IF EXISTS (SELECT 1 FROM callback_center.endpoints e
                 WHERE e.id = ep_id AND e.enabled AND e.ordered) THEN
-        PERFORM pg_advisory_xact_lock(1667460978, hashtext(enqueue_to.aggregate_id));
+        PERFORM callback_center._outbox_lock_aggregate(enqueue_to.aggregate_id);
     END IF;
     INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
     SELECT e.id, enqueue_to.event_type, enqueue_to.aggregate_id, enqueue_to.payload

@@ -281,8 +281,8 @@ BEGIN
     DELETE FROM callback_center.stock_slots AS t WHERE t.sku_id = p_sku;
     IF p_slots > 1 THEN
         INSERT INTO callback_center.stock_slots (sku_id, slot, available)
-        SELECT p_sku, i, total / p_slots + CASE WHEN i < total % p_slots THEN 1 ELSE 0 END
-          FROM pg_catalog.generate_series(0, p_slots - 1) AS i;
+        SELECT p_sku, i, 0 FROM pg_catalog.generate_series(0, p_slots - 1) AS i;
+        PERFORM callback_center._stock_spread(p_sku, total);
     END IF;
     UPDATE callback_center.stock AS s
        SET available = CASE WHEN p_slots > 1 THEN 0 ELSE total END,
