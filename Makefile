@@ -4,7 +4,11 @@
 #   make demo                     the end-to-end demo on a throwaway cluster (see README)
 #   make test                     every suite, each on clusters it starts itself
 #
-# The install script is generated from the pieces in src/sql/, in name order.
+# The current version's install script is generated from the pieces in
+# src/sql/, in name order.  Released versions are frozen files
+# (callback_center--0.1.0.sql), each followed by a hand-written upgrade
+# script to the next; every one is installed, so ALTER EXTENSION ... UPDATE
+# reaches the current version from any of them.
 
 EXTENSION = callback_center
 EXTVERSION = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\(.*\)'/\1/p" $(EXTENSION).control)
@@ -12,9 +16,10 @@ EXTVERSION = $(shell sed -n "s/^default_version[[:space:]]*=[[:space:]]*'\(.*\)'
 MODULE_big = callback_center
 OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
-DATA = $(wildcard $(EXTENSION)--*--*.sql)
+DATA = $(EXTENSION)--0.1.0.sql $(wildcard $(EXTENSION)--*--*.sql)
 SHLIB_LINK += -lcurl
-PG_CPPFLAGS += -I$(srcdir)/src
+# The library's version string is the control file's default_version.
+PG_CPPFLAGS += -I$(srcdir)/src -DCC_VERSION='"$(EXTVERSION)"'
 
 SQL_PIECES = $(sort $(wildcard src/sql/*.sql))
 

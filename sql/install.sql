@@ -32,3 +32,14 @@ DROP EXTENSION pgcrypto;
 CREATE EXTENSION callback_center;
 CREATE EXTENSION callback_center CASCADE;
 SELECT pid IS NOT NULL AS worker_visible FROM callback_center.worker_status();
+
+-- Every released version installs and updates to the current one (the
+-- catalog comparison and the data live in TAP test 095_upgrade).
+SELECT source, target, path FROM pg_extension_update_paths('callback_center')
+ WHERE path IS NOT NULL ORDER BY source, target;
+DROP EXTENSION callback_center;
+CREATE EXTENSION callback_center VERSION '0.1.0';
+SELECT extversion FROM pg_extension WHERE extname = 'callback_center';
+ALTER EXTENSION callback_center UPDATE;
+SELECT extversion FROM pg_extension WHERE extname = 'callback_center';
+SELECT pid IS NOT NULL AS worker_visible FROM callback_center.worker_status();

@@ -15,7 +15,9 @@
 #include "storage/spin.h"
 
 #define CC_EXTENSION_NAME	"callback_center"
-#define CC_VERSION			"0.1.0"
+#ifndef CC_VERSION
+#error "CC_VERSION comes from the Makefile (the control file's default_version)"
+#endif
 #define CC_WORKER_TYPE		"callback_center worker"
 
 /*
@@ -91,7 +93,16 @@ extern void cc_require_worker(const char *what);
 extern void cc_wake_worker(bool force);
 extern void cc_register_bgworker(const char *type, const char *function);
 extern void cc_worker_attach(CcWorkerSlot *slot);
-extern bool cc_extension_exists(void);
+/* Whether the extension is installed, and at the library's version. */
+typedef enum CcExtensionState
+{
+	CC_EXT_ABSENT,
+	CC_EXT_CURRENT,
+	CC_EXT_OTHER_VERSION
+} CcExtensionState;
+
+extern CcExtensionState cc_extension_state(void);
+extern void cc_refuse_old_schema(const char *function) pg_attribute_noreturn();
 
 /* worker.c */
 extern PGDLLEXPORT void callback_center_worker_main(Datum main_arg);

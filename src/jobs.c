@@ -326,7 +326,7 @@ callback_center_jobs_main(Datum main_arg)
 			 */
 			PG_TRY();
 			{
-				if (cc_extension_exists())
+				if (cc_extension_state() == CC_EXT_CURRENT)
 					more = cc_jobs_round(loop_context);
 			}
 			PG_CATCH();

@@ -855,7 +855,7 @@ callback_center_worker_main(Datum main_arg)
 		SpinLockRelease(&cc_shared->mutex);
 
 		oldcontext = MemoryContextSwitchTo(loop_context);
-		if (cc_extension_exists())
+		if (cc_extension_state() == CC_EXT_CURRENT)
 		{
 			if (!extension_was_ready)
 			{
