@@ -23,14 +23,14 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Runs a command as the unprivileged cluster owner, with a raised
-# open-file limit (runuser starts at 1024).
+# Runs a command as the unprivileged cluster owner with the open-file soft
+# limit raised to the hard limit: runuser's PAM session resets it to 1024,
+# so it is raised inside, after the switch.
 as_pg() {
     if [ "$(id -u)" -eq 0 ]; then
-        ulimit -n 65536 2>/dev/null || true
-        runuser -u "$CC_PG_USER" -- "$@"
+        runuser -u "$CC_PG_USER" -- bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' bash "$@"
     else
-        sudo -u "$CC_PG_USER" -- bash -c 'ulimit -n 65536 2>/dev/null; exec "$@"' bash "$@"
+        sudo -u "$CC_PG_USER" -- bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' bash "$@"
     fi
 }
 
