@@ -45,7 +45,7 @@ $(EXTENSION)--$(EXTVERSION).sql: $(SQL_PIECES) src/sql
 #   make regresscheck [REGRESS="stock outbox"]
 #   make isolationcheck [ISOLATION=stock_race]
 #   make tapcheck [PROVE_TESTS=test/t/001_worker.pl]
-.PHONY: regresscheck isolationcheck tapcheck test demo bench
+.PHONY: regresscheck isolationcheck tapcheck test demo bench bench-short
 regresscheck:
 	$(pg_regress_installcheck) $(REGRESS_OPTS) $(REGRESS)
 
@@ -62,8 +62,13 @@ test:
 demo:
 	bash test/demo.sh
 
+# One table, CSV and chart of every workload (bench/all.sh); bench-short
+# measures the same workloads small.
 bench:
-	bash bench/run.sh
+	bash bench/all.sh
+
+bench-short:
+	bash bench/all.sh --short
 
 # C unit tests of the pure policy functions (run by test/t/060_policy_unit.pl).
 test/unit/policy_test: test/unit/policy_test.c src/policy.c src/policy.h

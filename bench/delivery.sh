@@ -25,6 +25,7 @@
 # Method and figures: bench/README.md.
 set -u
 . "$(dirname "$0")/../test/lib.sh"
+. "$(dirname "$0")/csv.sh"
 
 QUICK=0
 for a in "$@"; do
@@ -240,6 +241,7 @@ for r in 1 2 3; do
 done
 wrk_rate=$(median "${wrk_rates[@]}")
 row "wrk -t2 -c$conns POST (the HTTP ceiling), median of 3" "$(printf '%.0f/s' "$wrk_rate")" "-" "report"
+bench_csv "HTTP ceiling: wrk POST to nginx" "$(bench_fmt "$wrk_rate")" "req/s" "" "" "" "" "" "" "" "report only"
 fi
 
 # --- 2. throughput ------------------------------------------------------------
@@ -267,9 +269,16 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 thr=$(median "${thr_rates[@]}")
 row "throughput, $N_THR events queued then drained, median of $ROUNDS (min $(printf '%s\n' "${thr_rates[@]}" | sort -g | head -1), max $(printf '%s\n' "${thr_rates[@]}" | sort -g | tail -1))" \
-    "$(printf '%.0f/s' "$thr")" ">= 10000/s" "$(verdict "$thr" 10000)"
-[ "$wrk_rate" != 0 ] &&
-    row "throughput / wrk" "$(awk -v a="$thr" -v b="$wrk_rate" 'BEGIN { printf "%.2f", a / b }')" "-" "report"
+    "$(printf '%.0f/s' "$thr")" ">= 20000/s" "$(verdict "$thr" 20000)"
+if [ "$wrk_rate" != 0 ]; then
+    thr_ratio=$(awk -v a="$thr" -v b="$wrk_rate" 'BEGIN { printf "%.2f", a / b }')
+    row "throughput / wrk" "$thr_ratio" ">= 0.30" "$(verdict "$thr_ratio" 0.30)"
+    read -r lo hi <<<"$(printf '%s\n' "${thr_rates[@]}" | sort -g | awk -v w="$wrk_rate" \
+        'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f %.2f", lo / w, hi / w }')"
+    bench_csv "delivery: $N_THR events drained vs wrk" "$(bench_fmt "$thr")" "events/s" \
+        "$(bench_fmt "$wrk_rate")" "$thr_ratio" "$lo" "$hi" "" "" "0.30" \
+        "$( [ "$(verdict "$thr_ratio" 0.30)" = PASS ] && [ "$(verdict "$thr" 20000)" = PASS ] && echo pass || echo FAIL)"
+fi
 fi
 
 # --- 3. latency ---------------------------------------------------------------
@@ -298,8 +307,11 @@ echo "    $n events: p50 $p50 ms, p90 $p90 ms, p99 $p99 ms, max $pmax ms"
 echo "    measured: outbox.delivered_at - outbox.created_at, i.e. from the start of"
 echo "    the enqueuing transaction (it commits right after) to the start of the"
 echo "    worker's recording transaction, which begins once the HTTP 200 is in"
-row "latency commit -> delivered at ${LAT_RATE}/s, p50 ($n events)" "$p50 ms" "<= 5 ms" "$(verdict "$p50" 5 le)"
-row "latency p99 / max" "$p99 ms / $pmax ms" "-" "report"
+row "latency commit -> delivered at ${LAT_RATE}/s, p50 ($n events)" "$p50 ms" "<= 2 ms" "$(verdict "$p50" 2 le)"
+row "latency p99 / max" "$p99 ms / $pmax ms" "<= 10 ms" "$(verdict "$p99" 10 le)"
+bench_csv "delivery latency at ${LAT_RATE}/s (commit to delivered)" "$n" "events" "" "" "" "" \
+    "$p50" "$p99" "p50 <= 2 ms; p99 <= 10 ms" \
+    "$( [ "$(verdict "$p50" 2 le)" = PASS ] && [ "$(verdict "$p99" 10 le)" = PASS ] && echo pass || echo FAIL)"
 fi
 
 # --- 4 and 5. a long drain: decay and memory -------------------------------------
@@ -346,6 +358,8 @@ awk 'BEGIN { prev = 0 } { rate = $3 / ($2 - prev); printf "    decile %2d: %7d e
 first=$(awk 'NR == 1 { printf "%.0f", $3 / $2 }' "$work/deciles.txt")
 last=$(awk '{ r = $3 / ($2 - prev); prev = $2 } END { printf "%.0f", r }' "$work/deciles.txt")
 ratio=$(awk -v a="$last" -v b="$first" 'BEGIN { printf "%.2f", a / b }')
+bench_csv "delivery: last / first 10% of $N_BIG events" "$last" "events/s" "$first" "$ratio" "" "" "" "" \
+    "0.90" "$( [ "$(verdict "$ratio" 0.9)" = PASS ] && echo pass || echo FAIL)"
 row "$N_BIG events: whole drain" "$(awk '{ n += $3; t = $2 } END { printf "%.0f/s", n / t }' "$work/deciles.txt")" "-" "report"
 row "last 10% / first 10% of $N_BIG ($last/s vs $first/s)" "$ratio" ">= 0.90" "$(verdict "$ratio" 0.9)"
 
@@ -363,6 +377,8 @@ read -r _ _ _ _ ctx2 <<<"$(grep '^idle:' "$work/mem.txt" | tail -1)"
 anon_ratio=$(awk -v a="$anon2" -v b="$anon1" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
 row "worker RssAnon, highest up to $half -> after $half deliveries" \
     "$anon1 -> $anon2 kB ($anon_ratio)" "<= 1.10" "$(verdict "$anon_ratio" 1.10 le)"
+bench_csv "delivery: worker memory, $half -> $N_BIG deliveries" "$anon2" "kB" "$anon1" "$anon_ratio" "" "" "" "" \
+    "<=1.10" "$( [ "$(verdict "$anon_ratio" 1.10 le)" = PASS ] && echo pass || echo FAIL)"
 if [ "$ctx1" -gt 0 ] && [ "$ctx2" -gt 0 ]; then
     ctx_ratio=$(awk -v a="$ctx2" -v b="$ctx1" 'BEGIN { printf "%.2f", a / b }')
     row "worker memory contexts at rest, before -> after the $N_BIG" "$ctx1 -> $ctx2 bytes ($ctx_ratio)" "<= 1.10" "$(verdict "$ctx_ratio" 1.10 le)"

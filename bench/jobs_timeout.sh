@@ -17,6 +17,7 @@
 #   BENCH_ORDERS=20000 BENCH_SECONDS=10 BENCH_CLIENTS=16 JOBS_BATCH=100 bash bench/jobs_timeout.sh
 set -u
 . "$(dirname "$0")/../test/lib.sh"
+. "$(dirname "$0")/csv.sh"
 
 BENCH_ORDERS=${BENCH_ORDERS:-100000}
 BENCH_SECONDS=${BENCH_SECONDS:-20}
@@ -137,6 +138,11 @@ during=$(calc "($c_wl - $c0) / ($t_wl - $t_on)" 0)
 overall=$(calc "($c_done - $c0) / ($t_done - $t_on)" 0)
 ratio=$(calc "$tps_with / $tps_before")
 ratio_after=$(calc "$tps_after / $tps_before")
+
+bench_csv "timeout close: $open expired orders while $BENCH_CLIENTS clients place orders" \
+    "$during" "closes/s" "" "" "" "" "" "" "" "report only"
+bench_csv "timeout close: place_order tps with the job vs without" "$(bench_fmt "$tps_with")" "tps" \
+    "$(bench_fmt "$tps_before")" "$ratio" "" "" "" "" "" "report only"
 
 cat <<TABLE
 

@@ -17,6 +17,7 @@
 # Case file format: bench/README.md.  Results: bench/results/latest.md.
 set -u
 . "$(dirname "$0")/../test/lib.sh"
+. "$(dirname "$0")/csv.sh"
 
 BENCH_ROUNDS=${BENCH_ROUNDS:-5}
 bench_dir=$CC_ROOT/bench
@@ -100,7 +101,7 @@ load1() { cut -d' ' -f1 /proc/loadavg; }
 mkdir -p "$results_dir"
 table=$work/table.md
 {
-    echo "| case | baseline | baseline tps | product tps | ratio (median) | ratio spread | rounds | load seen | target | verdict |"
+    echo "| case | baseline | baseline rate | product rate | ratio (median) | ratio spread | rounds | load seen | target | verdict |"
     echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
 } >"$table"
 failures=0
@@ -122,16 +123,19 @@ table_row() {
         verdict="FAIL"
         failures=$((failures + 1))
     fi
-    printf '| %s | %s | %.0f | %.0f | %s | %.2f-%.2f | %d | %s-%s | %s | %s |\n' \
-        "$name" "$label" "$b" "$p" "$r" "$rmin" "$rmax" "${#rl[@]}" \
+    printf '| %s | %s | %s %s | %s %s | %s | %.2f-%.2f | %d | %s-%s | %s | %s |\n' \
+        "$name" "$label" "$(bench_fmt "$b")" "$CASE_UNIT" "$(bench_fmt "$p")" "$CASE_UNIT" \
+        "$r" "$rmin" "$rmax" "${#rl[@]}" \
         "$load_min" "$load_max" "${target:--}" "$verdict" >>"$table"
+    bench_csv "$name vs $label" "$(bench_fmt "$p")" "$CASE_UNIT" "$(bench_fmt "$b")" "$r" \
+        "$(printf '%.2f' "$rmin")" "$(printf '%.2f' "$rmax")" "" "" "$target" "$verdict"
 }
 
 for f in "${cases[@]}"; do
     CASE_TITLE="" CASE_SETUP="" CASE_BASELINE="" CASE_PRODUCT=""
     CASE_BASELINE_TITLE="" CASE_BASELINE2="" CASE_BASELINE2_TITLE=""
     CASE_CONF="" CASE_TEARDOWN=""
-    CASE_CLIENTS=16 CASE_SECONDS=10 CASE_TARGET=""
+    CASE_CLIENTS=16 CASE_SECONDS=10 CASE_TARGET="" CASE_UNIT="tps"
     # shellcheck disable=SC1090
     . "$f"
     CASE_SECONDS=${BENCH_SECONDS:-$CASE_SECONDS}
@@ -212,8 +216,10 @@ for f in "${cases[@]}"; do
     fi
     if [ -z "$CASE_BASELINE" ]; then
         read -r p pmin pmax <<<"$(stats "${prod[@]}")"
-        printf '| %s | none (tps only) | - | %.0f (%.0f-%.0f) | - | - | %d | %s-%s | - | report only |\n' \
-            "$name" "$p" "$pmin" "$pmax" "${#prod[@]}" "$load_min" "$load_max" >>"$table"
+        printf '| %s | none (rate only) | - | %s (%s-%s) %s | - | - | %d | %s-%s | - | report only |\n' \
+            "$name" "$(bench_fmt "$p")" "$(bench_fmt "$pmin")" "$(bench_fmt "$pmax")" "$CASE_UNIT" \
+            "${#prod[@]}" "$load_min" "$load_max" >>"$table"
+        bench_csv "$name" "$(bench_fmt "$p")" "$CASE_UNIT" "" "" "" "" "" "" "" "report only"
         continue
     fi
     table_row "$name" "${CASE_BASELINE_TITLE:-baseline}" "$CASE_TARGET" base prod ratios

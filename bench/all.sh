@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# make bench: every workload, each against its baseline measured in the same
+# run, as ONE table (bench/results/summary.md), a CSV (summary.csv) and a
+# chart of the ratios against their targets (summary.png, gnuplot).
+#
+#   bash bench/all.sh             full run (about 30 to 40 minutes)
+#   bash bench/all.sh --short     the same workloads, small (under 2 minutes
+#                                 of measuring; builds and setups come on top)
+#   bash bench/all.sh --readme    also writes the table and the chart into
+#                                 README.md's Performance section
+#
+# The pieces (bench/run.sh for the pgbench cases, bench/delivery.sh against
+# nginx and wrk, bench/jobs_timeout.sh) start their own clusters and servers
+# and each write one line per measurement through bench/csv.sh.
+set -u
+. "$(dirname "$0")/../test/lib.sh"
+. "$(dirname "$0")/csv.sh"
+
+SHORT=0 README=0
+for a in "$@"; do
+    case $a in
+        --short) SHORT=1 ;;
+        --readme) README=1 ;;
+        *) echo "usage: $0 [--short] [--readme]" >&2; exit 2 ;;
+    esac
+done
+
+CC_PACKAGES="$CC_PACKAGES gnuplot-nox"
+cc_ensure_packages || exit 1
+results=$CC_ROOT/bench/results
+mkdir -p "$results"
+export BENCH_CSV=$results/summary.csv
+rm -f "$BENCH_CSV"
+started=$(date -u '+%Y-%m-%d %H:%M UTC')
+
+if [ $SHORT = 1 ]; then
+    # recon_1m's setup alone loads 3,000,000 rows: left to the full run.
+    BENCH_ROUNDS=3 BENCH_SECONDS=3 bash "$CC_ROOT/bench/run.sh" \
+        stock_deduct stock_hot callback_record outbox_enqueue orders_payment_callback
+    DELIVERY_STEPS="wrk thr lat" bash "$CC_ROOT/bench/delivery.sh" --quick
+    BENCH_ORDERS=5000 BENCH_SECONDS=5 bash "$CC_ROOT/bench/jobs_timeout.sh"
+else
+    BENCH_ROUNDS=${BENCH_ROUNDS:-3} bash "$CC_ROOT/bench/run.sh"
+    bash "$CC_ROOT/bench/delivery.sh"
+    bash "$CC_ROOT/bench/jobs_timeout.sh"
+fi
+
+[ -s "$BENCH_CSV" ] || { echo "no results were written" >&2; exit 1; }
+cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
+machine="$(nproc) CPUs ($cpu), $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo),"
+machine="$machine PostgreSQL $("$CC_BINDIR/postgres" --version | awk '{ print $3 }'), synchronous_commit on"
+mode=$([ $SHORT = 1 ] && echo "short mode (--short: 3 s pgbench rounds, quick delivery sizes)" || echo "full run")
+
+# The table.
+{
+    echo "$started, $machine; $mode. Ratios are product / baseline of the same round,"
+    echo "median of the rounds with their spread; method: [bench/README.md](bench/README.md)."
+    echo
+    echo "| workload | ours | baseline (same run) | ratio | spread | p50 / p99 | target | verdict |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---|"
+    tail -n +2 "$BENCH_CSV" | while IFS=, read -r w fig unit base r rmin rmax p50 p99 target verdict; do
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$w" \
+            "$fig $unit" "${base:--}" "${r:--}" \
+            "$([ -n "$rmin" ] && echo "$rmin-$rmax" || echo -)" \
+            "$([ -n "$p50" ] && echo "$p50 / $p99 ms" || echo -)" "${target:--}" "$verdict"
+    done
+} >"$results/summary.md"
+
+# The chart: each workload's ratio (or figure, for latency and memory, as
+# a share of its target) beside its target.
+awk -F, 'NR > 1 && $5 != "" && $10 != "" {
+            t = $10; sub(/^<=/, "", t); gsub(/"/, "", $1)
+            printf "\"%s\" %s %s\n", $1, $5, t }' "$BENCH_CSV" >"$results/summary.dat"
+if [ -s "$results/summary.dat" ] && command -v gnuplot >/dev/null; then
+    gnuplot <<PLOT
+set terminal pngcairo size 1100,$((160 + 34 * $(wc -l <"$results/summary.dat"))) font "DejaVu Sans,10"
+set output "$results/summary.png"
+set title "callback_center: ratio to the same-run baseline (bars) and target (marks)\n$started, $(nproc) CPUs, PostgreSQL $CC_PG_VERSION"
+set style data histogram
+set style fill solid 0.8 border -1
+set yrange [0:*]
+set xtics rotate by -30 left
+set key top right
+set grid ytics
+set bmargin 12
+plot "$results/summary.dat" using 2:xtic(1) title "ratio" lc rgb "#3b7dd8", \
+     "" using 0:3 with points pt 7 ps 1.5 lc rgb "#d83b3b" title "target"
+PLOT
+fi
+
+cat "$results/summary.md"
+echo
+echo "written to bench/results/summary.md, summary.csv$([ -f "$results/summary.png" ] && echo ', summary.png')"
+
+if [ $README = 1 ]; then
+    cp "$results/summary.png" "$CC_ROOT/doc/bench.png" 2>/dev/null
+    python3 - "$CC_ROOT/README.md" "$results/summary.md" <<'PY'
+import sys
+readme, table = sys.argv[1], open(sys.argv[2]).read().rstrip() + "\n"
+s = open(readme).read()
+a, b = "<!-- bench:table -->", "<!-- /bench:table -->"
+i, j = s.index(a) + len(a), s.index(b)
+s = s[:i] + "\n" + table + "\n![Ratios against targets](doc/bench.png)\n" + s[j:]
+open(readme, "w").write(s)
+PY
+    echo "README.md's Performance section and doc/bench.png updated"
+fi
