@@ -20,7 +20,7 @@
 #include "utils/guc.h"
 
 #include "allowlist.h"
-#include "callback_center.h"
+#include "errcodes.h"
 
 PG_FUNCTION_INFO_V1(cc_check_destination);
 

@@ -31,8 +31,8 @@
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
-#include "callback_center.h"
 #include "callbacks.h"
+#include "errcodes.h"
 #include "signature.h"
 
 int			cc_signature_tolerance_s = 300;

@@ -58,7 +58,25 @@
 #include "utils/rel.h"
 #include "utils/syscache.h"
 
-#include "callback_center.h"
+#include "errcodes.h"
+#include "fsm.h"
+
+/* callback_center.actor: the application's claim of who acts. */
+static char *cc_actor = NULL;
+
+/* Defines the state machines' settings. */
+void
+cc_fsm_define_gucs(void)
+{
+	DefineCustomStringVariable("callback_center.actor",
+							   "Who is making the current change, recorded in state history.",
+							   "Set it per transaction (SET LOCAL) in application code; empty means the current role.",
+							   &cc_actor,
+							   "",
+							   PGC_USERSET,
+							   0,
+							   NULL, NULL, NULL);
+}
 
 PG_FUNCTION_INFO_V1(cc_fsm_trigger);
 PG_FUNCTION_INFO_V1(cc_fsm_trigger_v2);

@@ -49,7 +49,6 @@
 #include "utils/wait_event.h"
 
 #include "allowlist.h"
-#include "callback_center.h"
 #include "http.h"
 
 /* How long one wait for socket activity may last. */

@@ -18,7 +18,6 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 
-#include "callback_center.h"
 #include "http.h"
 
 #define PROBE_MAX_TIMEOUT_MS	3600000

@@ -41,11 +41,13 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "callback_center.h"
+#include "extension.h"
 #include "jobs.h"
+#include "shmem.h"
 
 /* Settings (PGC_SIGHUP: the worker re-reads them live). */
 static bool cc_jobs_enabled = true;
+static int	cc_pay_timeout_s = 1800;
 static int	cc_jobs_interval_ms = 1000;
 static int	cc_jobs_batch = 100;
 static int	cc_pay_query_after_s = 300;
@@ -60,6 +62,16 @@ PG_FUNCTION_INFO_V1(cc_jobs_status);
 void
 cc_jobs_define_gucs(void)
 {
+	DefineCustomIntVariable("callback_center.pay_timeout",
+							"How long a placed order may stay unpaid before it is closed.",
+							"place_order() sets each order's pay deadline from it.",
+							&cc_pay_timeout_s,
+							1800,
+							1,
+							30 * 24 * 3600,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
 	DefineCustomBoolVariable("callback_center.jobs_enabled",
 							 "Whether the jobs worker closes expired orders and queries stuck payments.",
 							 "Turned off, expired orders wait; closing them later is still exactly once.",

@@ -59,8 +59,8 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 
-#include "callback_center.h"
-#include "outbox.h"
+#include "extension.h"
+#include "shmem.h"
 
 /* One enabled endpoint and the event types it subscribes to. */
 typedef struct CcSubscriber
@@ -160,7 +160,7 @@ cc_outbox_xact_callback(XactEvent event, void *arg)
  * Records that the current transaction queued outbox rows, so that its
  * commit wakes the worker.  Safe to call any number of times.
  */
-void
+static void
 cc_outbox_note_enqueued(void)
 {
 	if (!cc_outbox_callback_registered)

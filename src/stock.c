@@ -48,7 +48,7 @@
 #include "utils/numeric.h"
 #include "utils/syscache.h"
 
-#include "callback_center.h"
+#include "errcodes.h"
 
 PG_FUNCTION_INFO_V1(cc_deduct_stock);
 PG_FUNCTION_INFO_V1(cc_deduct_stock_items);

@@ -32,11 +32,13 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "callback_center.h"
+#include "extension.h"
 #include "http.h"
 #include "policy.h"
 #include "queue.h"
+#include "shmem.h"
 #include "signature.h"
+#include "worker.h"
 
 /*
  * How long a round should take for one endpoint: an endpoint is given

@@ -23,14 +23,14 @@ as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
 
-# Runs a command as the unprivileged cluster owner, with a raised
-# open-file limit (runuser starts at 1024).
+# Runs a command as the unprivileged cluster owner with the open-file soft
+# limit raised to the hard limit: runuser's PAM session resets it to 1024,
+# so it is raised inside, after the switch.
 as_pg() {
     if [ "$(id -u)" -eq 0 ]; then
-        ulimit -n 65536 2>/dev/null || true
-        runuser -u "$CC_PG_USER" -- "$@"
+        runuser -u "$CC_PG_USER" -- bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' bash "$@"
     else
-        sudo -u "$CC_PG_USER" -- bash -c 'ulimit -n 65536 2>/dev/null; exec "$@"' bash "$@"
+        sudo -u "$CC_PG_USER" -- bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' bash "$@"
     fi
 }
 
@@ -170,4 +170,37 @@ cc_pgbench_tps() {
         return 1
     fi
     printf '%s\n' "$out" | sed -n 's/^tps = \([0-9.]*\) (without initial connection time)/\1/p'
+}
+
+# --- released versions, for the upgrade test ------------------------------
+#
+# Release 0.1.0 is commit a022782 of main.  cc_build_release builds it from
+# git into a relocated copy of the PostgreSQL tree (test/private_pg.sh) of
+# its own, so that a test can run a cluster with the old library, then
+# switch it to the current one.  Prints the installation prefix (the
+# directory holding bin/).  The tree is kept and reused while the commit is
+# the same.
+CC_RELEASE_0_1_0=a0227820b5a348649fbbf5bc35a6c982e85454bd
+
+cc_build_release() {
+    local commit=$1 dir=${2:-/tmp/callback_center_release_$1} src bindir
+    git -C "$CC_ROOT" rev-parse -q --verify "$commit^{commit}" >/dev/null 2>&1 || {
+        echo "release commit $commit is not in $CC_ROOT (a clone with history is needed)" >&2
+        return 1
+    }
+    if [ ! -f "$dir/built" ]; then
+        as_root rm -rf "$dir"
+        bindir=$(bash "$CC_ROOT/test/private_pg.sh" "$dir") || return 1
+        # Nothing of the current build may stay in the copy.
+        as_root rm -f "$dir"/usr/lib/postgresql/$CC_PG_VERSION/lib/callback_center.so \
+            "$dir"/usr/share/postgresql/$CC_PG_VERSION/extension/callback_center*
+        src=$(mktemp -d /tmp/callback_center_src.XXXXXX)
+        git -C "$CC_ROOT" archive "$commit" | tar -x -C "$src" || return 1
+        make -C "$src" -s PG_CONFIG="$bindir/pg_config" >/dev/null 2>&1 &&
+            as_root make -C "$src" -s install PG_CONFIG="$bindir/pg_config" >/dev/null 2>&1 ||
+            { echo "could not build release $commit" >&2; rm -rf "$src"; return 1; }
+        rm -rf "$src"
+        as_root touch "$dir/built"
+    fi
+    echo "$dir/usr/lib/postgresql/$CC_PG_VERSION"
 }

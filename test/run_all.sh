@@ -8,6 +8,13 @@ set -u
 
 cc_ensure_packages || exit 1
 cc_build_install || { echo "build failed"; echo "0 passed, 1 failed"; exit 1; }
+# Release 0.1.0 for the upgrade test (test/t/095_upgrade.pl), unless the run
+# leaves the TAP suite out.
+if [ "${CC_PROVE:-}" != none ]; then
+    cc_say "building release 0.1.0 for the upgrade test"
+    CC_RELEASE_INSTALL=$(cc_build_release "$CC_RELEASE_0_1_0") || CC_RELEASE_INSTALL=
+    export CC_RELEASE_INSTALL
+fi
 
 work=$(cc_work_copy)
 # Logs belong to whoever runs this (the work copy belongs to postgres).

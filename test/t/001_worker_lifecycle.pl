@@ -9,6 +9,13 @@ use CallbackCenterTest;
 
 my $node = cc_node('lifecycle');
 
+# The server may open as many files as the machine allows: test/lib.sh
+# raises the soft limit that runuser resets to 1024 (the delivery and
+# bench runs keep hundreds of sockets open).
+my ($soft, $hard) = slurp_file('/proc/' . $node->safe_psql('postgres', 'SELECT pg_backend_pid()') . '/limits')
+  =~ /^Max open files\s+(\d+)\s+(\d+)/m;
+is($soft, $hard, "open-file soft limit raised to the hard limit ($soft of $hard)");
+
 ok($node->poll_query_until('postgres',
 		q{SELECT count(*) = 1 FROM pg_stat_activity
 		  WHERE backend_type = 'callback_center worker' AND datname = 'postgres'}),
