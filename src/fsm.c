@@ -59,6 +59,7 @@
 #include "utils/syscache.h"
 
 #include "errcodes.h"
+#include "extension.h"
 #include "fsm.h"
 
 /* callback_center.actor: the application's claim of who acts. */

@@ -270,4 +270,21 @@ is(sqlstate('r_plain', "COPY public.feeder FROM stdin;\n5\tajar\n\\.\n"),
 is($node->safe_psql('r_plain', q{SELECT string_agg(id || ':' || state, ',' ORDER BY id) FROM public.lockers}),
 	'1:ajar,2:gone,3:shut', 'only the owner\'s, the superuser\'s and the legal rows went in');
 
+# A partitioned table: the machine's triggers fire on the partition, the
+# COPY names the parent.
+$node->safe_psql('r_plain', q{
+	CREATE TABLE public.shelves (id integer, state text NOT NULL) PARTITION BY RANGE (id);
+	CREATE TABLE public.shelves_low PARTITION OF public.shelves FOR VALUES FROM (0) TO (100);
+	ALTER TABLE public.shelves OWNER TO locker_owner;
+	ALTER TABLE public.shelves_low OWNER TO locker_owner;
+	SELECT callback_center.attach_state_machine('public.shelves', 'state', 'door');
+	GRANT SELECT, INSERT ON public.shelves TO clerk;
+});
+is(sqlstate('r_plain', "COPY public.shelves FROM stdin;\n1\tajar\n\\.\n", '-U', 'locker_owner'),
+	'ok', "the owner's COPY into the partitioned parent loads a row past its first state");
+is(sqlstate('r_plain', "COPY public.shelves FROM stdin;\n2\tajar\n\\.\n", '-U', 'clerk'),
+	'CB010', "the clerk's is checked");
+is(sqlstate('r_plain', q{INSERT INTO public.shelves VALUES (3, 'ajar')}, '-U', 'locker_owner'),
+	'CB010', "the owner's INSERT into it is checked");
+
 done_testing();
