@@ -97,10 +97,10 @@ SELECT p.oid::regprocedure AS app_executable
 --        apply_event); _saga_lock, _saga_mark (saga_run runs its steps with
 --        the caller's rights, so it is SECURITY INVOKER; called directly
 --        they only lock a saga or move its bookkeeping forward).
---   admin: the same; _fsm_require_machine, _fsm_trigger_name
---        (attach_state_machine); _purge_batch, _purge_check, _purge_targets
---        (the procedure purge_in_batches, which commits between batches and
---        so cannot be SECURITY DEFINER).
+--   admin: the same; _fsm_require_machine, _fsm_trigger_name,
+--        _fsm_unknown_state (attach_state_machine); _purge_batch,
+--        _purge_check, _purge_targets (the procedure purge_in_batches, which
+--        commits between batches and so cannot be SECURITY DEFINER).
 SELECT p.oid::regprocedure AS internal_function,
        has_function_privilege('callback_center_app', p.oid, 'EXECUTE') AS app,
        has_function_privilege('callback_center_admin', p.oid, 'EXECUTE') AS admin,
@@ -112,7 +112,8 @@ SELECT p.oid::regprocedure AS internal_function,
         OR has_function_privilege('callback_center_admin', p.oid, 'EXECUTE'))
  ORDER BY p.oid::regprocedure::text;
 -- 4. Tables and sequences the application role can read (reviewed list)
--- and that no secret is among them.
+-- and that no secret is among them.  The outbox is not here: the app reads
+-- every column of it but payload (column privileges, sql/fsm_security.sql).
 SELECT c.oid::regclass AS app_readable
   FROM pg_class c
  WHERE c.relnamespace = 'callback_center'::regnamespace

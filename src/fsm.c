@@ -30,6 +30,7 @@
 
 #include "access/htup_details.h"
 #include "catalog/namespace.h"
+#include "catalog/partition.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_trigger.h"
 #include "catalog/pg_type.h"
@@ -37,9 +38,14 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
+#include "nodes/parsenodes.h"
 #include "nodes/pg_list.h"
+#include "nodes/plannodes.h"
+#include "tcop/pquery.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
@@ -48,10 +54,12 @@
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/portal.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 
 #include "errcodes.h"
+#include "extension.h"
 #include "fsm.h"
 
 /* callback_center.actor: the application's claim of who acts. */
@@ -72,6 +80,8 @@ cc_fsm_define_gucs(void)
 }
 
 PG_FUNCTION_INFO_V1(cc_fsm_trigger);
+PG_FUNCTION_INFO_V1(cc_fsm_trigger_v2);
+PG_FUNCTION_INFO_V1(cc_fsm_unknown_state);
 PG_FUNCTION_INFO_V1(cc_fsm_invalidate);
 PG_FUNCTION_INFO_V1(cc_fsm_installing);
 
@@ -431,33 +441,36 @@ fsm_row_jsonb(HeapTuple newtuple, TupleDesc desc)
 }
 
 /*
- * Appends the history row and calls enqueue() once per emitted event type
- * with row (from fsm_row_jsonb) in the payload.  Must run inside SPI, as the
+ * Appends the history row and calls enqueue() once per emitted event type.
+ * The payload names the machine, the entity, both states and the event,
+ * and carries row (from fsm_payload_row) only when the attachment chose
+ * columns for it: row is (Datum) 0 otherwise.  Must run inside SPI, as the
  * extension owner, and must run no code the table's owner controls: see
  * fsm_row_jsonb.  from and t are NULL for an insert.  t must not point into
  * the cache: enqueue() may fire this trigger on another table, which may
- * reload the cache.
+ * reload the cache.  actor is the application's claim, session_role the
+ * role the server authenticated (session_user).
  */
 static void
 fsm_record(const char *machine, const char *table_name, const char *entity_id,
 		   const char *from, const char *to, FsmTransition *t,
-		   const char *actor, Datum row)
+		   const char *actor, const char *session_role, Datum row)
 {
-	Datum		values[7];
-	char		nulls[7];
+	Datum		values[8];
+	char		nulls[8];
 	int			i;
 
 	if (fsm_history_plan == NULL)
 	{
-		Oid			types[7] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-		TEXTOID, TEXTOID, TEXTOID};
+		Oid			types[8] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+		TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 		SPIPlanPtr	plan;
 
 		plan = SPI_prepare("INSERT INTO callback_center.state_history"
 						   " (machine, table_name, entity_id, from_state,"
-						   " to_state, event, actor)"
-						   " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-						   7, types);
+						   " to_state, event, actor, session_role)"
+						   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+						   8, types);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s",
 				 SPI_result_code_string(SPI_result));
@@ -479,6 +492,7 @@ fsm_record(const char *machine, const char *table_name, const char *entity_id,
 	else
 		nulls[5] = 'n';
 	values[6] = CStringGetTextDatum(actor);
+	values[7] = CStringGetTextDatum(session_role);
 	if (SPI_execute_plan(fsm_history_plan, values, nulls, false, 0)
 		!= SPI_OK_INSERT)
 		elog(ERROR, "could not insert into callback_center.state_history");
@@ -492,11 +506,18 @@ fsm_record(const char *machine, const char *table_name, const char *entity_id,
 		TEXTOID, TEXTOID, JSONBOID};
 		SPIPlanPtr	plan;
 
-		/* Looked up by name: whichever enqueue() is installed now. */
+		/*
+		 * Looked up by name: whichever enqueue() is installed now.  Every
+		 * other name is qualified, the plan being made under the session's
+		 * search_path.
+		 */
 		plan = SPI_prepare("SELECT callback_center.enqueue($1, $2,"
 						   " pg_catalog.jsonb_build_object("
 						   "'machine', $3, 'entity_id', $2, 'from', $4,"
-						   " 'to', $5, 'event', $6, 'row', $7))",
+						   " 'to', $5, 'event', $6)"
+						   " OPERATOR(pg_catalog.||) CASE WHEN $7 IS NULL"
+						   " THEN '{}'::pg_catalog.jsonb"
+						   " ELSE pg_catalog.jsonb_build_object('row', $7) END)",
 						   7, types);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s",
@@ -511,7 +532,10 @@ fsm_record(const char *machine, const char *table_name, const char *entity_id,
 	values[3] = CStringGetTextDatum(from);
 	values[4] = CStringGetTextDatum(to);
 	values[5] = CStringGetTextDatum(t->event);
-	values[6] = row;
+	if (row != (Datum) 0)
+		values[6] = row;
+	else
+		nulls[6] = 'n';
 	for (i = 0; i < t->nemits; i++)
 	{
 		values[0] = CStringGetTextDatum(t->emits[i]);
@@ -532,6 +556,87 @@ fsm_column(Relation rel, const char *table_name, const char *colname)
 				 errmsg("column \"%s\" of table %s does not exist",
 						colname, table_name)));
 	return fnum;
+}
+
+/*
+ * The payload's row: the columns the attachment named (trigger arguments
+ * after the third), as a JSON object, or the whole row for the one name
+ * "*"; (Datum) 0 when it named none.  Call it as the invoking user: see
+ * fsm_row_jsonb.  Raises 42703 for a named column the table no longer has.
+ */
+static Datum
+fsm_payload_row(Relation rel, const char *table_name, Trigger *trigger,
+				HeapTuple newtuple)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	int			ncols = trigger->tgnargs - 3;
+	TupleDesc	pdesc;
+	Datum	   *values;
+	bool	   *nulls;
+
+	if (ncols <= 0)
+		return (Datum) 0;
+	if (ncols == 1 && strcmp(trigger->tgargs[3], "*") == 0)
+		return fsm_row_jsonb(newtuple, desc);
+
+	pdesc = CreateTemplateTupleDesc(ncols);
+	values = palloc(sizeof(Datum) * ncols);
+	nulls = palloc(sizeof(bool) * ncols);
+	for (int i = 0; i < ncols; i++)
+	{
+		int			fnum = fsm_column(rel, table_name, trigger->tgargs[3 + i]);
+		Form_pg_attribute att = TupleDescAttr(desc, fnum - 1);
+
+		TupleDescInitEntry(pdesc, i + 1, NameStr(att->attname),
+						   att->atttypid, att->atttypmod, 0);
+		values[i] = heap_getattr(newtuple, fnum, desc, &nulls[i]);
+	}
+	pdesc = BlessTupleDesc(pdesc);
+	return fsm_row_jsonb(heap_form_tuple(pdesc, values, nulls), pdesc);
+}
+
+/*
+ * True when the row comes from a COPY FROM into this very table (or into a
+ * partitioned table above it) that the table's owner or a superuser runs as
+ * the session's statement, outside any SECURITY DEFINER function: what
+ * pg_restore and psql of a dump do.  Such rows are loaded as they are, as
+ * ALTER TABLE ... DISABLE TRIGGER would let them in (which that role may do
+ * anyway).  A COPY by any other role, a row a trigger inserts into this
+ * table during a COPY into another one, INSERT and UPDATE are all checked.
+ * It reads the portal the statement runs in rather than a hook, so it holds
+ * when the library is first loaded by this very trigger, in the middle of
+ * the COPY (a session where it is not preloaded).
+ */
+static bool
+fsm_owner_copy(Relation rel, int sec_context)
+{
+	Portal		portal = ActivePortal;
+	PlannedStmt *pstmt;
+	CopyStmt   *copy;
+	Oid			relid = RelationGetRelid(rel);
+	Oid			target;
+
+	if (portal == NULL || portal->commandTag != CMDTAG_COPY ||
+		list_length(portal->stmts) != 1)
+		return false;
+	if ((sec_context & (SECURITY_LOCAL_USERID_CHANGE |
+						SECURITY_RESTRICTED_OPERATION)) != 0)
+		return false;
+	pstmt = linitial_node(PlannedStmt, portal->stmts);
+	if (pstmt->commandType != CMD_UTILITY ||
+		pstmt->utilityStmt == NULL || !IsA(pstmt->utilityStmt, CopyStmt))
+		return false;
+	copy = (CopyStmt *) pstmt->utilityStmt;
+	if (!copy->is_from || copy->relation == NULL)
+		return false;
+	target = RangeVarGetRelid(copy->relation, NoLock, true);
+	if (!OidIsValid(target))
+		return false;
+	if (target != relid &&
+		!(rel->rd_rel->relispartition &&
+		  list_member_oid(get_partition_ancestors(relid), target)))
+		return false;
+	return pg_class_ownercheck(relid, GetUserId());
 }
 
 /*
@@ -642,8 +747,9 @@ fsm_require_pair(Relation rel, Trigger *trigger, bool before,
 
 /*
  * Row trigger on INSERT OR UPDATE OF <state column>, arguments (machine,
- * state_column, id_column), created twice by attach_state_machine(): once
- * BEFORE and once AFTER, with the same arguments.
+ * state_column, id_column, payload columns...), created twice by
+ * attach_state_machine(): once BEFORE and once AFTER, with the same
+ * arguments.
  *
  * BEFORE, under the row lock and before the write: lets a row in only if
  * its state is an initial state, and lets an update through only if the
@@ -654,14 +760,17 @@ fsm_require_pair(Relation rel, Trigger *trigger, bool before,
  * NOTHING skipped, nor for a row another BEFORE trigger dropped): checks
  * the written row the same way (another BEFORE trigger may have changed
  * it), appends one history row and calls enqueue() for each event type the
- * transition emits, with the row as written.  All in the caller's
- * transaction: if the statement fails, none of it stays.
+ * transition emits, with the payload columns of the row as written.  All in
+ * the caller's transaction: if the statement fails, none of it stays.
+ *
+ * A row that the table's owner (or a superuser) loads with COPY FROM into
+ * that table passes both halves untouched: see fsm_owner_copy.
  *
  * Raises CB010 (illegal move), CB011 (unknown state or machine), 22004
  * (NULL state or id), 39P01 (not fired as such a pair).
  */
 Datum
-cc_fsm_trigger(PG_FUNCTION_ARGS)
+cc_fsm_trigger_v2(PG_FUNCTION_ARGS)
 {
 	TriggerData *trigdata = (TriggerData *) fcinfo->context;
 	Trigger    *trigger;
@@ -700,15 +809,29 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 				 errmsg("callback_center.fsm_trigger() must be fired BEFORE or AFTER INSERT OR UPDATE FOR EACH ROW")));
 	before = TRIGGER_FIRED_BEFORE(trigdata->tg_event);
 	trigger = trigdata->tg_trigger;
-	if (trigger->tgnargs != 3)
+	if (trigger->tgnargs < 3)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("callback_center.fsm_trigger() takes 3 arguments, got %d",
+				 errmsg("callback_center.fsm_trigger() takes at least 3 arguments, got %d",
 						trigger->tgnargs),
 				 errhint("Use callback_center.attach_state_machine() to create the trigger.")));
 
-	machine = trigger->tgargs[0];
 	rel = trigdata->tg_relation;
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		oldtuple = trigdata->tg_trigtuple;
+		newtuple = trigdata->tg_newtuple;
+	}
+	else
+		newtuple = trigdata->tg_trigtuple;
+
+	/* A restore, or its like: the rows go in as they are. */
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event) &&
+		fsm_owner_copy(rel, save_sec_context))
+		return PointerGetDatum(before ? newtuple : NULL);
+
+	machine = trigger->tgargs[0];
 	desc = RelationGetDescr(rel);
 	table_name = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
 											RelationGetRelationName(rel));
@@ -722,14 +845,6 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 						trigger->tgargs[1], table_name,
 						format_type_be(state_type)),
 				 errdetail("A state column must be of type text or varchar.")));
-
-	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
-	{
-		oldtuple = trigdata->tg_trigtuple;
-		newtuple = trigdata->tg_newtuple;
-	}
-	else
-		newtuple = trigdata->tg_trigtuple;
 
 	d = SPI_getbinval(newtuple, desc, state_col, &isnull);
 	if (isnull)
@@ -772,7 +887,6 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 	 * needs SPI only to load the cache.
 	 */
 	use_spi = !before || !fsm_cache_valid;
-	GetUserIdAndSecContext(&save_userid, &save_sec_context);
 	if (use_spi)
 	{
 		if (SPI_connect() != SPI_OK_CONNECT)
@@ -800,13 +914,19 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 	{
 		FsmTransition *copy = NULL;
 		char	   *actor;
+		char	   *session_role;
 		Datum		row = (Datum) 0;
 
-		/* Whose change it is: the setting, else the role acting now. */
+		/*
+		 * Whose change it is: the application's claim (the setting, which
+		 * any role may set), else the role acting now; and beside it the
+		 * role the session authenticated as, which no setting changes.
+		 */
 		if (cc_actor != NULL && cc_actor[0] != '\0')
 			actor = pstrdup(cc_actor);
 		else
 			actor = GetUserNameFromId(save_userid, false);
+		session_role = GetUserNameFromId(GetSessionUserId(), false);
 
 		if (t != NULL)
 		{
@@ -819,15 +939,15 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 		}
 
 		/* The row's JSON runs user code: back to the invoking user for it. */
-		if (copy != NULL && copy->nemits > 0)
+		if (copy != NULL && copy->nemits > 0 && trigger->tgnargs > 3)
 		{
 			SetUserIdAndSecContext(save_userid, save_sec_context);
-			row = fsm_row_jsonb(newtuple, desc);
+			row = fsm_payload_row(rel, table_name, trigger, newtuple);
 			SetUserIdAndSecContext(owner,
 								   save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
 		}
 		fsm_record(machine, table_name, entity_id, old_state, new_state,
-				   copy, actor, row);
+				   copy, actor, session_role, row);
 	}
 
 	if (use_spi)
@@ -837,6 +957,109 @@ cc_fsm_trigger(PG_FUNCTION_ARGS)
 	}
 
 	return PointerGetDatum(before ? newtuple : NULL);
+}
+
+/*
+ * The 0.1.0 entry point: its schema has no state_history.session_role.
+ */
+Datum
+cc_fsm_trigger(PG_FUNCTION_ARGS)
+{
+	cc_refuse_old_schema("callback_center.fsm_trigger");
+}
+
+/*
+ * _fsm_unknown_state(tbl regclass, state_column name, states text[]):
+ * the first non-NULL value of tbl.state_column that is not in states, or
+ * NULL.  attach_state_machine() asks it.  The scan may run code the table's
+ * owner wrote (a row-level security policy it forces on itself), so it
+ * runs as that owner, as a security-restricted operation with search_path
+ * pg_catalog, pg_temp, as ANALYZE and CREATE INDEX run a table's
+ * expressions: never with the rights of the admin who attaches.  Raises
+ * 42501 unless the caller has the TRIGGER privilege on tbl.
+ */
+Datum
+cc_fsm_unknown_state(PG_FUNCTION_ARGS)
+{
+	Oid			relid;
+	char	   *colname;
+	Datum		states;
+	HeapTuple	reltup;
+	Form_pg_class relform;
+	Oid			owner;
+	char	   *qrel;
+	const char *qcol;
+	char	   *query;
+	Oid			argtypes[1] = {TEXTARRAYOID};
+	Datum		args[1];
+	Oid			save_userid;
+	int			save_sec_context;
+	int			save_nestlevel;
+	char	   *bad = NULL;
+	int			rc;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("tbl, state_column and states cannot be null")));
+	relid = PG_GETARG_OID(0);
+	colname = NameStr(*PG_GETARG_NAME(1));
+	states = PG_GETARG_DATUM(2);
+
+	reltup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(reltup))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation with OID %u does not exist", relid)));
+	relform = (Form_pg_class) GETSTRUCT(reltup);
+	owner = relform->relowner;
+	qrel = quote_qualified_identifier(get_namespace_name(relform->relnamespace),
+									  NameStr(relform->relname));
+	ReleaseSysCache(reltup);
+
+	if (pg_class_aclcheck(relid, GetUserId(), ACL_TRIGGER) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for table %s", qrel),
+				 errdetail("Attaching a state machine needs the TRIGGER privilege on the table.")));
+
+	qcol = quote_identifier(colname);
+	query = psprintf("SELECT %s::pg_catalog.text FROM %s"
+					 " WHERE %s IS NOT NULL AND NOT (%s::pg_catalog.text"
+					 " OPERATOR(pg_catalog.=) ANY ($1)) LIMIT 1",
+					 qcol, qrel, qcol, qcol);
+	args[0] = states;
+
+	GetUserIdAndSecContext(&save_userid, &save_sec_context);
+	SetUserIdAndSecContext(owner, save_sec_context |
+						   SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	save_nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	rc = SPI_execute_with_args(query, 1, argtypes, args, NULL, true, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not scan %s: %s", qrel, SPI_result_code_string(rc));
+	if (SPI_processed > 0)
+	{
+		char	   *v = SPI_getvalue(SPI_tuptable->vals[0],
+									 SPI_tuptable->tupdesc, 1);
+
+		if (v != NULL)
+			bad = MemoryContextStrdup(TopTransactionContext, v);
+	}
+	SPI_finish();
+
+	AtEOXact_GUC(false, save_nestlevel);
+	SetUserIdAndSecContext(save_userid, save_sec_context);
+
+	if (bad == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(bad));
 }
 
 /*

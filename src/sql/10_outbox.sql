@@ -167,10 +167,15 @@ SELECT e.id, e.name, e.url, e.event_types, e.timeout_ms, e.retry_schedule,
 COMMENT ON VIEW callback_center.endpoint_config IS
     'Endpoint settings without secrets; max_attempts is the effective limit';
 
--- Grants.  The app reads settings and the outbox it writes; the admin also
--- reads secrets and manages retry schedules (built-ins are guarded).
+-- Grants.  The app reads settings and the outbox it writes, but not the
+-- payloads: an event may carry columns of a table some members of the app
+-- role may not read (doc/fsm.md); the admin also reads payloads and
+-- secrets and manages retry schedules (built-ins are guarded).
 GRANT SELECT ON callback_center.endpoint_config TO callback_center_admin, callback_center_app;
-GRANT SELECT ON callback_center.outbox TO callback_center_admin, callback_center_app;
+GRANT SELECT ON callback_center.outbox TO callback_center_admin;
+GRANT SELECT (id, endpoint_id, event_type, aggregate_id, status, attempts, next_attempt_at,
+              created_at, delivered_at, last_http_status, last_error)
+    ON callback_center.outbox TO callback_center_app;
 GRANT SELECT ON callback_center.retry_schedules TO callback_center_admin, callback_center_app;
 GRANT INSERT (name, delays), UPDATE (delays), DELETE
     ON callback_center.retry_schedules TO callback_center_admin;

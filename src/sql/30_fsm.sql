@@ -9,7 +9,10 @@
 -- written in state_history and emits the outbox events the transition
 -- names.  Rows the install script writes are marked builtin; pg_dump keeps
 -- only the others (the script recreates the built-in ones), and keeps the
--- emits chosen later for built-in transitions in builtin_emits.
+-- emits chosen later for built-in transitions in builtin_emits.  A restore
+-- loads rows as they are: COPY FROM by the table's owner (or a superuser)
+-- into the table passes the trigger untouched (doc/fsm.md, "Dump and
+-- restore").
 -- ------------------------------------------------------------------------
 
 CREATE TABLE callback_center.state_machines (
@@ -72,8 +75,9 @@ CREATE TABLE callback_center.state_history (
     from_state  text,                   -- NULL: the row was inserted
     to_state    text NOT NULL,
     event       text,                   -- NULL on insert
-    actor       text NOT NULL,
-    at          timestamptz NOT NULL DEFAULT now()
+    actor       text NOT NULL,          -- the application's claim (callback_center.actor)
+    at          timestamptz NOT NULL DEFAULT now(),
+    session_role text                   -- session_user; NULL in rows written before 0.2.0
 );
 
 CREATE INDEX state_history_entity_idx
@@ -151,12 +155,13 @@ LANGUAGE C STABLE;
 
 REVOKE ALL ON FUNCTION callback_center._fsm_installing() FROM PUBLIC;
 
--- fsm_trigger(machine, state_column, id_column): INSERT OR UPDATE OF
--- state_column FOR EACH ROW, twice: BEFORE (checks the move) and AFTER
--- (records the rows written).  Made by attach_state_machine().
+-- fsm_trigger(machine, state_column, id_column, payload columns...):
+-- INSERT OR UPDATE OF state_column FOR EACH ROW, twice: BEFORE (checks the
+-- move) and AFTER (records the rows written).  Made by
+-- attach_state_machine().  Symbol _v2: it writes state_history.session_role.
 CREATE FUNCTION callback_center.fsm_trigger()
 RETURNS trigger
-AS 'MODULE_PATHNAME', 'cc_fsm_trigger'
+AS 'MODULE_PATHNAME', 'cc_fsm_trigger_v2'
 LANGUAGE C;
 
 COMMENT ON FUNCTION callback_center.fsm_trigger() IS
@@ -428,18 +433,30 @@ $$;
 
 -- Every attached machine, read from the triggers themselves (so it cannot
 -- drift from them): one row per BEFORE trigger; its AFTER twin, which
--- records history, has the same arguments.
+-- records history, has the same arguments.  payload_columns: what emitted
+-- events carry as row ('{*}': the whole row; '{}': no row).
 CREATE VIEW callback_center.state_machine_attachments AS
 SELECT t.tgrelid::regclass AS table_name,
        a[2]::name AS state_column,
        a[1] AS machine,
        a[3]::name AS id_column,
-       t.tgname AS trigger_name
+       t.tgname AS trigger_name,
+       a[4:]::name[] AS payload_columns
   FROM pg_catalog.pg_trigger t
   CROSS JOIN LATERAL callback_center._fsm_trigger_args(t.tgargs) AS a
  WHERE t.tgfoid = 'callback_center.fsm_trigger()'::pg_catalog.regprocedure
-   AND t.tgnargs = 3
+   AND t.tgnargs >= 3
    AND (t.tgtype & 2) <> 0;            -- TRIGGER_TYPE_BEFORE
+
+-- The first state of tbl.state_column not in states, scanned as the table's
+-- owner (a security-restricted operation): the scan may run the owner's
+-- code (a row-level security policy), which must never run with the rights
+-- of the admin who attaches.  42501 without TRIGGER on tbl.  Internal.
+CREATE FUNCTION callback_center._fsm_unknown_state(tbl regclass, state_column name,
+                                                   states text[])
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_fsm_unknown_state'
+LANGUAGE C;
 
 GRANT SELECT ON callback_center.state_machine_attachments
     TO callback_center_admin, callback_center_app;
@@ -448,18 +465,24 @@ GRANT SELECT ON callback_center.state_machine_attachments
 -- BEFORE INSERT OR UPDATE OF it (checks each move under the row lock) and
 -- cc_fsm_<column>_log AFTER INSERT OR UPDATE OF it (records history and
 -- emits, only for rows actually written); a suffix _2, _3... is added
--- should a name be taken.  Runs with the
--- caller's rights (creating the trigger needs TRIGGER on tbl).  Returns
--- true when it attached, false when the same machine was already attached
--- the same way.  Raises 22004, 42809 (not a table), 42703 (no such column),
--- 42804 (state column not text or varchar), CB011 (no such machine, or a
--- row holds a state the machine does not know), 42710 (another machine or
--- id column is attached to that column).
+-- should a name be taken.  payload_columns are the columns emitted events
+-- carry as row ('{}', the default: no row, only the id, the states and the
+-- event; '{*}': the whole row).  Runs with the caller's rights (creating
+-- the trigger needs TRIGGER on tbl); the scan of the rows already there
+-- runs as the table's owner (_fsm_unknown_state).  Returns true when it
+-- attached (or changed the payload columns of the same attachment), false
+-- when the same machine was already attached the same way.  Raises 22004,
+-- 22023 (payload columns repeated, or '*' with others), 42809 (not a
+-- table), 42703 (no such column), 42804 (state column not text or
+-- varchar), CB011 (no such machine, or a row holds a state the machine does
+-- not know), 42710 (another machine or id column is attached to that
+-- column), 42501 (no TRIGGER privilege).
 CREATE FUNCTION callback_center.attach_state_machine(
     tbl regclass,
     state_column name,
     machine text,
-    id_column name DEFAULT 'id')
+    id_column name DEFAULT 'id',
+    payload_columns name[] DEFAULT '{}')
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
@@ -469,12 +492,15 @@ DECLARE
     state_type oid;
     existing record;
     bad text;
+    col name;
+    trigger_args text;
     trigger_name name;
     log_trigger_name name;
 BEGIN
-    IF tbl IS NULL OR state_column IS NULL OR machine IS NULL OR id_column IS NULL THEN
+    IF tbl IS NULL OR state_column IS NULL OR machine IS NULL OR id_column IS NULL
+       OR payload_columns IS NULL OR array_position(payload_columns, NULL) IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'tbl, state_column, machine and id_column cannot be null';
+            MESSAGE = 'tbl, state_column, machine, id_column and payload_columns (and its elements) cannot be null';
     END IF;
     SELECT c.relkind INTO kind FROM pg_class c WHERE c.oid = tbl;
     IF kind NOT IN ('r', 'p') THEN
@@ -501,39 +527,63 @@ BEGIN
             MESSAGE = format('column "%s" of table %s does not exist', id_column, tbl),
             HINT = 'Pass the column that identifies a row as id_column.';
     END IF;
+    IF '*' = ANY (payload_columns) AND cardinality(payload_columns) > 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'payload column "*" (the whole row) cannot be listed with other columns';
+    END IF;
+    IF (SELECT count(DISTINCT c) FROM unnest(payload_columns) c) < cardinality(payload_columns) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'payload columns cannot repeat';
+    END IF;
+    FOREACH col IN ARRAY payload_columns LOOP
+        CONTINUE WHEN col = '*';
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = tbl AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION USING ERRCODE = '42703',
+                MESSAGE = format('column "%s" of table %s does not exist', col, tbl),
+                HINT = 'payload_columns names the columns emitted events carry.';
+        END IF;
+    END LOOP;
     PERFORM callback_center._fsm_require_machine(machine);
 
     SELECT * INTO existing FROM callback_center.state_machine_attachments s
      WHERE s.table_name = tbl AND s.state_column = attach_state_machine.state_column;
     IF FOUND THEN
-        IF existing.machine = machine AND existing.id_column = id_column THEN
+        IF existing.machine <> machine OR existing.id_column <> id_column THEN
+            RAISE EXCEPTION USING ERRCODE = '42710',
+                MESSAGE = format('column "%s" of table %s already has state machine "%s" attached',
+                                 state_column, tbl, existing.machine),
+                HINT = 'Detach it first with callback_center.detach_state_machine().';
+        END IF;
+        IF existing.payload_columns = payload_columns THEN
             RETURN false;
         END IF;
-        RAISE EXCEPTION USING ERRCODE = '42710',
-            MESSAGE = format('column "%s" of table %s already has state machine "%s" attached',
-                             state_column, tbl, existing.machine),
-            HINT = 'Detach it first with callback_center.detach_state_machine().';
+        -- Only the payload changes: the pair is made again.
+        PERFORM callback_center.detach_state_machine(tbl, state_column);
+    ELSE
+        -- Rows already there must be in states the machine knows.
+        bad := callback_center._fsm_unknown_state(tbl, state_column,
+                   ARRAY(SELECT s.state FROM callback_center.machine_states s
+                          WHERE s.machine = attach_state_machine.machine));
+        IF bad IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB011',
+                MESSAGE = format('unknown state "%s" in state machine "%s"', bad, machine),
+                DETAIL = format('Table %s already has rows in that state.', tbl);
+        END IF;
     END IF;
 
-    -- Rows already there must be in states the machine knows.
-    EXECUTE format('SELECT %1$I::text FROM %2$s WHERE %1$I IS NOT NULL AND %1$I::text NOT IN '
-                   '(SELECT s.state FROM callback_center.machine_states s WHERE s.machine = $1) LIMIT 1',
-                   state_column, tbl)
-       INTO bad USING machine;
-    IF bad IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'CB011',
-            MESSAGE = format('unknown state "%s" in state machine "%s"', bad, machine),
-            DETAIL = format('Table %s already has rows in that state.', tbl);
-    END IF;
-
+    SELECT string_agg(quote_literal(a), ', ' ORDER BY n) INTO trigger_args
+      FROM unnest(ARRAY[machine, state_column::text, id_column::text]
+                  || payload_columns::text[]) WITH ORDINALITY AS u(a, n);
     trigger_name := callback_center._fsm_trigger_name(tbl, 'cc_fsm_' || state_column);
     EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %I ON %s FOR EACH ROW '
-                   'EXECUTE FUNCTION callback_center.fsm_trigger(%L, %L, %L)',
-                   trigger_name, state_column, tbl, machine, state_column, id_column);
+                   'EXECUTE FUNCTION callback_center.fsm_trigger(%s)',
+                   trigger_name, state_column, tbl, trigger_args);
     log_trigger_name := callback_center._fsm_trigger_name(tbl, 'cc_fsm_' || state_column || '_log');
     EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OF %I ON %s FOR EACH ROW '
-                   'EXECUTE FUNCTION callback_center.fsm_trigger(%L, %L, %L)',
-                   log_trigger_name, state_column, tbl, machine, state_column, id_column);
+                   'EXECUTE FUNCTION callback_center.fsm_trigger(%s)',
+                   log_trigger_name, state_column, tbl, trigger_args);
     RETURN true;
 END
 $$;
@@ -568,8 +618,8 @@ BEGIN
         SELECT t.tgname FROM pg_trigger t
          WHERE t.tgrelid = tbl
            AND t.tgfoid = 'callback_center.fsm_trigger()'::regprocedure
-           AND t.tgnargs = 3
-           AND callback_center._fsm_trigger_args(t.tgargs)
+           AND t.tgnargs >= 3
+           AND (callback_center._fsm_trigger_args(t.tgargs))[1:3]
                = ARRAY[att.machine, state_column::text, att.id_column::text]
     LOOP
         EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
@@ -581,22 +631,24 @@ REVOKE ALL ON FUNCTION callback_center.create_state_machine(text, text),
     callback_center._fsm_require_machine(text),
     callback_center._fsm_require_state(text, text),
     callback_center._fsm_trigger_name(regclass, text),
+    callback_center._fsm_unknown_state(regclass, name, text[]),
     callback_center.add_state(text, text, boolean, boolean),
     callback_center.add_transition(text, text, text, text, text[]),
     callback_center.set_transition_emits(text, text, text, text[]),
-    callback_center.attach_state_machine(regclass, name, text, name),
+    callback_center.attach_state_machine(regclass, name, text, name, name[]),
     callback_center.detach_state_machine(regclass, name)
     FROM PUBLIC;
--- attach_state_machine() runs with the caller's rights: its two helpers
+-- attach_state_machine() runs with the caller's rights: its three helpers
 -- are granted too.  _fsm_require_state is called only by SECURITY DEFINER
 -- functions (as the owner) and granted to no one.
 GRANT EXECUTE ON FUNCTION callback_center.create_state_machine(text, text),
     callback_center._fsm_require_machine(text),
     callback_center._fsm_trigger_name(regclass, text),
+    callback_center._fsm_unknown_state(regclass, name, text[]),
     callback_center.add_state(text, text, boolean, boolean),
     callback_center.add_transition(text, text, text, text, text[]),
     callback_center.set_transition_emits(text, text, text, text[]),
-    callback_center.attach_state_machine(regclass, name, text, name),
+    callback_center.attach_state_machine(regclass, name, text, name, name[]),
     callback_center.detach_state_machine(regclass, name)
     TO callback_center_admin;
 

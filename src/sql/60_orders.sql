@@ -68,10 +68,12 @@ UPDATE callback_center.state_machines SET builtin = true WHERE machine = 'coupon
 UPDATE callback_center.machine_states SET builtin = true WHERE machine = 'coupon';
 UPDATE callback_center.transitions SET builtin = true WHERE machine = 'coupon';
 
-SELECT callback_center.attach_state_machine('callback_center.coupons', 'status', 'coupon', 'coupon_id');
-SELECT callback_center.attach_state_machine('callback_center.orders', 'status', 'order', 'order_id');
-SELECT callback_center.attach_state_machine('callback_center.orders', 'pay_status', 'order_pay', 'order_id');
-SELECT callback_center.attach_state_machine('callback_center.payments', 'status', 'payment', 'payment_id');
+-- Their events carry the whole row (payload_columns '{*}'): only the
+-- admin reads outbox payloads.
+SELECT callback_center.attach_state_machine('callback_center.coupons', 'status', 'coupon', 'coupon_id', '{*}');
+SELECT callback_center.attach_state_machine('callback_center.orders', 'status', 'order', 'order_id', '{*}');
+SELECT callback_center.attach_state_machine('callback_center.orders', 'pay_status', 'order_pay', 'order_id', '{*}');
+SELECT callback_center.attach_state_machine('callback_center.payments', 'status', 'payment', 'payment_id', '{*}');
 
 -- Callbacks follow state changes: these transitions emit outbox events.
 SELECT callback_center.set_transition_emits('order', 'pending_confirmation', 'confirmed', '{order.placed}');

@@ -46,7 +46,7 @@ CREATE TABLE callback_center.replay_audit (
     endpoint_id integer NOT NULL,
     attempts_before integer NOT NULL,
     last_error  text,
-    replayed_by text NOT NULL DEFAULT current_user,
+    replayed_by text NOT NULL DEFAULT session_user,  -- who asked (not the definer)
     reason      text,
     replayed_at timestamptz NOT NULL DEFAULT now()
 );
