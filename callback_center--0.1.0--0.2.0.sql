@@ -214,6 +214,25 @@ SELECT callback_center.attach_state_machine('callback_center.orders', 'status', 
 SELECT callback_center.attach_state_machine('callback_center.orders', 'pay_status', 'order_pay', 'order_id', '{*}');
 SELECT callback_center.attach_state_machine('callback_center.payments', 'status', 'payment', 'payment_id', '{*}');
 
+-- Machines users attached under 0.1.0 keep emitting the whole row, as they
+-- did: what receivers of their events read must not change with the update.
+-- New attachments name their payload columns (none by default).
+DO $$
+DECLARE
+    att record;
+BEGIN
+    FOR att IN
+        SELECT a.table_name, a.state_column, a.machine, a.id_column
+          FROM callback_center.state_machine_attachments a
+          JOIN pg_catalog.pg_class c ON c.oid = a.table_name
+         WHERE c.relnamespace <> 'callback_center'::pg_catalog.regnamespace
+    LOOP
+        PERFORM callback_center.attach_state_machine(att.table_name, att.state_column,
+                                                     att.machine, att.id_column, '{*}');
+    END LOOP;
+END
+$$;
+
 REVOKE SELECT ON callback_center.outbox FROM callback_center_app;
 GRANT SELECT (id, endpoint_id, event_type, aggregate_id, status, attempts, next_attempt_at,
               created_at, delivered_at, last_http_status, last_error)

@@ -229,6 +229,9 @@ like($err, qr/CB010|illegal transition|no transition/i, 'the attached machine st
 is($ret, 0, 'and allows a legal one');
 is(sql(q{SELECT count(*) FROM callback_center.state_history WHERE entity_id = '2' AND to_state = 'ajar'}),
 	'1', 'which is recorded in the history');
+is(sql(q{SELECT payload->'row'->>'state' FROM callback_center.outbox
+          WHERE event_type = 'door.opened' AND aggregate_id = '2' ORDER BY id DESC LIMIT 1}),
+	'ajar', 'a machine attached under 0.1.0 still emits the whole row');
 
 like(sql(pay_call('m-3', 'payment.succeeded', 'up-3', 1500)), qr/^200 true /,
 	'the provider secret of 0.1.0 verifies a payment after the update');
