@@ -16,3 +16,504 @@
 --     symbol (name_v2); the old symbol stays in the library and refuses with
 --     a hint to run this script, as pg_stat_statements does across versions.
 \echo Use "ALTER EXTENSION callback_center UPDATE TO '0.2.0'" to load this file. \quit
+
+-- Orders, payments, TCC and sagas: a verdict (callback, active-query answer,
+-- reconciliation line) applies only to a payment of the provider that
+-- brought it, with amount and currency equal.
+
+-- The parsed message carries its currency; the verdict takes it.
+DROP FUNCTION callback_center._parse_payment_body(text, text);
+CREATE OR REPLACE FUNCTION callback_center._parse_payment_body(scheme text, body text,
+    OUT txn_id text, OUT order_id text, OUT amount_cents bigint, OUT verdict text,
+    OUT event_id text, OUT event_type text, OUT currency text)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ev jsonb;
+    obj jsonb;
+BEGIN
+    BEGIN
+        ev := body::jsonb;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION USING ERRCODE = '22P02', MESSAGE = 'payment callback body is not valid JSON';
+    END;
+    IF jsonb_typeof(ev) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'payment callback body is not a JSON object';
+    END IF;
+    event_type := ev->>'type';
+    IF scheme = 'stripe' THEN
+        event_id := ev->>'id';
+        obj := ev->'data'->'object';
+        txn_id := obj->>'id';
+        order_id := obj->'metadata'->>'order_id';
+        currency := obj->>'currency';
+        -- One event type means money: payment_intent.succeeded.  charge.*
+        -- events describe the same money again and are ignored, so that a
+        -- payment is never applied twice under two ids (pi_ and ch_).
+        verdict := CASE event_type
+            WHEN 'payment_intent.succeeded' THEN 'success'
+            WHEN 'payment_intent.payment_failed' THEN 'attempt_failed'
+            WHEN 'payment_intent.canceled' THEN 'failure' END;
+        amount_cents := (CASE WHEN verdict = 'success'
+                              THEN coalesce(obj->>'amount_received', obj->>'amount')
+                              ELSE obj->>'amount' END)::bigint;
+        IF event_id IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = 'payment callback body lacks an event id',
+                DETAIL = format('Scheme stripe, event type %s.', coalesce(event_type, '(none)'));
+        END IF;
+    ELSE
+        obj := ev->'data';
+        txn_id := obj->>'txn_id';
+        order_id := obj->>'order_id';
+        amount_cents := (obj->>'amount_cents')::bigint;
+        currency := obj->>'currency';
+        verdict := CASE event_type WHEN 'payment.succeeded' THEN 'success'
+                                   WHEN 'payment.failed' THEN 'failure' END;
+    END IF;
+    IF verdict IS NOT NULL AND (txn_id IS NULL OR order_id IS NULL) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'payment callback body lacks a transaction id or an order id',
+            DETAIL = format('Scheme %s, event type %s.', scheme, event_type);
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._parse_payment_body(text, text) FROM PUBLIC;
+DROP FUNCTION callback_center._apply_payment_result(text, text, text, bigint, text, text);
+CREATE OR REPLACE FUNCTION callback_center._apply_payment_result(
+    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
+    p_currency text, p_verdict text, p_source text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+    pay callback_center.payments;
+    owner text;
+    expected bigint;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', p_order_id),
+            DETAIL = format('Transaction %s from provider %s.', p_txn_id, p_provider),
+            HINT = 'Nothing was recorded; the provider will deliver it again.';
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+
+    IF p_verdict IS NULL THEN
+        RETURN 'ignored';
+    END IF;
+    -- Whose payment it is: another provider's word on it, signed or not,
+    -- is no word at all.
+    owner := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
+    IF owner IS DISTINCT FROM p_provider THEN
+        PERFORM callback_center.enqueue('payment.provider_mismatch', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'payment_provider', owner, 'verdict', p_verdict,
+                               'source', p_source));
+        RETURN 'provider_mismatch';
+    END IF;
+    IF p_verdict = 'attempt_failed' THEN
+        -- The customer may retry on the same transaction: the payment stays
+        -- open until a success, a terminal failure or the timeout close.
+        RETURN 'attempt_failed';
+    END IF;
+    expected := coalesce(pay.amount_cents, o.amount_cents);
+    IF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected)
+       OR (p_verdict <> 'success' AND p_amount_cents <> expected)
+       OR upper(p_currency) <> o.currency THEN
+        PERFORM callback_center.enqueue('payment.amount_mismatch', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'expected_cents', expected, 'received_cents', p_amount_cents,
+                               'expected_currency', o.currency, 'received_currency', p_currency,
+                               'source', p_source));
+        RETURN 'amount_mismatch';
+    END IF;
+
+    IF p_verdict = 'success' THEN
+        IF pay.provider_txn_id = p_txn_id THEN
+            -- Told twice of the same money (a callback and a query answer).
+            RETURN CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
+                        THEN 'refund_required' ELSE 'already_applied' END;
+        END IF;
+        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'success');
+            IF o.coupon_id IS NOT NULL THEN
+                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
+            END IF;
+            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_success');
+            RETURN 'paid';
+        END IF;
+        -- Late money: kept once per transaction, never reopening the order.
+        INSERT INTO callback_center.late_payments
+               (provider, provider_txn_id, order_id, payment_id, amount_cents,
+                order_status, pay_status, payment_status, source)
+        VALUES (p_provider, p_txn_id, o.order_id, pay.payment_id,
+                coalesce(p_amount_cents, pay.amount_cents),
+                o.status, o.pay_status, pay.status, p_source)
+        ON CONFLICT (provider, provider_txn_id) DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN 'refund_required';
+        END IF;
+        IF pay.status IN ('CLOSED', 'FAILED') AND pay.provider_txn_id IS NULL THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                pay.payment_id, 'late_success');
+        END IF;
+        PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'amount_cents', coalesce(p_amount_cents, pay.amount_cents),
+                               'order_status', o.status, 'pay_status', o.pay_status,
+                               'source', p_source));
+        RETURN 'refund_required';
+    END IF;
+
+    IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'close');
+        PERFORM callback_center.restore_stock(o.order_id);
+        IF o.coupon_id IS NOT NULL THEN
+            PERFORM callback_center.unfreeze_coupon(o.coupon_id, o.order_id);
+        END IF;
+        RETURN 'pay_failed';
+    END IF;
+    RETURN 'ignored';
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._apply_payment_result(text, text, text, bigint, text, text, text)
+    FROM PUBLIC;
+CREATE OR REPLACE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_provider text := payment_callback.provider;
+    cb_type text := 'payment:' || p_provider;
+    scheme text;
+    msg record;
+    msg_id text;
+    rec record;
+    result text;
+    ack constant text := '{"received":true}';
+BEGIN
+    IF p_provider IS NULL OR payment_callback.headers IS NULL OR payment_callback.body IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider, headers and body must not be null';
+    END IF;
+    -- Verification comes first: a bad signature raises and records nothing.
+    PERFORM callback_center.verify_signature(p_provider, payment_callback.headers, payment_callback.body);
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
+    msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+    IF scheme = 'stripe' THEN
+        msg_id := msg.event_id;
+    ELSE
+        -- verify_signature found exactly one, whatever its spelling.
+        SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
+         WHERE lower(h.key) = 'webhook-id';
+    END IF;
+
+    SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, payment_callback.body);
+    IF NOT rec.is_first THEN
+        IF rec.payload_mismatch THEN
+            RETURN QUERY SELECT 409, '{"received":false,"reason":"payload differs from the first delivery"}',
+                                false, 'payload_mismatch';
+        ELSIF rec.status = 2 THEN
+            RETURN QUERY SELECT coalesce((rec.result->>'http_status')::int, 200),
+                                coalesce(rec.result->>'body', ack), false,
+                                coalesce(rec.result->>'outcome', 'processed');
+        ELSIF rec.status = 1 THEN
+            -- Recorded but not finished (by a handler that records and
+            -- processes in separate transactions): the provider must come back.
+            RETURN QUERY SELECT 503, '{"received":false,"reason":"in progress"}', false, 'in_progress';
+        ELSE
+            -- Failed with no retries left (see reclaim_stale_callbacks): not
+            -- acknowledged, so the provider keeps it visible as failing.
+            RETURN QUERY SELECT 500, '{"received":false,"reason":"processing failed"}', false, 'failed';
+        END IF;
+        RETURN;
+    END IF;
+
+    IF msg.verdict IS NULL THEN
+        result := 'ignored';
+    ELSE
+        result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
+                                                        msg.amount_cents, msg.currency, msg.verdict,
+                                                        'callback');
+    END IF;
+
+    PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result,
+                           'order_id', msg.order_id, 'txn_id', msg.txn_id,
+                           'event_type', msg.event_type));
+    RETURN QUERY SELECT 200, ack, true, result;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center._apply_query_answer(query_id bigint, answer text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    q callback_center.payment_queries;
+    scheme text;
+    msg record;
+    result text;
+BEGIN
+    SELECT * INTO q FROM callback_center.payment_queries x WHERE x.id = query_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('payment query %s does not exist', query_id);
+    END IF;
+    IF q.status <> 'sent' THEN
+        RETURN q.outcome;
+    END IF;
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = q.provider;
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, coalesce(answer, ''));
+    EXCEPTION WHEN data_exception THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = SQLERRM, finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END;
+    IF msg.order_id IS DISTINCT FROM q.order_id THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = format('the answer is about order "%s", not "%s"', msg.order_id, q.order_id),
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END IF;
+    result := callback_center._apply_payment_result(q.provider, msg.txn_id, msg.order_id,
+                                                    msg.amount_cents, msg.currency, msg.verdict,
+                                                    'query');
+    UPDATE callback_center.payment_queries x
+       SET status = 'answered', answer = _apply_query_answer.answer, outcome = result,
+           finished_at = now()
+     WHERE x.id = q.id;
+    RETURN result;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.reconcile(channel text, bill_date date,
+    grace interval DEFAULT '30 minutes')
+RETURNS TABLE (kind text, count bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_channel text := reconcile.channel;
+    p_date date := reconcile.bill_date;
+    day_start timestamptz;
+    day_end timestamptz;
+    run_at timestamptz := clock_timestamp();
+    r record;
+    applied_ids bigint[];
+    o callback_center.orders;
+    pay callback_center.payments;
+    outcome text;
+BEGIN
+    IF p_channel IS NULL OR p_date IS NULL OR reconcile.grace IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'channel, bill_date and grace must not be null';
+    END IF;
+    IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
+    END IF;
+    day_start := p_date::timestamptz;
+    day_end := (p_date + 1)::timestamptz;
+
+    -- Serialise runs for one (channel, bill_date).
+    PERFORM pg_advisory_xact_lock(hashtextextended(
+        'callback_center.recon:' || p_channel || ':' || p_date::text, 0));
+
+    -- One pass: statement lines of the day FULL JOIN local payments of the
+    -- provider paid in the day widened by grace at both edges, matched on
+    -- the provider's transaction id.  Lines left unmatched look further:
+    -- the same transaction id paid on any other day (x: the provider booked
+    -- it across midnight from us, or later; compared like a match), or the
+    -- unpaid payment of the line's order (u).  Local payments left
+    -- unmatched are differences only when paid in the day and not on a
+    -- neighbouring day's statement (that day's run compares them); grace is
+    -- how long before or after midnight one may still turn up on the
+    -- neighbour's statement, so those wait as pending_grace.  Lines already
+    -- settled by an earlier run are left alone.
+    WITH s AS (
+        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
+          FROM callback_center.provider_statement st
+         WHERE st.channel = p_channel AND st.bill_date = p_date
+           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                              AND d.provider_txn_id = st.provider_txn_id
+                              AND d.resolution = 'applied')
+    ), l AS (
+        SELECT p.payment_id, p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
+          FROM callback_center.payments p
+         WHERE p.provider = p_channel
+           AND p.paid_at >= day_start - reconcile.grace
+           AND p.paid_at < day_end + reconcile.grace
+           AND p.provider_txn_id IS NOT NULL
+    ), j AS (
+        SELECT s.provider_txn_id AS s_txn, s.order_id AS s_order, s.amount_cents AS s_amount,
+               s.status AS s_status,
+               l.provider_txn_id AS l_txn, l.order_id AS l_order, l.amount_cents AS l_amount,
+               l.status AS l_status, l.paid_at AS l_paid_at
+          FROM s FULL JOIN l ON l.provider_txn_id = s.provider_txn_id
+    ), c AS (
+        SELECT coalesce(j.s_txn, j.l_txn) AS txn,
+               coalesce(j.s_order, j.l_order, x.order_id, u.order_id) AS order_id,
+               j.s_amount, j.s_status,
+               coalesce(j.l_amount, x.amount_cents, u.amount_cents) AS local_amount,
+               coalesce(j.l_status, x.status, u.status) AS local_status,
+               CASE
+                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN
+                   CASE WHEN j.s_amount <> j.l_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, j.l_status)
+                             THEN 'status_mismatch' END
+                 WHEN j.l_txn IS NOT NULL THEN
+                   -- Local only; rows in the grace margins, and rows on a
+                   -- neighbouring day's statement, are that day's to judge.
+                   CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                    AND n.provider_txn_id = j.l_txn)
+                        THEN 'missing_provider' END
+                 WHEN x.payment_id IS NOT NULL THEN
+                   CASE WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, x.status)
+                             THEN 'status_mismatch' END
+                 WHEN u.payment_id IS NOT NULL THEN
+                   CASE WHEN u.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, u.status)
+                             THEN 'status_mismatch' END
+                 ELSE 'missing_local'
+               END AS kind,
+               CASE
+                 WHEN j.l_txn IS NOT NULL AND j.s_txn IS NULL THEN
+                   CASE WHEN j.l_paid_at < day_start + reconcile.grace
+                          OR j.l_paid_at >= day_end - reconcile.grace
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN u.payment_id IS NOT NULL AND j.s_status = 'success'
+                      AND u.amount_cents = j.s_amount
+                      AND u.status IN ('CREATED', 'PAYING', 'CLOSED', 'FAILED') THEN 'applied'
+                 ELSE 'flagged'
+               END AS resolution,
+               u.payment_id AS apply_payment_id
+          -- Index probes for the unmatched lines only (LIMIT 1 keeps
+          -- them per-row lookups, not hash joins over every payment).
+          FROM j
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND p.provider_txn_id = j.s_txn
+                   AND p.provider = p_channel
+                 LIMIT 1) x ON true
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND x.payment_id IS NULL
+                   AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                   AND p.provider = p_channel
+                 LIMIT 1) u ON true
+    ), ins AS (
+        INSERT INTO callback_center.recon_diffs AS d
+               (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
+                local_amount, provider_status, local_status, resolution, checked_at)
+        SELECT p_channel, p_date, c.txn, c.order_id,
+               -- Known late money is a refund for people, whatever else
+               -- differs; once refunded, the provider's refund agrees.
+               CASE WHEN lp.status = 'refund_required' AND c.resolution <> 'applied'
+                    THEN 'refund_required' ELSE c.kind END,
+               c.s_amount, c.local_amount, c.s_status, c.local_status,
+               CASE WHEN lp.status = 'refund_required' AND c.resolution = 'pending_grace'
+                    THEN 'flagged' ELSE c.resolution END,
+               run_at
+          FROM c
+          LEFT JOIN LATERAL (
+                SELECT l.status FROM callback_center.late_payments l
+                 WHERE l.provider = p_channel AND l.provider_txn_id = c.txn) lp ON true
+         WHERE c.kind IS NOT NULL
+           AND NOT (lp.status IS NOT DISTINCT FROM 'refunded' AND c.s_status = 'refund')
+        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+           SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
+               local_amount = excluded.local_amount, provider_status = excluded.provider_status,
+               local_status = excluded.local_status, resolution = excluded.resolution,
+               checked_at = excluded.checked_at
+         WHERE d.resolution NOT IN ('applied', 'resolved')
+        RETURNING d.id, d.provider_txn_id, d.order_id, d.resolution
+    )
+    SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
+      INTO applied_ids
+      FROM ins;
+
+    -- Differences an earlier run recorded that this run no longer finds.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date = p_date
+       AND d.resolution NOT IN ('applied', 'resolved') AND d.checked_at <> run_at;
+
+    -- Local payments a neighbouring day's run left waiting for a
+    -- statement line that turned up on this day's statement: compared
+    -- above, so no longer differences of that day.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date IN (p_date - 1, p_date + 1)
+       AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
+       AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
+                    WHERE st.channel = p_channel AND st.bill_date = p_date
+                      AND st.provider_txn_id = d.provider_txn_id);
+
+    -- Settle what the provider was paid for and we were not told, through
+    -- the same path as a callback (state machines, follow-up events; on an
+    -- order that can no longer take the money, a late payment to refund).
+    FOR r IN
+        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount
+          FROM callback_center.recon_diffs d
+         WHERE d.id = ANY (coalesce(applied_ids, '{}'))
+         ORDER BY d.id
+    LOOP
+        SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = r.order_id FOR UPDATE;
+        SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = r.order_id FOR UPDATE;
+        IF pay.provider_txn_id IS NOT NULL THEN
+            -- A callback got there first, after the pass read the row.
+            UPDATE callback_center.recon_diffs d
+               SET resolution = 'flagged',
+                   note = format('payment took transaction %s meanwhile', pay.provider_txn_id)
+             WHERE d.id = r.id;
+            CONTINUE;
+        END IF;
+        outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
+                                                         r.provider_amount, NULL, 'success',
+                                                         'reconciliation');
+        UPDATE callback_center.recon_diffs d
+           SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
+               resolution = CASE outcome WHEN 'paid' THEN d.resolution ELSE 'flagged' END,
+               note = CASE outcome
+                        WHEN 'paid' THEN 'payment marked paid'
+                        WHEN 'refund_required'
+                          THEN format('order is %s/%s: payment.refund_required emitted',
+                                      o.status, o.pay_status)
+                        ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
+    END LOOP;
+
+    RETURN QUERY
+        SELECT k.kind, count(d.id)
+          FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
+                            'status_mismatch', 'refund_required']) WITH ORDINALITY AS k(kind, ord)
+          LEFT JOIN callback_center.recon_diffs d
+                 ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
+         GROUP BY k.kind, k.ord
+         ORDER BY k.ord;
+END
+$$;

@@ -339,16 +339,17 @@ END
 $$;
 
 -- Reads a provider's notification into (event_id, event_type, txn_id,
--- order_id, amount_cents, verdict).  verdict is 'success', 'failure'
+-- order_id, amount_cents, verdict, currency).  verdict is 'success', 'failure'
 -- (terminal: the order's payment is over), 'attempt_failed' (one attempt
 -- failed, the customer may try again: nothing moves) or NULL for event
 -- types we do not act on.  Acted-on events must carry a transaction and an
 -- order id (22023); others need not.  event_id is Stripe's evt_ id (the
--- Standard Webhooks message id is a header, not in the body).  See
--- doc/orders.md for the event types of each scheme.
+-- Standard Webhooks message id is a header, not in the body).  currency
+-- is the message's (data.currency, Stripe's object currency), NULL when it
+-- carries none.  See doc/orders.md for the event types of each scheme.
 CREATE FUNCTION callback_center._parse_payment_body(scheme text, body text,
     OUT txn_id text, OUT order_id text, OUT amount_cents bigint, OUT verdict text,
-    OUT event_id text, OUT event_type text)
+    OUT event_id text, OUT event_type text, OUT currency text)
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
@@ -370,6 +371,7 @@ BEGIN
         obj := ev->'data'->'object';
         txn_id := obj->>'id';
         order_id := obj->'metadata'->>'order_id';
+        currency := obj->>'currency';
         -- One event type means money: payment_intent.succeeded.  charge.*
         -- events describe the same money again and are ignored, so that a
         -- payment is never applied twice under two ids (pi_ and ch_).
@@ -390,6 +392,7 @@ BEGIN
         txn_id := obj->>'txn_id';
         order_id := obj->>'order_id';
         amount_cents := (obj->>'amount_cents')::bigint;
+        currency := obj->>'currency';
         verdict := CASE event_type WHEN 'payment.succeeded' THEN 'success'
                                    WHEN 'payment.failed' THEN 'failure' END;
     END IF;
@@ -439,14 +442,21 @@ GRANT SELECT ON callback_center.late_payments TO callback_center_admin;
 -- order that cannot take it: recorded once per transaction in
 -- late_payments, payment.refund_required emitted, the order never
 -- reopened), already_applied (this transaction already paid this payment),
--- amount_mismatch (not applied, payment.amount_mismatch emitted),
--- attempt_failed (a non-terminal failure: nothing moves) or ignored (no
--- verdict, or a failure for an order no longer waiting).  CB050 when the
--- order does not exist.  verdict is 'success', 'failure', 'attempt_failed'
--- or NULL.
+-- provider_mismatch (the payment is not p_provider's: not applied,
+-- payment.provider_mismatch emitted), amount_mismatch (a success whose
+-- amount is missing or differs, or whose currency, when the message
+-- carries one, is not the order's; or a failure naming another amount: not
+-- applied, payment.amount_mismatch emitted), attempt_failed (a
+-- non-terminal failure: nothing moves) or ignored (no verdict, or a
+-- failure for an order no longer waiting).  A verdict is only ever applied
+-- to a payment of the provider that brought it: the payment's provider
+-- (set by place_order or start_payment), or the order's when it has no
+-- payment; a payment with none takes no verdict.  CB050 when the order
+-- does not exist.  verdict is 'success', 'failure', 'attempt_failed' or
+-- NULL.
 CREATE FUNCTION callback_center._apply_payment_result(
     p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
-    p_verdict text, p_source text)
+    p_currency text, p_verdict text, p_source text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
@@ -454,6 +464,8 @@ AS $$
 DECLARE
     o callback_center.orders;
     pay callback_center.payments;
+    owner text;
+    expected bigint;
 BEGIN
     SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -467,16 +479,29 @@ BEGIN
     IF p_verdict IS NULL THEN
         RETURN 'ignored';
     END IF;
+    -- Whose payment it is: another provider's word on it, signed or not,
+    -- is no word at all.
+    owner := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
+    IF owner IS DISTINCT FROM p_provider THEN
+        PERFORM callback_center.enqueue('payment.provider_mismatch', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'payment_provider', owner, 'verdict', p_verdict,
+                               'source', p_source));
+        RETURN 'provider_mismatch';
+    END IF;
     IF p_verdict = 'attempt_failed' THEN
         -- The customer may retry on the same transaction: the payment stays
         -- open until a success, a terminal failure or the timeout close.
         RETURN 'attempt_failed';
     END IF;
-    IF p_amount_cents IS NOT NULL AND pay.payment_id IS NOT NULL
-       AND p_amount_cents <> pay.amount_cents THEN
+    expected := coalesce(pay.amount_cents, o.amount_cents);
+    IF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected)
+       OR (p_verdict <> 'success' AND p_amount_cents <> expected)
+       OR upper(p_currency) <> o.currency THEN
         PERFORM callback_center.enqueue('payment.amount_mismatch', o.order_id,
             jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
-                               'expected_cents', pay.amount_cents, 'received_cents', p_amount_cents,
+                               'expected_cents', expected, 'received_cents', p_amount_cents,
+                               'expected_currency', o.currency, 'received_currency', p_currency,
                                'source', p_source));
         RETURN 'amount_mismatch';
     END IF;
@@ -645,7 +670,8 @@ BEGIN
         result := 'ignored';
     ELSE
         result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
-                                                        msg.amount_cents, msg.verdict, 'callback');
+                                                        msg.amount_cents, msg.currency, msg.verdict,
+                                                        'callback');
     END IF;
 
     PERFORM callback_center.complete_callback(msg_id, cb_type, true,
@@ -663,7 +689,7 @@ REVOKE ALL ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.place_order(text, text, jsonb, bigint, text, text),
     callback_center.start_payment(text, text),
     callback_center._parse_payment_body(text, text),
-    callback_center._apply_payment_result(text, text, text, bigint, text, text),
+    callback_center._apply_payment_result(text, text, text, bigint, text, text, text),
     callback_center.mark_refunded(text, text),
     callback_center.payment_callback(text, jsonb, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.mark_refunded(text, text) TO callback_center_admin;

@@ -204,6 +204,7 @@ BEGIN
                 SELECT * FROM callback_center.payments p
                  WHERE j.l_txn IS NULL AND x.payment_id IS NULL
                    AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                   AND p.provider = p_channel
                  LIMIT 1) u ON true
     ), ins AS (
         INSERT INTO callback_center.recon_diffs AS d
@@ -271,11 +272,11 @@ BEGIN
             CONTINUE;
         END IF;
         outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
-                                                         r.provider_amount, 'success',
+                                                         r.provider_amount, NULL, 'success',
                                                          'reconciliation');
         UPDATE callback_center.recon_diffs d
            SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
-               resolution = CASE outcome WHEN 'refund_required' THEN 'flagged' ELSE d.resolution END,
+               resolution = CASE outcome WHEN 'paid' THEN d.resolution ELSE 'flagged' END,
                note = CASE outcome
                         WHEN 'paid' THEN 'payment marked paid'
                         WHEN 'refund_required'
