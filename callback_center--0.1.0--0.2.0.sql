@@ -517,3 +517,285 @@ BEGIN
          ORDER BY k.ord;
 END
 $$;
+
+-- Sagas and TCC branches belong to the role that made them: created_by
+-- (NULL for rows written by 0.1.0), _caller(), the owner checks.
+ALTER TABLE callback_center.tcc_barrier ADD COLUMN created_by text;
+ALTER TABLE callback_center.sagas ADD COLUMN created_by text;
+COMMENT ON TABLE callback_center.saga_steps IS
+    'Steps of a saga: action and compensation are SQL run with the rights of the saga''s creator, $1 = saga id';
+CREATE OR REPLACE FUNCTION callback_center._caller()
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT CASE WHEN pg_catalog.current_setting('role') OPERATOR(pg_catalog.=) 'none'
+                THEN session_user::text
+                ELSE pg_catalog.current_setting('role') END;
+$fn$;
+REVOKE ALL ON FUNCTION callback_center._caller() FROM PUBLIC;
+CREATE OR REPLACE FUNCTION callback_center.barrier(
+    gid text,
+    branch_id text,
+    op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_op     ALIAS FOR $3;
+    n        integer;
+    outcome  text;
+    me       text := callback_center._caller();
+    owner    text;
+BEGIN
+    IF p_gid IS NULL OR p_branch IS NULL OR p_op IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'gid, branch_id and op must not be null';
+    END IF;
+    IF p_op NOT IN ('try', 'confirm', 'cancel') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid barrier op "%s"', p_op),
+            HINT = 'Use try, confirm or cancel.';
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+        'callback_center.tcc:' || p_gid || ':' || p_branch, 0));
+    SELECT b.created_by INTO owner FROM callback_center.tcc_barrier AS b
+     WHERE b.gid = p_gid AND b.branch_id = p_branch AND b.created_by IS NOT NULL
+     LIMIT 1;
+    IF owner IS DISTINCT FROM me AND owner IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('gid "%s" branch "%s" belongs to another role',
+                                        p_gid, p_branch),
+            DETAIL = pg_catalog.format('It was begun by role "%s"; this call acts for "%s".',
+                                       owner, me),
+            HINT = 'Each role confirms and cancels only its own branches.';
+    END IF;
+    IF p_op = 'cancel' THEN
+        INSERT INTO callback_center.tcc_barrier AS b
+               (gid, branch_id, op, written_by, last_outcome, created_by)
+        VALUES (p_gid, p_branch, 'try', 'cancel', 'empty_compensation', me)
+        ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 1 THEN
+            -- The try never ran; no cancel row can exist (a cancel always
+            -- writes the try row first, in the same transaction).
+            INSERT INTO callback_center.tcc_barrier
+                   (gid, branch_id, op, written_by, last_outcome, created_by)
+            VALUES (p_gid, p_branch, 'cancel', 'cancel', 'empty_compensation', me);
+            RETURN 'empty_compensation';
+        END IF;
+    END IF;
+    INSERT INTO callback_center.tcc_barrier AS b
+           (gid, branch_id, op, written_by, last_outcome, created_by)
+    VALUES (p_gid, p_branch, p_op, p_op, 'proceed', me)
+    ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 1 THEN
+        RETURN 'proceed';
+    END IF;
+    -- The row was there (committed: ON CONFLICT waited for its writer).
+    UPDATE callback_center.tcc_barrier AS b
+       SET repeats = b.repeats + 1,
+           last_outcome = CASE WHEN p_op = 'try' AND b.written_by = 'cancel'
+                               THEN 'refused' ELSE 'duplicate' END,
+           updated_at = pg_catalog.now()
+     WHERE b.gid = p_gid AND b.branch_id = p_branch AND b.op = p_op
+    RETURNING b.last_outcome INTO outcome;
+    RETURN outcome;
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.barrier(text, text, text) IS
+    'TCC/saga barrier: proceed, duplicate, empty_compensation or refused for (gid, branch, op)';
+
+CREATE OR REPLACE FUNCTION callback_center.saga_start(saga_id text, steps jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_saga  ALIAS FOR $1;
+    p_steps ALIAS FOR $2;
+    bad     text;
+BEGIN
+    IF p_saga IS NULL OR p_steps IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'saga_id and steps must not be null';
+    END IF;
+    IF pg_catalog.jsonb_typeof(p_steps) <> 'array' OR pg_catalog.jsonb_array_length(p_steps) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'steps must be a non-empty JSON array',
+            HINT = 'Pass [{"action": "SELECT ...", "compensation": "SELECT ..."}, ...].';
+    END IF;
+    SELECT e::text INTO bad
+      FROM pg_catalog.jsonb_array_elements(p_steps) AS e
+     WHERE pg_catalog.jsonb_typeof(e) <> 'object'
+        OR pg_catalog.jsonb_typeof(e -> 'action') IS DISTINCT FROM 'string'
+        OR pg_catalog.btrim(e ->> 'action') = ''
+        OR pg_catalog.jsonb_typeof(e -> 'compensation') NOT IN ('string', 'null')
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid saga step: %s', bad),
+            DETAIL = 'Each step needs a non-empty "action" string; "compensation" is a string or null.';
+    END IF;
+    INSERT INTO callback_center.sagas (saga_id, created_by) VALUES (p_saga, callback_center._caller());
+    INSERT INTO callback_center.saga_steps (saga_id, step_no, action, compensation)
+    SELECT p_saga, e.n::integer, e.v ->> 'action', e.v ->> 'compensation'
+      FROM pg_catalog.jsonb_array_elements(p_steps) WITH ORDINALITY AS e(v, n);
+    RETURN pg_catalog.jsonb_array_length(p_steps);
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.saga_start(text, jsonb) IS
+    'Declares a saga of ordered steps (action, compensation); returns the step count';
+
+CREATE OR REPLACE FUNCTION callback_center._saga_lock(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    st text;
+    creator text;
+BEGIN
+    SELECT s.status, s.created_by INTO st, creator FROM callback_center.sagas AS s
+     WHERE s.saga_id = _saga_lock.saga_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = pg_catalog.format('unknown saga "%s"', _saga_lock.saga_id),
+            HINT = 'Declare it with callback_center.saga_start().';
+    END IF;
+    IF creator IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" has no recorded creator', _saga_lock.saga_id),
+            DETAIL = 'It was declared before callback_center 0.2.0, which records who declares a saga.',
+            HINT = 'A superuser who has read its steps sets callback_center.sagas.created_by to the role they may run as.';
+    END IF;
+    IF creator IS DISTINCT FROM callback_center._caller() THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" belongs to role "%s"', _saga_lock.saga_id, creator),
+            DETAIL = 'A saga''s steps run only as the role that declared it.',
+            HINT = pg_catalog.format('Run it as that role: SET ROLE %I, then saga_run().', creator);
+    END IF;
+    RETURN st;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION callback_center._saga_mark(
+    saga_id text, step_no integer, new_status text, error text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+#variable_conflict use_variable
+DECLARE
+    p_saga   ALIAS FOR $1;
+    p_step   ALIAS FOR $2;
+    p_status ALIAS FOR $3;
+    p_error  ALIAS FOR $4;
+BEGIN
+    PERFORM callback_center._saga_lock(p_saga);
+    IF p_step IS NULL THEN
+        UPDATE callback_center.sagas AS s
+           SET status = p_status, last_error = COALESCE(p_error, s.last_error),
+               updated_at = pg_catalog.now()
+         WHERE s.saga_id = p_saga
+           AND (s.status, p_status) IN (('running', 'completed'), ('running', 'compensating'),
+                                        ('compensating', 'compensated'),
+                                        ('compensating', 'compensating'));
+    ELSE
+        UPDATE callback_center.saga_steps AS t
+           SET status = p_status, error = COALESCE(p_error, t.error),
+               updated_at = pg_catalog.now()
+         WHERE t.saga_id = p_saga AND t.step_no = p_step
+           AND (t.status, p_status) IN (('pending', 'done'), ('pending', 'skipped'),
+                                        ('done', 'compensated'), ('done', 'done'),
+                                        ('skipped', 'skipped'));
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = pg_catalog.format('cannot move saga "%s" step %s to %s',
+                                        p_saga, COALESCE(p_step::text, '-'), p_status);
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION callback_center.saga_run(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $fn$
+DECLARE
+    p_saga   ALIAS FOR $1;
+    st       text;
+    step     record;
+    outcome  text;
+    err      text;
+BEGIN
+    IF p_saga IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'saga_id must not be null';
+    END IF;
+    st := callback_center._saga_lock(p_saga);
+    -- _saga_lock checked the session's role; this is the role the steps
+    -- would run as (not the same inside another SECURITY DEFINER function).
+    IF NOT EXISTS (SELECT FROM callback_center.sagas AS s
+                    WHERE s.saga_id OPERATOR(pg_catalog.=) p_saga
+                      AND s.created_by OPERATOR(pg_catalog.=) current_user::text) THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" does not belong to role "%s"', p_saga, current_user),
+            DETAIL = 'A saga''s steps run only as the role that declared it.';
+    END IF;
+    IF st IN ('completed', 'compensated') THEN
+        RETURN st;
+    END IF;
+    IF st = 'running' THEN
+        FOR step IN SELECT t.step_no, t.action FROM callback_center.saga_steps AS t
+                     WHERE t.saga_id = p_saga AND t.status = 'pending'
+                     ORDER BY t.step_no
+        LOOP
+            BEGIN
+                outcome := callback_center.barrier(p_saga, step.step_no::text, 'try');
+                IF outcome = 'proceed' THEN
+                    EXECUTE step.action USING p_saga;
+                ELSIF outcome = 'refused' THEN
+                    RAISE EXCEPTION USING ERRCODE = '55000',
+                        MESSAGE = pg_catalog.format('step %s refused by the barrier', step.step_no),
+                        DETAIL = 'Its compensation already ran.';
+                END IF;
+                PERFORM callback_center._saga_mark(p_saga, step.step_no, 'done', NULL);
+            EXCEPTION WHEN OTHERS THEN
+                err := pg_catalog.format('step %s: %s: %s', step.step_no, SQLSTATE, SQLERRM);
+                PERFORM callback_center._saga_mark(p_saga, step.step_no, 'skipped', err);
+                EXIT;
+            END;
+        END LOOP;
+        IF err IS NULL THEN
+            PERFORM callback_center._saga_mark(p_saga, NULL, 'completed', NULL);
+            RETURN 'completed';
+        END IF;
+        PERFORM callback_center._saga_mark(p_saga, NULL, 'compensating', err);
+    END IF;
+    -- Compensating: from the last step down, each through the barrier.
+    FOR step IN SELECT t.step_no, t.status, t.compensation FROM callback_center.saga_steps AS t
+                 WHERE t.saga_id = p_saga AND t.status <> 'compensated'
+                 ORDER BY t.step_no DESC
+    LOOP
+        BEGIN
+            outcome := callback_center.barrier(p_saga, step.step_no::text, 'cancel');
+            IF outcome = 'proceed' AND step.compensation IS NOT NULL THEN
+                EXECUTE step.compensation USING p_saga;
+            END IF;
+            PERFORM callback_center._saga_mark(p_saga, step.step_no,
+                CASE WHEN step.status = 'done' THEN 'compensated' ELSE 'skipped' END, NULL);
+        EXCEPTION WHEN OTHERS THEN
+            err := pg_catalog.format('compensation of step %s: %s: %s',
+                                     step.step_no, SQLSTATE, SQLERRM);
+            PERFORM callback_center._saga_mark(p_saga, NULL, 'compensating', err);
+            RETURN 'compensating';
+        END;
+    END LOOP;
+    PERFORM callback_center._saga_mark(p_saga, NULL, 'compensated', NULL);
+    RETURN 'compensated';
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.saga_run(text) IS
+    'Runs a saga''s pending steps through the barrier; on failure compensates done steps in reverse';
