@@ -799,3 +799,89 @@ END
 $fn$;
 COMMENT ON FUNCTION callback_center.saga_run(text) IS
     'Runs a saga''s pending steps through the barrier; on failure compensates done steps in reverse';
+
+
+-- place_order: a coupon is used only by its owner; providers must exist;
+-- keys are bounded.
+CREATE OR REPLACE FUNCTION callback_center.place_order(
+    p_order_id text,
+    p_user_id text,
+    p_items jsonb,
+    p_amount_cents bigint,
+    p_coupon_id text DEFAULT NULL,
+    p_provider text DEFAULT NULL)
+RETURNS TABLE (
+    order_id text,
+    status text,
+    pay_status text,
+    payment_id text,
+    pay_deadline timestamptz,
+    failure_reason text,
+    is_new boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    timeout interval := current_setting('callback_center.pay_timeout')::interval;
+    reason text;
+BEGIN
+    IF p_order_id IS NULL OR p_user_id IS NULL OR p_items IS NULL
+       OR p_amount_cents IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'order_id, user_id, items and amount_cents must not be null';
+    END IF;
+    IF p_amount_cents < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('amount_cents must not be negative, got %s', p_amount_cents);
+    END IF;
+    IF jsonb_typeof(p_items) <> 'array' OR jsonb_array_length(p_items) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'items must be a non-empty JSON array',
+            HINT = 'Pass [{"sku": "A", "qty": 1}, ...].';
+    END IF;
+
+    -- Serialise calls for one order id, then look: a repeat (or a call
+    -- that waited for a concurrent first one) returns the order as it is.
+    -- Not INSERT ... ON CONFLICT: BEFORE INSERT triggers (state history)
+    -- would fire for a row that is then skipped.
+    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.order:' || p_order_id, 0));
+    IF EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = p_order_id) THEN
+        RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, false);
+        RETURN;
+    END IF;
+    INSERT INTO callback_center.orders
+           (order_id, user_id, items, amount_cents, coupon_id, provider, pay_deadline)
+    VALUES (p_order_id, p_user_id, p_items, p_amount_cents, p_coupon_id, p_provider,
+            now() + timeout);
+
+    BEGIN
+        PERFORM callback_center.deduct_stock(p_order_id, p_items);
+        IF p_coupon_id IS NOT NULL THEN
+            -- A coupon is its owner's: another user's order cannot hold it
+            -- (one issued to no user is anyone's).
+            IF EXISTS (SELECT 1 FROM callback_center.coupons k
+                        WHERE k.coupon_id = p_coupon_id AND k.user_id <> p_user_id) THEN
+                RAISE EXCEPTION USING ERRCODE = 'CB051',
+                    MESSAGE = format('coupon "%s" belongs to another user', p_coupon_id);
+            END IF;
+            PERFORM callback_center.freeze_coupon(p_coupon_id, p_order_id);
+        END IF;
+    EXCEPTION WHEN SQLSTATE 'CB001' OR SQLSTATE 'CB051' THEN
+        -- The subtransaction is gone: no stock taken, no coupon held.
+        reason := SQLERRM;
+    END;
+
+    IF reason IS NOT NULL THEN
+        UPDATE callback_center.orders o SET failure_reason = reason, updated_at = now()
+         WHERE o.order_id = p_order_id;
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', p_order_id, 'fail');
+    ELSE
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', p_order_id, 'confirm');
+        INSERT INTO callback_center.payments (payment_id, order_id, provider, amount_cents)
+        VALUES ('pay_' || p_order_id, p_order_id, p_provider, p_amount_cents);
+    END IF;
+
+    RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, true);
+END
+$$;

@@ -131,6 +131,20 @@ SELECT replace(:'s', 'evt_pc6', 'evt_pc6b') AS s \gset
 SELECT http_status, outcome FROM callback_center.payment_callback('pc-stripe', pc_stripe_headers(:'s'), :'s');
 SELECT pc_state('pc-6') AS paid;
 
+-- ------------------------------------------------------------------------
+-- 3. A coupon is used only by its owner.
+-- ------------------------------------------------------------------------
+SELECT callback_center.issue_coupon('pc-cp1', 'u1'), callback_center.issue_coupon('pc-cp-any');
+SELECT status, failure_reason FROM callback_center.place_order('pc-7', 'u2', '[{"sku":"pc-A","qty":1}]',
+    100, 'pc-cp1', 'pc-acme');
+SELECT status, biz_id FROM callback_center.coupons WHERE coupon_id = 'pc-cp1';
+SELECT status FROM callback_center.place_order('pc-8', 'u1', '[{"sku":"pc-A","qty":1}]',
+    100, 'pc-cp1', 'pc-acme');
+SELECT status, biz_id FROM callback_center.coupons WHERE coupon_id = 'pc-cp1';
+-- A coupon issued to no user is anyone's.
+SELECT status FROM callback_center.place_order('pc-9', 'u9', '[{"sku":"pc-A","qty":1}]',
+    100, 'pc-cp-any', 'pc-acme');
+
 DROP FUNCTION pc_headers(text, text, text), pc_acme(text, text), pc_sandbox(text, text),
     pc_body(text, text, text, bigint, text), pc_stripe_headers(text), pc_state(text), pc_try(text),
     pc_place(text, bigint, text);

@@ -219,7 +219,8 @@ $$;
 REVOKE ALL ON FUNCTION callback_center._order_summary(text, boolean) FROM PUBLIC;
 
 -- Places an order in one transaction: records it pending confirmation,
--- deducts the stock of every item and freezes the coupon (all or nothing),
+-- deducts the stock of every item and freezes the coupon (all or nothing;
+-- only the coupon's owner, or anyone for a coupon issued to no user),
 -- confirms it (emitting order.placed) and creates its payment.  Short stock
 -- or an unavailable coupon is an outcome, not an error: the order is
 -- recorded as failed with the reason (emitting order.failed) and nothing is
@@ -280,6 +281,13 @@ BEGIN
     BEGIN
         PERFORM callback_center.deduct_stock(p_order_id, p_items);
         IF p_coupon_id IS NOT NULL THEN
+            -- A coupon is its owner's: another user's order cannot hold it
+            -- (one issued to no user is anyone's).
+            IF EXISTS (SELECT 1 FROM callback_center.coupons k
+                        WHERE k.coupon_id = p_coupon_id AND k.user_id <> p_user_id) THEN
+                RAISE EXCEPTION USING ERRCODE = 'CB051',
+                    MESSAGE = format('coupon "%s" belongs to another user', p_coupon_id);
+            END IF;
             PERFORM callback_center.freeze_coupon(p_coupon_id, p_order_id);
         END IF;
     EXCEPTION WHEN SQLSTATE 'CB001' OR SQLSTATE 'CB051' THEN
