@@ -826,10 +826,15 @@ DECLARE
     timeout interval := current_setting('callback_center.pay_timeout')::interval;
     reason text;
 BEGIN
-    IF p_order_id IS NULL OR p_user_id IS NULL OR p_items IS NULL
-       OR p_amount_cents IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'order_id, user_id, items and amount_cents must not be null';
+    PERFORM callback_center._require_key(p_order_id, 'order_id');
+    PERFORM callback_center._require_key(p_user_id, 'user_id');
+    PERFORM callback_center._require(p_items, 'items');
+    PERFORM callback_center._require(p_amount_cents, 'amount_cents');
+    IF p_coupon_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(p_coupon_id, 'coupon_id');
+    END IF;
+    IF p_provider IS NOT NULL THEN
+        PERFORM callback_center._require_provider(p_provider);
     END IF;
     IF p_amount_cents < 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
@@ -885,3 +890,134 @@ BEGIN
     RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, true);
 END
 $$;
+CREATE OR REPLACE FUNCTION callback_center.start_payment(order_id text, provider text)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    pay callback_center.payments;
+BEGIN
+    PERFORM callback_center._require_key(start_payment.order_id, 'order_id');
+    PERFORM callback_center._require_provider(start_payment.provider);
+    SELECT * INTO pay FROM callback_center.payments p
+     WHERE p.order_id = start_payment.order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" has no payment', start_payment.order_id),
+            HINT = 'Only confirmed orders have a payment.';
+    END IF;
+    IF pay.provider IS DISTINCT FROM start_payment.provider THEN
+        UPDATE callback_center.payments p SET provider = start_payment.provider, updated_at = now()
+         WHERE p.payment_id = pay.payment_id;
+    END IF;
+    IF pay.status = 'PAYING' THEN
+        RETURN pay.payment_id;
+    END IF;
+    PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'submit');
+    PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', pay.order_id, 'pay');
+    RETURN pay.payment_id;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.set_provider(
+    p_name text, p_scheme text, p_secrets text[],
+    p_tolerance interval DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    PERFORM callback_center._require(p_scheme, 'scheme');
+    PERFORM callback_center._require(p_secrets, 'secrets');
+    IF p_scheme NOT IN ('standard_webhooks', 'stripe') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('unknown signature scheme "%s"', p_scheme),
+            HINT = 'The schemes are standard_webhooks and stripe.';
+    END IF;
+    IF cardinality(p_secrets) = 0 OR array_position(p_secrets, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'secrets must hold at least one secret and no nulls';
+    END IF;
+    IF p_tolerance IS NOT NULL AND p_tolerance <= interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'tolerance must be positive';
+    END IF;
+    FOREACH s IN ARRAY p_secrets LOOP
+        IF s = '' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'secrets must not be empty';
+        END IF;
+        IF p_scheme = 'standard_webhooks' THEN
+            -- raises 22023 for anything but whsec_<base64>
+            PERFORM callback_center.sign_webhook(s, 'probe', 0, '');
+        END IF;
+    END LOOP;
+
+    INSERT INTO callback_center.providers (name, scheme, secrets, tolerance)
+    VALUES (p_name, p_scheme, p_secrets, p_tolerance)
+    ON CONFLICT (name) DO UPDATE
+       SET scheme = EXCLUDED.scheme, secrets = EXCLUDED.secrets,
+           tolerance = EXCLUDED.tolerance;
+END
+$$;
+COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) IS
+    'Creates or replaces a webhook provider (admin)';
+
+
+-- The shared argument checks (one NULL check, one key check) and the
+-- provider check.
+CREATE OR REPLACE FUNCTION callback_center._require(value anyelement, name text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = pg_catalog.format('%s must not be null', name);
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION callback_center._require_key(value text, name text,
+    max_bytes integer DEFAULT 200)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = pg_catalog.format('%s must not be null', name);
+    END IF;
+    IF value OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('%s must not be empty', name);
+    END IF;
+    IF pg_catalog.octet_length(value) OPERATOR(pg_catalog.>) max_bytes THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('%s is too long: %s bytes, at most %s',
+                                        name, pg_catalog.octet_length(value), max_bytes),
+            DETAIL = pg_catalog.format('It begins "%s".', pg_catalog.left(value, 20));
+    END IF;
+END
+$fn$;
+REVOKE ALL ON FUNCTION callback_center._require(anyelement, text),
+    callback_center._require_key(text, text, integer) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION callback_center._require_provider(p_name text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p WHERE p.name = p_name) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._require_provider(text) FROM PUBLIC;

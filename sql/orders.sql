@@ -12,6 +12,7 @@ SELECT callback_center.create_endpoint('ord-sink', 'http://127.0.0.1:9/sink', '{
 SELECT callback_center.set_provider('ord-pay', 'standard_webhooks',
     ARRAY['whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw']);
 SELECT callback_center.set_provider('ord-stripe', 'stripe', ARRAY['whsec_stripe_test_secret']);
+SELECT callback_center.set_provider('ord-other', 'stripe', ARRAY['whsec_other_channel']);
 
 -- Events queued for the order, by type (the outbox is how we see them).
 CREATE FUNCTION ord_events(oid text) RETURNS text LANGUAGE sql AS $$

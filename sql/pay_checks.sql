@@ -145,6 +145,19 @@ SELECT status, biz_id FROM callback_center.coupons WHERE coupon_id = 'pc-cp1';
 SELECT status FROM callback_center.place_order('pc-9', 'u9', '[{"sku":"pc-A","qty":1}]',
     100, 'pc-cp-any', 'pc-acme');
 
+-- ------------------------------------------------------------------------
+-- 4. Providers must be registered.
+-- ------------------------------------------------------------------------
+SELECT pc_try($$SELECT status FROM callback_center.place_order('pc-10', 'u', '[{"sku":"pc-A","qty":1}]',
+    1, NULL, 'no-such-psp')$$) AS unknown_provider;
+SELECT pc_try(format($$SELECT status FROM callback_center.place_order('pc-10', 'u', '[{"sku":"pc-A","qty":1}]',
+    1, NULL, %L)$$, repeat('p', 1000000))) AS huge_provider;
+SELECT count(*) AS written FROM callback_center.orders WHERE order_id = 'pc-10';
+SELECT pc_place('pc-11', 100) AS placed;
+SELECT pc_try($$SELECT callback_center.start_payment('pc-11', 'no-such-psp')$$) AS unknown_provider;
+SELECT pc_try(format($$SELECT callback_center.start_payment('pc-11', %L)$$, repeat('p', 1000000))) AS huge_provider;
+SELECT left(provider, 20) AS provider FROM callback_center.payments WHERE order_id = 'pc-11';
+
 DROP FUNCTION pc_headers(text, text, text), pc_acme(text, text), pc_sandbox(text, text),
     pc_body(text, text, text, bigint, text), pc_stripe_headers(text), pc_state(text), pc_try(text),
     pc_place(text, bigint, text);

@@ -193,6 +193,25 @@ $$;
 COMMENT ON FUNCTION callback_center.reclaim_stale_callbacks(interval) IS
     'Marks callbacks processing for longer than older_than failed, so that a redelivery retries them (admin)';
 
+-- A registered provider's name, checked: 22004 NULL, 22023 empty or longer
+-- than 63 bytes, CB033 unknown.  Every function that stores or acts on a
+-- provider name calls it, so no unknown (or megabyte) name is kept.
+CREATE FUNCTION callback_center._require_provider(p_name text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p WHERE p.name = p_name) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._require_provider(text) FROM PUBLIC;
+
 -- Signatures.
 CREATE FUNCTION callback_center.sign_webhook(
     secret text, msg_id text, ts bigint, body text)
@@ -242,14 +261,9 @@ AS $$
 DECLARE
     s text;
 BEGIN
-    IF p_name IS NULL OR p_scheme IS NULL OR p_secrets IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'name, scheme and secrets must not be null';
-    END IF;
-    IF p_name = '' THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = 'provider name must not be empty';
-    END IF;
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    PERFORM callback_center._require(p_scheme, 'scheme');
+    PERFORM callback_center._require(p_secrets, 'secrets');
     IF p_scheme NOT IN ('standard_webhooks', 'stripe') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('unknown signature scheme "%s"', p_scheme),

@@ -225,7 +225,8 @@ REVOKE ALL ON FUNCTION callback_center._order_summary(text, boolean) FROM PUBLIC
 -- or an unavailable coupon is an outcome, not an error: the order is
 -- recorded as failed with the reason (emitting order.failed) and nothing is
 -- held.  Calling it again with the same order_id returns the order as it
--- is, changing nothing.
+-- is, changing nothing.  A provider must be registered (CB033); keys are
+-- bounded (_require_key).
 CREATE FUNCTION callback_center.place_order(
     p_order_id text,
     p_user_id text,
@@ -249,10 +250,15 @@ DECLARE
     timeout interval := current_setting('callback_center.pay_timeout')::interval;
     reason text;
 BEGIN
-    IF p_order_id IS NULL OR p_user_id IS NULL OR p_items IS NULL
-       OR p_amount_cents IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'order_id, user_id, items and amount_cents must not be null';
+    PERFORM callback_center._require_key(p_order_id, 'order_id');
+    PERFORM callback_center._require_key(p_user_id, 'user_id');
+    PERFORM callback_center._require(p_items, 'items');
+    PERFORM callback_center._require(p_amount_cents, 'amount_cents');
+    IF p_coupon_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(p_coupon_id, 'coupon_id');
+    END IF;
+    IF p_provider IS NOT NULL THEN
+        PERFORM callback_center._require_provider(p_provider);
     END IF;
     IF p_amount_cents < 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
@@ -314,7 +320,7 @@ $$;
 -- payment is PAYING (the user came back to the cashier) returns the same id
 -- and moves nothing; a different provider replaces the recorded one (the
 -- user switched channels).  Any other payment state is CB010 from the
--- machine.
+-- machine.  CB033 for a provider that is not registered.
 CREATE FUNCTION callback_center.start_payment(order_id text, provider text)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
@@ -323,9 +329,8 @@ AS $$
 DECLARE
     pay callback_center.payments;
 BEGIN
-    IF start_payment.order_id IS NULL OR start_payment.provider IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'order_id and provider must not be null';
-    END IF;
+    PERFORM callback_center._require_key(start_payment.order_id, 'order_id');
+    PERFORM callback_center._require_provider(start_payment.provider);
     SELECT * INTO pay FROM callback_center.payments p
      WHERE p.order_id = start_payment.order_id FOR UPDATE;
     IF NOT FOUND THEN
