@@ -273,9 +273,10 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'secrets must hold at least one secret and no nulls';
     END IF;
-    IF p_tolerance IS NOT NULL AND p_tolerance <= interval '0' THEN
+    IF p_tolerance <= interval '0' OR p_tolerance > interval '100 years' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = 'tolerance must be positive';
+            MESSAGE = 'tolerance must be positive and at most 100 years',
+            DETAIL = format('The value given was %s.', p_tolerance);
     END IF;
     FOREACH s IN ARRAY p_secrets LOOP
         IF s = '' THEN
