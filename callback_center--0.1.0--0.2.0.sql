@@ -1161,3 +1161,242 @@ BEGIN
      WHERE e.id = _endpoint_apply.id;
 END
 $$;
+
+-- NULL arguments are 22004 everywhere (sql/nulls.sql): checks moved before
+-- the look-ups that hid them, and added where missing, through _require.
+CREATE OR REPLACE FUNCTION callback_center.add_state(
+    machine text,
+    state text,
+    is_initial boolean DEFAULT false,
+    is_final boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(state, 'state');
+    PERFORM callback_center._require(is_initial, 'is_initial');
+    PERFORM callback_center._require(is_final, 'is_final');
+    PERFORM callback_center._fsm_require_machine(machine);
+    IF state = '' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'state name cannot be empty';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.machine_states s
+                WHERE s.machine = add_state.machine AND s.state = add_state.state) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('state "%s" already exists in state machine "%s"', state, machine);
+    END IF;
+    INSERT INTO callback_center.machine_states (machine, state, is_initial, is_final)
+    VALUES (machine, state, is_initial, is_final);
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.add_transition(
+    machine text,
+    from_state text,
+    to_state text,
+    event text,
+    emits text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(from_state, 'from_state');
+    PERFORM callback_center._require(to_state, 'to_state');
+    PERFORM callback_center._require(event, 'event');
+    PERFORM callback_center._require(emits, 'emits');
+    PERFORM callback_center._require(array_position(emits, NULL) IS NULL OR NULL, 'an element of emits');
+    PERFORM callback_center._fsm_require_machine(machine);
+    PERFORM callback_center._fsm_require_state(machine, from_state);
+    PERFORM callback_center._fsm_require_state(machine, to_state);
+    IF event = '' OR '' = ANY (emits) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'event names cannot be empty';
+    END IF;
+    IF from_state = to_state THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('transition "%s" -> "%s" does not change the state', from_state, to_state),
+            DETAIL = 'The trigger ignores updates that keep the state, so such a transition could never fire.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.machine_states s
+                WHERE s.machine = add_transition.machine
+                  AND s.state = add_transition.from_state AND s.is_final) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('state "%s" of state machine "%s" is final', from_state, machine),
+            DETAIL = 'No transition may leave a final state.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.transitions t
+                WHERE t.machine = add_transition.machine
+                  AND t.from_state = add_transition.from_state
+                  AND (t.to_state = add_transition.to_state OR t.event = add_transition.event)) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('state machine "%s" already has a transition "%s" -> "%s" or event "%s" from "%s"',
+                             machine, from_state, to_state, event, from_state),
+            HINT = 'Each pair of states has at most one transition and each event at most one target per state.';
+    END IF;
+    INSERT INTO callback_center.transitions (machine, from_state, to_state, event, emits)
+    VALUES (machine, from_state, to_state, event, emits);
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.set_transition_emits(
+    machine text,
+    from_state text,
+    to_state text,
+    emits text[])
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    is_builtin boolean;
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(from_state, 'from_state');
+    PERFORM callback_center._require(to_state, 'to_state');
+    PERFORM callback_center._require(emits, 'emits');
+    PERFORM callback_center._require(array_position(emits, NULL) IS NULL OR NULL, 'an element of emits');
+    PERFORM callback_center._fsm_require_machine(machine);
+    IF '' = ANY (emits) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'event names cannot be empty';
+    END IF;
+    SELECT t.builtin INTO is_builtin FROM callback_center.transitions t
+     WHERE t.machine = set_transition_emits.machine
+       AND t.from_state = set_transition_emits.from_state
+       AND t.to_state = set_transition_emits.to_state
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('state machine "%s" has no transition "%s" -> "%s"',
+                             machine, from_state, to_state);
+    END IF;
+    IF is_builtin AND NOT callback_center._fsm_installing() THEN
+        INSERT INTO callback_center.builtin_emits AS b (machine, from_state, to_state, emits)
+        VALUES (set_transition_emits.machine, set_transition_emits.from_state,
+                set_transition_emits.to_state, set_transition_emits.emits)
+        ON CONFLICT ON CONSTRAINT builtin_emits_pkey
+        DO UPDATE SET emits = EXCLUDED.emits, changed_at = now();
+    ELSE
+        UPDATE callback_center.transitions t
+           SET emits = set_transition_emits.emits
+         WHERE t.machine = set_transition_emits.machine
+           AND t.from_state = set_transition_emits.from_state
+           AND t.to_state = set_transition_emits.to_state;
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.alter_endpoint(name text, options jsonb)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(alter_endpoint.name, 'name');
+    PERFORM callback_center._require(options, 'options');
+    PERFORM callback_center._endpoint_apply(
+        callback_center._endpoint_id(alter_endpoint.name, true), options);
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.set_endpoint_enabled(name text, enabled boolean)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ep_id integer;
+BEGIN
+    PERFORM callback_center._require(set_endpoint_enabled.name, 'name');
+    PERFORM callback_center._require(enabled, 'enabled');
+    ep_id := callback_center._endpoint_id(set_endpoint_enabled.name, true);
+    UPDATE callback_center.endpoints e
+       SET enabled = set_endpoint_enabled.enabled, updated_at = now()
+     WHERE e.id = ep_id;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity',
+                                            until timestamptz DEFAULT 'infinity', reason text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ep integer;
+    n bigint;
+BEGIN
+    -- A NULL bound replayed nothing and reported success.
+    PERFORM callback_center._require(since, 'since');
+    PERFORM callback_center._require(until, 'until');
+    IF replay_dead.endpoint IS NOT NULL THEN
+        SELECT e.id INTO ep FROM callback_center.endpoints e WHERE e.name = replay_dead.endpoint;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB040',
+                MESSAGE = format('endpoint "%s" does not exist', replay_dead.endpoint);
+        END IF;
+    END IF;
+    n := callback_center._replay(ARRAY(
+            SELECT o.id FROM callback_center.outbox o
+             WHERE o.status = 'dead'
+               AND (ep IS NULL OR o.endpoint_id = ep)
+               AND o.next_attempt_at >= since AND o.next_attempt_at < until),
+         reason);
+    IF n > 0 THEN
+        PERFORM callback_center._outbox_note_enqueue();
+    END IF;
+    RETURN n;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.delivery_stats(window_len interval DEFAULT '1 hour')
+RETURNS TABLE (
+    endpoint text,
+    enabled boolean,
+    delivered bigint,
+    failed_attempts bigint,
+    retries bigint,
+    failure_rate double precision,
+    dead bigint,
+    pending bigint,
+    p50_ms double precision,
+    p95_ms double precision,
+    p99_ms double precision,
+    breaker text,
+    breaker_opened_at timestamptz,
+    tokens double precision,
+    degraded boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql, only for this check: a NULL window returned
+    -- every endpoint with nothing counted.
+    PERFORM callback_center._require(window_len, 'window_len');
+    RETURN QUERY
+    SELECT e.name, e.enabled,
+           coalesce(a.delivered, 0), coalesce(a.failed, 0), coalesce(a.retries, 0),
+           CASE WHEN coalesce(a.total, 0) = 0 THEN 0 ELSE a.failed::float8 / a.total END,
+           coalesce(q.dead, 0), coalesce(q.pending, 0),
+           a.p50, a.p95, a.p99,
+           coalesce(s.breaker, 'closed'), s.opened_at, s.tokens, coalesce(s.degraded, false)
+      FROM callback_center.endpoints e
+      LEFT JOIN LATERAL (
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE d.http_status BETWEEN 200 AND 299) AS delivered,
+               count(*) FILTER (WHERE d.http_status IS NULL OR d.http_status NOT BETWEEN 200 AND 299) AS failed,
+               count(*) FILTER (WHERE d.attempt > 1) AS retries,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY d.latency_ms) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY d.latency_ms) AS p95,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY d.latency_ms) AS p99
+          FROM callback_center.delivery_attempts d
+         WHERE d.endpoint_id = e.id AND d.attempted_at >= now() - window_len) a ON true
+      LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE o.status = 'dead') AS dead,
+               count(*) FILTER (WHERE o.status IN ('pending', 'delivering')) AS pending
+          FROM callback_center.outbox o
+         WHERE o.endpoint_id = e.id AND o.status IN ('pending', 'delivering', 'dead')) q ON true
+      LEFT JOIN callback_center.endpoint_state s ON s.endpoint_id = e.id
+     ORDER BY e.name;
+END
+$$;

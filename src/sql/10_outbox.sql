@@ -513,6 +513,8 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
+    PERFORM callback_center._require(alter_endpoint.name, 'name');
+    PERFORM callback_center._require(options, 'options');
     PERFORM callback_center._endpoint_apply(
         callback_center._endpoint_id(alter_endpoint.name, true), options);
 END
@@ -525,11 +527,11 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    ep_id integer := callback_center._endpoint_id(set_endpoint_enabled.name, true);
+    ep_id integer;
 BEGIN
-    IF enabled IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'enabled must not be null';
-    END IF;
+    PERFORM callback_center._require(set_endpoint_enabled.name, 'name');
+    PERFORM callback_center._require(enabled, 'enabled');
+    ep_id := callback_center._endpoint_id(set_endpoint_enabled.name, true);
     UPDATE callback_center.endpoints e
        SET enabled = set_endpoint_enabled.enabled, updated_at = now()
      WHERE e.id = ep_id;
