@@ -205,17 +205,29 @@ DECLARE
     msg_id text;
     rec record;
     result text;
+    refusal text;
     ack constant text := '{"received":true}';
 BEGIN
-    IF p_provider IS NULL OR payment_callback.headers IS NULL OR payment_callback.body IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider, headers and body must not be null';
-    END IF;
+    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
     -- Verification comes first: a bad signature raises and records nothing.
     PERFORM callback_center.verify_signature(p_provider, payment_callback.headers, payment_callback.body);
     SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
-    msg := callback_center._parse_payment_body(scheme, payment_callback.body);
-    IF scheme = 'stripe' THEN
+    -- A signed body we cannot read (not JSON, \u0000, an amount beyond
+    -- bigint, ids missing) will never read better: it is recorded and
+    -- refused once, with 400, and every redelivery gets that answer.  An
+    -- exception here made the provider redeliver it forever.
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+    EXCEPTION WHEN data_exception THEN
+        refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+    END;
+    IF scheme = 'stripe' AND refusal IS NULL THEN
         msg_id := msg.event_id;
+    ELSIF scheme = 'stripe' THEN
+        -- An unreadable Stripe body has no event id: keyed by its hash.
+        msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
     ELSE
         -- verify_signature found exactly one, whatever its spelling.
         SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
@@ -243,6 +255,15 @@ BEGIN
         RETURN;
     END IF;
 
+    IF refusal IS NOT NULL THEN
+        PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+            jsonb_build_object('http_status', 400,
+                               'body', jsonb_build_object('received', false,
+                                                          'reason', 'unreadable payment message')::text,
+                               'outcome', 'rejected', 'error', refusal));
+        RETURN QUERY SELECT 400, '{"reason": "unreadable payment message", "received": false}', true, 'rejected';
+        RETURN;
+    END IF;
     IF msg.verdict IS NULL THEN
         result := 'ignored';
     ELSE
@@ -324,10 +345,9 @@ DECLARE
     pay callback_center.payments;
     outcome text;
 BEGIN
-    IF p_channel IS NULL OR p_date IS NULL OR reconcile.grace IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'channel, bill_date and grace must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_channel, 'channel', 63);
+    PERFORM callback_center._require(p_date, 'bill_date');
+    PERFORM callback_center._require(reconcile.grace, 'grace');
     IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
@@ -551,10 +571,9 @@ DECLARE
     me       text := callback_center._caller();
     owner    text;
 BEGIN
-    IF p_gid IS NULL OR p_branch IS NULL OR p_op IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'gid, branch_id and op must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require(p_op, 'op');
     IF p_op NOT IN ('try', 'confirm', 'cancel') THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('invalid barrier op "%s"', p_op),
@@ -620,10 +639,8 @@ DECLARE
     p_steps ALIAS FOR $2;
     bad     text;
 BEGIN
-    IF p_saga IS NULL OR p_steps IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'saga_id and steps must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_saga, 'saga_id');
+    PERFORM callback_center._require(p_steps, 'steps');
     IF pg_catalog.jsonb_typeof(p_steps) <> 'array' OR pg_catalog.jsonb_array_length(p_steps) = 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'steps must be a non-empty JSON array',
@@ -1398,5 +1415,393 @@ BEGIN
          WHERE o.endpoint_id = e.id AND o.status IN ('pending', 'delivering', 'dead')) q ON true
       LEFT JOIN callback_center.endpoint_state s ON s.endpoint_id = e.id
      ORDER BY e.name;
+END
+$$;
+
+-- Bounds on what comes from outside: keys through _require_key (the
+-- generalised _tcc_require goes), ages at most 100 years; an unreadable
+-- signed payment message is recorded and refused once (400, rejected).
+CREATE OR REPLACE FUNCTION callback_center._tcc_second_phase(
+    p_gid text, p_branch text, p_kind text, p_op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome text;
+    r       callback_center.tcc_reservations;
+BEGIN
+    -- barrier() checks gid and branch_id (_require_key).
+    outcome := callback_center.barrier(p_gid, p_branch, p_op);
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(p_gid, p_branch, p_kind,
+                                     CASE p_op WHEN 'confirm' THEN 'confirmed' ELSE 'cancelled' END);
+    IF p_kind = 'stock' THEN
+        UPDATE callback_center.stock AS s
+           SET available = s.available + CASE p_op WHEN 'cancel' THEN r.quantity ELSE 0 END,
+               reserved = s.reserved - r.quantity,
+               version = s.version + 1,
+               updated_at = pg_catalog.now()
+         WHERE s.sku_id = r.resource_id;
+    ELSIF p_op = 'confirm' THEN
+        PERFORM callback_center.use_coupon(r.resource_id, p_gid);
+    ELSE
+        PERFORM callback_center.unfreeze_coupon(r.resource_id, p_gid);
+    END IF;
+    RETURN outcome;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION callback_center.tcc_stock_try(
+    gid text,
+    branch_id text,
+    sku_id text,
+    qty bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_sku    ALIAS FOR $3;
+    p_qty    ALIAS FOR $4;
+    outcome  text;
+    cur      bigint;
+    nslots   integer;
+BEGIN
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require_key(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_qty, 'qty');
+    IF p_qty <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('qty must be positive: %s', p_qty);
+    END IF;
+    outcome := callback_center.barrier(p_gid, p_branch, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = s.available - p_qty,
+           reserved = s.reserved + p_qty,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = p_sku AND s.available >= p_qty;
+    IF NOT FOUND THEN
+        SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s WHERE s.sku_id = p_sku;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB004',
+                MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
+                HINT = 'Create it with callback_center.set_stock().';
+        END IF;
+        -- A hot SKU's units are in its slots, not on the row: a reservation
+        -- there would have to be given back to a slot by the cancel, which
+        -- the reservation model (one row) does not do.
+        IF nslots > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = '0A000',
+                MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', p_sku),
+                DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
+                HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'CB001',
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', p_sku),
+            DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
+                                       p_qty, cur);
+    END IF;
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (p_gid, p_branch, 'stock', p_sku, p_qty);
+    RETURN outcome;
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) IS
+    'TCC try: reserves qty units of a SKU for (gid, branch); returns the barrier outcome';
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_coupon_try(gid text, branch_id text, coupon_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_coupon ALIAS FOR $3;
+    outcome  text;
+BEGIN
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require_key(p_coupon, 'coupon_id');
+    outcome := callback_center.barrier(p_gid, p_branch, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    PERFORM callback_center.freeze_coupon(p_coupon, p_gid);
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (p_gid, p_branch, 'coupon', p_coupon, 1);
+    RETURN outcome;
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.tcc_coupon_try(text, text, text) IS
+    'TCC try: freezes a coupon for gid; returns the barrier outcome';
+
+DROP FUNCTION callback_center._tcc_require(text, text[]);
+CREATE OR REPLACE FUNCTION callback_center.issue_coupon(coupon_id text, user_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    owner text;
+BEGIN
+    PERFORM callback_center._require_key(issue_coupon.coupon_id, 'coupon_id');
+    IF issue_coupon.user_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(issue_coupon.user_id, 'user_id');
+    END IF;
+    INSERT INTO callback_center.coupons (coupon_id, user_id)
+    VALUES (issue_coupon.coupon_id, issue_coupon.user_id)
+    ON CONFLICT ON CONSTRAINT coupons_pkey DO NOTHING;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    SELECT k.user_id INTO owner FROM callback_center.coupons k
+     WHERE k.coupon_id = issue_coupon.coupon_id;
+    IF owner IS DISTINCT FROM issue_coupon.user_id THEN
+        RAISE EXCEPTION USING ERRCODE = '23505',
+            MESSAGE = format('coupon "%s" already exists for another user', issue_coupon.coupon_id),
+            DETAIL = format('It was issued to %s.', coalesce('user "' || owner || '"', 'no user')),
+            HINT = 'Coupon ids are unique; issue this one under a new id.';
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.freeze_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    c callback_center.coupons;
+BEGIN
+    PERFORM callback_center._require_key(freeze_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(freeze_coupon.biz_id, 'biz_id');
+    SELECT * INTO c FROM callback_center.coupons k
+     WHERE k.coupon_id = freeze_coupon.coupon_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB051',
+            MESSAGE = format('coupon "%s" does not exist', freeze_coupon.coupon_id);
+    END IF;
+    IF c.status = 'frozen' AND c.biz_id = freeze_coupon.biz_id THEN
+        RETURN false;
+    END IF;
+    IF c.status <> 'available' THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB051',
+            MESSAGE = format('coupon "%s" is not available', c.coupon_id),
+            DETAIL = format('It is %s by order "%s".', c.status, c.biz_id);
+    END IF;
+    UPDATE callback_center.coupons k
+       SET status = 'frozen', biz_id = freeze_coupon.biz_id, updated_at = now()
+     WHERE k.coupon_id = c.coupon_id;
+    RETURN true;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.use_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    c callback_center.coupons;
+BEGIN
+    PERFORM callback_center._require_key(use_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(use_coupon.biz_id, 'biz_id');
+    SELECT * INTO c FROM callback_center.coupons k
+     WHERE k.coupon_id = use_coupon.coupon_id FOR UPDATE;
+    IF FOUND AND c.biz_id = use_coupon.biz_id THEN
+        IF c.status = 'used' THEN
+            RETURN false;
+        END IF;
+        UPDATE callback_center.coupons k SET status = 'used', updated_at = now()
+         WHERE k.coupon_id = c.coupon_id;
+        RETURN true;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'CB051',
+        MESSAGE = format('coupon "%s" is not frozen by order "%s"',
+                         use_coupon.coupon_id, use_coupon.biz_id),
+        DETAIL = CASE WHEN NOT FOUND THEN 'No such coupon exists.'
+                      WHEN c.biz_id IS NULL THEN 'It is available, held by no order.'
+                      ELSE format('It is %s by another order.', c.status) END;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.unfreeze_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(unfreeze_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(unfreeze_coupon.biz_id, 'biz_id');
+    UPDATE callback_center.coupons k
+       SET status = 'available', biz_id = NULL, updated_at = now()
+     WHERE k.coupon_id = unfreeze_coupon.coupon_id
+       AND k.status = 'frozen' AND k.biz_id = unfreeze_coupon.biz_id;
+    RETURN FOUND;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.mark_refunded(provider text, provider_txn_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    lp callback_center.late_payments;
+BEGIN
+    PERFORM callback_center._require_key(mark_refunded.provider, 'provider', 63);
+    PERFORM callback_center._require_key(mark_refunded.provider_txn_id, 'provider_txn_id');
+    SELECT * INTO lp FROM callback_center.late_payments l
+     WHERE l.provider = mark_refunded.provider AND l.provider_txn_id = mark_refunded.provider_txn_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('no late payment %s from provider "%s"',
+                             mark_refunded.provider_txn_id, mark_refunded.provider),
+            HINT = 'See callback_center.late_payments.';
+    END IF;
+    IF lp.status = 'refunded' THEN
+        RETURN false;
+    END IF;
+    UPDATE callback_center.late_payments l SET status = 'refunded', refunded_at = now()
+     WHERE l.id = lp.id;
+    IF EXISTS (SELECT 1 FROM callback_center.payments p
+                WHERE p.provider_txn_id = lp.provider_txn_id AND p.status = 'REFUND_REQUIRED') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status',
+            (SELECT p.payment_id FROM callback_center.payments p
+              WHERE p.provider_txn_id = lp.provider_txn_id), 'refund');
+    END IF;
+    RETURN true;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.complete_callback(
+    p_biz_id text, p_callback_type text, p_succeeded boolean,
+    p_result jsonb DEFAULT NULL)
+RETURNS smallint
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.callback_record;
+    v_status smallint;
+BEGIN
+    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
+    PERFORM callback_center._require(p_succeeded, 'succeeded');
+    v_status := CASE WHEN p_succeeded THEN 2 ELSE 3 END;
+
+    SELECT * INTO r FROM callback_center.callback_record c
+     WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB021',
+            MESSAGE = format('unknown callback (%s, %s)', p_biz_id, p_callback_type),
+            HINT = 'Record the callback with callback_center.record_callback() first.';
+    END IF;
+
+    IF r.status IN (2, 3) THEN
+        IF r.status = v_status THEN
+            RETURN r.status;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('callback (%s, %s) is already completed', p_biz_id, p_callback_type),
+            DETAIL = format('It completed as %s and cannot now complete as %s.',
+                            CASE r.status WHEN 2 THEN 'succeeded' ELSE 'failed' END,
+                            CASE v_status WHEN 2 THEN 'succeeded' ELSE 'failed' END);
+    END IF;
+
+    UPDATE callback_center.callback_record c
+       SET status = v_status, result = p_result,
+           completed_at = now(), updated_at = now()
+     WHERE c.id = r.id;
+    RETURN v_status;
+END
+$$;
+COMMENT ON FUNCTION callback_center.complete_callback(text, text, boolean, jsonb) IS
+    'Marks a recorded callback succeeded (2) or failed (3) with its result';
+
+CREATE OR REPLACE FUNCTION callback_center.get_callback(p_biz_id text, p_callback_type text)
+RETURNS callback_center.callback_record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.callback_record;
+BEGIN
+    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
+    SELECT * INTO r FROM callback_center.callback_record c
+     WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB021',
+            MESSAGE = format('unknown callback (%s, %s)', p_biz_id, p_callback_type);
+    END IF;
+    RETURN r;
+END
+$$;
+COMMENT ON FUNCTION callback_center.get_callback(text, text) IS
+    'The recorded callback for (biz_id, callback_type)';
+
+CREATE OR REPLACE FUNCTION callback_center.reclaim_stale_callbacks(older_than interval)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF older_than IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'older_than must not be null';
+    END IF;
+    IF older_than < interval '0' OR older_than > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'older_than must be between 0 and 100 years',
+            DETAIL = format('The value given was %s.', older_than);
+    END IF;
+    -- A row a handler is completing right now is locked: the UPDATE waits,
+    -- then rechecks status and skips it.
+    UPDATE callback_center.callback_record c
+       SET status = 3,
+           result = jsonb_build_object('error', 'processing abandoned',
+                                       'reclaimed_after', older_than::text),
+           completed_at = now(), updated_at = now()
+     WHERE c.status = 1 AND c.updated_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION callback_center.reclaim_stale_callbacks(interval) IS
+    'Marks callbacks processing for longer than older_than failed, so that a redelivery retries them (admin)';
+
+CREATE OR REPLACE FUNCTION callback_center._purge_check(older_than interval, batch_size integer,
+    attempts_older_than interval, history_older_than interval)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF older_than IS NULL OR batch_size IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'older_than and batch_size must not be null';
+    END IF;
+    IF older_than < interval '0' OR attempts_older_than < interval '0'
+       OR history_older_than < interval '0' OR older_than > interval '100 years'
+       OR attempts_older_than > interval '100 years' OR history_older_than > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('retention ages must be between 0 and 100 years, got %s, %s and %s',
+                             older_than, coalesce(attempts_older_than::text, 'NULL'),
+                             coalesce(history_older_than::text, 'NULL'));
+    END IF;
+    IF batch_size < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('batch_size must be positive, got %s', batch_size);
+    END IF;
 END
 $$;

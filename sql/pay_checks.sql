@@ -158,6 +158,50 @@ SELECT pc_try($$SELECT callback_center.start_payment('pc-11', 'no-such-psp')$$) 
 SELECT pc_try(format($$SELECT callback_center.start_payment('pc-11', %L)$$, repeat('p', 1000000))) AS huge_provider;
 SELECT left(provider, 20) AS provider FROM callback_center.payments WHERE order_id = 'pc-11';
 
+-- ------------------------------------------------------------------------
+-- 5. Bounds: keys, numbers and intervals from outside.
+-- ------------------------------------------------------------------------
+SELECT pc_try(format($$SELECT status FROM callback_center.place_order(%L, 'u', '[{"sku":"pc-A","qty":1}]', 1)$$,
+    repeat('o', 1000000))) AS huge_order_id;
+SELECT pc_try(format($$SELECT status FROM callback_center.place_order('pc-12', %L, '[{"sku":"pc-A","qty":1}]', 1)$$,
+    repeat('u', 1000000))) AS huge_user_id;
+SELECT pc_try(format($$SELECT status FROM callback_center.place_order('pc-12', 'u', '[{"sku":"pc-A","qty":1}]', 1, %L)$$,
+    repeat('c', 1000000))) AS huge_coupon_id;
+SELECT pc_try(format($$SELECT is_first::text FROM callback_center.record_callback(%L, 't', '')$$,
+    repeat('b', 1000000))) AS huge_biz_id;
+SELECT pc_try(format($$SELECT callback_center.issue_coupon(%L, 'u')$$, repeat('c', 1000000))) AS huge_coupon;
+SELECT pc_try(format($$SELECT callback_center.barrier(%L, 'b', 'try')$$, repeat('g', 1000000))) AS huge_gid;
+SELECT pc_try(format($$SELECT callback_center.saga_start(%L, '[{"action":"SELECT 1"}]')$$,
+    repeat('s', 1000000))) AS huge_saga_id;
+-- A signed body whose amount overflows bigint, or holds \u0000: answered
+-- once, as a refusal, and the same answer on every redelivery.
+SELECT pc_place('pc-13', 100) AS placed, callback_center.start_payment('pc-13', 'pc-acme') AS payment;
+SELECT '{"type":"payment.succeeded","data":{"txn_id":"acme-13","order_id":"pc-13","amount_cents":1e30}}' AS b \gset
+SELECT http_status, response_body, is_first, outcome
+  FROM callback_center.payment_callback('pc-acme', pc_acme(:'b', 'pc-m13'), :'b');
+SELECT http_status, response_body, is_first, outcome
+  FROM callback_center.payment_callback('pc-acme', pc_acme(:'b', 'pc-m13'), :'b');
+SELECT '{"type":"payment.succeeded","data":{"txn_id":"acme-13","order_id":"pc-13","amount_cents":100000000000000000000}}' AS b \gset
+SELECT http_status, is_first, outcome
+  FROM callback_center.payment_callback('pc-acme', pc_acme(:'b', 'pc-m14'), :'b');
+SELECT '{"type":"payment.succeeded","data":{"txn_id":"acme-13\u0000","order_id":"pc-13","amount_cents":100}}' AS b \gset
+SELECT http_status, is_first, outcome
+  FROM callback_center.payment_callback('pc-acme', pc_acme(:'b', 'pc-m15'), :'b');
+SELECT pc_state('pc-13') AS still_paying;
+SELECT biz_id, status, result->>'outcome' AS outcome FROM callback_center.callback_record
+ WHERE biz_id IN ('pc-m13', 'pc-m14', 'pc-m15') ORDER BY biz_id;
+-- A Stripe body that is not JSON cannot be keyed by its event id: keyed by
+-- its hash, answered once.
+SELECT http_status, is_first, outcome
+  FROM callback_center.payment_callback('pc-stripe', pc_stripe_headers('{"id": 1e'), '{"id": 1e');
+SELECT http_status, is_first, outcome
+  FROM callback_center.payment_callback('pc-stripe', pc_stripe_headers('{"id": 1e'), '{"id": 1e');
+-- Intervals: ages and tolerances beyond 100 years are refused.
+SELECT pc_try($$SELECT callback_center.reclaim_stale_callbacks('300000 years')::text$$) AS reclaim;
+SELECT pc_try($$SELECT count(*)::text FROM callback_center.purge('300000 years')$$) AS purge;
+SELECT pc_try($$SELECT count(*)::text FROM callback_center.reconcile('pc-acme', '2026-02-01', '300000 years')$$) AS grace;
+SELECT pc_try($$SELECT callback_center.set_provider('pc-x', 'stripe', ARRAY['s'], '300000 years')::text$$) AS tolerance;
+
 DROP FUNCTION pc_headers(text, text, text), pc_acme(text, text), pc_sandbox(text, text),
     pc_body(text, text, text, bigint, text), pc_stripe_headers(text), pc_state(text), pc_try(text),
     pc_place(text, bigint, text);

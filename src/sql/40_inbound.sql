@@ -91,10 +91,9 @@ DECLARE
     r callback_center.callback_record;
     v_status smallint;
 BEGIN
-    IF p_biz_id IS NULL OR p_callback_type IS NULL OR p_succeeded IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'biz_id, callback_type and succeeded must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
+    PERFORM callback_center._require(p_succeeded, 'succeeded');
     v_status := CASE WHEN p_succeeded THEN 2 ELSE 3 END;
 
     SELECT * INTO r FROM callback_center.callback_record c
@@ -136,10 +135,8 @@ AS $$
 DECLARE
     r callback_center.callback_record;
 BEGIN
-    IF p_biz_id IS NULL OR p_callback_type IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'biz_id and callback_type must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
     SELECT * INTO r FROM callback_center.callback_record c
      WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type;
     IF NOT FOUND THEN
@@ -173,9 +170,10 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
             MESSAGE = 'older_than must not be null';
     END IF;
-    IF older_than < interval '0' THEN
+    IF older_than < interval '0' OR older_than > interval '100 years' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = 'older_than must not be negative';
+            MESSAGE = 'older_than must be between 0 and 100 years',
+            DETAIL = format('The value given was %s.', older_than);
     END IF;
     -- A row a handler is completing right now is locked: the UPDATE waits,
     -- then rechecks status and skips it.

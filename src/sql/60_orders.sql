@@ -96,8 +96,9 @@ AS $$
 DECLARE
     owner text;
 BEGIN
-    IF issue_coupon.coupon_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id must not be null';
+    PERFORM callback_center._require_key(issue_coupon.coupon_id, 'coupon_id');
+    IF issue_coupon.user_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(issue_coupon.user_id, 'user_id');
     END IF;
     INSERT INTO callback_center.coupons (coupon_id, user_id)
     VALUES (issue_coupon.coupon_id, issue_coupon.user_id)
@@ -126,9 +127,8 @@ AS $$
 DECLARE
     c callback_center.coupons;
 BEGIN
-    IF freeze_coupon.coupon_id IS NULL OR freeze_coupon.biz_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
-    END IF;
+    PERFORM callback_center._require_key(freeze_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(freeze_coupon.biz_id, 'biz_id');
     SELECT * INTO c FROM callback_center.coupons k
      WHERE k.coupon_id = freeze_coupon.coupon_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -161,9 +161,8 @@ AS $$
 DECLARE
     c callback_center.coupons;
 BEGIN
-    IF use_coupon.coupon_id IS NULL OR use_coupon.biz_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
-    END IF;
+    PERFORM callback_center._require_key(use_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(use_coupon.biz_id, 'biz_id');
     SELECT * INTO c FROM callback_center.coupons k
      WHERE k.coupon_id = use_coupon.coupon_id FOR UPDATE;
     IF FOUND AND c.biz_id = use_coupon.biz_id THEN
@@ -192,9 +191,8 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF unfreeze_coupon.coupon_id IS NULL OR unfreeze_coupon.biz_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
-    END IF;
+    PERFORM callback_center._require_key(unfreeze_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(unfreeze_coupon.biz_id, 'biz_id');
     UPDATE callback_center.coupons k
        SET status = 'available', biz_id = NULL, updated_at = now()
      WHERE k.coupon_id = unfreeze_coupon.coupon_id
@@ -589,10 +587,8 @@ AS $$
 DECLARE
     lp callback_center.late_payments;
 BEGIN
-    IF mark_refunded.provider IS NULL OR mark_refunded.provider_txn_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'provider and provider_txn_id must not be null';
-    END IF;
+    PERFORM callback_center._require_key(mark_refunded.provider, 'provider', 63);
+    PERFORM callback_center._require_key(mark_refunded.provider_txn_id, 'provider_txn_id');
     SELECT * INTO lp FROM callback_center.late_payments l
      WHERE l.provider = mark_refunded.provider AND l.provider_txn_id = mark_refunded.provider_txn_id
        FOR UPDATE;
@@ -641,17 +637,29 @@ DECLARE
     msg_id text;
     rec record;
     result text;
+    refusal text;
     ack constant text := '{"received":true}';
 BEGIN
-    IF p_provider IS NULL OR payment_callback.headers IS NULL OR payment_callback.body IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider, headers and body must not be null';
-    END IF;
+    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
     -- Verification comes first: a bad signature raises and records nothing.
     PERFORM callback_center.verify_signature(p_provider, payment_callback.headers, payment_callback.body);
     SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
-    msg := callback_center._parse_payment_body(scheme, payment_callback.body);
-    IF scheme = 'stripe' THEN
+    -- A signed body we cannot read (not JSON, \u0000, an amount beyond
+    -- bigint, ids missing) will never read better: it is recorded and
+    -- refused once, with 400, and every redelivery gets that answer.  An
+    -- exception here made the provider redeliver it forever.
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+    EXCEPTION WHEN data_exception THEN
+        refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+    END;
+    IF scheme = 'stripe' AND refusal IS NULL THEN
         msg_id := msg.event_id;
+    ELSIF scheme = 'stripe' THEN
+        -- An unreadable Stripe body has no event id: keyed by its hash.
+        msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
     ELSE
         -- verify_signature found exactly one, whatever its spelling.
         SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
@@ -679,6 +687,15 @@ BEGIN
         RETURN;
     END IF;
 
+    IF refusal IS NOT NULL THEN
+        PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+            jsonb_build_object('http_status', 400,
+                               'body', jsonb_build_object('received', false,
+                                                          'reason', 'unreadable payment message')::text,
+                               'outcome', 'rejected', 'error', refusal));
+        RETURN QUERY SELECT 400, '{"reason": "unreadable payment message", "received": false}', true, 'rejected';
+        RETURN;
+    END IF;
     IF msg.verdict IS NULL THEN
         result := 'ignored';
     ELSE

@@ -137,10 +137,9 @@ DECLARE
     me       text := callback_center._caller();
     owner    text;
 BEGIN
-    IF p_gid IS NULL OR p_branch IS NULL OR p_op IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'gid, branch_id and op must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require(p_op, 'op');
     IF p_op NOT IN ('try', 'confirm', 'cancel') THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('invalid barrier op "%s"', p_op),
@@ -197,20 +196,6 @@ $fn$;
 COMMENT ON FUNCTION callback_center.barrier(text, text, text) IS
     'TCC/saga barrier: proceed, duplicate, empty_compensation or refused for (gid, branch, op)';
 
--- Raises 22004 when any of the named values is null.
-CREATE FUNCTION callback_center._tcc_require(what text, VARIADIC vals text[])
-RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, callback_center
-AS $fn$
-BEGIN
-    IF pg_catalog.array_position(vals, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = pg_catalog.format('%s must not be null', what);
-    END IF;
-END
-$fn$;
-
 -- Marks the reservation of (gid, branch) of the given kind confirmed or
 -- cancelled and returns it; 55000 when there is none still reserved.
 CREATE FUNCTION callback_center._tcc_settle(
@@ -258,7 +243,7 @@ DECLARE
     outcome text;
     r       callback_center.tcc_reservations;
 BEGIN
-    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
+    -- barrier() checks gid and branch_id (_require_key).
     outcome := callback_center.barrier(p_gid, p_branch, p_op);
     IF outcome <> 'proceed' THEN
         RETURN outcome;
@@ -302,8 +287,10 @@ DECLARE
     cur      bigint;
     nslots   integer;
 BEGIN
-    PERFORM callback_center._tcc_require('gid, branch_id, sku_id and qty',
-                                         p_gid, p_branch, p_sku, p_qty::text);
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require_key(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_qty, 'qty');
     IF p_qty <= 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('qty must be positive: %s', p_qty);
@@ -385,8 +372,9 @@ DECLARE
     p_coupon ALIAS FOR $3;
     outcome  text;
 BEGIN
-    PERFORM callback_center._tcc_require('gid, branch_id and coupon_id',
-                                         p_gid, p_branch, p_coupon);
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require_key(p_coupon, 'coupon_id');
     outcome := callback_center.barrier(p_gid, p_branch, 'try');
     IF outcome <> 'proceed' THEN
         RETURN outcome;
@@ -439,10 +427,8 @@ DECLARE
     p_steps ALIAS FOR $2;
     bad     text;
 BEGIN
-    IF p_saga IS NULL OR p_steps IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'saga_id and steps must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_saga, 'saga_id');
+    PERFORM callback_center._require(p_steps, 'steps');
     IF pg_catalog.jsonb_typeof(p_steps) <> 'array' OR pg_catalog.jsonb_array_length(p_steps) = 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'steps must be a non-empty JSON array',
@@ -647,7 +633,6 @@ COMMENT ON FUNCTION callback_center.saga_run(text) IS
 
 REVOKE ALL ON FUNCTION callback_center._caller() FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.barrier(text, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION callback_center._tcc_require(text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._tcc_settle(text, text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._tcc_second_phase(text, text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) FROM PUBLIC;
@@ -665,7 +650,7 @@ REVOKE ALL ON FUNCTION callback_center.saga_run(text) FROM PUBLIC;
 -- them, is SECURITY INVOKER (its steps run with the caller's rights).
 -- Called directly they move only the bookkeeping, forward (a step or a
 -- saga can be marked done without running it; nothing is reserved or
--- released that way, the branches go through the barrier); _tcc_require and _tcc_settle are called only by SECURITY
+-- released that way, the branches go through the barrier); _tcc_settle is called only by SECURITY
 -- DEFINER functions and granted to no one.
 GRANT EXECUTE ON FUNCTION
     callback_center.barrier(text, text, text),
