@@ -948,7 +948,9 @@ DECLARE
 BEGIN
     PERFORM callback_center._require_key(p_name, 'provider', 63);
     PERFORM callback_center._require(p_scheme, 'scheme');
-    PERFORM callback_center._require(p_secrets, 'secrets');
+    IF p_secrets IS NULL THEN
+        p_secrets := ARRAY[callback_center.new_webhook_secret()];
+    END IF;
     IF p_scheme NOT IN ('standard_webhooks', 'stripe') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('unknown signature scheme "%s"', p_scheme),
@@ -982,7 +984,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) IS
-    'Creates or replaces a webhook provider (admin)';
+    'Creates or replaces a webhook provider; NULL secrets: one is generated (admin)';
 
 
 -- The shared argument checks (one NULL check, one key check) and the
@@ -1805,3 +1807,31 @@ BEGIN
     END IF;
 END
 $$;
+
+-- Provider secrets can be generated (set_provider with NULL secrets) and
+-- read back by the admin (provider_secret), so that none need be written
+-- into a statement.
+CREATE OR REPLACE FUNCTION callback_center.provider_secret(p_name text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    SELECT p.secrets[1] INTO s FROM callback_center.providers p WHERE p.name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name);
+    END IF;
+    RETURN s;
+END
+$$;
+COMMENT ON FUNCTION callback_center.provider_secret(text) IS
+    'The first secret of a webhook provider, to configure on its side (admin)';
+
+REVOKE ALL ON FUNCTION callback_center.provider_secret(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.provider_secret(text) TO callback_center_admin;
+COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) IS
+    'Creates or replaces a webhook provider; NULL secrets: one is generated (admin)';

@@ -31,6 +31,7 @@ INSERT INTO null_meaningful VALUES
     ('rotate_endpoint_secret', 'new_secret', 'generate a whsec_ secret'),
     ('schedule_maintenance', 'attempts_older_than', 'the same as older_than'),
     ('schedule_maintenance', 'history_older_than', 'the same as older_than'),
+    ('set_provider', 'p_secrets', 'generate a whsec_ secret'),
     ('set_provider', 'p_tolerance', 'callback_center.signature_tolerance'),
     ('set_provider_query_endpoint', 'endpoint', 'stop querying the provider');
 

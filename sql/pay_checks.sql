@@ -202,6 +202,43 @@ SELECT pc_try($$SELECT count(*)::text FROM callback_center.purge('300000 years')
 SELECT pc_try($$SELECT count(*)::text FROM callback_center.reconcile('pc-acme', '2026-02-01', '300000 years')$$) AS grace;
 SELECT pc_try($$SELECT callback_center.set_provider('pc-x', 'stripe', ARRAY['s'], '300000 years')::text$$) AS tolerance;
 
+-- ------------------------------------------------------------------------
+-- 6. Provider secrets: generated, so that they never appear in a
+-- statement (and in the server log with it); no error repeats one.
+-- ------------------------------------------------------------------------
+SELECT pc_try($$SELECT callback_center.set_provider('pc-gen', 'standard_webhooks', NULL)::text$$) AS generated;
+SELECT pc_try($$SELECT (callback_center.provider_secret('pc-gen') ~ '^whsec_[A-Za-z0-9+/]{32}$')::text$$) AS looks_right;
+SELECT pc_try($$SELECT (callback_center.provider_secret('pc-gen') = secrets[1])::text
+                  FROM callback_center.providers WHERE name = 'pc-gen'$$) AS is_stored;
+SELECT pc_try($$SELECT callback_center.provider_secret('no-such-psp')$$) AS unknown;
+-- A Stripe provider gets one too (for test set-ups; Stripe itself issues
+-- the real ones).
+SELECT pc_try($$SELECT callback_center.set_provider('pc-gen-s', 'stripe', NULL)::text$$) AS generated_stripe;
+SELECT pc_try($$SELECT (callback_center.provider_secret('pc-gen-s') ~ '^whsec_')::text$$) AS stripe_looks_right;
+-- Errors about a bad secret never carry it, in any field (the secret is
+-- a bind parameter here, as the docs advise, so the statement text does
+-- not hold it either).
+CREATE FUNCTION pg_temp.error_fields(q text, secret text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    m text; d text; h text; c text;
+BEGIN
+    EXECUTE q USING secret;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL, h = PG_EXCEPTION_HINT,
+                            c = PG_EXCEPTION_CONTEXT;
+    RETURN concat_ws(' | ', m, d, h, c);
+END $$;
+SELECT position('TOPSECRET' IN pg_temp.error_fields(q, s)) = 0 AS secret_not_in_error,
+       left(pg_temp.error_fields(q, s), 50) AS error
+  FROM (VALUES ($$SELECT callback_center.set_provider('pc-bad', 'standard_webhooks', ARRAY[$1])$$, 'whsec_TOPSECRET!!'),
+               ($$SELECT callback_center.set_provider('pc-bad', 'standard_webhooks', ARRAY[$1])$$, 'TOPSECRET'),
+               ($$SELECT callback_center.set_provider('pc-bad', 'standard_webhooks',
+                     ARRAY['whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', $1])$$, 'TOPSECRET'),
+               ($$SELECT callback_center.set_provider('pc-bad', 'stripe', ARRAY[$1, ''])$$, 'TOPSECRET'),
+               ($$SELECT callback_center.sign_webhook($1, 'm', 0, '')$$, 'whsec_TOPSECRET!!')) AS v(q, s);
+SELECT callback_center.drop_provider('pc-gen'), callback_center.drop_provider('pc-gen-s');
+
 DROP FUNCTION pc_headers(text, text, text), pc_acme(text, text), pc_sandbox(text, text),
     pc_body(text, text, text, bigint, text), pc_stripe_headers(text), pc_state(text), pc_try(text),
     pc_place(text, bigint, text);

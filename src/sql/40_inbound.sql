@@ -247,8 +247,11 @@ COMMENT ON FUNCTION callback_center.verify_signature(text, jsonb, text) IS
     'True when the headers carry a valid, timely signature of body by the provider; raises otherwise';
 
 -- set_provider: creates or replaces a provider.  Standard Webhooks secrets
--- must be whsec_<base64>; a tolerance of NULL means the GUC
--- callback_center.signature_tolerance.
+-- must be whsec_<base64>; secrets NULL generates one (new_webhook_secret(),
+-- read back with provider_secret()), so that no secret need be written
+-- into a statement, which the server logs with any error it raises; a
+-- tolerance of NULL means the GUC callback_center.signature_tolerance.  No
+-- message raised here contains a secret.
 CREATE FUNCTION callback_center.set_provider(
     p_name text, p_scheme text, p_secrets text[],
     p_tolerance interval DEFAULT NULL)
@@ -261,7 +264,9 @@ DECLARE
 BEGIN
     PERFORM callback_center._require_key(p_name, 'provider', 63);
     PERFORM callback_center._require(p_scheme, 'scheme');
-    PERFORM callback_center._require(p_secrets, 'secrets');
+    IF p_secrets IS NULL THEN
+        p_secrets := ARRAY[callback_center.new_webhook_secret()];
+    END IF;
     IF p_scheme NOT IN ('standard_webhooks', 'stripe') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('unknown signature scheme "%s"', p_scheme),
@@ -296,7 +301,31 @@ END
 $$;
 
 COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) IS
-    'Creates or replaces a webhook provider (admin)';
+    'Creates or replaces a webhook provider; NULL secrets: one is generated (admin)';
+
+-- The provider's first secret (the one set_provider generated), to give to
+-- the provider's side (admin; the app role cannot read it).  CB033 for an
+-- unknown provider.
+CREATE FUNCTION callback_center.provider_secret(p_name text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    SELECT p.secrets[1] INTO s FROM callback_center.providers p WHERE p.name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name);
+    END IF;
+    RETURN s;
+END
+$$;
+
+COMMENT ON FUNCTION callback_center.provider_secret(text) IS
+    'The first secret of a webhook provider, to configure on its side (admin)';
 
 CREATE FUNCTION callback_center.drop_provider(p_name text)
 RETURNS void
@@ -328,6 +357,7 @@ REVOKE ALL ON FUNCTION
     callback_center.new_webhook_secret(),
     callback_center.verify_signature(text, jsonb, text),
     callback_center.set_provider(text, text, text[], interval),
+    callback_center.provider_secret(text),
     callback_center.drop_provider(text),
     callback_center.reclaim_stale_callbacks(interval)
 FROM PUBLIC;
@@ -344,6 +374,7 @@ TO callback_center_app, callback_center_admin;
 
 GRANT EXECUTE ON FUNCTION
     callback_center.set_provider(text, text, text[], interval),
+    callback_center.provider_secret(text),
     callback_center.drop_provider(text),
     callback_center.reclaim_stale_callbacks(interval)
 TO callback_center_admin;
