@@ -239,3 +239,1822 @@ GRANT SELECT (id, endpoint_id, event_type, aggregate_id, status, attempts, next_
     ON callback_center.outbox TO callback_center_app;
 
 ALTER TABLE callback_center.replay_audit ALTER COLUMN replayed_by SET DEFAULT session_user;
+
+-- Orders, payments, TCC and sagas: a verdict (callback, active-query answer,
+-- reconciliation line) applies only to a payment of the provider that
+-- brought it, with amount and currency equal.
+
+-- The parsed message carries its currency; the verdict takes it.
+DROP FUNCTION callback_center._parse_payment_body(text, text);
+CREATE OR REPLACE FUNCTION callback_center._parse_payment_body(scheme text, body text,
+    OUT txn_id text, OUT order_id text, OUT amount_cents bigint, OUT verdict text,
+    OUT event_id text, OUT event_type text, OUT currency text)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ev jsonb;
+    obj jsonb;
+BEGIN
+    BEGIN
+        ev := body::jsonb;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION USING ERRCODE = '22P02', MESSAGE = 'payment callback body is not valid JSON';
+    END;
+    IF jsonb_typeof(ev) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'payment callback body is not a JSON object';
+    END IF;
+    event_type := ev->>'type';
+    IF scheme = 'stripe' THEN
+        event_id := ev->>'id';
+        obj := ev->'data'->'object';
+        txn_id := obj->>'id';
+        order_id := obj->'metadata'->>'order_id';
+        currency := obj->>'currency';
+        -- One event type means money: payment_intent.succeeded.  charge.*
+        -- events describe the same money again and are ignored, so that a
+        -- payment is never applied twice under two ids (pi_ and ch_).
+        verdict := CASE event_type
+            WHEN 'payment_intent.succeeded' THEN 'success'
+            WHEN 'payment_intent.payment_failed' THEN 'attempt_failed'
+            WHEN 'payment_intent.canceled' THEN 'failure' END;
+        amount_cents := (CASE WHEN verdict = 'success'
+                              THEN coalesce(obj->>'amount_received', obj->>'amount')
+                              ELSE obj->>'amount' END)::bigint;
+        IF event_id IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = 'payment callback body lacks an event id',
+                DETAIL = format('Scheme stripe, event type %s.', coalesce(event_type, '(none)'));
+        END IF;
+    ELSE
+        obj := ev->'data';
+        txn_id := obj->>'txn_id';
+        order_id := obj->>'order_id';
+        amount_cents := (obj->>'amount_cents')::bigint;
+        currency := obj->>'currency';
+        verdict := CASE event_type WHEN 'payment.succeeded' THEN 'success'
+                                   WHEN 'payment.failed' THEN 'failure' END;
+    END IF;
+    IF verdict IS NOT NULL AND (txn_id IS NULL OR order_id IS NULL) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'payment callback body lacks a transaction id or an order id',
+            DETAIL = format('Scheme %s, event type %s.', scheme, event_type);
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._parse_payment_body(text, text) FROM PUBLIC;
+DROP FUNCTION callback_center._apply_payment_result(text, text, text, bigint, text, text);
+CREATE OR REPLACE FUNCTION callback_center._apply_payment_result(
+    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
+    p_currency text, p_verdict text, p_source text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+    pay callback_center.payments;
+    owner text;
+    expected bigint;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', p_order_id),
+            DETAIL = format('Transaction %s from provider %s.', p_txn_id, p_provider),
+            HINT = 'Nothing was recorded; the provider will deliver it again.';
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+
+    IF p_verdict IS NULL THEN
+        RETURN 'ignored';
+    END IF;
+    -- Whose payment it is: another provider's word on it, signed or not,
+    -- is no word at all.
+    owner := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
+    IF owner IS DISTINCT FROM p_provider THEN
+        PERFORM callback_center.enqueue('payment.provider_mismatch', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'payment_provider', owner, 'verdict', p_verdict,
+                               'source', p_source));
+        RETURN 'provider_mismatch';
+    END IF;
+    IF p_verdict = 'attempt_failed' THEN
+        -- The customer may retry on the same transaction: the payment stays
+        -- open until a success, a terminal failure or the timeout close.
+        RETURN 'attempt_failed';
+    END IF;
+    expected := coalesce(pay.amount_cents, o.amount_cents);
+    IF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected)
+       OR (p_verdict <> 'success' AND p_amount_cents <> expected)
+       OR upper(p_currency) <> o.currency THEN
+        PERFORM callback_center.enqueue('payment.amount_mismatch', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'expected_cents', expected, 'received_cents', p_amount_cents,
+                               'expected_currency', o.currency, 'received_currency', p_currency,
+                               'source', p_source));
+        RETURN 'amount_mismatch';
+    END IF;
+
+    IF p_verdict = 'success' THEN
+        IF pay.provider_txn_id = p_txn_id THEN
+            -- Told twice of the same money (a callback and a query answer).
+            RETURN CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
+                        THEN 'refund_required' ELSE 'already_applied' END;
+        END IF;
+        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'success');
+            IF o.coupon_id IS NOT NULL THEN
+                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
+            END IF;
+            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_success');
+            RETURN 'paid';
+        END IF;
+        -- Late money: kept once per transaction, never reopening the order.
+        INSERT INTO callback_center.late_payments
+               (provider, provider_txn_id, order_id, payment_id, amount_cents,
+                order_status, pay_status, payment_status, source)
+        VALUES (p_provider, p_txn_id, o.order_id, pay.payment_id,
+                coalesce(p_amount_cents, pay.amount_cents),
+                o.status, o.pay_status, pay.status, p_source)
+        ON CONFLICT (provider, provider_txn_id) DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN 'refund_required';
+        END IF;
+        IF pay.status IN ('CLOSED', 'FAILED') AND pay.provider_txn_id IS NULL THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                pay.payment_id, 'late_success');
+        END IF;
+        PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'amount_cents', coalesce(p_amount_cents, pay.amount_cents),
+                               'order_status', o.status, 'pay_status', o.pay_status,
+                               'source', p_source));
+        RETURN 'refund_required';
+    END IF;
+
+    IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'close');
+        PERFORM callback_center.restore_stock(o.order_id);
+        IF o.coupon_id IS NOT NULL THEN
+            PERFORM callback_center.unfreeze_coupon(o.coupon_id, o.order_id);
+        END IF;
+        RETURN 'pay_failed';
+    END IF;
+    RETURN 'ignored';
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._apply_payment_result(text, text, text, bigint, text, text, text)
+    FROM PUBLIC;
+CREATE OR REPLACE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_provider text := payment_callback.provider;
+    cb_type text := 'payment:' || p_provider;
+    scheme text;
+    msg record;
+    msg_id text;
+    rec record;
+    result text;
+    refusal text;
+    ack constant text := '{"received":true}';
+BEGIN
+    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    -- Verification comes first: a bad signature raises and records nothing.
+    PERFORM callback_center.verify_signature(p_provider, payment_callback.headers, payment_callback.body);
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
+    -- A signed body we cannot read (not JSON, \u0000, an amount beyond
+    -- bigint, ids missing) will never read better: it is recorded and
+    -- refused once, with 400, and every redelivery gets that answer.  An
+    -- exception here made the provider redeliver it forever.
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+    EXCEPTION WHEN data_exception THEN
+        refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+    END;
+    IF scheme = 'stripe' AND refusal IS NULL THEN
+        msg_id := msg.event_id;
+    ELSIF scheme = 'stripe' THEN
+        -- An unreadable Stripe body has no event id: keyed by its hash.
+        msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
+    ELSE
+        -- verify_signature found exactly one, whatever its spelling.
+        SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
+         WHERE lower(h.key) = 'webhook-id';
+    END IF;
+
+    SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, payment_callback.body);
+    IF NOT rec.is_first THEN
+        IF rec.payload_mismatch THEN
+            RETURN QUERY SELECT 409, '{"received":false,"reason":"payload differs from the first delivery"}',
+                                false, 'payload_mismatch';
+        ELSIF rec.status = 2 THEN
+            RETURN QUERY SELECT coalesce((rec.result->>'http_status')::int, 200),
+                                coalesce(rec.result->>'body', ack), false,
+                                coalesce(rec.result->>'outcome', 'processed');
+        ELSIF rec.status = 1 THEN
+            -- Recorded but not finished (by a handler that records and
+            -- processes in separate transactions): the provider must come back.
+            RETURN QUERY SELECT 503, '{"received":false,"reason":"in progress"}', false, 'in_progress';
+        ELSE
+            -- Failed with no retries left (see reclaim_stale_callbacks): not
+            -- acknowledged, so the provider keeps it visible as failing.
+            RETURN QUERY SELECT 500, '{"received":false,"reason":"processing failed"}', false, 'failed';
+        END IF;
+        RETURN;
+    END IF;
+
+    IF refusal IS NOT NULL THEN
+        PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+            jsonb_build_object('http_status', 400,
+                               'body', jsonb_build_object('received', false,
+                                                          'reason', 'unreadable payment message')::text,
+                               'outcome', 'rejected', 'error', refusal));
+        RETURN QUERY SELECT 400, '{"reason": "unreadable payment message", "received": false}', true, 'rejected';
+        RETURN;
+    END IF;
+    IF msg.verdict IS NULL THEN
+        result := 'ignored';
+    ELSE
+        result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
+                                                        msg.amount_cents, msg.currency, msg.verdict,
+                                                        'callback');
+    END IF;
+
+    PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result,
+                           'order_id', msg.order_id, 'txn_id', msg.txn_id,
+                           'event_type', msg.event_type));
+    RETURN QUERY SELECT 200, ack, true, result;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center._apply_query_answer(query_id bigint, answer text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    q callback_center.payment_queries;
+    scheme text;
+    msg record;
+    result text;
+BEGIN
+    SELECT * INTO q FROM callback_center.payment_queries x WHERE x.id = query_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('payment query %s does not exist', query_id);
+    END IF;
+    IF q.status <> 'sent' THEN
+        RETURN q.outcome;
+    END IF;
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = q.provider;
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, coalesce(answer, ''));
+    EXCEPTION WHEN data_exception THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = SQLERRM, finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END;
+    IF msg.order_id IS DISTINCT FROM q.order_id THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = format('the answer is about order "%s", not "%s"', msg.order_id, q.order_id),
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END IF;
+    result := callback_center._apply_payment_result(q.provider, msg.txn_id, msg.order_id,
+                                                    msg.amount_cents, msg.currency, msg.verdict,
+                                                    'query');
+    UPDATE callback_center.payment_queries x
+       SET status = 'answered', answer = _apply_query_answer.answer, outcome = result,
+           finished_at = now()
+     WHERE x.id = q.id;
+    RETURN result;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.reconcile(channel text, bill_date date,
+    grace interval DEFAULT '30 minutes')
+RETURNS TABLE (kind text, count bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_channel text := reconcile.channel;
+    p_date date := reconcile.bill_date;
+    day_start timestamptz;
+    day_end timestamptz;
+    run_at timestamptz := clock_timestamp();
+    r record;
+    applied_ids bigint[];
+    o callback_center.orders;
+    pay callback_center.payments;
+    outcome text;
+BEGIN
+    PERFORM callback_center._require_key(p_channel, 'channel', 63);
+    PERFORM callback_center._require(p_date, 'bill_date');
+    PERFORM callback_center._require(reconcile.grace, 'grace');
+    IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
+    END IF;
+    day_start := p_date::timestamptz;
+    day_end := (p_date + 1)::timestamptz;
+
+    -- Serialise runs for one (channel, bill_date).
+    PERFORM pg_advisory_xact_lock(hashtextextended(
+        'callback_center.recon:' || p_channel || ':' || p_date::text, 0));
+
+    -- One pass: statement lines of the day FULL JOIN local payments of the
+    -- provider paid in the day widened by grace at both edges, matched on
+    -- the provider's transaction id.  Lines left unmatched look further:
+    -- the same transaction id paid on any other day (x: the provider booked
+    -- it across midnight from us, or later; compared like a match), or the
+    -- unpaid payment of the line's order (u).  Local payments left
+    -- unmatched are differences only when paid in the day and not on a
+    -- neighbouring day's statement (that day's run compares them); grace is
+    -- how long before or after midnight one may still turn up on the
+    -- neighbour's statement, so those wait as pending_grace.  Lines already
+    -- settled by an earlier run are left alone.
+    WITH s AS (
+        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
+          FROM callback_center.provider_statement st
+         WHERE st.channel = p_channel AND st.bill_date = p_date
+           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                              AND d.provider_txn_id = st.provider_txn_id
+                              AND d.resolution = 'applied')
+    ), l AS (
+        SELECT p.payment_id, p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
+          FROM callback_center.payments p
+         WHERE p.provider = p_channel
+           AND p.paid_at >= day_start - reconcile.grace
+           AND p.paid_at < day_end + reconcile.grace
+           AND p.provider_txn_id IS NOT NULL
+    ), j AS (
+        SELECT s.provider_txn_id AS s_txn, s.order_id AS s_order, s.amount_cents AS s_amount,
+               s.status AS s_status,
+               l.provider_txn_id AS l_txn, l.order_id AS l_order, l.amount_cents AS l_amount,
+               l.status AS l_status, l.paid_at AS l_paid_at
+          FROM s FULL JOIN l ON l.provider_txn_id = s.provider_txn_id
+    ), c AS (
+        SELECT coalesce(j.s_txn, j.l_txn) AS txn,
+               coalesce(j.s_order, j.l_order, x.order_id, u.order_id) AS order_id,
+               j.s_amount, j.s_status,
+               coalesce(j.l_amount, x.amount_cents, u.amount_cents) AS local_amount,
+               coalesce(j.l_status, x.status, u.status) AS local_status,
+               CASE
+                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN
+                   CASE WHEN j.s_amount <> j.l_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, j.l_status)
+                             THEN 'status_mismatch' END
+                 WHEN j.l_txn IS NOT NULL THEN
+                   -- Local only; rows in the grace margins, and rows on a
+                   -- neighbouring day's statement, are that day's to judge.
+                   CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                    AND n.provider_txn_id = j.l_txn)
+                        THEN 'missing_provider' END
+                 WHEN x.payment_id IS NOT NULL THEN
+                   CASE WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, x.status)
+                             THEN 'status_mismatch' END
+                 WHEN u.payment_id IS NOT NULL THEN
+                   CASE WHEN u.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, u.status)
+                             THEN 'status_mismatch' END
+                 ELSE 'missing_local'
+               END AS kind,
+               CASE
+                 WHEN j.l_txn IS NOT NULL AND j.s_txn IS NULL THEN
+                   CASE WHEN j.l_paid_at < day_start + reconcile.grace
+                          OR j.l_paid_at >= day_end - reconcile.grace
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN u.payment_id IS NOT NULL AND j.s_status = 'success'
+                      AND u.amount_cents = j.s_amount
+                      AND u.status IN ('CREATED', 'PAYING', 'CLOSED', 'FAILED') THEN 'applied'
+                 ELSE 'flagged'
+               END AS resolution,
+               u.payment_id AS apply_payment_id
+          -- Index probes for the unmatched lines only (LIMIT 1 keeps
+          -- them per-row lookups, not hash joins over every payment).
+          FROM j
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND p.provider_txn_id = j.s_txn
+                   AND p.provider = p_channel
+                 LIMIT 1) x ON true
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND x.payment_id IS NULL
+                   AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                   AND p.provider = p_channel
+                 LIMIT 1) u ON true
+    ), ins AS (
+        INSERT INTO callback_center.recon_diffs AS d
+               (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
+                local_amount, provider_status, local_status, resolution, checked_at)
+        SELECT p_channel, p_date, c.txn, c.order_id,
+               -- Known late money is a refund for people, whatever else
+               -- differs; once refunded, the provider's refund agrees.
+               CASE WHEN lp.status = 'refund_required' AND c.resolution <> 'applied'
+                    THEN 'refund_required' ELSE c.kind END,
+               c.s_amount, c.local_amount, c.s_status, c.local_status,
+               CASE WHEN lp.status = 'refund_required' AND c.resolution = 'pending_grace'
+                    THEN 'flagged' ELSE c.resolution END,
+               run_at
+          FROM c
+          LEFT JOIN LATERAL (
+                SELECT l.status FROM callback_center.late_payments l
+                 WHERE l.provider = p_channel AND l.provider_txn_id = c.txn) lp ON true
+         WHERE c.kind IS NOT NULL
+           AND NOT (lp.status IS NOT DISTINCT FROM 'refunded' AND c.s_status = 'refund')
+        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+           SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
+               local_amount = excluded.local_amount, provider_status = excluded.provider_status,
+               local_status = excluded.local_status, resolution = excluded.resolution,
+               checked_at = excluded.checked_at
+         WHERE d.resolution NOT IN ('applied', 'resolved')
+        RETURNING d.id, d.provider_txn_id, d.order_id, d.resolution
+    )
+    SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
+      INTO applied_ids
+      FROM ins;
+
+    -- Differences an earlier run recorded that this run no longer finds.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date = p_date
+       AND d.resolution NOT IN ('applied', 'resolved') AND d.checked_at <> run_at;
+
+    -- Local payments a neighbouring day's run left waiting for a
+    -- statement line that turned up on this day's statement: compared
+    -- above, so no longer differences of that day.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date IN (p_date - 1, p_date + 1)
+       AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
+       AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
+                    WHERE st.channel = p_channel AND st.bill_date = p_date
+                      AND st.provider_txn_id = d.provider_txn_id);
+
+    -- Settle what the provider was paid for and we were not told, through
+    -- the same path as a callback (state machines, follow-up events; on an
+    -- order that can no longer take the money, a late payment to refund).
+    FOR r IN
+        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount
+          FROM callback_center.recon_diffs d
+         WHERE d.id = ANY (coalesce(applied_ids, '{}'))
+         ORDER BY d.id
+    LOOP
+        SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = r.order_id FOR UPDATE;
+        SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = r.order_id FOR UPDATE;
+        IF pay.provider_txn_id IS NOT NULL THEN
+            -- A callback got there first, after the pass read the row.
+            UPDATE callback_center.recon_diffs d
+               SET resolution = 'flagged',
+                   note = format('payment took transaction %s meanwhile', pay.provider_txn_id)
+             WHERE d.id = r.id;
+            CONTINUE;
+        END IF;
+        outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
+                                                         r.provider_amount, NULL, 'success',
+                                                         'reconciliation');
+        UPDATE callback_center.recon_diffs d
+           SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
+               resolution = CASE outcome WHEN 'paid' THEN d.resolution ELSE 'flagged' END,
+               note = CASE outcome
+                        WHEN 'paid' THEN 'payment marked paid'
+                        WHEN 'refund_required'
+                          THEN format('order is %s/%s: payment.refund_required emitted',
+                                      o.status, o.pay_status)
+                        ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
+    END LOOP;
+
+    RETURN QUERY
+        SELECT k.kind, count(d.id)
+          FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
+                            'status_mismatch', 'refund_required']) WITH ORDINALITY AS k(kind, ord)
+          LEFT JOIN callback_center.recon_diffs d
+                 ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
+         GROUP BY k.kind, k.ord
+         ORDER BY k.ord;
+END
+$$;
+
+-- Sagas and TCC branches belong to the role that made them: created_by
+-- (NULL for rows written by 0.1.0), _caller(), the owner checks.
+ALTER TABLE callback_center.tcc_barrier ADD COLUMN created_by text;
+ALTER TABLE callback_center.sagas ADD COLUMN created_by text;
+COMMENT ON TABLE callback_center.saga_steps IS
+    'Steps of a saga: action and compensation are SQL run with the rights of the saga''s creator, $1 = saga id';
+CREATE OR REPLACE FUNCTION callback_center._caller()
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT CASE WHEN pg_catalog.current_setting('role') OPERATOR(pg_catalog.=) 'none'
+                THEN session_user::text
+                ELSE pg_catalog.current_setting('role') END;
+$fn$;
+REVOKE ALL ON FUNCTION callback_center._caller() FROM PUBLIC;
+CREATE OR REPLACE FUNCTION callback_center.barrier(
+    gid text,
+    branch_id text,
+    op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_op     ALIAS FOR $3;
+    n        integer;
+    outcome  text;
+    me       text := callback_center._caller();
+    owner    text;
+BEGIN
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require(p_op, 'op');
+    IF p_op NOT IN ('try', 'confirm', 'cancel') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid barrier op "%s"', p_op),
+            HINT = 'Use try, confirm or cancel.';
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+        'callback_center.tcc:' || p_gid || ':' || p_branch, 0));
+    SELECT b.created_by INTO owner FROM callback_center.tcc_barrier AS b
+     WHERE b.gid = p_gid AND b.branch_id = p_branch AND b.created_by IS NOT NULL
+     LIMIT 1;
+    IF owner IS DISTINCT FROM me AND owner IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('gid "%s" branch "%s" belongs to another role',
+                                        p_gid, p_branch),
+            DETAIL = pg_catalog.format('It was begun by role "%s"; this call acts for "%s".',
+                                       owner, me),
+            HINT = 'Each role confirms and cancels only its own branches.';
+    END IF;
+    IF p_op = 'cancel' THEN
+        INSERT INTO callback_center.tcc_barrier AS b
+               (gid, branch_id, op, written_by, last_outcome, created_by)
+        VALUES (p_gid, p_branch, 'try', 'cancel', 'empty_compensation', me)
+        ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 1 THEN
+            -- The try never ran; no cancel row can exist (a cancel always
+            -- writes the try row first, in the same transaction).
+            INSERT INTO callback_center.tcc_barrier
+                   (gid, branch_id, op, written_by, last_outcome, created_by)
+            VALUES (p_gid, p_branch, 'cancel', 'cancel', 'empty_compensation', me);
+            RETURN 'empty_compensation';
+        END IF;
+    END IF;
+    INSERT INTO callback_center.tcc_barrier AS b
+           (gid, branch_id, op, written_by, last_outcome, created_by)
+    VALUES (p_gid, p_branch, p_op, p_op, 'proceed', me)
+    ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 1 THEN
+        RETURN 'proceed';
+    END IF;
+    -- The row was there (committed: ON CONFLICT waited for its writer).
+    UPDATE callback_center.tcc_barrier AS b
+       SET repeats = b.repeats + 1,
+           last_outcome = CASE WHEN p_op = 'try' AND b.written_by = 'cancel'
+                               THEN 'refused' ELSE 'duplicate' END,
+           updated_at = pg_catalog.now()
+     WHERE b.gid = p_gid AND b.branch_id = p_branch AND b.op = p_op
+    RETURNING b.last_outcome INTO outcome;
+    RETURN outcome;
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.barrier(text, text, text) IS
+    'TCC/saga barrier: proceed, duplicate, empty_compensation or refused for (gid, branch, op)';
+
+CREATE OR REPLACE FUNCTION callback_center.saga_start(saga_id text, steps jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_saga  ALIAS FOR $1;
+    p_steps ALIAS FOR $2;
+    bad     text;
+BEGIN
+    PERFORM callback_center._require_key(p_saga, 'saga_id');
+    PERFORM callback_center._require(p_steps, 'steps');
+    IF pg_catalog.jsonb_typeof(p_steps) <> 'array' OR pg_catalog.jsonb_array_length(p_steps) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'steps must be a non-empty JSON array',
+            HINT = 'Pass [{"action": "SELECT ...", "compensation": "SELECT ..."}, ...].';
+    END IF;
+    SELECT e::text INTO bad
+      FROM pg_catalog.jsonb_array_elements(p_steps) AS e
+     WHERE pg_catalog.jsonb_typeof(e) <> 'object'
+        OR pg_catalog.jsonb_typeof(e -> 'action') IS DISTINCT FROM 'string'
+        OR pg_catalog.btrim(e ->> 'action') = ''
+        OR pg_catalog.jsonb_typeof(e -> 'compensation') NOT IN ('string', 'null')
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid saga step: %s', bad),
+            DETAIL = 'Each step needs a non-empty "action" string; "compensation" is a string or null.';
+    END IF;
+    INSERT INTO callback_center.sagas (saga_id, created_by) VALUES (p_saga, callback_center._caller());
+    INSERT INTO callback_center.saga_steps (saga_id, step_no, action, compensation)
+    SELECT p_saga, e.n::integer, e.v ->> 'action', e.v ->> 'compensation'
+      FROM pg_catalog.jsonb_array_elements(p_steps) WITH ORDINALITY AS e(v, n);
+    RETURN pg_catalog.jsonb_array_length(p_steps);
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.saga_start(text, jsonb) IS
+    'Declares a saga of ordered steps (action, compensation); returns the step count';
+
+CREATE OR REPLACE FUNCTION callback_center._saga_lock(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    st text;
+    creator text;
+BEGIN
+    SELECT s.status, s.created_by INTO st, creator FROM callback_center.sagas AS s
+     WHERE s.saga_id = _saga_lock.saga_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = pg_catalog.format('unknown saga "%s"', _saga_lock.saga_id),
+            HINT = 'Declare it with callback_center.saga_start().';
+    END IF;
+    IF creator IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" has no recorded creator', _saga_lock.saga_id),
+            DETAIL = 'It was declared before callback_center 0.2.0, which records who declares a saga.',
+            HINT = 'A superuser who has read its steps sets callback_center.sagas.created_by to the role they may run as.';
+    END IF;
+    IF creator IS DISTINCT FROM callback_center._caller() THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" belongs to role "%s"', _saga_lock.saga_id, creator),
+            DETAIL = 'A saga''s steps run only as the role that declared it.',
+            HINT = pg_catalog.format('Run it as that role: SET ROLE %I, then saga_run().', creator);
+    END IF;
+    RETURN st;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION callback_center._saga_mark(
+    saga_id text, step_no integer, new_status text, error text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+#variable_conflict use_variable
+DECLARE
+    p_saga   ALIAS FOR $1;
+    p_step   ALIAS FOR $2;
+    p_status ALIAS FOR $3;
+    p_error  ALIAS FOR $4;
+BEGIN
+    PERFORM callback_center._saga_lock(p_saga);
+    IF p_step IS NULL THEN
+        UPDATE callback_center.sagas AS s
+           SET status = p_status, last_error = COALESCE(p_error, s.last_error),
+               updated_at = pg_catalog.now()
+         WHERE s.saga_id = p_saga
+           AND (s.status, p_status) IN (('running', 'completed'), ('running', 'compensating'),
+                                        ('compensating', 'compensated'),
+                                        ('compensating', 'compensating'));
+    ELSE
+        UPDATE callback_center.saga_steps AS t
+           SET status = p_status, error = COALESCE(p_error, t.error),
+               updated_at = pg_catalog.now()
+         WHERE t.saga_id = p_saga AND t.step_no = p_step
+           AND (t.status, p_status) IN (('pending', 'done'), ('pending', 'skipped'),
+                                        ('done', 'compensated'), ('done', 'done'),
+                                        ('skipped', 'skipped'));
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = pg_catalog.format('cannot move saga "%s" step %s to %s',
+                                        p_saga, COALESCE(p_step::text, '-'), p_status);
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION callback_center.saga_run(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $fn$
+DECLARE
+    p_saga   ALIAS FOR $1;
+    st       text;
+    step     record;
+    outcome  text;
+    err      text;
+BEGIN
+    IF p_saga IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'saga_id must not be null';
+    END IF;
+    st := callback_center._saga_lock(p_saga);
+    -- _saga_lock checked the session's role; this is the role the steps
+    -- would run as (not the same inside another SECURITY DEFINER function).
+    IF NOT EXISTS (SELECT FROM callback_center.sagas AS s
+                    WHERE s.saga_id OPERATOR(pg_catalog.=) p_saga
+                      AND s.created_by OPERATOR(pg_catalog.=) current_user::text) THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" does not belong to role "%s"', p_saga, current_user),
+            DETAIL = 'A saga''s steps run only as the role that declared it.';
+    END IF;
+    IF st IN ('completed', 'compensated') THEN
+        RETURN st;
+    END IF;
+    IF st = 'running' THEN
+        FOR step IN SELECT t.step_no, t.action FROM callback_center.saga_steps AS t
+                     WHERE t.saga_id = p_saga AND t.status = 'pending'
+                     ORDER BY t.step_no
+        LOOP
+            BEGIN
+                outcome := callback_center.barrier(p_saga, step.step_no::text, 'try');
+                IF outcome = 'proceed' THEN
+                    EXECUTE step.action USING p_saga;
+                ELSIF outcome = 'refused' THEN
+                    RAISE EXCEPTION USING ERRCODE = '55000',
+                        MESSAGE = pg_catalog.format('step %s refused by the barrier', step.step_no),
+                        DETAIL = 'Its compensation already ran.';
+                END IF;
+                PERFORM callback_center._saga_mark(p_saga, step.step_no, 'done', NULL);
+            EXCEPTION WHEN OTHERS THEN
+                err := pg_catalog.format('step %s: %s: %s', step.step_no, SQLSTATE, SQLERRM);
+                PERFORM callback_center._saga_mark(p_saga, step.step_no, 'skipped', err);
+                EXIT;
+            END;
+        END LOOP;
+        IF err IS NULL THEN
+            PERFORM callback_center._saga_mark(p_saga, NULL, 'completed', NULL);
+            RETURN 'completed';
+        END IF;
+        PERFORM callback_center._saga_mark(p_saga, NULL, 'compensating', err);
+    END IF;
+    -- Compensating: from the last step down, each through the barrier.
+    FOR step IN SELECT t.step_no, t.status, t.compensation FROM callback_center.saga_steps AS t
+                 WHERE t.saga_id = p_saga AND t.status <> 'compensated'
+                 ORDER BY t.step_no DESC
+    LOOP
+        BEGIN
+            outcome := callback_center.barrier(p_saga, step.step_no::text, 'cancel');
+            IF outcome = 'proceed' AND step.compensation IS NOT NULL THEN
+                EXECUTE step.compensation USING p_saga;
+            END IF;
+            PERFORM callback_center._saga_mark(p_saga, step.step_no,
+                CASE WHEN step.status = 'done' THEN 'compensated' ELSE 'skipped' END, NULL);
+        EXCEPTION WHEN OTHERS THEN
+            err := pg_catalog.format('compensation of step %s: %s: %s',
+                                     step.step_no, SQLSTATE, SQLERRM);
+            PERFORM callback_center._saga_mark(p_saga, NULL, 'compensating', err);
+            RETURN 'compensating';
+        END;
+    END LOOP;
+    PERFORM callback_center._saga_mark(p_saga, NULL, 'compensated', NULL);
+    RETURN 'compensated';
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.saga_run(text) IS
+    'Runs a saga''s pending steps through the barrier; on failure compensates done steps in reverse';
+
+
+-- place_order: a coupon is used only by its owner; providers must exist;
+-- keys are bounded.
+CREATE OR REPLACE FUNCTION callback_center.place_order(
+    p_order_id text,
+    p_user_id text,
+    p_items jsonb,
+    p_amount_cents bigint,
+    p_coupon_id text DEFAULT NULL,
+    p_provider text DEFAULT NULL)
+RETURNS TABLE (
+    order_id text,
+    status text,
+    pay_status text,
+    payment_id text,
+    pay_deadline timestamptz,
+    failure_reason text,
+    is_new boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    timeout interval := current_setting('callback_center.pay_timeout')::interval;
+    reason text;
+BEGIN
+    PERFORM callback_center._require_key(p_order_id, 'order_id');
+    PERFORM callback_center._require_key(p_user_id, 'user_id');
+    PERFORM callback_center._require(p_items, 'items');
+    PERFORM callback_center._require(p_amount_cents, 'amount_cents');
+    IF p_coupon_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(p_coupon_id, 'coupon_id');
+    END IF;
+    IF p_provider IS NOT NULL THEN
+        PERFORM callback_center._require_provider(p_provider);
+    END IF;
+    IF p_amount_cents < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('amount_cents must not be negative, got %s', p_amount_cents);
+    END IF;
+    IF jsonb_typeof(p_items) <> 'array' OR jsonb_array_length(p_items) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'items must be a non-empty JSON array',
+            HINT = 'Pass [{"sku": "A", "qty": 1}, ...].';
+    END IF;
+
+    -- Serialise calls for one order id, then look: a repeat (or a call
+    -- that waited for a concurrent first one) returns the order as it is.
+    -- Not INSERT ... ON CONFLICT: BEFORE INSERT triggers (state history)
+    -- would fire for a row that is then skipped.
+    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.order:' || p_order_id, 0));
+    IF EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = p_order_id) THEN
+        RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, false);
+        RETURN;
+    END IF;
+    INSERT INTO callback_center.orders
+           (order_id, user_id, items, amount_cents, coupon_id, provider, pay_deadline)
+    VALUES (p_order_id, p_user_id, p_items, p_amount_cents, p_coupon_id, p_provider,
+            now() + timeout);
+
+    BEGIN
+        PERFORM callback_center.deduct_stock(p_order_id, p_items);
+        IF p_coupon_id IS NOT NULL THEN
+            -- A coupon is its owner's: another user's order cannot hold it
+            -- (one issued to no user is anyone's).
+            IF EXISTS (SELECT 1 FROM callback_center.coupons k
+                        WHERE k.coupon_id = p_coupon_id AND k.user_id <> p_user_id) THEN
+                RAISE EXCEPTION USING ERRCODE = 'CB051',
+                    MESSAGE = format('coupon "%s" belongs to another user', p_coupon_id);
+            END IF;
+            PERFORM callback_center.freeze_coupon(p_coupon_id, p_order_id);
+        END IF;
+    EXCEPTION WHEN SQLSTATE 'CB001' OR SQLSTATE 'CB051' THEN
+        -- The subtransaction is gone: no stock taken, no coupon held.
+        reason := SQLERRM;
+    END;
+
+    IF reason IS NOT NULL THEN
+        UPDATE callback_center.orders o SET failure_reason = reason, updated_at = now()
+         WHERE o.order_id = p_order_id;
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', p_order_id, 'fail');
+    ELSE
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', p_order_id, 'confirm');
+        INSERT INTO callback_center.payments (payment_id, order_id, provider, amount_cents)
+        VALUES ('pay_' || p_order_id, p_order_id, p_provider, p_amount_cents);
+    END IF;
+
+    RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, true);
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.start_payment(order_id text, provider text)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    pay callback_center.payments;
+BEGIN
+    PERFORM callback_center._require_key(start_payment.order_id, 'order_id');
+    PERFORM callback_center._require_provider(start_payment.provider);
+    SELECT * INTO pay FROM callback_center.payments p
+     WHERE p.order_id = start_payment.order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" has no payment', start_payment.order_id),
+            HINT = 'Only confirmed orders have a payment.';
+    END IF;
+    IF pay.provider IS DISTINCT FROM start_payment.provider THEN
+        UPDATE callback_center.payments p SET provider = start_payment.provider, updated_at = now()
+         WHERE p.payment_id = pay.payment_id;
+    END IF;
+    IF pay.status = 'PAYING' THEN
+        RETURN pay.payment_id;
+    END IF;
+    PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'submit');
+    PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', pay.order_id, 'pay');
+    RETURN pay.payment_id;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.set_provider(
+    p_name text, p_scheme text, p_secrets text[],
+    p_tolerance interval DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    PERFORM callback_center._require(p_scheme, 'scheme');
+    IF p_secrets IS NULL THEN
+        p_secrets := ARRAY[callback_center.new_webhook_secret()];
+    END IF;
+    IF p_scheme NOT IN ('standard_webhooks', 'stripe') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('unknown signature scheme "%s"', p_scheme),
+            HINT = 'The schemes are standard_webhooks and stripe.';
+    END IF;
+    IF cardinality(p_secrets) = 0 OR array_position(p_secrets, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'secrets must hold at least one secret and no nulls';
+    END IF;
+    IF p_tolerance <= interval '0' OR p_tolerance > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'tolerance must be positive and at most 100 years',
+            DETAIL = format('The value given was %s.', p_tolerance);
+    END IF;
+    FOREACH s IN ARRAY p_secrets LOOP
+        IF s = '' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'secrets must not be empty';
+        END IF;
+        IF p_scheme = 'standard_webhooks' THEN
+            -- raises 22023 for anything but whsec_<base64>
+            PERFORM callback_center.sign_webhook(s, 'probe', 0, '');
+        END IF;
+    END LOOP;
+
+    INSERT INTO callback_center.providers (name, scheme, secrets, tolerance)
+    VALUES (p_name, p_scheme, p_secrets, p_tolerance)
+    ON CONFLICT (name) DO UPDATE
+       SET scheme = EXCLUDED.scheme, secrets = EXCLUDED.secrets,
+           tolerance = EXCLUDED.tolerance;
+END
+$$;
+COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) IS
+    'Creates or replaces a webhook provider; NULL secrets: one is generated (admin)';
+
+
+-- The shared argument checks (one NULL check, one key check) and the
+-- provider check.
+CREATE OR REPLACE FUNCTION callback_center._require(value anyelement, name text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = pg_catalog.format('%s must not be null', name);
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION callback_center._require_key(value text, name text,
+    max_bytes integer DEFAULT 200)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = pg_catalog.format('%s must not be null', name);
+    END IF;
+    IF value OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('%s must not be empty', name);
+    END IF;
+    IF pg_catalog.octet_length(value) OPERATOR(pg_catalog.>) max_bytes THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('%s is too long: %s bytes, at most %s',
+                                        name, pg_catalog.octet_length(value), max_bytes),
+            DETAIL = pg_catalog.format('It begins "%s".', pg_catalog.left(value, 20));
+    END IF;
+END
+$fn$;
+REVOKE ALL ON FUNCTION callback_center._require(anyelement, text),
+    callback_center._require_key(text, text, integer) FROM PUBLIC;
+CREATE OR REPLACE FUNCTION callback_center._require_provider(p_name text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p WHERE p.name = p_name) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._require_provider(text) FROM PUBLIC;
+
+-- Settings that broke the worker are refused when set: rate_limit_per_s
+-- between 0.001 and 1,000,000, retry delays at most 30 days, provider
+-- tolerances at most 100 years.  Values 0.1.0 accepted are brought into range
+-- first, so that the worker stops tripping over them.
+UPDATE callback_center.endpoints
+   SET rate_limit_per_s = least(greatest(rate_limit_per_s, 0.001), 1000000)
+ WHERE rate_limit_per_s < 0.001 OR rate_limit_per_s > 1000000;
+UPDATE callback_center.retry_schedules
+   SET delays = ARRAY(SELECT least(d, interval '30 days') FROM unnest(delays) WITH ORDINALITY AS u(d, n)
+                       ORDER BY n)
+ WHERE NOT builtin AND NOT (interval '30 days' >= ALL (delays));
+UPDATE callback_center.providers SET tolerance = interval '100 years' WHERE tolerance > interval '100 years';
+ALTER TABLE callback_center.retry_schedules
+    DROP CONSTRAINT retry_schedules_delays_check,
+    ADD CONSTRAINT retry_schedules_delays_check
+        CHECK (cardinality(delays) <= 10000
+               AND (cardinality(delays) = 0 OR array_ndims(delays) = 1)
+               AND array_position(delays, NULL) IS NULL
+               AND interval '0' < ALL (delays)
+               AND interval '30 days' >= ALL (delays));
+CREATE OR REPLACE FUNCTION callback_center._endpoint_apply(id integer, options jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    known constant text[] := ARRAY['url', 'event_types', 'timeout_ms',
+        'retry_schedule', 'max_attempts', 'rate_limit_per_s',
+        'breaker_failure_ratio', 'breaker_window_s', 'breaker_min_requests',
+        'breaker_open_ms', 'is_core', 'ordered', 'enabled'];
+    bad text;
+    k text;
+    v jsonb;
+    ep callback_center.endpoints;
+    n numeric;
+BEGIN
+    IF options IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'options must not be null';
+    END IF;
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'options must be a JSON object',
+            DETAIL = format('A JSON %s was given.', jsonb_typeof(options));
+    END IF;
+    SELECT string_agg(format('"%s"', o), ', ' ORDER BY o) INTO bad
+      FROM jsonb_object_keys(options) o
+     WHERE o <> ALL (known);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('unknown endpoint option %s', bad),
+            HINT = format('Known options: %s.', array_to_string(known, ', '));
+    END IF;
+
+    SELECT * INTO ep FROM callback_center.endpoints e WHERE e.id = _endpoint_apply.id;
+    FOR k, v IN SELECT * FROM jsonb_each(options)
+    LOOP
+        CASE k
+        WHEN 'url' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "url" must be a string';
+            END IF;
+            ep.url := callback_center._check_url(v #>> '{}');
+        WHEN 'event_types' THEN
+            IF jsonb_typeof(v) <> 'array' OR jsonb_array_length(v) = 0
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(v) x
+                           WHERE jsonb_typeof(x) <> 'string' OR x #>> '{}' = '') THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "event_types" must be a non-empty array of non-empty strings';
+            END IF;
+            ep.event_types := ARRAY(SELECT jsonb_array_elements_text(v));
+        WHEN 'timeout_ms' THEN
+            ep.timeout_ms := callback_center._option_int(k, v, 1, 600000);
+        WHEN 'retry_schedule' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "retry_schedule" must be a string';
+            END IF;
+            IF NOT EXISTS (SELECT 1 FROM callback_center.retry_schedules s
+                            WHERE s.name = v #>> '{}') THEN
+                RAISE EXCEPTION USING ERRCODE = '42704',
+                    MESSAGE = format('retry schedule "%s" does not exist', v #>> '{}'),
+                    HINT = 'The retry_schedules table lists them.';
+            END IF;
+            ep.retry_schedule := v #>> '{}';
+        WHEN 'max_attempts' THEN
+            ep.max_attempts := CASE WHEN jsonb_typeof(v) = 'null' THEN NULL
+                ELSE callback_center._option_int(k, v, 1, 1000000) END;
+        WHEN 'rate_limit_per_s' THEN
+            IF jsonb_typeof(v) = 'null' THEN
+                ep.rate_limit_per_s := NULL;
+            ELSIF jsonb_typeof(v) <> 'number' OR v::numeric < 0.001 OR v::numeric > 1000000 THEN
+                -- The worker's token bucket works in doubles: 1e400 was
+                -- infinity there and stopped every delivery.
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "rate_limit_per_s" must be a number between 0.001 and 1000000, or null',
+                    DETAIL = format('The value given was %s.', left(v::text, 40));
+            ELSE
+                ep.rate_limit_per_s := v::numeric;
+            END IF;
+        WHEN 'breaker_failure_ratio' THEN
+            IF jsonb_typeof(v) <> 'number' OR v::numeric <= 0 OR v::numeric > 1 THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "breaker_failure_ratio" must be a number in (0, 1]';
+            END IF;
+            ep.breaker_failure_ratio := v::numeric;
+        WHEN 'breaker_window_s' THEN
+            ep.breaker_window_s := callback_center._option_int(k, v, 1, 86400);
+        WHEN 'breaker_min_requests' THEN
+            ep.breaker_min_requests := callback_center._option_int(k, v, 1, 1000000);
+        WHEN 'breaker_open_ms' THEN
+            ep.breaker_open_ms := callback_center._option_int(k, v, 1, 86400000);
+        ELSE
+            -- is_core, ordered, enabled
+            IF jsonb_typeof(v) <> 'boolean' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('endpoint option "%s" must be true or false', k);
+            END IF;
+            CASE k
+            WHEN 'is_core' THEN ep.is_core := v::boolean;
+            WHEN 'ordered' THEN ep.ordered := v::boolean;
+            ELSE ep.enabled := v::boolean;
+            END CASE;
+        END CASE;
+    END LOOP;
+
+    UPDATE callback_center.endpoints e
+       SET url = ep.url, event_types = ep.event_types, timeout_ms = ep.timeout_ms,
+           retry_schedule = ep.retry_schedule, max_attempts = ep.max_attempts,
+           rate_limit_per_s = ep.rate_limit_per_s,
+           breaker_failure_ratio = ep.breaker_failure_ratio,
+           breaker_window_s = ep.breaker_window_s,
+           breaker_min_requests = ep.breaker_min_requests,
+           breaker_open_ms = ep.breaker_open_ms, is_core = ep.is_core,
+           ordered = ep.ordered, enabled = ep.enabled, updated_at = now()
+     WHERE e.id = _endpoint_apply.id;
+END
+$$;
+
+-- NULL arguments are 22004 everywhere (sql/nulls.sql): checks moved before
+-- the look-ups that hid them, and added where missing, through _require.
+CREATE OR REPLACE FUNCTION callback_center.add_state(
+    machine text,
+    state text,
+    is_initial boolean DEFAULT false,
+    is_final boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(state, 'state');
+    PERFORM callback_center._require(is_initial, 'is_initial');
+    PERFORM callback_center._require(is_final, 'is_final');
+    PERFORM callback_center._fsm_require_machine(machine);
+    IF state = '' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'state name cannot be empty';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.machine_states s
+                WHERE s.machine = add_state.machine AND s.state = add_state.state) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('state "%s" already exists in state machine "%s"', state, machine);
+    END IF;
+    INSERT INTO callback_center.machine_states (machine, state, is_initial, is_final)
+    VALUES (machine, state, is_initial, is_final);
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.add_transition(
+    machine text,
+    from_state text,
+    to_state text,
+    event text,
+    emits text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(from_state, 'from_state');
+    PERFORM callback_center._require(to_state, 'to_state');
+    PERFORM callback_center._require(event, 'event');
+    PERFORM callback_center._require(emits, 'emits');
+    PERFORM callback_center._require(array_position(emits, NULL) IS NULL OR NULL, 'an element of emits');
+    PERFORM callback_center._fsm_require_machine(machine);
+    PERFORM callback_center._fsm_require_state(machine, from_state);
+    PERFORM callback_center._fsm_require_state(machine, to_state);
+    IF event = '' OR '' = ANY (emits) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'event names cannot be empty';
+    END IF;
+    IF from_state = to_state THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('transition "%s" -> "%s" does not change the state', from_state, to_state),
+            DETAIL = 'The trigger ignores updates that keep the state, so such a transition could never fire.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.machine_states s
+                WHERE s.machine = add_transition.machine
+                  AND s.state = add_transition.from_state AND s.is_final) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('state "%s" of state machine "%s" is final', from_state, machine),
+            DETAIL = 'No transition may leave a final state.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.transitions t
+                WHERE t.machine = add_transition.machine
+                  AND t.from_state = add_transition.from_state
+                  AND (t.to_state = add_transition.to_state OR t.event = add_transition.event)) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('state machine "%s" already has a transition "%s" -> "%s" or event "%s" from "%s"',
+                             machine, from_state, to_state, event, from_state),
+            HINT = 'Each pair of states has at most one transition and each event at most one target per state.';
+    END IF;
+    INSERT INTO callback_center.transitions (machine, from_state, to_state, event, emits)
+    VALUES (machine, from_state, to_state, event, emits);
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.set_transition_emits(
+    machine text,
+    from_state text,
+    to_state text,
+    emits text[])
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    is_builtin boolean;
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(from_state, 'from_state');
+    PERFORM callback_center._require(to_state, 'to_state');
+    PERFORM callback_center._require(emits, 'emits');
+    PERFORM callback_center._require(array_position(emits, NULL) IS NULL OR NULL, 'an element of emits');
+    PERFORM callback_center._fsm_require_machine(machine);
+    IF '' = ANY (emits) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'event names cannot be empty';
+    END IF;
+    SELECT t.builtin INTO is_builtin FROM callback_center.transitions t
+     WHERE t.machine = set_transition_emits.machine
+       AND t.from_state = set_transition_emits.from_state
+       AND t.to_state = set_transition_emits.to_state
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('state machine "%s" has no transition "%s" -> "%s"',
+                             machine, from_state, to_state);
+    END IF;
+    IF is_builtin AND NOT callback_center._fsm_installing() THEN
+        INSERT INTO callback_center.builtin_emits AS b (machine, from_state, to_state, emits)
+        VALUES (set_transition_emits.machine, set_transition_emits.from_state,
+                set_transition_emits.to_state, set_transition_emits.emits)
+        ON CONFLICT ON CONSTRAINT builtin_emits_pkey
+        DO UPDATE SET emits = EXCLUDED.emits, changed_at = now();
+    ELSE
+        UPDATE callback_center.transitions t
+           SET emits = set_transition_emits.emits
+         WHERE t.machine = set_transition_emits.machine
+           AND t.from_state = set_transition_emits.from_state
+           AND t.to_state = set_transition_emits.to_state;
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.alter_endpoint(name text, options jsonb)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(alter_endpoint.name, 'name');
+    PERFORM callback_center._require(options, 'options');
+    PERFORM callback_center._endpoint_apply(
+        callback_center._endpoint_id(alter_endpoint.name, true), options);
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.set_endpoint_enabled(name text, enabled boolean)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ep_id integer;
+BEGIN
+    PERFORM callback_center._require(set_endpoint_enabled.name, 'name');
+    PERFORM callback_center._require(enabled, 'enabled');
+    ep_id := callback_center._endpoint_id(set_endpoint_enabled.name, true);
+    UPDATE callback_center.endpoints e
+       SET enabled = set_endpoint_enabled.enabled, updated_at = now()
+     WHERE e.id = ep_id;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.replay_dead(endpoint text, since timestamptz DEFAULT '-infinity',
+                                            until timestamptz DEFAULT 'infinity', reason text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ep integer;
+    n bigint;
+BEGIN
+    -- A NULL bound replayed nothing and reported success.
+    PERFORM callback_center._require(since, 'since');
+    PERFORM callback_center._require(until, 'until');
+    IF replay_dead.endpoint IS NOT NULL THEN
+        SELECT e.id INTO ep FROM callback_center.endpoints e WHERE e.name = replay_dead.endpoint;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB040',
+                MESSAGE = format('endpoint "%s" does not exist', replay_dead.endpoint);
+        END IF;
+    END IF;
+    n := callback_center._replay(ARRAY(
+            SELECT o.id FROM callback_center.outbox o
+             WHERE o.status = 'dead'
+               AND (ep IS NULL OR o.endpoint_id = ep)
+               AND o.next_attempt_at >= since AND o.next_attempt_at < until),
+         reason);
+    IF n > 0 THEN
+        PERFORM callback_center._outbox_note_enqueue();
+    END IF;
+    RETURN n;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.delivery_stats(window_len interval DEFAULT '1 hour')
+RETURNS TABLE (
+    endpoint text,
+    enabled boolean,
+    delivered bigint,
+    failed_attempts bigint,
+    retries bigint,
+    failure_rate double precision,
+    dead bigint,
+    pending bigint,
+    p50_ms double precision,
+    p95_ms double precision,
+    p99_ms double precision,
+    breaker text,
+    breaker_opened_at timestamptz,
+    tokens double precision,
+    degraded boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql, only for this check: a NULL window returned
+    -- every endpoint with nothing counted.
+    PERFORM callback_center._require(window_len, 'window_len');
+    RETURN QUERY
+    SELECT e.name, e.enabled,
+           coalesce(a.delivered, 0), coalesce(a.failed, 0), coalesce(a.retries, 0),
+           CASE WHEN coalesce(a.total, 0) = 0 THEN 0 ELSE a.failed::float8 / a.total END,
+           coalesce(q.dead, 0), coalesce(q.pending, 0),
+           a.p50, a.p95, a.p99,
+           coalesce(s.breaker, 'closed'), s.opened_at, s.tokens, coalesce(s.degraded, false)
+      FROM callback_center.endpoints e
+      LEFT JOIN LATERAL (
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE d.http_status BETWEEN 200 AND 299) AS delivered,
+               count(*) FILTER (WHERE d.http_status IS NULL OR d.http_status NOT BETWEEN 200 AND 299) AS failed,
+               count(*) FILTER (WHERE d.attempt > 1) AS retries,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY d.latency_ms) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY d.latency_ms) AS p95,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY d.latency_ms) AS p99
+          FROM callback_center.delivery_attempts d
+         WHERE d.endpoint_id = e.id AND d.attempted_at >= now() - window_len) a ON true
+      LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE o.status = 'dead') AS dead,
+               count(*) FILTER (WHERE o.status IN ('pending', 'delivering')) AS pending
+          FROM callback_center.outbox o
+         WHERE o.endpoint_id = e.id AND o.status IN ('pending', 'delivering', 'dead')) q ON true
+      LEFT JOIN callback_center.endpoint_state s ON s.endpoint_id = e.id
+     ORDER BY e.name;
+END
+$$;
+
+-- Bounds on what comes from outside: keys through _require_key (the
+-- generalised _tcc_require goes), ages at most 100 years; an unreadable
+-- signed payment message is recorded and refused once (400, rejected).
+CREATE OR REPLACE FUNCTION callback_center._tcc_second_phase(
+    p_gid text, p_branch text, p_kind text, p_op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome text;
+    r       callback_center.tcc_reservations;
+BEGIN
+    -- barrier() checks gid and branch_id (_require_key).
+    outcome := callback_center.barrier(p_gid, p_branch, p_op);
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(p_gid, p_branch, p_kind,
+                                     CASE p_op WHEN 'confirm' THEN 'confirmed' ELSE 'cancelled' END);
+    IF p_kind = 'stock' THEN
+        UPDATE callback_center.stock AS s
+           SET available = s.available + CASE p_op WHEN 'cancel' THEN r.quantity ELSE 0 END,
+               reserved = s.reserved - r.quantity,
+               version = s.version + 1,
+               updated_at = pg_catalog.now()
+         WHERE s.sku_id = r.resource_id;
+    ELSIF p_op = 'confirm' THEN
+        PERFORM callback_center.use_coupon(r.resource_id, p_gid);
+    ELSE
+        PERFORM callback_center.unfreeze_coupon(r.resource_id, p_gid);
+    END IF;
+    RETURN outcome;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION callback_center.tcc_stock_try(
+    gid text,
+    branch_id text,
+    sku_id text,
+    qty bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_sku    ALIAS FOR $3;
+    p_qty    ALIAS FOR $4;
+    outcome  text;
+    cur      bigint;
+    nslots   integer;
+BEGIN
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require_key(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_qty, 'qty');
+    IF p_qty <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('qty must be positive: %s', p_qty);
+    END IF;
+    outcome := callback_center.barrier(p_gid, p_branch, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = s.available - p_qty,
+           reserved = s.reserved + p_qty,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = p_sku AND s.available >= p_qty;
+    IF NOT FOUND THEN
+        SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s WHERE s.sku_id = p_sku;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB004',
+                MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
+                HINT = 'Create it with callback_center.set_stock().';
+        END IF;
+        -- A hot SKU's units are in its slots, not on the row: a reservation
+        -- there would have to be given back to a slot by the cancel, which
+        -- the reservation model (one row) does not do.
+        IF nslots > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = '0A000',
+                MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', p_sku),
+                DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
+                HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'CB001',
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', p_sku),
+            DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
+                                       p_qty, cur);
+    END IF;
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (p_gid, p_branch, 'stock', p_sku, p_qty);
+    RETURN outcome;
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) IS
+    'TCC try: reserves qty units of a SKU for (gid, branch); returns the barrier outcome';
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_coupon_try(gid text, branch_id text, coupon_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    p_gid    ALIAS FOR $1;
+    p_branch ALIAS FOR $2;
+    p_coupon ALIAS FOR $3;
+    outcome  text;
+BEGIN
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require_key(p_coupon, 'coupon_id');
+    outcome := callback_center.barrier(p_gid, p_branch, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    PERFORM callback_center.freeze_coupon(p_coupon, p_gid);
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (p_gid, p_branch, 'coupon', p_coupon, 1);
+    RETURN outcome;
+END
+$fn$;
+COMMENT ON FUNCTION callback_center.tcc_coupon_try(text, text, text) IS
+    'TCC try: freezes a coupon for gid; returns the barrier outcome';
+
+DROP FUNCTION callback_center._tcc_require(text, text[]);
+CREATE OR REPLACE FUNCTION callback_center.issue_coupon(coupon_id text, user_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    owner text;
+BEGIN
+    PERFORM callback_center._require_key(issue_coupon.coupon_id, 'coupon_id');
+    IF issue_coupon.user_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(issue_coupon.user_id, 'user_id');
+    END IF;
+    INSERT INTO callback_center.coupons (coupon_id, user_id)
+    VALUES (issue_coupon.coupon_id, issue_coupon.user_id)
+    ON CONFLICT ON CONSTRAINT coupons_pkey DO NOTHING;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+    SELECT k.user_id INTO owner FROM callback_center.coupons k
+     WHERE k.coupon_id = issue_coupon.coupon_id;
+    IF owner IS DISTINCT FROM issue_coupon.user_id THEN
+        RAISE EXCEPTION USING ERRCODE = '23505',
+            MESSAGE = format('coupon "%s" already exists for another user', issue_coupon.coupon_id),
+            DETAIL = format('It was issued to %s.', coalesce('user "' || owner || '"', 'no user')),
+            HINT = 'Coupon ids are unique; issue this one under a new id.';
+    END IF;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.freeze_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    c callback_center.coupons;
+BEGIN
+    PERFORM callback_center._require_key(freeze_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(freeze_coupon.biz_id, 'biz_id');
+    SELECT * INTO c FROM callback_center.coupons k
+     WHERE k.coupon_id = freeze_coupon.coupon_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB051',
+            MESSAGE = format('coupon "%s" does not exist', freeze_coupon.coupon_id);
+    END IF;
+    IF c.status = 'frozen' AND c.biz_id = freeze_coupon.biz_id THEN
+        RETURN false;
+    END IF;
+    IF c.status <> 'available' THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB051',
+            MESSAGE = format('coupon "%s" is not available', c.coupon_id),
+            DETAIL = format('It is %s by order "%s".', c.status, c.biz_id);
+    END IF;
+    UPDATE callback_center.coupons k
+       SET status = 'frozen', biz_id = freeze_coupon.biz_id, updated_at = now()
+     WHERE k.coupon_id = c.coupon_id;
+    RETURN true;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.use_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    c callback_center.coupons;
+BEGIN
+    PERFORM callback_center._require_key(use_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(use_coupon.biz_id, 'biz_id');
+    SELECT * INTO c FROM callback_center.coupons k
+     WHERE k.coupon_id = use_coupon.coupon_id FOR UPDATE;
+    IF FOUND AND c.biz_id = use_coupon.biz_id THEN
+        IF c.status = 'used' THEN
+            RETURN false;
+        END IF;
+        UPDATE callback_center.coupons k SET status = 'used', updated_at = now()
+         WHERE k.coupon_id = c.coupon_id;
+        RETURN true;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'CB051',
+        MESSAGE = format('coupon "%s" is not frozen by order "%s"',
+                         use_coupon.coupon_id, use_coupon.biz_id),
+        DETAIL = CASE WHEN NOT FOUND THEN 'No such coupon exists.'
+                      WHEN c.biz_id IS NULL THEN 'It is available, held by no order.'
+                      ELSE format('It is %s by another order.', c.status) END;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.unfreeze_coupon(coupon_id text, biz_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(unfreeze_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(unfreeze_coupon.biz_id, 'biz_id');
+    UPDATE callback_center.coupons k
+       SET status = 'available', biz_id = NULL, updated_at = now()
+     WHERE k.coupon_id = unfreeze_coupon.coupon_id
+       AND k.status = 'frozen' AND k.biz_id = unfreeze_coupon.biz_id;
+    RETURN FOUND;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.mark_refunded(provider text, provider_txn_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    lp callback_center.late_payments;
+BEGIN
+    PERFORM callback_center._require_key(mark_refunded.provider, 'provider', 63);
+    PERFORM callback_center._require_key(mark_refunded.provider_txn_id, 'provider_txn_id');
+    SELECT * INTO lp FROM callback_center.late_payments l
+     WHERE l.provider = mark_refunded.provider AND l.provider_txn_id = mark_refunded.provider_txn_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('no late payment %s from provider "%s"',
+                             mark_refunded.provider_txn_id, mark_refunded.provider),
+            HINT = 'See callback_center.late_payments.';
+    END IF;
+    IF lp.status = 'refunded' THEN
+        RETURN false;
+    END IF;
+    UPDATE callback_center.late_payments l SET status = 'refunded', refunded_at = now()
+     WHERE l.id = lp.id;
+    IF EXISTS (SELECT 1 FROM callback_center.payments p
+                WHERE p.provider_txn_id = lp.provider_txn_id AND p.status = 'REFUND_REQUIRED') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status',
+            (SELECT p.payment_id FROM callback_center.payments p
+              WHERE p.provider_txn_id = lp.provider_txn_id), 'refund');
+    END IF;
+    RETURN true;
+END
+$$;
+CREATE OR REPLACE FUNCTION callback_center.complete_callback(
+    p_biz_id text, p_callback_type text, p_succeeded boolean,
+    p_result jsonb DEFAULT NULL)
+RETURNS smallint
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.callback_record;
+    v_status smallint;
+BEGIN
+    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
+    PERFORM callback_center._require(p_succeeded, 'succeeded');
+    v_status := CASE WHEN p_succeeded THEN 2 ELSE 3 END;
+
+    SELECT * INTO r FROM callback_center.callback_record c
+     WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB021',
+            MESSAGE = format('unknown callback (%s, %s)', p_biz_id, p_callback_type),
+            HINT = 'Record the callback with callback_center.record_callback() first.';
+    END IF;
+
+    IF r.status IN (2, 3) THEN
+        IF r.status = v_status THEN
+            RETURN r.status;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('callback (%s, %s) is already completed', p_biz_id, p_callback_type),
+            DETAIL = format('It completed as %s and cannot now complete as %s.',
+                            CASE r.status WHEN 2 THEN 'succeeded' ELSE 'failed' END,
+                            CASE v_status WHEN 2 THEN 'succeeded' ELSE 'failed' END);
+    END IF;
+
+    UPDATE callback_center.callback_record c
+       SET status = v_status, result = p_result,
+           completed_at = now(), updated_at = now()
+     WHERE c.id = r.id;
+    RETURN v_status;
+END
+$$;
+COMMENT ON FUNCTION callback_center.complete_callback(text, text, boolean, jsonb) IS
+    'Marks a recorded callback succeeded (2) or failed (3) with its result';
+
+CREATE OR REPLACE FUNCTION callback_center.get_callback(p_biz_id text, p_callback_type text)
+RETURNS callback_center.callback_record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.callback_record;
+BEGIN
+    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
+    SELECT * INTO r FROM callback_center.callback_record c
+     WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB021',
+            MESSAGE = format('unknown callback (%s, %s)', p_biz_id, p_callback_type);
+    END IF;
+    RETURN r;
+END
+$$;
+COMMENT ON FUNCTION callback_center.get_callback(text, text) IS
+    'The recorded callback for (biz_id, callback_type)';
+
+CREATE OR REPLACE FUNCTION callback_center.reclaim_stale_callbacks(older_than interval)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    IF older_than IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'older_than must not be null';
+    END IF;
+    IF older_than < interval '0' OR older_than > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'older_than must be between 0 and 100 years',
+            DETAIL = format('The value given was %s.', older_than);
+    END IF;
+    -- A row a handler is completing right now is locked: the UPDATE waits,
+    -- then rechecks status and skips it.
+    UPDATE callback_center.callback_record c
+       SET status = 3,
+           result = jsonb_build_object('error', 'processing abandoned',
+                                       'reclaimed_after', older_than::text),
+           completed_at = now(), updated_at = now()
+     WHERE c.status = 1 AND c.updated_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION callback_center.reclaim_stale_callbacks(interval) IS
+    'Marks callbacks processing for longer than older_than failed, so that a redelivery retries them (admin)';
+
+CREATE OR REPLACE FUNCTION callback_center._purge_check(older_than interval, batch_size integer,
+    attempts_older_than interval, history_older_than interval)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF older_than IS NULL OR batch_size IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = 'older_than and batch_size must not be null';
+    END IF;
+    IF older_than < interval '0' OR attempts_older_than < interval '0'
+       OR history_older_than < interval '0' OR older_than > interval '100 years'
+       OR attempts_older_than > interval '100 years' OR history_older_than > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('retention ages must be between 0 and 100 years, got %s, %s and %s',
+                             older_than, coalesce(attempts_older_than::text, 'NULL'),
+                             coalesce(history_older_than::text, 'NULL'));
+    END IF;
+    IF batch_size < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('batch_size must be positive, got %s', batch_size);
+    END IF;
+END
+$$;
+
+-- Provider secrets can be generated (set_provider with NULL secrets) and
+-- read back by the admin (provider_secret), so that none need be written
+-- into a statement.
+CREATE OR REPLACE FUNCTION callback_center.provider_secret(p_name text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    SELECT p.secrets[1] INTO s FROM callback_center.providers p WHERE p.name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name);
+    END IF;
+    RETURN s;
+END
+$$;
+COMMENT ON FUNCTION callback_center.provider_secret(text) IS
+    'The first secret of a webhook provider, to configure on its side (admin)';
+
+REVOKE ALL ON FUNCTION callback_center.provider_secret(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.provider_secret(text) TO callback_center_admin;
+COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) IS
+    'Creates or replaces a webhook provider; NULL secrets: one is generated (admin)';

@@ -12,6 +12,7 @@ SELECT callback_center.create_endpoint('ord-sink', 'http://127.0.0.1:9/sink', '{
 SELECT callback_center.set_provider('ord-pay', 'standard_webhooks',
     ARRAY['whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw']);
 SELECT callback_center.set_provider('ord-stripe', 'stripe', ARRAY['whsec_stripe_test_secret']);
+SELECT callback_center.set_provider('ord-other', 'stripe', ARRAY['whsec_other_channel']);
 
 -- Events queued for the order, by type (the outbox is how we see them).
 CREATE FUNCTION ord_events(oid text) RETURNS text LANGUAGE sql AS $$
@@ -191,7 +192,7 @@ SELECT ord_trace('ord-8', 'msg_s8') AS paid;
 
 -- Scenario C: a payment failure restores stock and unfreezes the coupon, once.
 SELECT callback_center.issue_coupon('ord-cp5', 'u5');
-SELECT status FROM callback_center.place_order('ord-5', 'u5', '[{"sku":"ord-A","qty":3}]', 900, 'ord-cp5');
+SELECT status FROM callback_center.place_order('ord-5', 'u5', '[{"sku":"ord-A","qty":3}]', 900, 'ord-cp5', 'ord-pay');
 SELECT available FROM callback_center.stock WHERE sku_id = 'ord-A';
 SELECT ord_pay_body('payment.failed', 'txn-5', 'ord-5', 900) AS body5 \gset
 SELECT * FROM callback_center.payment_callback('ord-pay', ord_headers(:'body5', 'msg_7'), :'body5');
@@ -213,14 +214,14 @@ SELECT payload->>'txn_id' AS txn, payload->>'amount_cents' AS cents FROM callbac
  WHERE aggregate_id = 'ord-5' AND event_type = 'payment.refund_required';
 
 -- An amount that does not match is not applied.
-SELECT status FROM callback_center.place_order('ord-6', 'u6', '[{"sku":"ord-A","qty":1}]', 500);
+SELECT status FROM callback_center.place_order('ord-6', 'u6', '[{"sku":"ord-A","qty":1}]', 500, NULL, 'ord-pay');
 SELECT ord_pay_body('payment.succeeded', 'txn-6', 'ord-6', 499) AS body7 \gset
 SELECT * FROM callback_center.payment_callback('ord-pay', ord_headers(:'body7', 'msg_9'), :'body7');
 SELECT pay_status FROM callback_center.orders WHERE order_id = 'ord-6';
 
 -- Stripe: payment_intent.succeeded with the order id in metadata; the
 -- payment keeps the PaymentIntent id, the record the event id.
-SELECT status FROM callback_center.place_order('ord-7', 'u7', '[{"sku":"ord-A","qty":1}]', 700);
+SELECT status FROM callback_center.place_order('ord-7', 'u7', '[{"sku":"ord-A","qty":1}]', 700, NULL, 'ord-stripe');
 SELECT ord_stripe_body('payment_intent.succeeded', 'evt_1', 'pi_7', 'ord-7', 700) AS sbody \gset
 SELECT * FROM callback_center.payment_callback('ord-stripe', ord_stripe_headers(:'sbody'), :'sbody');
 SELECT o.pay_status, p.status, p.provider_txn_id FROM callback_center.orders o
@@ -274,7 +275,7 @@ SELECT available FROM callback_center.stock WHERE sku_id = 'ord-A';
 
 -- Stripe's success is judged on amount_received: less than the order's
 -- amount is not applied.
-SELECT status FROM callback_center.place_order('ord-11', 'u11', '[{"sku":"ord-A","qty":1}]', 1100);
+SELECT status FROM callback_center.place_order('ord-11', 'u11', '[{"sku":"ord-A","qty":1}]', 1100, NULL, 'ord-stripe');
 SELECT jsonb_set(ord_stripe_body('payment_intent.succeeded', 'evt_11', 'pi_11', 'ord-11', 1100)::jsonb,
                  '{data,object,amount_received}', '1000')::text AS s11 \gset
 SELECT * FROM callback_center.payment_callback('ord-stripe', ord_stripe_headers(:'s11'), :'s11');

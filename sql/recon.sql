@@ -6,6 +6,8 @@ SET timezone = 'UTC';
 
 -- Fixtures: stock, an endpoint for the payment follow-ups, and orders.
 SELECT callback_center.set_stock('rc-A', 100) IS NOT NULL AS stock;
+SELECT callback_center.set_provider('recon-pay', 'standard_webhooks',
+    ARRAY['whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw']);
 SELECT callback_center.create_endpoint('rc-sink', 'http://127.0.0.1:9/rc',
     '{payment.refund_required,merchant.erp_sync,settlement.split,user.notify}') > 0 AS endpoint;
 CREATE FUNCTION rc_events(oid text) RETURNS text LANGUAGE sql AS $$

@@ -47,6 +47,14 @@ int			cc_callback_max_retries = 5;
 /* Rounds of insert-then-read before giving up (rows deleted under us). */
 #define RECORD_ATTEMPTS 5
 
+/*
+ * Longest biz_id or callback_type, and provider name, in bytes: the same
+ * limits as callback_center._require_key (src/sql/00_schema.sql).  Longer
+ * keys were a 54000 from the unique index.
+ */
+#define CC_MAX_KEY_BYTES 200
+#define CC_MAX_PROVIDER_BYTES 63
+
 /* Random bytes in a new whsec_ secret (32 base64 characters). */
 #define WEBHOOK_SECRET_BYTES 24
 
@@ -115,6 +123,20 @@ keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
 }
 
 /*
+ * Raises invalid_parameter_value when a key is longer than max_bytes; the
+ * message gives its length, never the key itself.
+ */
+static void
+require_key_length(text *key, const char *name, int max_bytes)
+{
+	if (VARSIZE_ANY_EXHDR(key) > max_bytes)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is too long: %zu bytes, at most %d",
+						name, (size_t) VARSIZE_ANY_EXHDR(key), max_bytes)));
+}
+
+/*
  * Raises null_value_not_allowed when argument argno is NULL.
  */
 static void
@@ -161,6 +183,8 @@ cc_record_callback(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("biz_id and callback_type must not be empty")));
+	require_key_length(biz_id, "biz_id", CC_MAX_KEY_BYTES);
+	require_key_length(callback_type, "callback_type", CC_MAX_KEY_BYTES);
 
 	cc_sha256(VARDATA_ANY(payload), VARSIZE_ANY_EXHDR(payload), hash);
 	hash_bytea = (bytea *) palloc(VARHDRSZ + CC_SHA256_LEN);
@@ -508,6 +532,7 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 	provider = PG_GETARG_TEXT_PP(0);
 	headers = PG_GETARG_JSONB_P(1);
 	body = PG_GETARG_TEXT_PP(2);
+	require_key_length(provider, "provider", CC_MAX_PROVIDER_BYTES);
 	provider_name = text_to_cstring(provider);
 
 	SPI_connect();

@@ -62,7 +62,7 @@ SELECT machine, from_state, to_state, event, actor FROM callback_center.state_hi
 \echo
 \echo '=== C. Carol orders, then her payment fails: stock and coupon come back, once ==='
 SELECT callback_center.issue_coupon('cp-carol', 'carol');
-SELECT order_id, status FROM callback_center.place_order('C-3001', 'carol', '[{"sku":"burger","qty":3}]', 4500, 'cp-carol');
+SELECT order_id, status FROM callback_center.place_order('C-3001', 'carol', '[{"sku":"burger","qty":3}]', 4500, 'cp-carol', 'paychan');
 SELECT available AS burgers_after_order FROM callback_center.stock WHERE sku_id = 'burger';
 SELECT pg_temp.pay_body('payment.failed', 'T-78', 'C-3001', 4500) AS fbody \gset
 SELECT * FROM callback_center.payment_callback('paychan', pg_temp.signed(:'fbody', 'evt-2'), :'fbody');

@@ -57,3 +57,49 @@ REVOKE ALL ON FUNCTION callback_center.wake(), callback_center.worker_status() F
 GRANT EXECUTE ON FUNCTION callback_center.worker_status()
     TO callback_center_admin, callback_center_app;
 GRANT EXECUTE ON FUNCTION callback_center.wake() TO callback_center_admin, callback_center_app;
+
+-- Argument checks shared by every SQL function of the API: the one NULL
+-- check (22004, naming the argument) and the one key check.  Keys (order,
+-- user, coupon, SKU, callback, transaction, TCC and saga ids) are at most
+-- 200 bytes and provider names at most 63: a longer one is 22023 with its
+-- length, never a 54000 from a btree index nor a megabyte echoed into a
+-- message and the server log.
+CREATE FUNCTION callback_center._require(value anyelement, name text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = pg_catalog.format('%s must not be null', name);
+    END IF;
+END
+$fn$;
+
+-- 22004 for NULL, 22023 for an empty key or one longer than max_bytes.
+CREATE FUNCTION callback_center._require_key(value text, name text,
+    max_bytes integer DEFAULT 200)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    IF value IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = pg_catalog.format('%s must not be null', name);
+    END IF;
+    IF value OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('%s must not be empty', name);
+    END IF;
+    IF pg_catalog.octet_length(value) OPERATOR(pg_catalog.>) max_bytes THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('%s is too long: %s bytes, at most %s',
+                                        name, pg_catalog.octet_length(value), max_bytes),
+            DETAIL = pg_catalog.format('It begins "%s".', pg_catalog.left(value, 20));
+    END IF;
+END
+$fn$;
+REVOKE ALL ON FUNCTION callback_center._require(anyelement, text),
+    callback_center._require_key(text, text, integer) FROM PUBLIC;

@@ -7,7 +7,9 @@
 
 -- Retry schedules: delays[k] is the wait after failed attempt k+1.  An
 -- endpoint makes cardinality(delays) + 1 attempts unless max_attempts says
--- otherwise (then the last delay repeats).
+-- otherwise (then the last delay repeats).  Each delay is at most 30 days:
+-- the worker computes in milliseconds and timestamps, and a delay of
+-- 300,000 years overflowed both.
 CREATE TABLE callback_center.retry_schedules (
     name    text PRIMARY KEY
             CHECK (name ~ '^[a-z0-9][a-z0-9_]{0,62}$'),
@@ -15,7 +17,8 @@ CREATE TABLE callback_center.retry_schedules (
             CHECK (cardinality(delays) <= 10000
                    AND (cardinality(delays) = 0 OR array_ndims(delays) = 1)
                    AND array_position(delays, NULL) IS NULL
-                   AND interval '0' < ALL (delays)),
+                   AND interval '0' < ALL (delays)
+                   AND interval '30 days' >= ALL (delays)),
     builtin boolean NOT NULL DEFAULT false
 );
 
@@ -413,9 +416,12 @@ BEGIN
         WHEN 'rate_limit_per_s' THEN
             IF jsonb_typeof(v) = 'null' THEN
                 ep.rate_limit_per_s := NULL;
-            ELSIF jsonb_typeof(v) <> 'number' OR v::numeric <= 0 THEN
+            ELSIF jsonb_typeof(v) <> 'number' OR v::numeric < 0.001 OR v::numeric > 1000000 THEN
+                -- The worker's token bucket works in doubles: 1e400 was
+                -- infinity there and stopped every delivery.
                 RAISE EXCEPTION USING ERRCODE = '22023',
-                    MESSAGE = 'endpoint option "rate_limit_per_s" must be a positive number or null';
+                    MESSAGE = 'endpoint option "rate_limit_per_s" must be a number between 0.001 and 1000000, or null',
+                    DETAIL = format('The value given was %s.', left(v::text, 40));
             ELSE
                 ep.rate_limit_per_s := v::numeric;
             END IF;
@@ -512,6 +518,8 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
+    PERFORM callback_center._require(alter_endpoint.name, 'name');
+    PERFORM callback_center._require(options, 'options');
     PERFORM callback_center._endpoint_apply(
         callback_center._endpoint_id(alter_endpoint.name, true), options);
 END
@@ -524,11 +532,11 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    ep_id integer := callback_center._endpoint_id(set_endpoint_enabled.name, true);
+    ep_id integer;
 BEGIN
-    IF enabled IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'enabled must not be null';
-    END IF;
+    PERFORM callback_center._require(set_endpoint_enabled.name, 'name');
+    PERFORM callback_center._require(enabled, 'enabled');
+    ep_id := callback_center._endpoint_id(set_endpoint_enabled.name, true);
     UPDATE callback_center.endpoints e
        SET enabled = set_endpoint_enabled.enabled, updated_at = now()
      WHERE e.id = ep_id;

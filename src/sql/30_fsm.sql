@@ -256,11 +256,11 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(state, 'state');
+    PERFORM callback_center._require(is_initial, 'is_initial');
+    PERFORM callback_center._require(is_final, 'is_final');
     PERFORM callback_center._fsm_require_machine(machine);
-    IF state IS NULL OR is_initial IS NULL OR is_final IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'state, is_initial and is_final cannot be null';
-    END IF;
     IF state = '' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'state name cannot be empty';
@@ -289,12 +289,13 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(from_state, 'from_state');
+    PERFORM callback_center._require(to_state, 'to_state');
+    PERFORM callback_center._require(event, 'event');
+    PERFORM callback_center._require(emits, 'emits');
+    PERFORM callback_center._require(array_position(emits, NULL) IS NULL OR NULL, 'an element of emits');
     PERFORM callback_center._fsm_require_machine(machine);
-    IF from_state IS NULL OR to_state IS NULL OR event IS NULL OR emits IS NULL
-       OR array_position(emits, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'from_state, to_state, event and emits (and its elements) cannot be null';
-    END IF;
     PERFORM callback_center._fsm_require_state(machine, from_state);
     PERFORM callback_center._fsm_require_state(machine, to_state);
     IF event = '' OR '' = ANY (emits) THEN
@@ -343,12 +344,12 @@ AS $$
 DECLARE
     is_builtin boolean;
 BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(from_state, 'from_state');
+    PERFORM callback_center._require(to_state, 'to_state');
+    PERFORM callback_center._require(emits, 'emits');
+    PERFORM callback_center._require(array_position(emits, NULL) IS NULL OR NULL, 'an element of emits');
     PERFORM callback_center._fsm_require_machine(machine);
-    IF from_state IS NULL OR to_state IS NULL OR emits IS NULL
-       OR array_position(emits, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'from_state, to_state and emits (and its elements) cannot be null';
-    END IF;
     IF '' = ANY (emits) THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'event names cannot be empty';

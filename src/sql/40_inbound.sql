@@ -91,10 +91,9 @@ DECLARE
     r callback_center.callback_record;
     v_status smallint;
 BEGIN
-    IF p_biz_id IS NULL OR p_callback_type IS NULL OR p_succeeded IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'biz_id, callback_type and succeeded must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
+    PERFORM callback_center._require(p_succeeded, 'succeeded');
     v_status := CASE WHEN p_succeeded THEN 2 ELSE 3 END;
 
     SELECT * INTO r FROM callback_center.callback_record c
@@ -136,10 +135,8 @@ AS $$
 DECLARE
     r callback_center.callback_record;
 BEGIN
-    IF p_biz_id IS NULL OR p_callback_type IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'biz_id and callback_type must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
     SELECT * INTO r FROM callback_center.callback_record c
      WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type;
     IF NOT FOUND THEN
@@ -173,9 +170,10 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
             MESSAGE = 'older_than must not be null';
     END IF;
-    IF older_than < interval '0' THEN
+    IF older_than < interval '0' OR older_than > interval '100 years' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = 'older_than must not be negative';
+            MESSAGE = 'older_than must be between 0 and 100 years',
+            DETAIL = format('The value given was %s.', older_than);
     END IF;
     -- A row a handler is completing right now is locked: the UPDATE waits,
     -- then rechecks status and skips it.
@@ -192,6 +190,25 @@ $$;
 
 COMMENT ON FUNCTION callback_center.reclaim_stale_callbacks(interval) IS
     'Marks callbacks processing for longer than older_than failed, so that a redelivery retries them (admin)';
+
+-- A registered provider's name, checked: 22004 NULL, 22023 empty or longer
+-- than 63 bytes, CB033 unknown.  Every function that stores or acts on a
+-- provider name calls it, so no unknown (or megabyte) name is kept.
+CREATE FUNCTION callback_center._require_provider(p_name text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p WHERE p.name = p_name) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._require_provider(text) FROM PUBLIC;
 
 -- Signatures.
 CREATE FUNCTION callback_center.sign_webhook(
@@ -230,8 +247,11 @@ COMMENT ON FUNCTION callback_center.verify_signature(text, jsonb, text) IS
     'True when the headers carry a valid, timely signature of body by the provider; raises otherwise';
 
 -- set_provider: creates or replaces a provider.  Standard Webhooks secrets
--- must be whsec_<base64>; a tolerance of NULL means the GUC
--- callback_center.signature_tolerance.
+-- must be whsec_<base64>; secrets NULL generates one (new_webhook_secret(),
+-- read back with provider_secret()), so that no secret need be written
+-- into a statement, which the server logs with any error it raises; a
+-- tolerance of NULL means the GUC callback_center.signature_tolerance.  No
+-- message raised here contains a secret.
 CREATE FUNCTION callback_center.set_provider(
     p_name text, p_scheme text, p_secrets text[],
     p_tolerance interval DEFAULT NULL)
@@ -242,13 +262,10 @@ AS $$
 DECLARE
     s text;
 BEGIN
-    IF p_name IS NULL OR p_scheme IS NULL OR p_secrets IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'name, scheme and secrets must not be null';
-    END IF;
-    IF p_name = '' THEN
-        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = 'provider name must not be empty';
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    PERFORM callback_center._require(p_scheme, 'scheme');
+    IF p_secrets IS NULL THEN
+        p_secrets := ARRAY[callback_center.new_webhook_secret()];
     END IF;
     IF p_scheme NOT IN ('standard_webhooks', 'stripe') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
@@ -259,9 +276,10 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'secrets must hold at least one secret and no nulls';
     END IF;
-    IF p_tolerance IS NOT NULL AND p_tolerance <= interval '0' THEN
+    IF p_tolerance <= interval '0' OR p_tolerance > interval '100 years' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = 'tolerance must be positive';
+            MESSAGE = 'tolerance must be positive and at most 100 years',
+            DETAIL = format('The value given was %s.', p_tolerance);
     END IF;
     FOREACH s IN ARRAY p_secrets LOOP
         IF s = '' THEN
@@ -283,7 +301,31 @@ END
 $$;
 
 COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) IS
-    'Creates or replaces a webhook provider (admin)';
+    'Creates or replaces a webhook provider; NULL secrets: one is generated (admin)';
+
+-- The provider's first secret (the one set_provider generated), to give to
+-- the provider's side (admin; the app role cannot read it).  CB033 for an
+-- unknown provider.
+CREATE FUNCTION callback_center.provider_secret(p_name text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    SELECT p.secrets[1] INTO s FROM callback_center.providers p WHERE p.name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name);
+    END IF;
+    RETURN s;
+END
+$$;
+
+COMMENT ON FUNCTION callback_center.provider_secret(text) IS
+    'The first secret of a webhook provider, to configure on its side (admin)';
 
 CREATE FUNCTION callback_center.drop_provider(p_name text)
 RETURNS void
@@ -315,6 +357,7 @@ REVOKE ALL ON FUNCTION
     callback_center.new_webhook_secret(),
     callback_center.verify_signature(text, jsonb, text),
     callback_center.set_provider(text, text, text[], interval),
+    callback_center.provider_secret(text),
     callback_center.drop_provider(text),
     callback_center.reclaim_stale_callbacks(interval)
 FROM PUBLIC;
@@ -331,6 +374,7 @@ TO callback_center_app, callback_center_admin;
 
 GRANT EXECUTE ON FUNCTION
     callback_center.set_provider(text, text, text[], interval),
+    callback_center.provider_secret(text),
     callback_center.drop_provider(text),
     callback_center.reclaim_stale_callbacks(interval)
 TO callback_center_admin;

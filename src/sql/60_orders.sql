@@ -98,8 +98,9 @@ AS $$
 DECLARE
     owner text;
 BEGIN
-    IF issue_coupon.coupon_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id must not be null';
+    PERFORM callback_center._require_key(issue_coupon.coupon_id, 'coupon_id');
+    IF issue_coupon.user_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(issue_coupon.user_id, 'user_id');
     END IF;
     INSERT INTO callback_center.coupons (coupon_id, user_id)
     VALUES (issue_coupon.coupon_id, issue_coupon.user_id)
@@ -128,9 +129,8 @@ AS $$
 DECLARE
     c callback_center.coupons;
 BEGIN
-    IF freeze_coupon.coupon_id IS NULL OR freeze_coupon.biz_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
-    END IF;
+    PERFORM callback_center._require_key(freeze_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(freeze_coupon.biz_id, 'biz_id');
     SELECT * INTO c FROM callback_center.coupons k
      WHERE k.coupon_id = freeze_coupon.coupon_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -163,9 +163,8 @@ AS $$
 DECLARE
     c callback_center.coupons;
 BEGIN
-    IF use_coupon.coupon_id IS NULL OR use_coupon.biz_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
-    END IF;
+    PERFORM callback_center._require_key(use_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(use_coupon.biz_id, 'biz_id');
     SELECT * INTO c FROM callback_center.coupons k
      WHERE k.coupon_id = use_coupon.coupon_id FOR UPDATE;
     IF FOUND AND c.biz_id = use_coupon.biz_id THEN
@@ -194,9 +193,8 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF unfreeze_coupon.coupon_id IS NULL OR unfreeze_coupon.biz_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'coupon_id and biz_id must not be null';
-    END IF;
+    PERFORM callback_center._require_key(unfreeze_coupon.coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(unfreeze_coupon.biz_id, 'biz_id');
     UPDATE callback_center.coupons k
        SET status = 'available', biz_id = NULL, updated_at = now()
      WHERE k.coupon_id = unfreeze_coupon.coupon_id
@@ -221,12 +219,14 @@ $$;
 REVOKE ALL ON FUNCTION callback_center._order_summary(text, boolean) FROM PUBLIC;
 
 -- Places an order in one transaction: records it pending confirmation,
--- deducts the stock of every item and freezes the coupon (all or nothing),
+-- deducts the stock of every item and freezes the coupon (all or nothing;
+-- only the coupon's owner, or anyone for a coupon issued to no user),
 -- confirms it (emitting order.placed) and creates its payment.  Short stock
 -- or an unavailable coupon is an outcome, not an error: the order is
 -- recorded as failed with the reason (emitting order.failed) and nothing is
 -- held.  Calling it again with the same order_id returns the order as it
--- is, changing nothing.
+-- is, changing nothing.  A provider must be registered (CB033); keys are
+-- bounded (_require_key).
 CREATE FUNCTION callback_center.place_order(
     p_order_id text,
     p_user_id text,
@@ -250,10 +250,15 @@ DECLARE
     timeout interval := current_setting('callback_center.pay_timeout')::interval;
     reason text;
 BEGIN
-    IF p_order_id IS NULL OR p_user_id IS NULL OR p_items IS NULL
-       OR p_amount_cents IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'order_id, user_id, items and amount_cents must not be null';
+    PERFORM callback_center._require_key(p_order_id, 'order_id');
+    PERFORM callback_center._require_key(p_user_id, 'user_id');
+    PERFORM callback_center._require(p_items, 'items');
+    PERFORM callback_center._require(p_amount_cents, 'amount_cents');
+    IF p_coupon_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(p_coupon_id, 'coupon_id');
+    END IF;
+    IF p_provider IS NOT NULL THEN
+        PERFORM callback_center._require_provider(p_provider);
     END IF;
     IF p_amount_cents < 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
@@ -282,6 +287,13 @@ BEGIN
     BEGIN
         PERFORM callback_center.deduct_stock(p_order_id, p_items);
         IF p_coupon_id IS NOT NULL THEN
+            -- A coupon is its owner's: another user's order cannot hold it
+            -- (one issued to no user is anyone's).
+            IF EXISTS (SELECT 1 FROM callback_center.coupons k
+                        WHERE k.coupon_id = p_coupon_id AND k.user_id <> p_user_id) THEN
+                RAISE EXCEPTION USING ERRCODE = 'CB051',
+                    MESSAGE = format('coupon "%s" belongs to another user', p_coupon_id);
+            END IF;
             PERFORM callback_center.freeze_coupon(p_coupon_id, p_order_id);
         END IF;
     EXCEPTION WHEN SQLSTATE 'CB001' OR SQLSTATE 'CB051' THEN
@@ -308,7 +320,7 @@ $$;
 -- payment is PAYING (the user came back to the cashier) returns the same id
 -- and moves nothing; a different provider replaces the recorded one (the
 -- user switched channels).  Any other payment state is CB010 from the
--- machine.
+-- machine.  CB033 for a provider that is not registered.
 CREATE FUNCTION callback_center.start_payment(order_id text, provider text)
 RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER
@@ -317,9 +329,8 @@ AS $$
 DECLARE
     pay callback_center.payments;
 BEGIN
-    IF start_payment.order_id IS NULL OR start_payment.provider IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'order_id and provider must not be null';
-    END IF;
+    PERFORM callback_center._require_key(start_payment.order_id, 'order_id');
+    PERFORM callback_center._require_provider(start_payment.provider);
     SELECT * INTO pay FROM callback_center.payments p
      WHERE p.order_id = start_payment.order_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -341,16 +352,17 @@ END
 $$;
 
 -- Reads a provider's notification into (event_id, event_type, txn_id,
--- order_id, amount_cents, verdict).  verdict is 'success', 'failure'
+-- order_id, amount_cents, verdict, currency).  verdict is 'success', 'failure'
 -- (terminal: the order's payment is over), 'attempt_failed' (one attempt
 -- failed, the customer may try again: nothing moves) or NULL for event
 -- types we do not act on.  Acted-on events must carry a transaction and an
 -- order id (22023); others need not.  event_id is Stripe's evt_ id (the
--- Standard Webhooks message id is a header, not in the body).  See
--- doc/orders.md for the event types of each scheme.
+-- Standard Webhooks message id is a header, not in the body).  currency
+-- is the message's (data.currency, Stripe's object currency), NULL when it
+-- carries none.  See doc/orders.md for the event types of each scheme.
 CREATE FUNCTION callback_center._parse_payment_body(scheme text, body text,
     OUT txn_id text, OUT order_id text, OUT amount_cents bigint, OUT verdict text,
-    OUT event_id text, OUT event_type text)
+    OUT event_id text, OUT event_type text, OUT currency text)
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
@@ -372,6 +384,7 @@ BEGIN
         obj := ev->'data'->'object';
         txn_id := obj->>'id';
         order_id := obj->'metadata'->>'order_id';
+        currency := obj->>'currency';
         -- One event type means money: payment_intent.succeeded.  charge.*
         -- events describe the same money again and are ignored, so that a
         -- payment is never applied twice under two ids (pi_ and ch_).
@@ -392,6 +405,7 @@ BEGIN
         txn_id := obj->>'txn_id';
         order_id := obj->>'order_id';
         amount_cents := (obj->>'amount_cents')::bigint;
+        currency := obj->>'currency';
         verdict := CASE event_type WHEN 'payment.succeeded' THEN 'success'
                                    WHEN 'payment.failed' THEN 'failure' END;
     END IF;
@@ -441,14 +455,21 @@ GRANT SELECT ON callback_center.late_payments TO callback_center_admin;
 -- order that cannot take it: recorded once per transaction in
 -- late_payments, payment.refund_required emitted, the order never
 -- reopened), already_applied (this transaction already paid this payment),
--- amount_mismatch (not applied, payment.amount_mismatch emitted),
--- attempt_failed (a non-terminal failure: nothing moves) or ignored (no
--- verdict, or a failure for an order no longer waiting).  CB050 when the
--- order does not exist.  verdict is 'success', 'failure', 'attempt_failed'
--- or NULL.
+-- provider_mismatch (the payment is not p_provider's: not applied,
+-- payment.provider_mismatch emitted), amount_mismatch (a success whose
+-- amount is missing or differs, or whose currency, when the message
+-- carries one, is not the order's; or a failure naming another amount: not
+-- applied, payment.amount_mismatch emitted), attempt_failed (a
+-- non-terminal failure: nothing moves) or ignored (no verdict, or a
+-- failure for an order no longer waiting).  A verdict is only ever applied
+-- to a payment of the provider that brought it: the payment's provider
+-- (set by place_order or start_payment), or the order's when it has no
+-- payment; a payment with none takes no verdict.  CB050 when the order
+-- does not exist.  verdict is 'success', 'failure', 'attempt_failed' or
+-- NULL.
 CREATE FUNCTION callback_center._apply_payment_result(
     p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
-    p_verdict text, p_source text)
+    p_currency text, p_verdict text, p_source text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
@@ -456,6 +477,8 @@ AS $$
 DECLARE
     o callback_center.orders;
     pay callback_center.payments;
+    owner text;
+    expected bigint;
 BEGIN
     SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -469,16 +492,29 @@ BEGIN
     IF p_verdict IS NULL THEN
         RETURN 'ignored';
     END IF;
+    -- Whose payment it is: another provider's word on it, signed or not,
+    -- is no word at all.
+    owner := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
+    IF owner IS DISTINCT FROM p_provider THEN
+        PERFORM callback_center.enqueue('payment.provider_mismatch', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'payment_provider', owner, 'verdict', p_verdict,
+                               'source', p_source));
+        RETURN 'provider_mismatch';
+    END IF;
     IF p_verdict = 'attempt_failed' THEN
         -- The customer may retry on the same transaction: the payment stays
         -- open until a success, a terminal failure or the timeout close.
         RETURN 'attempt_failed';
     END IF;
-    IF p_amount_cents IS NOT NULL AND pay.payment_id IS NOT NULL
-       AND p_amount_cents <> pay.amount_cents THEN
+    expected := coalesce(pay.amount_cents, o.amount_cents);
+    IF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected)
+       OR (p_verdict <> 'success' AND p_amount_cents <> expected)
+       OR upper(p_currency) <> o.currency THEN
         PERFORM callback_center.enqueue('payment.amount_mismatch', o.order_id,
             jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
-                               'expected_cents', pay.amount_cents, 'received_cents', p_amount_cents,
+                               'expected_cents', expected, 'received_cents', p_amount_cents,
+                               'expected_currency', o.currency, 'received_currency', p_currency,
                                'source', p_source));
         RETURN 'amount_mismatch';
     END IF;
@@ -553,10 +589,8 @@ AS $$
 DECLARE
     lp callback_center.late_payments;
 BEGIN
-    IF mark_refunded.provider IS NULL OR mark_refunded.provider_txn_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'provider and provider_txn_id must not be null';
-    END IF;
+    PERFORM callback_center._require_key(mark_refunded.provider, 'provider', 63);
+    PERFORM callback_center._require_key(mark_refunded.provider_txn_id, 'provider_txn_id');
     SELECT * INTO lp FROM callback_center.late_payments l
      WHERE l.provider = mark_refunded.provider AND l.provider_txn_id = mark_refunded.provider_txn_id
        FOR UPDATE;
@@ -605,17 +639,29 @@ DECLARE
     msg_id text;
     rec record;
     result text;
+    refusal text;
     ack constant text := '{"received":true}';
 BEGIN
-    IF p_provider IS NULL OR payment_callback.headers IS NULL OR payment_callback.body IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider, headers and body must not be null';
-    END IF;
+    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
     -- Verification comes first: a bad signature raises and records nothing.
     PERFORM callback_center.verify_signature(p_provider, payment_callback.headers, payment_callback.body);
     SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
-    msg := callback_center._parse_payment_body(scheme, payment_callback.body);
-    IF scheme = 'stripe' THEN
+    -- A signed body we cannot read (not JSON, \u0000, an amount beyond
+    -- bigint, ids missing) will never read better: it is recorded and
+    -- refused once, with 400, and every redelivery gets that answer.  An
+    -- exception here made the provider redeliver it forever.
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+    EXCEPTION WHEN data_exception THEN
+        refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+    END;
+    IF scheme = 'stripe' AND refusal IS NULL THEN
         msg_id := msg.event_id;
+    ELSIF scheme = 'stripe' THEN
+        -- An unreadable Stripe body has no event id: keyed by its hash.
+        msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
     ELSE
         -- verify_signature found exactly one, whatever its spelling.
         SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
@@ -643,11 +689,21 @@ BEGIN
         RETURN;
     END IF;
 
+    IF refusal IS NOT NULL THEN
+        PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+            jsonb_build_object('http_status', 400,
+                               'body', jsonb_build_object('received', false,
+                                                          'reason', 'unreadable payment message')::text,
+                               'outcome', 'rejected', 'error', refusal));
+        RETURN QUERY SELECT 400, '{"reason": "unreadable payment message", "received": false}', true, 'rejected';
+        RETURN;
+    END IF;
     IF msg.verdict IS NULL THEN
         result := 'ignored';
     ELSE
         result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
-                                                        msg.amount_cents, msg.verdict, 'callback');
+                                                        msg.amount_cents, msg.currency, msg.verdict,
+                                                        'callback');
     END IF;
 
     PERFORM callback_center.complete_callback(msg_id, cb_type, true,
@@ -665,7 +721,7 @@ REVOKE ALL ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.place_order(text, text, jsonb, bigint, text, text),
     callback_center.start_payment(text, text),
     callback_center._parse_payment_body(text, text),
-    callback_center._apply_payment_result(text, text, text, bigint, text, text),
+    callback_center._apply_payment_result(text, text, text, bigint, text, text, text),
     callback_center.mark_refunded(text, text),
     callback_center.payment_callback(text, jsonb, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.mark_refunded(text, text) TO callback_center_admin;

@@ -127,6 +127,9 @@ DECLARE
     ep integer;
     n bigint;
 BEGIN
+    -- A NULL bound replayed nothing and reported success.
+    PERFORM callback_center._require(since, 'since');
+    PERFORM callback_center._require(until, 'until');
     IF replay_dead.endpoint IS NOT NULL THEN
         SELECT e.id INTO ep FROM callback_center.endpoints e WHERE e.name = replay_dead.endpoint;
         IF NOT FOUND THEN
@@ -167,9 +170,15 @@ RETURNS TABLE (
     breaker_opened_at timestamptz,
     tokens double precision,
     degraded boolean)
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
+#variable_conflict use_column
+BEGIN
+    -- plpgsql, not sql, only for this check: a NULL window returned
+    -- every endpoint with nothing counted.
+    PERFORM callback_center._require(window_len, 'window_len');
+    RETURN QUERY
     SELECT e.name, e.enabled,
            coalesce(a.delivered, 0), coalesce(a.failed, 0), coalesce(a.retries, 0),
            CASE WHEN coalesce(a.total, 0) = 0 THEN 0 ELSE a.failed::float8 / a.total END,
@@ -193,7 +202,8 @@ AS $$
           FROM callback_center.outbox o
          WHERE o.endpoint_id = e.id AND o.status IN ('pending', 'delivering', 'dead')) q ON true
       LEFT JOIN callback_center.endpoint_state s ON s.endpoint_id = e.id
-     ORDER BY e.name
+     ORDER BY e.name;
+END
 $$;
 
 -- The alert thresholds of the design: failure rate over 1%, more than 10

@@ -12,6 +12,9 @@
 -- written by a cancel is the mark an empty compensation leaves so that a
 -- late try is refused.  repeats and last_outcome record the later calls
 -- that found the row (duplicates, refusals), so nothing is swallowed.
+-- created_by is the role whose call wrote the row (see _caller()): a
+-- branch belongs to the role that wrote its first row, and barrier()
+-- refuses every other role (NULL: written before 0.2.0, anyone's).
 CREATE TABLE callback_center.tcc_barrier (
     gid           text NOT NULL,
     branch_id     text NOT NULL,
@@ -22,6 +25,7 @@ CREATE TABLE callback_center.tcc_barrier (
     repeats       integer NOT NULL DEFAULT 0 CHECK (repeats >= 0),
     created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_by    text,
     PRIMARY KEY (gid, branch_id, op)
 );
 
@@ -47,14 +51,19 @@ CREATE TABLE callback_center.tcc_reservations (
 COMMENT ON TABLE callback_center.tcc_reservations IS
     'What each TCC try reserved (stock units or a coupon) and whether it was confirmed or cancelled';
 
--- Sagas: ordered steps, each an SQL call with a compensation.
+-- Sagas: ordered steps, each an SQL call with a compensation.  created_by
+-- is the role that declared it (see _caller()); only that role runs it or
+-- moves its bookkeeping, so its SQL never runs with anyone else's rights
+-- (NULL: declared before 0.2.0, run by nobody until a superuser who has
+-- read its steps records a creator).
 CREATE TABLE callback_center.sagas (
     saga_id     text PRIMARY KEY,
     status      text NOT NULL DEFAULT 'running'
                 CHECK (status IN ('running', 'completed', 'compensating', 'compensated')),
     last_error  text,
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_by  text
 );
 
 COMMENT ON TABLE callback_center.sagas IS
@@ -73,7 +82,7 @@ CREATE TABLE callback_center.saga_steps (
 );
 
 COMMENT ON TABLE callback_center.saga_steps IS
-    'Steps of a saga: action and compensation are SQL run with the caller''s rights, $1 = saga id';
+    'Steps of a saga: action and compensation are SQL run with the rights of the saga''s creator, $1 = saga id';
 
 SELECT pg_catalog.pg_extension_config_dump('callback_center.tcc_barrier', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.tcc_reservations', '');
@@ -84,6 +93,20 @@ GRANT SELECT ON callback_center.tcc_barrier, callback_center.tcc_reservations,
     callback_center.sagas, callback_center.saga_steps
     TO callback_center_admin, callback_center_app;
 
+-- The role a call acts for, seen from inside a SECURITY DEFINER function
+-- (where current_user is the extension's owner): the role of the session's
+-- SET ROLE, else the session user.  Only a member of a role can SET ROLE
+-- to it, so nobody can claim another role's name this way.
+CREATE FUNCTION callback_center._caller()
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT CASE WHEN pg_catalog.current_setting('role') OPERATOR(pg_catalog.=) 'none'
+                THEN session_user::text
+                ELSE pg_catalog.current_setting('role') END;
+$fn$;
+
 -- The barrier.  Returns 'proceed' (do the branch's work), 'duplicate' (this
 -- op already ran for the branch: do nothing), 'empty_compensation' (a
 -- cancel whose try never ran: it is recorded, do nothing) or 'refused' (a
@@ -92,7 +115,11 @@ GRANT SELECT ON callback_center.tcc_barrier, callback_center.tcc_reservations,
 -- happened.  Racing calls meet on the primary key: ON CONFLICT waits for
 -- the other transaction and, once it commits, sees its row; after an abort
 -- the insert goes ahead.  The row is in the caller's transaction, so it
--- commits or rolls back with the branch's own work.
+-- commits or rolls back with the branch's own work.  A branch belongs to
+-- the role that wrote its first row (created_by): any other role is
+-- refused with 42501, whatever the op, so app member B can neither confirm
+-- nor cancel A's branch.  Calls for one branch are serialised on an
+-- advisory lock, so that the owner check sees a concurrent first call.
 CREATE FUNCTION callback_center.barrier(
     gid text,
     branch_id text,
@@ -107,34 +134,48 @@ DECLARE
     p_op     ALIAS FOR $3;
     n        integer;
     outcome  text;
+    me       text := callback_center._caller();
+    owner    text;
 BEGIN
-    IF p_gid IS NULL OR p_branch IS NULL OR p_op IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'gid, branch_id and op must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require(p_op, 'op');
     IF p_op NOT IN ('try', 'confirm', 'cancel') THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('invalid barrier op "%s"', p_op),
             HINT = 'Use try, confirm or cancel.';
     END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+        'callback_center.tcc:' || p_gid || ':' || p_branch, 0));
+    SELECT b.created_by INTO owner FROM callback_center.tcc_barrier AS b
+     WHERE b.gid = p_gid AND b.branch_id = p_branch AND b.created_by IS NOT NULL
+     LIMIT 1;
+    IF owner IS DISTINCT FROM me AND owner IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('gid "%s" branch "%s" belongs to another role',
+                                        p_gid, p_branch),
+            DETAIL = pg_catalog.format('It was begun by role "%s"; this call acts for "%s".',
+                                       owner, me),
+            HINT = 'Each role confirms and cancels only its own branches.';
+    END IF;
     IF p_op = 'cancel' THEN
         INSERT INTO callback_center.tcc_barrier AS b
-               (gid, branch_id, op, written_by, last_outcome)
-        VALUES (p_gid, p_branch, 'try', 'cancel', 'empty_compensation')
+               (gid, branch_id, op, written_by, last_outcome, created_by)
+        VALUES (p_gid, p_branch, 'try', 'cancel', 'empty_compensation', me)
         ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n = 1 THEN
             -- The try never ran; no cancel row can exist (a cancel always
             -- writes the try row first, in the same transaction).
             INSERT INTO callback_center.tcc_barrier
-                   (gid, branch_id, op, written_by, last_outcome)
-            VALUES (p_gid, p_branch, 'cancel', 'cancel', 'empty_compensation');
+                   (gid, branch_id, op, written_by, last_outcome, created_by)
+            VALUES (p_gid, p_branch, 'cancel', 'cancel', 'empty_compensation', me);
             RETURN 'empty_compensation';
         END IF;
     END IF;
     INSERT INTO callback_center.tcc_barrier AS b
-           (gid, branch_id, op, written_by, last_outcome)
-    VALUES (p_gid, p_branch, p_op, p_op, 'proceed')
+           (gid, branch_id, op, written_by, last_outcome, created_by)
+    VALUES (p_gid, p_branch, p_op, p_op, 'proceed', me)
     ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n = 1 THEN
@@ -154,20 +195,6 @@ $fn$;
 
 COMMENT ON FUNCTION callback_center.barrier(text, text, text) IS
     'TCC/saga barrier: proceed, duplicate, empty_compensation or refused for (gid, branch, op)';
-
--- Raises 22004 when any of the named values is null.
-CREATE FUNCTION callback_center._tcc_require(what text, VARIADIC vals text[])
-RETURNS void
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, callback_center
-AS $fn$
-BEGIN
-    IF pg_catalog.array_position(vals, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = pg_catalog.format('%s must not be null', what);
-    END IF;
-END
-$fn$;
 
 -- Marks the reservation of (gid, branch) of the given kind confirmed or
 -- cancelled and returns it; 55000 when there is none still reserved.
@@ -216,7 +243,7 @@ DECLARE
     outcome text;
     r       callback_center.tcc_reservations;
 BEGIN
-    PERFORM callback_center._tcc_require('gid and branch_id', p_gid, p_branch);
+    -- barrier() checks gid and branch_id (_require_key).
     outcome := callback_center.barrier(p_gid, p_branch, p_op);
     IF outcome <> 'proceed' THEN
         RETURN outcome;
@@ -260,8 +287,10 @@ DECLARE
     cur      bigint;
     nslots   integer;
 BEGIN
-    PERFORM callback_center._tcc_require('gid, branch_id, sku_id and qty',
-                                         p_gid, p_branch, p_sku, p_qty::text);
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require_key(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_qty, 'qty');
     IF p_qty <= 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('qty must be positive: %s', p_qty);
@@ -343,8 +372,9 @@ DECLARE
     p_coupon ALIAS FOR $3;
     outcome  text;
 BEGIN
-    PERFORM callback_center._tcc_require('gid, branch_id and coupon_id',
-                                         p_gid, p_branch, p_coupon);
+    PERFORM callback_center._require_key(p_gid, 'gid');
+    PERFORM callback_center._require_key(p_branch, 'branch_id');
+    PERFORM callback_center._require_key(p_coupon, 'coupon_id');
     outcome := callback_center.barrier(p_gid, p_branch, 'try');
     IF outcome <> 'proceed' THEN
         RETURN outcome;
@@ -386,6 +416,7 @@ COMMENT ON FUNCTION callback_center.tcc_coupon_cancel(text, text) IS
 
 -- Declares a saga: steps is a JSON array of {"action": sql, "compensation":
 -- sql or null}, numbered from 1 in array order.  Returns the step count.
+-- The saga belongs to the calling role (_caller()): only it runs it.
 CREATE FUNCTION callback_center.saga_start(saga_id text, steps jsonb)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -396,10 +427,8 @@ DECLARE
     p_steps ALIAS FOR $2;
     bad     text;
 BEGIN
-    IF p_saga IS NULL OR p_steps IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'saga_id and steps must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_saga, 'saga_id');
+    PERFORM callback_center._require(p_steps, 'steps');
     IF pg_catalog.jsonb_typeof(p_steps) <> 'array' OR pg_catalog.jsonb_array_length(p_steps) = 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'steps must be a non-empty JSON array',
@@ -417,7 +446,7 @@ BEGIN
             MESSAGE = pg_catalog.format('invalid saga step: %s', bad),
             DETAIL = 'Each step needs a non-empty "action" string; "compensation" is a string or null.';
     END IF;
-    INSERT INTO callback_center.sagas (saga_id) VALUES (p_saga);
+    INSERT INTO callback_center.sagas (saga_id, created_by) VALUES (p_saga, callback_center._caller());
     INSERT INTO callback_center.saga_steps (saga_id, step_no, action, compensation)
     SELECT p_saga, e.n::integer, e.v ->> 'action', e.v ->> 'compensation'
       FROM pg_catalog.jsonb_array_elements(p_steps) WITH ORDINALITY AS e(v, n);
@@ -430,7 +459,8 @@ COMMENT ON FUNCTION callback_center.saga_start(text, jsonb) IS
 
 -- Bookkeeping for saga_run (which runs with the caller's rights): locks the
 -- saga row until the end of the transaction and returns its status; 42704
--- when there is no such saga.
+-- when there is no such saga, 42501 when it is not the calling role's
+-- (_caller()) or has no recorded creator.
 CREATE FUNCTION callback_center._saga_lock(saga_id text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -438,13 +468,26 @@ SET search_path = pg_catalog, callback_center
 AS $fn$
 DECLARE
     st text;
+    creator text;
 BEGIN
-    SELECT s.status INTO st FROM callback_center.sagas AS s
+    SELECT s.status, s.created_by INTO st, creator FROM callback_center.sagas AS s
      WHERE s.saga_id = _saga_lock.saga_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = '42704',
             MESSAGE = pg_catalog.format('unknown saga "%s"', _saga_lock.saga_id),
             HINT = 'Declare it with callback_center.saga_start().';
+    END IF;
+    IF creator IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" has no recorded creator', _saga_lock.saga_id),
+            DETAIL = 'It was declared before callback_center 0.2.0, which records who declares a saga.',
+            HINT = 'A superuser who has read its steps sets callback_center.sagas.created_by to the role they may run as.';
+    END IF;
+    IF creator IS DISTINCT FROM callback_center._caller() THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" belongs to role "%s"', _saga_lock.saga_id, creator),
+            DETAIL = 'A saga''s steps run only as the role that declared it.',
+            HINT = pg_catalog.format('Run it as that role: SET ROLE %I, then saga_run().', creator);
     END IF;
     RETURN st;
 END
@@ -467,6 +510,7 @@ DECLARE
     p_status ALIAS FOR $3;
     p_error  ALIAS FOR $4;
 BEGIN
+    PERFORM callback_center._saga_lock(p_saga);
     IF p_step IS NULL THEN
         UPDATE callback_center.sagas AS s
            SET status = p_status, last_error = COALESCE(p_error, s.last_error),
@@ -500,7 +544,10 @@ $fn$;
 -- step and those never run are empty compensations (marked skipped, and a
 -- late try of them would be refused).  SECURITY INVOKER: actions and
 -- compensations run with the caller's rights and search_path, with the
--- saga id as $1.  Returns the final status; re-running a finished saga
+-- saga id as $1, and the caller must be the saga's creator (42501
+-- otherwise, superusers and administrators included: they SET ROLE to the
+-- creator), so a saga's SQL only ever runs with the rights of the role that
+-- wrote it.  Returns the final status; re-running a finished saga
 -- changes nothing.  A compensation that raises is rolled back and recorded
 -- and the saga stays 'compensating' for a later run to finish.
 CREATE FUNCTION callback_center.saga_run(saga_id text)
@@ -518,6 +565,15 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'saga_id must not be null';
     END IF;
     st := callback_center._saga_lock(p_saga);
+    -- _saga_lock checked the session's role; this is the role the steps
+    -- would run as (not the same inside another SECURITY DEFINER function).
+    IF NOT EXISTS (SELECT FROM callback_center.sagas AS s
+                    WHERE s.saga_id OPERATOR(pg_catalog.=) p_saga
+                      AND s.created_by OPERATOR(pg_catalog.=) current_user::text) THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" does not belong to role "%s"', p_saga, current_user),
+            DETAIL = 'A saga''s steps run only as the role that declared it.';
+    END IF;
     IF st IN ('completed', 'compensated') THEN
         RETURN st;
     END IF;
@@ -575,8 +631,8 @@ $fn$;
 COMMENT ON FUNCTION callback_center.saga_run(text) IS
     'Runs a saga''s pending steps through the barrier; on failure compensates done steps in reverse';
 
+REVOKE ALL ON FUNCTION callback_center._caller() FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.barrier(text, text, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION callback_center._tcc_require(text, text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._tcc_settle(text, text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._tcc_second_phase(text, text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) FROM PUBLIC;
@@ -594,7 +650,7 @@ REVOKE ALL ON FUNCTION callback_center.saga_run(text) FROM PUBLIC;
 -- them, is SECURITY INVOKER (its steps run with the caller's rights).
 -- Called directly they move only the bookkeeping, forward (a step or a
 -- saga can be marked done without running it; nothing is reserved or
--- released that way, the branches go through the barrier); _tcc_require and _tcc_settle are called only by SECURITY
+-- released that way, the branches go through the barrier); _tcc_settle is called only by SECURITY
 -- DEFINER functions and granted to no one.
 GRANT EXECUTE ON FUNCTION
     callback_center.barrier(text, text, text),

@@ -103,10 +103,9 @@ DECLARE
     pay callback_center.payments;
     outcome text;
 BEGIN
-    IF p_channel IS NULL OR p_date IS NULL OR reconcile.grace IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'channel, bill_date and grace must not be null';
-    END IF;
+    PERFORM callback_center._require_key(p_channel, 'channel', 63);
+    PERFORM callback_center._require(p_date, 'bill_date');
+    PERFORM callback_center._require(reconcile.grace, 'grace');
     IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
@@ -204,6 +203,7 @@ BEGIN
                 SELECT * FROM callback_center.payments p
                  WHERE j.l_txn IS NULL AND x.payment_id IS NULL
                    AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                   AND p.provider = p_channel
                  LIMIT 1) u ON true
     ), ins AS (
         INSERT INTO callback_center.recon_diffs AS d
@@ -271,11 +271,11 @@ BEGIN
             CONTINUE;
         END IF;
         outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
-                                                         r.provider_amount, 'success',
+                                                         r.provider_amount, NULL, 'success',
                                                          'reconciliation');
         UPDATE callback_center.recon_diffs d
            SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
-               resolution = CASE outcome WHEN 'refund_required' THEN 'flagged' ELSE d.resolution END,
+               resolution = CASE outcome WHEN 'paid' THEN d.resolution ELSE 'flagged' END,
                note = CASE outcome
                         WHEN 'paid' THEN 'payment marked paid'
                         WHEN 'refund_required'
@@ -410,9 +410,10 @@ BEGIN
             MESSAGE = 'older_than and batch_size must not be null';
     END IF;
     IF older_than < interval '0' OR attempts_older_than < interval '0'
-       OR history_older_than < interval '0' THEN
+       OR history_older_than < interval '0' OR older_than > interval '100 years'
+       OR attempts_older_than > interval '100 years' OR history_older_than > interval '100 years' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('retention ages must not be negative, got %s, %s and %s',
+            MESSAGE = format('retention ages must be between 0 and 100 years, got %s, %s and %s',
                              older_than, coalesce(attempts_older_than::text, 'NULL'),
                              coalesce(history_older_than::text, 'NULL'));
     END IF;

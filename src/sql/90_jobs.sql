@@ -347,7 +347,8 @@ BEGIN
         RETURN 'bad_answer';
     END IF;
     result := callback_center._apply_payment_result(q.provider, msg.txn_id, msg.order_id,
-                                                    msg.amount_cents, msg.verdict, 'query');
+                                                    msg.amount_cents, msg.currency, msg.verdict,
+                                                    'query');
     UPDATE callback_center.payment_queries x
        SET status = 'answered', answer = _apply_query_answer.answer, outcome = result,
            finished_at = now()
