@@ -101,18 +101,26 @@ typedef enum StockPlanId
 	NUM_STOCK_PLANS
 } StockPlanId;
 
+/*
+ * max_rows is the most rows a statement may process: a statement that
+ * processes more raises an internal error instead of committing, so that
+ * an UPDATE whose effect a plan could multiply (a sub-select run again for
+ * each outer row) can never take or give units more than once.  0: no
+ * limit (a list of rows).
+ */
 typedef struct StockPlanDef
 {
 	const char *sql;
 	int			nargs;
 	Oid			argtypes[4];
+	uint64		max_rows;
 } StockPlanDef;
 
 static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 	[PLAN_RECORD] = {
 		"INSERT INTO callback_center.stock_deductions (biz_id, sku_id, quantity)"
 		" VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-		3, {TEXTOID, TEXTOID, INT8OID}
+		3, {TEXTOID, TEXTOID, INT8OID}, 1
 	},
 	[PLAN_TAKE] = {
 		"UPDATE callback_center.stock"
@@ -122,7 +130,7 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" AND available OPERATOR(pg_catalog.>=) $2"
 		" RETURNING available, version",
-		2, {TEXTOID, INT8OID}
+		2, {TEXTOID, INT8OID}, 1
 	},
 	[PLAN_TAKE_CAS] = {
 		"UPDATE callback_center.stock"
@@ -133,24 +141,24 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" AND available OPERATOR(pg_catalog.>=) $2"
 		" AND version OPERATOR(pg_catalog.=) $3"
 		" RETURNING available, version",
-		3, {TEXTOID, INT8OID, INT8OID}
+		3, {TEXTOID, INT8OID, INT8OID}, 1
 	},
 	[PLAN_CURRENT] = {
 		"SELECT available, version, slots FROM callback_center.stock"
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1",
-		1, {TEXTOID}
+		1, {TEXTOID}, 1
 	},
 	[PLAN_RECORDED] = {
 		"SELECT quantity, restored FROM callback_center.stock_deductions"
 		" WHERE biz_id OPERATOR(pg_catalog.=) $1"
 		" AND sku_id OPERATOR(pg_catalog.=) $2",
-		2, {TEXTOID, TEXTOID}
+		2, {TEXTOID, TEXTOID}, 1
 	},
 	[PLAN_BIZ_SKUS] = {
 		"SELECT sku_id FROM callback_center.stock_deductions"
 		" WHERE biz_id OPERATOR(pg_catalog.=) $1 AND NOT restored"
 		" ORDER BY sku_id COLLATE pg_catalog.\"C\"",
-		1, {TEXTOID}
+		1, {TEXTOID}, 0
 	},
 	[PLAN_MARK_RESTORED] = {
 		"UPDATE callback_center.stock_deductions"
@@ -158,7 +166,7 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" WHERE biz_id OPERATOR(pg_catalog.=) $1"
 		" AND sku_id OPERATOR(pg_catalog.=) $2 AND NOT restored"
 		" RETURNING quantity",
-		2, {TEXTOID, TEXTOID}
+		2, {TEXTOID, TEXTOID}, 1
 	},
 	[PLAN_GIVE_BACK] = {
 		"UPDATE callback_center.stock"
@@ -168,7 +176,7 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" AND slots OPERATOR(pg_catalog.=) 0"
 		" RETURNING available, version",
-		2, {TEXTOID, INT8OID}
+		2, {TEXTOID, INT8OID}, 1
 	},
 	/* The true total: a hot SKU's units are in its slots. */
 	[PLAN_TOTAL] = {
@@ -178,26 +186,39 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1), 0) AS pg_catalog.int8),"
 		" s.version FROM callback_center.stock AS s"
 		" WHERE s.sku_id OPERATOR(pg_catalog.=) $1",
-		1, {TEXTOID}
+		1, {TEXTOID}, 1
 	},
+	/*
+	 * The slot statements choose one slot and change it.  The choice is a
+	 * MATERIALIZED CTE, which PostgreSQL evaluates once per statement
+	 * whatever the plan, or an uncorrelated scalar sub-select (an InitPlan,
+	 * also evaluated once).  Not a sub-select in FROM: the planner may put
+	 * it on the inner side of a nested loop and run it again for each outer
+	 * row, and each run of a SKIP LOCKED LIMIT 1 picks another free slot,
+	 * so that one statement changed many slots (max_rows 1 now refuses
+	 * that as well).
+	 */
+
 	/*
 	 * Takes $2 units from the first slot in [$3, $4) that has them and that
 	 * no other transaction holds; never waits.
 	 */
 	[PLAN_SLOT_TAKE] = {
-		"UPDATE callback_center.stock_slots AS t"
-		" SET available = t.available OPERATOR(pg_catalog.-) $2"
-		" FROM (SELECT f.slot FROM callback_center.stock_slots AS f"
+		"WITH p AS MATERIALIZED (SELECT f.slot"
+		" FROM callback_center.stock_slots AS f"
 		" WHERE f.sku_id OPERATOR(pg_catalog.=) $1"
 		" AND f.slot OPERATOR(pg_catalog.>=) $3"
 		" AND f.slot OPERATOR(pg_catalog.<) $4"
 		" AND f.available OPERATOR(pg_catalog.>=) $2"
-		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED) AS p"
+		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED)"
+		" UPDATE callback_center.stock_slots AS t"
+		" SET available = t.available OPERATOR(pg_catalog.-) $2"
+		" FROM p"
 		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1"
 		" AND t.slot OPERATOR(pg_catalog.=) p.slot"
 		" AND t.available OPERATOR(pg_catalog.>=) $2"
 		" RETURNING t.slot",
-		4, {TEXTOID, INT8OID, INT4OID, INT4OID}
+		4, {TEXTOID, INT8OID, INT4OID, INT4OID}, 1
 	},
 	/*
 	 * Takes $2 units from one slot that had them when the statement
@@ -215,35 +236,37 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" ORDER BY f.slot OPERATOR(pg_catalog.<) $3, f.slot LIMIT 1)"
 		" AND t.available OPERATOR(pg_catalog.>=) $2"
 		" RETURNING t.slot",
-		3, {TEXTOID, INT8OID, INT4OID}
+		3, {TEXTOID, INT8OID, INT4OID}, 1
 	},
 	/* Read through a cursor: each fetch waits for and locks one slot. */
 	[PLAN_SLOT_LOCK_ALL] = {
 		"SELECT slot, available FROM callback_center.stock_slots"
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" ORDER BY slot FOR UPDATE",
-		1, {TEXTOID}
+		1, {TEXTOID}, 0
 	},
 	[PLAN_SLOT_ADD] = {
 		"UPDATE callback_center.stock_slots"
 		" SET available = available OPERATOR(pg_catalog.+) $3"
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" AND slot OPERATOR(pg_catalog.=) $2",
-		3, {TEXTOID, INT4OID, INT8OID}
+		3, {TEXTOID, INT4OID, INT8OID}, 1
 	},
 	/* Gives $2 units to the first slot in [$3, $4) no other xact holds. */
 	[PLAN_SLOT_GIVE] = {
-		"UPDATE callback_center.stock_slots AS t"
-		" SET available = t.available OPERATOR(pg_catalog.+) $2"
-		" FROM (SELECT f.slot FROM callback_center.stock_slots AS f"
+		"WITH p AS MATERIALIZED (SELECT f.slot"
+		" FROM callback_center.stock_slots AS f"
 		" WHERE f.sku_id OPERATOR(pg_catalog.=) $1"
 		" AND f.slot OPERATOR(pg_catalog.>=) $3"
 		" AND f.slot OPERATOR(pg_catalog.<) $4"
-		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED) AS p"
+		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED)"
+		" UPDATE callback_center.stock_slots AS t"
+		" SET available = t.available OPERATOR(pg_catalog.+) $2"
+		" FROM p"
 		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1"
 		" AND t.slot OPERATOR(pg_catalog.=) p.slot"
 		" RETURNING t.slot",
-		4, {TEXTOID, INT8OID, INT4OID, INT4OID}
+		4, {TEXTOID, INT8OID, INT4OID, INT4OID}, 1
 	},
 };
 
@@ -273,8 +296,10 @@ stock_plan(StockPlanId id)
 }
 
 /*
- * Runs a kept plan and checks it returned the expected SPI code; returns
- * the number of rows processed.
+ * Runs a kept plan and checks it returned the expected SPI code and
+ * processed no more rows than its max_rows; returns the number of rows
+ * processed.  More rows is an internal error (XX000), raised before the
+ * statement's changes can commit.
  */
 static uint64
 stock_exec(StockPlanId id, Datum *args, int expect)
@@ -285,6 +310,10 @@ stock_exec(StockPlanId id, Datum *args, int expect)
 	if (rc != expect)
 		elog(ERROR, "stock statement failed: %s (%s)",
 			 SPI_result_code_string(rc), plan_defs[id].sql);
+	if (plan_defs[id].max_rows > 0 && SPI_processed > plan_defs[id].max_rows)
+		elog(ERROR, "stock statement processed " UINT64_FORMAT
+			 " rows, at most " UINT64_FORMAT " expected (%s)",
+			 SPI_processed, plan_defs[id].max_rows, plan_defs[id].sql);
 	return SPI_processed;
 }
 
