@@ -98,6 +98,7 @@ typedef enum StockPlanId
 	PLAN_SLOT_LOCK_ALL,
 	PLAN_SLOT_ADD,
 	PLAN_SLOT_GIVE,
+	PLAN_ORDER_STATE,
 	NUM_STOCK_PLANS
 } StockPlanId;
 
@@ -267,6 +268,12 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" AND t.slot OPERATOR(pg_catalog.=) p.slot"
 		" RETURNING t.slot",
 		4, {TEXTOID, INT8OID, INT4OID, INT4OID}, 1
+	},
+	/* The built-in order a biz id names, if it names one. */
+	[PLAN_ORDER_STATE] = {
+		"SELECT status, pay_status FROM callback_center.orders"
+		" WHERE order_id OPERATOR(pg_catalog.=) $1",
+		1, {TEXTOID}, 1
 	},
 };
 
@@ -894,12 +901,57 @@ slot_give(Datum sku, int64 qty, int32 nslots)
 }
 
 /*
+ * Raises CB005 unless biz may have its stock back: a biz id that names a
+ * built-in order (callback_center.orders) may only when the order failed,
+ * or closed without being paid (pay status pay_failed or closed), the
+ * states from which it never takes goods; a paid order keeps its stock,
+ * and one still waiting for money may yet be paid.  Those states are
+ * final, so once seen they hold; an order in another state may reach one
+ * later (the payment failure and timeout close paths restore right after
+ * moving it there).  Any other biz id is the application's, restored
+ * unconditionally.
+ *
+ * Called once a deduction of biz has been found and locked, by a later
+ * statement: under READ COMMITTED it sees the order row that the
+ * transaction which wrote the deduction wrote with it (place_order does
+ * both in one transaction), so a restore racing a place_order cannot miss
+ * the order and take its stock back.
+ */
+static void
+check_order_state(Datum biz)
+{
+	char	   *status;
+	char	   *pay_status;
+
+	if (stock_exec(PLAN_ORDER_STATE, &biz, SPI_OK_SELECT) == 0)
+		return;
+	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	pay_status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	if (status != NULL && pay_status != NULL &&
+		(strcmp(status, "failed") == 0 ||
+		 (strcmp(status, "closed") == 0 &&
+		  (strcmp(pay_status, "pay_failed") == 0 ||
+		   strcmp(pay_status, "closed") == 0))))
+		return;
+	ereport(ERROR,
+			(errcode(CC_ERRCODE_ORDER_HOLDS_STOCK),
+			 errmsg("cannot restore the stock of order \"%s\"",
+					TextDatumGetCString(biz)),
+			 errdetail("The order is %s, pay status %s: only an order that failed, or that closed unpaid, gives its stock back.",
+					   status ? status : "(null)",
+					   pay_status ? pay_status : "(null)"),
+			 errhint("An order's stock comes back when it closes on a payment failure or at its pay deadline; a paid order keeps it.")));
+}
+
+/*
  * Restores biz's deduction of sku if it was not restored yet; returns
  * false when there was nothing to restore.  A concurrent restore of the
- * same pair waits for the row lock and then finds it restored.
+ * same pair waits for the row lock and then finds it restored.  Unless
+ * *order_checked, checks first that biz may have stock back
+ * (check_order_state) and sets it.
  */
 static bool
-restore_one(Datum biz, Datum sku, StockOutcome *o)
+restore_one(Datum biz, Datum sku, StockOutcome *o, bool *order_checked)
 {
 	Datum		args[2];
 
@@ -908,6 +960,11 @@ restore_one(Datum biz, Datum sku, StockOutcome *o)
 	if (stock_exec(PLAN_MARK_RESTORED, args, SPI_OK_UPDATE_RETURNING) == 0)
 		return false;
 	o->qty = spi_int8(1);
+	if (!*order_checked)
+	{
+		check_order_state(biz);
+		*order_checked = true;
+	}
 	o->status = "restored";
 	args[0] = sku;
 	args[1] = Int64GetDatum(o->qty);
@@ -1261,6 +1318,7 @@ cc_restore_stock(PG_FUNCTION_ARGS)
 	Datum	   *skus;
 	uint64		n;
 	StockCall	call;
+	bool		order_checked = false;
 
 	require_arg(fcinfo, 0, "biz_id");
 	biz = PointerGetDatum(PG_GETARG_TEXT_PP(0));
@@ -1281,7 +1339,7 @@ cc_restore_stock(PG_FUNCTION_ARGS)
 	{
 		StockOutcome o;
 
-		if (restore_one(biz, skus[i], &o))
+		if (restore_one(biz, skus[i], &o, &order_checked))
 			put_restored(fcinfo, skus[i], &o);
 	}
 	stock_leave(&call);
@@ -1299,6 +1357,7 @@ cc_restore_stock_sku(PG_FUNCTION_ARGS)
 	Datum		sku;
 	StockOutcome o;
 	StockCall	call;
+	bool		order_checked = false;
 
 	require_arg(fcinfo, 0, "biz_id");
 	require_arg(fcinfo, 1, "sku_id");
@@ -1307,7 +1366,7 @@ cc_restore_stock_sku(PG_FUNCTION_ARGS)
 	InitMaterializedSRF(fcinfo, 0);
 
 	stock_enter(fcinfo, &call);
-	if (restore_one(biz, sku, &o))
+	if (restore_one(biz, sku, &o, &order_checked))
 		put_restored(fcinfo, sku, &o);
 	stock_leave(&call);
 	return (Datum) 0;
