@@ -20,6 +20,9 @@ DATA = $(EXTENSION)--0.1.0.sql $(wildcard $(EXTENSION)--*--*.sql)
 SHLIB_LINK += -lcurl
 # The library's version string is the control file's default_version.
 PG_CPPFLAGS += -I$(srcdir)/src -DCC_VERSION='"$(EXTVERSION)"'
+# Extra defines for a test build, e.g. the PostgreSQL 17 code path on 15:
+#   make clean && make CC_EXTRA_CPPFLAGS=-DCC_NO_OVERRIDE_SEARCH_PATH
+PG_CPPFLAGS += $(CC_EXTRA_CPPFLAGS)
 
 SQL_PIECES = $(sort $(wildcard src/sql/*.sql))
 

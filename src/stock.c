@@ -41,6 +41,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -354,14 +355,32 @@ stock_exec(StockPlanId id, Datum *args, int expect)
  *   statements qualify every name besides, so even a re-analysis under a
  *   hostile path would find the same objects.
  *
+ * - PostgreSQL 17 removed PushOverrideSearchPath.  There (and on older
+ *   versions built with -DCC_NO_OVERRIDE_SEARCH_PATH, to test it) the path
+ *   is set as a SECURITY DEFINER function's SET clause sets it: a new GUC
+ *   nest level, search_path = pg_catalog, the function's schema, pg_temp
+ *   (temp last, for tables; functions and operators are never looked up
+ *   there unless named), and AtEOXact_GUC on the way out.  On error,
+ *   AbortTransaction and AbortSubTransaction run AtEOXact_GUC down to the
+ *   (sub)transaction's own nest level, which unwinds this one too.  The
+ *   plan cache compares the resulting schema list, the same every call.
+ *
  * Owner and schema are read once per function and cached until pg_proc
  * changes (ALTER FUNCTION ... OWNER TO, DROP EXTENSION).
  */
+#if PG_VERSION_NUM >= 170000 || defined(CC_NO_OVERRIDE_SEARCH_PATH)
+#define STOCK_PATH_BY_GUC
+#endif
+
 typedef struct StockRunAs
 {
 	Oid			fn_oid;
 	Oid			owner;
+#ifdef STOCK_PATH_BY_GUC
+	char	   *path;			/* search_path value, in TopMemoryContext */
+#else
 	OverrideSearchPath path;	/* schemas list in TopMemoryContext */
+#endif
 } StockRunAs;
 
 #define STOCK_RUN_AS_SLOTS 8
@@ -375,6 +394,9 @@ typedef struct StockCall
 {
 	Oid			save_userid;
 	int			save_sec_context;
+#ifdef STOCK_PATH_BY_GUC
+	int			guc_nest_level;
+#endif
 } StockCall;
 
 /* Forgets every cached owner and schema when a pg_proc row changes. */
@@ -391,7 +413,11 @@ run_as_lookup(Oid fn_oid)
 	HeapTuple	tup;
 	Form_pg_proc proc;
 	StockRunAs *r;
+#ifdef STOCK_PATH_BY_GUC
+	char	   *path;
+#else
 	MemoryContext old;
+#endif
 
 	for (int i = 0; i < run_as_count; i++)
 		if (run_as[i].fn_oid == fn_oid)
@@ -406,11 +432,26 @@ run_as_lookup(Oid fn_oid)
 	if (!HeapTupleIsValid(tup))
 		elog(ERROR, "cache lookup failed for function %u", fn_oid);
 	proc = (Form_pg_proc) GETSTRUCT(tup);
+#ifdef STOCK_PATH_BY_GUC
+	{
+		char	   *nspname = get_namespace_name(proc->pronamespace);
+
+		if (nspname == NULL)
+			elog(ERROR, "cache lookup failed for namespace %u",
+				 proc->pronamespace);
+		path = psprintf("pg_catalog, %s, pg_temp", quote_identifier(nspname));
+	}
+#endif
 
 	/* No catalog access from here on: no invalidation can interleave. */
 	if (run_as_count == STOCK_RUN_AS_SLOTS)
 		run_as_count = 0;
 	r = &run_as[run_as_count];
+#ifdef STOCK_PATH_BY_GUC
+	if (r->path != NULL)
+		pfree(r->path);
+	r->path = MemoryContextStrdup(TopMemoryContext, path);
+#else
 	list_free(r->path.schemas);
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	r->path.schemas = list_make2_oid(PG_CATALOG_NAMESPACE,
@@ -419,6 +460,7 @@ run_as_lookup(Oid fn_oid)
 	r->path.addCatalog = false;
 	r->path.addTemp = false;
 	r->path.generation = 0;
+#endif
 	r->owner = proc->proowner;
 	r->fn_oid = fn_oid;
 	ReleaseSysCache(tup);
@@ -441,7 +483,13 @@ stock_enter(FunctionCallInfo fcinfo, StockCall *call)
 	GetUserIdAndSecContext(&call->save_userid, &call->save_sec_context);
 	SetUserIdAndSecContext(r->owner,
 						   call->save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+#ifdef STOCK_PATH_BY_GUC
+	call->guc_nest_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", r->path, PGC_USERSET,
+							 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+#else
 	PushOverrideSearchPath(&r->path);
+#endif
 	SPI_connect();
 }
 
@@ -450,7 +498,11 @@ static void
 stock_leave(const StockCall *call)
 {
 	SPI_finish();
+#ifdef STOCK_PATH_BY_GUC
+	AtEOXact_GUC(true, call->guc_nest_level);
+#else
 	PopOverrideSearchPath();
+#endif
 	SetUserIdAndSecContext(call->save_userid, call->save_sec_context);
 }
 
