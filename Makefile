@@ -20,13 +20,31 @@ DATA = $(EXTENSION)--0.1.0.sql $(wildcard $(EXTENSION)--*--*.sql)
 SHLIB_LINK += -lcurl
 # The library's version string is the control file's default_version.
 PG_CPPFLAGS += -I$(srcdir)/src -DCC_VERSION='"$(EXTVERSION)"'
+# Extra defines for a test build, e.g. the PostgreSQL 17 code path on 15:
+#   make clean && make CC_EXTRA_CPPFLAGS=-DCC_NO_OVERRIDE_SEARCH_PATH
+PG_CPPFLAGS += $(CC_EXTRA_CPPFLAGS)
 
 SQL_PIECES = $(sort $(wildcard src/sql/*.sql))
 
 # pg_regress and pg_isolation_regress start their own preloaded instance.
-REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+#
+# Then the stock tests run again under forced plans: each stock_plan_<p>
+# entry (stock_plan_<p>_iso for the specs) sets the database up (hash joins, merge joins or nested loops off
+# with ALTER DATABASE; or the planner's own choice after ANALYZE with a
+# 256-slot SKU present), the same tests follow with the same expected
+# output, and stock_plan_reset undoes it.  No stock statement's effect may
+# depend on the plan (doc/stock.md).
+STOCK_PLANS = hash_off merge_off nestloop_off analyzed
+STOCK_PLAN_REGRESS = stock stock_hot stock_hot_plan
+STOCK_PLAN_ISOLATION = stock_cas stock_hot_order stock_hot_race stock_hot_stray \
+	stock_order stock_race stock_restore stock_rr
+stock_plan_runs = $(foreach p,$(STOCK_PLANS),stock_plan_$(p)$(2) $(1)) stock_plan_reset$(2)
+
+REGRESS = $(filter-out stock_plan_%,$(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))) \
+	$(call stock_plan_runs,$(STOCK_PLAN_REGRESS))
 REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
-ISOLATION = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
+ISOLATION = $(filter-out stock_plan_%,$(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))) \
+	$(call stock_plan_runs,$(STOCK_PLAN_ISOLATION),_iso)
 ISOLATION_OPTS = --temp-instance=tmp_check_iso --temp-config=$(srcdir)/test/regress.conf
 TAP_TESTS = 1
 PROVE_TESTS = $(sort $(wildcard test/t/*.pl))

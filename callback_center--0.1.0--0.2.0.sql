@@ -2058,3 +2058,39 @@ REVOKE ALL ON FUNCTION callback_center.provider_secret(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.provider_secret(text) TO callback_center_admin;
 COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) IS
     'Creates or replaces a webhook provider; NULL secrets: one is generated (admin)';
+
+-- Stock: the hot-SKU slot statements (src/stock.c) choose their slot in a
+-- MATERIALIZED CTE and check the rows they change; restore_stock follows a
+-- built-in order's state (CB005); neither needs a catalog change, the C
+-- symbols stay.  In SQL, the purge batch's LIMIT ... FOR UPDATE SKIP
+-- LOCKED pick is MATERIALIZED too, so that one pick is counted and deleted
+-- whatever the plan.
+CREATE OR REPLACE FUNCTION callback_center._purge_batch(rel text, cutoff timestamptz, after_id bigint,
+    batch_size integer, OUT purged bigint, OUT last_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    condition text;
+BEGIN
+    SELECT t.cond INTO condition FROM callback_center._purge_targets() t
+     WHERE t.rel = _purge_batch.rel;
+    IF condition IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('"%s" is not a retention target', _purge_batch.rel);
+    END IF;
+    -- Walk the primary key upwards: old rows have low ids, and no batch
+    -- rescans what an earlier one passed.  b is MATERIALIZED: evaluated
+    -- once whatever the plan, so that the rows counted, the rows deleted
+    -- and the batch's last id are the same LIMIT ... SKIP LOCKED pick (a
+    -- sub-select run again per row of a join would pick more rows).
+    EXECUTE format(
+        'WITH b AS MATERIALIZED (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
+        ' FOR UPDATE SKIP LOCKED),'
+        ' d AS (DELETE FROM %s WHERE id IN (SELECT id FROM b) RETURNING id)'
+        ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
+        ' FROM (SELECT count(*) FROM d) AS x',
+        _purge_batch.rel, condition, _purge_batch.rel)
+        INTO purged, last_id USING cutoff, after_id, batch_size;
+END
+$$;

@@ -41,6 +41,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -98,21 +99,30 @@ typedef enum StockPlanId
 	PLAN_SLOT_LOCK_ALL,
 	PLAN_SLOT_ADD,
 	PLAN_SLOT_GIVE,
+	PLAN_ORDER_STATE,
 	NUM_STOCK_PLANS
 } StockPlanId;
 
+/*
+ * max_rows is the most rows a statement may process: a statement that
+ * processes more raises an internal error instead of committing, so that
+ * an UPDATE whose effect a plan could multiply (a sub-select run again for
+ * each outer row) can never take or give units more than once.  0: no
+ * limit (a list of rows).
+ */
 typedef struct StockPlanDef
 {
 	const char *sql;
 	int			nargs;
 	Oid			argtypes[4];
+	uint64		max_rows;
 } StockPlanDef;
 
 static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 	[PLAN_RECORD] = {
 		"INSERT INTO callback_center.stock_deductions (biz_id, sku_id, quantity)"
 		" VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-		3, {TEXTOID, TEXTOID, INT8OID}
+		3, {TEXTOID, TEXTOID, INT8OID}, 1
 	},
 	[PLAN_TAKE] = {
 		"UPDATE callback_center.stock"
@@ -122,7 +132,7 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" AND available OPERATOR(pg_catalog.>=) $2"
 		" RETURNING available, version",
-		2, {TEXTOID, INT8OID}
+		2, {TEXTOID, INT8OID}, 1
 	},
 	[PLAN_TAKE_CAS] = {
 		"UPDATE callback_center.stock"
@@ -133,24 +143,24 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" AND available OPERATOR(pg_catalog.>=) $2"
 		" AND version OPERATOR(pg_catalog.=) $3"
 		" RETURNING available, version",
-		3, {TEXTOID, INT8OID, INT8OID}
+		3, {TEXTOID, INT8OID, INT8OID}, 1
 	},
 	[PLAN_CURRENT] = {
 		"SELECT available, version, slots FROM callback_center.stock"
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1",
-		1, {TEXTOID}
+		1, {TEXTOID}, 1
 	},
 	[PLAN_RECORDED] = {
 		"SELECT quantity, restored FROM callback_center.stock_deductions"
 		" WHERE biz_id OPERATOR(pg_catalog.=) $1"
 		" AND sku_id OPERATOR(pg_catalog.=) $2",
-		2, {TEXTOID, TEXTOID}
+		2, {TEXTOID, TEXTOID}, 1
 	},
 	[PLAN_BIZ_SKUS] = {
 		"SELECT sku_id FROM callback_center.stock_deductions"
 		" WHERE biz_id OPERATOR(pg_catalog.=) $1 AND NOT restored"
 		" ORDER BY sku_id COLLATE pg_catalog.\"C\"",
-		1, {TEXTOID}
+		1, {TEXTOID}, 0
 	},
 	[PLAN_MARK_RESTORED] = {
 		"UPDATE callback_center.stock_deductions"
@@ -158,7 +168,7 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" WHERE biz_id OPERATOR(pg_catalog.=) $1"
 		" AND sku_id OPERATOR(pg_catalog.=) $2 AND NOT restored"
 		" RETURNING quantity",
-		2, {TEXTOID, TEXTOID}
+		2, {TEXTOID, TEXTOID}, 1
 	},
 	[PLAN_GIVE_BACK] = {
 		"UPDATE callback_center.stock"
@@ -168,7 +178,7 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" AND slots OPERATOR(pg_catalog.=) 0"
 		" RETURNING available, version",
-		2, {TEXTOID, INT8OID}
+		2, {TEXTOID, INT8OID}, 1
 	},
 	/* The true total: a hot SKU's units are in its slots. */
 	[PLAN_TOTAL] = {
@@ -178,26 +188,39 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1), 0) AS pg_catalog.int8),"
 		" s.version FROM callback_center.stock AS s"
 		" WHERE s.sku_id OPERATOR(pg_catalog.=) $1",
-		1, {TEXTOID}
+		1, {TEXTOID}, 1
 	},
+	/*
+	 * The slot statements choose one slot and change it.  The choice is a
+	 * MATERIALIZED CTE, which PostgreSQL evaluates once per statement
+	 * whatever the plan, or an uncorrelated scalar sub-select (an InitPlan,
+	 * also evaluated once).  Not a sub-select in FROM: the planner may put
+	 * it on the inner side of a nested loop and run it again for each outer
+	 * row, and each run of a SKIP LOCKED LIMIT 1 picks another free slot,
+	 * so that one statement changed many slots (max_rows 1 now refuses
+	 * that as well).
+	 */
+
 	/*
 	 * Takes $2 units from the first slot in [$3, $4) that has them and that
 	 * no other transaction holds; never waits.
 	 */
 	[PLAN_SLOT_TAKE] = {
-		"UPDATE callback_center.stock_slots AS t"
-		" SET available = t.available OPERATOR(pg_catalog.-) $2"
-		" FROM (SELECT f.slot FROM callback_center.stock_slots AS f"
+		"WITH p AS MATERIALIZED (SELECT f.slot"
+		" FROM callback_center.stock_slots AS f"
 		" WHERE f.sku_id OPERATOR(pg_catalog.=) $1"
 		" AND f.slot OPERATOR(pg_catalog.>=) $3"
 		" AND f.slot OPERATOR(pg_catalog.<) $4"
 		" AND f.available OPERATOR(pg_catalog.>=) $2"
-		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED) AS p"
+		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED)"
+		" UPDATE callback_center.stock_slots AS t"
+		" SET available = t.available OPERATOR(pg_catalog.-) $2"
+		" FROM p"
 		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1"
 		" AND t.slot OPERATOR(pg_catalog.=) p.slot"
 		" AND t.available OPERATOR(pg_catalog.>=) $2"
 		" RETURNING t.slot",
-		4, {TEXTOID, INT8OID, INT4OID, INT4OID}
+		4, {TEXTOID, INT8OID, INT4OID, INT4OID}, 1
 	},
 	/*
 	 * Takes $2 units from one slot that had them when the statement
@@ -215,35 +238,43 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 		" ORDER BY f.slot OPERATOR(pg_catalog.<) $3, f.slot LIMIT 1)"
 		" AND t.available OPERATOR(pg_catalog.>=) $2"
 		" RETURNING t.slot",
-		3, {TEXTOID, INT8OID, INT4OID}
+		3, {TEXTOID, INT8OID, INT4OID}, 1
 	},
 	/* Read through a cursor: each fetch waits for and locks one slot. */
 	[PLAN_SLOT_LOCK_ALL] = {
 		"SELECT slot, available FROM callback_center.stock_slots"
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" ORDER BY slot FOR UPDATE",
-		1, {TEXTOID}
+		1, {TEXTOID}, 0
 	},
 	[PLAN_SLOT_ADD] = {
 		"UPDATE callback_center.stock_slots"
 		" SET available = available OPERATOR(pg_catalog.+) $3"
 		" WHERE sku_id OPERATOR(pg_catalog.=) $1"
 		" AND slot OPERATOR(pg_catalog.=) $2",
-		3, {TEXTOID, INT4OID, INT8OID}
+		3, {TEXTOID, INT4OID, INT8OID}, 1
 	},
 	/* Gives $2 units to the first slot in [$3, $4) no other xact holds. */
 	[PLAN_SLOT_GIVE] = {
-		"UPDATE callback_center.stock_slots AS t"
-		" SET available = t.available OPERATOR(pg_catalog.+) $2"
-		" FROM (SELECT f.slot FROM callback_center.stock_slots AS f"
+		"WITH p AS MATERIALIZED (SELECT f.slot"
+		" FROM callback_center.stock_slots AS f"
 		" WHERE f.sku_id OPERATOR(pg_catalog.=) $1"
 		" AND f.slot OPERATOR(pg_catalog.>=) $3"
 		" AND f.slot OPERATOR(pg_catalog.<) $4"
-		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED) AS p"
+		" ORDER BY f.slot LIMIT 1 FOR UPDATE SKIP LOCKED)"
+		" UPDATE callback_center.stock_slots AS t"
+		" SET available = t.available OPERATOR(pg_catalog.+) $2"
+		" FROM p"
 		" WHERE t.sku_id OPERATOR(pg_catalog.=) $1"
 		" AND t.slot OPERATOR(pg_catalog.=) p.slot"
 		" RETURNING t.slot",
-		4, {TEXTOID, INT8OID, INT4OID, INT4OID}
+		4, {TEXTOID, INT8OID, INT4OID, INT4OID}, 1
+	},
+	/* The built-in order a biz id names, if it names one. */
+	[PLAN_ORDER_STATE] = {
+		"SELECT status, pay_status FROM callback_center.orders"
+		" WHERE order_id OPERATOR(pg_catalog.=) $1",
+		1, {TEXTOID}, 1
 	},
 };
 
@@ -273,8 +304,10 @@ stock_plan(StockPlanId id)
 }
 
 /*
- * Runs a kept plan and checks it returned the expected SPI code; returns
- * the number of rows processed.
+ * Runs a kept plan and checks it returned the expected SPI code and
+ * processed no more rows than its max_rows; returns the number of rows
+ * processed.  More rows is an internal error (XX000), raised before the
+ * statement's changes can commit.
  */
 static uint64
 stock_exec(StockPlanId id, Datum *args, int expect)
@@ -285,6 +318,10 @@ stock_exec(StockPlanId id, Datum *args, int expect)
 	if (rc != expect)
 		elog(ERROR, "stock statement failed: %s (%s)",
 			 SPI_result_code_string(rc), plan_defs[id].sql);
+	if (plan_defs[id].max_rows > 0 && SPI_processed > plan_defs[id].max_rows)
+		elog(ERROR, "stock statement processed " UINT64_FORMAT
+			 " rows, at most " UINT64_FORMAT " expected (%s)",
+			 SPI_processed, plan_defs[id].max_rows, plan_defs[id].sql);
 	return SPI_processed;
 }
 
@@ -318,14 +355,32 @@ stock_exec(StockPlanId id, Datum *args, int expect)
  *   statements qualify every name besides, so even a re-analysis under a
  *   hostile path would find the same objects.
  *
+ * - PostgreSQL 17 removed PushOverrideSearchPath.  There (and on older
+ *   versions built with -DCC_NO_OVERRIDE_SEARCH_PATH, to test it) the path
+ *   is set as a SECURITY DEFINER function's SET clause sets it: a new GUC
+ *   nest level, search_path = pg_catalog, the function's schema, pg_temp
+ *   (temp last, for tables; functions and operators are never looked up
+ *   there unless named), and AtEOXact_GUC on the way out.  On error,
+ *   AbortTransaction and AbortSubTransaction run AtEOXact_GUC down to the
+ *   (sub)transaction's own nest level, which unwinds this one too.  The
+ *   plan cache compares the resulting schema list, the same every call.
+ *
  * Owner and schema are read once per function and cached until pg_proc
  * changes (ALTER FUNCTION ... OWNER TO, DROP EXTENSION).
  */
+#if PG_VERSION_NUM >= 170000 || defined(CC_NO_OVERRIDE_SEARCH_PATH)
+#define STOCK_PATH_BY_GUC
+#endif
+
 typedef struct StockRunAs
 {
 	Oid			fn_oid;
 	Oid			owner;
+#ifdef STOCK_PATH_BY_GUC
+	char	   *path;			/* search_path value, in TopMemoryContext */
+#else
 	OverrideSearchPath path;	/* schemas list in TopMemoryContext */
+#endif
 } StockRunAs;
 
 #define STOCK_RUN_AS_SLOTS 8
@@ -339,6 +394,9 @@ typedef struct StockCall
 {
 	Oid			save_userid;
 	int			save_sec_context;
+#ifdef STOCK_PATH_BY_GUC
+	int			guc_nest_level;
+#endif
 } StockCall;
 
 /* Forgets every cached owner and schema when a pg_proc row changes. */
@@ -355,7 +413,11 @@ run_as_lookup(Oid fn_oid)
 	HeapTuple	tup;
 	Form_pg_proc proc;
 	StockRunAs *r;
+#ifdef STOCK_PATH_BY_GUC
+	char	   *path;
+#else
 	MemoryContext old;
+#endif
 
 	for (int i = 0; i < run_as_count; i++)
 		if (run_as[i].fn_oid == fn_oid)
@@ -370,11 +432,26 @@ run_as_lookup(Oid fn_oid)
 	if (!HeapTupleIsValid(tup))
 		elog(ERROR, "cache lookup failed for function %u", fn_oid);
 	proc = (Form_pg_proc) GETSTRUCT(tup);
+#ifdef STOCK_PATH_BY_GUC
+	{
+		char	   *nspname = get_namespace_name(proc->pronamespace);
+
+		if (nspname == NULL)
+			elog(ERROR, "cache lookup failed for namespace %u",
+				 proc->pronamespace);
+		path = psprintf("pg_catalog, %s, pg_temp", quote_identifier(nspname));
+	}
+#endif
 
 	/* No catalog access from here on: no invalidation can interleave. */
 	if (run_as_count == STOCK_RUN_AS_SLOTS)
 		run_as_count = 0;
 	r = &run_as[run_as_count];
+#ifdef STOCK_PATH_BY_GUC
+	if (r->path != NULL)
+		pfree(r->path);
+	r->path = MemoryContextStrdup(TopMemoryContext, path);
+#else
 	list_free(r->path.schemas);
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	r->path.schemas = list_make2_oid(PG_CATALOG_NAMESPACE,
@@ -383,6 +460,7 @@ run_as_lookup(Oid fn_oid)
 	r->path.addCatalog = false;
 	r->path.addTemp = false;
 	r->path.generation = 0;
+#endif
 	r->owner = proc->proowner;
 	r->fn_oid = fn_oid;
 	ReleaseSysCache(tup);
@@ -405,7 +483,13 @@ stock_enter(FunctionCallInfo fcinfo, StockCall *call)
 	GetUserIdAndSecContext(&call->save_userid, &call->save_sec_context);
 	SetUserIdAndSecContext(r->owner,
 						   call->save_sec_context | SECURITY_LOCAL_USERID_CHANGE);
+#ifdef STOCK_PATH_BY_GUC
+	call->guc_nest_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", r->path, PGC_USERSET,
+							 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+#else
 	PushOverrideSearchPath(&r->path);
+#endif
 	SPI_connect();
 }
 
@@ -414,7 +498,11 @@ static void
 stock_leave(const StockCall *call)
 {
 	SPI_finish();
+#ifdef STOCK_PATH_BY_GUC
+	AtEOXact_GUC(true, call->guc_nest_level);
+#else
 	PopOverrideSearchPath();
+#endif
 	SetUserIdAndSecContext(call->save_userid, call->save_sec_context);
 }
 
@@ -865,12 +953,57 @@ slot_give(Datum sku, int64 qty, int32 nslots)
 }
 
 /*
+ * Raises CB005 unless biz may have its stock back: a biz id that names a
+ * built-in order (callback_center.orders) may only when the order failed,
+ * or closed without being paid (pay status pay_failed or closed), the
+ * states from which it never takes goods; a paid order keeps its stock,
+ * and one still waiting for money may yet be paid.  Those states are
+ * final, so once seen they hold; an order in another state may reach one
+ * later (the payment failure and timeout close paths restore right after
+ * moving it there).  Any other biz id is the application's, restored
+ * unconditionally.
+ *
+ * Called once a deduction of biz has been found and locked, by a later
+ * statement: under READ COMMITTED it sees the order row that the
+ * transaction which wrote the deduction wrote with it (place_order does
+ * both in one transaction), so a restore racing a place_order cannot miss
+ * the order and take its stock back.
+ */
+static void
+check_order_state(Datum biz)
+{
+	char	   *status;
+	char	   *pay_status;
+
+	if (stock_exec(PLAN_ORDER_STATE, &biz, SPI_OK_SELECT) == 0)
+		return;
+	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	pay_status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	if (status != NULL && pay_status != NULL &&
+		(strcmp(status, "failed") == 0 ||
+		 (strcmp(status, "closed") == 0 &&
+		  (strcmp(pay_status, "pay_failed") == 0 ||
+		   strcmp(pay_status, "closed") == 0))))
+		return;
+	ereport(ERROR,
+			(errcode(CC_ERRCODE_ORDER_HOLDS_STOCK),
+			 errmsg("cannot restore the stock of order \"%s\"",
+					TextDatumGetCString(biz)),
+			 errdetail("The order is %s, pay status %s: only an order that failed, or that closed unpaid, gives its stock back.",
+					   status ? status : "(null)",
+					   pay_status ? pay_status : "(null)"),
+			 errhint("An order's stock comes back when it closes on a payment failure or at its pay deadline; a paid order keeps it.")));
+}
+
+/*
  * Restores biz's deduction of sku if it was not restored yet; returns
  * false when there was nothing to restore.  A concurrent restore of the
- * same pair waits for the row lock and then finds it restored.
+ * same pair waits for the row lock and then finds it restored.  Unless
+ * *order_checked, checks first that biz may have stock back
+ * (check_order_state) and sets it.
  */
 static bool
-restore_one(Datum biz, Datum sku, StockOutcome *o)
+restore_one(Datum biz, Datum sku, StockOutcome *o, bool *order_checked)
 {
 	Datum		args[2];
 
@@ -879,6 +1012,11 @@ restore_one(Datum biz, Datum sku, StockOutcome *o)
 	if (stock_exec(PLAN_MARK_RESTORED, args, SPI_OK_UPDATE_RETURNING) == 0)
 		return false;
 	o->qty = spi_int8(1);
+	if (!*order_checked)
+	{
+		check_order_state(biz);
+		*order_checked = true;
+	}
 	o->status = "restored";
 	args[0] = sku;
 	args[1] = Int64GetDatum(o->qty);
@@ -1232,6 +1370,7 @@ cc_restore_stock(PG_FUNCTION_ARGS)
 	Datum	   *skus;
 	uint64		n;
 	StockCall	call;
+	bool		order_checked = false;
 
 	require_arg(fcinfo, 0, "biz_id");
 	biz = PointerGetDatum(PG_GETARG_TEXT_PP(0));
@@ -1252,7 +1391,7 @@ cc_restore_stock(PG_FUNCTION_ARGS)
 	{
 		StockOutcome o;
 
-		if (restore_one(biz, skus[i], &o))
+		if (restore_one(biz, skus[i], &o, &order_checked))
 			put_restored(fcinfo, skus[i], &o);
 	}
 	stock_leave(&call);
@@ -1270,6 +1409,7 @@ cc_restore_stock_sku(PG_FUNCTION_ARGS)
 	Datum		sku;
 	StockOutcome o;
 	StockCall	call;
+	bool		order_checked = false;
 
 	require_arg(fcinfo, 0, "biz_id");
 	require_arg(fcinfo, 1, "sku_id");
@@ -1278,7 +1418,7 @@ cc_restore_stock_sku(PG_FUNCTION_ARGS)
 	InitMaterializedSRF(fcinfo, 0);
 
 	stock_enter(fcinfo, &call);
-	if (restore_one(biz, sku, &o))
+	if (restore_one(biz, sku, &o, &order_checked))
 		put_restored(fcinfo, sku, &o);
 	stock_leave(&call);
 	return (Datum) 0;

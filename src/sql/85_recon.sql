@@ -384,9 +384,12 @@ BEGIN
             MESSAGE = format('"%s" is not a retention target', _purge_batch.rel);
     END IF;
     -- Walk the primary key upwards: old rows have low ids, and no batch
-    -- rescans what an earlier one passed.
+    -- rescans what an earlier one passed.  b is MATERIALIZED: evaluated
+    -- once whatever the plan, so that the rows counted, the rows deleted
+    -- and the batch's last id are the same LIMIT ... SKIP LOCKED pick (a
+    -- sub-select run again per row of a join would pick more rows).
     EXECUTE format(
-        'WITH b AS (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
+        'WITH b AS MATERIALIZED (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
         ' FOR UPDATE SKIP LOCKED),'
         ' d AS (DELETE FROM %s WHERE id IN (SELECT id FROM b) RETURNING id)'
         ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
