@@ -78,25 +78,31 @@ mode=$([ $SHORT = 1 ] && echo "short mode (--short: 3 s pgbench rounds, quick de
     done
 } >"$results/summary.md"
 
-# The chart: each workload's ratio (or figure, for latency and memory, as
-# a share of its target) beside its target.
-awk -F, 'NR > 1 && $5 != "" && $10 != "" {
-            t = $10; sub(/^<=/, "", t); gsub(/"/, "", $1)
-            printf "\"%s\" %s %s\n", $1, $5, t }' "$BENCH_CSV" >"$results/summary.dat"
+# The chart: for each workload with a target, its ratio as a share of the
+# target (1 = target met; lower-is-better targets inverted), one horizontal
+# bar each, labelled with the figures.
+awk -F, 'NR > 1 && $5 != "" && $10 ~ /^(<=)?[0-9.]+$/ {
+            t = $10; low = sub(/^<=/, "", t); w = $1; sub(/ vs .*/, "", w)
+            share = low ? t / $5 : $5 / t
+            printf "%d %.3f \"%s (%s, target %s)\"\n", n++, share, w, $5, $10 }' \
+    "$BENCH_CSV" >"$results/summary.dat"
 if [ -s "$results/summary.dat" ] && command -v gnuplot >/dev/null; then
+    rows=$(wc -l <"$results/summary.dat")
     gnuplot <<PLOT
-set terminal pngcairo size 1100,$((160 + 34 * $(wc -l <"$results/summary.dat"))) font "DejaVu Sans,10"
+set terminal pngcairo size 900,$((110 + 40 * rows)) font "DejaVu Sans,10" noenhanced
 set output "$results/summary.png"
-set title "callback_center: ratio to the same-run baseline (bars) and target (marks)\n$started, $(nproc) CPUs, PostgreSQL $CC_PG_VERSION"
-set style data histogram
+set title "callback_center: each ratio to its same-run baseline, as a share of its target\n$started, $(nproc) CPUs, PostgreSQL $CC_PG_VERSION, $mode"
 set style fill solid 0.8 border -1
-set yrange [0:*]
-set xtics rotate by -30 left
-set key top right
-set grid ytics
-set bmargin 12
-plot "$results/summary.dat" using 2:xtic(1) title "ratio" lc rgb "#3b7dd8", \
-     "" using 0:3 with points pt 7 ps 1.5 lc rgb "#d83b3b" title "target"
+set xrange [0:*]
+set yrange [-0.6:$rows - 0.4]
+set ytics () 
+set ytics nomirror
+set grid xtics
+set xlabel "share of target (1 = met)"
+set key off
+set lmargin 48
+set arrow from 1, graph 0 to 1, graph 1 nohead lc rgb "#d83b3b" lw 2
+plot "$results/summary.dat" using (\$2/2):1:(\$2/2):(0.35):ytic(3) with boxxyerror lc rgb "#3b7dd8"
 PLOT
 fi
 
