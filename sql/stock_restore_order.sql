@@ -35,12 +35,14 @@ CREATE VIEW pg_temp.ro_orders AS
 SELECT sku_id, available FROM callback_center.set_stock('ro-a', 20);
 SELECT sku_id, available FROM callback_center.set_stock('ro-h', 20);
 SELECT sku_id, slots FROM callback_center.set_hot_sku('ro-h', 4);
+-- the provider the orders pay through (a verdict applies to its payments only)
+SELECT callback_center.set_provider('ro-pay', 'standard_webhooks', NULL);
 
 --
 -- confirmed, waiting for money: refused (the order can still be paid)
 --
 SELECT order_id, status, pay_status FROM callback_center.place_order('ro-o1', 'u1',
-    '[{"sku": "ro-a", "qty": 2}, {"sku": "ro-h", "qty": 1}]', 100);
+    '[{"sku": "ro-a", "qty": 2}, {"sku": "ro-h", "qty": 1}]', 100, NULL, 'ro-pay');
 SELECT pg_temp.try($$SELECT callback_center.restore_stock('ro-o1')$$);
 SELECT pg_temp.try($$SELECT callback_center.restore_stock('ro-o1', 'ro-a')$$);
 SELECT pg_temp.try($$SELECT callback_center.restore_stock('ro-o1', 'ro-h')$$);
@@ -49,7 +51,7 @@ SELECT * FROM pg_temp.ro;   -- nothing given back
 --
 -- paid: refused (the order keeps its stock)
 --
-SELECT callback_center._apply_payment_result('ro-pay', 'ro-t1', 'ro-o1', 100, 'success', 'callback');
+SELECT callback_center._apply_payment_result('ro-pay', 'ro-t1', 'ro-o1', 100, NULL, 'success', 'callback');
 SELECT * FROM pg_temp.ro_orders;
 SELECT pg_temp.try($$SELECT callback_center.restore_stock('ro-o1')$$);
 SELECT pg_temp.try($$SELECT callback_center.restore_stock('ro-o1', 'ro-h')$$);
@@ -59,9 +61,9 @@ SELECT * FROM pg_temp.ro;
 -- payment failure: the state machine closes the order and restores
 --
 SELECT order_id, status, pay_status FROM callback_center.place_order('ro-o2', 'u1',
-    '[{"sku": "ro-a", "qty": 3}, {"sku": "ro-h", "qty": 2}]', 100);
+    '[{"sku": "ro-a", "qty": 3}, {"sku": "ro-h", "qty": 2}]', 100, NULL, 'ro-pay');
 SELECT * FROM pg_temp.ro;
-SELECT callback_center._apply_payment_result('ro-pay', 'ro-t2', 'ro-o2', 100, 'failure', 'callback');
+SELECT callback_center._apply_payment_result('ro-pay', 'ro-t2', 'ro-o2', 100, NULL, 'failure', 'callback');
 SELECT * FROM pg_temp.ro_orders;
 SELECT * FROM pg_temp.ro;
 -- and a compensation that comes again finds nothing left
