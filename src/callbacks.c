@@ -30,6 +30,7 @@
 #include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
+#include "utils/tuplestore.h"
 
 #include "callbacks.h"
 #include "errcodes.h"

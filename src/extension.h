@@ -23,6 +23,11 @@ typedef enum CcExtensionState
 } CcExtensionState;
 
 extern CcExtensionState cc_extension_state(void);
+/* PostgreSQL 18 spells noreturn first (pg_noreturn) and 19 drops the old macro. */
+#if PG_VERSION_NUM >= 180000
+pg_noreturn extern void cc_refuse_old_schema(const char *function);
+#else
 extern void cc_refuse_old_schema(const char *function) pg_attribute_noreturn();
+#endif
 
 #endif							/* CC_EXTENSION_H */

@@ -76,6 +76,13 @@ cc_equal_consttime(const uint8 *a, const uint8 *b, size_t len)
 	return diff == 0;
 }
 
+/* PostgreSQL 18 made the binary side of its base64 functions uint8. */
+#if PG_VERSION_NUM >= 180000
+typedef uint8 cc_b64_bin;
+#else
+typedef char cc_b64_bin;
+#endif
+
 /*
  * Standard base64 (RFC 4648, with padding) of src, NUL-terminated.
  */
@@ -86,7 +93,7 @@ cc_base64_encode(const uint8 *src, size_t len)
 	char	   *dst = palloc(enclen + 1);
 	int			n;
 
-	n = pg_b64_encode((const char *) src, (int) len, dst, enclen);
+	n = pg_b64_encode((const cc_b64_bin *) src, (int) len, dst, enclen);
 	if (n < 0)
 		elog(ERROR, "could not encode base64");
 	dst[n] = '\0';
@@ -124,7 +131,7 @@ cc_base64_decode(const char *src, size_t len, uint8 **dst, size_t *dstlen)
 
 	declen = pg_b64_dec_len((int) len);
 	buf = palloc(declen + 1);
-	n = pg_b64_decode(src, (int) len, buf, declen);
+	n = pg_b64_decode(src, (int) len, (cc_b64_bin *) buf, declen);
 	if (n < 0)
 	{
 		pfree(buf);

@@ -48,6 +48,7 @@
 #include "utils/memutils.h"
 #include "utils/numeric.h"
 #include "utils/syscache.h"
+#include "utils/tuplestore.h"
 
 #include "errcodes.h"
 
