@@ -486,5 +486,26 @@ is(callback('ali', '{}', $f), '200|success|true|pay_failed', 'alipay: TRADE_CLOS
 ($f) = ali_notify(out_trade_no => 'ali-7', total_amount => '12.41', trade_no => 'T7', trade_status => 'WAIT_BUYER_PAY');
 is(callback('ali', '{}', $f), '200|success|true|ignored', 'alipay: WAIT_BUYER_PAY is not final');
 
+# The same WeChat notification delivered twice at once pays once: the
+# second waits for the first on the callback record and gets its answer.
+($h, $b) = wx_notify(order => 'wx-7', total => 700);
+my $call_sql = "SELECT http_status || '|' || response_body || '|' || is_first || '|' || outcome"
+  . " FROM callback_center.payment_callback('wx', " . q_lit($h) . "::jsonb, " . q_lit($b) . ")";
+my $s1 = $node->background_psql('postgres');
+$s1->query_safe('BEGIN');
+is($s1->query_safe($call_sql), '200||true|paid', 'concurrent: the first delivery pays (not committed)');
+my $s2 = $node->background_psql('postgres');
+$s2->query_until(qr/started/, "\\echo started\n$call_sql;\n");
+ok($node->poll_query_until('postgres',
+		"SELECT count(*) = 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+		  . " AND query LIKE '%payment_callback%'"),
+	'concurrent: the second delivery waits');
+$s1->query_safe('COMMIT');
+$s1->quit;
+like($s2->query_safe("SELECT 'after'"), qr/^200\|\|false\|paid\nafter$/,
+	'concurrent: the second gets the first answer');
+$s2->quit;
+is(trace('wx-7'), 'records=1 outbox=4 payment=PAID/42000wx-7 order=paid', 'concurrent: paid once');
+
 $node->stop;
 done_testing();
