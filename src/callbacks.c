@@ -624,7 +624,8 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 									strlen(secret), &hdr);
 		}
 	}
-	else if (strcmp(scheme, "wechatpay_v3") == 0 || strcmp(scheme, "alipay") == 0)
+	else if (strcmp(scheme, "wechatpay_v3") == 0 ||
+			 strcmp(scheme, "wechatpay_v2") == 0 || strcmp(scheme, "alipay") == 0)
 		/* Payment channels: verified by payment_callback (45_channels.sql). */
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),

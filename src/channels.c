@@ -22,11 +22,13 @@
 #include "utils/timestamp.h"
 
 #include "crypto.h"
+#include "signature.h"
 
 PG_FUNCTION_INFO_V1(cc_key_info);
 PG_FUNCTION_INFO_V1(cc_rsa_sha256_check);
 PG_FUNCTION_INFO_V1(cc_aes256gcm_decrypt_sql);
 PG_FUNCTION_INFO_V1(cc_form_decode);
+PG_FUNCTION_INFO_V1(cc_hmac_sha256_sql);
 
 /*
  * Raises null_value_not_allowed when argument argno is NULL.
@@ -219,5 +221,31 @@ cc_form_decode(PG_FUNCTION_ARGS)
 			*o++ = p[i];
 	}
 	SET_VARSIZE(out, VARHDRSZ + (o - VARDATA(out)));
+	PG_RETURN_BYTEA_P(out);
+}
+
+/*
+ * callback_center._hmac_sha256(key bytea, data bytea): HMAC-SHA256 of data
+ * under key (WeChat Pay v2's HMAC-SHA256 sign), computed by signature.c.
+ */
+Datum
+cc_hmac_sha256_sql(PG_FUNCTION_ARGS)
+{
+	bytea	   *key;
+	bytea	   *data;
+	bytea	   *out;
+	const char *parts[1];
+	size_t		lens[1];
+
+	require_arg(fcinfo, 0, "key");
+	require_arg(fcinfo, 1, "data");
+	key = PG_GETARG_BYTEA_PP(0);
+	data = PG_GETARG_BYTEA_PP(1);
+	parts[0] = VARDATA_ANY(data);
+	lens[0] = VARSIZE_ANY_EXHDR(data);
+	out = (bytea *) palloc(VARHDRSZ + CC_SHA256_LEN);
+	SET_VARSIZE(out, VARHDRSZ + CC_SHA256_LEN);
+	cc_hmac_sha256((const uint8 *) VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key),
+				   parts, lens, 1, (uint8 *) VARDATA(out));
 	PG_RETURN_BYTEA_P(out);
 }

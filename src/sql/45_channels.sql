@@ -1,5 +1,5 @@
 
--- Payment channels, inbound: WeChat Pay v3 and Alipay notifications
+-- Payment channels, inbound: WeChat Pay v3 and v2 and Alipay notifications
 -- verified, decoded and answered in each provider's own format
 -- (doc/inbound.md, "Payment channels").  payment_callback (60_orders.sql)
 -- hands a channel provider's request to _channel_parse, which returns one
@@ -10,6 +10,8 @@
 --
 -- Where the material lives (nothing of it readable by the application):
 --   providers.secrets   wechatpay_v3: the merchant's 32-byte APIv3 key(s);
+--                       wechatpay_v2: the merchant's API key(s), "md5:"
+--                       before a key allowing the legacy MD5 sign;
 --                       alipay: the Alipay public key(s) (PEM or base64)
 --   provider_keys       wechatpay_v3: platform certificates and platform
 --                       public keys, by serial / public-key id
@@ -59,6 +61,11 @@ RETURNS bytea
 AS 'MODULE_PATHNAME', 'cc_form_decode'
 LANGUAGE C IMMUTABLE;
 
+CREATE FUNCTION callback_center._hmac_sha256(key bytea, data bytea)
+RETURNS bytea
+AS 'MODULE_PATHNAME', 'cc_hmac_sha256_sql'
+LANGUAGE C IMMUTABLE;
+
 -- Checks one entry of set_provider's secrets for a channel scheme: 22023
 -- with a detail that never quotes it.
 CREATE FUNCTION callback_center._channel_check_secret(p_scheme text, p_secret text)
@@ -74,6 +81,14 @@ BEGIN
                 DETAIL = format('The key is %s bytes; WeChat Pay APIv3 keys are 32.',
                                 octet_length(convert_to(p_secret, 'UTF8'))),
                 HINT = 'Give the APIv3 key set in the merchant platform; platform certificates go to callback_center.set_platform_keys().';
+        END IF;
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        IF octet_length(convert_to(regexp_replace(p_secret, '^md5:', ''), 'UTF8')) <> 32 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid API key',
+                DETAIL = format('The key is %s bytes; WeChat Pay API keys are 32.',
+                                octet_length(convert_to(regexp_replace(p_secret, '^md5:', ''), 'UTF8'))),
+                HINT = 'Give the API key set in the merchant platform, with md5: before it to accept the legacy MD5 sign.';
         END IF;
     ELSIF p_scheme = 'alipay' THEN
         -- raises 22023 for a malformed key, not RSA, under 2048 bits
@@ -195,6 +210,14 @@ BEGIN
             http_status := p_status;
             response_body := jsonb_build_object('code', 'FAIL', 'message', p_reason)::text;
         END IF;
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        -- WeChat Pay v2: return_code SUCCESS acknowledges; FAIL (or no
+        -- answer) makes it resend.
+        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
+        response_body := format('<xml><return_code><![CDATA[%s]]></return_code>'
+                                '<return_msg><![CDATA[%s]]></return_msg></xml>',
+                                CASE WHEN p_ok THEN 'SUCCESS' ELSE 'FAIL' END,
+                                CASE WHEN p_ok THEN 'OK' ELSE p_reason END);
     ELSIF p_scheme = 'alipay' THEN
         -- Alipay: the exact body "success" acknowledges; anything else
         -- makes it resend.
@@ -519,6 +542,108 @@ BEGIN
 END
 $$;
 
+-- WeChat Pay v2 payment result notifications (XML).  sign is over every
+-- parameter but sign with an empty value left out, sorted by name, joined
+-- as k=v&... and followed by &key=<API key>: HMAC-SHA256 under the API key
+-- (sign_type HMAC-SHA256, the default here), or MD5 for a key given as
+-- "md5:<key>" (the legacy default of WeChat Pay, allowed only so).  Upper
+-- case hex.  v2 signs no timestamp: there is no replay window to check,
+-- and a replay is a repeat of a recorded message (keyed by transaction_id).
+CREATE FUNCTION callback_center._wechatpay_v2_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    doc xml;
+    f jsonb;
+    n integer;
+    content text;
+    given text;
+    sign_type text;
+    s text;
+    key text;
+    calc text;
+    ok boolean := false;
+BEGIN
+    payload := p_body;
+    IF position('<!' IN regexp_replace(p_body, '<!\[CDATA\[', '', 'g')) > 0 THEN
+        -- No DTD, no comments: WeChat sends neither.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        doc := xmlparse(DOCUMENT p_body);
+        SELECT jsonb_object_agg(x.name, coalesce(x.value, '')), count(*)
+          INTO f, n
+          FROM XMLTABLE('/xml/*' PASSING doc
+                        COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF f IS NULL OR n <> (SELECT count(*) FROM jsonb_object_keys(f)) THEN
+        -- A parameter twice.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    given := f->>'sign';
+    IF nullif(given, '') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    sign_type := coalesce(nullif(f->>'sign_type', ''), 'HMAC-SHA256');
+    IF sign_type NOT IN ('HMAC-SHA256', 'MD5') THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(e.key || '=' || e.value, '&' ORDER BY e.key COLLATE "C")
+      INTO content
+      FROM jsonb_each_text(f) e WHERE e.key <> 'sign' AND e.value <> '';
+    FOREACH s IN ARRAY p_secrets LOOP
+        key := regexp_replace(s, '^md5:', '');
+        IF sign_type = 'HMAC-SHA256' THEN
+            calc := upper(encode(callback_center._hmac_sha256(convert_to(key, 'UTF8'),
+                convert_to(content || '&key=' || key, 'UTF8')), 'hex'));
+        ELSIF s LIKE 'md5:%' THEN
+            calc := upper(md5(convert_to(content || '&key=' || key, 'UTF8')));
+        ELSE
+            CONTINUE;
+        END IF;
+        -- Compared as digests: the time taken says nothing about the sign.
+        ok := ok OR sha256(convert_to(calc, 'UTF8')) = sha256(convert_to(upper(given), 'UTF8'));
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by WeChat Pay: from here on a problem is the body's.
+    IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := f->>'transaction_id';
+    txn_id := f->>'transaction_id';
+    order_id := f->>'out_trade_no';
+    event_type := coalesce(f->>'trade_type', 'payment');
+    -- result_code FAIL is one failed attempt: the order stays payable.
+    verdict := CASE f->>'result_code' WHEN 'SUCCESS' THEN 'success'
+                                      WHEN 'FAIL' THEN 'attempt_failed' END;
+    currency := coalesce(nullif(f->>'fee_type', ''), 'CNY');
+    IF nullif(msg_id, '') IS NULL OR nullif(order_id, '') IS NULL OR verdict IS NULL
+       OR coalesce(f->>'total_fee', '') !~ '^[0-9]{1,15}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    amount_cents := (f->>'total_fee')::bigint;
+END
+$$;
+
 -- _channel_parse: verifies and decodes a channel provider's notification
 -- and checks it against the payment it names, before anything is
 -- recorded.  One row: ok with the message and the provider's
@@ -562,6 +687,9 @@ BEGIN
 
     IF p_scheme = 'wechatpay_v3' THEN
         m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
                                                  p_headers, p_body);
     ELSIF p_scheme = 'alipay' THEN
         m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
@@ -613,6 +741,8 @@ REVOKE ALL ON FUNCTION
     callback_center._wechatpay_v3_parse(text, text[], interval, jsonb, text),
     callback_center._channel_ascii(bytea),
     callback_center._alipay_parse(text, text[], interval, jsonb, text),
+    callback_center._wechatpay_v2_parse(text, text[], interval, jsonb, text),
+    callback_center._hmac_sha256(bytea, bytea),
     callback_center._channel_parse(text, text, jsonb, text)
 FROM PUBLIC;
 

@@ -611,11 +611,11 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider, headers and body must not be null';
     END IF;
     SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
-    -- Payment channels (45_channels.sql: wechatpay_v3, alipay): verified,
+    -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay): verified,
     -- decoded and checked against the payment by _channel_parse; whatever
     -- the provider got wrong is answered in its own format, recording
     -- nothing.  Its acknowledgement replaces ack.
-    IF scheme IN ('wechatpay_v3', 'alipay') THEN
+    IF scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay') THEN
         SELECT * INTO ch FROM callback_center._channel_parse(scheme, p_provider,
                                                              payment_callback.headers,
                                                              payment_callback.body);
@@ -645,7 +645,7 @@ BEGIN
 
     SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, rec_payload);
     IF NOT rec.is_first THEN
-        IF scheme IN ('wechatpay_v3', 'alipay') AND (rec.payload_mismatch OR rec.status <> 2) THEN
+        IF scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay') AND (rec.payload_mismatch OR rec.status <> 2) THEN
             -- Payment channels: the other repeats in the provider's format.
             RETURN QUERY SELECT a.http_status, a.response_body, false, o.outcome
               FROM (SELECT CASE WHEN rec.payload_mismatch THEN 'payload_mismatch'

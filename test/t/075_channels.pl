@@ -1,4 +1,4 @@
-# Payment channels, inbound (issue 13): WeChat Pay v3 and Alipay
+# Payment channels, inbound (issue 13): WeChat Pay v3 and v2 and Alipay
 # notifications through payment_callback, with keys, certificates and
 # notifications made here with openssl and test/unit/gcm_seal, signed and
 # encrypted as each provider documents.  Valid messages are applied once;
@@ -7,6 +7,8 @@
 use strict;
 use warnings;
 use Encode qw(encode decode);
+use Digest::MD5;
+use Digest::SHA;
 use MIME::Base64 qw(encode_base64 decode_base64);
 use POSIX qw(strftime);
 use PostgreSQL::Test::Cluster;
@@ -485,6 +487,90 @@ is(callback('ali', '{}', $f), '200|success|true|already_applied', 'alipay: TRADE
 is(callback('ali', '{}', $f), '200|success|true|pay_failed', 'alipay: TRADE_CLOSED fails the payment');
 ($f) = ali_notify(out_trade_no => 'ali-7', total_amount => '12.41', trade_no => 'T7', trade_status => 'WAIT_BUYER_PAY');
 is(callback('ali', '{}', $f), '200|success|true|ignored', 'alipay: WAIT_BUYER_PAY is not final');
+
+# --- WeChat Pay v2 ---------------------------------------------------------
+
+my $v2key = '192006250b4c09247ec02edce69f6a2d';    # 32 bytes
+$node->safe_psql('postgres', qq{
+	SELECT callback_center.set_provider('wx2', 'wechatpay_v2', ARRAY['$v2key']);
+	SELECT callback_center.set_provider('wx2md5', 'wechatpay_v2', ARRAY['md5:$v2key']);
+	SELECT count(*) FROM generate_series(1, 6) i,
+	  callback_center.place_order('v2-' || i, 'u', '[{"sku": "ch-sku", "qty": 1}]', i, NULL, 'wx2');
+	SELECT callback_center.place_order('v2md5-1', 'u', '[{"sku": "ch-sku", "qty": 1}]', 1, NULL, 'wx2md5');
+});
+my $v2n = 0;
+# A v2 payment result notification, signed as WeChat Pay does.
+sub v2_notify
+{
+	my (%o) = @_;
+	my %p = (
+		appid => 'wx2421b1c4370ec43b', attach => '支付测试', bank_type => 'CFT',
+		fee_type => 'CNY', is_subscribe => 'Y', mch_id => '10000100',
+		nonce_str => '5d2b6c2a8db53831f7eda20af46e531c', openid => 'oUpF8uMEb4qRXf22hE3X68TekukE',
+		out_trade_no => 'v2-1', result_code => 'SUCCESS', return_code => 'SUCCESS',
+		time_end => '20140903131540', total_fee => '1', trade_type => 'JSAPI',
+		transaction_id => '10044007402014090300050921' . $v2n++, device_info => '',
+		sign_type => 'HMAC-SHA256');
+	for my $k (keys %o)
+	{
+		next if $k =~ /^(key|md5|tamper|prefix)$/;
+		if (defined $o{$k}) { $p{$k} = $o{$k} } else { delete $p{$k} }
+	}
+	my $content = join('&', map { "$_=$p{$_}" } grep { $p{$_} ne '' } sort keys %p)
+	  . '&key=' . ($o{key} // $v2key);
+	$p{sign} = $o{md5} ? uc(Digest::MD5::md5_hex($content))
+	  : uc(Digest::SHA::hmac_sha256_hex($content, $o{key} // $v2key));
+	my $xml = ($o{prefix} // '') . '<xml>'
+	  . join('', map { $_ eq 'total_fee' ? "<$_>$p{$_}</$_>" : "<$_><![CDATA[$p{$_}]]></$_>" } reverse sort keys %p)
+	  . '</xml>';
+	$xml = $o{tamper}->($xml) if $o{tamper};
+	return ($xml, $p{transaction_id});
+}
+my $v2fail = sub { my ($status, $outcome, $msg) = @_;
+	return "$status|<xml><return_code><![CDATA[FAIL]]></return_code><return_msg><![CDATA[$msg]]></return_msg></xml>|false|$outcome"; };
+my $v2ok = '<xml><return_code><![CDATA[SUCCESS]]></return_code><return_msg><![CDATA[OK]]></return_msg></xml>';
+
+my ($x, $xid) = v2_notify(out_trade_no => 'v2-1', total_fee => '1');
+is(callback('wx2', '{}', $x), "200|$v2ok|true|paid", 'wechatpay_v2: a valid HMAC-SHA256 notification pays');
+is(callback('wx2', '{}', $x), "200|$v2ok|false|paid", 'wechatpay_v2: a repeat gets the first answer');
+is(trace('v2-1'), "records=1 outbox=4 payment=PAID/$xid order=paid", 'wechatpay_v2: paid once');
+($x) = v2_notify(out_trade_no => 'v2-2', total_fee => '2', sign_type => undef);
+is(callback('wx2', '{}', $x), "200|$v2ok|true|paid", 'wechatpay_v2: no sign_type means HMAC-SHA256');
+my @v2_refusals = (
+	[ 'changed value', [ tamper => sub { my $v = shift; $v =~ s/CFT/CMB/; $v } ],
+	  $v2fail->(401, 'invalid_signature', 'invalid signature') ],
+	[ 'wrong key', [ key => 'ffffff250b4c09247ec02edce69f6a2d' ],
+	  $v2fail->(401, 'invalid_signature', 'invalid signature') ],
+	[ 'MD5 sign for a key not allowing it', [ md5 => 1, sign_type => 'MD5' ],
+	  $v2fail->(401, 'invalid_signature', 'invalid signature') ],
+	[ 'a DTD', [ prefix => '<!DOCTYPE xml [<!ENTITY e SYSTEM "file:///etc/passwd">]>' ],
+	  $v2fail->(400, 'malformed_body', 'malformed body') ],
+	[ 'not XML', [ tamper => sub { 'total_fee=3' } ],
+	  $v2fail->(400, 'malformed_body', 'malformed body') ],
+	[ 'a parameter twice', [ tamper => sub { my $v = shift; $v =~ s{</xml>}{<total_fee>3</total_fee></xml>}; $v } ],
+	  $v2fail->(400, 'malformed_body', 'malformed body') ],
+	[ 'amount mismatch', [ total_fee => '4' ],
+	  $v2fail->(400, 'amount_mismatch', 'amount mismatch') ],
+	[ 'currency mismatch', [ fee_type => 'USD' ],
+	  $v2fail->(400, 'currency_mismatch', 'currency mismatch') ],);
+for my $r (@v2_refusals)
+{
+	my ($name, $opts, $want) = @$r;
+	my ($rx, $rid) = v2_notify(out_trade_no => 'v2-3', total_fee => '3', @$opts);
+	is(callback('wx2', '{}', $rx), $want, "wechatpay_v2 refuses: $name");
+	is($node->safe_psql('postgres',
+			"SELECT count(*) FROM callback_center.callback_record WHERE biz_id = '$rid'"),
+		'0', "wechatpay_v2 $name: nothing recorded");
+}
+is(trace('v2-3'), 'records=0 outbox=1 payment=CREATED/- order=unpaid', 'wechatpay_v2: refusals moved nothing');
+($x) = v2_notify(out_trade_no => 'v2-3', total_fee => '3');
+is(callback('wx2', '{}', $x), "200|$v2ok|true|paid", 'wechatpay_v2: after the refusals the valid one pays');
+($x) = v2_notify(out_trade_no => 'v2-4', total_fee => '4', result_code => 'FAIL');
+is(callback('wx2', '{}', $x), "200|$v2ok|true|attempt_failed", 'wechatpay_v2: result_code FAIL is one failed attempt');
+($x) = v2_notify(out_trade_no => 'v2md5-1', total_fee => '1', md5 => 1, sign_type => 'MD5');
+is(callback('wx2md5', '{}', $x), "200|$v2ok|true|paid", 'wechatpay_v2: legacy MD5 for an md5: key');
+like(sql_error("SELECT callback_center.set_provider('wx2x', 'wechatpay_v2', ARRAY['md5:short'])"),
+	qr/22023.*invalid API key.*5 bytes/s, 'wechatpay_v2: API key of the wrong length refused');
 
 # The same WeChat notification delivered twice at once pays once: the
 # second waits for the first on the callback record and gets its answer.
