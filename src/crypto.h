@@ -46,6 +46,7 @@ typedef enum CcVerifyResult
 	CC_VERIFY_BAD_KEY			/* the key is unusable (see why) */
 } CcVerifyResult;
 
+/* pem is NUL-terminated at len. */
 extern bool cc_key_inspect(const char *pem, size_t len, bool check_validity,
 						   CcKeyInfo *info, const char **why);
 extern CcVerifyResult cc_rsa_sha256_verify(const char *pem, size_t pemlen,
