@@ -17,7 +17,7 @@ MODULE_big = callback_center
 OBJS = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
 DATA = $(EXTENSION)--0.1.0.sql $(wildcard $(EXTENSION)--*--*.sql)
-SHLIB_LINK += -lcurl
+SHLIB_LINK += -lcurl -lcrypto
 # The library's version string is the control file's default_version.
 PG_CPPFLAGS += -I$(srcdir)/src -DCC_VERSION='"$(EXTVERSION)"'
 # Extra defines for a test build, e.g. the PostgreSQL 17 code path on 15:
@@ -95,3 +95,8 @@ test/unit/policy_test: test/unit/policy_test.c src/policy.c src/policy.h
 # C unit tests of the destination allowlist (run by test/t/063_allowlist_unit.pl).
 test/unit/allowlist_test: test/unit/allowlist_test.c src/allowlist.c src/allowlist.h
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/allowlist_test.c src/allowlist.c
+
+# AES-256-GCM encryption of WeChat Pay v3 test notifications (run by
+# test/t/075_channels.pl; openssl enc cannot do GCM).
+test/unit/gcm_seal: test/unit/gcm_seal.c
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/gcm_seal.c -lcrypto

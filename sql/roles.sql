@@ -33,6 +33,14 @@ SELECT pg_temp.try($$INSERT INTO callback_center.retry_schedules (name, delays, 
                      VALUES ('roles_fake', '{2s}', true)$$) AS admin_cannot_fake_builtin;
 SELECT pg_temp.try($$INSERT INTO callback_center.endpoints (name, url, event_types)
                      VALUES ('roles_raw', 'https://x', '{a}')$$) AS admin_no_raw_insert;
+-- Payment channel keys: the admin loads them (set_provider,
+-- set_platform_keys) but reads them back from nowhere.
+SELECT pg_temp.try($$SELECT callback_center.set_provider('roles_wx', 'wechatpay_v3',
+       ARRAY['roles0apiv3key0of032bytes0000000'])$$) AS admin_sets_channel;
+SELECT pg_temp.try($$SELECT callback_center.set_platform_keys('roles_wx', '{"01": "x"}')$$)
+       AS admin_runs_set_platform_keys;
+SELECT pg_temp.try($$SELECT * FROM callback_center.provider_keys$$) AS admin_reads_provider_keys;
+SELECT pg_temp.try($$SELECT * FROM callback_center.providers$$) AS admin_reads_providers;
 RESET ROLE;
 
 -- The application.
@@ -52,6 +60,11 @@ SELECT s, pg_temp.try(s) FROM (VALUES
   ($$SELECT callback_center.drop_endpoint('roles_ep')$$),
   ($$SELECT callback_center._outbox_note_enqueue()$$),
   ($$SELECT callback_center._check_secret(NULL)$$),
+  ($$SELECT * FROM callback_center.providers$$),
+  ($$SELECT * FROM callback_center.provider_keys$$),
+  ($$SELECT callback_center.set_platform_keys('roles_wx', '{}')$$),
+  ($$SELECT * FROM callback_center._channel_parse('alipay', 'roles_ali', '{}', 'a=b')$$),
+  ($$SELECT callback_center._rsa_sha256_check('k', 'd', 's')$$),
   ($$INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
      VALUES (1, 'forged', 'x', '{}')$$),
   ($$UPDATE callback_center.outbox SET status = 'delivered'$$),
@@ -141,6 +154,7 @@ SELECT c.oid::regclass AS not_in_extconfig
 
 -- Clean up.
 SELECT callback_center.drop_endpoint('roles_ep') AS removed_rows;
+SELECT callback_center.drop_provider('roles_wx');
 DELETE FROM callback_center.retry_schedules WHERE name = 'roles_sched';
 DROP ROLE roles_test_app;
 DROP ROLE roles_test_admin;

@@ -650,6 +650,13 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 									strlen(secret), &hdr);
 		}
 	}
+	else if (strcmp(scheme, "wechatpay_v3") == 0 ||
+			 strcmp(scheme, "wechatpay_v2") == 0 || strcmp(scheme, "alipay") == 0)
+		/* Payment channels: verified by payment_callback (45_channels.sql). */
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("verify_signature does not verify scheme %s", scheme),
+				 errhint("Pass the notification to callback_center.payment_callback(), which verifies, decodes and answers it.")));
 	else
 		elog(ERROR, "unknown signature scheme \"%s\"", scheme);
 

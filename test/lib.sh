@@ -13,7 +13,7 @@ CC_PG_USER=postgres
 
 # Debian packages the build, the tests, the demo and the benchmarks need.
 CC_PACKAGES="postgresql-$CC_PG_VERSION postgresql-server-dev-$CC_PG_VERSION
-postgresql-$CC_PG_VERSION-cron postgresql-contrib libcurl4-openssl-dev
+postgresql-$CC_PG_VERSION-cron postgresql-contrib libcurl4-openssl-dev libssl-dev
 libipc-run-perl make gcc ca-certificates python3 curl procps nginx-light wrk"
 
 cc_say() { printf '==> %s\n' "$*"; }

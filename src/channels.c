@@ -1,0 +1,251 @@
+/*-------------------------------------------------------------------------
+ *
+ * channels.c
+ *		The SQL face of the payment channels' cryptography: key inspection,
+ *		RSA SHA256 verification, AES-256-GCM decryption and form decoding,
+ *		for the schemes of src/sql/45_channels.sql (wechatpay_v3, alipay).
+ *
+ * Thin wrappers over crypto.c.  They never put key material, plaintext or
+ * a signature in an error: a bad key is 22023 with crypto.c's reason as the
+ * detail.  Checks that a provider may fail (a signature that does not
+ * match, a tag that does not authenticate) return a value, not an error,
+ * so that the channel answers the provider in its own format.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "crypto.h"
+#include "signature.h"
+
+PG_FUNCTION_INFO_V1(cc_key_info);
+PG_FUNCTION_INFO_V1(cc_rsa_sha256_check);
+PG_FUNCTION_INFO_V1(cc_aes256gcm_decrypt_sql);
+PG_FUNCTION_INFO_V1(cc_form_decode);
+PG_FUNCTION_INFO_V1(cc_hmac_sha256_sql);
+
+/*
+ * Raises null_value_not_allowed when argument argno is NULL.
+ */
+static void
+require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
+
+/*
+ * callback_center._key_info(pem text): one row (kind, bits, serial,
+ * not_before, not_after) describing an RSA public key or certificate that
+ * may be used now; 22023 with the reason otherwise (malformed PEM, a
+ * private key, not RSA, fewer than 2048 bits, a certificate expired or not
+ * yet valid).
+ */
+Datum
+cc_key_info(PG_FUNCTION_ARGS)
+{
+	char	   *pem;
+	CcKeyInfo	info;
+	const char *why;
+	TupleDesc	desc;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+
+	require_arg(fcinfo, 0, "key");
+	pem = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	if (!cc_key_inspect(pem, strlen(pem), true, &info, &why))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid provider key"),
+				 errdetail_internal("%s", why),
+				 errhint("Give the RSA public key (PEM or base64) or the certificate the provider publishes, of 2048 bits or more.")));
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	values[0] = CStringGetTextDatum(info.kind == CC_KEY_CERTIFICATE ?
+									"certificate" : "public_key");
+	values[1] = Int32GetDatum(info.bits);
+	if (info.kind == CC_KEY_CERTIFICATE)
+	{
+		values[2] = CStringGetTextDatum(info.serial);
+		values[3] = TimestampTzGetDatum(time_t_to_timestamptz(info.not_before));
+		values[4] = TimestampTzGetDatum(time_t_to_timestamptz(info.not_after));
+	}
+	else
+		nulls[2] = nulls[3] = nulls[4] = true;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+}
+
+/*
+ * callback_center._rsa_sha256_check(pem text, data bytea, sig bytea): NULL
+ * when sig is a SHA256withRSA (PKCS#1 v1.5) signature of data by the key or
+ * certificate pem, else why not ("signature does not match", or why the key
+ * cannot be used now, e.g. an expired certificate).
+ */
+Datum
+cc_rsa_sha256_check(PG_FUNCTION_ARGS)
+{
+	char	   *pem;
+	bytea	   *data;
+	bytea	   *sig;
+	const char *why = NULL;
+	CcVerifyResult r;
+
+	require_arg(fcinfo, 0, "key");
+	require_arg(fcinfo, 1, "data");
+	require_arg(fcinfo, 2, "signature");
+	pem = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	data = PG_GETARG_BYTEA_PP(1);
+	sig = PG_GETARG_BYTEA_PP(2);
+	r = cc_rsa_sha256_verify(pem, strlen(pem),
+							 (unsigned char *) VARDATA_ANY(data),
+							 VARSIZE_ANY_EXHDR(data),
+							 (unsigned char *) VARDATA_ANY(sig),
+							 VARSIZE_ANY_EXHDR(sig), &why);
+	if (r == CC_VERIFY_OK)
+		PG_RETURN_NULL();
+	if (r == CC_VERIFY_BAD_SIGNATURE)
+		PG_RETURN_TEXT_P(cstring_to_text("signature does not match"));
+	PG_RETURN_TEXT_P(cstring_to_text(why));
+}
+
+/*
+ * callback_center._aes256gcm_decrypt(key bytea, nonce bytea, aad bytea,
+ * ct bytea): the plaintext of ct (ciphertext then 16-byte tag), or NULL
+ * when it does not authenticate.  22023 for a key that is not 32 bytes.
+ */
+Datum
+cc_aes256gcm_decrypt_sql(PG_FUNCTION_ARGS)
+{
+	bytea	   *key;
+	bytea	   *nonce;
+	bytea	   *aad;
+	bytea	   *ct;
+	bytea	   *out;
+	size_t		ctlen;
+	size_t		outlen;
+
+	require_arg(fcinfo, 0, "key");
+	require_arg(fcinfo, 1, "nonce");
+	require_arg(fcinfo, 2, "associated_data");
+	require_arg(fcinfo, 3, "ciphertext");
+	key = PG_GETARG_BYTEA_PP(0);
+	nonce = PG_GETARG_BYTEA_PP(1);
+	aad = PG_GETARG_BYTEA_PP(2);
+	ct = PG_GETARG_BYTEA_PP(3);
+	if (VARSIZE_ANY_EXHDR(key) != CC_AES256_KEY_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid AES-256 key"),
+				 errdetail("The key is %d bytes; AES-256 takes %d.",
+						   (int) VARSIZE_ANY_EXHDR(key), CC_AES256_KEY_LEN)));
+	ctlen = VARSIZE_ANY_EXHDR(ct);
+	if (ctlen < CC_GCM_TAG_LEN)
+		PG_RETURN_NULL();
+	out = (bytea *) palloc(VARHDRSZ + ctlen - CC_GCM_TAG_LEN + 1);
+	if (!cc_aes256gcm_decrypt((unsigned char *) VARDATA_ANY(key),
+							  (unsigned char *) VARDATA_ANY(nonce),
+							  VARSIZE_ANY_EXHDR(nonce),
+							  (unsigned char *) VARDATA_ANY(aad),
+							  VARSIZE_ANY_EXHDR(aad),
+							  (unsigned char *) VARDATA_ANY(ct), ctlen,
+							  (unsigned char *) VARDATA(out), &outlen))
+		PG_RETURN_NULL();
+	SET_VARSIZE(out, VARHDRSZ + outlen);
+	PG_RETURN_BYTEA_P(out);
+}
+
+/*
+ * Value of hex digit c, or -1.
+ */
+static int
+hexval(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+/*
+ * callback_center._form_decode(s text): the bytes of one
+ * application/x-www-form-urlencoded name or value, "+" read as a space and
+ * %XX as that byte, in whatever charset the sender used; NULL when a "%" is
+ * not followed by two hex digits.
+ */
+Datum
+cc_form_decode(PG_FUNCTION_ARGS)
+{
+	text	   *s;
+	const char *p;
+	size_t		len;
+	bytea	   *out;
+	char	   *o;
+	size_t		i;
+
+	require_arg(fcinfo, 0, "text");
+	s = PG_GETARG_TEXT_PP(0);
+	p = VARDATA_ANY(s);
+	len = VARSIZE_ANY_EXHDR(s);
+	out = (bytea *) palloc(VARHDRSZ + len);
+	o = VARDATA(out);
+	for (i = 0; i < len; i++)
+	{
+		if (p[i] == '+')
+			*o++ = ' ';
+		else if (p[i] == '%')
+		{
+			int			hi,
+						lo;
+
+			if (i + 2 >= len)
+				PG_RETURN_NULL();
+			hi = hexval(p[i + 1]);
+			lo = hexval(p[i + 2]);
+			if (hi < 0 || lo < 0)
+				PG_RETURN_NULL();
+			*o++ = (char) (hi << 4 | lo);
+			i += 2;
+		}
+		else
+			*o++ = p[i];
+	}
+	SET_VARSIZE(out, VARHDRSZ + (o - VARDATA(out)));
+	PG_RETURN_BYTEA_P(out);
+}
+
+/*
+ * callback_center._hmac_sha256(key bytea, data bytea): HMAC-SHA256 of data
+ * under key (WeChat Pay v2's HMAC-SHA256 sign), computed by signature.c.
+ */
+Datum
+cc_hmac_sha256_sql(PG_FUNCTION_ARGS)
+{
+	bytea	   *key;
+	bytea	   *data;
+	bytea	   *out;
+	const char *parts[1];
+	size_t		lens[1];
+
+	require_arg(fcinfo, 0, "key");
+	require_arg(fcinfo, 1, "data");
+	key = PG_GETARG_BYTEA_PP(0);
+	data = PG_GETARG_BYTEA_PP(1);
+	parts[0] = VARDATA_ANY(data);
+	lens[0] = VARSIZE_ANY_EXHDR(data);
+	out = (bytea *) palloc(VARHDRSZ + CC_SHA256_LEN);
+	SET_VARSIZE(out, VARHDRSZ + CC_SHA256_LEN);
+	cc_hmac_sha256((const uint8 *) VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key),
+				   parts, lens, 1, (uint8 *) VARDATA(out));
+	PG_RETURN_BYTEA_P(out);
+}

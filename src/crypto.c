@@ -1,0 +1,326 @@
+/*-------------------------------------------------------------------------
+ *
+ * crypto.c
+ *		RSA SHA256 signature verification (PKCS#1 v1.5), AES-256-GCM
+ *		decryption and PEM key inspection through OpenSSL's EVP and X509
+ *		interfaces.
+ *
+ * The leaf the payment channels stand on (WeChat Pay v3 signs with RSA and
+ * encrypts with AES-256-GCM; Alipay signs with RSA).  No SQL, no SPI, no
+ * fmgr, and no ereport: every function returns normally after freeing what
+ * OpenSSL allocated and clearing OpenSSL's error queue (which the server's
+ * own TLS code shares), and explains a failure with a static string that
+ * never quotes the input.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <ctype.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include "crypto.h"
+
+#define PEM_BEGIN	"-----BEGIN "
+
+/*
+ * Seconds since the epoch of an ASN1_TIME, or 0 when it cannot be read.
+ */
+static time_t
+asn1_time_to_time_t(const ASN1_TIME *t)
+{
+	struct tm	tm;
+
+	memset(&tm, 0, sizeof(tm));
+	if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1)
+		return 0;
+	return timegm(&tm);
+}
+
+/*
+ * A PEM "PUBLIC KEY" wrapping of the bare base64 text src (Alipay hands its
+ * public key out this way), with whitespace dropped and lines of 64
+ * characters; NULL when src holds anything but base64 and whitespace.
+ * Free with OPENSSL_free.
+ */
+static char *
+wrap_bare_base64(const char *src, size_t len)
+{
+	static const char head[] = "-----BEGIN PUBLIC KEY-----\n";
+	static const char tail[] = "-----END PUBLIC KEY-----\n";
+	char	   *out;
+	size_t		o = 0;
+	size_t		col = 0;
+	size_t		i;
+
+	out = OPENSSL_malloc(sizeof(head) + len + len / 64 + 2 + sizeof(tail));
+	if (out == NULL)
+		return NULL;
+	memcpy(out, head, sizeof(head) - 1);
+	o = sizeof(head) - 1;
+	for (i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) src[i];
+
+		if (isspace(c))
+			continue;
+		if (!isalnum(c) && c != '+' && c != '/' && c != '=')
+		{
+			OPENSSL_free(out);
+			return NULL;
+		}
+		out[o++] = c;
+		if (++col == 64)
+		{
+			out[o++] = '\n';
+			col = 0;
+		}
+	}
+	if (col != 0)
+		out[o++] = '\n';
+	memcpy(out + o, tail, sizeof(tail));	/* with its NUL */
+	return out;
+}
+
+/*
+ * Reads the RSA public key of pem (a "PUBLIC KEY" or "CERTIFICATE" PEM
+ * block, or bare base64 of a DER public key) and checks it: RSA, at least
+ * CC_RSA_MIN_BITS, and for a certificate, when check_validity, valid now.
+ * Returns the key (free with EVP_PKEY_free) and fills info, or NULL with
+ * *why set.
+ */
+static EVP_PKEY *
+load_public_key(const char *pem, size_t len, bool check_validity,
+				CcKeyInfo *info, const char **why)
+{
+	EVP_PKEY   *pkey = NULL;
+	X509	   *cert = NULL;
+	BIO		   *bio = NULL;
+	char	   *wrapped = NULL;
+	const char *begin;
+	size_t		skip = 0;
+
+	memset(info, 0, sizeof(*info));
+	*why = NULL;
+	while (skip < len && isspace((unsigned char) pem[skip]))
+		skip++;
+	pem += skip;
+	len -= skip;
+	if (len == 0)
+	{
+		*why = "The key is empty.";
+		return NULL;
+	}
+	if (len > 64 * 1024)
+	{
+		*why = "The key is longer than 64 kB.";
+		return NULL;
+	}
+
+	begin = (len >= strlen(PEM_BEGIN) &&
+			 strncmp(pem, PEM_BEGIN, strlen(PEM_BEGIN)) == 0) ? pem : NULL;
+	if (begin == NULL)
+	{
+		wrapped = wrap_bare_base64(pem, len);
+		if (wrapped == NULL)
+		{
+			*why = "The key is neither a PEM block nor base64 text.";
+			return NULL;
+		}
+		bio = BIO_new_mem_buf(wrapped, -1);
+	}
+	else
+		bio = BIO_new_mem_buf(pem, (int) len);
+	if (bio == NULL)
+	{
+		*why = "Out of memory reading the key.";
+		goto done;
+	}
+
+	if (begin != NULL && strncmp(begin, "-----BEGIN CERTIFICATE-----", 27) == 0)
+	{
+		info->kind = CC_KEY_CERTIFICATE;
+		cert = PEM_read_bio_X509(bio, NULL, NULL, NULL);
+		if (cert == NULL)
+		{
+			*why = "The PEM certificate is malformed.";
+			goto done;
+		}
+		info->not_before = asn1_time_to_time_t(X509_get0_notBefore(cert));
+		info->not_after = asn1_time_to_time_t(X509_get0_notAfter(cert));
+		{
+			const ASN1_INTEGER *sn = X509_get0_serialNumber(cert);
+			BIGNUM	   *bn = ASN1_INTEGER_to_BN(sn, NULL);
+			char	   *hex = bn ? BN_bn2hex(bn) : NULL;
+
+			if (hex != NULL && strlen(hex) < sizeof(info->serial))
+				strcpy(info->serial, hex);
+			OPENSSL_free(hex);
+			BN_free(bn);
+		}
+		if (check_validity &&
+			X509_cmp_current_time(X509_get0_notBefore(cert)) >= 0)
+		{
+			*why = "The certificate is not valid yet.";
+			goto done;
+		}
+		if (check_validity &&
+			X509_cmp_current_time(X509_get0_notAfter(cert)) <= 0)
+		{
+			*why = "The certificate has expired.";
+			goto done;
+		}
+		pkey = X509_get_pubkey(cert);
+		if (pkey == NULL)
+		{
+			*why = "The certificate's public key cannot be read.";
+			goto done;
+		}
+	}
+	else if (begin == NULL ||
+			 strncmp(begin, "-----BEGIN PUBLIC KEY-----", 26) == 0)
+	{
+		info->kind = CC_KEY_PUBLIC_KEY;
+		pkey = PEM_read_bio_PUBKEY(bio, NULL, NULL, NULL);
+		if (pkey == NULL)
+		{
+			*why = begin ? "The PEM public key is malformed." :
+				"The base64 text is not a DER public key.";
+			goto done;
+		}
+	}
+	else if (strstr(begin, "PRIVATE KEY-----") != NULL &&
+			 strstr(begin, "PRIVATE KEY-----") < begin + 64)
+	{
+		*why = "The PEM block is a private key: give the public key or certificate.";
+		goto done;
+	}
+	else
+	{
+		*why = "The PEM block is neither a PUBLIC KEY nor a CERTIFICATE.";
+		goto done;
+	}
+
+	if (EVP_PKEY_base_id(pkey) != EVP_PKEY_RSA)
+	{
+		*why = "The key is not an RSA key.";
+		EVP_PKEY_free(pkey);
+		pkey = NULL;
+		goto done;
+	}
+	info->bits = EVP_PKEY_get_bits(pkey);
+	if (info->bits < CC_RSA_MIN_BITS)
+	{
+		*why = "The RSA key is smaller than 2048 bits.";
+		EVP_PKEY_free(pkey);
+		pkey = NULL;
+		goto done;
+	}
+
+done:
+	X509_free(cert);
+	BIO_free(bio);
+	OPENSSL_free(wrapped);
+	ERR_clear_error();
+	return pkey;
+}
+
+/*
+ * True when pem holds a usable RSA public key (see load_public_key), with
+ * what it is in *info; false with *why set otherwise.
+ */
+bool
+cc_key_inspect(const char *pem, size_t len, bool check_validity,
+			   CcKeyInfo *info, const char **why)
+{
+	EVP_PKEY   *pkey = load_public_key(pem, len, check_validity, info, why);
+
+	if (pkey == NULL)
+		return false;
+	EVP_PKEY_free(pkey);
+	return true;
+}
+
+/*
+ * Whether sig is an RSASSA-PKCS1-v1_5 SHA-256 signature of data by the key
+ * of pem (a public key, or a certificate valid now).  CC_VERIFY_BAD_KEY,
+ * with *why, when the key cannot be used at all.
+ */
+CcVerifyResult
+cc_rsa_sha256_verify(const char *pem, size_t pemlen,
+					 const unsigned char *data, size_t datalen,
+					 const unsigned char *sig, size_t siglen,
+					 const char **why)
+{
+	CcKeyInfo	info;
+	EVP_PKEY   *pkey;
+	EVP_MD_CTX *ctx;
+	int			rc = 0;
+
+	pkey = load_public_key(pem, pemlen, true, &info, why);
+	if (pkey == NULL)
+		return CC_VERIFY_BAD_KEY;
+	ctx = EVP_MD_CTX_new();
+	if (ctx != NULL &&
+		EVP_DigestVerifyInit(ctx, NULL, EVP_sha256(), NULL, pkey) == 1)
+		rc = EVP_DigestVerify(ctx, sig, siglen, data, datalen);
+	EVP_MD_CTX_free(ctx);
+	EVP_PKEY_free(pkey);
+	ERR_clear_error();
+	return rc == 1 ? CC_VERIFY_OK : CC_VERIFY_BAD_SIGNATURE;
+}
+
+/*
+ * AEAD_AES_256_GCM decryption as WeChat Pay uses it: ct is the ciphertext
+ * followed by the 16-byte tag.  On success writes ctlen - 16 bytes to out
+ * (which must hold that many) and returns true; false when the tag does not
+ * authenticate ciphertext, nonce and aad under key, or ct is too short.
+ */
+bool
+cc_aes256gcm_decrypt(const unsigned char *key,
+					 const unsigned char *nonce, size_t noncelen,
+					 const unsigned char *aad, size_t aadlen,
+					 const unsigned char *ct, size_t ctlen,
+					 unsigned char *out, size_t *outlen)
+{
+	EVP_CIPHER_CTX *ctx;
+	size_t		bodylen;
+	int			len = 0;
+	int			fin = 0;
+	bool		ok = false;
+
+	*outlen = 0;
+	if (ctlen < CC_GCM_TAG_LEN || noncelen == 0 || noncelen > 128 ||
+		ctlen - CC_GCM_TAG_LEN > INT_MAX || aadlen > INT_MAX)
+		return false;
+	bodylen = ctlen - CC_GCM_TAG_LEN;
+	ctx = EVP_CIPHER_CTX_new();
+	if (ctx == NULL)
+		return false;
+	if (EVP_DecryptInit_ex(ctx, EVP_aes_256_gcm(), NULL, NULL, NULL) == 1 &&
+		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, (int) noncelen,
+							NULL) == 1 &&
+		EVP_DecryptInit_ex(ctx, NULL, NULL, key, nonce) == 1 &&
+		(aadlen == 0 ||
+		 EVP_DecryptUpdate(ctx, NULL, &len, aad, (int) aadlen) == 1) &&
+		EVP_DecryptUpdate(ctx, out, &len, ct, (int) bodylen) == 1 &&
+		EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, CC_GCM_TAG_LEN,
+							(void *) (ct + bodylen)) == 1 &&
+		EVP_DecryptFinal_ex(ctx, out + len, &fin) == 1)
+	{
+		*outlen = (size_t) len + fin;
+		ok = true;
+	}
+	EVP_CIPHER_CTX_free(ctx);
+	ERR_clear_error();
+	if (!ok)
+		memset(out, 0, bodylen);	/* never hand out unauthenticated text */
+	return ok;
+}

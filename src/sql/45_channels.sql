@@ -1,0 +1,750 @@
+
+-- Payment channels, inbound: WeChat Pay v3 and v2 and Alipay notifications
+-- verified, decoded and answered in each provider's own format
+-- (doc/inbound.md, "Payment channels").  payment_callback (60_orders.sql)
+-- hands a channel provider's request to _channel_parse, which returns one
+-- row: either the decoded message and the provider's acknowledgement, or
+-- the provider's failure answer.  Everything a provider can get wrong is a
+-- failure answer, never an error; errors are for misuse (NULL arguments,
+-- an unknown provider, no key loaded).
+--
+-- Where the material lives (nothing of it readable by the application):
+--   providers.secrets   wechatpay_v3: the merchant's 32-byte APIv3 key(s);
+--                       wechatpay_v2: the merchant's API key(s), "md5:"
+--                       before a key allowing the legacy MD5 sign;
+--                       alipay: the Alipay public key(s) (PEM or base64)
+--   provider_keys       wechatpay_v3: platform certificates and platform
+--                       public keys, by serial / public-key id
+
+-- Platform keys of wechatpay_v3 providers, selected by the
+-- Wechatpay-Serial header: a certificate's serial (certificate mode) or a
+-- public-key id PUB_KEY_ID_... (public-key mode).  Several at once during
+-- a rotation.
+CREATE TABLE callback_center.provider_keys (
+    provider   text NOT NULL REFERENCES callback_center.providers (name)
+               ON DELETE CASCADE ON UPDATE CASCADE,
+    key_id     text NOT NULL CHECK (key_id <> '' AND length(key_id) <= 128),
+    kind       text NOT NULL CHECK (kind IN ('certificate', 'public_key')),
+    pem        text NOT NULL,
+    not_after  timestamptz CHECK ((kind = 'certificate') = (not_after IS NOT NULL)),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (provider, key_id)
+);
+
+COMMENT ON TABLE callback_center.provider_keys IS
+    'WeChat Pay v3 platform certificates and public keys by serial or public-key id';
+
+SELECT pg_catalog.pg_extension_config_dump('callback_center.provider_keys', '');
+REVOKE ALL ON callback_center.provider_keys FROM PUBLIC;
+
+-- The cryptography of src/crypto.c (see src/channels.c).
+CREATE FUNCTION callback_center._key_info(key text,
+    OUT kind text, OUT bits integer, OUT serial text,
+    OUT not_before timestamptz, OUT not_after timestamptz)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cc_key_info'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION callback_center._rsa_sha256_check(key text, data bytea, signature bytea)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_rsa_sha256_check'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION callback_center._aes256gcm_decrypt(
+    key bytea, nonce bytea, associated_data bytea, ciphertext bytea)
+RETURNS bytea
+AS 'MODULE_PATHNAME', 'cc_aes256gcm_decrypt_sql'
+LANGUAGE C IMMUTABLE;
+
+CREATE FUNCTION callback_center._form_decode(s text)
+RETURNS bytea
+AS 'MODULE_PATHNAME', 'cc_form_decode'
+LANGUAGE C IMMUTABLE;
+
+CREATE FUNCTION callback_center._hmac_sha256(key bytea, data bytea)
+RETURNS bytea
+AS 'MODULE_PATHNAME', 'cc_hmac_sha256_sql'
+LANGUAGE C IMMUTABLE;
+
+-- Checks one entry of set_provider's secrets for a channel scheme: 22023
+-- with a detail that never quotes it.
+CREATE FUNCTION callback_center._channel_check_secret(p_scheme text, p_secret text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF p_scheme = 'wechatpay_v3' THEN
+        IF octet_length(convert_to(p_secret, 'UTF8')) <> 32 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid APIv3 key',
+                DETAIL = format('The key is %s bytes; WeChat Pay APIv3 keys are 32.',
+                                octet_length(convert_to(p_secret, 'UTF8'))),
+                HINT = 'Give the APIv3 key set in the merchant platform; platform certificates go to callback_center.set_platform_keys().';
+        END IF;
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        IF octet_length(convert_to(regexp_replace(p_secret, '^md5:', ''), 'UTF8')) <> 32 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid API key',
+                DETAIL = format('The key is %s bytes; WeChat Pay API keys are 32.',
+                                octet_length(convert_to(regexp_replace(p_secret, '^md5:', ''), 'UTF8'))),
+                HINT = 'Give the API key set in the merchant platform, with md5: before it to accept the legacy MD5 sign.';
+        END IF;
+    ELSIF p_scheme = 'alipay' THEN
+        -- raises 22023 for a malformed key, not RSA, under 2048 bits
+        PERFORM callback_center._key_info(p_secret);
+    END IF;
+END
+$$;
+
+-- set_platform_keys: replaces the platform keys of a wechatpay_v3
+-- provider with keys, a JSON object of serial (or public-key id) to PEM
+-- certificate or public key.  Pass the old and the new key together while
+-- WeChat Pay rotates.  Each key is checked (RSA, 2048 bits or more, a
+-- certificate valid now whose serial is its name); returns how many are
+-- loaded.
+CREATE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    why text;
+    n integer := 0;
+BEGIN
+    IF p_provider IS NULL OR p_keys IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'provider and keys must not be null';
+    END IF;
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = p_provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]).';
+    END IF;
+    IF v_scheme <> 'wechatpay_v3' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3', p_provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
+    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial (admin)';
+
+-- A header's value, ASCII case-insensitive; NULL when absent or not a
+-- string, and '' marks it present twice (the caller refuses both).
+CREATE FUNCTION callback_center._channel_header(p_headers jsonb, p_name text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v text[];
+BEGIN
+    IF jsonb_typeof(p_headers) <> 'object' THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(CASE WHEN jsonb_typeof(h.value) = 'string' THEN h.value #>> '{}' END)
+      INTO v
+      FROM jsonb_each(p_headers) h WHERE lower(h.key) = lower(p_name);
+    IF cardinality(v) > 1 THEN
+        RETURN '';
+    END IF;
+    RETURN v[1];
+END
+$$;
+
+-- The answer a channel's provider expects: success, or failure with a
+-- short reason (never key material or the request).
+CREATE FUNCTION callback_center._channel_answer(
+    p_scheme text, p_ok boolean, p_status integer, p_reason text,
+    OUT http_status integer, OUT response_body text)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF p_scheme = 'wechatpay_v3' THEN
+        -- WeChat Pay: 200 or 204 with no body acknowledges; any 4xx/5xx
+        -- with {"code":"FAIL","message":...} makes it resend.
+        IF p_ok THEN
+            http_status := 200;
+            response_body := '';
+        ELSE
+            http_status := p_status;
+            response_body := jsonb_build_object('code', 'FAIL', 'message', p_reason)::text;
+        END IF;
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        -- WeChat Pay v2: return_code SUCCESS acknowledges; FAIL (or no
+        -- answer) makes it resend.
+        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
+        response_body := format('<xml><return_code><![CDATA[%s]]></return_code>'
+                                '<return_msg><![CDATA[%s]]></return_msg></xml>',
+                                CASE WHEN p_ok THEN 'SUCCESS' ELSE 'FAIL' END,
+                                CASE WHEN p_ok THEN 'OK' ELSE p_reason END);
+    ELSIF p_scheme = 'alipay' THEN
+        -- Alipay: the exact body "success" acknowledges; anything else
+        -- makes it resend.
+        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
+        response_body := CASE WHEN p_ok THEN 'success' ELSE 'fail' END;
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+END
+$$;
+
+-- The timestamp tolerance of a provider: its own, else the GUC
+-- callback_center.signature_tolerance.
+CREATE FUNCTION callback_center._channel_tolerance(p_tolerance interval)
+RETURNS interval
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    RETURN coalesce(p_tolerance,
+                    current_setting('callback_center.signature_tolerance', true)::interval,
+                    interval '300 seconds');
+END
+$$;
+
+-- WeChat Pay v3 (APIv3 payment notifications).  The signed string is
+-- Wechatpay-Timestamp, Wechatpay-Nonce and the body, each followed by \n,
+-- signed SHA256withRSA by the platform key Wechatpay-Serial names; the
+-- resource is AEAD_AES_256_GCM under the APIv3 key.  failure is NULL when
+-- the message is good; else the outcome, with fail_status the HTTP status
+-- to answer.
+CREATE FUNCTION callback_center._wechatpay_v3_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ts text := callback_center._channel_header(p_headers, 'Wechatpay-Timestamp');
+    nonce text := callback_center._channel_header(p_headers, 'Wechatpay-Nonce');
+    sig_b64 text := callback_center._channel_header(p_headers, 'Wechatpay-Signature');
+    serial text := callback_center._channel_header(p_headers, 'Wechatpay-Serial');
+    sig_type text := callback_center._channel_header(p_headers, 'Wechatpay-Signature-Type');
+    sig bytea;
+    key_pem text;
+    why text;
+    ev jsonb;
+    res jsonb;
+    plain bytea;
+    tx jsonb;
+    s text;
+    total text;
+BEGIN
+    payload := p_body;
+    IF nullif(ts, '') IS NULL OR nullif(nonce, '') IS NULL
+       OR nullif(sig_b64, '') IS NULL OR nullif(serial, '') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF sig_type IS NOT NULL AND sig_type <> 'WECHATPAY2-SHA256-RSA2048' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF ts !~ '^[0-9]{1,12}$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF abs(extract(epoch FROM now()) - ts::bigint)
+       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(sig_b64, 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    IF NOT EXISTS (SELECT 1 FROM callback_center.provider_keys pk WHERE pk.provider = p_provider) THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no platform keys', p_provider),
+            HINT = 'An administrator loads them with callback_center.set_platform_keys().';
+    END IF;
+    SELECT pk.pem INTO key_pem FROM callback_center.provider_keys pk
+     WHERE pk.provider = p_provider AND pk.key_id = serial;
+    IF NOT FOUND THEN
+        failure := 'unknown_key'; fail_status := 401;
+        RETURN;
+    END IF;
+    why := callback_center._rsa_sha256_check(key_pem,
+        convert_to(ts || E'\n' || nonce || E'\n' || p_body || E'\n', 'UTF8'), sig);
+    IF why IS NOT NULL THEN
+        failure := CASE WHEN why LIKE '%expired%' OR why LIKE '%not valid yet%'
+                        THEN 'key_expired' ELSE 'invalid_signature' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by WeChat Pay: from here on a problem is the body's.
+    BEGIN
+        ev := p_body::jsonb;
+    EXCEPTION WHEN OTHERS THEN
+        ev := NULL;
+    END;
+    res := ev->'resource';
+    msg_id := ev->>'id';
+    event_type := ev->>'event_type';
+    IF jsonb_typeof(ev) IS DISTINCT FROM 'object' OR nullif(msg_id, '') IS NULL
+       OR jsonb_typeof(res) IS DISTINCT FROM 'object'
+       OR res->>'algorithm' IS DISTINCT FROM 'AEAD_AES_256_GCM'
+       OR res->>'ciphertext' IS NULL OR res->>'nonce' IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    FOREACH s IN ARRAY p_secrets LOOP
+        BEGIN
+            plain := callback_center._aes256gcm_decrypt(convert_to(s, 'UTF8'),
+                convert_to(res->>'nonce', 'UTF8'),
+                convert_to(coalesce(res->>'associated_data', ''), 'UTF8'),
+                decode(res->>'ciphertext', 'base64'));
+        EXCEPTION WHEN invalid_parameter_value THEN
+            plain := NULL;
+        END;
+        EXIT WHEN plain IS NOT NULL;
+    END LOOP;
+    IF plain IS NULL THEN
+        failure := 'decryption_failed'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        tx := convert_from(plain, 'UTF8')::jsonb;
+    EXCEPTION WHEN OTHERS THEN
+        tx := NULL;
+    END;
+    IF jsonb_typeof(tx) IS DISTINCT FROM 'object' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    -- Only transactions move payments; refunds and other resources are
+    -- acknowledged and recorded (verdict NULL).
+    IF coalesce(res->>'original_type', 'transaction') = 'transaction'
+       AND coalesce(event_type, '') LIKE 'TRANSACTION.%' THEN
+        order_id := tx->>'out_trade_no';
+        txn_id := tx->>'transaction_id';
+        verdict := CASE tx->>'trade_state'
+            WHEN 'SUCCESS' THEN 'success'
+            WHEN 'CLOSED' THEN 'failure'
+            WHEN 'REVOKED' THEN 'failure'
+            WHEN 'PAYERROR' THEN 'failure' END;
+        total := tx->'amount'->>'total';
+        currency := tx->'amount'->>'currency';
+        IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                    OR total IS NULL OR total !~ '^[0-9]{1,15}$'
+                                    OR nullif(currency, '') IS NULL) THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+END
+$$;
+
+-- bytes as text when they are printable ASCII, else NULL.
+CREATE FUNCTION callback_center._channel_ascii(p bytea)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT CASE WHEN pg_catalog.encode(p, 'hex') ~ '^([2-6][0-9a-f]|7[0-9a-e])*$'
+                THEN pg_catalog.convert_from(p, 'UTF8') END
+$$;
+
+-- Alipay asynchronous notifications (RSA2).  The body is the form as
+-- posted; names and values are %-decoded to the bytes of the form's
+-- charset (UTF-8 or GBK), so the signed string is built from those bytes
+-- as Alipay built it: every parameter but sign and sign_type, empty values
+-- left out, sorted by name in byte order, joined as k=v&...
+CREATE FUNCTION callback_center._alipay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[] := '{}';
+    vals bytea[] := '{}';
+    pair text;
+    eq integer;
+    n bytea;
+    v bytea;
+    nm text;
+    charset text := 'UTF8';
+    cs text;
+    content bytea;
+    sig bytea;
+    ok boolean := false;
+    s text;
+    f jsonb := '{}';
+    notify_time timestamptz;
+    total text;
+BEGIN
+    IF p_body = '' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
+        CONTINUE WHEN pair = '';
+        eq := strpos(pair, '=');
+        IF eq = 0 THEN
+            n := callback_center._form_decode(pair);
+            v := '';
+        ELSE
+            n := callback_center._form_decode(left(pair, eq - 1));
+            v := callback_center._form_decode(substr(pair, eq + 1));
+        END IF;
+        -- Names are printable ASCII.
+        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        nm := convert_from(n, 'UTF8');
+        IF nm = ANY (names) THEN
+            -- A parameter twice: which one did Alipay sign?
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        names := names || nm;
+        vals := vals || v;
+    END LOOP;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK' END;
+    IF charset IS NULL OR array_position(names, 'sign') IS NULL THEN
+        failure := CASE WHEN charset IS NULL THEN 'malformed_body' ELSE 'malformed_signature' END;
+        fail_status := CASE WHEN charset IS NULL THEN 400 ELSE 401 END;
+        RETURN;
+    END IF;
+    IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
+        -- RSA (SHA1withRSA) is Alipay's legacy; only RSA2 is accepted.
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'sign')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    FOREACH s IN ARRAY p_secrets LOOP
+        ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by Alipay: from here on a problem is the body's.
+    BEGIN
+        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
+          INTO f FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                        'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
+          INTO payload FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    msg_id := f->>'notify_id';
+    event_type := f->>'notify_type';
+    IF nullif(msg_id, '') IS NULL
+       OR coalesce(f->>'notify_time', '') !~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        notify_time := (f->>'notify_time')::timestamp AT TIME ZONE 'Asia/Shanghai';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF abs(extract(epoch FROM now() - notify_time))
+       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    order_id := f->>'out_trade_no';
+    txn_id := f->>'trade_no';
+    verdict := CASE f->>'trade_status'
+        WHEN 'TRADE_SUCCESS' THEN 'success'
+        WHEN 'TRADE_FINISHED' THEN 'success'
+        WHEN 'TRADE_CLOSED' THEN 'failure' END;
+    currency := coalesce(nullif(f->>'trans_currency', ''), 'CNY');
+    total := f->>'total_amount';
+    IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                OR total IS NULL
+                                OR total !~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$') THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    IF total ~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$' THEN
+        amount_cents := (total::numeric * 100)::bigint;
+    END IF;
+END
+$$;
+
+-- WeChat Pay v2 payment result notifications (XML).  sign is over every
+-- parameter but sign with an empty value left out, sorted by name, joined
+-- as k=v&... and followed by &key=<API key>: HMAC-SHA256 under the API key
+-- (sign_type HMAC-SHA256, the default here), or MD5 for a key given as
+-- "md5:<key>" (the legacy default of WeChat Pay, allowed only so).  Upper
+-- case hex.  v2 signs no timestamp: there is no replay window to check,
+-- and a replay is a repeat of a recorded message (keyed by transaction_id).
+CREATE FUNCTION callback_center._wechatpay_v2_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    doc xml;
+    f jsonb;
+    n integer;
+    content text;
+    given text;
+    sign_type text;
+    s text;
+    key text;
+    calc text;
+    ok boolean := false;
+BEGIN
+    payload := p_body;
+    IF position('<!' IN regexp_replace(p_body, '<!\[CDATA\[', '', 'g')) > 0 THEN
+        -- No DTD, no comments: WeChat sends neither.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        doc := xmlparse(DOCUMENT p_body);
+        SELECT jsonb_object_agg(x.name, coalesce(x.value, '')), count(*)
+          INTO f, n
+          FROM XMLTABLE('/xml/*' PASSING doc
+                        COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF f IS NULL OR n <> (SELECT count(*) FROM jsonb_object_keys(f)) THEN
+        -- A parameter twice.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    given := f->>'sign';
+    IF nullif(given, '') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    sign_type := coalesce(nullif(f->>'sign_type', ''), 'HMAC-SHA256');
+    IF sign_type NOT IN ('HMAC-SHA256', 'MD5') THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(e.key || '=' || e.value, '&' ORDER BY e.key COLLATE "C")
+      INTO content
+      FROM jsonb_each_text(f) e WHERE e.key <> 'sign' AND e.value <> '';
+    FOREACH s IN ARRAY p_secrets LOOP
+        key := regexp_replace(s, '^md5:', '');
+        IF sign_type = 'HMAC-SHA256' THEN
+            calc := upper(encode(callback_center._hmac_sha256(convert_to(key, 'UTF8'),
+                convert_to(content || '&key=' || key, 'UTF8')), 'hex'));
+        ELSIF s LIKE 'md5:%' THEN
+            calc := upper(md5(convert_to(content || '&key=' || key, 'UTF8')));
+        ELSE
+            CONTINUE;
+        END IF;
+        -- Compared as digests: the time taken says nothing about the sign.
+        ok := ok OR sha256(convert_to(calc, 'UTF8')) = sha256(convert_to(upper(given), 'UTF8'));
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by WeChat Pay: from here on a problem is the body's.
+    IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := f->>'transaction_id';
+    txn_id := f->>'transaction_id';
+    order_id := f->>'out_trade_no';
+    event_type := coalesce(f->>'trade_type', 'payment');
+    -- result_code FAIL is one failed attempt: the order stays payable.
+    verdict := CASE f->>'result_code' WHEN 'SUCCESS' THEN 'success'
+                                      WHEN 'FAIL' THEN 'attempt_failed' END;
+    currency := coalesce(nullif(f->>'fee_type', ''), 'CNY');
+    IF nullif(msg_id, '') IS NULL OR nullif(order_id, '') IS NULL OR verdict IS NULL
+       OR coalesce(f->>'total_fee', '') !~ '^[0-9]{1,15}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    amount_cents := (f->>'total_fee')::bigint;
+END
+$$;
+
+-- _channel_parse: verifies and decodes a channel provider's notification
+-- and checks it against the payment it names, before anything is
+-- recorded.  One row: ok with the message and the provider's
+-- acknowledgement (http_status, response_body), or not ok with failure
+-- (the outcome: malformed_signature, signature_expired, unknown_key,
+-- key_expired, invalid_signature, malformed_body, decryption_failed,
+-- unknown_order, provider_mismatch, amount_mismatch, currency_mismatch)
+-- and the provider's failure answer.  payload is what record_callback
+-- should hash (the body; for Alipay the signed parameters without
+-- notify_time, which changes on every resend).  Raises only for misuse:
+-- CB033 unknown provider, 55000 no key loaded, 22023 not a channel.
+CREATE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    o record;
+    a record;
+BEGIN
+    IF p_scheme IS NULL OR p_provider IS NULL OR p_headers IS NULL OR p_body IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'scheme, provider, headers and body must not be null';
+    END IF;
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    -- The message must be about a payment we have, for its amount and
+    -- currency, and from the provider it is with.  Checked here so that a
+    -- refusal records nothing; _apply_payment_result checks again under
+    -- the row locks.
+    IF m.failure IS NULL AND m.verdict IS NOT NULL THEN
+        SELECT x.currency AS order_currency, p.amount_cents AS pay_cents, p.provider AS pay_provider
+          INTO o
+          FROM callback_center.orders x
+          LEFT JOIN callback_center.payments p ON p.order_id = x.order_id
+         WHERE x.order_id = m.order_id;
+        IF NOT FOUND OR o.pay_cents IS NULL THEN
+            m.failure := 'unknown_order'; m.fail_status := 404;
+        ELSIF o.pay_provider IS NOT NULL AND o.pay_provider <> p_provider THEN
+            m.failure := 'provider_mismatch'; m.fail_status := 400;
+        ELSIF m.amount_cents IS DISTINCT FROM o.pay_cents THEN
+            m.failure := 'amount_mismatch'; m.fail_status := 400;
+        ELSIF m.currency IS DISTINCT FROM o.order_currency THEN
+            m.failure := 'currency_mismatch'; m.fail_status := 400;
+        END IF;
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+REVOKE ALL ON FUNCTION
+    callback_center._key_info(text),
+    callback_center._rsa_sha256_check(text, bytea, bytea),
+    callback_center._aes256gcm_decrypt(bytea, bytea, bytea, bytea),
+    callback_center._form_decode(text),
+    callback_center._channel_check_secret(text, text),
+    callback_center.set_platform_keys(text, jsonb),
+    callback_center._channel_header(jsonb, text),
+    callback_center._channel_answer(text, boolean, integer, text),
+    callback_center._channel_tolerance(interval),
+    callback_center._wechatpay_v3_parse(text, text[], interval, jsonb, text),
+    callback_center._channel_ascii(bytea),
+    callback_center._alipay_parse(text, text[], interval, jsonb, text),
+    callback_center._wechatpay_v2_parse(text, text[], interval, jsonb, text),
+    callback_center._hmac_sha256(bytea, bytea),
+    callback_center._channel_parse(text, text, jsonb, text)
+FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION callback_center.set_platform_keys(text, jsonb)
+    TO callback_center_admin;
