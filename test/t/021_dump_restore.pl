@@ -21,6 +21,17 @@ my $node = cc_node('dump_restore');
 # the checksums and the dump.
 $node->safe_psql('postgres', 'CREATE DATABASE src');
 $node->safe_psql('src', 'CREATE EXTENSION callback_center CASCADE');
+# A WeChat Pay v3 provider with a platform key, so that provider_keys has a
+# row to restore: a key made here, never committed.
+my $keydir = PostgreSQL::Test::Utils::tempdir('keys');
+system('openssl', 'genrsa', '-out', "$keydir/p.key", '2048') == 0
+  && system('openssl', 'rsa', '-in', "$keydir/p.key", '-pubout', '-out', "$keydir/p.pub") == 0
+  or die 'openssl could not make a key';
+my $pub = PostgreSQL::Test::Utils::slurp_file("$keydir/p.pub");
+$node->safe_psql('src', qq{
+SELECT callback_center.set_provider('wx', 'wechatpay_v3', ARRAY['0123456789abcdef0123456789abcdef']);
+SELECT callback_center.set_platform_keys('wx', jsonb_build_object('PUB_KEY_ID_0001', '$pub'));
+});
 $node->safe_psql('src', q{
 SELECT callback_center.set_stock('sku-a', 100), callback_center.set_stock('sku-b', 1);
 SELECT callback_center.set_hot_sku('sku-a', 2);

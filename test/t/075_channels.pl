@@ -172,7 +172,16 @@ sub trace
 		 WHERE o.order_id = '$order'});
 }
 
-# Fixtures: stock and orders, the providers and their keys.
+# Fixtures: the providers (orders name a registered one), stock and orders,
+# the platform keys.
+$node->safe_psql('postgres',
+	"SELECT callback_center.set_provider('wx', 'wechatpay_v3', ARRAY["
+	  . q_lit($apiv3) . "]);"
+	  . "SELECT callback_center.set_provider('ali', 'alipay', ARRAY["
+	  . q_lit($ali_bare) . "]);"
+	  . "SELECT callback_center.set_provider('wx-nokeys', 'wechatpay_v3', ARRAY["
+	  . q_lit($apiv3) . "]);"
+	  . "SELECT callback_center.set_provider('someone', 'standard_webhooks', NULL);");
 $node->safe_psql('postgres', q{
 	SELECT callback_center.set_stock('ch-sku', 1000);
 	SELECT callback_center.create_endpoint('ch-sink', 'http://127.0.0.1:9/sink', '{*}') > 0;
@@ -186,13 +195,6 @@ $node->safe_psql('postgres', q{
 	UPDATE callback_center.orders SET currency = 'USD' WHERE order_id = 'wx-usd';
 	SELECT callback_center.place_order('other-1', 'u', '[{"sku": "ch-sku", "qty": 1}]', 100, NULL, 'someone');
 });
-$node->safe_psql('postgres',
-	"SELECT callback_center.set_provider('wx', 'wechatpay_v3', ARRAY["
-	  . q_lit($apiv3) . "]);"
-	  . "SELECT callback_center.set_provider('ali', 'alipay', ARRAY["
-	  . q_lit($ali_bare) . "]);"
-	  . "SELECT callback_center.set_provider('wx-nokeys', 'wechatpay_v3', ARRAY["
-	  . q_lit($apiv3) . "]);");
 is( $node->safe_psql('postgres',
 		"SELECT callback_center.set_platform_keys('wx', jsonb_build_object("
 		  . q_lit($serial_a) . ", " . q_lit($cert_a) . ", "
