@@ -32,6 +32,7 @@
 #include "callback_center.h"
 #include "callbacks.h"
 #include "jobs.h"
+#include "outbox.h"
 
 PG_MODULE_MAGIC;
 
@@ -116,6 +117,7 @@ _PG_init(void)
 	if (process_shared_preload_libraries_in_progress)
 		cc_worker_define_gucs();
 	cc_jobs_define_gucs();
+	cc_outbox_define_gucs();
 
 	cc_allowlist_define_gucs();
 	MarkGUCPrefixReserved("callback_center");
@@ -217,6 +219,23 @@ cc_worker_detach(int code, Datum arg)
 	slot->pid = 0;
 	slot->latch = NULL;
 	SpinLockRelease(&cc_shared->mutex);
+}
+
+/*
+ * Pins the calling worker's search_path to pg_catalog, then pg_temp, for
+ * its whole life (PGC_S_OVERRIDE: no ALTER DATABASE or ALTER ROLE setting,
+ * nor the configuration file, can change it).  A worker connects as the
+ * bootstrap superuser: with the default "$user", public, a function or
+ * operator with exact argument types planted in public (by the database
+ * owner) or in a schema named after that role (by anyone with CREATE on
+ * the database) would beat the polymorphic built-in a statement means, and
+ * run as superuser.  The statements qualify every name besides.
+ */
+void
+cc_worker_pin_search_path(void)
+{
+	SetConfigOption("search_path", "pg_catalog, pg_temp",
+					PGC_SUSET, PGC_S_OVERRIDE);
 }
 
 /*

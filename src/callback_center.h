@@ -92,6 +92,7 @@ extern char *cc_actor;
 extern void cc_require_worker(const char *what);
 extern void cc_wake_worker(bool force);
 extern void cc_register_bgworker(const char *type, const char *function);
+extern void cc_worker_pin_search_path(void);
 extern void cc_worker_attach(CcWorkerSlot *slot);
 /* Whether the extension is installed, and at the library's version. */
 typedef enum CcExtensionState

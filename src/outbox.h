@@ -8,6 +8,11 @@
 #ifndef CC_OUTBOX_H
 #define CC_OUTBOX_H
 
+/* callback_center.max_event_size, in bytes. */
+extern int	cc_max_event_size;
+
+extern void cc_outbox_define_gucs(void);
+
 /* Makes the current transaction wake the worker when it commits. */
 extern void cc_outbox_note_enqueued(void);
 
