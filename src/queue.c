@@ -467,6 +467,9 @@ claim_build_bodies_one_by_one(MemoryContext cxt, CcJob *jobs, int count)
 			RollbackAndReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(cxt);
 			CurrentResourceOwner = owner;
+			/* A cancel says nothing of the row: the round is abandoned. */
+			if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+				ReThrowError(edata);
 			if (jobs[i].body != NULL)
 				pfree(jobs[i].body);
 			jobs[i].body = NULL;
@@ -557,6 +560,8 @@ cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(outer);
 		CurrentResourceOwner = owner;
+		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
 		ereport(WARNING,
 				(errmsg("callback_center: claiming a batch failed: %s",
 						edata->message),
