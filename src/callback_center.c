@@ -20,6 +20,7 @@
 #include "callbacks.h"
 #include "fsm.h"
 #include "jobs.h"
+#include "outbox.h"
 #include "shmem.h"
 #include "worker.h"
 
@@ -37,6 +38,7 @@ _PG_init(void)
 	cc_fsm_define_gucs();
 	cc_inbound_define_gucs();
 	cc_jobs_define_gucs();
+	cc_outbox_define_gucs();
 	cc_allowlist_define_gucs();
 	if (process_shared_preload_libraries_in_progress)
 		cc_worker_define_gucs();

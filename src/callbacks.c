@@ -215,16 +215,20 @@ cc_record_callback(PG_FUNCTION_ARGS)
 		keep_plan(&plan_read,
 				  "SELECT id, status, retry_count, payload_hash, result"
 				  " FROM callback_center.callback_record"
-				  " WHERE biz_id = $1 AND callback_type = $2",
+				  " WHERE biz_id OPERATOR(pg_catalog.=) $1"
+				  " AND callback_type OPERATOR(pg_catalog.=) $2",
 				  2, ins_types);
 		keep_plan(&plan_claim,
 				  "UPDATE callback_center.callback_record"
 				  " SET status = 1,"
-				  " retry_count = retry_count"
-				  " + CASE WHEN status = 3 THEN 1 ELSE 0 END,"
-				  " result = NULL, completed_at = NULL, updated_at = now()"
-				  " WHERE id = $1"
-				  " AND (status = 0 OR (status = 3 AND retry_count < $2))"
+				  " retry_count = retry_count OPERATOR(pg_catalog.+)"
+				  " CASE WHEN status OPERATOR(pg_catalog.=) 3 THEN 1 ELSE 0 END,"
+				  " result = NULL, completed_at = NULL,"
+				  " updated_at = pg_catalog.now()"
+				  " WHERE id OPERATOR(pg_catalog.=) $1"
+				  " AND (status OPERATOR(pg_catalog.=) 0"
+				  " OR (status OPERATOR(pg_catalog.=) 3"
+				  " AND retry_count OPERATOR(pg_catalog.<) $2))"
 				  " RETURNING id",
 				  2, claim_types);
 		keep_plan(&plan_conflict,
@@ -429,9 +433,10 @@ pgcrypto_hmac_oid(void)
 	keep_plan(&plan_hmac,
 			  "SELECT p.oid FROM pg_catalog.pg_proc p"
 			  " JOIN pg_catalog.pg_extension e"
-			  " ON e.extnamespace = p.pronamespace"
-			  " WHERE e.extname = 'pgcrypto' AND p.proname = 'hmac'"
-			  " AND p.proargtypes = '17 17 25'::pg_catalog.oidvector",
+			  " ON e.extnamespace OPERATOR(pg_catalog.=) p.pronamespace"
+			  " WHERE e.extname OPERATOR(pg_catalog.=) 'pgcrypto'"
+			  " AND p.proname OPERATOR(pg_catalog.=) 'hmac'"
+			  " AND p.proargtypes OPERATOR(pg_catalog.=) '17 17 25'::pg_catalog.oidvector",
 			  0, NULL);
 	ret = SPI_execute_plan(plan_hmac, NULL, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
@@ -540,7 +545,7 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 	keep_plan(&plan_provider,
 			  "SELECT scheme, secrets,"
 			  " pg_catalog.date_part('epoch', tolerance)::bigint"
-			  " FROM callback_center.providers WHERE name = $1",
+			  " FROM callback_center.providers WHERE name OPERATOR(pg_catalog.=) $1",
 			  1, argtypes);
 	args[0] = PointerGetDatum(provider);
 	ret = SPI_execute_plan(plan_provider, args, NULL, true, 1);

@@ -305,6 +305,7 @@ callback_center_jobs_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(cc_database, NULL, 0);
+	cc_worker_pin_search_path();
 
 	SpinLockAcquire(&cc_shared->mutex);
 	cc_shared->jobs_rounds = 0;

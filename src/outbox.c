@@ -39,6 +39,7 @@
  */
 #include "postgres.h"
 
+#include "access/detoast.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
@@ -53,6 +54,7 @@
 #include "storage/sinval.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -60,6 +62,7 @@
 #include "utils/rel.h"
 
 #include "extension.h"
+#include "outbox.h"
 #include "shmem.h"
 
 /* One enabled endpoint and the event types it subscribes to. */
@@ -74,6 +77,13 @@ typedef struct CcSubscriber
 
 /* First key of the advisory lock on an aggregate of ordered endpoints ("ccor"). */
 #define CC_ORDER_LOCK_CLASS 1667460978
+
+/*
+ * Largest event, in bytes, that may enter the outbox (event type, aggregate
+ * id and payload; see cc_event_size).  PGC_SUSET: only a superuser may
+ * raise it; the worker re-reads it on reload.
+ */
+int			cc_max_event_size = 1024 * 1024;
 
 /* Whether the current transaction queued at least one outbox row. */
 static bool cc_outbox_pending_wake = false;
@@ -100,10 +110,11 @@ static const char *cc_fanout_sql =
 "INSERT INTO callback_center.outbox"
 " (endpoint_id, event_type, aggregate_id, payload)"
 " SELECT e.id, $1, $2, $3 FROM callback_center.endpoints e"
-" WHERE e.enabled AND e.event_types && ARRAY[$1, '*']";
+" WHERE e.enabled AND e.event_types OPERATOR(pg_catalog.&&) ARRAY[$1, '*']";
 static const char *cc_ordered_sql =
 "SELECT EXISTS (SELECT 1 FROM callback_center.endpoints e"
-" WHERE e.enabled AND e.ordered AND e.event_types && ARRAY[$1, '*'])";
+" WHERE e.enabled AND e.ordered"
+"   AND e.event_types OPERATOR(pg_catalog.&&) ARRAY[$1, '*'])";
 static const char *cc_insert_sql =
 "INSERT INTO callback_center.outbox"
 " (endpoint_id, event_type, aggregate_id, payload)"
@@ -126,6 +137,79 @@ PG_FUNCTION_INFO_V1(cc_outbox_note_enqueue);
 PG_FUNCTION_INFO_V1(cc_enqueue);
 PG_FUNCTION_INFO_V1(cc_outbox_endpoints_changed);
 PG_FUNCTION_INFO_V1(cc_outbox_lock_aggregate_sql);
+PG_FUNCTION_INFO_V1(cc_event_size_sql);
+PG_FUNCTION_INFO_V1(cc_check_event_size_sql);
+
+/*
+ * The outbox's settings.  Defined in every process that loads the library:
+ * every writer of the outbox checks the size, and the worker too.
+ */
+void
+cc_outbox_define_gucs(void)
+{
+	DefineCustomIntVariable("callback_center.max_event_size",
+							"Largest event the outbox accepts: event type, aggregate id and payload.",
+							"The payload counts in its jsonb form, uncompressed.  Larger events are refused with SQLSTATE 54000; the worker makes any it finds dead.",
+							&cc_max_event_size, 1024 * 1024, 1024, MaxAllocSize,
+							PGC_SUSET, GUC_UNIT_BYTE, NULL, NULL, NULL);
+}
+
+/*
+ * The size of an event as max_event_size counts it: the bytes of event
+ * type, aggregate id and payload, uncompressed, read from their headers
+ * without decompressing them.
+ */
+static int64
+cc_event_size(Datum event_type, Datum aggregate_id, Datum payload)
+{
+	return (int64) (toast_raw_datum_size(event_type) - VARHDRSZ) +
+		(int64) (toast_raw_datum_size(aggregate_id) - VARHDRSZ) +
+		(int64) (toast_raw_datum_size(payload) - VARHDRSZ);
+}
+
+/*
+ * Raises 54000 when an event is larger than callback_center.max_event_size.
+ * Its text form, which the worker sends, can be several times larger than
+ * the jsonb it counts (a control character is 6 bytes of JSON): the bound
+ * keeps every body far below the 1 GB any value may have.
+ */
+static void
+cc_check_event_size(Datum event_type, Datum aggregate_id, Datum payload)
+{
+	int64		size = cc_event_size(event_type, aggregate_id, payload);
+
+	if (size > cc_max_event_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("event of " INT64_FORMAT " bytes exceeds callback_center.max_event_size (%d bytes)",
+						size, cc_max_event_size),
+				 errdetail("The size counts the event type, the aggregate id and the payload in its jsonb form."),
+				 errhint("Send a reference to the data rather than the data, or have a superuser raise callback_center.max_event_size.")));
+}
+
+/*
+ * callback_center._event_size(event_type, aggregate_id, payload): the size
+ * max_event_size bounds (the worker's claim reads it).
+ */
+Datum
+cc_event_size_sql(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64(cc_event_size(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1),
+								  PG_GETARG_DATUM(2)));
+}
+
+/*
+ * callback_center._check_event_size(event_type, aggregate_id, payload):
+ * raises 54000 when the event is too large, for the SQL writers of the
+ * outbox.
+ */
+Datum
+cc_check_event_size_sql(PG_FUNCTION_ARGS)
+{
+	cc_check_event_size(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1),
+						PG_GETARG_DATUM(2));
+	PG_RETURN_VOID();
+}
 
 /*
  * At commit, wakes the worker if the transaction queued rows; whatever the
@@ -375,6 +459,7 @@ cc_enqueue(PG_FUNCTION_ARGS)
 	args[1] = PointerGetDatum(event_type_text);
 	args[2] = PG_GETARG_DATUM(1);
 	args[3] = PG_GETARG_DATUM(2);
+	cc_check_event_size(args[1], args[2], args[3]);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");

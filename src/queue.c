@@ -21,38 +21,58 @@
 
 #include <math.h>
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "queue.h"
 #include "signature.h"
 
 static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr claim_bare_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
 static SPIPlanPtr attempts_plan = NULL;
 static SPIPlanPtr state_plan = NULL;
 static SPIPlanPtr endpoints_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
 
+/*
+ * The workers run with search_path pinned to pg_catalog, pg_temp (see
+ * worker.c), and every function and operator their statements name is
+ * qualified besides: a look-alike with exact argument types in any schema
+ * on a path would beat the polymorphic built-in (cardinality(anyarray),
+ * unnest(anyarray), jsonb_build_object(VARIADIC "any"), numeric * numeric)
+ * and run with the worker's rights.  OP("=") is OPERATOR(pg_catalog.=);
+ * mind that every OPERATOR() binds alike (tighter than comparisons), so
+ * expressions mixing them are parenthesized.
+ */
+#define OP(o) " OPERATOR(pg_catalog." o ") "
+
+/* The statuses of an undelivered row (the partial indexes' predicate). */
+#define UNDELIVERED(col) \
+" " col OP("=") "ANY (ARRAY['pending', 'delivering']::text[])"
+
 static const char *endpoints_sql =
 "SELECT e.id, e.name, e.url, s.secret,"
-"       CASE WHEN s.rotated_at > now() - interval '24 hours'"
+"       CASE WHEN s.rotated_at" OP(">") "(pg_catalog.now()" OP("-") "interval '24 hours')"
 "            THEN s.previous_secret END,"
 "       e.timeout_ms,"
-"       coalesce(e.max_attempts, cardinality(r.delays) + 1),"
-"       ARRAY(SELECT (extract(epoch FROM d) * 1000)::int8"
-"               FROM unnest(r.delays) d),"
+"       coalesce(e.max_attempts, pg_catalog.cardinality(r.delays)" OP("+") "1),"
+"       ARRAY(SELECT (extract(epoch FROM d)" OP("*") "1000)::int8"
+"               FROM pg_catalog.unnest(r.delays) d),"
 "       coalesce(e.rate_limit_per_s, 0)::float8,"
 "       e.breaker_failure_ratio::float8, e.breaker_window_s,"
 "       e.breaker_min_requests, e.breaker_open_ms,"
 "       e.is_core, e.ordered"
 "  FROM callback_center.endpoints e"
-"  JOIN callback_center.endpoint_secrets s ON s.endpoint_id = e.id"
-"  JOIN callback_center.retry_schedules r ON r.name = e.retry_schedule"
+"  JOIN callback_center.endpoint_secrets s ON s.endpoint_id" OP("=") "e.id"
+"  JOIN callback_center.retry_schedules r ON r.name" OP("=") "e.retry_schedule"
 " WHERE e.enabled ORDER BY e.id";
 
 /*
@@ -63,10 +83,10 @@ static const char *endpoints_sql =
 #define AGGREGATE_HEAD \
 "       AND (NOT q.ordered OR NOT EXISTS (" \
 "             SELECT 1 FROM callback_center.outbox p" \
-"              WHERE p.endpoint_id = o.endpoint_id" \
-"                AND p.aggregate_id = o.aggregate_id" \
-"                AND p.status IN ('pending', 'delivering')" \
-"                AND p.id < o.id))"
+"              WHERE p.endpoint_id" OP("=") "o.endpoint_id" \
+"                AND p.aggregate_id" OP("=") "o.aggregate_id" \
+"                AND" UNDELIVERED("p.status") \
+"                AND p.id" OP("<") "o.id))"
 
 /*
  * When the first event the claim could take for each endpoint in $1 falls
@@ -76,64 +96,112 @@ static const char *endpoints_sql =
  * however old their next_attempt_at.
  */
 static const char *next_due_sql =
-"SELECT greatest(0, ceil(extract(epoch FROM min(n.t) - now()) * 1000))::int8"
-"  FROM unnest($1::int4[], $2::bool[]) AS q(endpoint_id, ordered)"
+"SELECT GREATEST(0, pg_catalog.ceil(extract(epoch FROM"
+"         pg_catalog.min(n.t)" OP("-") "pg_catalog.now())" OP("*") "1000))::int8"
+"  FROM ROWS FROM (pg_catalog.unnest($1::int4[]), pg_catalog.unnest($2::bool[]))"
+"       AS q(endpoint_id, ordered)"
 "  CROSS JOIN LATERAL ("
 "    SELECT o.next_attempt_at AS t FROM callback_center.outbox o"
-"     WHERE o.endpoint_id = q.endpoint_id"
-"       AND o.status IN ('pending', 'delivering')"
+"     WHERE o.endpoint_id" OP("=") "q.endpoint_id"
+"       AND" UNDELIVERED("o.status")
 AGGREGATE_HEAD
 "     ORDER BY o.next_attempt_at LIMIT 1) n";
 
 /*
- * Claims oldest-due first, per endpoint, respecting ordering.  The rows to
- * update are found by primary key from the locked ids (= ANY of an array),
- * never by a join the planner could turn into a scan of the whole outbox:
- * the outbox keeps its delivered history, the claim must not see it.
+ * Claims oldest-due first, per endpoint, respecting ordering.  The rows are
+ * picked and locked once, in a materialized CTE (an UPDATE joined to a
+ * LIMIT ... SKIP LOCKED sub-select may run the sub-select again for each
+ * row of a nested loop, and lock different rows each time), then updated
+ * by primary key (= ANY of an array, never by a join the planner could
+ * turn into a scan of the whole outbox: the outbox keeps its delivered
+ * history, the claim must not see it).
+ *
+ * The body is built only for an event no larger than callback_center.
+ * max_event_size ($5; see _event_size): a larger one comes back with a
+ * NULL body and its size, and is made dead instead of sent (an event whose
+ * text passes 1 GB would fail the whole statement, every round).
  */
+#define CLAIM_PICK \
+"WITH picked AS MATERIALIZED (" \
+"  SELECT d.id" \
+"    FROM ROWS FROM (pg_catalog.unnest($1::int4[]), pg_catalog.unnest($2::int4[])," \
+"                    pg_catalog.unnest($3::bool[])) AS q(endpoint_id, n, ordered)" \
+"   CROSS JOIN LATERAL (" \
+"    SELECT o.id FROM callback_center.outbox o" \
+"     WHERE o.endpoint_id" OP("=") "q.endpoint_id" \
+"       AND" UNDELIVERED("o.status") \
+"       AND o.next_attempt_at" OP("<=") "pg_catalog.now()" \
+AGGREGATE_HEAD \
+"     ORDER BY o.next_attempt_at" \
+"     LIMIT q.n" \
+"     FOR UPDATE SKIP LOCKED) d) " \
+"UPDATE callback_center.outbox o" \
+"   SET status = 'delivering', attempts = o.attempts" OP("+") "1," \
+"       next_attempt_at = pg_catalog.now()" OP("+") "pg_catalog.make_interval(secs => $4)" \
+" WHERE o.id" OP("=") "ANY (ARRAY(SELECT p.id FROM picked p)) "
+
+/* The webhook body of outbox row o. */
+#define EVENT_BODY \
+"pg_catalog.jsonb_build_object('type', o.event_type, 'timestamp', o.created_at," \
+"                              'aggregate_id', o.aggregate_id, 'data', o.payload)::text"
+
+#define EVENT_SIZE \
+"callback_center._event_size(o.event_type, o.aggregate_id, o.payload)"
+
 static const char *claim_sql =
-"UPDATE callback_center.outbox o"
-"   SET status = 'delivering', attempts = o.attempts + 1,"
-"       next_attempt_at = now() + make_interval(secs => $4)"
-" WHERE o.id = ANY (ARRAY("
-"  SELECT d.id"
-"    FROM unnest($1::int4[], $2::int4[], $3::bool[]) AS q(endpoint_id, n, ordered)"
-"   CROSS JOIN LATERAL ("
-"    SELECT o.id FROM callback_center.outbox o"
-"     WHERE o.endpoint_id = q.endpoint_id"
-"       AND o.status IN ('pending', 'delivering')"
-"       AND o.next_attempt_at <= now()"
-AGGREGATE_HEAD
-"     ORDER BY o.next_attempt_at"
-"     LIMIT q.n"
-"     FOR UPDATE SKIP LOCKED) d)) "
+CLAIM_PICK
 "RETURNING o.id, o.endpoint_id, o.attempts,"
-"  jsonb_build_object('type', o.event_type, 'timestamp', o.created_at,"
-"                     'aggregate_id', o.aggregate_id, 'data', o.payload)::text";
+"  CASE WHEN " EVENT_SIZE OP("<=") "$5 THEN " EVENT_BODY " END,"
+"  " EVENT_SIZE;
+
+/*
+ * The same claim without building any body, for when building them failed:
+ * cc_queue_claim then builds each body alone (body_sql), so that one row
+ * whose body cannot be built is made dead and the others go.
+ */
+static const char *claim_bare_sql =
+CLAIM_PICK
+"RETURNING o.id, o.endpoint_id, o.attempts, NULL::text, " EVENT_SIZE;
+
+static const char *body_sql =
+"SELECT " EVENT_BODY " FROM callback_center.outbox o WHERE o.id" OP("=") "$1";
 
 static const char *record_sql =
 "UPDATE callback_center.outbox o"
-"   SET status = CASE r.fate WHEN 'released' THEN 'pending' WHEN 'retry' THEN 'pending' ELSE r.fate END,"
-"       attempts = o.attempts - (r.fate = 'released')::int,"
-"       next_attempt_at = CASE WHEN r.fate IN ('retry', 'released') THEN coalesce(r.next_at, now()) ELSE now() END,"
-"       delivered_at = CASE WHEN r.fate = 'delivered' THEN now() END,"
-"       last_http_status = CASE WHEN r.fate = 'released' THEN o.last_http_status ELSE r.http_status END,"
-"       last_error = CASE WHEN r.fate = 'released' THEN o.last_error ELSE r.error END"
-"  FROM unnest($1::int8[], $2::text[], $3::timestamptz[], $4::int4[], $5::text[])"
+"   SET status = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released']) THEN 'pending'"
+"                     ELSE r.fate END,"
+"       attempts = o.attempts" OP("-") "(r.fate" OP("=") "'released')::int,"
+"       next_attempt_at = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released'])"
+"                         THEN coalesce(r.next_at, pg_catalog.now()) ELSE pg_catalog.now() END,"
+"       delivered_at = CASE WHEN r.fate" OP("=") "'delivered' THEN pg_catalog.now() END,"
+"       last_http_status = CASE WHEN r.fate" OP("=") "'released' THEN o.last_http_status ELSE r.http_status END,"
+"       last_error = CASE WHEN r.fate" OP("=") "'released' THEN o.last_error ELSE r.error END"
+"  FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::text[]),"
+"                  pg_catalog.unnest($3::timestamptz[]), pg_catalog.unnest($4::int4[]),"
+"                  pg_catalog.unnest($5::text[]))"
 "       AS r(id, fate, next_at, http_status, error)"
-" WHERE o.id = r.id";
+" WHERE o.id" OP("=") "r.id";
 
 static const char *attempts_sql =
 "INSERT INTO callback_center.delivery_attempts"
 "  (outbox_id, endpoint_id, attempt, http_status, latency_ms, error, response_body)"
-"SELECT * FROM unnest($1::int8[], $2::int4[], $3::int4[], $4::int4[],"
-"                     $5::float4[], $6::text[], $7::text[])";
+"SELECT * FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int4[]),"
+"                         pg_catalog.unnest($3::int4[]), pg_catalog.unnest($4::int4[]),"
+"                         pg_catalog.unnest($5::float4[]), pg_catalog.unnest($6::text[]),"
+"                         pg_catalog.unnest($7::text[]))";
 
+/*
+ * IS DISTINCT FROM finds its "=" on the search_path (it cannot be
+ * qualified): the pinned path makes it pg_catalog's.
+ */
 static const char *state_sql =
 "INSERT INTO callback_center.endpoint_state AS s"
 "  (endpoint_id, breaker, opened_at, window_ok, window_fail, tokens, degraded, updated_at)"
-"SELECT u.*, now() FROM unnest($1::int4[], $2::text[], $3::timestamptz[], $4::int4[],"
-"                              $5::int4[], $6::float8[], $7::bool[])"
+"SELECT u.*, pg_catalog.now()"
+"  FROM ROWS FROM (pg_catalog.unnest($1::int4[]), pg_catalog.unnest($2::text[]),"
+"                  pg_catalog.unnest($3::timestamptz[]), pg_catalog.unnest($4::int4[]),"
+"                  pg_catalog.unnest($5::int4[]), pg_catalog.unnest($6::float8[]),"
+"                  pg_catalog.unnest($7::bool[]))"
 "       AS u(endpoint_id, breaker, opened_at, window_ok, window_fail, tokens, degraded)"
 "    ON CONFLICT (endpoint_id) DO UPDATE"
 "   SET breaker = excluded.breaker, opened_at = excluded.opened_at,"
@@ -197,8 +265,8 @@ cc_queue_recover(void)
 
 	SPI_connect();
 	ret = SPI_execute("UPDATE callback_center.outbox"
-					  "   SET status = 'pending', next_attempt_at = now()"
-					  " WHERE status = 'delivering'", false, 0);
+					  "   SET status = 'pending', next_attempt_at = pg_catalog.now()"
+					  " WHERE status" OP("=") "'delivering'", false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "callback_center: recovery failed: %s",
 			 SPI_result_code_string(ret));
@@ -299,25 +367,156 @@ cc_queue_load_endpoints(CcEndpoint **endpoints)
 }
 
 /*
+ * Copies the claim's result rows into jobs[] (allocated in cxt).  A row
+ * with a NULL body was too large to build (its size is column 5); with
+ * bare, no row has a body yet.
+ */
+static CcJob *
+claim_copy_jobs(MemoryContext cxt, int count, int64 max_size, bool bare)
+{
+	CcJob	   *out = MemoryContextAllocZero(cxt, sizeof(CcJob) * Max(count, 1));
+	int			i;
+
+	for (i = 0; i < count; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	td = SPI_tuptable->tupdesc;
+		bool		isnull;
+		bool		size_null;
+		Datum		d;
+		int64		size;
+
+		out[i].id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
+		out[i].endpoint_id = DatumGetInt32(SPI_getbinval(tup, td, 2, &isnull));
+		out[i].attempt = DatumGetInt32(SPI_getbinval(tup, td, 3, &isnull));
+		d = SPI_getbinval(tup, td, 4, &isnull);
+		size = DatumGetInt64(SPI_getbinval(tup, td, 5, &size_null));
+		if (!isnull)
+		{
+			text	   *body = DatumGetTextPP(d);
+
+			out[i].body_len = VARSIZE_ANY_EXHDR(body);
+			out[i].body = MemoryContextAlloc(cxt, out[i].body_len + 1);
+			memcpy(out[i].body, VARDATA_ANY(body), out[i].body_len);
+			out[i].body[out[i].body_len] = '\0';
+		}
+		else if (!bare || size > max_size)
+			out[i].error = MemoryContextStrdup(cxt,
+											   psprintf("event of " INT64_FORMAT " bytes exceeds callback_center.max_event_size (" INT64_FORMAT " bytes)",
+														size, max_size));
+	}
+	return out;
+}
+
+/*
+ * Builds the body of each job that has neither a body nor an error, one
+ * statement per job in a subtransaction of its own: a job whose body
+ * cannot be built gets the error instead, and the others their bodies.
+ * For the rare round whose claim failed to build the batch's bodies.
+ */
+static void
+claim_build_bodies_one_by_one(MemoryContext cxt, CcJob *jobs, int count)
+{
+	static SPIPlanPtr body_plan = NULL;
+	Oid			types[1] = {INT8OID};
+	int			i;
+
+	prepare_once(&body_plan, body_sql, 1, types);
+	for (i = 0; i < count; i++)
+	{
+		ResourceOwner owner = CurrentResourceOwner;
+		Datum		arg = Int64GetDatum(jobs[i].id);
+
+		if (jobs[i].body != NULL || jobs[i].error != NULL)
+			continue;
+		BeginInternalSubTransaction(NULL);
+		PG_TRY();
+		{
+			int			ret = SPI_execute_plan(body_plan, &arg, NULL, false, 1);
+			bool		isnull = true;
+			Datum		d = (Datum) 0;
+
+			if (ret != SPI_OK_SELECT)
+				elog(ERROR, "callback_center: building a request failed: %s",
+					 SPI_result_code_string(ret));
+			if (SPI_processed == 1)
+				d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+								  1, &isnull);
+			if (isnull)
+				jobs[i].error = MemoryContextStrdup(cxt, "the event is gone");
+			else
+			{
+				text	   *body = DatumGetTextPP(d);
+
+				jobs[i].body_len = VARSIZE_ANY_EXHDR(body);
+				jobs[i].body = MemoryContextAlloc(cxt, jobs[i].body_len + 1);
+				memcpy(jobs[i].body, VARDATA_ANY(body), jobs[i].body_len);
+				jobs[i].body[jobs[i].body_len] = '\0';
+			}
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(cxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+			/* A cancel says nothing of the row: the round is abandoned. */
+			if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+				ReThrowError(edata);
+			if (jobs[i].body != NULL)
+				pfree(jobs[i].body);
+			jobs[i].body = NULL;
+			jobs[i].body_len = 0;
+			jobs[i].error = psprintf("could not build the request: %s",
+									 edata->message);
+			ereport(WARNING,
+					(errmsg("callback_center: event %lld cannot be sent: %s",
+							(long long) jobs[i].id, edata->message),
+					 errdetail("The event is made dead; the others are sent.")));
+			FreeErrorData(edata);
+		}
+		PG_END_TRY();
+	}
+}
+
+/*
  * Claims up to quotas[i] due events of endpoint endpoint_ids[i] (oldest
  * first; with ordered[i], only the oldest undelivered event of each
  * aggregate), marks them delivering with a lease of lease_s seconds and
  * counts the attempt.  Returns the number claimed.
+ *
+ * A job whose request cannot be built (larger than max_size bytes, or its
+ * body fails to build) comes back with error set and no body: the caller
+ * makes it dead without sending it.  The batch's bodies are built in the
+ * claim statement, in a subtransaction; when that fails, the claim is
+ * rolled back and made again without bodies, and each body is built on its
+ * own, so that one bad row cannot keep the others from being sent.
  */
 int
 cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
-			   const bool *ordered, int n, int lease_s, CcJob **jobs)
+			   const bool *ordered, int n, int lease_s, int64 max_size,
+			   CcJob **jobs)
 {
 	MemoryContext outer = CurrentMemoryContext;
-	Oid			types[4] = {INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID};
-	Datum		values[4];
+	ResourceOwner owner = CurrentResourceOwner;
+	Oid			types[5] = {INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID,
+	INT8OID};
+	Datum		values[5];
 	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *qs = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *ords = palloc(sizeof(Datum) * Max(n, 1));
-	CcJob	   *out;
+	CcJob	   *volatile out = NULL;
+	volatile int count = 0;
+	volatile bool failed = false;
 	int			ret;
 	int			i;
-	int			count;
 
 	*jobs = NULL;
 	if (n == 0)
@@ -332,31 +531,55 @@ cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 	values[1] = make_array(qs, NULL, n, INT4OID);
 	values[2] = make_array(ords, NULL, n, BOOLOID);
 	values[3] = Float8GetDatum((double) lease_s);
+	values[4] = Int64GetDatum(max_size);
 
 	SPI_connect();
-	ret = SPI_execute_plan(prepare_once(&claim_plan, claim_sql, 4, types),
-						   values, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE_RETURNING)
-		elog(ERROR, "callback_center: claim failed: %s",
-			 SPI_result_code_string(ret));
+	prepare_once(&claim_plan, claim_sql, 5, types);
+	prepare_once(&claim_bare_plan, claim_bare_sql, 5, types);
 
-	count = (int) SPI_processed;
-	out = MemoryContextAlloc(outer, sizeof(CcJob) * Max(count, 1));
-	for (i = 0; i < count; i++)
+	BeginInternalSubTransaction(NULL);
+	PG_TRY();
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	td = SPI_tuptable->tupdesc;
-		bool		isnull;
-		text	   *body;
+		ret = SPI_execute_plan(claim_plan, values, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE_RETURNING)
+			elog(ERROR, "callback_center: claim failed: %s",
+				 SPI_result_code_string(ret));
+		count = (int) SPI_processed;
+		out = claim_copy_jobs(outer, count, max_size, false);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(outer);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
 
-		out[i].id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
-		out[i].endpoint_id = DatumGetInt32(SPI_getbinval(tup, td, 2, &isnull));
-		out[i].attempt = DatumGetInt32(SPI_getbinval(tup, td, 3, &isnull));
-		body = DatumGetTextPP(SPI_getbinval(tup, td, 4, &isnull));
-		out[i].body_len = VARSIZE_ANY_EXHDR(body);
-		out[i].body = MemoryContextAlloc(outer, out[i].body_len + 1);
-		memcpy(out[i].body, VARDATA_ANY(body), out[i].body_len);
-		out[i].body[out[i].body_len] = '\0';
+		MemoryContextSwitchTo(outer);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(outer);
+		CurrentResourceOwner = owner;
+		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			ReThrowError(edata);
+		ereport(WARNING,
+				(errmsg("callback_center: claiming a batch failed: %s",
+						edata->message),
+				 errdetail("The batch is claimed again and each request built on its own.")));
+		FreeErrorData(edata);
+		failed = true;
+	}
+	PG_END_TRY();
+
+	if (failed)
+	{
+		ret = SPI_execute_plan(claim_bare_plan, values, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE_RETURNING)
+			elog(ERROR, "callback_center: claim failed: %s",
+				 SPI_result_code_string(ret));
+		count = (int) SPI_processed;
+		out = claim_copy_jobs(outer, count, max_size, true);
+		claim_build_bodies_one_by_one(outer, out, count);
 	}
 	SPI_finish();
 	*jobs = out;
@@ -447,6 +670,10 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "callback_center: recording results failed: %s",
 				 SPI_result_code_string(ret));
+		/* Fewer when drop_endpoint removed rows in flight; never more. */
+		if (SPI_processed > (uint64) n)
+			elog(ERROR, "callback_center: recording %d results changed " UINT64_FORMAT " outbox rows",
+				 n, SPI_processed);
 	}
 	if (na > 0)
 	{
@@ -477,16 +704,23 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 			g[i] = Int32GetDatum(gone[i]);
 		values[0] = make_array(g, NULL, ngone, INT4OID);
 		ret = SPI_execute_with_args("UPDATE callback_center.endpoints"
-									"   SET enabled = false, updated_at = now()"
-									" WHERE id = ANY ($1) AND enabled",
+									"   SET enabled = false, updated_at = pg_catalog.now()"
+									" WHERE id" OP("=") "ANY ($1) AND enabled"
+									" RETURNING id",
 									1, types, values, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
+		if (ret != SPI_OK_UPDATE_RETURNING)
 			elog(ERROR, "callback_center: disabling endpoints failed: %s",
 				 SPI_result_code_string(ret));
 		for (i = 0; i < (int) SPI_processed; i++)
+		{
+			bool		isnull;
+
 			ereport(LOG,
 					(errmsg("callback_center: endpoint %d answered 410 Gone and was disabled",
-							gone[i])));
+							DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
+														SPI_tuptable->tupdesc,
+														1, &isnull)))));
+		}
 	}
 	if (nsnaps > 0)
 	{
@@ -596,26 +830,27 @@ cc_queue_bury_orphans(void)
 	SPI_connect();
 	ret = SPI_execute("WITH RECURSIVE ids(endpoint_id) AS ("
 					  "  (SELECT o.endpoint_id FROM callback_center.outbox o"
-					  "    WHERE o.status IN ('pending', 'delivering')"
+					  "    WHERE" UNDELIVERED("o.status")
 					  "    ORDER BY o.endpoint_id LIMIT 1)"
 					  "  UNION ALL"
 					  "  SELECT (SELECT o.endpoint_id FROM callback_center.outbox o"
-					  "           WHERE o.status IN ('pending', 'delivering')"
-					  "             AND o.endpoint_id > ids.endpoint_id"
+					  "           WHERE" UNDELIVERED("o.status")
+					  "             AND o.endpoint_id" OP(">") "ids.endpoint_id"
 					  "           ORDER BY o.endpoint_id LIMIT 1)"
 					  "    FROM ids WHERE ids.endpoint_id IS NOT NULL"
-					  "), orphans AS ("
+					  "), orphans AS MATERIALIZED ("
 					  "  SELECT i.endpoint_id FROM ids i"
 					  "   WHERE i.endpoint_id IS NOT NULL"
 					  "     AND NOT EXISTS (SELECT 1 FROM callback_center.endpoints e"
-					  "                      WHERE e.id = i.endpoint_id)"
+					  "                      WHERE e.id" OP("=") "i.endpoint_id)"
 					  ") "
 					  "UPDATE callback_center.outbox o"
-					  "   SET status = 'dead', next_attempt_at = now(),"
-					  "       last_error = 'endpoint ' || o.endpoint_id || ' no longer exists'"
+					  "   SET status = 'dead', next_attempt_at = pg_catalog.now(),"
+					  "       last_error = pg_catalog.format('endpoint %s no longer exists',"
+					  "                                      o.endpoint_id)"
 					  "  FROM orphans"
-					  " WHERE o.endpoint_id = orphans.endpoint_id"
-					  "   AND o.status IN ('pending', 'delivering')", false, 0);
+					  " WHERE o.endpoint_id" OP("=") "orphans.endpoint_id"
+					  "   AND" UNDELIVERED("o.status"), false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "callback_center: marking events of dropped endpoints failed: %s",
 			 SPI_result_code_string(ret));
@@ -652,11 +887,11 @@ cc_queue_due_count(const int32 *endpoint_ids, int n, int limit)
 	values[1] = Int32GetDatum(limit);
 	SPI_connect();
 	ret = SPI_execute_plan(prepare_once(&plan,
-										"SELECT count(*)::int4 FROM ("
+										"SELECT pg_catalog.count(*)::int4 FROM ("
 										"  SELECT 1 FROM callback_center.outbox o"
-										"   WHERE o.endpoint_id = ANY ($1)"
-										"     AND o.status IN ('pending', 'delivering')"
-										"     AND o.next_attempt_at <= now()"
+										"   WHERE o.endpoint_id" OP("=") "ANY ($1)"
+										"     AND" UNDELIVERED("o.status")
+										"     AND o.next_attempt_at" OP("<=") "pg_catalog.now()"
 										"   LIMIT $2) d", 2, types),
 						   values, NULL, true, 1);
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)

@@ -41,8 +41,9 @@ typedef struct CcJob
 	int64		id;				/* outbox id; webhook-id is "msg_<id>" */
 	int32		endpoint_id;
 	int			attempt;		/* this attempt's number, from 1 */
-	char	   *body;
+	char	   *body;			/* NULL when error is set */
 	size_t		body_len;
+	char	   *error;			/* why no request can be built, or NULL */
 } CcJob;
 
 /* What became of one job, for cc_queue_record. */
@@ -80,7 +81,7 @@ extern int	cc_queue_recover(void);
 extern int	cc_queue_load_endpoints(CcEndpoint **endpoints);
 extern int	cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 						   const bool *ordered, int n, int lease_s,
-						   CcJob **jobs);
+						   int64 max_size, CcJob **jobs);
 extern void cc_queue_record(const CcJob *jobs, const CcJobResult *results,
 							int n, const int32 *gone, int ngone,
 							const CcEndpointSnapshot *snaps, int nsnaps);

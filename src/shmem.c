@@ -113,6 +113,23 @@ cc_register_bgworker(const char *type, const char *function)
 	RegisterBackgroundWorker(&worker);
 }
 
+/*
+ * Pins the calling worker's search_path to pg_catalog, then pg_temp, for
+ * its whole life (PGC_S_OVERRIDE: no ALTER DATABASE or ALTER ROLE setting,
+ * nor the configuration file, can change it).  A worker connects as the
+ * bootstrap superuser: with the default "$user", public, a function or
+ * operator with exact argument types planted in public (by the database
+ * owner) or in a schema named after that role (by anyone with CREATE on
+ * the database) would beat the polymorphic built-in a statement means, and
+ * run as superuser.  The statements qualify every name besides.
+ */
+void
+cc_worker_pin_search_path(void)
+{
+	SetConfigOption("search_path", "pg_catalog, pg_temp",
+					PGC_SUSET, PGC_S_OVERRIDE);
+}
+
 static void
 cc_shmem_request(void)
 {

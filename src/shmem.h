@@ -60,6 +60,7 @@ extern int	cc_poll_interval_ms;
 
 extern void cc_shmem_init(void);
 extern void cc_register_bgworker(const char *type, const char *function);
+extern void cc_worker_pin_search_path(void);
 extern void cc_worker_attach(CcWorkerSlot *slot);
 extern void cc_require_worker(const char *what);
 extern void cc_wake_worker(bool force);

@@ -34,6 +34,7 @@
 
 #include "extension.h"
 #include "http.h"
+#include "outbox.h"
 #include "policy.h"
 #include "queue.h"
 #include "shmem.h"
@@ -306,7 +307,8 @@ claim_pass(CcClaimPlan *plans, int nplans, int lease_s, CcJob **jobs,
 		ordered[nq] = plans[i].ordered;
 		nq++;
 	}
-	ngot = cc_queue_claim(ids, quotas, ordered, nq, lease_s, &got);
+	ngot = cc_queue_claim(ids, quotas, ordered, nq, lease_s,
+						  (int64) cc_max_event_size, &got);
 	if (ngot > 0)
 	{
 		if (*jobs == NULL)
@@ -324,7 +326,10 @@ claim_pass(CcClaimPlan *plans, int nplans, int lease_s, CcJob **jobs,
 		{
 			CcClaimPlan *p = find_plan(plans, nplans, got[i].endpoint_id);
 
-			Assert(p != NULL);
+			/* The claim's LIMIT per endpoint must hold, whatever the plan. */
+			if (p == NULL || p->got >= p->quota)
+				elog(ERROR, "callback_center: the claim returned more events for endpoint %d than asked",
+					 got[i].endpoint_id);
 			(*job_plan)[*njobs + i] = (int) (p - plans);
 			p->got++;
 			p->total++;
@@ -419,6 +424,8 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	int64		soonest = -1;
 	CcHttpRequest *reqs;
 	CcHttpResult *res;
+	int		   *req_of_job;
+	int			nreqs = 0;
 	CcJobResult *results;
 	int32	   *gone;
 	int			ngone = 0;
@@ -645,6 +652,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	snprintf(ua, sizeof(ua), "User-Agent: callback_center/%s", CC_VERSION);
 	reqs = palloc0(sizeof(CcHttpRequest) * njobs);
 	res = palloc0(sizeof(CcHttpResult) * njobs);
+	req_of_job = palloc(sizeof(int) * njobs);
 	for (i = 0; i < njobs; i++)
 	{
 		CcJob	   *job = &jobs[i];
@@ -652,9 +660,17 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		char		msg_id[32];
 		int64		ts = (int64) time(NULL);
 		char	   *sig;
-		const char **hdr = palloc(sizeof(char *) * 5);
+		const char **hdr;
+		CcHttpRequest *req;
 
 		Assert(e != NULL);
+		/* No request can be made of it: it is made dead below. */
+		req_of_job[i] = -1;
+		if (job->error != NULL)
+			continue;
+		req_of_job[i] = nreqs;
+		req = &reqs[nreqs++];
+		hdr = palloc(sizeof(char *) * 5);
 		snprintf(msg_id, sizeof(msg_id), "msg_" INT64_FORMAT, job->id);
 		sig = cc_sign_webhook(e->key, e->keylen, msg_id, ts, job->body,
 							  job->body_len);
@@ -668,19 +684,22 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 		hdr[2] = psprintf("webhook-id: %s", msg_id);
 		hdr[3] = psprintf("webhook-timestamp: " INT64_FORMAT, ts);
 		hdr[4] = psprintf("webhook-signature: %s", sig);
-		reqs[i].tag = job->id;
-		reqs[i].url = e->url;
-		reqs[i].body = job->body;
-		reqs[i].body_len = job->body_len;
-		reqs[i].headers = hdr;
-		reqs[i].nheaders = 5;
-		reqs[i].timeout_ms = e->timeout_ms;
-		reqs[i].group = e->id;
+		req->tag = job->id;
+		req->url = e->url;
+		req->body = job->body;
+		req->body_len = job->body_len;
+		req->headers = hdr;
+		req->nheaders = 5;
+		req->timeout_ms = e->timeout_ms;
+		req->group = e->id;
 	}
 	CurrentResourceOwner = NULL;
-	cc_http_init();
-	cc_http_run(reqs, njobs, res, cc_max_concurrent, cc_max_per_endpoint,
-				cc_response_cap, cc_should_stop, NULL);
+	if (nreqs > 0)
+	{
+		cc_http_init();
+		cc_http_run(reqs, nreqs, res, cc_max_concurrent, cc_max_per_endpoint,
+					cc_response_cap, cc_should_stop, NULL);
+	}
 
 	/* Judge each result against its endpoint's policy. */
 	results = palloc0(sizeof(CcJobResult) * njobs);
@@ -688,7 +707,7 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 	for (i = 0; i < njobs; i++)
 	{
 		CcJob	   *job = &jobs[i];
-		CcHttpResult *r = &res[i];
+		CcHttpResult *r;
 		CcJobResult *out = &results[i];
 		CcClaimPlan *plan = &plans[job_plan[i]];
 		CcEndpoint *e = plan->ep;
@@ -699,6 +718,16 @@ cc_delivery_round(MemoryContext cxt, int64 *wait_ms, bool *more)
 
 		Assert(e != NULL);
 		rt = endpoint_state(e->id);
+		if (req_of_job[i] < 0)
+		{
+			/* Not sent, not the receiver's doing: no breaker, no retry. */
+			out->fate = CC_FATE_DEAD;
+			out->error = job->error;
+			if (rt->probing)
+				rt->breaker.probe_in_flight = false;
+			continue;
+		}
+		r = &res[req_of_job[i]];
 		cfg = breaker_config(e);
 		out->http_status = r->status;
 		out->latency_ms = r->latency_ms;
@@ -820,6 +849,7 @@ callback_center_worker_main(Datum main_arg)
 	BackgroundWorkerUnblockSignals();
 
 	BackgroundWorkerInitializeConnection(cc_database, NULL, 0);
+	cc_worker_pin_search_path();
 
 	/*
 	 * The worker's statements touch a batch of rows through indexes, but

@@ -634,6 +634,24 @@ AS 'MODULE_PATHNAME', 'cc_outbox_lock_aggregate_sql'
 LANGUAGE C STRICT VOLATILE;
 REVOKE ALL ON FUNCTION callback_center._outbox_lock_aggregate(text) FROM PUBLIC;
 
+-- The size of an event as callback_center.max_event_size counts it: the
+-- bytes of event type, aggregate id and payload (in its jsonb form),
+-- uncompressed (src/outbox.c).  The worker's claim reads it.
+CREATE FUNCTION callback_center._event_size(event_type text, aggregate_id text, payload jsonb)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cc_event_size_sql'
+LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
+REVOKE ALL ON FUNCTION callback_center._event_size(text, text, jsonb) FROM PUBLIC;
+
+-- Raises 54000 (program_limit_exceeded) when an event is larger than
+-- callback_center.max_event_size; every writer of the outbox calls it
+-- (enqueue in C).
+CREATE FUNCTION callback_center._check_event_size(event_type text, aggregate_id text, payload jsonb)
+RETURNS void
+AS 'MODULE_PATHNAME', 'cc_check_event_size_sql'
+LANGUAGE C STRICT STABLE PARALLEL SAFE;
+REVOKE ALL ON FUNCTION callback_center._check_event_size(text, text, jsonb) FROM PUBLIC;
+
 -- Queues one row per enabled endpoint subscribed to event_type (or to
 -- '*'), in the caller's transaction; returns how many (0: no subscriber).
 -- In C (src/outbox.c): a per-backend subscription list and a prepared
@@ -678,6 +696,7 @@ BEGIN
             MESSAGE = format('invalid event type "%s"', event_type),
             DETAIL = 'An event type is a non-empty name; "*" only subscribes to all of them.';
     END IF;
+    PERFORM callback_center._check_event_size(event_type, aggregate_id, payload);
     ep_id := callback_center._endpoint_id(endpoint, false);
     -- An ordered endpoint delivers an aggregate's events in id order: the
     -- lock enqueue() takes (src/outbox.c) makes ids follow commit order.

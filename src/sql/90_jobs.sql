@@ -262,6 +262,7 @@ DECLARE
         current_setting('callback_center.pay_query_interval', true)::interval, '1 minute');
     r record;
     ob_id bigint;
+    body jsonb;
     n integer := 0;
 BEGIN
     IF max_payments IS NULL THEN
@@ -285,10 +286,11 @@ BEGIN
            FOR UPDATE OF p SKIP LOCKED
     LOOP
         -- To the query endpoint only, whatever else subscribes.
+        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'amount_cents', r.amount_cents);
+        PERFORM callback_center._check_event_size('payment.query', r.order_id, body);
         INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
-        VALUES (r.endpoint_id, 'payment.query', r.order_id,
-                jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
-                                   'provider', r.provider, 'amount_cents', r.amount_cents))
+        VALUES (r.endpoint_id, 'payment.query', r.order_id, body)
         RETURNING id INTO ob_id;
         INSERT INTO callback_center.payment_queries
                (payment_id, order_id, provider, endpoint_id, outbox_id)
