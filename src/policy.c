@@ -71,7 +71,7 @@ cc_retry_delay_ms(const int64 *delays_ms, int ndelays, int attempts_done,
 
 	/* attempts_done >= 1 here: we only ask after a failed attempt */
 	idx = Min(Max(attempts_done, 1), ndelays) - 1;
-	base = delays_ms[idx];
+	base = Min(Max(delays_ms[idx], 0), CC_MAX_RETRY_DELAY_MS);
 
 	if (jitter > 0)
 	{
@@ -87,7 +87,7 @@ cc_retry_delay_ms(const int64 *delays_ms, int ndelays, int attempts_done,
 
 		base = Max(base, ra);
 	}
-	return Max(base, 0);
+	return Min(Max(base, 0), CC_MAX_RETRY_DELAY_MS);
 }
 
 /* Index of the window bucket that now_ms falls in. */
@@ -242,7 +242,13 @@ cc_bucket_take(CcTokenBucket *bucket, double rate_per_s, double burst,
 int64
 cc_bucket_wait_ms(const CcTokenBucket *bucket, double rate_per_s)
 {
-	if (!bucket->started || bucket->tokens >= 1.0 || rate_per_s <= 0)
+	double		wait;
+
+	if (!bucket->started || bucket->tokens >= 1.0 || !(rate_per_s > 0))
 		return 0;
-	return (int64) ceil((1.0 - bucket->tokens) * 1000.0 / rate_per_s);
+	wait = ceil((1.0 - bucket->tokens) * 1000.0 / rate_per_s);
+	/* a rate near zero (or a NaN) waits the longest, never overflows */
+	if (!(wait < (double) CC_MAX_BUCKET_WAIT_MS))
+		return CC_MAX_BUCKET_WAIT_MS;
+	return (int64) wait;
 }

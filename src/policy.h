@@ -67,6 +67,16 @@ typedef enum CcAttemptClass
 
 extern CcAttemptClass cc_classify_attempt(int http_status, bool transport_error);
 
+/*
+ * The longest retry delay and token wait the worker schedules, whatever an
+ * endpoint's row says: the settings are bounded where they are written
+ * (retry_schedules caps delays at 30 days, rate_limit_per_s is at least
+ * 0.001), and the worker does not trust them beyond that either, so that a
+ * timestamp computed from them cannot overflow.
+ */
+#define CC_MAX_RETRY_DELAY_MS	((int64) 30 * 24 * 3600 * 1000)
+#define CC_MAX_BUCKET_WAIT_MS	((int64) 3600 * 1000)
+
 extern int64 cc_retry_delay_ms(const int64 *delays_ms, int ndelays,
 							   int attempts_done, int max_attempts,
 							   int retry_after_s, int64 max_retry_after_ms,

@@ -5,6 +5,7 @@
  */
 #include "postgres.h"
 
+#include <math.h>
 #include <stdio.h>
 
 #include "policy.h"
@@ -51,6 +52,19 @@ test_retry(void)
 	ok(cc_retry_delay_ms(def, 3, 3, 0, -1, 0, 0, &rng) == 5000, "after attempt 3: 5 s");
 	ok(cc_retry_delay_ms(def, 3, 4, 0, -1, 0, 0, &rng) == -1, "after attempt 4: dead");
 	ok(cc_retry_delay_ms(def, 3, 2, 2, -1, 0, 0, &rng) == -1, "max_attempts 2 stops early");
+	{
+		/* about 300,000 years: the row is not trusted beyond 30 days */
+		int64		huge[] = {INT64CONST(9467280000000000)};
+		int64		neg[] = {-5};
+
+		int64		jittered = cc_retry_delay_ms(huge, 1, 1, 0, -1, 0, 0.2, &rng);
+
+		ok(cc_retry_delay_ms(huge, 1, 1, 0, -1, 0, 0, &rng) == CC_MAX_RETRY_DELAY_MS,
+		   "a delay of 300,000 years is capped at 30 days");
+		ok(jittered <= CC_MAX_RETRY_DELAY_MS && jittered >= CC_MAX_RETRY_DELAY_MS * 4 / 5,
+		   "and spread by the jitter below the cap, never above");
+		ok(cc_retry_delay_ms(neg, 1, 1, 0, -1, 0, 0, &rng) == 0, "a negative delay is none");
+	}
 	ok(cc_retry_delay_ms(def, 3, 5, 7, -1, 0, 0, &rng) == 5000, "past the schedule the last delay repeats");
 	ok(cc_retry_delay_ms(def, 3, 7, 7, -1, 0, 0, &rng) == -1, "max_attempts 7: dead after 7");
 	ok(cc_retry_delay_ms(def, 0, 1, 0, -1, 0, 0, &rng) == -1, "empty schedule: dead after one attempt");
@@ -176,6 +190,15 @@ test_bucket(void)
 		while (cc_bucket_take(&bucket, 10, 10, t))
 			taken++;
 	ok(taken <= 110 && taken >= 100, "rate holds over 10 s");
+
+	/* a rate near zero or not a number waits the longest, no overflow */
+	memset(&bucket, 0, sizeof(bucket));
+	(void) cc_bucket_take(&bucket, 1e-300, 1, 0);
+	(void) cc_bucket_take(&bucket, 1e-300, 1, 1);
+	ok(cc_bucket_wait_ms(&bucket, 1e-300) == CC_MAX_BUCKET_WAIT_MS,
+	   "a rate of 1e-300 per second waits one hour, not an overflow");
+	ok(cc_bucket_wait_ms(&bucket, NAN) == 0, "a NaN rate does not wait");
+	ok(cc_bucket_wait_ms(&bucket, 0.5) == 2000, "half a token per second waits 2 s");
 }
 
 int
