@@ -72,3 +72,7 @@ test/unit/policy_test: test/unit/policy_test.c src/policy.c src/policy.h
 # C unit tests of the destination allowlist (run by test/t/063_allowlist_unit.pl).
 test/unit/allowlist_test: test/unit/allowlist_test.c src/allowlist.c src/allowlist.h
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/allowlist_test.c src/allowlist.c
+
+# C unit tests of the text sanitizer (run by test/t/072_sanitize_unit.pl).
+test/unit/sanitize_test: test/unit/sanitize_test.c src/sanitize.c src/sanitize.h
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/sanitize_test.c src/sanitize.c

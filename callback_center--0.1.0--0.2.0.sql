@@ -16,3 +16,13 @@
 --     symbol (name_v2); the old symbol stays in the library and refuses with
 --     a hint to run this script, as pg_stat_statements does across versions.
 \echo Use "ALTER EXTENSION callback_center UPDATE TO '0.2.0'" to load this file. \quit
+
+-- Destinations and text from outside: endpoint URLs are checked by the URL
+-- parser the delivery itself uses (libcurl's, in C) instead of regular
+-- expressions, and against the new default destination rules (reserved
+-- addresses refused unless listed).  _check_destination keeps its C symbol.
+CREATE OR REPLACE FUNCTION callback_center._check_url(url text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_check_url'
+LANGUAGE C STABLE;
+REVOKE ALL ON FUNCTION callback_center._check_url(text) FROM PUBLIC;
