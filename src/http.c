@@ -236,7 +236,7 @@ cc_http_concurrency_limit(int max_concurrent)
 /*
  * Parses url with libcurl's URL parser, the one the transfer uses, and
  * returns the handle (to be given to the transfer) when the URL is one
- * deliveries may use: only printable ASCII but space, "http://" or
+ * deliveries may use: no space or control character, "http://" or
  * "https://" (any case) and an authority, no user name or password, a
  * host, a port (when given) of 1 to 65535.  Else NULL with *problem set,
  * and libcurl's reason (a static string) in *detail when it refused.
@@ -656,8 +656,12 @@ static char *
 http_text(const char *s, size_t len, size_t cap, bool cut, bool *shortened)
 {
 	int			encoding = GetDatabaseEncoding();
-	char	   *out = palloc(cap + 1);
+	char	   *out;
 	int			flags = 0;
+
+	/* no more than the output can need: every byte a 3-byte U+FFFD */
+	cap = Min(cap, len * 3);
+	out = palloc(cap + 1);
 
 	if (encoding == PG_UTF8)
 		cc_sanitize_text(s, len, cut, out, cap, cc_utf8_char, NULL,
@@ -676,7 +680,6 @@ http_error_text(const char *msg)
 {
 	size_t		len = strlen(msg);
 
-	/* room for every byte to become a three-byte U+FFFD */
 	return http_text(msg, len, len * 3, false, NULL);
 }
 
@@ -834,8 +837,11 @@ http_start(HttpRun *run, int r)
 	SETOPT(CURLOPT_REDIR_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
 	SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
-	/* "" also ignores http_proxy and the like: a proxy's address is not
-	 * the destination the allowlist must judge */
+
+	/*
+	 * No proxy, not even from http_proxy and the like in the environment:
+	 * the allowlist must judge the destination's address, not a proxy's.
+	 */
 	SETOPT(CURLOPT_PROXY, "");
 	SETOPT(CURLOPT_NOSIGNAL, 1L);
 	SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
