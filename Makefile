@@ -100,3 +100,7 @@ test/unit/allowlist_test: test/unit/allowlist_test.c src/allowlist.c src/allowli
 # test/t/075_channels.pl; openssl enc cannot do GCM).
 test/unit/gcm_seal: test/unit/gcm_seal.c
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/gcm_seal.c -lcrypto
+
+# C unit tests of the text sanitizer (run by test/t/072_sanitize_unit.pl).
+test/unit/sanitize_test: test/unit/sanitize_test.c src/sanitize.c src/sanitize.h
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ test/unit/sanitize_test.c src/sanitize.c

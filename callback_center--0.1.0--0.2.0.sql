@@ -3122,3 +3122,13 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- Destinations and text from outside: endpoint URLs are checked by the URL
+-- parser the delivery itself uses (libcurl's, in C) instead of regular
+-- expressions, and against the new default destination rules (reserved
+-- addresses refused unless listed).  _check_destination keeps its C symbol.
+CREATE OR REPLACE FUNCTION callback_center._check_url(url text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_check_url'
+LANGUAGE C STABLE;
+REVOKE ALL ON FUNCTION callback_center._check_url(text) FROM PUBLIC;

@@ -92,6 +92,8 @@ cc_say "initdb in $work (port $port, nginx on $nginx_port)"
 cc_cluster_init "$work" "$port" <<CONF || exit 1
 shared_preload_libraries = 'callback_center'
 callback_center.database = 'postgres'
+# Loopback is refused unless listed: the test receivers listen there.
+callback_center.allowed_destinations = '127.0.0.1, ::1'
 synchronous_commit = on
 shared_buffers = 1GB
 max_wal_size = 8GB

@@ -54,6 +54,8 @@ listen_addresses = ''
 unix_socket_directories = '$dir'
 shared_preload_libraries = 'callback_center'
 callback_center.database = 'postgres'
+# Loopback is refused unless listed: the test receivers listen there.
+callback_center.allowed_destinations = '127.0.0.1, ::1'
 CONF
 as_pg pg_ctl -D "$dir/data" -l "$dir/pg.log" -w start >/dev/null
 psql_pg() { as_pg psql -X -q -h "$dir" -p "$pg_port" -d postgres "$@"; }

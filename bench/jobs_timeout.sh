@@ -36,6 +36,8 @@ cc_say "initdb in $work (port $port)"
 cc_cluster_init "$work" "$port" <<CONF || exit 1
 shared_preload_libraries = 'callback_center'
 callback_center.database = 'postgres'
+# Loopback is refused unless listed: the test receivers listen there.
+callback_center.allowed_destinations = '127.0.0.1, ::1'
 callback_center.jobs_enabled = off
 callback_center.jobs_interval = '100ms'
 callback_center.jobs_batch = $JOBS_BATCH

@@ -60,6 +60,8 @@ cc_say "initdb in $work (port $port)"
 cc_cluster_init "$work" "$port" <<CONF || exit 1
 $([ "${BENCH_PRELOAD:-1}" = 0 ] || echo "shared_preload_libraries = 'callback_center'")
 $([ "${BENCH_PRELOAD:-1}" = 0 ] || echo "callback_center.database = 'postgres'")
+# Loopback is refused unless listed: the test receivers listen there.
+callback_center.allowed_destinations = '127.0.0.1, ::1'
 synchronous_commit = on
 shared_buffers = 1GB
 max_connections = 200

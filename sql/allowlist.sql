@@ -17,12 +17,35 @@ EXCEPTION WHEN OTHERS THEN
 END
 $$;
 
--- The default: empty, every http(s) destination allowed.
+-- The default is empty (test/regress.conf lists 127.0.0.1 and ::1 for the
+-- receivers): every public destination, no reserved one.
 SHOW callback_center.allowed_destinations;
 SELECT name, context, vartype, boot_val FROM pg_settings
  WHERE name = 'callback_center.allowed_destinations';
-SELECT callback_center._check_destination('http://203.0.113.7/hooks') AS empty_list_allows;
-
+SELECT callback_center._check_destination('http://203.0.113.7/hooks', '') AS empty_list_allows;
+SELECT url, pg_temp.try(format('SELECT callback_center._check_destination(%L, %L)', url, ''))
+  FROM (VALUES
+    ('http://127.0.0.1:8080/x'), ('http://127.9.9.9/x'), ('http://[::1]/x'),
+    ('http://[::ffff:127.0.0.1]/x'), ('http://2130706433/x'), ('http://0x7f.1/x'),
+    ('http://169.254.169.254/latest/meta-data/'), ('http://0.0.0.0/x'),
+    ('http://[::]/x'), ('http://224.0.0.1/x'), ('http://255.255.255.255/x'),
+    ('http://[fe80::1]/x'), ('http://[ff02::1]/x'),
+    ('http://10.1.2.3/x'), ('http://172.16.0.1/x'), ('http://192.168.1.1/x'),
+    ('http://100.64.0.1/x'), ('http://[fd12::5]/x'), ('http://[::ffff:10.0.0.1]/x'),
+    ('http://172.32.0.1/x'), ('https://hooks.example.com/x')
+  ) v(url);
+-- Listing opens a reserved range only from inside it; names never do.
+SELECT url, allowed, pg_temp.try(format('SELECT callback_center._check_destination(%L, %L)', url, allowed))
+  FROM (VALUES
+    ('http://127.0.0.1:8080/x',        '127.0.0.1'),
+    ('http://127.0.0.1:8080/x',        '0.0.0.0/0, ::/0'),
+    ('http://10.1.2.3/x',              '10.0.0.0/8'),
+    ('http://10.1.2.3/x',              '0.0.0.0/0'),
+    ('http://[fd12::5]/x',             'fc00::/7'),
+    ('http://203.0.113.7/x',           '0.0.0.0/0, ::/0'),
+    ('http://127.0.0.1/x',             'localhost'),
+    ('http://localhost/x',             'localhost')
+  ) v(url, allowed);
 -- The check hook refuses malformed lists, naming the entry.
 ALTER SYSTEM SET callback_center.allowed_destinations = '10.0.0.0/8, 10.0.0.0/33';
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
@@ -46,6 +69,8 @@ SELECT url, allowed, pg_temp.try(format('SELECT callback_center._check_destinati
     ('http://127.0.0.1:8080/x',        '127.0.0.0/8'),
     ('http://127.0.0.1:8080/x',        '127.0.0.2/32'),
     ('http://127.0.0.1:8080/x',        'hooks.example.com'),
+    ('http://203.0.113.7:8080/x',      '10.0.0.0/8'),
+    ('http://203.0.113.7:8080/x',      '203.0.113.0/24'),
     ('https://[::1]:8443/x',           '::1'),
     ('https://[::1]:8443/x',           'fd00::/8'),
     ('https://[fd12::5]/x',            'fd00::/8'),
@@ -68,8 +93,22 @@ SELECT callback_center._check_destination('http://127.0.0.1/x', '10.0.0.0/33');
 SELECT callback_center._check_destination(NULL);
 \echo SQLSTATE :LAST_ERROR_SQLSTATE
 
--- create_endpoint and alter_endpoint go through it (the list is empty
--- here, so any http(s) URL passes; the URL rules still apply).
+-- URLs are judged by the parse the delivery makes (libcurl's), not by a
+-- second parser: what libcurl refuses cannot become an endpoint, and the
+-- host checked is the host connected to.
+SELECT url, pg_temp.try(format('SELECT callback_center._check_url(%L)', url))
+  FROM (VALUES
+    ('http://a%20b/x'), ('http://[1:2]/x'), ('http://x.example\evil/x'),
+    ('http://x.example%3A99/x'), ('http://exa%00mple.com/x'),
+    ('https:///x'), ('http://x.example\@127.0.0.1/x'),
+    ('http://2130706433/x'), ('http://127.0.0.1:0/x'), ('HTTPS://X.Example/x'),
+    ('http://127.0.0.1:8080/x'), ('http://[::1]:9/x')
+  ) v(url);
+SELECT callback_center._check_url('http://[1:2]/x');
+\echo SQLSTATE :LAST_ERROR_SQLSTATE
+
+-- create_endpoint and alter_endpoint go through it (the list here is
+-- 127.0.0.1 and ::1; the URL rules still apply).
 SELECT callback_center.create_endpoint('al_one', 'http://127.0.0.1:9/one', '{al.ev}') > 0 AS created;
 SELECT callback_center.alter_endpoint('al_one', '{"url": "https://[::1]:9/one"}');
 SELECT pg_temp.try($$SELECT callback_center.alter_endpoint('al_one', '{"url": "ftp://127.0.0.1/one"}')$$);

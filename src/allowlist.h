@@ -42,10 +42,23 @@ typedef struct CcAllowList
 	CcAllowEntry entries[FLEXIBLE_ARRAY_MEMBER];
 } CcAllowList;
 
-/* Why a URL's destination is refused at create time. */
+/*
+ * An IP address as the rules see it: an IPv4-mapped IPv6 address
+ * (::ffff:a.b.c.d) is the IPv4 address a.b.c.d.
+ */
+typedef struct CcIpAddr
+{
+	int			family;			/* AF_INET (4 bytes used) or AF_INET6 */
+	unsigned char addr[16];
+} CcIpAddr;
+
+/* Verdicts on a destination. */
 #define CC_ALLOW_OK			0
-#define CC_ALLOW_BAD_IP		1	/* an IP literal outside every network */
+#define CC_ALLOW_BAD_IP		1	/* an address outside every listed network */
 #define CC_ALLOW_BAD_NAME	2	/* a name, and the list has no network */
+#define CC_ALLOW_RESERVED	3	/* a loopback, link-local, private, ... address
+								 * (or one of this host's) no listed network
+								 * inside its range allows */
 
 extern CcAllowList *cc_allowlist_parse(const char *spec, char *err,
 									   size_t errlen);
@@ -53,10 +66,19 @@ extern bool cc_allowlist_match_name(const CcAllowList *list,
 									const char *host);
 extern bool cc_allowlist_match_addr(const CcAllowList *list,
 									const struct sockaddr *sa);
+extern bool cc_ip_from_sockaddr(const struct sockaddr *sa, CcIpAddr *ip);
+extern bool cc_ip_parse(const char *text, CcIpAddr *ip);
+extern const char *cc_ip_reserved(const CcIpAddr *ip, const CcIpAddr *own,
+								  int nown, int *bits);
+extern int	cc_allowlist_decide(const CcAllowList *list, const char *host,
+								const CcIpAddr *ip, const CcIpAddr *own,
+								int nown, const char **range);
 extern int	cc_allowlist_check_host(const CcAllowList *list,
-									const char *host);
+									const char *host, const CcIpAddr *own,
+									int nown, const char **range);
+extern int	cc_own_addresses(CcIpAddr **out);
 
-/* The list in force in this process (NULL: no restriction). */
+/* The list in force in this process (never NULL; may have no entries). */
 extern const CcAllowList *cc_allowlist_current(void);
 extern uint64 cc_allowlist_generation(void);
 extern void cc_allowlist_define_gucs(void);

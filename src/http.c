@@ -23,8 +23,15 @@
  *	  once, and never more than the open-file budget allows;
  *	- should_stop is called at least every CC_HTTP_POLL_MS, so a shutdown or
  *	  a cancel never waits for the slowest request;
- *	- redirects are not followed, only http and https are spoken, TLS peers
- *	  are verified, request headers are never logged.
+ *	- redirects are not followed, only http and https are spoken, no proxy
+ *	  is used, TLS peers are verified, request headers are never logged;
+ *	- every socket is opened only after callback_center.allowed_destinations
+ *	  has judged the very address it connects to (allowlist.c);
+ *	- the URL is parsed once, by the parser of the transfer itself (the
+ *	  CURLU handle the transfer is given), and cc_http_check_url is that
+ *	  parse: what endpoint creation accepts is what is connected to;
+ *	- the body and error of every result are valid text of the database
+ *	  encoding (sanitize.c).
  *
  *-------------------------------------------------------------------------
  */
@@ -41,6 +48,7 @@
 
 #include <curl/curl.h>
 
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "portability/instr_time.h"
 #include "storage/fd.h"
@@ -50,6 +58,7 @@
 
 #include "allowlist.h"
 #include "http.h"
+#include "sanitize.h"
 
 /* How long one wait for socket activity may last. */
 #define CC_HTTP_POLL_MS 100
@@ -78,9 +87,11 @@ typedef struct HttpSlot
 	int			retry_after_s;
 	instr_time	started;
 	char		errbuf[CURL_ERROR_SIZE];
-	const char *url;			/* the current transfer's URL */
-	char		blocked[INET6_ADDRSTRLEN];	/* address refused by the
-											 * allowlist, or "" */
+	CURLU	   *curlu;			/* the current transfer's parsed URL */
+	char	   *host;			/* its host (libcurl's string) */
+	char		blocked[INET6_ADDRSTRLEN + 32]; /* address refused by the
+												 * allowlist and its range,
+												 * or "" */
 } HttpSlot;
 
 /* State of one cc_http_run() call. */
@@ -113,6 +124,8 @@ static HttpSlot **http_slots = NULL;
 static int	http_nslots = 0;
 static int	http_maxconnects = 0;
 static uint64 http_allow_generation = 0;
+static CcIpAddr *http_own = NULL;	/* this host's addresses (malloc'd) */
+static int	http_nown = 0;
 
 static sigset_t http_perform_mask;
 
@@ -181,6 +194,10 @@ cc_http_cleanup(int code, Datum arg)
 			curl_multi_remove_handle(http_multi, slot->easy);
 		curl_slist_free_all(slot->headers);
 		slot->headers = NULL;
+		curl_url_cleanup(slot->curlu);
+		slot->curlu = NULL;
+		curl_free(slot->host);
+		slot->host = NULL;
 	}
 	curl_multi_cleanup(http_multi);
 	for (i = 0; i < http_nslots; i++)
@@ -216,34 +233,146 @@ cc_http_concurrency_limit(int max_concurrent)
 }
 
 /*
- * Returns NULL when url is one cc_http_run() may be given (an absolute http
- * or https URL with a host), else a short reason.  Allocates nothing that
- * outlives the call.
+ * Parses url with libcurl's URL parser, the one the transfer uses, and
+ * returns the handle (to be given to the transfer) when the URL is one
+ * deliveries may use: no space or control character, "http://" or
+ * "https://" (any case) and an authority, no user name or password, a
+ * host, a port (when given) of 1 to 65535.  Else NULL with *problem set,
+ * and libcurl's reason (a static string) in *detail when it refused.
+ * malloc only: runs from a backend or inside the worker's HTTP loop.
  */
-const char *
-cc_http_check_url(const char *url)
+static CURLU *
+http_parse_url(const char *url, CcUrlProblem *problem, const char **detail)
 {
 	CURLU	   *h;
-	char	   *scheme = NULL;
-	char	   *host = NULL;
-	const char *why = NULL;
+	CURLUcode	rc;
+	char	   *part = NULL;
+	const char *p;
+	size_t		skip;
 
+	*detail = NULL;
+	for (p = url; *p; p++)
+		if ((unsigned char) *p <= ' ' || (unsigned char) *p == 0x7f)
+		{
+			*problem = CC_URL_BAD_CHARS;
+			return NULL;
+		}
+	if (pg_strncasecmp(url, "http://", 7) == 0)
+		skip = 7;
+	else if (pg_strncasecmp(url, "https://", 8) == 0)
+		skip = 8;
+	else
+	{
+		*problem = CC_URL_BAD_SCHEME;
+		return NULL;
+	}
+	/* "https:///x" is host "x" to libcurl: refuse an empty authority. */
+	if (url[skip] == '/' || url[skip] == '\\' || url[skip] == '\0')
+	{
+		*problem = CC_URL_BAD_HOST;
+		return NULL;
+	}
 	h = curl_url();
 	if (h == NULL)
-		return "out of memory";
-	if (curl_url_set(h, CURLUPART_URL, url, CURLU_NON_SUPPORT_SCHEME) != CURLUE_OK)
-		why = "not a valid absolute URL";
-	else if (curl_url_get(h, CURLUPART_SCHEME, &scheme, 0) != CURLUE_OK ||
-			 (pg_strcasecmp(scheme, "http") != 0 &&
-			  pg_strcasecmp(scheme, "https") != 0))
-		why = "scheme is not http or https";
-	else if (curl_url_get(h, CURLUPART_HOST, &host, 0) != CURLUE_OK ||
-			 host[0] == '\0')
-		why = "URL has no host";
-	curl_free(scheme);
-	curl_free(host);
+	{
+		*problem = CC_URL_BAD_HOST;
+		*detail = "out of memory";
+		return NULL;
+	}
+	*problem = CC_URL_BAD_HOST;
+	rc = curl_url_set(h, CURLUPART_URL, url, 0);
+	if (rc != CURLUE_OK)
+	{
+#if LIBCURL_VERSION_NUM >= 0x075000
+		*detail = curl_url_strerror(rc);
+#endif
+		goto refuse;
+	}
+	if (curl_url_get(h, CURLUPART_USER, &part, 0) == CURLUE_OK ||
+		curl_url_get(h, CURLUPART_PASSWORD, &part, 0) == CURLUE_OK)
+	{
+		*problem = CC_URL_CREDENTIALS;
+		goto refuse;
+	}
+	if (curl_url_get(h, CURLUPART_HOST, &part, 0) != CURLUE_OK ||
+		part[0] == '\0')
+		goto refuse;
+	curl_free(part);
+	part = NULL;
+	if (curl_url_get(h, CURLUPART_PORT, &part, 0) == CURLUE_OK)
+	{
+		long		port = strtol(part, NULL, 10);
+
+		if (port < 1 || port > 65535)
+			goto refuse;
+	}
+	curl_free(part);
+	*problem = CC_URL_OK;
+	return h;
+
+refuse:
+	curl_free(part);
 	curl_url_cleanup(h);
-	return why;
+	return NULL;
+}
+
+/*
+ * Whether url is one cc_http_run() may be given, by the very parse the
+ * transfer makes (http_parse_url): CC_URL_OK, with the host as libcurl
+ * connects to it (IPv4 forms normalised, IPv6 in brackets) palloc'd in
+ * *host when host is not NULL; else the problem, and libcurl's reason in
+ * *detail when it gave one (NULL otherwise).
+ */
+CcUrlProblem
+cc_http_check_url(const char *url, char **host, const char **detail)
+{
+	CcUrlProblem problem;
+	const char *why;
+	CURLU	   *h = http_parse_url(url, &problem, &why);
+
+	if (detail != NULL)
+		*detail = why;
+	if (h != NULL && host != NULL)
+	{
+		char	   *part = NULL;
+
+		if (curl_url_get(h, CURLUPART_HOST, &part, 0) == CURLUE_OK)
+		{
+			/* copy after libcurl's string is freed: pstrdup may ERROR */
+			char	   *copy = strdup(part);
+
+			curl_free(part);
+			curl_url_cleanup(h);
+			if (copy == NULL)
+				elog(ERROR, "out of memory");
+			*host = pstrdup(copy);
+			free(copy);
+			return problem;
+		}
+		problem = CC_URL_BAD_HOST;
+	}
+	curl_url_cleanup(h);
+	return problem;
+}
+
+/* A short reason for a CcUrlProblem. */
+const char *
+cc_http_url_problem(CcUrlProblem problem)
+{
+	switch (problem)
+	{
+		case CC_URL_OK:
+			return "valid";
+		case CC_URL_BAD_CHARS:
+			return "whitespace or control characters";
+		case CC_URL_BAD_SCHEME:
+			return "scheme is not http or https";
+		case CC_URL_CREDENTIALS:
+			return "credentials in the URL";
+		case CC_URL_BAD_HOST:
+			return "no valid host";
+	}
+	return "invalid";
 }
 
 /*
@@ -289,43 +418,35 @@ cc_http_url_origin(const char *url)
 
 /*
  * Whether callback_center.allowed_destinations lets slot's transfer connect
- * to address: the resolved address is in a listed network, or the URL's
- * host is a listed name.  Runs inside libcurl: malloc only.
+ * to address (cc_allowlist_decide: the address, its range, the URL's
+ * host); when not, says which address and range in slot->blocked.  Runs
+ * inside libcurl: no palloc, no ERROR.
  */
 static bool
 http_destination_allowed(HttpSlot *slot, struct curl_sockaddr *address)
 {
-	const CcAllowList *list = cc_allowlist_current();
-	bool		ok = false;
+	CcIpAddr	ip;
+	const char *range = NULL;
+	const void *a;
+	size_t		len;
 
-	if (list == NULL || cc_allowlist_match_addr(list, &address->addr))
+	if (cc_ip_from_sockaddr(&address->addr, &ip) &&
+		cc_allowlist_decide(cc_allowlist_current(), slot->host, &ip,
+							http_own, http_nown, &range) == CC_ALLOW_OK)
 		return true;
-	if (list->nnames > 0 && slot->url != NULL)
-	{
-		CURLU	   *h = curl_url();
-		char	   *host = NULL;
 
-		if (h != NULL &&
-			curl_url_set(h, CURLUPART_URL, slot->url, 0) == CURLUE_OK &&
-			curl_url_get(h, CURLUPART_HOST, &host, 0) == CURLUE_OK)
-			ok = cc_allowlist_match_name(list, host);
-		curl_free(host);
-		curl_url_cleanup(h);
-	}
-	if (!ok)
-	{
-		const void *a;
-
-		if (address->family == AF_INET6)
-			a = &((struct sockaddr_in6 *) &address->addr)->sin6_addr;
-		else
-			a = &((struct sockaddr_in *) &address->addr)->sin_addr;
-
-		if (inet_ntop(address->family, a, slot->blocked,
-					  sizeof(slot->blocked)) == NULL)
-			strlcpy(slot->blocked, "address", sizeof(slot->blocked));
-	}
-	return ok;
+	if (address->family == AF_INET6)
+		a = &((struct sockaddr_in6 *) &address->addr)->sin6_addr;
+	else
+		a = &((struct sockaddr_in *) &address->addr)->sin_addr;
+	if (inet_ntop(address->family, a, slot->blocked,
+				  INET6_ADDRSTRLEN) == NULL)
+		strlcpy(slot->blocked, "address", sizeof(slot->blocked));
+	len = strlen(slot->blocked);
+	if (range != NULL)
+		snprintf(slot->blocked + len, sizeof(slot->blocked) - len,
+				 " (%s)", range);
+	return false;
 }
 
 /*
@@ -512,6 +633,55 @@ http_grow_pool(int want)
 	return http_nslots;
 }
 
+/* cc_sanitize_text's check for a database encoding other than UTF8. */
+static int
+http_encoding_char(const unsigned char *s, size_t len, void *arg)
+{
+	int			encoding = *(int *) arg;
+	int			l = pg_encoding_mblen(encoding, (const char *) s);
+
+	if ((size_t) l > len)
+		return 0;
+	l = pg_encoding_verifymbchar(encoding, (const char *) s, (int) len);
+	return l > 0 ? l : -1;
+}
+
+/*
+ * Returns the len bytes at s as valid text of the database encoding (see
+ * sanitize.c), palloc'd, at most cap bytes; cut says s was already cut
+ * short.  Sets *shortened when anything was left out.
+ */
+static char *
+http_text(const char *s, size_t len, size_t cap, bool cut, bool *shortened)
+{
+	int			encoding = GetDatabaseEncoding();
+	char	   *out;
+	int			flags = 0;
+
+	/* no more than the output can need: every byte a 3-byte U+FFFD */
+	cap = Min(cap, len * 3);
+	out = palloc(cap + 1);
+
+	if (encoding == PG_UTF8)
+		cc_sanitize_text(s, len, cut, out, cap, cc_utf8_char, NULL,
+						 CC_UTF8_REPLACEMENT, &flags);
+	else
+		cc_sanitize_text(s, len, cut, out, cap, http_encoding_char,
+						 &encoding, "?", &flags);
+	if (shortened != NULL)
+		*shortened = (flags & CC_TEXT_SHORTENED) != 0;
+	return out;
+}
+
+/* An error message (libcurl's, or ours around a peer's) as valid text. */
+static char *
+http_error_text(const char *msg)
+{
+	size_t		len = strlen(msg);
+
+	return http_text(msg, len, len * 3, false, NULL);
+}
+
 /* Fills a result for a request that failed before or without a transfer. */
 static void
 http_fail(HttpRun *run, int r, int code, const char *msg)
@@ -519,7 +689,7 @@ http_fail(HttpRun *run, int r, int code, const char *msg)
 	CcHttpResult *res = &run->results[r];
 
 	res->status = 0;
-	res->error = pstrdup(msg);
+	res->error = http_error_text(msg);
 	res->curl_code = code;
 	run->done[r] = true;
 	run->completed++;
@@ -539,6 +709,16 @@ static inline bool
 http_group_ready(HttpRun *run, int g)
 {
 	return run->group_head[g] >= 0 && run->group_active[g] < run->per_group;
+}
+
+/* Frees the parsed URL of slot's transfer. */
+static void
+http_drop_url(HttpSlot *slot)
+{
+	curl_url_cleanup(slot->curlu);
+	slot->curlu = NULL;
+	curl_free(slot->host);
+	slot->host = NULL;
 }
 
 #define SETOPT(opt, val) \
@@ -572,6 +752,28 @@ http_start(HttpRun *run, int r)
 	slot = http_slots[run->free_slots[run->nfree - 1]];
 	easy = slot->easy;
 
+	/* The one parse of the URL: the transfer is given this handle. */
+	{
+		CcUrlProblem problem;
+		const char *detail;
+		CURLU	   *h = http_parse_url(req->url, &problem, &detail);
+		char	   *host = NULL;
+
+		if (h == NULL || curl_url_get(h, CURLUPART_HOST, &host, 0) != CURLUE_OK)
+		{
+			char		msg[256];
+
+			curl_url_cleanup(h);
+			snprintf(msg, sizeof(msg), "invalid URL: %s%s%s",
+					 cc_http_url_problem(h ? CC_URL_BAD_HOST : problem),
+					 detail ? ": " : "", detail ? detail : "");
+			http_fail(run, r, CURLE_URL_MALFORMAT, msg);
+			return;
+		}
+		slot->curlu = h;
+		slot->host = host;
+	}
+
 	/* Caller's headers, then the ones every delivery carries. */
 	for (i = 0; i < req->nheaders; i++)
 	{
@@ -581,6 +783,7 @@ http_start(HttpRun *run, int r)
 		if (h == NULL || strpbrk(h, "\r\n") != NULL || strchr(h, ':') == NULL)
 		{
 			curl_slist_free_all(list);
+			http_drop_url(slot);
 			http_fail(run, r, CURLE_BAD_FUNCTION_ARGUMENT,
 					  "invalid request header");
 			return;
@@ -615,10 +818,9 @@ http_start(HttpRun *run, int r)
 	slot->len = 0;
 	slot->truncated = false;
 	slot->retry_after_s = -1;
-	slot->url = req->url;
 	slot->blocked[0] = '\0';
 
-	SETOPT(CURLOPT_URL, req->url);
+	SETOPT(CURLOPT_CURLU, slot->curlu);
 	SETOPT(CURLOPT_POST, 1L);
 	SETOPT(CURLOPT_POSTFIELDS, req->body ? req->body : "");
 	SETOPT(CURLOPT_POSTFIELDSIZE_LARGE,
@@ -634,6 +836,12 @@ http_start(HttpRun *run, int r)
 	SETOPT(CURLOPT_REDIR_PROTOCOLS, (long) (CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
 	SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
+
+	/*
+	 * No proxy, not even from http_proxy and the like in the environment:
+	 * the allowlist must judge the destination's address, not a proxy's.
+	 */
+	SETOPT(CURLOPT_PROXY, "");
 	SETOPT(CURLOPT_NOSIGNAL, 1L);
 	SETOPT(CURLOPT_TCP_KEEPALIVE, 1L);
 	SETOPT(CURLOPT_TIMEOUT_MS, (long) Max(req->timeout_ms, 1));
@@ -653,6 +861,7 @@ http_start(HttpRun *run, int r)
 	if (mrc != CURLM_OK)
 	{
 		curl_slist_free_all(list);
+		http_drop_url(slot);
 		http_fail(run, r, CURLE_FAILED_INIT, curl_multi_strerror(mrc));
 		return;
 	}
@@ -666,11 +875,13 @@ http_start(HttpRun *run, int r)
 
 setopt_failed:
 	curl_slist_free_all(list);
+	http_drop_url(slot);
 	http_fail(run, r, rc, curl_easy_strerror(rc));
 	return;
 
 oom:
 	curl_slist_free_all(list);
+	http_drop_url(slot);
 	http_fail(run, r, CURLE_OUT_OF_MEMORY, "out of memory");
 }
 
@@ -711,6 +922,7 @@ http_release(HttpRun *run, HttpSlot *slot)
 	curl_multi_remove_handle(http_multi, slot->easy);
 	curl_slist_free_all(slot->headers);
 	slot->headers = NULL;
+	http_drop_url(slot);
 	slot->req = -1;
 	run->free_slots[run->nfree++] = slot->slotno;
 	run->active--;
@@ -743,19 +955,25 @@ http_finish(HttpRun *run, CURL *easy, CURLcode code)
 	res->curl_code = code;
 	if (status > 0)
 	{
-		res->body = palloc(slot->len + 1);
-		if (slot->len > 0)
-			memcpy(res->body, slot->buf, slot->len);
-		res->body[slot->len] = '\0';
-		res->truncated = slot->truncated;
+		bool		shortened;
+
+		res->body = http_text(slot->buf ? slot->buf : "", slot->len,
+							  slot->cap, slot->truncated, &shortened);
+		res->truncated = slot->truncated || shortened;
 		res->retry_after_s = slot->retry_after_s;
 	}
 	if (code != CURLE_OK && slot->blocked[0] != '\0')
-		res->error = psprintf("destination not allowed: %s is not in callback_center.allowed_destinations",
-							  slot->blocked);
+	{
+		char		msg[256];
+
+		snprintf(msg, sizeof(msg),
+				 "destination not allowed: %s is not in callback_center.allowed_destinations",
+				 slot->blocked);
+		res->error = http_error_text(msg);
+	}
 	else if (code != CURLE_OK)
-		res->error = pstrdup(slot->errbuf[0] ? slot->errbuf :
-							 curl_easy_strerror(code));
+		res->error = http_error_text(slot->errbuf[0] ? slot->errbuf :
+									 curl_easy_strerror(code));
 	run->done[r] = true;
 	run->completed++;
 }
@@ -783,7 +1001,7 @@ http_abort_all(HttpRun *run, int code, const char *msg)
 		INSTR_TIME_SET_CURRENT(now);
 		INSTR_TIME_SUBTRACT(now, slot->started);
 		run->results[r].latency_ms = INSTR_TIME_GET_MILLISEC(now);
-		run->results[r].error = pstrdup(msg);
+		run->results[r].error = http_error_text(msg);
 		run->results[r].curl_code = code;
 		if (code != CURLE_ABORTED_BY_CALLBACK)
 		{
@@ -941,6 +1159,18 @@ cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
 		http_free_run(run);
 		pfree(run);
 		return completed;
+	}
+	{
+		/* This host's addresses now (kept when they cannot be read). */
+		CcIpAddr   *own;
+		int			nown = cc_own_addresses(&own);
+
+		if (nown >= 0)
+		{
+			free(http_own);
+			http_own = own;
+			http_nown = nown;
+		}
 	}
 	if (http_allow_generation != cc_allowlist_generation())
 	{

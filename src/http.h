@@ -6,7 +6,8 @@
  * http.c knows nothing of SQL: it runs no transaction, uses no SPI and never
  * raises an ERROR for a failed transfer.  Every outcome of a request (status,
  * connection refused, timeout, reset, out of file descriptors) is reported in
- * its CcHttpResult.  See doc/http.md.
+ * its CcHttpResult, whose strings are valid text of the database encoding
+ * (see sanitize.h).  See doc/http.md.
  *
  *-------------------------------------------------------------------------
  */
@@ -34,12 +35,13 @@ typedef struct CcHttpResult
 	int64		tag;
 	int			status;			/* HTTP status; 0 when no response arrived */
 	double		latency_ms;		/* from start of the transfer to its end */
-	char	   *body;			/* response body, at most body_cap bytes, NUL
+	char	   *body;			/* response body as valid text of the database
+								 * encoding, at most body_cap bytes, NUL
 								 * terminated; NULL when no response */
 	bool		truncated;		/* the body was longer than body_cap */
 	int			retry_after_s;	/* Retry-After in seconds, -1 if absent */
 	char	   *error;			/* NULL when the transfer completed; else a
-								 * short message */
+								 * short message (valid text) */
 	int			curl_code;		/* CURLcode, 0 on success */
 } CcHttpResult;
 
@@ -51,12 +53,24 @@ typedef struct CcHttpResult
 
 typedef bool (*CcHttpStopFn) (void *arg);
 
+/* Why cc_http_check_url refuses a URL. */
+typedef enum CcUrlProblem
+{
+	CC_URL_OK = 0,
+	CC_URL_BAD_CHARS,			/* whitespace or control characters */
+	CC_URL_BAD_SCHEME,			/* not http:// or https:// */
+	CC_URL_CREDENTIALS,			/* a user name or password */
+	CC_URL_BAD_HOST				/* no valid host or port for libcurl */
+} CcUrlProblem;
+
 extern void cc_http_init(void);
 extern int	cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
 						int max_concurrent, int max_per_group, int body_cap,
 						CcHttpStopFn should_stop, void *arg);
 extern int	cc_http_concurrency_limit(int max_concurrent);
-extern const char *cc_http_check_url(const char *url);
+extern CcUrlProblem cc_http_check_url(const char *url, char **host,
+									  const char **detail);
+extern const char *cc_http_url_problem(CcUrlProblem problem);
 extern char *cc_http_url_origin(const char *url);
 
 #endif							/* CC_HTTP_H */

@@ -13,7 +13,6 @@
 
 #include "catalog/pg_type.h"
 #include "funcapi.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -182,13 +181,18 @@ cc_http_probe(PG_FUNCTION_ARGS)
 	cc_http_init();
 	for (i = 0; i < nurls; i++)
 	{
-		const char *why = cc_http_check_url(urls[i]);
+		const char *detail;
+		CcUrlProblem problem = cc_http_check_url(urls[i], NULL, &detail);
 
-		if (why != NULL)
+		if (problem != CC_URL_OK)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("invalid URL \"%s\"", urls[i]),
-					 errdetail("The URL is refused: %s.", why),
+					 detail ?
+					 errdetail("The URL is refused: %s: %s.",
+							   cc_http_url_problem(problem), detail) :
+					 errdetail("The URL is refused: %s.",
+							   cc_http_url_problem(problem)),
 					 errhint("Only absolute http:// and https:// URLs with a host are allowed.")));
 	}
 
@@ -225,14 +229,9 @@ cc_http_probe(PG_FUNCTION_ARGS)
 		values[2] = Float8GetDatum(res->latency_ms);
 		if (res->body != NULL)
 		{
-			int			len = strlen(res->body);
-			int			valid = pg_encoding_verifymbstr(GetDatabaseEncoding(),
-														res->body, len);
-
-			/* Keep the valid prefix; a cut multibyte character is a cut. */
-			values[3] = PointerGetDatum(cstring_to_text_with_len(res->body,
-																 valid));
-			values[4] = BoolGetDatum(res->truncated || valid < len);
+			/* valid text already (http.c), cut on a character boundary */
+			values[3] = CStringGetTextDatum(res->body);
+			values[4] = BoolGetDatum(res->truncated);
 		}
 		else
 		{

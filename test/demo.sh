@@ -38,6 +38,8 @@ cc_cluster_init "$dir" "$port" <<CONF || exit 1
 shared_preload_libraries = 'callback_center'
 callback_center.database = 'postgres'
 callback_center.poll_interval = '200ms'
+# Loopback is refused unless listed: the test receivers listen there.
+callback_center.allowed_destinations = '127.0.0.1, ::1'
 CONF
 cc_cluster_start "$dir" || exit 1
 started=1

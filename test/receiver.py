@@ -24,7 +24,9 @@ drops it.  "cycle": ["500", "500", "200"] answers with each mode of the
 list in turn, request after request (mode must still be given; it is
 ignored).  retry_after is sent verbatim as Retry-After (seconds or an
 HTTP-date); body_size pads the body to that many bytes; delay_ms sleeps
-before answering (to make requests overlap).
+before answering (to make requests overlap).  Mode "bytes" answers
+"status" (default 200) with the raw bytes of "body_hex" (hex digits), to
+send bodies that are no valid text.
     GET /__stats   counts per path and mode, requests, connections,
                    max_in_flight (concurrency high-water mark)
     POST /__reset  drops every rule and zeroes the stats
@@ -221,6 +223,13 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.close()
             return
         extra = []
+        if mode == "bytes":
+            try:
+                self.reply(int(rule.get("status", 200)),
+                           bytes.fromhex(rule.get("body_hex", "")))
+            except OSError:
+                self.close_connection = True
+            return
         if mode == "redirect":
             status = 302
             extra.append(("Location", rule.get("location", "/redirected")))

@@ -43,6 +43,8 @@ shared_preload_libraries = 'callback_center'
 callback_center.poll_interval = '100ms'
 callback_center.batch_size = 50
 callback_center.retry_jitter = 0
+# Loopback is refused unless listed: the test receivers listen there.
+callback_center.allowed_destinations = '127.0.0.1, ::1'
 max_worker_processes = 8
 CONF
 

@@ -192,7 +192,7 @@ GRANT SELECT ON callback_center.endpoint_secrets TO callback_center_admin;
 
 -- Returns url when its host may be delivered to under the destination list
 -- allowed (NULL: callback_center.allowed_destinations), raises CB041
--- otherwise (src/allowlist_guc.c).  The worker checks every connection
+-- otherwise (src/url_check.c).  The worker checks every connection
 -- again, on the resolved address.
 CREATE FUNCTION callback_center._check_destination(url text, allowed text DEFAULT NULL)
 RETURNS text
@@ -200,51 +200,15 @@ AS 'MODULE_PATHNAME', 'cc_check_destination'
 LANGUAGE C STABLE PARALLEL SAFE;
 REVOKE ALL ON FUNCTION callback_center._check_destination(text, text) FROM PUBLIC;
 
--- Returns url when it is an absolute http(s) URL with a host that
--- callback_center.allowed_destinations allows; raises 22023 naming the
--- problem, or CB041 for a destination not allowed.
+-- Returns url when it is an absolute http(s) URL with a host and no
+-- credentials, at most 2048 characters, as libcurl's URL parser (the one
+-- the delivery uses) reads it, and callback_center.allowed_destinations
+-- allows its host; raises 22004 for NULL, 22023 naming the problem, or
+-- CB041 for a destination not allowed (src/url_check.c).
 CREATE FUNCTION callback_center._check_url(url text)
 RETURNS text
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, callback_center
-AS $$
-DECLARE
-    authority text;
-    host text;
-BEGIN
-    IF url IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'url must not be null';
-    END IF;
-    IF length(url) > 2048 THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = 'url is too long',
-            DETAIL = format('The url has %s characters; at most 2048 are allowed.', length(url));
-    END IF;
-    IF url ~ '[[:space:][:cntrl:]]' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = 'url must not contain whitespace or control characters';
-    END IF;
-    IF url !~* '^https?://' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('url "%s" must start with http:// or https://', url);
-    END IF;
-    authority := substring(url FROM '^[A-Za-z]+://([^/?#]*)');
-    IF position('@' IN authority) > 0 THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = 'url must not contain credentials',
-            HINT = 'Receivers authenticate deliveries by their signature.';
-    END IF;
-    -- host, [ipv6] or host:port with a port of 1 to 65535
-    host := substring(authority FROM '^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(:[0-9]{1,5})?$');
-    IF host IS NULL
-       OR coalesce(substring(authority FROM ':([0-9]{1,5})$')::integer, 1)
-          NOT BETWEEN 1 AND 65535 THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('url "%s" has no valid host', url);
-    END IF;
-    RETURN callback_center._check_destination(url);
-END
-$$;
+AS 'MODULE_PATHNAME', 'cc_check_url'
+LANGUAGE C STABLE;
 REVOKE ALL ON FUNCTION callback_center._check_url(text) FROM PUBLIC;
 
 -- Returns secret when it is a Standard Webhooks secret (whsec_ and the
