@@ -11,8 +11,9 @@ my $node = cc_node('lifecycle');
 
 # The server may open as many files as the machine allows: test/lib.sh
 # raises the soft limit that runuser resets to 1024 (the delivery and
-# bench runs keep hundreds of sockets open).
-my ($soft, $hard) = slurp_file('/proc/' . $node->safe_psql('postgres', 'SELECT pg_backend_pid()') . '/limits')
+# bench runs keep hundreds of sockets open); the postmaster's limit is
+# what every backend and worker inherits.
+my ($soft, $hard) = slurp_file('/proc/' . $node->{_pid} . '/limits')
   =~ /^Max open files\s+(\d+)\s+(\d+)/m;
 is($soft, $hard, "open-file soft limit raised to the hard limit ($soft of $hard)");
 

@@ -85,15 +85,15 @@ sub sale
 		[qr/^$/],
 		"$label: 32 clients deduct one hot SKU, with a normal one and restores, without errors",
 		{
-			"011_${tag}_one@8" => q{
+			"011_${tag}_one\@8" => q{
 \set q random(1, 3)
 SELECT bench_deduct('b' || nextval('bench_biz'), ARRAY['hot'], ARRAY[:q]::bigint[]);
 },
-			"011_${tag}_mixed@3" => q{
+			"011_${tag}_mixed\@3" => q{
 \set q random(1, 3)
 SELECT bench_deduct('b' || nextval('bench_biz'), ARRAY['plain', 'hot'], ARRAY[1, :q]::bigint[]);
 },
-			"011_${tag}_restore@1" => q{
+			"011_${tag}_restore\@1" => q{
 SELECT bench_restore();
 },
 		});
@@ -108,11 +108,11 @@ SELECT bench_restore();
 		[qr/^$/],
 		"$label: 32 clients drain the hot SKU without errors",
 		{
-			"011_${tag}_drain@10" => q{
+			"011_${tag}_drain\@10" => q{
 \set q random(1, 3)
 SELECT bench_deduct('b' || nextval('bench_biz'), ARRAY['hot'], ARRAY[:q]::bigint[]);
 },
-			"011_${tag}_restore2@1" => q{
+			"011_${tag}_restore2\@1" => q{
 SELECT bench_restore();
 },
 		});
