@@ -829,6 +829,27 @@ deduct_hot(const StockItem *item, int32 nslots, int64 version,
 }
 
 /*
+ * Longest biz id or SKU id, in bytes: the limit every key of the API has
+ * (callback_center._require_key), so that a huge key is a clear 22023 and
+ * not an index row too large (54000) or a megabyte in every log line.
+ * Checked where a key is written; a restore only looks up what was.
+ */
+#define CC_KEY_MAX_BYTES 200
+
+static void
+check_key(Datum key, const char *name)
+{
+	text	   *t = DatumGetTextPP(key);
+	int			len = VARSIZE_ANY_EXHDR(t);
+
+	if (len > CC_KEY_MAX_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is too long: %d bytes, at most %d",
+						name, len, CC_KEY_MAX_BYTES)));
+}
+
+/*
  * Deducts one item for biz, once.  If (biz, sku) is already recorded,
  * changes nothing and reports the recorded quantity.  Otherwise records it
  * and takes the units, or raises CB004 (unknown SKU), 0A000 (a version on
@@ -843,6 +864,9 @@ deduct_one(Datum biz, const StockItem *item)
 	int64		cur_avail;
 	int64		cur_version;
 	int32		cur_slots;
+
+	check_key(biz, "biz_id");
+	check_key(PointerGetDatum(item->sku), "sku");
 
 	o.stock_found = true;
 	args[0] = biz;
