@@ -3132,3 +3132,159 @@ RETURNS text
 AS 'MODULE_PATHNAME', 'cc_check_url'
 LANGUAGE C STABLE;
 REVOKE ALL ON FUNCTION callback_center._check_url(text) FROM PUBLIC;
+
+-- Query endpoints over https (issue 11, item 6): answers to status queries
+-- carry no signature the extension verifies yet, so only TLS vouches for
+-- them.  set_provider_query_endpoint refuses an endpoint that is not https
+-- unless allow_plain_http (recorded in providers.query_allow_plain_http,
+-- shown by the view provider_query_endpoints); _apply_query_answer refuses
+-- an answer from a plain-http endpoint without that opt-out (an endpoint
+-- altered to http afterwards, or a former query endpoint).  Existing
+-- plain-http query endpoints are not opted in: a warning names them.
+ALTER TABLE callback_center.providers
+    ADD COLUMN query_allow_plain_http boolean NOT NULL DEFAULT false;
+
+CREATE FUNCTION callback_center._url_is_https(url text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT lower(left(url, 8)) = 'https://'
+$$;
+REVOKE ALL ON FUNCTION callback_center._url_is_https(text) FROM PUBLIC;
+
+DROP FUNCTION callback_center.set_provider_query_endpoint(text, text);
+CREATE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text,
+    allow_plain_http boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    url text;
+BEGIN
+    IF set_provider_query_endpoint.provider IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider must not be null';
+    END IF;
+    IF set_provider_query_endpoint.allow_plain_http IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'allow_plain_http must not be null';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p
+                    WHERE p.name = set_provider_query_endpoint.provider) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', set_provider_query_endpoint.provider);
+    END IF;
+    IF set_provider_query_endpoint.endpoint IS NOT NULL THEN
+        SELECT e.url INTO url FROM callback_center.endpoints e
+         WHERE e.id = callback_center._endpoint_id(set_provider_query_endpoint.endpoint, false);
+        IF NOT callback_center._url_is_https(url)
+           AND NOT set_provider_query_endpoint.allow_plain_http THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('query endpoint "%s" does not use https',
+                                 set_provider_query_endpoint.endpoint),
+                DETAIL = 'Answers to status queries are applied to payments; over plain http anyone on the path can forge them.',
+                HINT = 'Give the endpoint an https:// URL, or pass allow_plain_http => true to accept its answers over plain http.';
+        END IF;
+    END IF;
+    UPDATE callback_center.providers p
+       SET query_endpoint = set_provider_query_endpoint.endpoint,
+           query_allow_plain_http = set_provider_query_endpoint.endpoint IS NOT NULL
+                                    AND set_provider_query_endpoint.allow_plain_http
+     WHERE p.name = set_provider_query_endpoint.provider;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center.set_provider_query_endpoint(text, text, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.set_provider_query_endpoint(text, text, boolean)
+    TO callback_center_admin;
+
+CREATE VIEW callback_center.provider_query_endpoints AS
+    SELECT p.name AS provider, p.query_endpoint AS endpoint, e.url,
+           p.query_allow_plain_http AS allow_plain_http
+      FROM callback_center.providers p
+      JOIN callback_center.endpoints e ON e.name = p.query_endpoint;
+REVOKE ALL ON callback_center.provider_query_endpoints FROM PUBLIC;
+GRANT SELECT ON callback_center.provider_query_endpoints TO callback_center_admin;
+
+CREATE OR REPLACE FUNCTION callback_center._apply_query_answer(query_id bigint, answer text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    q callback_center.payment_queries;
+    ep record;
+    scheme text;
+    msg record;
+    result text;
+BEGIN
+    SELECT * INTO q FROM callback_center.payment_queries x WHERE x.id = query_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('payment query %s does not exist', query_id);
+    END IF;
+    IF q.status <> 'sent' THEN
+        RETURN q.outcome;
+    END IF;
+    -- Only TLS vouches for an answer (no response signature is verified):
+    -- one from an http endpoint counts only if the admin allowed it there.
+    SELECT e.name, e.url INTO ep FROM callback_center.endpoints e WHERE e.id = q.endpoint_id;
+    IF NOT FOUND OR NOT (callback_center._url_is_https(ep.url)
+                         OR EXISTS (SELECT 1 FROM callback_center.providers p
+                                     WHERE p.name = q.provider AND p.query_endpoint = ep.name
+                                       AND p.query_allow_plain_http)) THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer,
+               outcome = CASE WHEN ep.name IS NULL THEN 'endpoint_gone' ELSE 'plain_http' END,
+               error = CASE WHEN ep.name IS NULL THEN 'the query endpoint is gone'
+                            ELSE format('the answer came over plain http from endpoint "%s", which is not allowed to answer over http (set_provider_query_endpoint''s allow_plain_http)',
+                                        ep.name) END,
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN CASE WHEN ep.name IS NULL THEN 'endpoint_gone' ELSE 'plain_http' END;
+    END IF;
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = q.provider;
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, coalesce(answer, ''));
+    EXCEPTION WHEN data_exception THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = SQLERRM, finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END;
+    IF msg.order_id IS DISTINCT FROM q.order_id THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = format('the answer is about order "%s", not "%s"', msg.order_id, q.order_id),
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END IF;
+    result := callback_center._apply_payment_result(q.provider, msg.txn_id, msg.order_id,
+                                                    msg.amount_cents, msg.currency, msg.verdict,
+                                                    'query');
+    UPDATE callback_center.payment_queries x
+       SET status = 'answered', answer = _apply_query_answer.answer, outcome = result,
+           finished_at = now()
+     WHERE x.id = q.id;
+    RETURN result;
+END
+$$;
+
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT p.name, p.query_endpoint, e.url
+          FROM callback_center.providers p
+          JOIN callback_center.endpoints e ON e.name = p.query_endpoint
+         WHERE NOT callback_center._url_is_https(e.url)
+         ORDER BY p.name
+    LOOP
+        RAISE WARNING 'the answers of query endpoint "%" (provider "%", %) will be refused: it does not use https',
+            r.query_endpoint, r.name, r.url
+            USING HINT = 'Give the endpoint an https:// URL, or run callback_center.set_provider_query_endpoint(provider, endpoint, allow_plain_http => true).';
+    END LOOP;
+END
+$$;
