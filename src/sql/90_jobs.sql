@@ -177,16 +177,6 @@ $$;
 -- Active query
 -- ------------------------------------------------------------------------
 
--- Where each provider answers status queries: an endpoint (10_outbox.sql)
--- that receives payment.query events; NULL: the provider is not queried.
--- query_allow_plain_http: the admin accepted answers from that endpoint
--- over plain http (set_provider_query_endpoint's allow_plain_http);
--- otherwise an answer is applied only when the endpoint's URL is https.
-ALTER TABLE callback_center.providers
-    ADD COLUMN query_endpoint text
-        REFERENCES callback_center.endpoints (name) ON UPDATE CASCADE ON DELETE SET NULL,
-    ADD COLUMN query_allow_plain_http boolean NOT NULL DEFAULT false;
-
 -- Payments waiting for money are found by the time they started paying.
 CREATE INDEX payments_paying ON callback_center.payments (updated_at)
     WHERE status = 'PAYING';
