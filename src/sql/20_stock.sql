@@ -134,10 +134,8 @@ DECLARE
     p_avail ALIAS FOR $2;
     n      integer;
 BEGIN
-    IF p_sku IS NULL OR p_avail IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'sku_id and available must not be null';
-    END IF;
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_avail, 'available');
     IF p_avail < 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('available must not be negative: %s', p_avail),
@@ -192,10 +190,8 @@ DECLARE
     cur     bigint;
     n       integer;
 BEGIN
-    IF p_sku IS NULL OR p_delta IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'sku_id and delta must not be null';
-    END IF;
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_delta, 'delta');
     SELECT s.available, s.slots INTO cur, n FROM callback_center.stock AS s
      WHERE s.sku_id = p_sku FOR UPDATE;
     IF NOT FOUND THEN
@@ -256,10 +252,8 @@ DECLARE
     cur     callback_center.stock;
     total   bigint;
 BEGIN
-    IF p_sku IS NULL OR p_slots IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'sku_id and slots must not be null';
-    END IF;
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_slots, 'slots');
     IF p_slots < 1 OR p_slots > 256 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('slots must be between 1 and 256: %s', p_slots),

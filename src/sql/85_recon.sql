@@ -310,11 +310,8 @@ AS $$
 DECLARE
     d callback_center.recon_diffs;
 BEGIN
-    IF diff_id IS NULL OR note IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'diff_id and note must not be null',
-            HINT = 'Say how the difference was settled.';
-    END IF;
+    PERFORM callback_center._require(diff_id, 'diff_id');
+    PERFORM callback_center._require(resolve_recon_diff.note, 'note');
     SELECT * INTO d FROM callback_center.recon_diffs x WHERE x.id = diff_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'P0002',

@@ -25,10 +25,9 @@ DECLARE
     ch text;
     jobid bigint;
 BEGIN
-    IF reconcile_channels IS NULL OR retention_cron IS NULL OR recon_cron IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'reconcile_channels, retention_cron and recon_cron must not be null';
-    END IF;
+    PERFORM callback_center._require(reconcile_channels, 'reconcile_channels');
+    PERFORM callback_center._require(retention_cron, 'retention_cron');
+    PERFORM callback_center._require(recon_cron, 'recon_cron');
     IF array_position(reconcile_channels, NULL) IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'a channel must not be null';
     END IF;

@@ -158,9 +158,7 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF max_orders IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_orders must not be null';
-    END IF;
+    PERFORM callback_center._require(max_orders, 'max_orders');
     IF max_orders < 1 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('max_orders must be positive, got %s', max_orders);
@@ -238,12 +236,9 @@ AS $$
 DECLARE
     url text;
 BEGIN
-    IF set_provider_query_endpoint.provider IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider must not be null';
-    END IF;
-    IF set_provider_query_endpoint.allow_plain_http IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'allow_plain_http must not be null';
-    END IF;
+    PERFORM callback_center._require(set_provider_query_endpoint.provider, 'provider');
+    PERFORM callback_center._require(set_provider_query_endpoint.allow_plain_http,
+                                     'allow_plain_http');
     IF NOT EXISTS (SELECT 1 FROM callback_center.providers p
                     WHERE p.name = set_provider_query_endpoint.provider) THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
@@ -301,9 +296,7 @@ DECLARE
     body jsonb;
     n integer := 0;
 BEGIN
-    IF max_payments IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_payments must not be null';
-    END IF;
+    PERFORM callback_center._require(max_payments, 'max_payments');
     IF max_payments < 1 OR stuck < interval '0' OR again < interval '0' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'max_payments must be positive and the intervals not negative';
@@ -428,9 +421,7 @@ DECLARE
     body text;
     n integer := 0;
 BEGIN
-    IF max_queries IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_queries must not be null';
-    END IF;
+    PERFORM callback_center._require(max_queries, 'max_queries');
     IF max_queries < 1 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('max_queries must be positive, got %s', max_queries);
