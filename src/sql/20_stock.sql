@@ -26,9 +26,8 @@ COMMENT ON TABLE callback_center.stock IS
 -- SKU, and the API never deletes a SKU.  fillfactor 10: a slot row is
 -- updated by every buyer, and with many buyers pinning a full page
 -- PostgreSQL can rarely prune it, so updates stop being HOT (new index
--- entries, a growing table).  Measured with 32 clients on 32 slots: 60%
--- of updates HOT and 5,400 deductions/s at the default fillfactor, all
--- HOT and 7,800/s at 10 (the slots then spread over 3 pages, not 1).
+-- entries, a growing table); at 10 the slots spread over several pages and
+-- stay HOT (doc/stock.md, "Cost", has the measurement).
 CREATE TABLE callback_center.stock_slots (
     sku_id      text NOT NULL,
     slot        integer NOT NULL CHECK (slot >= 0),

@@ -7,9 +7,9 @@
 -- What retention deletes, per relation, in order: delivered outbox rows,
 -- delivery attempts (when that table exists), state history, succeeded
 -- callback records and settled (applied or resolved) reconciliation
--- differences older than the cutoff
--- ($1).  Pending, delivering and dead outbox rows (dead ones stay for
--- replay) and pending, processing and failed callback records are never
+-- differences older than the cutoff ($1).  Pending, delivering and dead
+-- outbox rows (dead ones stay for replay), pending, processing and failed
+-- callback records, and flagged or pending_grace differences are never
 -- touched.  age says which of purge's ages applies: attempts, history, or
 -- events (older_than).
 CREATE FUNCTION callback_center._purge_targets()

@@ -147,10 +147,10 @@ $$;
 -- Closes up to max_orders orders whose pay deadline has passed, oldest
 -- deadline first, found through the partial index orders_pay_deadline
 -- (the view _orders_due, which passes over orders backing off after a
--- failed close) and locked with SKIP LOCKED (under READ COMMITTED the lock re-checks the
--- condition against the newest row version, so an order paid meanwhile is
--- passed over); orders or payments locked by others are skipped, never
--- waited for.  Each order is closed entirely in the caller's transaction,
+-- failed close) and locked with SKIP LOCKED (under READ COMMITTED the lock
+-- re-checks the condition against the newest row version, so an order
+-- paid meanwhile is passed over); orders or payments locked by others are
+-- skipped, never waited for.  Each order is closed entirely in the caller's transaction,
 -- exactly once.  Returns how many were closed.
 CREATE FUNCTION callback_center.close_expired_orders(max_orders integer DEFAULT 100)
 RETURNS integer
@@ -336,10 +336,12 @@ $$;
 -- Applies a provider's answer (the response body of the delivered
 -- payment.query) to the query's payment through the same path as
 -- payment_callback (_apply_payment_result, source 'query'), once: the
--- query becomes answered with the outcome, or failed (outcome bad_answer)
--- when the body is not a payment message for that order.  Calling it again
--- for a finished query changes nothing and returns the recorded outcome.
--- 42704 when the query does not exist.
+-- query becomes answered with the outcome, or failed: outcome plain_http
+-- (its endpoint is not https and the provider's query endpoint with
+-- allow_plain_http is not that one), endpoint_gone (nothing vouches for
+-- the channel), or bad_answer (the body is not a payment message for that
+-- order).  Calling it again for a finished query changes nothing and
+-- returns the recorded outcome.  42704 when the query does not exist.
 CREATE FUNCTION callback_center._apply_query_answer(query_id bigint, answer text)
 RETURNS text
 LANGUAGE plpgsql
