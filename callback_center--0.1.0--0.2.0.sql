@@ -3132,3 +3132,607 @@ RETURNS text
 AS 'MODULE_PATHNAME', 'cc_check_url'
 LANGUAGE C STABLE;
 REVOKE ALL ON FUNCTION callback_center._check_url(text) FROM PUBLIC;
+
+-- Query endpoints over https (issue 11, item 6): answers to status queries
+-- carry no signature the extension verifies yet, so only TLS vouches for
+-- them.  set_provider_query_endpoint refuses an endpoint that is not https
+-- unless allow_plain_http (recorded in providers.query_allow_plain_http,
+-- shown by the view provider_query_endpoints); _apply_query_answer refuses
+-- an answer from a plain-http endpoint without that opt-out (an endpoint
+-- altered to http afterwards, or a former query endpoint).  Existing
+-- plain-http query endpoints are not opted in: a warning names them.
+ALTER TABLE callback_center.providers
+    ADD COLUMN query_allow_plain_http boolean NOT NULL DEFAULT false;
+
+CREATE FUNCTION callback_center._url_is_https(url text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT lower(left(url, 8)) = 'https://'
+$$;
+REVOKE ALL ON FUNCTION callback_center._url_is_https(text) FROM PUBLIC;
+
+DROP FUNCTION callback_center.set_provider_query_endpoint(text, text);
+CREATE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text,
+    allow_plain_http boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    url text;
+BEGIN
+    IF set_provider_query_endpoint.provider IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider must not be null';
+    END IF;
+    IF set_provider_query_endpoint.allow_plain_http IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'allow_plain_http must not be null';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p
+                    WHERE p.name = set_provider_query_endpoint.provider) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', set_provider_query_endpoint.provider);
+    END IF;
+    IF set_provider_query_endpoint.endpoint IS NOT NULL THEN
+        SELECT e.url INTO url FROM callback_center.endpoints e
+         WHERE e.id = callback_center._endpoint_id(set_provider_query_endpoint.endpoint, false);
+        IF NOT callback_center._url_is_https(url)
+           AND NOT set_provider_query_endpoint.allow_plain_http THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('query endpoint "%s" does not use https',
+                                 set_provider_query_endpoint.endpoint),
+                DETAIL = 'Answers to status queries are applied to payments; over plain http anyone on the path can forge them.',
+                HINT = 'Give the endpoint an https:// URL, or pass allow_plain_http => true to accept its answers over plain http.';
+        END IF;
+    END IF;
+    UPDATE callback_center.providers p
+       SET query_endpoint = set_provider_query_endpoint.endpoint,
+           query_allow_plain_http = set_provider_query_endpoint.endpoint IS NOT NULL
+                                    AND set_provider_query_endpoint.allow_plain_http
+     WHERE p.name = set_provider_query_endpoint.provider;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center.set_provider_query_endpoint(text, text, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.set_provider_query_endpoint(text, text, boolean)
+    TO callback_center_admin;
+
+CREATE VIEW callback_center.provider_query_endpoints AS
+    SELECT p.name AS provider, p.query_endpoint AS endpoint, e.url,
+           p.query_allow_plain_http AS allow_plain_http
+      FROM callback_center.providers p
+      JOIN callback_center.endpoints e ON e.name = p.query_endpoint;
+REVOKE ALL ON callback_center.provider_query_endpoints FROM PUBLIC;
+GRANT SELECT ON callback_center.provider_query_endpoints TO callback_center_admin;
+
+CREATE OR REPLACE FUNCTION callback_center._apply_query_answer(query_id bigint, answer text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    q callback_center.payment_queries;
+    ep record;
+    scheme text;
+    msg record;
+    result text;
+BEGIN
+    SELECT * INTO q FROM callback_center.payment_queries x WHERE x.id = query_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('payment query %s does not exist', query_id);
+    END IF;
+    IF q.status <> 'sent' THEN
+        RETURN q.outcome;
+    END IF;
+    -- Only TLS vouches for an answer (no response signature is verified):
+    -- one from an http endpoint counts only if the admin allowed it there.
+    SELECT e.name, e.url INTO ep FROM callback_center.endpoints e WHERE e.id = q.endpoint_id;
+    IF NOT FOUND OR NOT (callback_center._url_is_https(ep.url)
+                         OR EXISTS (SELECT 1 FROM callback_center.providers p
+                                     WHERE p.name = q.provider AND p.query_endpoint = ep.name
+                                       AND p.query_allow_plain_http)) THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer,
+               outcome = CASE WHEN ep.name IS NULL THEN 'endpoint_gone' ELSE 'plain_http' END,
+               error = CASE WHEN ep.name IS NULL THEN 'the query endpoint is gone'
+                            ELSE format('the answer came over plain http from endpoint "%s", which is not allowed to answer over http (set_provider_query_endpoint''s allow_plain_http)',
+                                        ep.name) END,
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN CASE WHEN ep.name IS NULL THEN 'endpoint_gone' ELSE 'plain_http' END;
+    END IF;
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = q.provider;
+    BEGIN
+        msg := callback_center._parse_payment_body(scheme, coalesce(answer, ''));
+    EXCEPTION WHEN data_exception THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = SQLERRM, finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END;
+    IF msg.order_id IS DISTINCT FROM q.order_id THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer, outcome = 'bad_answer',
+               error = format('the answer is about order "%s", not "%s"', msg.order_id, q.order_id),
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'bad_answer';
+    END IF;
+    result := callback_center._apply_payment_result(q.provider, msg.txn_id, msg.order_id,
+                                                    msg.amount_cents, msg.currency, msg.verdict,
+                                                    'query');
+    UPDATE callback_center.payment_queries x
+       SET status = 'answered', answer = _apply_query_answer.answer, outcome = result,
+           finished_at = now()
+     WHERE x.id = q.id;
+    RETURN result;
+END
+$$;
+
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT p.name, p.query_endpoint, e.url
+          FROM callback_center.providers p
+          JOIN callback_center.endpoints e ON e.name = p.query_endpoint
+         WHERE NOT callback_center._url_is_https(e.url)
+         ORDER BY p.name
+    LOOP
+        RAISE WARNING 'the answers of query endpoint "%" (provider "%", %) will be refused: it does not use https',
+            r.query_endpoint, r.name, r.url
+            USING HINT = 'Give the endpoint an https:// URL, or run callback_center.set_provider_query_endpoint(provider, endpoint, allow_plain_http => true).';
+    END LOOP;
+END
+$$;
+
+-- One NULL helper: the NULL checks of these functions are calls of
+-- _require (00_schema.sql), 22004 naming each argument.  Functions that run
+-- with the caller's rights (attach_state_machine, detach_state_machine,
+-- apply_event, _fsm_require_machine, saga_run, _purge_check) keep their
+-- inline checks: the caller may not execute _require.
+
+CREATE OR REPLACE FUNCTION callback_center.set_stock(
+    sku_id text,
+    available bigint)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    result callback_center.stock;
+    p_sku  ALIAS FOR $1;
+    p_avail ALIAS FOR $2;
+    n      integer;
+BEGIN
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_avail, 'available');
+    IF p_avail < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('available must not be negative: %s', p_avail),
+            DETAIL = pg_catalog.format('SKU "%s" was given %s units.', p_sku, p_avail);
+    END IF;
+    LOOP
+        SELECT s.slots INTO n FROM callback_center.stock AS s
+         WHERE s.sku_id = p_sku FOR UPDATE;
+        IF n > 0 THEN
+            -- A hot SKU: the units go to its slots, evenly.
+            PERFORM callback_center._stock_spread(p_sku, p_avail);
+            UPDATE callback_center.stock AS s
+               SET version = s.version + 1, updated_at = pg_catalog.now()
+             WHERE s.sku_id = p_sku
+            RETURNING s.* INTO result;
+            result.available := p_avail;
+            RETURN result;
+        END IF;
+        -- The WHERE skips a row made hot since the SELECT found none.
+        INSERT INTO callback_center.stock AS s (sku_id, available, updated_at)
+        VALUES (p_sku, p_avail, pg_catalog.now())
+        ON CONFLICT ON CONSTRAINT stock_pkey DO UPDATE
+            SET available = EXCLUDED.available,
+                version = s.version + 1,
+                updated_at = EXCLUDED.updated_at
+            WHERE s.slots = 0
+        RETURNING s.* INTO result;
+        IF FOUND THEN
+            RETURN result;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.adjust_stock(
+    sku_id text,
+    delta bigint)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    result callback_center.stock;
+    p_sku   ALIAS FOR $1;
+    p_delta ALIAS FOR $2;
+    cur     bigint;
+    n       integer;
+BEGIN
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_delta, 'delta');
+    SELECT s.available, s.slots INTO cur, n FROM callback_center.stock AS s
+     WHERE s.sku_id = p_sku FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB004',
+            MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
+            HINT = 'Create it with callback_center.set_stock().';
+    END IF;
+    IF n > 0 THEN
+        -- A hot SKU: the new total is spread over its slots again, so no
+        -- slot goes below zero while the total covers the change.
+        cur := cur + callback_center._stock_lock_slots(p_sku);
+    END IF;
+    IF cur + p_delta < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB001',
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', p_sku),
+            DETAIL = pg_catalog.format('Adjusting by %s would leave %s units; %s are available.',
+                                       p_delta, cur + p_delta, cur);
+    END IF;
+    IF n > 0 THEN
+        PERFORM callback_center._stock_spread(p_sku, cur + p_delta);
+        UPDATE callback_center.stock AS s
+           SET available = 0, version = s.version + 1, updated_at = pg_catalog.now()
+         WHERE s.sku_id = p_sku
+        RETURNING s.* INTO result;
+        result.available := cur + p_delta;
+        RETURN result;
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = s.available + p_delta,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = p_sku
+    RETURNING s.* INTO result;
+    RETURN result;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.set_hot_sku(
+    sku_id text,
+    slots integer)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    result  callback_center.stock;
+    p_sku   ALIAS FOR $1;
+    p_slots ALIAS FOR $2;
+    cur     callback_center.stock;
+    total   bigint;
+BEGIN
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_slots, 'slots');
+    IF p_slots < 1 OR p_slots > 256 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('slots must be between 1 and 256: %s', p_slots),
+            HINT = 'Use 2 to 256 slots to make a SKU hot, 1 to make it normal again.';
+    END IF;
+    SELECT s.* INTO cur FROM callback_center.stock AS s WHERE s.sku_id = p_sku FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB004',
+            MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
+            HINT = 'Create it with callback_center.set_stock().';
+    END IF;
+    IF p_slots > 1 AND cur.reserved > 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = pg_catalog.format('SKU "%s" has reserved units', p_sku),
+            DETAIL = pg_catalog.format('TCC tries hold %s units of it.', cur.reserved),
+            HINT = 'Confirm or cancel its reservations first: a hot SKU cannot be reserved.';
+    END IF;
+    total := cur.available + callback_center._stock_lock_slots(p_sku);
+    DELETE FROM callback_center.stock_slots AS t WHERE t.sku_id = p_sku;
+    IF p_slots > 1 THEN
+        INSERT INTO callback_center.stock_slots (sku_id, slot, available)
+        SELECT p_sku, i, 0 FROM pg_catalog.generate_series(0, p_slots - 1) AS i;
+        PERFORM callback_center._stock_spread(p_sku, total);
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = CASE WHEN p_slots > 1 THEN 0 ELSE total END,
+           slots = CASE WHEN p_slots > 1 THEN p_slots ELSE 0 END,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = p_sku
+    RETURNING s.* INTO result;
+    result.available := total;
+    RETURN result;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.create_state_machine(
+    machine text,
+    description text DEFAULT '')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(machine, 'state machine name');
+    IF machine = '' OR octet_length(machine) > 63 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid state machine name "%s"', machine),
+            DETAIL = 'A machine name has 1 to 63 bytes.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.state_machines m
+                WHERE m.machine = create_state_machine.machine) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('state machine "%s" already exists', machine);
+    END IF;
+    INSERT INTO callback_center.state_machines (machine, description)
+    VALUES (machine, coalesce(description, ''));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._fsm_require_state(machine text, state text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(state, 'state');
+    IF NOT EXISTS (SELECT 1 FROM callback_center.machine_states s
+                    WHERE s.machine = _fsm_require_state.machine
+                      AND s.state = _fsm_require_state.state) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB011',
+            MESSAGE = format('unknown state "%s" in state machine "%s"', state, machine),
+            HINT = 'Add it with callback_center.add_state().';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.resolve_recon_diff(diff_id bigint, note text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    d callback_center.recon_diffs;
+BEGIN
+    PERFORM callback_center._require(diff_id, 'diff_id');
+    PERFORM callback_center._require(resolve_recon_diff.note, 'note');
+    SELECT * INTO d FROM callback_center.recon_diffs x WHERE x.id = diff_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'P0002',
+            MESSAGE = format('no reconciliation difference %s', diff_id);
+    END IF;
+    IF d.resolution = 'resolved' THEN
+        RETURN false;
+    END IF;
+    IF d.resolution <> 'flagged' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('reconciliation difference %s is %s, not flagged', diff_id, d.resolution),
+            DETAIL = 'Only flagged differences are waiting for a person.';
+    END IF;
+    UPDATE callback_center.recon_diffs x
+       SET resolution = 'resolved',
+           note = CASE WHEN x.note IS NULL THEN resolve_recon_diff.note
+                       ELSE x.note || '; ' || resolve_recon_diff.note END,
+           resolved_by = session_user, resolved_at = now()
+     WHERE x.id = diff_id;
+    RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.schedule_maintenance(
+    reconcile_channels text[] DEFAULT '{}',
+    retention_cron text DEFAULT '*/10 * * * *',
+    recon_cron text DEFAULT '30 1 * * *',
+    older_than interval DEFAULT '7 days',
+    attempts_older_than interval DEFAULT NULL,
+    history_older_than interval DEFAULT NULL,
+    batch_size integer DEFAULT 10000)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ch text;
+    jobid bigint;
+BEGIN
+    PERFORM callback_center._require(reconcile_channels, 'reconcile_channels');
+    PERFORM callback_center._require(retention_cron, 'retention_cron');
+    PERFORM callback_center._require(recon_cron, 'recon_cron');
+    IF array_position(reconcile_channels, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'a channel must not be null';
+    END IF;
+    PERFORM callback_center._purge_check(older_than, batch_size, attempts_older_than,
+                                         history_older_than);
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = 'pg_cron is not installed in this database',
+            HINT = 'Install pg_cron: set shared_preload_libraries = ''pg_cron'' and '
+                   'cron.database_name to this database, restart, then run CREATE EXTENSION pg_cron.';
+    END IF;
+
+    EXECUTE 'SELECT cron.unschedule(jobid) FROM cron.job'
+            ' WHERE jobname LIKE ''callback\_center\_recon\_%'' AND jobname <> ALL ($1)'
+        USING ARRAY(SELECT 'callback_center_recon_' || c FROM unnest(reconcile_channels) c);
+
+    -- A CALL alone in the job: pg_cron runs it outside a transaction block,
+    -- so the procedure may commit after each batch.
+    EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
+        USING 'callback_center_retention', retention_cron,
+              format('CALL callback_center.purge_in_batches(older_than => %L, batch_size => %s,'
+                     ' attempts_older_than => %L, history_older_than => %L)',
+                     older_than, batch_size, attempts_older_than, history_older_than);
+    RETURN NEXT jobid;
+    FOREACH ch IN ARRAY reconcile_channels LOOP
+        EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
+            USING 'callback_center_recon_' || ch, recon_cron,
+                  format('SELECT * FROM callback_center.reconcile(%L, current_date - 1)', ch);
+        RETURN NEXT jobid;
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.close_expired_orders(max_orders integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(max_orders, 'max_orders');
+    IF max_orders < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_orders must be positive, got %s', max_orders);
+    END IF;
+    RETURN callback_center._close_locked_orders(ARRAY(
+        SELECT d.order_id FROM callback_center._orders_due d
+         ORDER BY d.pay_deadline
+         LIMIT max_orders
+           FOR UPDATE SKIP LOCKED));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text,
+    allow_plain_http boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    url text;
+BEGIN
+    PERFORM callback_center._require(set_provider_query_endpoint.provider, 'provider');
+    PERFORM callback_center._require(set_provider_query_endpoint.allow_plain_http,
+                                     'allow_plain_http');
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p
+                    WHERE p.name = set_provider_query_endpoint.provider) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', set_provider_query_endpoint.provider);
+    END IF;
+    IF set_provider_query_endpoint.endpoint IS NOT NULL THEN
+        SELECT e.url INTO url FROM callback_center.endpoints e
+         WHERE e.id = callback_center._endpoint_id(set_provider_query_endpoint.endpoint, false);
+        IF NOT callback_center._url_is_https(url)
+           AND NOT set_provider_query_endpoint.allow_plain_http THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('query endpoint "%s" does not use https',
+                                 set_provider_query_endpoint.endpoint),
+                DETAIL = 'Answers to status queries are applied to payments; over plain http anyone on the path can forge them.',
+                HINT = 'Give the endpoint an https:// URL, or pass allow_plain_http => true to accept its answers over plain http.';
+        END IF;
+    END IF;
+    UPDATE callback_center.providers p
+       SET query_endpoint = set_provider_query_endpoint.endpoint,
+           query_allow_plain_http = set_provider_query_endpoint.endpoint IS NOT NULL
+                                    AND set_provider_query_endpoint.allow_plain_http
+     WHERE p.name = set_provider_query_endpoint.provider;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.query_stuck_payments(max_payments integer DEFAULT 100,
+    older_than interval DEFAULT NULL, min_interval interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    stuck interval := coalesce(older_than,
+        current_setting('callback_center.pay_query_after', true)::interval, '5 minutes');
+    again interval := coalesce(min_interval,
+        current_setting('callback_center.pay_query_interval', true)::interval, '1 minute');
+    r record;
+    ob_id bigint;
+    body jsonb;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_payments, 'max_payments');
+    IF max_payments < 1 OR stuck < interval '0' OR again < interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'max_payments must be positive and the intervals not negative';
+    END IF;
+    FOR r IN
+        SELECT p.payment_id, p.order_id, p.provider, p.amount_cents, e.id AS endpoint_id
+          FROM callback_center.payments p
+          JOIN callback_center.providers pr ON pr.name = p.provider
+          JOIN callback_center.endpoints e ON e.name = pr.query_endpoint AND e.enabled
+         WHERE p.status = 'PAYING' AND p.updated_at <= now() - stuck
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = p.payment_id
+                              AND (q.status = 'sent' OR q.queried_at > now() - again))
+         ORDER BY p.updated_at
+         LIMIT max_payments
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        -- To the query endpoint only, whatever else subscribes.
+        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'amount_cents', r.amount_cents);
+        PERFORM callback_center._check_event_size('payment.query', r.order_id, body);
+        INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
+        VALUES (r.endpoint_id, 'payment.query', r.order_id, body)
+        RETURNING id INTO ob_id;
+        INSERT INTO callback_center.payment_queries
+               (payment_id, order_id, provider, endpoint_id, outbox_id)
+        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
+        n := n + 1;
+    END LOOP;
+    IF n > 0 THEN
+        PERFORM callback_center._outbox_note_enqueue();
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.apply_query_answers(max_queries integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r record;
+    body text;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_queries, 'max_queries');
+    IF max_queries < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_queries must be positive, got %s', max_queries);
+    END IF;
+    FOR r IN
+        SELECT q.id, q.outbox_id, ob.status AS event_status, ob.last_error
+          FROM callback_center.payment_queries q
+          LEFT JOIN callback_center.outbox ob ON ob.id = q.outbox_id
+         WHERE q.status = 'sent'
+           AND (ob.id IS NULL OR ob.status IN ('delivered', 'dead'))
+         ORDER BY q.id
+         LIMIT max_queries
+           FOR UPDATE OF q SKIP LOCKED
+    LOOP
+        n := n + 1;
+        IF r.event_status IS DISTINCT FROM 'delivered' THEN
+            UPDATE callback_center.payment_queries x
+               SET status = 'failed', finished_at = now(),
+                   error = CASE WHEN r.event_status IS NULL THEN 'the query event is gone'
+                                ELSE format('the query was not delivered: %s', r.last_error) END
+             WHERE x.id = r.id;
+            CONTINUE;
+        END IF;
+        SELECT a.response_body INTO body FROM callback_center.delivery_attempts a
+         WHERE a.outbox_id = r.outbox_id AND a.http_status BETWEEN 200 AND 299
+         ORDER BY a.id DESC LIMIT 1;
+        BEGIN
+            PERFORM callback_center._apply_query_answer(r.id, body);
+        EXCEPTION WHEN OTHERS THEN
+            UPDATE callback_center.payment_queries x
+               SET status = 'failed', answer = body, outcome = 'error',
+                   error = format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE), finished_at = now()
+             WHERE x.id = r.id;
+        END;
+    END LOOP;
+    RETURN n;
+END
+$$;

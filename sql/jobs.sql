@@ -172,7 +172,13 @@ SELECT jb_err($$SELECT callback_center.mark_refunded(NULL, 'jb-t1')$$);
 -- 3. Active query: a payment stuck in PAYING is queried at its provider's
 -- query endpoint; the answer goes through the callback's path, once.
 -- ------------------------------------------------------------------------
-SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query');
+-- jb-query is plain http: refused unless the admin accepts answers over
+-- http from it, which is recorded and shown.
+SELECT jb_err($$SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query')$$);
+SELECT jb_err($$SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query', NULL)$$);
+SELECT count(*) AS configured FROM callback_center.provider_query_endpoints WHERE provider = 'jb-pay';
+SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query', allow_plain_http => true);
+SELECT * FROM callback_center.provider_query_endpoints WHERE provider = 'jb-pay';
 SELECT jb_err($$SELECT callback_center.set_provider_query_endpoint('jb-nobody', 'jb-query')$$);
 SELECT jb_err($$SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-nowhere')$$);
 SELECT jb_err($$SELECT callback_center.set_provider_query_endpoint(NULL, 'jb-query')$$);
@@ -307,6 +313,50 @@ SELECT provider_txn_id, order_id, kind, local_status, resolution
   FROM callback_center.recon_diffs WHERE channel = 'jb-pay' ORDER BY provider_txn_id;
 
 -- ------------------------------------------------------------------------
+-- 4b. Answers count only over https, unless the admin allowed plain http
+-- for that query endpoint.
+-- ------------------------------------------------------------------------
+-- An https query endpoint altered to plain http after it was named: its
+-- answers are refused (recorded as failed, plain_http), never applied,
+-- until the admin allows plain http there.
+SELECT callback_center.set_stock('jb-C', 10) IS NOT NULL AS c;
+SELECT callback_center.create_endpoint('jb-query-tls', 'https://127.0.0.1:9/query', '{payment.query}') > 0 AS tls;
+SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query-tls');
+SELECT * FROM callback_center.provider_query_endpoints WHERE provider = 'jb-pay';
+SELECT order_id, status FROM callback_center.place_order('jb-h1', 'uh1', '[{"sku":"jb-C","qty":1}]', 900,
+    NULL, 'jb-pay');
+SELECT callback_center.start_payment('jb-h1', 'jb-pay');
+SELECT callback_center.query_stuck_payments(10, '0 s', '0 s') AS sent;
+SELECT callback_center.alter_endpoint('jb-query-tls', '{"url":"http://127.0.0.1:9/query"}');
+SELECT jb_deliver('jb-h1', 200, jb_body('payment.succeeded', 'jb-th1', 'jb-h1', 900));
+SELECT callback_center.apply_query_answers(10) AS finished;
+SELECT status, outcome, error FROM callback_center.payment_queries WHERE order_id = 'jb-h1' ORDER BY id;
+SELECT * FROM jb_state('jb-h1');
+-- Direct application is refused the same way.
+SELECT callback_center._apply_query_answer(jb_ask('jb-h1'),
+    jb_body('payment.succeeded', 'jb-th1', 'jb-h1', 900)) AS direct;
+SELECT * FROM jb_state('jb-h1');
+-- Naming it again requires the opt-out; then its answers count.
+SELECT jb_err($$SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query-tls')$$);
+SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query-tls', allow_plain_http => true);
+SELECT callback_center._apply_query_answer(jb_ask('jb-h1'),
+    jb_body('payment.succeeded', 'jb-th1', 'jb-h1', 900)) AS allowed;
+SELECT * FROM jb_state('jb-h1');
+-- The opt-out belongs to the provider's current query endpoint: an answer
+-- to a query sent to a former plain-http one is refused.
+SELECT callback_center.alter_endpoint('jb-query-tls', '{"url":"https://127.0.0.1:9/query"}');
+SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query', allow_plain_http => true);
+SELECT order_id, status FROM callback_center.place_order('jb-h2', 'uh2', '[{"sku":"jb-C","qty":1}]', 900,
+    NULL, 'jb-pay');
+SELECT callback_center.start_payment('jb-h2', 'jb-pay');
+SELECT callback_center.query_stuck_payments(10, '0 s', '0 s') AS sent;
+SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query-tls');
+SELECT callback_center._apply_query_answer(max(id), jb_body('payment.succeeded', 'jb-th2', 'jb-h2', 900)) AS former
+  FROM callback_center.payment_queries WHERE order_id = 'jb-h2';
+SELECT status, outcome, error FROM callback_center.payment_queries WHERE order_id = 'jb-h2' ORDER BY id;
+SELECT * FROM jb_state('jb-h2');
+
+-- ------------------------------------------------------------------------
 -- 5. Privileges: the jobs are for admins.
 -- ------------------------------------------------------------------------
 SELECT p.proname, has_function_privilege('callback_center_app', p.oid, 'EXECUTE') AS app,
@@ -319,6 +369,7 @@ SELECT p.proname, has_function_privilege('callback_center_app', p.oid, 'EXECUTE'
  ORDER BY 1;
 
 -- Clean up what other files could trip over (a sink for every event).
-SELECT callback_center.drop_endpoint('jb-sink') >= 0 AS sink, callback_center.drop_endpoint('jb-query') >= 0 AS query;
+SELECT callback_center.drop_endpoint('jb-sink') >= 0 AS sink, callback_center.drop_endpoint('jb-query') >= 0 AS query,
+       callback_center.drop_endpoint('jb-query-tls') >= 0 AS query_tls;
 DROP FUNCTION jb_events(text), jb_headers(text, text), jb_body(text, text, text, bigint),
     jb_state(text), jb_err(text), jb_deliver(text, integer, text), jb_ask(text), jb_refuse();

@@ -16,7 +16,7 @@ SELECT callback_center.set_provider('pc-acme', 'standard_webhooks',
 SELECT callback_center.set_provider('pc-sandbox', 'standard_webhooks',
     ARRAY['whsec_c2FuZGJveCBzZWNyZXQga2V5IDEyMzQ1']);
 SELECT callback_center.set_provider('pc-stripe', 'stripe', ARRAY['whsec_pc_stripe']);
-SELECT callback_center.set_provider_query_endpoint('pc-acme', 'pc-query');
+SELECT callback_center.set_provider_query_endpoint('pc-acme', 'pc-query', allow_plain_http => true);
 
 -- A Standard Webhooks request signed with secret, timestamped now.
 CREATE FUNCTION pc_headers(secret text, body text, msg text) RETURNS jsonb LANGUAGE sql AS $$

@@ -26,9 +26,8 @@ COMMENT ON TABLE callback_center.stock IS
 -- SKU, and the API never deletes a SKU.  fillfactor 10: a slot row is
 -- updated by every buyer, and with many buyers pinning a full page
 -- PostgreSQL can rarely prune it, so updates stop being HOT (new index
--- entries, a growing table).  Measured with 32 clients on 32 slots: 60%
--- of updates HOT and 5,400 deductions/s at the default fillfactor, all
--- HOT and 7,800/s at 10 (the slots then spread over 3 pages, not 1).
+-- entries, a growing table); at 10 the slots spread over several pages and
+-- stay HOT (doc/stock.md, "Cost", has the measurement).
 CREATE TABLE callback_center.stock_slots (
     sku_id      text NOT NULL,
     slot        integer NOT NULL CHECK (slot >= 0),
@@ -134,10 +133,8 @@ DECLARE
     p_avail ALIAS FOR $2;
     n      integer;
 BEGIN
-    IF p_sku IS NULL OR p_avail IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'sku_id and available must not be null';
-    END IF;
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_avail, 'available');
     IF p_avail < 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('available must not be negative: %s', p_avail),
@@ -192,10 +189,8 @@ DECLARE
     cur     bigint;
     n       integer;
 BEGIN
-    IF p_sku IS NULL OR p_delta IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'sku_id and delta must not be null';
-    END IF;
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_delta, 'delta');
     SELECT s.available, s.slots INTO cur, n FROM callback_center.stock AS s
      WHERE s.sku_id = p_sku FOR UPDATE;
     IF NOT FOUND THEN
@@ -256,10 +251,8 @@ DECLARE
     cur     callback_center.stock;
     total   bigint;
 BEGIN
-    IF p_sku IS NULL OR p_slots IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'sku_id and slots must not be null';
-    END IF;
+    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_slots, 'slots');
     IF p_slots < 1 OR p_slots > 256 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = pg_catalog.format('slots must be between 1 and 256: %s', p_slots),

@@ -185,10 +185,7 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF machine IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'state machine name cannot be null';
-    END IF;
+    PERFORM callback_center._require(machine, 'state machine name');
     IF machine = '' OR octet_length(machine) > 63 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('invalid state machine name "%s"', machine),
@@ -231,10 +228,7 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF state IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'state cannot be null';
-    END IF;
+    PERFORM callback_center._require(state, 'state');
     IF NOT EXISTS (SELECT 1 FROM callback_center.machine_states s
                     WHERE s.machine = _fsm_require_state.machine
                       AND s.state = _fsm_require_state.state) THEN

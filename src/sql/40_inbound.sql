@@ -50,7 +50,15 @@ CREATE TABLE callback_center.providers (
     secrets    text[] NOT NULL
                CHECK (cardinality(secrets) >= 1 AND array_position(secrets, NULL) IS NULL),
     tolerance  interval CHECK (tolerance > interval '0'),
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- Where the provider answers status queries (90_jobs.sql): an endpoint
+    -- that receives payment.query events; NULL: it is not queried.
+    query_endpoint         text
+                           REFERENCES callback_center.endpoints (name)
+                           ON UPDATE CASCADE ON DELETE SET NULL,
+    -- Its answers count over plain http too (set_provider_query_endpoint's
+    -- allow_plain_http); otherwise only when the endpoint's URL is https.
+    query_allow_plain_http boolean NOT NULL DEFAULT false
 );
 
 COMMENT ON TABLE callback_center.providers IS

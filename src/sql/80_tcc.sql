@@ -650,8 +650,8 @@ REVOKE ALL ON FUNCTION callback_center.saga_run(text) FROM PUBLIC;
 -- them, is SECURITY INVOKER (its steps run with the caller's rights).
 -- Called directly they move only the bookkeeping, forward (a step or a
 -- saga can be marked done without running it; nothing is reserved or
--- released that way, the branches go through the barrier); _tcc_settle is called only by SECURITY
--- DEFINER functions and granted to no one.
+-- released that way, the branches go through the barrier).  _tcc_settle
+-- is called only by SECURITY DEFINER functions and granted to no one.
 GRANT EXECUTE ON FUNCTION
     callback_center.barrier(text, text, text),
     callback_center.tcc_stock_try(text, text, text, bigint),

@@ -147,10 +147,10 @@ $$;
 -- Closes up to max_orders orders whose pay deadline has passed, oldest
 -- deadline first, found through the partial index orders_pay_deadline
 -- (the view _orders_due, which passes over orders backing off after a
--- failed close) and locked with SKIP LOCKED (under READ COMMITTED the lock re-checks the
--- condition against the newest row version, so an order paid meanwhile is
--- passed over); orders or payments locked by others are skipped, never
--- waited for.  Each order is closed entirely in the caller's transaction,
+-- failed close) and locked with SKIP LOCKED (under READ COMMITTED the lock
+-- re-checks the condition against the newest row version, so an order
+-- paid meanwhile is passed over); orders or payments locked by others are
+-- skipped, never waited for.  Each order is closed entirely in the caller's transaction,
 -- exactly once.  Returns how many were closed.
 CREATE FUNCTION callback_center.close_expired_orders(max_orders integer DEFAULT 100)
 RETURNS integer
@@ -158,9 +158,7 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF max_orders IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_orders must not be null';
-    END IF;
+    PERFORM callback_center._require(max_orders, 'max_orders');
     IF max_orders < 1 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('max_orders must be positive, got %s', max_orders);
@@ -176,12 +174,6 @@ $$;
 -- ------------------------------------------------------------------------
 -- Active query
 -- ------------------------------------------------------------------------
-
--- Where each provider answers status queries: an endpoint (10_outbox.sql)
--- that receives payment.query events; NULL: the provider is not queried.
-ALTER TABLE callback_center.providers
-    ADD COLUMN query_endpoint text
-        REFERENCES callback_center.endpoints (name) ON UPDATE CASCADE ON DELETE SET NULL;
 
 -- Payments waiting for money are found by the time they started paying.
 CREATE INDEX payments_paying ON callback_center.payments (updated_at)
@@ -219,29 +211,68 @@ SELECT pg_catalog.pg_extension_config_dump('callback_center.payment_queries', ''
 SELECT pg_catalog.pg_extension_config_dump('callback_center.payment_queries_id_seq', '');
 GRANT SELECT ON callback_center.payment_queries TO callback_center_admin;
 
+-- True when url is https, read as the delivery reads it (http_parse_url in
+-- src/http.c: the scheme is a case-insensitive prefix, http:// or https://).
+CREATE FUNCTION callback_center._url_is_https(url text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT lower(left(url, 8)) = 'https://'
+$$;
+
 -- Names the endpoint that answers a provider's status queries (admin);
--- NULL stops querying it.  CB033 unknown provider, CB040 unknown endpoint.
-CREATE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text)
+-- NULL stops querying it.  The answers are applied to payments and carry
+-- no signature the extension verifies yet, so only TLS vouches for them:
+-- an endpoint whose URL is not https is refused (22023) unless
+-- allow_plain_http, recorded in providers.query_allow_plain_http.
+-- CB033 unknown provider, CB040 unknown endpoint.
+CREATE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text,
+    allow_plain_http boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
+DECLARE
+    url text;
 BEGIN
-    IF set_provider_query_endpoint.provider IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'provider must not be null';
-    END IF;
-    IF set_provider_query_endpoint.endpoint IS NOT NULL THEN
-        PERFORM callback_center._endpoint_id(set_provider_query_endpoint.endpoint, false);
-    END IF;
-    UPDATE callback_center.providers p
-       SET query_endpoint = set_provider_query_endpoint.endpoint
-     WHERE p.name = set_provider_query_endpoint.provider;
-    IF NOT FOUND THEN
+    PERFORM callback_center._require(set_provider_query_endpoint.provider, 'provider');
+    PERFORM callback_center._require(set_provider_query_endpoint.allow_plain_http,
+                                     'allow_plain_http');
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p
+                    WHERE p.name = set_provider_query_endpoint.provider) THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
             MESSAGE = format('unknown provider "%s"', set_provider_query_endpoint.provider);
     END IF;
+    IF set_provider_query_endpoint.endpoint IS NOT NULL THEN
+        SELECT e.url INTO url FROM callback_center.endpoints e
+         WHERE e.id = callback_center._endpoint_id(set_provider_query_endpoint.endpoint, false);
+        IF NOT callback_center._url_is_https(url)
+           AND NOT set_provider_query_endpoint.allow_plain_http THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('query endpoint "%s" does not use https',
+                                 set_provider_query_endpoint.endpoint),
+                DETAIL = 'Answers to status queries are applied to payments; over plain http anyone on the path can forge them.',
+                HINT = 'Give the endpoint an https:// URL, or pass allow_plain_http => true to accept its answers over plain http.';
+        END IF;
+    END IF;
+    UPDATE callback_center.providers p
+       SET query_endpoint = set_provider_query_endpoint.endpoint,
+           query_allow_plain_http = set_provider_query_endpoint.endpoint IS NOT NULL
+                                    AND set_provider_query_endpoint.allow_plain_http
+     WHERE p.name = set_provider_query_endpoint.provider;
 END
 $$;
+
+-- Each provider's query endpoint, its URL, and whether answers over plain
+-- http are accepted from it (admin).
+CREATE VIEW callback_center.provider_query_endpoints AS
+    SELECT p.name AS provider, p.query_endpoint AS endpoint, e.url,
+           p.query_allow_plain_http AS allow_plain_http
+      FROM callback_center.providers p
+      JOIN callback_center.endpoints e ON e.name = p.query_endpoint;
+REVOKE ALL ON callback_center.provider_query_endpoints FROM PUBLIC;
+GRANT SELECT ON callback_center.provider_query_endpoints TO callback_center_admin;
 
 -- Sends a status query (event payment.query, to the provider's query
 -- endpoint only) for up to max_payments payments that have been PAYING for
@@ -265,9 +296,7 @@ DECLARE
     body jsonb;
     n integer := 0;
 BEGIN
-    IF max_payments IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_payments must not be null';
-    END IF;
+    PERFORM callback_center._require(max_payments, 'max_payments');
     IF max_payments < 1 OR stuck < interval '0' OR again < interval '0' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'max_payments must be positive and the intervals not negative';
@@ -307,10 +336,12 @@ $$;
 -- Applies a provider's answer (the response body of the delivered
 -- payment.query) to the query's payment through the same path as
 -- payment_callback (_apply_payment_result, source 'query'), once: the
--- query becomes answered with the outcome, or failed (outcome bad_answer)
--- when the body is not a payment message for that order.  Calling it again
--- for a finished query changes nothing and returns the recorded outcome.
--- 42704 when the query does not exist.
+-- query becomes answered with the outcome, or failed: outcome plain_http
+-- (its endpoint is not https and the provider's query endpoint with
+-- allow_plain_http is not that one), endpoint_gone (nothing vouches for
+-- the channel), or bad_answer (the body is not a payment message for that
+-- order).  Calling it again for a finished query changes nothing and
+-- returns the recorded outcome.  42704 when the query does not exist.
 CREATE FUNCTION callback_center._apply_query_answer(query_id bigint, answer text)
 RETURNS text
 LANGUAGE plpgsql
@@ -318,6 +349,7 @@ SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
     q callback_center.payment_queries;
+    ep record;
     scheme text;
     msg record;
     result text;
@@ -329,6 +361,23 @@ BEGIN
     END IF;
     IF q.status <> 'sent' THEN
         RETURN q.outcome;
+    END IF;
+    -- Only TLS vouches for an answer (no response signature is verified):
+    -- one from an http endpoint counts only if the admin allowed it there.
+    SELECT e.name, e.url INTO ep FROM callback_center.endpoints e WHERE e.id = q.endpoint_id;
+    IF NOT FOUND OR NOT (callback_center._url_is_https(ep.url)
+                         OR EXISTS (SELECT 1 FROM callback_center.providers p
+                                     WHERE p.name = q.provider AND p.query_endpoint = ep.name
+                                       AND p.query_allow_plain_http)) THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_answer.answer,
+               outcome = CASE WHEN ep.name IS NULL THEN 'endpoint_gone' ELSE 'plain_http' END,
+               error = CASE WHEN ep.name IS NULL THEN 'the query endpoint is gone'
+                            ELSE format('the answer came over plain http from endpoint "%s", which is not allowed to answer over http (set_provider_query_endpoint''s allow_plain_http)',
+                                        ep.name) END,
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN CASE WHEN ep.name IS NULL THEN 'endpoint_gone' ELSE 'plain_http' END;
     END IF;
     SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = q.provider;
     BEGIN
@@ -374,9 +423,7 @@ DECLARE
     body text;
     n integer := 0;
 BEGIN
-    IF max_queries IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'max_queries must not be null';
-    END IF;
+    PERFORM callback_center._require(max_queries, 'max_queries');
     IF max_queries < 1 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('max_queries must be positive, got %s', max_queries);
@@ -418,15 +465,16 @@ $$;
 
 REVOKE ALL ON callback_center._orders_due FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._close_locked_orders(text[]),
+    callback_center._url_is_https(text),
     callback_center._note_close_failure(text, text),
     callback_center._close_order(text),
     callback_center.close_expired_orders(integer),
-    callback_center.set_provider_query_endpoint(text, text),
+    callback_center.set_provider_query_endpoint(text, text, boolean),
     callback_center.query_stuck_payments(integer, interval, interval),
     callback_center._apply_query_answer(bigint, text),
     callback_center.apply_query_answers(integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
-    callback_center.set_provider_query_endpoint(text, text),
+    callback_center.set_provider_query_endpoint(text, text, boolean),
     callback_center.query_stuck_payments(integer, interval, interval),
     callback_center.apply_query_answers(integer)
     TO callback_center_admin;

@@ -76,7 +76,7 @@ sq(q{SELECT callback_center.set_provider('tj-pay', 'standard_webhooks',
         ARRAY['whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw'])});
 sq(sprintf(q{SELECT callback_center.create_endpoint('tj-query', '%s', '{payment.query}', NULL,
         '{"max_attempts":1}')}, $rcv->url('/query')));
-sq(q{SELECT callback_center.set_provider_query_endpoint('tj-pay', 'tj-query')});
+sq(q{SELECT callback_center.set_provider_query_endpoint('tj-pay', 'tj-query', allow_plain_http => true)});
 $rcv->control('/query', '200', status_body =>
 	'{"type":"payment.succeeded","data":{"txn_id":"tq-t1","order_id":"tq-1","amount_cents":500}}');
 sq(q{SET callback_center.pay_timeout = '1h';

@@ -1,4 +1,4 @@
--- Retention as a procedure that commits after every batch (doc/recon.md).
+-- Retention as a procedure that commits after every batch (doc/retention.md).
 SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS callback_center CASCADE;
 RESET client_min_messages;

@@ -62,7 +62,7 @@ like( $node->safe_psql('postgres',
 my ($nret, $nout, $nerr) = $node->psql('postgres',
 	q{\set VERBOSITY verbose
 SELECT callback_center.schedule_maintenance(NULL)});
-like($nerr, qr/ERROR:  22004: reconcile_channels, retention_cron and recon_cron must not be null/,
+like($nerr, qr/ERROR:  22004: reconcile_channels must not be null/,
 	'22004 for a null argument');
 is( $node->safe_psql('postgres', q{SELECT count(*) FROM cron.job}),
 	'2', 'and the jobs are unchanged');
