@@ -3736,3 +3736,55 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- Stock keys: set_stock bounds a new SKU id like every key (200 bytes, 22023);
+-- deduct_stock does the same in C.
+CREATE OR REPLACE FUNCTION callback_center.set_stock(
+    sku_id text,
+    available bigint)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+#variable_conflict use_column
+DECLARE
+    result callback_center.stock;
+    p_sku  ALIAS FOR $1;
+    p_avail ALIAS FOR $2;
+    n      integer;
+BEGIN
+    PERFORM callback_center._require_key(p_sku, 'sku_id');
+    PERFORM callback_center._require(p_avail, 'available');
+    IF p_avail < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('available must not be negative: %s', p_avail),
+            DETAIL = pg_catalog.format('SKU "%s" was given %s units.', p_sku, p_avail);
+    END IF;
+    LOOP
+        SELECT s.slots INTO n FROM callback_center.stock AS s
+         WHERE s.sku_id = p_sku FOR UPDATE;
+        IF n > 0 THEN
+            -- A hot SKU: the units go to its slots, evenly.
+            PERFORM callback_center._stock_spread(p_sku, p_avail);
+            UPDATE callback_center.stock AS s
+               SET version = s.version + 1, updated_at = pg_catalog.now()
+             WHERE s.sku_id = p_sku
+            RETURNING s.* INTO result;
+            result.available := p_avail;
+            RETURN result;
+        END IF;
+        -- The WHERE skips a row made hot since the SELECT found none.
+        INSERT INTO callback_center.stock AS s (sku_id, available, updated_at)
+        VALUES (p_sku, p_avail, pg_catalog.now())
+        ON CONFLICT ON CONSTRAINT stock_pkey DO UPDATE
+            SET available = EXCLUDED.available,
+                version = s.version + 1,
+                updated_at = EXCLUDED.updated_at
+            WHERE s.slots = 0
+        RETURNING s.* INTO result;
+        IF FOUND THEN
+            RETURN result;
+        END IF;
+    END LOOP;
+END
+$fn$;

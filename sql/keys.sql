@@ -22,3 +22,6 @@ SELECT pg_temp.try($$SELECT callback_center.deduct_stock(repeat('b', 1000000),
 SELECT pg_temp.try($$SELECT callback_center.deduct_stock(repeat('b', 200), 'key-a', 1)$$);
 SELECT available FROM callback_center.stock WHERE sku_id = 'key-a';
 SELECT count(*) AS records FROM callback_center.stock_deductions WHERE sku_id = 'key-a';
+-- a new SKU's id too
+SELECT pg_temp.try($$SELECT callback_center.set_stock(repeat('s', 1000000), 1)$$);
+SELECT pg_temp.try($$SELECT callback_center.set_stock('', 1)$$);

@@ -133,7 +133,7 @@ DECLARE
     p_avail ALIAS FOR $2;
     n      integer;
 BEGIN
-    PERFORM callback_center._require(p_sku, 'sku_id');
+    PERFORM callback_center._require_key(p_sku, 'sku_id');
     PERFORM callback_center._require(p_avail, 'available');
     IF p_avail < 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
