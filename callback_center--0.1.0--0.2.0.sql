@@ -3632,10 +3632,13 @@ BEGIN
         -- An order we do not have: answered 404, nothing recorded, so
         -- that the provider delivers it again (the order may be in a
         -- database being restored, or the message for another system).
-        IF refusal IS NULL AND msg.verdict IS NOT NULL
-           AND NOT EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = msg.order_id) THEN
-            RETURN QUERY SELECT 404, '{"received":false,"reason":"unknown order"}', false, 'unknown_order';
-            RETURN;
+        -- (msg is unassigned when refusal is set.)
+        IF refusal IS NULL THEN
+            IF msg.verdict IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = msg.order_id) THEN
+                RETURN QUERY SELECT 404, '{"received":false,"reason":"unknown order"}', false, 'unknown_order';
+                RETURN;
+            END IF;
         END IF;
     END IF;
 
