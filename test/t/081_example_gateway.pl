@@ -78,6 +78,12 @@ is(post('/pay/acme', signed_headers('gw-m3', $nasty), $nasty), '200|{"received":
 	'a body with quotes and psql syntax is just a body');
 is($node->safe_psql('postgres', "SELECT payload FROM callback_center.callback_record WHERE biz_id = 'gw-m3'"),
 	$nasty, 'recorded byte for byte');
+# Each request is a new session: an unreadable signed body as a session's
+# first payment_callback read the unassigned message record (fixed).
+my $bad = '{"type": "payment.succeeded", "data": "\\!"';
+is(post('/pay/acme', signed_headers('gw-m4', $bad), $bad),
+	'400|{"reason": "unreadable payment message", "received": false}',
+	'an unreadable signed body, first in its session: refused once with 400');
 like(post('/pay/nosuch', {}, 'x'), qr/^500\|/, 'an unknown provider is the operator\'s problem: 500');
 like(post('/elsewhere', {}, 'x'), qr/^404\|/, 'other paths: 404');
 
