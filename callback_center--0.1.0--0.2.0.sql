@@ -3009,6 +3009,693 @@ BEGIN
 END
 $$;
 
+-- Payment channels, UnionPay and provider answers: scheme unionpay (acp
+-- SDK 5.1.0, signMethod 01: SHA256withRSA over the hex SHA-256 digest of
+-- the sorted parameters, by the certificate in signPubKeyCert, which must
+-- chain to the root and intermediate loaded with set_platform_keys and name
+-- the provider's organisation); Stripe and Standard Webhooks answer a bad,
+-- stale or malformed signature (401) and an unknown order (404) instead of
+-- raising CB030, CB031, CB032 and CB050 (45_channels.sql, 60_orders.sql,
+-- doc/inbound.md, doc/orders.md).
+ALTER TABLE callback_center.providers
+    DROP CONSTRAINT providers_scheme_check,
+    ADD CONSTRAINT providers_scheme_check CHECK (scheme IN ('standard_webhooks', 'stripe',
+                                                            'wechatpay_v3', 'wechatpay_v2', 'alipay',
+                                                            'unionpay'));
+
+CREATE FUNCTION callback_center._x509_chain_check(certificate text, cas text[], names text[],
+    OUT verdict text, OUT detail text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cc_x509_chain_check_sql'
+LANGUAGE C VOLATILE;
+
+-- Checks one entry of set_provider's secrets for a channel scheme: 22023
+-- with a detail that never quotes it.
+CREATE OR REPLACE FUNCTION callback_center._channel_check_secret(p_scheme text, p_secret text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF p_scheme = 'wechatpay_v3' THEN
+        IF octet_length(convert_to(p_secret, 'UTF8')) <> 32 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid APIv3 key',
+                DETAIL = format('The key is %s bytes; WeChat Pay APIv3 keys are 32.',
+                                octet_length(convert_to(p_secret, 'UTF8'))),
+                HINT = 'Give the APIv3 key set in the merchant platform; platform certificates go to callback_center.set_platform_keys().';
+        END IF;
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        IF octet_length(convert_to(regexp_replace(p_secret, '^md5:', ''), 'UTF8')) <> 32 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid API key',
+                DETAIL = format('The key is %s bytes; WeChat Pay API keys are 32.',
+                                octet_length(convert_to(regexp_replace(p_secret, '^md5:', ''), 'UTF8'))),
+                HINT = 'Give the API key set in the merchant platform, with md5: before it to accept the legacy MD5 sign.';
+        END IF;
+    ELSIF p_scheme = 'alipay' THEN
+        -- raises 22023 for a malformed key, not RSA, under 2048 bits
+        PERFORM callback_center._key_info(p_secret);
+    ELSIF p_scheme = 'unionpay' THEN
+        -- The organisation the signing certificate names (the third
+        -- "@" field of its common name, as UnionPay's SDK reads it).
+        IF length(p_secret) > 128 OR p_secret ~ '[@[:cntrl:]]' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid UnionPay organisation name',
+                DETAIL = 'The name is at most 128 characters, without "@" or control characters.',
+                HINT = 'Give the organisation of UnionPay''s signing certificates, 中国银联股份有限公司 (the default when secrets are NULL); the certificates go to callback_center.set_platform_keys().';
+        END IF;
+    END IF;
+END
+$$;
+
+-- set_platform_keys: replaces the platform keys of a wechatpay_v3 or
+-- unionpay provider with keys, a JSON object of name to PEM.  wechatpay_v3:
+-- serial (or public-key id) to platform certificate or public key; pass the
+-- old and the new key together while WeChat Pay rotates.  unionpay: any
+-- name to the UnionPay root certificate(s) (self-signed: the trust
+-- anchors) and intermediate certificate(s), which must chain to a root.
+-- Each key is checked (RSA, 2048 bits or more, a certificate valid now
+-- whose serial is its name for wechatpay_v3); returns how many are loaded.
+CREATE OR REPLACE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    chk record;
+    cas text[];
+    why text;
+    n integer := 0;
+BEGIN
+    IF p_provider IS NULL OR p_keys IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'provider and keys must not be null';
+    END IF;
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = p_provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3 or unionpay', p_provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+
+    IF v_scheme = 'unionpay' THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid UnionPay certificate "%s"', k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).';
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN n;
+END
+$$;
+
+COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
+    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, or a unionpay provider''s root and intermediate certificates (admin)';
+
+-- The answer a channel's provider expects: success, or failure with a
+-- short reason (never key material or the request).
+CREATE OR REPLACE FUNCTION callback_center._channel_answer(
+    p_scheme text, p_ok boolean, p_status integer, p_reason text,
+    OUT http_status integer, OUT response_body text)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF p_scheme = 'wechatpay_v3' THEN
+        -- WeChat Pay: 200 or 204 with no body acknowledges; any 4xx/5xx
+        -- with {"code":"FAIL","message":...} makes it resend.
+        IF p_ok THEN
+            http_status := 200;
+            response_body := '';
+        ELSE
+            http_status := p_status;
+            response_body := jsonb_build_object('code', 'FAIL', 'message', p_reason)::text;
+        END IF;
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        -- WeChat Pay v2: return_code SUCCESS acknowledges; FAIL (or no
+        -- answer) makes it resend.
+        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
+        response_body := format('<xml><return_code><![CDATA[%s]]></return_code>'
+                                '<return_msg><![CDATA[%s]]></return_msg></xml>',
+                                CASE WHEN p_ok THEN 'SUCCESS' ELSE 'FAIL' END,
+                                CASE WHEN p_ok THEN 'OK' ELSE p_reason END);
+    ELSIF p_scheme = 'alipay' THEN
+        -- Alipay: the exact body "success" acknowledges; anything else
+        -- makes it resend.
+        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
+        response_body := CASE WHEN p_ok THEN 'success' ELSE 'fail' END;
+    ELSIF p_scheme = 'unionpay' THEN
+        -- UnionPay: HTTP 200 acknowledges (the acp SDK's demo answers
+        -- "ok"); any other status makes it resend.
+        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
+        response_body := CASE WHEN p_ok THEN 'ok' ELSE 'fail' END;
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+END
+$$;
+
+-- UnionPay (China UnionPay online payments, acp SDK 5.1.0) back-end
+-- notifications.  The body is the form as posted; names and values are
+-- %-decoded to the bytes of the form's encoding (UTF-8 or GBK).  The
+-- signed string is every parameter but signature, empty values left out
+-- (the SDK neither sends nor reads them), sorted by name, joined as
+-- k=v&...; signature is SHA256withRSA (signMethod 01, version 5.1.0) over
+-- the lower-case hex SHA-256 digest of it, by the key of the certificate
+-- in signPubKeyCert, which must chain to the root and intermediate
+-- certificates loaded with set_platform_keys, be valid now and name one of
+-- the provider's organisation names (p_secrets).  UnionPay signs no
+-- notification time: a replay is a repeat of the recorded message, keyed
+-- by queryId and txnType.
+CREATE FUNCTION callback_center._unionpay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[] := '{}';
+    vals bytea[] := '{}';
+    pair text;
+    eq integer;
+    n bytea;
+    v bytea;
+    nm text;
+    charset text;
+    cs text;
+    cert bytea;
+    cert_pem text;
+    content bytea;
+    sig bytea;
+    cas text[];
+    chk record;
+    f jsonb;
+    total text;
+BEGIN
+    IF p_body = '' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
+        CONTINUE WHEN pair = '';
+        eq := strpos(pair, '=');
+        IF eq = 0 THEN
+            n := callback_center._form_decode(pair);
+            v := '';
+        ELSE
+            n := callback_center._form_decode(left(pair, eq - 1));
+            v := callback_center._form_decode(substr(pair, eq + 1));
+        END IF;
+        -- Names are printable ASCII.
+        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        nm := convert_from(n, 'UTF8');
+        IF nm = ANY (names) THEN
+            -- A parameter twice: which one did UnionPay sign?
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        names := names || nm;
+        vals := vals || v;
+    END LOOP;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'encoding')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs = 'GBK' THEN 'GBK' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- signMethod 01 of version 5.1.0 only: 5.0.0 signs SHA-1 digests with
+    -- a certificate chosen by certId, 11 and 12 are symmetric keys.
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        sig := NULL;
+    END;
+    IF sig IS NULL OR sig = '' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = p_provider;
+    IF cas IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no UnionPay certificates', p_provider),
+            HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
+    END IF;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, cas, p_secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
+                                    WHEN 'expired' THEN 'key_expired'
+                                    WHEN 'wrong_name' THEN 'wrong_organisation'
+                                    ELSE 'untrusted_key' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by UnionPay: from here on a problem is the body's.
+    BEGIN
+        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
+          INTO f FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm IN ('orderId', 'queryId', 'txnType', 'txnSubType', 'respCode',
+                        'txnAmt', 'currencyCode');
+        -- What a resend repeats: the signed parameters but the certificate
+        -- (UnionPay may sign a resend under its next certificate).
+        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
+          INTO payload FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm NOT IN ('signature', 'signPubKeyCert') AND x.v <> '';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF nullif(f->>'queryId', '') IS NULL OR nullif(f->>'txnType', '') IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := (f->>'queryId') || ':' || (f->>'txnType');
+    event_type := 'txnType ' || (f->>'txnType') || coalesce('/' || (f->>'txnSubType'), '');
+    IF f->>'txnType' = '01' THEN
+        -- Consumption: respCode 00 (success) and A6 (success with a
+        -- defect) pay; any other is one failed attempt.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'success' ELSE 'attempt_failed' END;
+        -- ISO 4217 numeric codes.
+        currency := CASE f->>'currencyCode'
+            WHEN '156' THEN 'CNY' WHEN '344' THEN 'HKD' WHEN '446' THEN 'MOP'
+            WHEN '901' THEN 'TWD' WHEN '840' THEN 'USD' WHEN '978' THEN 'EUR'
+            WHEN '826' THEN 'GBP' WHEN '392' THEN 'JPY' WHEN '410' THEN 'KRW'
+            WHEN '702' THEN 'SGD' WHEN '036' THEN 'AUD' WHEN '124' THEN 'CAD'
+            ELSE f->>'currencyCode' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$'
+           OR nullif(currency, '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    -- Other transaction types (refunds 04, cancellations 31, ...) are
+    -- recorded and acknowledged (verdict NULL).
+END
+$$;
+
+-- _channel_parse: verifies and decodes a channel provider's notification
+-- and checks it against the payment it names, before anything is
+-- recorded.  One row: ok with the message and the provider's
+-- acknowledgement (http_status, response_body), or not ok with failure
+-- (the outcome: malformed_signature, signature_expired, unknown_key,
+-- key_expired, untrusted_key, wrong_organisation, invalid_signature,
+-- malformed_body, decryption_failed, unknown_order, provider_mismatch,
+-- amount_mismatch, currency_mismatch) and the provider's failure answer.
+-- payload is what record_callback should hash (the body; for Alipay the
+-- signed parameters without notify_time, which changes on every resend;
+-- for UnionPay the signed parameters without the certificate).  Raises only for misuse:
+-- CB033 unknown provider, 55000 no key loaded, 22023 not a channel.
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    o record;
+    a record;
+BEGIN
+    IF p_scheme IS NULL OR p_provider IS NULL OR p_headers IS NULL OR p_body IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'scheme, provider, headers and body must not be null';
+    END IF;
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    -- The message must be about a payment we have, for its amount and
+    -- currency, and from the provider it is with.  Checked here so that a
+    -- refusal records nothing; _apply_payment_result checks again under
+    -- the row locks.
+    IF m.failure IS NULL AND m.verdict IS NOT NULL THEN
+        SELECT x.currency AS order_currency, p.amount_cents AS pay_cents, p.provider AS pay_provider
+          INTO o
+          FROM callback_center.orders x
+          LEFT JOIN callback_center.payments p ON p.order_id = x.order_id
+         WHERE x.order_id = m.order_id;
+        IF NOT FOUND OR o.pay_cents IS NULL THEN
+            m.failure := 'unknown_order'; m.fail_status := 404;
+        ELSIF o.pay_provider IS NOT NULL AND o.pay_provider <> p_provider THEN
+            m.failure := 'provider_mismatch'; m.fail_status := 400;
+        ELSIF m.amount_cents IS DISTINCT FROM o.pay_cents THEN
+            m.failure := 'amount_mismatch'; m.fail_status := 400;
+        ELSIF m.currency IS DISTINCT FROM o.order_currency THEN
+            m.failure := 'currency_mismatch'; m.fail_status := 400;
+        END IF;
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+REVOKE ALL ON FUNCTION
+    callback_center._x509_chain_check(text, text[], text[]),
+    callback_center._unionpay_parse(text, text[], interval, jsonb, text)
+FROM PUBLIC;
+
+-- set_provider: creates or replaces a provider.  Standard Webhooks secrets
+-- must be whsec_<base64>; secrets NULL generates one (new_webhook_secret(),
+-- read back with provider_secret()), so that no secret need be written
+-- into a statement, which the server logs with any error it raises; a
+-- tolerance of NULL means the GUC callback_center.signature_tolerance.  No
+-- message raised here contains a secret.
+CREATE OR REPLACE FUNCTION callback_center.set_provider(
+    p_name text, p_scheme text, p_secrets text[],
+    p_tolerance interval DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    PERFORM callback_center._require(p_scheme, 'scheme');
+    IF p_secrets IS NULL AND p_scheme = 'unionpay' THEN
+        -- UnionPay has no shared secret: what is kept is the organisation
+        -- its signing certificates name.
+        p_secrets := ARRAY['中国银联股份有限公司'];
+    ELSIF p_secrets IS NULL THEN
+        p_secrets := ARRAY[callback_center.new_webhook_secret()];
+    END IF;
+    -- Payment channels (45_channels.sql): wechatpay_v3, wechatpay_v2, alipay, unionpay.
+    IF p_scheme NOT IN ('standard_webhooks', 'stripe', 'wechatpay_v3', 'wechatpay_v2', 'alipay',
+                        'unionpay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('unknown signature scheme "%s"', p_scheme),
+            HINT = 'The schemes are standard_webhooks, stripe, wechatpay_v3, wechatpay_v2, alipay and unionpay.';
+    END IF;
+    IF cardinality(p_secrets) = 0 OR array_position(p_secrets, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'secrets must hold at least one secret and no nulls';
+    END IF;
+    IF p_tolerance <= interval '0' OR p_tolerance > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'tolerance must be positive and at most 100 years',
+            DETAIL = format('The value given was %s.', p_tolerance);
+    END IF;
+    FOREACH s IN ARRAY p_secrets LOOP
+        IF s = '' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'secrets must not be empty';
+        END IF;
+        IF p_scheme = 'standard_webhooks' THEN
+            -- raises 22023 for anything but whsec_<base64>
+            PERFORM callback_center.sign_webhook(s, 'probe', 0, '');
+        ELSIF p_scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay') THEN
+            -- Payment channels: the APIv3 key, API key, Alipay public key,
+            -- UnionPay organisation name (22023)
+            PERFORM callback_center._channel_check_secret(p_scheme, s);
+        END IF;
+    END LOOP;
+
+    INSERT INTO callback_center.providers (name, scheme, secrets, tolerance)
+    VALUES (p_name, p_scheme, p_secrets, p_tolerance)
+    ON CONFLICT (name) DO UPDATE
+       SET scheme = EXCLUDED.scheme, secrets = EXCLUDED.secrets,
+           tolerance = EXCLUDED.tolerance;
+END
+$$;
+
+-- A payment notification in one call: verify the signature, record it once
+-- (keyed by the provider's message id: Stripe's event id, the Standard
+-- Webhooks webhook-id header), move payment and order, emit the follow-ups
+-- (through the transitions' emits), and return the acknowledgement to send
+-- back.  A repeat returns the first answer and changes nothing.  The
+-- payment row guards the money itself: a second message about a
+-- transaction already applied is already_applied, and success on an order
+-- that can no longer be paid is kept and emits payment.refund_required.
+-- Event types we do not act on are recorded and acknowledged (ignored).
+-- What the provider gets wrong is an answer, never an error: a bad,
+-- stale or malformed signature (401) and an unknown order (404) record
+-- nothing; a signed body that cannot be read is recorded and refused once
+-- (400).  Errors are for misuse: NULL arguments (22004), an unknown
+-- provider (CB033), no key loaded (55000).  See doc/orders.md.
+CREATE OR REPLACE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_provider text := payment_callback.provider;
+    cb_type text := 'payment:' || p_provider;
+    scheme text;
+    channel boolean;
+    msg record;
+    msg_id text;
+    rec record;
+    result text;
+    refusal text;
+    sig_failure text;
+    ack text := '{"received":true}';
+    ch record;
+    rec_payload text := payment_callback.body;
+BEGIN
+    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
+    channel := scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay');
+    -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay, unionpay):
+    -- verified, decoded and checked against the payment by _channel_parse;
+    -- whatever the provider got wrong is answered in its own format,
+    -- recording nothing.  Its acknowledgement replaces ack.
+    IF channel THEN
+        SELECT * INTO ch FROM callback_center._channel_parse(scheme, p_provider,
+                                                             payment_callback.headers,
+                                                             payment_callback.body);
+        IF NOT ch.ok THEN
+            RETURN QUERY SELECT ch.http_status, ch.response_body, false, ch.failure;
+            RETURN;
+        END IF;
+        SELECT ch.txn_id, ch.order_id, ch.amount_cents, ch.verdict,
+               ch.msg_id AS event_id, ch.event_type, ch.currency
+          INTO msg;
+        msg_id := ch.msg_id;
+        ack := ch.response_body;
+        rec_payload := ch.payload;
+    ELSE
+        -- Verification comes first: a bad signature is answered 401 and
+        -- records nothing (verify_signature raises CB033 for an unknown
+        -- provider, which is misuse).  A signed body we cannot read (not
+        -- JSON, \u0000, an amount beyond bigint, ids missing) will never
+        -- read better: it is recorded and refused once, with 400, and
+        -- every redelivery gets that answer.
+        BEGIN
+            PERFORM callback_center.verify_signature(p_provider, payment_callback.headers,
+                                                     payment_callback.body);
+            msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+        EXCEPTION
+            WHEN SQLSTATE 'CB030' THEN sig_failure := 'invalid_signature';
+            WHEN SQLSTATE 'CB031' THEN sig_failure := 'signature_expired';
+            WHEN SQLSTATE 'CB032' THEN sig_failure := 'malformed_signature';
+            WHEN data_exception THEN refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+        END;
+        IF sig_failure IS NOT NULL THEN
+            RETURN QUERY SELECT 401,
+                format('{"received":false,"reason":"%s"}', replace(sig_failure, '_', ' ')),
+                false, sig_failure;
+            RETURN;
+        END IF;
+        IF scheme = 'stripe' AND refusal IS NULL THEN
+            msg_id := msg.event_id;
+        ELSIF scheme = 'stripe' THEN
+            -- An unreadable Stripe body has no event id: keyed by its hash.
+            msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
+        ELSE
+            -- verify_signature found exactly one, whatever its spelling.
+            SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
+             WHERE lower(h.key) = 'webhook-id';
+        END IF;
+        -- An order we do not have: answered 404, nothing recorded, so
+        -- that the provider delivers it again (the order may be in a
+        -- database being restored, or the message for another system).
+        -- (msg is unassigned when refusal is set.)
+        IF refusal IS NULL THEN
+            IF msg.verdict IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = msg.order_id) THEN
+                RETURN QUERY SELECT 404, '{"received":false,"reason":"unknown order"}', false, 'unknown_order';
+                RETURN;
+            END IF;
+        END IF;
+    END IF;
+
+    SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, rec_payload);
+    IF NOT rec.is_first THEN
+        IF channel AND (rec.payload_mismatch OR rec.status <> 2) THEN
+            -- Payment channels: the other repeats in the provider's format.
+            RETURN QUERY SELECT a.http_status, a.response_body, false, o.outcome
+              FROM (SELECT CASE WHEN rec.payload_mismatch THEN 'payload_mismatch'
+                                WHEN rec.status = 1 THEN 'in_progress' ELSE 'failed' END) o(outcome),
+                   callback_center._channel_answer(scheme, false,
+                       CASE WHEN rec.payload_mismatch THEN 409 WHEN rec.status = 1 THEN 503 ELSE 500 END,
+                       replace(o.outcome, '_', ' ')) a;
+        ELSIF rec.payload_mismatch THEN
+            RETURN QUERY SELECT 409, '{"received":false,"reason":"payload differs from the first delivery"}',
+                                false, 'payload_mismatch';
+        ELSIF rec.status = 2 THEN
+            RETURN QUERY SELECT coalesce((rec.result->>'http_status')::int, 200),
+                                coalesce(rec.result->>'body', ack), false,
+                                coalesce(rec.result->>'outcome', 'processed');
+        ELSIF rec.status = 1 THEN
+            -- Recorded but not finished (by a handler that records and
+            -- processes in separate transactions): the provider must come back.
+            RETURN QUERY SELECT 503, '{"received":false,"reason":"in progress"}', false, 'in_progress';
+        ELSE
+            -- Failed with no retries left (see reclaim_stale_callbacks): not
+            -- acknowledged, so the provider keeps it visible as failing.
+            RETURN QUERY SELECT 500, '{"received":false,"reason":"processing failed"}', false, 'failed';
+        END IF;
+        RETURN;
+    END IF;
+
+    IF refusal IS NOT NULL THEN
+        PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+            jsonb_build_object('http_status', 400,
+                               'body', jsonb_build_object('received', false,
+                                                          'reason', 'unreadable payment message')::text,
+                               'outcome', 'rejected', 'error', refusal));
+        RETURN QUERY SELECT 400, '{"reason": "unreadable payment message", "received": false}', true, 'rejected';
+        RETURN;
+    END IF;
+    IF msg.verdict IS NULL THEN
+        result := 'ignored';
+    ELSE
+        result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
+                                                        msg.amount_cents, msg.currency, msg.verdict,
+                                                        'callback');
+    END IF;
+
+    PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result,
+                           'order_id', msg.order_id, 'txn_id', msg.txn_id,
+                           'event_type', msg.event_type));
+    RETURN QUERY SELECT 200, ack, true, result;
+END
+$$;
+
 -- Workers: search_path pinned and every name qualified (issue 11); events
 -- bounded by callback_center.max_event_size (SQLSTATE 54000) in every
 -- writer of the outbox, and counted by the worker's claim, which makes an

@@ -656,7 +656,8 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 		}
 	}
 	else if (strcmp(scheme, "wechatpay_v3") == 0 ||
-			 strcmp(scheme, "wechatpay_v2") == 0 || strcmp(scheme, "alipay") == 0)
+			 strcmp(scheme, "wechatpay_v2") == 0 || strcmp(scheme, "alipay") == 0 ||
+			 strcmp(scheme, "unionpay") == 0)
 		/* Payment channels: verified by payment_callback (45_channels.sql). */
 		ereport(ERROR,
 				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),

@@ -3,7 +3,8 @@
  * channels.c
  *		The SQL face of the payment channels' cryptography: key inspection,
  *		RSA SHA256 verification, AES-256-GCM decryption and form decoding,
- *		for the schemes of src/sql/45_channels.sql (wechatpay_v3, alipay).
+ *		and certificate chains, for the schemes of src/sql/45_channels.sql
+ *		(wechatpay_v3, alipay, unionpay).
  *
  * Thin wrappers over crypto.c.  They never put key material, plaintext or
  * a signature in an error: a bad key is 22023 with crypto.c's reason as the
@@ -16,8 +17,10 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/timestamp.h"
 
@@ -29,6 +32,7 @@ PG_FUNCTION_INFO_V1(cc_rsa_sha256_check);
 PG_FUNCTION_INFO_V1(cc_aes256gcm_decrypt_sql);
 PG_FUNCTION_INFO_V1(cc_form_decode);
 PG_FUNCTION_INFO_V1(cc_hmac_sha256_sql);
+PG_FUNCTION_INFO_V1(cc_x509_chain_check_sql);
 
 /*
  * Raises null_value_not_allowed when argument argno is NULL.
@@ -248,4 +252,73 @@ cc_hmac_sha256_sql(PG_FUNCTION_ARGS)
 	cc_hmac_sha256((const uint8 *) VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key),
 				   parts, lens, 1, (uint8 *) VARDATA(out));
 	PG_RETURN_BYTEA_P(out);
+}
+
+/*
+ * The non-NULL elements of a text[] as C strings; *n their count.
+ */
+static const char **
+text_array_cstrings(ArrayType *arr, int *n)
+{
+	Datum	   *elems;
+	bool	   *nulls;
+	int			nelems;
+	const char **out;
+	int			i;
+
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &nulls, &nelems);
+	out = palloc(sizeof(char *) * (nelems + 1));
+	*n = 0;
+	for (i = 0; i < nelems; i++)
+		if (!nulls[i])
+			out[(*n)++] = TextDatumGetCString(elems[i]);
+	return out;
+}
+
+/*
+ * callback_center._x509_chain_check(cert text, cas text[], names text[]):
+ * one row (verdict, detail).  verdict is 'ok' when cert (PEM) is an RSA
+ * certificate that chains through the intermediates of cas to one of its
+ * self-signed roots, every certificate valid now, and whose subject names
+ * one of names (UnionPay's rule, see crypto.c; names NULL or empty skips
+ * it); else 'malformed', 'untrusted', 'expired' or 'wrong_name', with
+ * crypto.c's reason as detail.
+ */
+Datum
+cc_x509_chain_check_sql(PG_FUNCTION_ARGS)
+{
+	char	   *pem;
+	const char **cas;
+	const char **names = NULL;
+	int			ncas;
+	int			nnames = 0;
+	const char *why = NULL;
+	CcChainResult r;
+	TupleDesc	desc;
+	Datum		values[2];
+	bool		nulls[2] = {false, false};
+	static const char *const verdicts[] = {
+		[CC_CHAIN_OK] = "ok",
+		[CC_CHAIN_MALFORMED] = "malformed",
+		[CC_CHAIN_UNTRUSTED] = "untrusted",
+		[CC_CHAIN_EXPIRED] = "expired",
+		[CC_CHAIN_WRONG_NAME] = "wrong_name",
+	};
+
+	require_arg(fcinfo, 0, "certificate");
+	require_arg(fcinfo, 1, "cas");
+	pem = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	cas = text_array_cstrings(PG_GETARG_ARRAYTYPE_P(1), &ncas);
+	if (!PG_ARGISNULL(2))
+		names = text_array_cstrings(PG_GETARG_ARRAYTYPE_P(2), &nnames);
+	r = cc_x509_chain_check(pem, strlen(pem), cas, ncas, names, nnames, &why);
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	values[0] = CStringGetTextDatum(verdicts[r]);
+	if (why != NULL)
+		values[1] = CStringGetTextDatum(why);
+	else
+		nulls[1] = true;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }

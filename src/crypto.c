@@ -6,7 +6,8 @@
  *		interfaces.
  *
  * The leaf the payment channels stand on (WeChat Pay v3 signs with RSA and
- * encrypts with AES-256-GCM; Alipay signs with RSA).  No SQL, no SPI, no
+ * encrypts with AES-256-GCM; Alipay signs with RSA; UnionPay signs with
+ * RSA under a certificate that must chain to its root).  No SQL, no SPI, no
  * fmgr, and no ereport: every function returns normally after freeing what
  * OpenSSL allocated and clearing OpenSSL's error queue (which the server's
  * own TLS code shares), and explains a failure with a static string that
@@ -25,6 +26,8 @@
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
+#include <openssl/x509_vfy.h>
+#include <openssl/x509v3.h>
 
 #include "crypto.h"
 
@@ -275,6 +278,193 @@ cc_rsa_sha256_verify(const char *pem, size_t pemlen,
 	EVP_PKEY_free(pkey);
 	ERR_clear_error();
 	return rc == 1 ? CC_VERIFY_OK : CC_VERIFY_BAD_SIGNATURE;
+}
+
+/*
+ * The X.509 certificate of a PEM "CERTIFICATE" block (leading whitespace
+ * allowed), or NULL.  Free with X509_free.
+ */
+static X509 *
+read_certificate(const char *pem, size_t len)
+{
+	static const char head[] = "-----BEGIN CERTIFICATE-----";
+	BIO		   *bio;
+	X509	   *cert;
+
+	while (len > 0 && isspace((unsigned char) *pem))
+	{
+		pem++;
+		len--;
+	}
+	if (len < sizeof(head) - 1 || len > 64 * 1024 ||
+		strncmp(pem, head, sizeof(head) - 1) != 0)
+		return NULL;
+	bio = BIO_new_mem_buf(pem, (int) len);
+	if (bio == NULL)
+		return NULL;
+	cert = PEM_read_bio_X509(bio, NULL, NULL, NULL);
+	BIO_free(bio);
+	return cert;
+}
+
+/*
+ * Whether the subject of cert names one of names the way UnionPay's acp SDK
+ * reads it: the subject's (last) common name split at "@", whose third
+ * field must equal the name exactly (production certificates carry
+ * "...@...@中国银联股份有限公司@...", the test environment's
+ * "...@...@00040000:SIGN@...").
+ */
+static bool
+subject_names(X509 *cert, const char *const *names, int nnames)
+{
+	X509_NAME  *subject = X509_get_subject_name(cert);
+	int			idx = -1;
+	int			last = -1;
+	unsigned char *cn = NULL;
+	int			cnlen;
+	const char *field;
+	const char *end;
+	int			at = 0;
+	bool		found = false;
+	int			i;
+
+	while ((idx = X509_NAME_get_index_by_NID(subject, NID_commonName, idx)) >= 0)
+		last = idx;
+	if (last < 0)
+		return false;
+	cnlen = ASN1_STRING_to_UTF8(&cn,
+								X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject,
+																			 last)));
+	if (cnlen < 0)
+		return false;
+	if (memchr(cn, '\0', cnlen) != NULL)
+	{
+		OPENSSL_free(cn);
+		return false;
+	}
+	field = (const char *) cn;
+	end = field + cnlen;
+	while (at < 2 && field < end)
+	{
+		if (*field++ == '@')
+			at++;
+	}
+	if (at == 2)
+	{
+		const char *stop = memchr(field, '@', end - field);
+		size_t		flen = (stop ? stop : end) - field;
+
+		for (i = 0; i < nnames && !found; i++)
+			found = (strlen(names[i]) == flen &&
+					 memcmp(names[i], field, flen) == 0);
+	}
+	OPENSSL_free(cn);
+	return found;
+}
+
+/*
+ * Checks the certificate of pem against a trust configuration: cas holds
+ * PEM certificates, the self-signed ones being trusted roots and the others
+ * intermediates.  CC_CHAIN_OK when pem is an RSA certificate of at least
+ * CC_RSA_MIN_BITS that chains through the intermediates to a root, every
+ * certificate of the chain valid now, and (when nnames > 0) whose subject
+ * names one of names (see subject_names).  Otherwise the failure, with *why.
+ * Revocation is not checked (the acp SDK does not either).
+ */
+CcChainResult
+cc_x509_chain_check(const char *pem, size_t len,
+					const char *const *cas, int ncas,
+					const char *const *names, int nnames,
+					const char **why)
+{
+	X509	   *leaf;
+	X509_STORE *store = NULL;
+	STACK_OF(X509) *untrusted = NULL;
+	X509_STORE_CTX *ctx = NULL;
+	EVP_PKEY   *pkey;
+	CcChainResult result = CC_CHAIN_UNTRUSTED;
+	int			i;
+
+	*why = NULL;
+	leaf = read_certificate(pem, len);
+	if (leaf == NULL)
+	{
+		*why = "The certificate is not a readable PEM certificate.";
+		ERR_clear_error();
+		return CC_CHAIN_MALFORMED;
+	}
+	pkey = X509_get0_pubkey(leaf);
+	if (pkey == NULL || EVP_PKEY_base_id(pkey) != EVP_PKEY_RSA ||
+		EVP_PKEY_get_bits(pkey) < CC_RSA_MIN_BITS)
+	{
+		*why = "The certificate's key is not an RSA key of 2048 bits or more.";
+		result = CC_CHAIN_MALFORMED;
+		goto done;
+	}
+
+	store = X509_STORE_new();
+	untrusted = sk_X509_new_null();
+	ctx = X509_STORE_CTX_new();
+	if (store == NULL || untrusted == NULL || ctx == NULL)
+	{
+		*why = "Out of memory checking the certificate.";
+		result = CC_CHAIN_MALFORMED;
+		goto done;
+	}
+	for (i = 0; i < ncas; i++)
+	{
+		X509	   *ca = read_certificate(cas[i], strlen(cas[i]));
+
+		if (ca == NULL)
+			continue;			/* checked when loaded: cannot happen */
+		if (X509_check_issued(ca, ca) == X509_V_OK)
+		{
+			X509_STORE_add_cert(store, ca);
+			X509_free(ca);
+		}
+		else if (!sk_X509_push(untrusted, ca))
+			X509_free(ca);
+	}
+	if (X509_STORE_CTX_init(ctx, store, leaf, untrusted) != 1)
+	{
+		*why = "Out of memory checking the certificate.";
+		result = CC_CHAIN_MALFORMED;
+		goto done;
+	}
+	if (X509_verify_cert(ctx) != 1)
+	{
+		int			err = X509_STORE_CTX_get_error(ctx);
+
+		if (err == X509_V_ERR_CERT_HAS_EXPIRED ||
+			err == X509_V_ERR_CERT_NOT_YET_VALID)
+		{
+			*why = X509_STORE_CTX_get_error_depth(ctx) == 0 ?
+				"The certificate has expired or is not valid yet." :
+				"A certificate of its chain has expired or is not valid yet.";
+			result = CC_CHAIN_EXPIRED;
+		}
+		else
+		{
+			*why = "The certificate does not chain to a configured root.";
+			result = CC_CHAIN_UNTRUSTED;
+		}
+		goto done;
+	}
+	if (nnames > 0 && !subject_names(leaf, names, nnames))
+	{
+		*why = "The certificate's subject does not name the expected organisation.";
+		result = CC_CHAIN_WRONG_NAME;
+		goto done;
+	}
+	result = CC_CHAIN_OK;
+
+done:
+	X509_STORE_CTX_free(ctx);
+	sk_X509_pop_free(untrusted, X509_free);
+	X509_STORE_free(store);
+	X509_free(leaf);
+	ERR_clear_error();
+	return result;
 }
 
 /*

@@ -46,6 +46,16 @@ typedef enum CcVerifyResult
 	CC_VERIFY_BAD_KEY			/* the key is unusable (see why) */
 } CcVerifyResult;
 
+/* Outcome of a certificate chain check (cc_x509_chain_check). */
+typedef enum CcChainResult
+{
+	CC_CHAIN_OK,				/* chains to a trusted root, valid now, named */
+	CC_CHAIN_MALFORMED,			/* the certificate cannot be read or used */
+	CC_CHAIN_UNTRUSTED,			/* it does not chain to a given root */
+	CC_CHAIN_EXPIRED,			/* it or a certificate of its chain is out of date */
+	CC_CHAIN_WRONG_NAME			/* its subject does not name the organisation */
+} CcChainResult;
+
 /* pem is NUL-terminated at len. */
 extern bool cc_key_inspect(const char *pem, size_t len, bool check_validity,
 						   CcKeyInfo *info, const char **why);
@@ -55,6 +65,10 @@ extern CcVerifyResult cc_rsa_sha256_verify(const char *pem, size_t pemlen,
 										   const unsigned char *sig,
 										   size_t siglen,
 										   const char **why);
+extern CcChainResult cc_x509_chain_check(const char *pem, size_t len,
+										 const char *const *cas, int ncas,
+										 const char *const *names,
+										 int nnames, const char **why);
 extern bool cc_aes256gcm_decrypt(const unsigned char *key,
 								 const unsigned char *nonce, size_t noncelen,
 								 const unsigned char *aad, size_t aadlen,

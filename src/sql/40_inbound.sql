@@ -44,9 +44,10 @@ COMMENT ON TABLE callback_center.callback_conflicts IS
 -- table: the verification functions are SECURITY DEFINER.
 CREATE TABLE callback_center.providers (
     name       text PRIMARY KEY CHECK (name <> ''),
-    -- Payment channels (45_channels.sql): wechatpay_v3, wechatpay_v2, alipay.
+    -- Payment channels (45_channels.sql): wechatpay_v3, wechatpay_v2, alipay, unionpay.
     scheme     text NOT NULL CHECK (scheme IN ('standard_webhooks', 'stripe',
-                                               'wechatpay_v3', 'wechatpay_v2', 'alipay')),
+                                               'wechatpay_v3', 'wechatpay_v2', 'alipay',
+                                               'unionpay')),
     secrets    text[] NOT NULL
                CHECK (cardinality(secrets) >= 1 AND array_position(secrets, NULL) IS NULL),
     tolerance  interval CHECK (tolerance > interval '0'),
@@ -274,14 +275,19 @@ DECLARE
 BEGIN
     PERFORM callback_center._require_key(p_name, 'provider', 63);
     PERFORM callback_center._require(p_scheme, 'scheme');
-    IF p_secrets IS NULL THEN
+    IF p_secrets IS NULL AND p_scheme = 'unionpay' THEN
+        -- UnionPay has no shared secret: what is kept is the organisation
+        -- its signing certificates name.
+        p_secrets := ARRAY['中国银联股份有限公司'];
+    ELSIF p_secrets IS NULL THEN
         p_secrets := ARRAY[callback_center.new_webhook_secret()];
     END IF;
-    -- Payment channels (45_channels.sql): wechatpay_v3, wechatpay_v2, alipay.
-    IF p_scheme NOT IN ('standard_webhooks', 'stripe', 'wechatpay_v3', 'wechatpay_v2', 'alipay') THEN
+    -- Payment channels (45_channels.sql): wechatpay_v3, wechatpay_v2, alipay, unionpay.
+    IF p_scheme NOT IN ('standard_webhooks', 'stripe', 'wechatpay_v3', 'wechatpay_v2', 'alipay',
+                        'unionpay') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('unknown signature scheme "%s"', p_scheme),
-            HINT = 'The schemes are standard_webhooks, stripe, wechatpay_v3, wechatpay_v2 and alipay.';
+            HINT = 'The schemes are standard_webhooks, stripe, wechatpay_v3, wechatpay_v2, alipay and unionpay.';
     END IF;
     IF cardinality(p_secrets) = 0 OR array_position(p_secrets, NULL) IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
@@ -300,8 +306,9 @@ BEGIN
         IF p_scheme = 'standard_webhooks' THEN
             -- raises 22023 for anything but whsec_<base64>
             PERFORM callback_center.sign_webhook(s, 'probe', 0, '');
-        ELSIF p_scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay') THEN
-            -- Payment channels: the APIv3 key, API key, Alipay public key (22023)
+        ELSIF p_scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay') THEN
+            -- Payment channels: the APIv3 key, API key, Alipay public key,
+            -- UnionPay organisation name (22023)
             PERFORM callback_center._channel_check_secret(p_scheme, s);
         END IF;
     END LOOP;

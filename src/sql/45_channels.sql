@@ -1,6 +1,6 @@
 
--- Payment channels, inbound: WeChat Pay v3 and v2 and Alipay notifications
--- verified, decoded and answered in each provider's own format
+-- Payment channels, inbound: WeChat Pay v3 and v2, Alipay and UnionPay
+-- notifications verified, decoded and answered in each provider's own format
 -- (doc/inbound.md, "Payment channels").  payment_callback (60_orders.sql)
 -- hands a channel provider's request to _channel_parse, which returns one
 -- row: either the decoded message and the provider's acknowledgement, or
@@ -12,9 +12,12 @@
 --   providers.secrets   wechatpay_v3: the merchant's 32-byte APIv3 key(s);
 --                       wechatpay_v2: the merchant's API key(s), "md5:"
 --                       before a key allowing the legacy MD5 sign;
---                       alipay: the Alipay public key(s) (PEM or base64)
+--                       alipay: the Alipay public key(s) (PEM or base64);
+--                       unionpay: the organisation name(s) the signing
+--                       certificate must carry (中国银联股份有限公司)
 --   provider_keys       wechatpay_v3: platform certificates and platform
---                       public keys, by serial / public-key id
+--                       public keys, by serial / public-key id;
+--                       unionpay: the root and intermediate certificates
 
 -- Platform keys of wechatpay_v3 providers, selected by the
 -- Wechatpay-Serial header: a certificate's serial (certificate mode) or a
@@ -66,6 +69,12 @@ RETURNS bytea
 AS 'MODULE_PATHNAME', 'cc_hmac_sha256_sql'
 LANGUAGE C IMMUTABLE;
 
+CREATE FUNCTION callback_center._x509_chain_check(certificate text, cas text[], names text[],
+    OUT verdict text, OUT detail text)
+RETURNS record
+AS 'MODULE_PATHNAME', 'cc_x509_chain_check_sql'
+LANGUAGE C VOLATILE;
+
 -- Checks one entry of set_provider's secrets for a channel scheme: 22023
 -- with a detail that never quotes it.
 CREATE FUNCTION callback_center._channel_check_secret(p_scheme text, p_secret text)
@@ -93,16 +102,27 @@ BEGIN
     ELSIF p_scheme = 'alipay' THEN
         -- raises 22023 for a malformed key, not RSA, under 2048 bits
         PERFORM callback_center._key_info(p_secret);
+    ELSIF p_scheme = 'unionpay' THEN
+        -- The organisation the signing certificate names (the third
+        -- "@" field of its common name, as UnionPay's SDK reads it).
+        IF length(p_secret) > 128 OR p_secret ~ '[@[:cntrl:]]' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid UnionPay organisation name',
+                DETAIL = 'The name is at most 128 characters, without "@" or control characters.',
+                HINT = 'Give the organisation of UnionPay''s signing certificates, 中国银联股份有限公司 (the default when secrets are NULL); the certificates go to callback_center.set_platform_keys().';
+        END IF;
     END IF;
 END
 $$;
 
--- set_platform_keys: replaces the platform keys of a wechatpay_v3
--- provider with keys, a JSON object of serial (or public-key id) to PEM
--- certificate or public key.  Pass the old and the new key together while
--- WeChat Pay rotates.  Each key is checked (RSA, 2048 bits or more, a
--- certificate valid now whose serial is its name); returns how many are
--- loaded.
+-- set_platform_keys: replaces the platform keys of a wechatpay_v3 or
+-- unionpay provider with keys, a JSON object of name to PEM.  wechatpay_v3:
+-- serial (or public-key id) to platform certificate or public key; pass the
+-- old and the new key together while WeChat Pay rotates.  unionpay: any
+-- name to the UnionPay root certificate(s) (self-signed: the trust
+-- anchors) and intermediate certificate(s), which must chain to a root.
+-- Each key is checked (RSA, 2048 bits or more, a certificate valid now
+-- whose serial is its name for wechatpay_v3); returns how many are loaded.
 CREATE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
@@ -112,6 +132,8 @@ DECLARE
     v_scheme text;
     k record;
     info record;
+    chk record;
+    cas text[];
     why text;
     n integer := 0;
 BEGIN
@@ -124,11 +146,11 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
             MESSAGE = format('unknown provider "%s"', p_provider),
-            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]).';
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
     END IF;
-    IF v_scheme <> 'wechatpay_v3' THEN
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3', p_provider, v_scheme);
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3 or unionpay', p_provider, v_scheme);
     END IF;
     IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
@@ -151,22 +173,44 @@ BEGIN
                 DETAIL = why,
                 HINT = 'Give the platform certificate or platform public key as PEM.';
         END;
-        IF info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
                 MESSAGE = format('invalid platform key "%s"', k.key),
                 DETAIL = 'The certificate''s serial number is not the name it is given.',
                 HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
         END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
         INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
         VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
         n := n + 1;
     END LOOP;
+
+    IF v_scheme = 'unionpay' THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid UnionPay certificate "%s"', k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).';
+            END IF;
+        END LOOP;
+    END IF;
     RETURN n;
 END
 $$;
 
 COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
-    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial (admin)';
+    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, or a unionpay provider''s root and intermediate certificates (admin)';
 
 -- A header's value, ASCII case-insensitive; NULL when absent or not a
 -- string, and '' marks it present twice (the caller refuses both).
@@ -223,6 +267,11 @@ BEGIN
         -- makes it resend.
         http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
         response_body := CASE WHEN p_ok THEN 'success' ELSE 'fail' END;
+    ELSIF p_scheme = 'unionpay' THEN
+        -- UnionPay: HTTP 200 acknowledges (the acp SDK's demo answers
+        -- "ok"); any other status makes it resend.
+        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
+        response_body := CASE WHEN p_ok THEN 'ok' ELSE 'fail' END;
     ELSE
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('scheme %s is not a payment channel', p_scheme);
@@ -644,16 +693,188 @@ BEGIN
 END
 $$;
 
+-- UnionPay (China UnionPay online payments, acp SDK 5.1.0) back-end
+-- notifications.  The body is the form as posted; names and values are
+-- %-decoded to the bytes of the form's encoding (UTF-8 or GBK).  The
+-- signed string is every parameter but signature, empty values left out
+-- (the SDK neither sends nor reads them), sorted by name, joined as
+-- k=v&...; signature is SHA256withRSA (signMethod 01, version 5.1.0) over
+-- the lower-case hex SHA-256 digest of it, by the key of the certificate
+-- in signPubKeyCert, which must chain to the root and intermediate
+-- certificates loaded with set_platform_keys, be valid now and name one of
+-- the provider's organisation names (p_secrets).  UnionPay signs no
+-- notification time: a replay is a repeat of the recorded message, keyed
+-- by queryId and txnType.
+CREATE FUNCTION callback_center._unionpay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[] := '{}';
+    vals bytea[] := '{}';
+    pair text;
+    eq integer;
+    n bytea;
+    v bytea;
+    nm text;
+    charset text;
+    cs text;
+    cert bytea;
+    cert_pem text;
+    content bytea;
+    sig bytea;
+    cas text[];
+    chk record;
+    f jsonb;
+    total text;
+BEGIN
+    IF p_body = '' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
+        CONTINUE WHEN pair = '';
+        eq := strpos(pair, '=');
+        IF eq = 0 THEN
+            n := callback_center._form_decode(pair);
+            v := '';
+        ELSE
+            n := callback_center._form_decode(left(pair, eq - 1));
+            v := callback_center._form_decode(substr(pair, eq + 1));
+        END IF;
+        -- Names are printable ASCII.
+        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        nm := convert_from(n, 'UTF8');
+        IF nm = ANY (names) THEN
+            -- A parameter twice: which one did UnionPay sign?
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        names := names || nm;
+        vals := vals || v;
+    END LOOP;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'encoding')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs = 'GBK' THEN 'GBK' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- signMethod 01 of version 5.1.0 only: 5.0.0 signs SHA-1 digests with
+    -- a certificate chosen by certId, 11 and 12 are symmetric keys.
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        sig := NULL;
+    END;
+    IF sig IS NULL OR sig = '' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = p_provider;
+    IF cas IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no UnionPay certificates', p_provider),
+            HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
+    END IF;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, cas, p_secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
+                                    WHEN 'expired' THEN 'key_expired'
+                                    WHEN 'wrong_name' THEN 'wrong_organisation'
+                                    ELSE 'untrusted_key' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by UnionPay: from here on a problem is the body's.
+    BEGIN
+        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
+          INTO f FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm IN ('orderId', 'queryId', 'txnType', 'txnSubType', 'respCode',
+                        'txnAmt', 'currencyCode');
+        -- What a resend repeats: the signed parameters but the certificate
+        -- (UnionPay may sign a resend under its next certificate).
+        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
+          INTO payload FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm NOT IN ('signature', 'signPubKeyCert') AND x.v <> '';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF nullif(f->>'queryId', '') IS NULL OR nullif(f->>'txnType', '') IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := (f->>'queryId') || ':' || (f->>'txnType');
+    event_type := 'txnType ' || (f->>'txnType') || coalesce('/' || (f->>'txnSubType'), '');
+    IF f->>'txnType' = '01' THEN
+        -- Consumption: respCode 00 (success) and A6 (success with a
+        -- defect) pay; any other is one failed attempt.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'success' ELSE 'attempt_failed' END;
+        -- ISO 4217 numeric codes.
+        currency := CASE f->>'currencyCode'
+            WHEN '156' THEN 'CNY' WHEN '344' THEN 'HKD' WHEN '446' THEN 'MOP'
+            WHEN '901' THEN 'TWD' WHEN '840' THEN 'USD' WHEN '978' THEN 'EUR'
+            WHEN '826' THEN 'GBP' WHEN '392' THEN 'JPY' WHEN '410' THEN 'KRW'
+            WHEN '702' THEN 'SGD' WHEN '036' THEN 'AUD' WHEN '124' THEN 'CAD'
+            ELSE f->>'currencyCode' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$'
+           OR nullif(currency, '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    -- Other transaction types (refunds 04, cancellations 31, ...) are
+    -- recorded and acknowledged (verdict NULL).
+END
+$$;
+
 -- _channel_parse: verifies and decodes a channel provider's notification
 -- and checks it against the payment it names, before anything is
 -- recorded.  One row: ok with the message and the provider's
 -- acknowledgement (http_status, response_body), or not ok with failure
 -- (the outcome: malformed_signature, signature_expired, unknown_key,
--- key_expired, invalid_signature, malformed_body, decryption_failed,
--- unknown_order, provider_mismatch, amount_mismatch, currency_mismatch)
--- and the provider's failure answer.  payload is what record_callback
--- should hash (the body; for Alipay the signed parameters without
--- notify_time, which changes on every resend).  Raises only for misuse:
+-- key_expired, untrusted_key, wrong_organisation, invalid_signature,
+-- malformed_body, decryption_failed, unknown_order, provider_mismatch,
+-- amount_mismatch, currency_mismatch) and the provider's failure answer.
+-- payload is what record_callback should hash (the body; for Alipay the
+-- signed parameters without notify_time, which changes on every resend;
+-- for UnionPay the signed parameters without the certificate).  Raises only for misuse:
 -- CB033 unknown provider, 55000 no key loaded, 22023 not a channel.
 CREATE FUNCTION callback_center._channel_parse(
     p_scheme text, p_provider text, p_headers jsonb, p_body text)
@@ -694,6 +915,9 @@ BEGIN
     ELSIF p_scheme = 'alipay' THEN
         m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
                                            p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
     ELSE
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('scheme %s is not a payment channel', p_scheme);
@@ -743,6 +967,8 @@ REVOKE ALL ON FUNCTION
     callback_center._alipay_parse(text, text[], interval, jsonb, text),
     callback_center._wechatpay_v2_parse(text, text[], interval, jsonb, text),
     callback_center._hmac_sha256(bytea, bytea),
+    callback_center._x509_chain_check(text, text[], text[]),
+    callback_center._unionpay_parse(text, text[], interval, jsonb, text),
     callback_center._channel_parse(text, text, jsonb, text)
 FROM PUBLIC;
 

@@ -624,7 +624,11 @@ $$;
 -- transaction already applied is already_applied, and success on an order
 -- that can no longer be paid is kept and emits payment.refund_required.
 -- Event types we do not act on are recorded and acknowledged (ignored).
--- See doc/orders.md.
+-- What the provider gets wrong is an answer, never an error: a bad,
+-- stale or malformed signature (401) and an unknown order (404) record
+-- nothing; a signed body that cannot be read is recorded and refused once
+-- (400).  Errors are for misuse: NULL arguments (22004), an unknown
+-- provider (CB033), no key loaded (55000).  See doc/orders.md.
 CREATE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
 RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -635,11 +639,13 @@ DECLARE
     p_provider text := payment_callback.provider;
     cb_type text := 'payment:' || p_provider;
     scheme text;
+    channel boolean;
     msg record;
     msg_id text;
     rec record;
     result text;
     refusal text;
+    sig_failure text;
     ack text := '{"received":true}';
     ch record;
     rec_payload text := payment_callback.body;
@@ -648,11 +654,12 @@ BEGIN
     PERFORM callback_center._require(payment_callback.headers, 'headers');
     PERFORM callback_center._require(payment_callback.body, 'body');
     SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
-    -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay): verified,
-    -- decoded and checked against the payment by _channel_parse; whatever
-    -- the provider got wrong is answered in its own format, recording
-    -- nothing.  Its acknowledgement replaces ack.
-    IF scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay') THEN
+    channel := scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay');
+    -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay, unionpay):
+    -- verified, decoded and checked against the payment by _channel_parse;
+    -- whatever the provider got wrong is answered in its own format,
+    -- recording nothing.  Its acknowledgement replaces ack.
+    IF channel THEN
         SELECT * INTO ch FROM callback_center._channel_parse(scheme, p_provider,
                                                              payment_callback.headers,
                                                              payment_callback.body);
@@ -667,33 +674,54 @@ BEGIN
         ack := ch.response_body;
         rec_payload := ch.payload;
     ELSE
-    -- End of the payment channels' hunk (and its END IF below).
-    -- Verification comes first: a bad signature raises and records nothing.
-    PERFORM callback_center.verify_signature(p_provider, payment_callback.headers, payment_callback.body);
-    -- A signed body we cannot read (not JSON, \u0000, an amount beyond
-    -- bigint, ids missing) will never read better: it is recorded and
-    -- refused once, with 400, and every redelivery gets that answer.  An
-    -- exception here made the provider redeliver it forever.
-    BEGIN
-        msg := callback_center._parse_payment_body(scheme, payment_callback.body);
-    EXCEPTION WHEN data_exception THEN
-        refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
-    END;
-    IF scheme = 'stripe' AND refusal IS NULL THEN
-        msg_id := msg.event_id;
-    ELSIF scheme = 'stripe' THEN
-        -- An unreadable Stripe body has no event id: keyed by its hash.
-        msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
-    ELSE
-        -- verify_signature found exactly one, whatever its spelling.
-        SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
-         WHERE lower(h.key) = 'webhook-id';
-    END IF;
+        -- Verification comes first: a bad signature is answered 401 and
+        -- records nothing (verify_signature raises CB033 for an unknown
+        -- provider, which is misuse).  A signed body we cannot read (not
+        -- JSON, \u0000, an amount beyond bigint, ids missing) will never
+        -- read better: it is recorded and refused once, with 400, and
+        -- every redelivery gets that answer.
+        BEGIN
+            PERFORM callback_center.verify_signature(p_provider, payment_callback.headers,
+                                                     payment_callback.body);
+            msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+        EXCEPTION
+            WHEN SQLSTATE 'CB030' THEN sig_failure := 'invalid_signature';
+            WHEN SQLSTATE 'CB031' THEN sig_failure := 'signature_expired';
+            WHEN SQLSTATE 'CB032' THEN sig_failure := 'malformed_signature';
+            WHEN data_exception THEN refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+        END;
+        IF sig_failure IS NOT NULL THEN
+            RETURN QUERY SELECT 401,
+                format('{"received":false,"reason":"%s"}', replace(sig_failure, '_', ' ')),
+                false, sig_failure;
+            RETURN;
+        END IF;
+        IF scheme = 'stripe' AND refusal IS NULL THEN
+            msg_id := msg.event_id;
+        ELSIF scheme = 'stripe' THEN
+            -- An unreadable Stripe body has no event id: keyed by its hash.
+            msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
+        ELSE
+            -- verify_signature found exactly one, whatever its spelling.
+            SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
+             WHERE lower(h.key) = 'webhook-id';
+        END IF;
+        -- An order we do not have: answered 404, nothing recorded, so
+        -- that the provider delivers it again (the order may be in a
+        -- database being restored, or the message for another system).
+        -- (msg is unassigned when refusal is set.)
+        IF refusal IS NULL THEN
+            IF msg.verdict IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = msg.order_id) THEN
+                RETURN QUERY SELECT 404, '{"received":false,"reason":"unknown order"}', false, 'unknown_order';
+                RETURN;
+            END IF;
+        END IF;
     END IF;
 
     SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, rec_payload);
     IF NOT rec.is_first THEN
-        IF scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay') AND (rec.payload_mismatch OR rec.status <> 2) THEN
+        IF channel AND (rec.payload_mismatch OR rec.status <> 2) THEN
             -- Payment channels: the other repeats in the provider's format.
             RETURN QUERY SELECT a.http_status, a.response_body, false, o.outcome
               FROM (SELECT CASE WHEN rec.payload_mismatch THEN 'payload_mismatch'
