@@ -87,6 +87,10 @@ typedef struct HttpSlot
 	int			retry_after_s;
 	instr_time	started;
 	char		errbuf[CURL_ERROR_SIZE];
+	const char *body;			/* the current request's body */
+	size_t		body_len;
+	size_t		body_off;		/* bytes of it handed to libcurl */
+	bool		resend_refused; /* libcurl wanted to send it again */
 	CURLU	   *curlu;			/* the current transfer's parsed URL */
 	char	   *host;			/* its host (libcurl's string) */
 	char		blocked[INET6_ADDRSTRLEN + 32]; /* address refused by the
@@ -538,6 +542,48 @@ http_write_cb(char *data, size_t size, size_t nmemb, void *userdata)
 }
 
 /*
+ * Hands libcurl the request body.  The body goes through this callback
+ * rather than CURLOPT_POSTFIELDS so that libcurl has to ask
+ * http_seek_cb before it sends it a second time (below).
+ */
+static size_t
+http_read_cb(char *buffer, size_t size, size_t nitems, void *userdata)
+{
+	HttpSlot   *slot = (HttpSlot *) userdata;
+	size_t		take = Min(size * nitems, slot->body_len - slot->body_off);
+
+	if (take > 0)
+	{
+		memcpy(buffer, slot->body + slot->body_off, take);
+		slot->body_off += take;
+	}
+	return take;
+}
+
+/*
+ * libcurl re-sends a request on a fresh connection, without telling its
+ * caller, when a reused connection closes before any byte of the response
+ * arrived ("Connection died, retrying a fresh connect").  The receiver may
+ * have read and acted on the first copy (a reset after reading, a crash),
+ * so a body that was sent is never sent again within one transfer: libcurl
+ * must rewind the body first, and this refuses, which fails the transfer
+ * (CURLE_SEND_FAIL_REWIND).  The worker records that as the attempt it
+ * was and retries on the endpoint's schedule.  A connection that died
+ * before any of the body was sent is still retried by libcurl: the
+ * receiver cannot have acted on a request it did not get whole.
+ */
+static int
+http_seek_cb(void *userdata, curl_off_t offset, int origin)
+{
+	HttpSlot   *slot = (HttpSlot *) userdata;
+
+	if (origin == SEEK_SET && offset == 0 && slot->body_off == 0)
+		return CURL_SEEKFUNC_OK;
+	slot->resend_refused = true;
+	return CURL_SEEKFUNC_FAIL;
+}
+
+/*
  * Parses a Retry-After value: delta-seconds or an HTTP-date (seconds from
  * now, at least 0).  Returns -1 when unparsable.
  */
@@ -822,9 +868,15 @@ http_start(HttpRun *run, int r)
 
 	SETOPT(CURLOPT_CURLU, slot->curlu);
 	SETOPT(CURLOPT_POST, 1L);
-	SETOPT(CURLOPT_POSTFIELDS, req->body ? req->body : "");
-	SETOPT(CURLOPT_POSTFIELDSIZE_LARGE,
-		   (curl_off_t) (req->body ? req->body_len : 0));
+	slot->body = req->body ? req->body : "";
+	slot->body_len = req->body ? req->body_len : 0;
+	slot->body_off = 0;
+	slot->resend_refused = false;
+	SETOPT(CURLOPT_READFUNCTION, http_read_cb);
+	SETOPT(CURLOPT_READDATA, slot);
+	SETOPT(CURLOPT_SEEKFUNCTION, http_seek_cb);
+	SETOPT(CURLOPT_SEEKDATA, slot);
+	SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) slot->body_len);
 	SETOPT(CURLOPT_HTTPHEADER, list);
 	SETOPT(CURLOPT_USERAGENT, CC_HTTP_USER_AGENT);
 	SETOPT(CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
@@ -962,7 +1014,9 @@ http_finish(HttpRun *run, CURL *easy, CURLcode code)
 		res->truncated = slot->truncated || shortened;
 		res->retry_after_s = slot->retry_after_s;
 	}
-	if (code != CURLE_OK && slot->blocked[0] != '\0')
+	if (code != CURLE_OK && slot->resend_refused)
+		res->error = http_error_text(CC_HTTP_NOT_RESENT);
+	else if (code != CURLE_OK && slot->blocked[0] != '\0')
 	{
 		char		msg[256];
 

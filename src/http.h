@@ -48,6 +48,13 @@ typedef struct CcHttpResult
 /* Why a request did not run to completion when should_stop said so. */
 #define CC_HTTP_INTERRUPTED "interrupted"
 
+/*
+ * The error of a request whose reused connection closed after the request
+ * was sent and before any response: libcurl would have sent it again on a
+ * fresh connection, silently; it is not (see http_seek_cb).
+ */
+#define CC_HTTP_NOT_RESENT "connection closed after the request was sent, before any response (not sent again)"
+
 /* The connect timeout never exceeds this. */
 #define CC_HTTP_MAX_CONNECT_TIMEOUT_MS 5000
 
