@@ -87,6 +87,11 @@ typedef struct HttpSlot
 	int			retry_after_s;
 	instr_time	started;
 	char		errbuf[CURL_ERROR_SIZE];
+	const char *body;			/* the current request's body */
+	size_t		body_len;
+	size_t		body_off;		/* bytes of it handed to libcurl */
+	bool		resend_refused; /* libcurl wanted to send it again */
+	CcHttpResult *result;		/* stream mode: where its outcome goes */
 	CURLU	   *curlu;			/* the current transfer's parsed URL */
 	char	   *host;			/* its host (libcurl's string) */
 	char		blocked[INET6_ADDRSTRLEN + 32]; /* address refused by the
@@ -538,6 +543,48 @@ http_write_cb(char *data, size_t size, size_t nmemb, void *userdata)
 }
 
 /*
+ * Hands libcurl the request body.  The body goes through this callback
+ * rather than CURLOPT_POSTFIELDS so that libcurl has to ask
+ * http_seek_cb before it sends it a second time (below).
+ */
+static size_t
+http_read_cb(char *buffer, size_t size, size_t nitems, void *userdata)
+{
+	HttpSlot   *slot = (HttpSlot *) userdata;
+	size_t		take = Min(size * nitems, slot->body_len - slot->body_off);
+
+	if (take > 0)
+	{
+		memcpy(buffer, slot->body + slot->body_off, take);
+		slot->body_off += take;
+	}
+	return take;
+}
+
+/*
+ * libcurl re-sends a request on a fresh connection, without telling its
+ * caller, when a reused connection closes before any byte of the response
+ * arrived ("Connection died, retrying a fresh connect").  The receiver may
+ * have read and acted on the first copy (a reset after reading, a crash),
+ * so a body that was sent is never sent again within one transfer: libcurl
+ * must rewind the body first, and this refuses, which fails the transfer
+ * (CURLE_SEND_FAIL_REWIND).  The worker records that as the attempt it
+ * was and retries on the endpoint's schedule.  A connection that died
+ * before any of the body was sent is still retried by libcurl: the
+ * receiver cannot have acted on a request it did not get whole.
+ */
+static int
+http_seek_cb(void *userdata, curl_off_t offset, int origin)
+{
+	HttpSlot   *slot = (HttpSlot *) userdata;
+
+	if (origin == SEEK_SET && offset == 0 && slot->body_off == 0)
+		return CURL_SEEKFUNC_OK;
+	slot->resend_refused = true;
+	return CURL_SEEKFUNC_FAIL;
+}
+
+/*
  * Parses a Retry-After value: delta-seconds or an HTTP-date (seconds from
  * now, at least 0).  Returns -1 when unparsable.
  */
@@ -728,29 +775,26 @@ http_drop_url(HttpSlot *slot)
 	} while (0)
 
 /*
- * Starts request r on an idle slot, or fills in its result with the reason
- * it could not start.
+ * Sets up req on the idle slot and attaches it to the multi handle; with
+ * fresh, on a new connection.  Returns CURLE_OK, or the reason it could not
+ * start with a message in msg (msglen bytes): the slot is idle again then.
  */
-static void
-http_start(HttpRun *run, int r)
+static CURLcode
+http_setup(HttpSlot *slot, const CcHttpRequest *req, bool fresh,
+		   char *msg, size_t msglen)
 {
-	const CcHttpRequest *req = &run->reqs[r];
-	HttpSlot   *slot;
-	CURL	   *easy;
+	CURL	   *easy = slot->easy;
 	CURLcode	rc;
 	CURLMcode	mrc;
 	struct curl_slist *list = NULL;
 	bool		has_type = false;
 	int			i;
 
-	Assert(run->nfree > 0);
 	if (req->url == NULL)
 	{
-		http_fail(run, r, CURLE_URL_MALFORMAT, "no URL");
-		return;
+		strlcpy(msg, "no URL", msglen);
+		return CURLE_URL_MALFORMAT;
 	}
-	slot = http_slots[run->free_slots[run->nfree - 1]];
-	easy = slot->easy;
 
 	/* The one parse of the URL: the transfer is given this handle. */
 	{
@@ -761,14 +805,11 @@ http_start(HttpRun *run, int r)
 
 		if (h == NULL || curl_url_get(h, CURLUPART_HOST, &host, 0) != CURLUE_OK)
 		{
-			char		msg[256];
-
 			curl_url_cleanup(h);
-			snprintf(msg, sizeof(msg), "invalid URL: %s%s%s",
+			snprintf(msg, msglen, "invalid URL: %s%s%s",
 					 cc_http_url_problem(h ? CC_URL_BAD_HOST : problem),
 					 detail ? ": " : "", detail ? detail : "");
-			http_fail(run, r, CURLE_URL_MALFORMAT, msg);
-			return;
+			return CURLE_URL_MALFORMAT;
 		}
 		slot->curlu = h;
 		slot->host = host;
@@ -784,9 +825,8 @@ http_start(HttpRun *run, int r)
 		{
 			curl_slist_free_all(list);
 			http_drop_url(slot);
-			http_fail(run, r, CURLE_BAD_FUNCTION_ARGUMENT,
-					  "invalid request header");
-			return;
+			strlcpy(msg, "invalid request header", msglen);
+			return CURLE_BAD_FUNCTION_ARGUMENT;
 		}
 		if (pg_strncasecmp(h, "content-type:", 13) == 0)
 			has_type = true;
@@ -822,9 +862,15 @@ http_start(HttpRun *run, int r)
 
 	SETOPT(CURLOPT_CURLU, slot->curlu);
 	SETOPT(CURLOPT_POST, 1L);
-	SETOPT(CURLOPT_POSTFIELDS, req->body ? req->body : "");
-	SETOPT(CURLOPT_POSTFIELDSIZE_LARGE,
-		   (curl_off_t) (req->body ? req->body_len : 0));
+	slot->body = req->body ? req->body : "";
+	slot->body_len = req->body ? req->body_len : 0;
+	slot->body_off = 0;
+	slot->resend_refused = false;
+	SETOPT(CURLOPT_READFUNCTION, http_read_cb);
+	SETOPT(CURLOPT_READDATA, slot);
+	SETOPT(CURLOPT_SEEKFUNCTION, http_seek_cb);
+	SETOPT(CURLOPT_SEEKDATA, slot);
+	SETOPT(CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) slot->body_len);
 	SETOPT(CURLOPT_HTTPHEADER, list);
 	SETOPT(CURLOPT_USERAGENT, CC_HTTP_USER_AGENT);
 	SETOPT(CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
@@ -856,33 +902,57 @@ http_start(HttpRun *run, int r)
 	SETOPT(CURLOPT_OPENSOCKETDATA, slot);
 	SETOPT(CURLOPT_CLOSESOCKETFUNCTION, http_close_socket);
 	SETOPT(CURLOPT_PRIVATE, slot);
+	if (fresh)
+		SETOPT(CURLOPT_FRESH_CONNECT, 1L);
 
 	mrc = curl_multi_add_handle(http_multi, easy);
 	if (mrc != CURLM_OK)
 	{
 		curl_slist_free_all(list);
 		http_drop_url(slot);
-		http_fail(run, r, CURLE_FAILED_INIT, curl_multi_strerror(mrc));
-		return;
+		strlcpy(msg, curl_multi_strerror(mrc), msglen);
+		return CURLE_FAILED_INIT;
 	}
 	slot->headers = list;
-	slot->req = r;
 	INSTR_TIME_SET_CURRENT(slot->started);
-	run->nfree--;
-	run->active++;
-	run->group_active[run->group_of[r]]++;
-	return;
+	return CURLE_OK;
 
 setopt_failed:
 	curl_slist_free_all(list);
 	http_drop_url(slot);
-	http_fail(run, r, rc, curl_easy_strerror(rc));
-	return;
+	strlcpy(msg, curl_easy_strerror(rc), msglen);
+	return rc;
 
 oom:
 	curl_slist_free_all(list);
 	http_drop_url(slot);
-	http_fail(run, r, CURLE_OUT_OF_MEMORY, "out of memory");
+	strlcpy(msg, "out of memory", msglen);
+	return CURLE_OUT_OF_MEMORY;
+}
+
+/*
+ * Starts request r on an idle slot, or fills in its result with the reason
+ * it could not start.
+ */
+static void
+http_start(HttpRun *run, int r)
+{
+	HttpSlot   *slot;
+	CURLcode	rc;
+	char		msg[256];
+
+	Assert(run->nfree > 0);
+	slot = http_slots[run->free_slots[run->nfree - 1]];
+	rc = http_setup(slot, &run->reqs[r], false, msg, sizeof(msg));
+	if (rc != CURLE_OK)
+	{
+		http_fail(run, r, rc, msg);
+		return;
+	}
+	slot->req = r;
+	run->nfree--;
+	run->active++;
+	run->group_active[run->group_of[r]]++;
 }
 
 /*
@@ -932,24 +1002,15 @@ http_release(HttpRun *run, HttpSlot *slot)
 	return r;
 }
 
-/* Records the outcome of a finished transfer and frees its slot. */
+/*
+ * Fills res with the outcome of slot's finished transfer (status, latency,
+ * body, error), palloc'd in the current memory context.  The slot must
+ * still hold its transfer's state (call before the slot is reused).
+ */
 static void
-http_finish(HttpRun *run, CURL *easy, CURLcode code)
+http_fill_result(HttpSlot *slot, CcHttpResult *res, CURLcode code,
+				 long status, curl_off_t total_us)
 {
-	HttpSlot   *slot = NULL;
-	CcHttpResult *res;
-	long		status = 0;
-	curl_off_t	total_us = 0;
-	int			r;
-
-	curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **) &slot);
-	if (slot == NULL || slot->req < 0)
-		elog(ERROR, "libcurl reported a transfer callback_center did not start");
-	curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
-	curl_easy_getinfo(easy, CURLINFO_TOTAL_TIME_T, &total_us);
-
-	r = http_release(run, slot);
-	res = &run->results[r];
 	res->status = (int) status;
 	res->latency_ms = total_us / 1000.0;
 	res->curl_code = code;
@@ -962,7 +1023,9 @@ http_finish(HttpRun *run, CURL *easy, CURLcode code)
 		res->truncated = slot->truncated || shortened;
 		res->retry_after_s = slot->retry_after_s;
 	}
-	if (code != CURLE_OK && slot->blocked[0] != '\0')
+	if (code != CURLE_OK && slot->resend_refused)
+		res->error = http_error_text(CC_HTTP_NOT_RESENT);
+	else if (code != CURLE_OK && slot->blocked[0] != '\0')
 	{
 		char		msg[256];
 
@@ -974,6 +1037,25 @@ http_finish(HttpRun *run, CURL *easy, CURLcode code)
 	else if (code != CURLE_OK)
 		res->error = http_error_text(slot->errbuf[0] ? slot->errbuf :
 									 curl_easy_strerror(code));
+}
+
+/* Records the outcome of a finished transfer and frees its slot. */
+static void
+http_finish(HttpRun *run, CURL *easy, CURLcode code)
+{
+	HttpSlot   *slot = NULL;
+	long		status = 0;
+	curl_off_t	total_us = 0;
+	int			r;
+
+	curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **) &slot);
+	if (slot == NULL || slot->req < 0)
+		elog(ERROR, "libcurl reported a transfer callback_center did not start");
+	curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_getinfo(easy, CURLINFO_TOTAL_TIME_T, &total_us);
+
+	r = http_release(run, slot);
+	http_fill_result(slot, &run->results[r], code, status, total_us);
 	run->done[r] = true;
 	run->completed++;
 }
@@ -1266,4 +1348,261 @@ cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
 	http_free_run(run);
 	pfree(run);
 	return completed;
+}
+
+
+/*
+ * Stream mode: the delivery pipeline starts each request when it has a
+ * slot for it and collects each as soon as it finishes, instead of giving
+ * cc_http_run a batch that returns when its slowest request does.  The
+ * caller keeps the caps (it only starts what max_concurrent and its
+ * per-endpoint limits allow); a process uses one mode or the other.
+ */
+static int	stream_active = 0;
+static int	stream_body_cap = 0;
+static bool stream_fresh = false;	/* allowlist changed under live transfers */
+static instr_time stream_own_at;
+static bool stream_own_read = false;
+
+/* Reads this host's addresses (kept when they cannot be read). */
+static void
+http_refresh_own(void)
+{
+	CcIpAddr   *own;
+	int			nown = cc_own_addresses(&own);
+
+	if (nown >= 0)
+	{
+		free(http_own);
+		http_own = own;
+		http_nown = nown;
+	}
+	INSTR_TIME_SET_CURRENT(stream_own_at);
+	stream_own_read = true;
+}
+
+/*
+ * Makes the stream ready for up to max_concurrent transfers (within the
+ * open-file budget, as cc_http_run) keeping body_cap bytes of each body,
+ * and returns how many may run at once (0: no handle could be made).
+ * Cheap: call it before starting transfers.  A changed allowlist closes
+ * every kept connection once no transfer is attached; until then new
+ * transfers open fresh connections.  This host's addresses are read again
+ * when nothing runs or at most every second.
+ */
+int
+cc_http_stream_limit(int max_concurrent, int body_cap)
+{
+	int			limit;
+
+	if (!http_initialized)
+		elog(ERROR, "cc_http_stream_limit called before cc_http_init");
+	limit = cc_http_concurrency_limit(max_concurrent);
+	limit = Min(http_grow_pool(limit), limit);
+	stream_body_cap = Max(body_cap, 0);
+	if (http_allow_generation != cc_allowlist_generation())
+	{
+		if (stream_active == 0)
+		{
+			CURLM	   *m = curl_multi_init();
+
+			if (m != NULL)
+			{
+				curl_multi_cleanup(http_multi);
+				http_multi = m;
+				http_maxconnects = 0;
+				http_allow_generation = cc_allowlist_generation();
+				stream_fresh = false;
+			}
+		}
+		else
+			stream_fresh = true;
+	}
+	if (stream_active == 0 || !stream_own_read)
+		http_refresh_own();
+	else
+	{
+		instr_time	now;
+
+		INSTR_TIME_SET_CURRENT(now);
+		INSTR_TIME_SUBTRACT(now, stream_own_at);
+		if (INSTR_TIME_GET_MILLISEC(now) >= 1000)
+			http_refresh_own();
+	}
+	if (limit > 0 && http_maxconnects != limit)
+	{
+		curl_multi_setopt(http_multi, CURLMOPT_MAXCONNECTS, (long) limit);
+		http_maxconnects = limit;
+	}
+	return limit;
+}
+
+/* Transfers the stream has running. */
+int
+cc_http_stream_active(void)
+{
+	return stream_active;
+}
+
+/*
+ * Starts req; its outcome goes to *res when cc_http_stream_wait reports
+ * it (req's strings must stay valid until then).  Returns false when it
+ * could not start (no idle handle, a bad URL or header): *res says why and
+ * is complete already.
+ */
+bool
+cc_http_stream_start(const CcHttpRequest *req, CcHttpResult *res)
+{
+	HttpSlot   *slot = NULL;
+	CURLcode	rc;
+	char		msg[256];
+	int			i;
+
+	memset(res, 0, sizeof(*res));
+	res->tag = req->tag;
+	res->retry_after_s = -1;
+	for (i = 0; i < http_nslots; i++)
+		if (http_slots[i]->req < 0)
+		{
+			slot = http_slots[i];
+			break;
+		}
+	if (slot == NULL)
+	{
+		res->error = http_error_text("could not create a libcurl handle");
+		res->curl_code = CURLE_OUT_OF_MEMORY;
+		return false;
+	}
+	slot->cap = (size_t) stream_body_cap;
+	rc = http_setup(slot, req, stream_fresh, msg, sizeof(msg));
+	if (rc != CURLE_OK)
+	{
+		res->error = http_error_text(msg);
+		res->curl_code = rc;
+		return false;
+	}
+	slot->req = 0;
+	slot->result = res;
+	stream_active++;
+	return true;
+}
+
+/* Detaches a finished or abandoned stream transfer from its slot. */
+static void
+http_stream_release(HttpSlot *slot)
+{
+	curl_multi_remove_handle(http_multi, slot->easy);
+	curl_slist_free_all(slot->headers);
+	slot->headers = NULL;
+	http_drop_url(slot);
+	slot->req = -1;
+	slot->result = NULL;
+	stream_active--;
+}
+
+/* Collects the transfers libcurl says are done into done[]. */
+static int
+http_stream_collect(CcHttpResult **done, int max, int ndone)
+{
+	CURLMsg    *msg;
+	int			msgs;
+
+	while (ndone < max &&
+		   (msg = curl_multi_info_read(http_multi, &msgs)) != NULL)
+	{
+		HttpSlot   *slot = NULL;
+		long		status = 0;
+		curl_off_t	total_us = 0;
+		CcHttpResult *res;
+
+		if (msg->msg != CURLMSG_DONE)
+			continue;
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &slot);
+		if (slot == NULL || slot->req < 0 || slot->result == NULL)
+			elog(ERROR, "libcurl reported a transfer callback_center did not start");
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &status);
+		curl_easy_getinfo(msg->easy_handle, CURLINFO_TOTAL_TIME_T, &total_us);
+		res = slot->result;
+		http_stream_release(slot);
+		http_fill_result(slot, res, msg->data.result, status, total_us);
+		done[ndone++] = res;
+	}
+	return ndone;
+}
+
+/* Drives the transfers once; false when the multi handle failed. */
+static bool
+http_stream_perform(void)
+{
+	int			running;
+	CURLMcode	mrc;
+	sigset_t	saved;
+
+	pthread_sigmask(SIG_BLOCK, &http_perform_mask, &saved);
+	mrc = curl_multi_perform(http_multi, &running);
+	pthread_sigmask(SIG_SETMASK, &saved, NULL);
+	if (mrc != CURLM_OK)
+	{
+		cc_http_stream_abandon();
+		elog(ERROR, "callback_center: libcurl failed: %s",
+			 curl_multi_strerror(mrc));
+	}
+	return true;
+}
+
+/*
+ * Lets the transfers run, waiting up to timeout_ms (at most
+ * CC_HTTP_POLL_MS) for one to finish, and puts the results of those that
+ * finished (as given to cc_http_stream_start) in done[], at most max.
+ * Returns how many.  Strings in the results are palloc'd in the current
+ * memory context.  With nothing running it returns 0 at once.
+ */
+int
+cc_http_stream_wait(int timeout_ms, CcHttpResult **done, int max)
+{
+	int			ndone = 0;
+
+	if (stream_active == 0 || max <= 0)
+		return 0;
+	if (!http_stream_perform())
+		return 0;
+	ndone = http_stream_collect(done, max, 0);
+	if (ndone == 0 && stream_active > 0 && timeout_ms > 0)
+	{
+		CURLMcode	mrc;
+
+		pgstat_report_wait_start(PG_WAIT_EXTENSION);
+		mrc = curl_multi_poll(http_multi, NULL, 0,
+							  Min(timeout_ms, CC_HTTP_POLL_MS), NULL);
+		pgstat_report_wait_end();
+		if (mrc != CURLM_OK)
+		{
+			cc_http_stream_abandon();
+			elog(ERROR, "callback_center: libcurl failed: %s",
+				 curl_multi_strerror(mrc));
+		}
+		if (!http_stream_perform())
+			return 0;
+		ndone = http_stream_collect(done, max, ndone);
+	}
+	return ndone;
+}
+
+/*
+ * Abandons every running stream transfer (shutdown, error cleanup): their
+ * results are not touched and will never be reported.
+ */
+void
+cc_http_stream_abandon(void)
+{
+	int			i;
+
+	for (i = 0; i < http_nslots; i++)
+	{
+		HttpSlot   *slot = http_slots[i];
+
+		if (slot->req < 0 || slot->result == NULL)
+			continue;
+		http_stream_release(slot);
+	}
 }

@@ -48,6 +48,13 @@ typedef struct CcHttpResult
 /* Why a request did not run to completion when should_stop said so. */
 #define CC_HTTP_INTERRUPTED "interrupted"
 
+/*
+ * The error of a request whose reused connection closed after the request
+ * was sent and before any response: libcurl would have sent it again on a
+ * fresh connection, silently; it is not (see http_seek_cb).
+ */
+#define CC_HTTP_NOT_RESENT "connection closed after the request was sent, before any response (not sent again)"
+
 /* The connect timeout never exceeds this. */
 #define CC_HTTP_MAX_CONNECT_TIMEOUT_MS 5000
 
@@ -68,6 +75,13 @@ extern int	cc_http_run(const CcHttpRequest *reqs, int n, CcHttpResult *results,
 						int max_concurrent, int max_per_group, int body_cap,
 						CcHttpStopFn should_stop, void *arg);
 extern int	cc_http_concurrency_limit(int max_concurrent);
+
+/* Stream mode (the delivery pipeline): start each, collect each. */
+extern int	cc_http_stream_limit(int max_concurrent, int body_cap);
+extern int	cc_http_stream_active(void);
+extern bool cc_http_stream_start(const CcHttpRequest *req, CcHttpResult *res);
+extern int	cc_http_stream_wait(int timeout_ms, CcHttpResult **done, int max);
+extern void cc_http_stream_abandon(void);
 extern CcUrlProblem cc_http_check_url(const char *url, char **host,
 									  const char **detail);
 extern const char *cc_http_url_problem(CcUrlProblem problem);

@@ -136,7 +136,7 @@ AGGREGATE_HEAD \
 "     LIMIT q.n" \
 "     FOR UPDATE SKIP LOCKED) d) " \
 "UPDATE callback_center.outbox o" \
-"   SET status = 'delivering', attempts = o.attempts" OP("+") "1," \
+"   SET status = 'delivering'," \
 "       next_attempt_at = pg_catalog.now()" OP("+") "pg_catalog.make_interval(secs => $4)" \
 " WHERE o.id" OP("=") "ANY (ARRAY(SELECT p.id FROM picked p)) "
 
@@ -150,7 +150,7 @@ AGGREGATE_HEAD \
 
 static const char *claim_sql =
 CLAIM_PICK
-"RETURNING o.id, o.endpoint_id, o.attempts,"
+"RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1,"
 "  CASE WHEN " EVENT_SIZE OP("<=") "$5 THEN " EVENT_BODY " END,"
 "  " EVENT_SIZE;
 
@@ -161,7 +161,7 @@ CLAIM_PICK
  */
 static const char *claim_bare_sql =
 CLAIM_PICK
-"RETURNING o.id, o.endpoint_id, o.attempts, NULL::text, " EVENT_SIZE;
+"RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1, NULL::text, " EVENT_SIZE;
 
 static const char *body_sql =
 "SELECT " EVENT_BODY " FROM callback_center.outbox o WHERE o.id" OP("=") "$1";
@@ -170,7 +170,7 @@ static const char *record_sql =
 "UPDATE callback_center.outbox o"
 "   SET status = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released']) THEN 'pending'"
 "                     ELSE r.fate END,"
-"       attempts = o.attempts" OP("-") "(r.fate" OP("=") "'released')::int,"
+"       attempts = o.attempts" OP("+") "(r.fate" OP("<>") "'released')::int,"
 "       next_attempt_at = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released'])"
 "                         THEN coalesce(r.next_at, pg_catalog.now()) ELSE pg_catalog.now() END,"
 "       delivered_at = CASE WHEN r.fate" OP("=") "'delivered' THEN pg_catalog.now() END,"
@@ -254,8 +254,12 @@ make_array(Datum *elems, bool *nulls, int n, Oid elemtype)
 }
 
 /*
- * Makes events left 'delivering' by a previous worker due now.  Their
- * attempt stays counted: it may have reached the receiver.
+ * Makes events left 'delivering' by a previous worker due now.  Nothing to
+ * give back: an attempt is counted only when its outcome is recorded (with
+ * its row in delivery_attempts, in the same statement), so a row claimed
+ * and never sent, or sent and never recorded, counts no attempt.  The
+ * receiver may have seen a request of the second kind: it gets the same
+ * webhook-id again.
  */
 int
 cc_queue_recover(void)
@@ -490,7 +494,8 @@ claim_build_bodies_one_by_one(MemoryContext cxt, CcJob *jobs, int count)
  * Claims up to quotas[i] due events of endpoint endpoint_ids[i] (oldest
  * first; with ordered[i], only the oldest undelivered event of each
  * aggregate), marks them delivering with a lease of lease_s seconds and
- * counts the attempt.  Returns the number claimed.
+ * returns each with the number its attempt will have (counted when its
+ * outcome is recorded).  Returns the number claimed.
  *
  * A job whose request cannot be built (larger than max_size bytes, or its
  * body fails to build) comes back with error set and no body: the caller
