@@ -138,18 +138,6 @@ require_key_length(text *key, const char *name, int max_bytes)
 }
 
 /*
- * Raises null_value_not_allowed when argument argno is NULL.
- */
-static void
-require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", name)));
-}
-
-/*
  * callback_center.record_callback(biz_id, callback_type, payload): one row
  * (callback_id, is_first, status, result, payload_mismatch).
  *
@@ -174,9 +162,9 @@ cc_record_callback(PG_FUNCTION_ARGS)
 	int			attempt;
 	bool		done = false;
 
-	require_arg(fcinfo, 0, "biz_id");
-	require_arg(fcinfo, 1, "callback_type");
-	require_arg(fcinfo, 2, "payload");
+	cc_require_arg(fcinfo, 0, "biz_id");
+	cc_require_arg(fcinfo, 1, "callback_type");
+	cc_require_arg(fcinfo, 2, "payload");
 	biz_id = PG_GETARG_TEXT_PP(0);
 	callback_type = PG_GETARG_TEXT_PP(1);
 	payload = PG_GETARG_TEXT_PP(2);
@@ -532,9 +520,9 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 	int			ret;
 	int			i;
 
-	require_arg(fcinfo, 0, "provider");
-	require_arg(fcinfo, 1, "headers");
-	require_arg(fcinfo, 2, "body");
+	cc_require_arg(fcinfo, 0, "provider");
+	cc_require_arg(fcinfo, 1, "headers");
+	cc_require_arg(fcinfo, 2, "body");
 	provider = PG_GETARG_TEXT_PP(0);
 	headers = PG_GETARG_JSONB_P(1);
 	body = PG_GETARG_TEXT_PP(2);
@@ -692,10 +680,10 @@ cc_sign_webhook_sql(PG_FUNCTION_ARGS)
 	uint8	   *key;
 	size_t		keylen;
 
-	require_arg(fcinfo, 0, "secret");
-	require_arg(fcinfo, 1, "msg_id");
-	require_arg(fcinfo, 2, "ts");
-	require_arg(fcinfo, 3, "body");
+	cc_require_arg(fcinfo, 0, "secret");
+	cc_require_arg(fcinfo, 1, "msg_id");
+	cc_require_arg(fcinfo, 2, "ts");
+	cc_require_arg(fcinfo, 3, "body");
 	secret = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	msg_id = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	ts = PG_GETARG_INT64(2);
@@ -721,9 +709,9 @@ cc_sign_stripe_sql(PG_FUNCTION_ARGS)
 	int64		ts;
 	text	   *body;
 
-	require_arg(fcinfo, 0, "secret");
-	require_arg(fcinfo, 1, "ts");
-	require_arg(fcinfo, 2, "body");
+	cc_require_arg(fcinfo, 0, "secret");
+	cc_require_arg(fcinfo, 1, "ts");
+	cc_require_arg(fcinfo, 2, "body");
 	secret = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	ts = PG_GETARG_INT64(1);
 	body = PG_GETARG_TEXT_PP(2);

@@ -25,6 +25,7 @@
 #include "utils/timestamp.h"
 
 #include "crypto.h"
+#include "errcodes.h"
 #include "signature.h"
 
 PG_FUNCTION_INFO_V1(cc_key_info);
@@ -33,18 +34,6 @@ PG_FUNCTION_INFO_V1(cc_aes256gcm_decrypt_sql);
 PG_FUNCTION_INFO_V1(cc_form_decode);
 PG_FUNCTION_INFO_V1(cc_hmac_sha256_sql);
 PG_FUNCTION_INFO_V1(cc_x509_chain_check_sql);
-
-/*
- * Raises null_value_not_allowed when argument argno is NULL.
- */
-static void
-require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
-{
-	if (PG_ARGISNULL(argno))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", name)));
-}
 
 /*
  * callback_center._key_info(pem text): one row (kind, bits, serial,
@@ -63,7 +52,7 @@ cc_key_info(PG_FUNCTION_ARGS)
 	Datum		values[5];
 	bool		nulls[5] = {false, false, false, false, false};
 
-	require_arg(fcinfo, 0, "key");
+	cc_require_arg(fcinfo, 0, "key");
 	pem = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	if (!cc_key_inspect(pem, strlen(pem), true, &info, &why))
 		ereport(ERROR,
@@ -102,9 +91,9 @@ cc_rsa_sha256_check(PG_FUNCTION_ARGS)
 	const char *why = NULL;
 	CcVerifyResult r;
 
-	require_arg(fcinfo, 0, "key");
-	require_arg(fcinfo, 1, "data");
-	require_arg(fcinfo, 2, "signature");
+	cc_require_arg(fcinfo, 0, "key");
+	cc_require_arg(fcinfo, 1, "data");
+	cc_require_arg(fcinfo, 2, "signature");
 	pem = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	data = PG_GETARG_BYTEA_PP(1);
 	sig = PG_GETARG_BYTEA_PP(2);
@@ -136,10 +125,10 @@ cc_aes256gcm_decrypt_sql(PG_FUNCTION_ARGS)
 	size_t		ctlen;
 	size_t		outlen;
 
-	require_arg(fcinfo, 0, "key");
-	require_arg(fcinfo, 1, "nonce");
-	require_arg(fcinfo, 2, "associated_data");
-	require_arg(fcinfo, 3, "ciphertext");
+	cc_require_arg(fcinfo, 0, "key");
+	cc_require_arg(fcinfo, 1, "nonce");
+	cc_require_arg(fcinfo, 2, "associated_data");
+	cc_require_arg(fcinfo, 3, "ciphertext");
 	key = PG_GETARG_BYTEA_PP(0);
 	nonce = PG_GETARG_BYTEA_PP(1);
 	aad = PG_GETARG_BYTEA_PP(2);
@@ -167,21 +156,6 @@ cc_aes256gcm_decrypt_sql(PG_FUNCTION_ARGS)
 }
 
 /*
- * Value of hex digit c, or -1.
- */
-static int
-hexval(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
-/*
  * callback_center._form_decode(s text): the bytes of one
  * application/x-www-form-urlencoded name or value, "+" read as a space and
  * %XX as that byte, in whatever charset the sender used; NULL when a "%" is
@@ -197,7 +171,7 @@ cc_form_decode(PG_FUNCTION_ARGS)
 	char	   *o;
 	size_t		i;
 
-	require_arg(fcinfo, 0, "text");
+	cc_require_arg(fcinfo, 0, "text");
 	s = PG_GETARG_TEXT_PP(0);
 	p = VARDATA_ANY(s);
 	len = VARSIZE_ANY_EXHDR(s);
@@ -214,8 +188,8 @@ cc_form_decode(PG_FUNCTION_ARGS)
 
 			if (i + 2 >= len)
 				PG_RETURN_NULL();
-			hi = hexval(p[i + 1]);
-			lo = hexval(p[i + 2]);
+			hi = cc_hex_digit(p[i + 1]);
+			lo = cc_hex_digit(p[i + 2]);
 			if (hi < 0 || lo < 0)
 				PG_RETURN_NULL();
 			*o++ = (char) (hi << 4 | lo);
@@ -241,8 +215,8 @@ cc_hmac_sha256_sql(PG_FUNCTION_ARGS)
 	const char *parts[1];
 	size_t		lens[1];
 
-	require_arg(fcinfo, 0, "key");
-	require_arg(fcinfo, 1, "data");
+	cc_require_arg(fcinfo, 0, "key");
+	cc_require_arg(fcinfo, 1, "data");
 	key = PG_GETARG_BYTEA_PP(0);
 	data = PG_GETARG_BYTEA_PP(1);
 	parts[0] = VARDATA_ANY(data);
@@ -306,8 +280,8 @@ cc_x509_chain_check_sql(PG_FUNCTION_ARGS)
 		[CC_CHAIN_WRONG_NAME] = "wrong_name",
 	};
 
-	require_arg(fcinfo, 0, "certificate");
-	require_arg(fcinfo, 1, "cas");
+	cc_require_arg(fcinfo, 0, "certificate");
+	cc_require_arg(fcinfo, 1, "cas");
 	pem = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	cas = text_array_cstrings(PG_GETARG_ARRAYTYPE_P(1), &ncas);
 	if (!PG_ARGISNULL(2))

@@ -8,6 +8,7 @@
 #ifndef CC_ERRCODES_H
 #define CC_ERRCODES_H
 
+#include "fmgr.h"
 #include "utils/elog.h"
 
 /*
@@ -32,5 +33,15 @@
 #define CC_ERRCODE_DESTINATION_NOT_ALLOWED	MAKE_SQLSTATE('C','B','0','4','1')
 #define CC_ERRCODE_UNKNOWN_ORDER			MAKE_SQLSTATE('C','B','0','5','0')
 #define CC_ERRCODE_COUPON_UNAVAILABLE		MAKE_SQLSTATE('C','B','0','5','1')
+
+/* The error of a C entry point given NULL for argument argno. */
+static inline void
+cc_require_arg(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+}
 
 #endif							/* CC_ERRCODES_H */

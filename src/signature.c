@@ -161,8 +161,9 @@ cc_hex_encode(const uint8 *src, size_t len)
 	return dst;
 }
 
-static int
-hex_value(char c)
+/* Value of hex digit c (either case), or -1. */
+int
+cc_hex_digit(char c)
 {
 	if (c >= '0' && c <= '9')
 		return c - '0';
@@ -186,8 +187,8 @@ cc_hex_decode(const char *src, size_t len, uint8 *dst, size_t dstlen)
 		return false;
 	for (i = 0; i < dstlen; i++)
 	{
-		int			hi = hex_value(src[i * 2]);
-		int			lo = hex_value(src[i * 2 + 1]);
+		int			hi = cc_hex_digit(src[i * 2]);
+		int			lo = cc_hex_digit(src[i * 2 + 1]);
 
 		if (hi < 0 || lo < 0)
 			return false;

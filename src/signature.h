@@ -36,6 +36,7 @@ extern bool cc_equal_consttime(const uint8 *a, const uint8 *b, size_t len);
 extern char *cc_base64_encode(const uint8 *src, size_t len);
 extern bool cc_base64_decode(const char *src, size_t len,
 							 uint8 **dst, size_t *dstlen);
+extern int	cc_hex_digit(char c);
 extern char *cc_hex_encode(const uint8 *src, size_t len);
 extern bool cc_hex_decode(const char *src, size_t len, uint8 *dst,
 						  size_t dstlen);

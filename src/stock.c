@@ -1072,16 +1072,6 @@ restore_one(Datum biz, Datum sku, StockOutcome *o, bool *order_checked)
 	}
 }
 
-/* Raises 22004 naming the argument when it is null. */
-static void
-require_arg(FunctionCallInfo fcinfo, int n, const char *name)
-{
-	if (PG_ARGISNULL(n))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", name)));
-}
-
 /*
  * Deducts every item for biz in sorted order inside one SPI connection and
  * appends one row per item to the materialized result of fcinfo.  Any
@@ -1127,9 +1117,9 @@ cc_deduct_stock(PG_FUNCTION_ARGS)
 	Datum		values[5];
 	bool		nulls[5] = {false, false, false, false, false};
 
-	require_arg(fcinfo, 0, "biz_id");
-	require_arg(fcinfo, 1, "sku_id");
-	require_arg(fcinfo, 2, "quantity");
+	cc_require_arg(fcinfo, 0, "biz_id");
+	cc_require_arg(fcinfo, 1, "sku_id");
+	cc_require_arg(fcinfo, 2, "quantity");
 	item.sku = PG_GETARG_TEXT_PP(1);
 	item.qty = PG_GETARG_INT64(2);
 	item.has_version = !PG_ARGISNULL(3);
@@ -1199,8 +1189,8 @@ cc_deduct_stock_items(PG_FUNCTION_ARGS)
 	int			n = 0;
 	int			cap;
 
-	require_arg(fcinfo, 0, "biz_id");
-	require_arg(fcinfo, 1, "items");
+	cc_require_arg(fcinfo, 0, "biz_id");
+	cc_require_arg(fcinfo, 1, "items");
 	jb = PG_GETARG_JSONB_P(1);
 	if (!JB_ROOT_IS_ARRAY(jb) || JB_ROOT_IS_SCALAR(jb))
 		ereport(ERROR,
@@ -1310,9 +1300,9 @@ cc_deduct_stock_arrays(PG_FUNCTION_ARGS)
 				nv;
 	StockItem  *items;
 
-	require_arg(fcinfo, 0, "biz_id");
-	require_arg(fcinfo, 1, "sku_ids");
-	require_arg(fcinfo, 2, "quantities");
+	cc_require_arg(fcinfo, 0, "biz_id");
+	cc_require_arg(fcinfo, 1, "sku_ids");
+	cc_require_arg(fcinfo, 2, "quantities");
 	skus_a = PG_GETARG_ARRAYTYPE_P(1);
 	qtys_a = PG_GETARG_ARRAYTYPE_P(2);
 	if (ARR_NDIM(skus_a) > 1 || ARR_NDIM(qtys_a) > 1)
@@ -1397,7 +1387,7 @@ cc_restore_stock(PG_FUNCTION_ARGS)
 	StockCall	call;
 	bool		order_checked = false;
 
-	require_arg(fcinfo, 0, "biz_id");
+	cc_require_arg(fcinfo, 0, "biz_id");
 	biz = PointerGetDatum(PG_GETARG_TEXT_PP(0));
 	InitMaterializedSRF(fcinfo, 0);
 
@@ -1436,8 +1426,8 @@ cc_restore_stock_sku(PG_FUNCTION_ARGS)
 	StockCall	call;
 	bool		order_checked = false;
 
-	require_arg(fcinfo, 0, "biz_id");
-	require_arg(fcinfo, 1, "sku_id");
+	cc_require_arg(fcinfo, 0, "biz_id");
+	cc_require_arg(fcinfo, 1, "sku_id");
 	biz = PointerGetDatum(PG_GETARG_TEXT_PP(0));
 	sku = PointerGetDatum(PG_GETARG_TEXT_PP(1));
 	InitMaterializedSRF(fcinfo, 0);
