@@ -4475,3 +4475,87 @@ BEGIN
     END LOOP;
 END
 $fn$;
+
+-- Key limits: state and event names are bounded like every key (200 bytes,
+-- 22023).
+CREATE OR REPLACE FUNCTION callback_center.add_state(
+    machine text,
+    state text,
+    is_initial boolean DEFAULT false,
+    is_final boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(state, 'state');
+    PERFORM callback_center._require(is_initial, 'is_initial');
+    PERFORM callback_center._require(is_final, 'is_final');
+    PERFORM callback_center._fsm_require_machine(machine);
+    IF state = '' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'state name cannot be empty';
+    END IF;
+    PERFORM callback_center._require_key(state, 'state');
+    IF EXISTS (SELECT 1 FROM callback_center.machine_states s
+                WHERE s.machine = add_state.machine AND s.state = add_state.state) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('state "%s" already exists in state machine "%s"', state, machine);
+    END IF;
+    INSERT INTO callback_center.machine_states (machine, state, is_initial, is_final)
+    VALUES (machine, state, is_initial, is_final);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.add_transition(
+    machine text,
+    from_state text,
+    to_state text,
+    event text,
+    emits text[] DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    PERFORM callback_center._require(from_state, 'from_state');
+    PERFORM callback_center._require(to_state, 'to_state');
+    PERFORM callback_center._require(event, 'event');
+    PERFORM callback_center._require(emits, 'emits');
+    PERFORM callback_center._require(array_position(emits, NULL) IS NULL OR NULL, 'an element of emits');
+    PERFORM callback_center._fsm_require_machine(machine);
+    PERFORM callback_center._fsm_require_state(machine, from_state);
+    PERFORM callback_center._fsm_require_state(machine, to_state);
+    IF event = '' OR '' = ANY (emits) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'event names cannot be empty';
+    END IF;
+    PERFORM callback_center._require_key(event, 'event');
+    PERFORM callback_center._require_key(e, 'an event of emits') FROM unnest(emits) AS e;
+    IF from_state = to_state THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('transition "%s" -> "%s" does not change the state', from_state, to_state),
+            DETAIL = 'The trigger ignores updates that keep the state, so such a transition could never fire.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.machine_states s
+                WHERE s.machine = add_transition.machine
+                  AND s.state = add_transition.from_state AND s.is_final) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('state "%s" of state machine "%s" is final', from_state, machine),
+            DETAIL = 'No transition may leave a final state.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.transitions t
+                WHERE t.machine = add_transition.machine
+                  AND t.from_state = add_transition.from_state
+                  AND (t.to_state = add_transition.to_state OR t.event = add_transition.event)) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('state machine "%s" already has a transition "%s" -> "%s" or event "%s" from "%s"',
+                             machine, from_state, to_state, event, from_state),
+            HINT = 'Each pair of states has at most one transition and each event at most one target per state.';
+    END IF;
+    INSERT INTO callback_center.transitions (machine, from_state, to_state, event, emits)
+    VALUES (machine, from_state, to_state, event, emits);
+END
+$$;

@@ -25,3 +25,11 @@ SELECT count(*) AS records FROM callback_center.stock_deductions WHERE sku_id = 
 -- a new SKU's id too
 SELECT pg_temp.try($$SELECT callback_center.set_stock(repeat('s', 1000000), 1)$$);
 SELECT pg_temp.try($$SELECT callback_center.set_stock('', 1)$$);
+-- state and event names too (machine and endpoint names are at most 63 bytes)
+SELECT callback_center.create_state_machine('key-m');
+SELECT pg_temp.try($$SELECT callback_center.add_state('key-m', repeat('s', 201), true)$$);
+SELECT callback_center.add_state('key-m', 'a', true), callback_center.add_state('key-m', 'b');
+SELECT pg_temp.try($$SELECT callback_center.add_transition('key-m', 'a', 'b', repeat('e', 201))$$);
+SELECT pg_temp.try($$SELECT callback_center.add_transition('key-m', 'a', 'b', 'go', ARRAY[repeat('x', 201)])$$);
+SELECT pg_temp.try($$SELECT callback_center.create_state_machine(repeat('m', 64))$$);
+SELECT pg_temp.try($$SELECT callback_center.create_endpoint(repeat('n', 64), 'https://a.example/h', '{*}')$$);

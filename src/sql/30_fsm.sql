@@ -259,6 +259,7 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'state name cannot be empty';
     END IF;
+    PERFORM callback_center._require_key(state, 'state');
     IF EXISTS (SELECT 1 FROM callback_center.machine_states s
                 WHERE s.machine = add_state.machine AND s.state = add_state.state) THEN
         RAISE EXCEPTION USING ERRCODE = '42710',
@@ -296,6 +297,8 @@ BEGIN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'event names cannot be empty';
     END IF;
+    PERFORM callback_center._require_key(event, 'event');
+    PERFORM callback_center._require_key(e, 'an event of emits') FROM unnest(emits) AS e;
     IF from_state = to_state THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('transition "%s" -> "%s" does not change the state', from_state, to_state),
