@@ -78,6 +78,29 @@ recover_in_flight(void)
  * worker carries on: what was claimed is released by the next recovery, so
  * nothing waits for a lease.  Returns whether the pipeline has work left.
  */
+/*
+ * Whether the extension is installed at the library's version.  A step
+ * comes every few milliseconds while requests are in flight, and each
+ * look-up is a transaction of its own, so a current extension is asked
+ * again only once per poll interval, and at once after an error or while
+ * it is not current (a dropped or older schema is noticed by the next
+ * statement that fails, which clears extension_was_ready).
+ */
+static bool
+extension_current(void)
+{
+	static TimestampTz checked_at = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (!extension_was_ready ||
+		TimestampDifferenceExceeds(checked_at, now, cc_poll_interval_ms))
+	{
+		checked_at = now;
+		return cc_extension_state() == CC_EXT_CURRENT;
+	}
+	return true;
+}
+
 static bool
 delivery_step(MemoryContext cxt, uint64 gen, int64 *wait_ms)
 {
@@ -155,7 +178,7 @@ callback_center_worker_main(Datum main_arg)
 		SpinLockRelease(&cc_shared->mutex);
 
 		oldcontext = MemoryContextSwitchTo(loop_context);
-		if (cc_extension_state() == CC_EXT_CURRENT)
+		if (extension_current())
 		{
 			if (!extension_was_ready)
 			{
