@@ -9,7 +9,8 @@
  * never delays a close).  Started once recovery has finished (never on a
  * standby), connected to callback_center.database.  Each round runs the
  * SQL functions of src/sql/90_jobs.sql, one bounded batch per transaction:
- * close_expired_orders, query_stuck_payments, apply_query_answers.  An
+ * close_expired_orders, query_stuck_payments, apply_query_answers,
+ * refund_jobs (late payments refunded, open refunds queried again).  An
  * error in a round is logged and counted; the worker carries on.  When a
  * close batch fails, the due orders are closed one per transaction, and
  * each order that fails is recorded in close_failures and left alone for a
@@ -52,6 +53,7 @@ static int	cc_jobs_interval_ms = 1000;
 static int	cc_jobs_batch = 100;
 static int	cc_pay_query_after_s = 300;
 static int	cc_pay_query_interval_s = 60;
+static bool cc_refund_late_payments = true;
 
 PG_FUNCTION_INFO_V1(cc_jobs_status);
 
@@ -93,6 +95,11 @@ cc_jobs_define_gucs(void)
 							"Shortest time between two status queries for one payment.",
 							NULL, &cc_pay_query_interval_s, 60, 1, 30 * 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomBoolVariable("callback_center.refund_late_payments",
+							 "Whether money that arrived for an order that could not take it is refunded automatically.",
+							 "Turned off, late payments wait for callback_center.mark_refunded().",
+							 &cc_refund_late_payments, true,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
 }
 
 /* Counts an error and keeps its message for jobs_status(). */
@@ -256,6 +263,7 @@ cc_jobs_round(MemoryContext cxt)
 	int			closed = 0;
 	int			sent;
 	int			applied;
+	int			refunds;
 	bool		failed = false;
 	Datum		batch = Int32GetDatum(cc_jobs_batch);
 
@@ -280,6 +288,9 @@ cc_jobs_round(MemoryContext cxt)
 	applied = cc_jobs_call(cxt, "callback_center jobs: applying query answers",
 						   "SELECT callback_center.apply_query_answers($1)",
 						   batch, INT4OID);
+	refunds = cc_jobs_call(cxt, "callback_center jobs: refunds",
+						   "SELECT callback_center.refund_jobs($1)",
+						   batch, INT4OID);
 
 	SpinLockAcquire(&cc_shared->mutex);
 	cc_shared->orders_closed += closed;
@@ -288,7 +299,7 @@ cc_jobs_round(MemoryContext cxt)
 	SpinLockRelease(&cc_shared->mutex);
 
 	return (!failed && closed >= cc_jobs_batch) || sent >= cc_jobs_batch ||
-		applied >= cc_jobs_batch;
+		applied >= cc_jobs_batch || refunds >= cc_jobs_batch;
 }
 
 /*

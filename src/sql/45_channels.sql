@@ -411,8 +411,29 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Only transactions move payments; refunds and other resources are
-    -- acknowledged and recorded (verdict NULL).
+    -- Refunds (original_type refund, REFUND.SUCCESS / ABNORMAL / CLOSED):
+    -- order_id is our refund id (out_refund_no), txn_id WeChat Pay's
+    -- refund_id, amount_cents amount.refund; ABNORMAL (the money could
+    -- not reach the buyer; the merchant settles it in the merchant
+    -- platform) keeps the refund open.
+    IF res->>'original_type' = 'refund' AND coalesce(event_type, '') LIKE 'REFUND.%' THEN
+        order_id := tx->>'out_refund_no';
+        txn_id := tx->>'refund_id';
+        verdict := CASE tx->>'refund_status'
+            WHEN 'SUCCESS' THEN 'refund_success'
+            WHEN 'CLOSED' THEN 'refund_failed'
+            WHEN 'ABNORMAL' THEN 'refund_processing' END;
+        total := tx->'amount'->>'refund';
+        IF verdict IS NULL OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR total IS NULL OR total !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+        RETURN;
+    END IF;
+    -- Only transactions move payments; other resources are acknowledged
+    -- and recorded (verdict NULL).
     IF coalesce(res->>'original_type', 'transaction') = 'transaction'
        AND coalesce(event_type, '') LIKE 'TRANSACTION.%' THEN
         order_id := tx->>'out_trade_no';
@@ -544,7 +565,8 @@ BEGIN
         SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
           INTO f FROM unnest(names, vals) AS x(nm, v)
          WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
-                        'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+                        'trade_no', 'trade_status', 'total_amount', 'trans_currency',
+                        'out_biz_no', 'refund_fee', 'gmt_refund');
         SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
           INTO payload FROM unnest(names, vals) AS x(nm, v)
          WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
@@ -571,6 +593,21 @@ BEGIN
         RETURN;
     END IF;
 
+    -- A refund arrives as a trade notification carrying refund_fee and
+    -- gmt_refund (TRADE_SUCCESS after a partial refund, TRADE_CLOSED after
+    -- a full one), out_biz_no naming the refund (our out_request_no), and
+    -- only once it succeeded.  order_id is our refund id; txn_id NULL
+    -- (Alipay gives a refund no id of its own).  refund_fee is the
+    -- trade's total refunded so far, not this refund's amount: not
+    -- compared (amount_cents NULL); reconciliation compares amounts.
+    IF f ? 'gmt_refund' OR f ? 'refund_fee' THEN
+        order_id := f->>'out_biz_no';
+        verdict := 'refund_success';
+        IF nullif(order_id, '') IS NULL OR nullif(f->>'trade_no', '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+        END IF;
+        RETURN;
+    END IF;
     order_id := f->>'out_trade_no';
     txn_id := f->>'trade_no';
     verdict := CASE f->>'trade_status'
@@ -822,7 +859,7 @@ BEGIN
         SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
           INTO f FROM unnest(names, vals) AS x(nm, v)
          WHERE x.nm IN ('orderId', 'queryId', 'txnType', 'txnSubType', 'respCode',
-                        'txnAmt', 'currencyCode');
+                        'txnAmt', 'currencyCode', 'origQryId');
         -- What a resend repeats: the signed parameters but the certificate
         -- (UnionPay may sign a resend under its next certificate).
         SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
@@ -859,8 +896,22 @@ BEGIN
         END IF;
         amount_cents := total::bigint;
     END IF;
-    -- Other transaction types (refunds 04, cancellations 31, ...) are
-    -- recorded and acknowledged (verdict NULL).
+    IF f->>'txnType' = '04' THEN
+        -- Refund (back notification): orderId is the refund's own order
+        -- id, our refund id; queryId UnionPay's id of the refund; txnAmt
+        -- its amount.  respCode 00 and A6 refunded; any other failed.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'refund_success' ELSE 'refund_failed' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    -- Other transaction types (cancellations 31, ...) are recorded and
+    -- acknowledged (verdict NULL).
 END
 $$;
 
@@ -927,7 +978,10 @@ BEGIN
     -- currency, and from the provider it is with.  Checked here so that a
     -- refusal records nothing; _apply_payment_result checks again under
     -- the row locks.
-    IF m.failure IS NULL AND m.verdict IS NOT NULL THEN
+    -- Refund notifications (verdict refund_*) are checked against the
+    -- refund by _apply_refund_notification, which answers what does not
+    -- match as an outcome.
+    IF m.failure IS NULL AND m.verdict IS NOT NULL AND m.verdict NOT LIKE 'refund\_%' THEN
         SELECT x.currency AS order_currency, p.amount_cents AS pay_cents, p.provider AS pay_provider
           INTO o
           FROM callback_center.orders x
