@@ -4560,6 +4560,44 @@ BEGIN
 END
 $$;
 
+-- Access per database (issue 11): membership of callback_center_app or
+-- callback_center_admin counts only where the login also has USAGE on this
+-- schema, granted in each database.  0.1.0 granted USAGE to the two
+-- cluster-wide roles, so a member reached every database.  A grant made
+-- here would be recorded as the extension's initial privilege, which
+-- pg_dump leaves out and a restore into a fresh install would lose: the
+-- DBA grants each login before updating (README, Upgrading), and members
+-- still without a grant of their own are named in a warning.
+DO $access$
+DECLARE
+    missing text;
+BEGIN
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname)
+      INTO missing
+      FROM pg_catalog.pg_roles r
+     WHERE NOT r.rolsuper
+       AND r.rolname NOT IN ('callback_center_app', 'callback_center_admin')
+       AND (pg_catalog.pg_has_role(r.oid, 'callback_center_app', 'MEMBER')
+            OR pg_catalog.pg_has_role(r.oid, 'callback_center_admin', 'MEMBER'))
+       AND NOT EXISTS (
+           SELECT 1
+             FROM pg_catalog.pg_namespace n,
+                  pg_catalog.aclexplode(n.nspacl) a
+            WHERE n.nspname = 'callback_center'
+              AND a.privilege_type = 'USAGE'
+              AND a.grantee <> ALL (ARRAY['callback_center_app'::regrole,
+                                          'callback_center_admin'::regrole]::oid[])
+              AND (a.grantee = 0 OR pg_catalog.pg_has_role(r.oid, a.grantee, 'MEMBER')));
+    IF missing IS NOT NULL THEN
+        RAISE WARNING 'these members of callback_center_app or callback_center_admin lose access to callback_center in database %: %',
+            pg_catalog.current_database(), missing
+            USING DETAIL = 'Membership counts only in databases where the role also has USAGE on schema callback_center.',
+                  HINT = pg_catalog.format('Grant each that uses this database: GRANT USAGE ON SCHEMA callback_center TO %s;', missing);
+    END IF;
+END
+$access$;
+REVOKE USAGE ON SCHEMA callback_center FROM callback_center_app, callback_center_admin;
+
 -- Refunds end to end (issue 14 section 3): the refunds table and machine (62_refunds.sql:
 -- request_refund, _apply_refund_answer, record_refund_outcome,
 -- refund_jobs, PARTIALLY_REFUNDED / partially_refunded, order fulfilled,

@@ -248,12 +248,16 @@ SELECT rf_trace('rf-6');
 
 -- The application reads refunds and may ask for them; it may not record
 -- outcomes or run the jobs.
-SET ROLE callback_center_app;
+CREATE ROLE rf_app NOLOGIN IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO rf_app;
+SET ROLE rf_app;
 SELECT count(*) > 0 AS reads FROM callback_center.refunds;
 SELECT rf_try($$SELECT callback_center.record_refund_outcome('rf-4-a', 'success')$$) AS record;
 SELECT rf_try($$SELECT callback_center.refund_jobs()$$) AS jobs;
 SELECT rf_try($$SELECT callback_center._apply_refund_answer('rf-4-a', '{"status": "success"}')$$) AS owner;
 RESET ROLE;
+REVOKE USAGE ON SCHEMA callback_center FROM rf_app;
+DROP ROLE rf_app;
 
 -- Clean up: later tests count what endpoints receive.
 SELECT callback_center.drop_endpoint('rf-sink') > 0 AS dropped,

@@ -48,6 +48,17 @@ SELECT line FROM (
     UNION ALL
     SELECT pg_catalog.format('%s|%s|%s', a.kind, a.name, a.acl) FROM acl a
     UNION ALL
+    -- the initial privileges pg_dump compares ACLs with: a difference here
+    -- would make a dump of one restore wrongly into the other
+    SELECT pg_catalog.format('init_privs|%s|%s|%s',
+               pg_catalog.pg_describe_object(i.classoid, i.objoid, i.objsubid), i.privtype,
+               (SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s:%s',
+                           CASE WHEN e.grantee = 0 THEN 'PUBLIC' ELSE e.grantee::regrole::text END,
+                           e.privilege_type, e.is_grantable), ',' ORDER BY 1)
+                  FROM pg_catalog.aclexplode(i.initprivs) e))
+      FROM pg_catalog.pg_init_privs i
+      JOIN member m ON m.classid = i.classoid AND m.objid = i.objoid
+    UNION ALL
     -- relations: kind, persistence, options, row security, owner
     SELECT pg_catalog.format('relation|%s|%s|%s|%s|%s/%s|%s|%s', c.oid::regclass, c.relkind,
                c.relpersistence, c.reloptions, c.relrowsecurity, c.relforcerowsecurity,
