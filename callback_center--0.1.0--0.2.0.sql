@@ -6289,8 +6289,9 @@ BEGIN
     -- is status_mismatch, settled here (applied: the provider's statement
     -- says it refunded, _apply_refund_answer below); failed is
     -- status_mismatch for people.  A local refund left unmatched is
-    -- missing_provider when it succeeded in the day and no neighbouring
-    -- statement has it (pending_grace in the margins).  provider_txn_id is
+    -- missing_provider when it succeeded in the day and no statement of
+    -- the day (a line settled by an earlier run is left out of s) or a
+    -- neighbouring day has it (pending_grace in the margins).  provider_txn_id is
     -- the line's, else the refund's provider id, else our refund id.
     WITH s AS (
         SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status, st.refund_id
@@ -6324,7 +6325,7 @@ BEGIN
                              AND NOT EXISTS (
                                  SELECT 1 FROM callback_center.provider_statement n
                                   WHERE n.channel = p_channel
-                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                    AND n.bill_date BETWEEN p_date - 1 AND p_date + 1
                                     AND n.refund_id = l.refund_id)
                              AND NOT EXISTS (
                                  SELECT 1 FROM callback_center.provider_statement n

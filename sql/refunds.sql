@@ -246,6 +246,36 @@ SELECT r.mode, r.status, l.status AS late_status, p.status AS payment
   JOIN callback_center.payments p ON p.order_id = l.order_id WHERE r.order_id = 'rf-6';
 SELECT rf_trace('rf-6');
 
+-- Reconciliation: refund lines (refund_id set) against local refunds.  The
+-- payments' own lines agree (a refunded payment still agrees with its
+-- success line), so only refunds differ: rf-1-a matches; rf-1-c's amount
+-- differs; rf-9-x is not ours; rf-2-a, rf-4-a and the late refund are not
+-- on the statement; rf-7-a, still open here, is settled by the statement.
+SELECT rf_paid('rf-7', 800, NULL, 'rf-pay') AS paid;
+SELECT refund_id, status FROM callback_center.request_refund('rf-7', 800, NULL, 'rf-7-a');
+INSERT INTO callback_center.provider_statement
+       (channel, bill_date, provider_txn_id, order_id, amount_cents, status, refund_id)
+VALUES ('rf-pay', current_date, 'txn-rf-1', 'rf-1', 1000, 'success', NULL),
+       ('rf-pay', current_date, 'txn-rf-2', 'rf-2', 500, 'success', NULL),
+       ('rf-pay', current_date, 'txn-rf-4', 'rf-4', 600, 'success', NULL),
+       ('rf-pay', current_date, 'txn-rf-5', 'rf-5', 250, 'success', NULL),
+       ('rf-pay', current_date, 'txn-rf-7', 'rf-7', 800, 'success', NULL),
+       ('rf-pay', current_date, 'wx-ref-a', 'rf-1', 300, 'refund', 'rf-1-a'),
+       ('rf-pay', current_date, 'wx-ref-c', 'rf-1', 699, 'refund', 'rf-1-c'),
+       ('rf-pay', current_date, 'wx-ref-x', 'rf-9', 50, 'refund', 'rf-9-x'),
+       ('rf-pay', current_date, 'wx-ref-7', 'rf-7', 800, 'refund', 'rf-7-a');
+SELECT * FROM callback_center.reconcile('rf-pay', current_date, '0 s');
+SELECT CASE WHEN refund_id LIKE 'late\_%' THEN 'late' ELSE refund_id END AS refund,
+       CASE WHEN provider_txn_id LIKE 'late\_%' THEN 'late' ELSE provider_txn_id END AS txn,
+       order_id, kind, provider_amount, local_amount, local_status, resolution, note
+  FROM callback_center.recon_diffs WHERE channel = 'rf-pay' ORDER BY kind, order_id, refund_id;
+SELECT rf_trace('rf-7');
+-- A second run finds the same (the settled one stays applied).
+SELECT * FROM callback_center.reconcile('rf-pay', current_date, '0 s');
+SELECT count(*) AS diffs FROM callback_center.recon_diffs WHERE channel = 'rf-pay';
+DELETE FROM callback_center.recon_diffs WHERE channel = 'rf-pay';
+DELETE FROM callback_center.provider_statement WHERE channel = 'rf-pay';
+
 -- The application reads refunds and may ask for them; it may not record
 -- outcomes or run the jobs.
 CREATE ROLE rf_app NOLOGIN IN ROLE callback_center_app;
