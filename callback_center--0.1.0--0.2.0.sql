@@ -4598,6 +4598,35 @@ END
 $access$;
 REVOKE USAGE ON SCHEMA callback_center FROM callback_center_app, callback_center_admin;
 
+-- The workers' role (issue 11): the two workers connect as the bootstrap
+-- superuser and run each transaction as callback_center_worker
+-- (src/worker_role.c), which holds only the queue tables and the jobs'
+-- functions; the two jobs helpers they call directly run as their owner.
+DO $worker_role$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'callback_center_worker') THEN
+        CREATE ROLE callback_center_worker NOLOGIN;
+    END IF;
+END
+$worker_role$;
+GRANT USAGE ON SCHEMA callback_center TO callback_center_worker;
+GRANT SELECT, UPDATE ON callback_center.outbox TO callback_center_worker;
+GRANT SELECT ON callback_center.endpoints, callback_center.endpoint_secrets,
+    callback_center.retry_schedules TO callback_center_worker;
+GRANT UPDATE (enabled, updated_at) ON callback_center.endpoints TO callback_center_worker;
+GRANT EXECUTE ON FUNCTION callback_center._event_size(text, text, jsonb) TO callback_center_worker;
+GRANT INSERT ON callback_center.delivery_attempts TO callback_center_worker;
+GRANT SELECT, INSERT, UPDATE ON callback_center.endpoint_state TO callback_center_worker;
+ALTER FUNCTION callback_center._note_close_failure(text, text) SECURITY DEFINER;
+ALTER FUNCTION callback_center._close_order(text) SECURITY DEFINER;
+GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
+    callback_center.query_stuck_payments(integer, interval, interval),
+    callback_center.apply_query_answers(integer),
+    callback_center._close_order(text),
+    callback_center._note_close_failure(text, text)
+    TO callback_center_worker;
+GRANT SELECT ON callback_center._orders_due TO callback_center_worker;
+
 -- Refunds end to end (issue 14 section 3): the refunds table and machine (62_refunds.sql:
 -- request_refund, _apply_refund_answer, record_refund_outcome,
 -- refund_jobs, PARTIALLY_REFUNDED / partially_refunded, order fulfilled,
@@ -5363,6 +5392,8 @@ GRANT EXECUTE ON FUNCTION callback_center.request_refund(text, bigint, text, tex
 GRANT EXECUTE ON FUNCTION callback_center.record_refund_outcome(text, text, text, text),
     callback_center.refund_jobs(integer)
     TO callback_center_admin;
+-- The jobs worker runs it every round (as its owner: SECURITY DEFINER).
+GRANT EXECUTE ON FUNCTION callback_center.refund_jobs(integer) TO callback_center_worker;
 
 CREATE OR REPLACE FUNCTION callback_center._wechatpay_v3_parse(
     p_provider text, p_secrets text[], p_tolerance interval,

@@ -45,6 +45,7 @@
 #include "extension.h"
 #include "jobs.h"
 #include "shmem.h"
+#include "worker_role.h"
 
 /* Settings (PGC_SIGHUP: the worker re-reads them live). */
 static bool cc_jobs_enabled = true;
@@ -142,6 +143,7 @@ cc_jobs_begin(const char *activity)
 	pgstat_report_activity(STATE_RUNNING, activity);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	cc_worker_role_enter();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 }
@@ -151,6 +153,7 @@ cc_jobs_commit(MemoryContext cxt)
 {
 	SPI_finish();
 	PopActiveSnapshot();
+	cc_worker_role_leave();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);

@@ -184,6 +184,12 @@ GRANT INSERT (name, delays), UPDATE (delays), DELETE
     ON callback_center.retry_schedules TO callback_center_admin;
 GRANT SELECT ON callback_center.endpoints TO callback_center_admin;
 GRANT SELECT ON callback_center.endpoint_secrets TO callback_center_admin;
+-- The delivery worker: claims and settles events, signs with the secrets,
+-- disables an endpoint whose URL stopped passing (src/queue.c).
+GRANT SELECT, UPDATE ON callback_center.outbox TO callback_center_worker;
+GRANT SELECT ON callback_center.endpoints, callback_center.endpoint_secrets,
+    callback_center.retry_schedules TO callback_center_worker;
+GRANT UPDATE (enabled, updated_at) ON callback_center.endpoints TO callback_center_worker;
 
 -------------------------------------------------------------------------
 -- Internal helpers (not granted to anyone; the SECURITY DEFINER functions
@@ -606,6 +612,7 @@ RETURNS bigint
 AS 'MODULE_PATHNAME', 'cc_event_size_sql'
 LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
 REVOKE ALL ON FUNCTION callback_center._event_size(text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center._event_size(text, text, jsonb) TO callback_center_worker;
 
 -- Raises 54000 (program_limit_exceeded) when an event is larger than
 -- callback_center.max_event_size; every writer of the outbox calls it

@@ -752,3 +752,5 @@ GRANT EXECUTE ON FUNCTION callback_center.request_refund(text, bigint, text, tex
 GRANT EXECUTE ON FUNCTION callback_center.record_refund_outcome(text, text, text, text),
     callback_center.refund_jobs(integer)
     TO callback_center_admin;
+-- The jobs worker runs it every round (as its owner: SECURITY DEFINER).
+GRANT EXECUTE ON FUNCTION callback_center.refund_jobs(integer) TO callback_center_worker;

@@ -230,6 +230,8 @@ GRANT EXECUTE ON FUNCTION callback_center.replay_dead(bigint, text),
     callback_center.replay_dead(text, timestamptz, timestamptz, text),
     callback_center.delivery_stats(interval) TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.delivery_stats(interval) TO callback_center_app;
+GRANT INSERT ON callback_center.delivery_attempts TO callback_center_worker;
+GRANT SELECT, INSERT, UPDATE ON callback_center.endpoint_state TO callback_center_worker;
 GRANT SELECT ON callback_center.dead_letters, callback_center.delivery_stats, callback_center.health,
     callback_center.endpoint_state, callback_center.delivery_attempts, callback_center.replay_audit
     TO callback_center_admin;

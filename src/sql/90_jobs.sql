@@ -45,7 +45,7 @@ CREATE VIEW callback_center._orders_due AS
 -- rows of orders no longer waiting for money.  Returns when it is retried.
 CREATE FUNCTION callback_center._note_close_failure(p_order_id text, error text)
 RETURNS timestamptz
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
@@ -121,7 +121,7 @@ $$;
 -- again later).  CB050 when the order does not exist.
 CREATE FUNCTION callback_center._close_order(p_order_id text)
 RETURNS boolean
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
@@ -478,6 +478,15 @@ GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
     callback_center.query_stuck_payments(integer, interval, interval),
     callback_center.apply_query_answers(integer)
     TO callback_center_admin;
+-- The jobs worker (src/jobs.c) runs these and reads the due orders; the
+-- functions run as their owner, the worker role holds nothing else of them.
+GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
+    callback_center.query_stuck_payments(integer, interval, interval),
+    callback_center.apply_query_answers(integer),
+    callback_center._close_order(text),
+    callback_center._note_close_failure(text, text)
+    TO callback_center_worker;
+GRANT SELECT ON callback_center._orders_due TO callback_center_worker;
 
 -- What the jobs worker has done since it started (needs
 -- shared_preload_libraries; 55000 otherwise).

@@ -264,7 +264,7 @@ is(callback('up', $f), '200|ok|true|paid', 'unionpay: GBK encoding');
 is(callback('up', $f), '200|ok|true|attempt_failed', 'unionpay: another respCode is one failed attempt');
 is(trace('up-4'), 'records=1 outbox=1 payment=CREATED/- order=unpaid', 'unionpay: a failed attempt moved nothing');
 ($f, $key) = up_notify(orderId => 'up-4', txnAmt => '400', txnType => '04', txnSubType => '00');
-# (A refund notification for a refund we have is test/t/07c_refund_notifications.pl.)
+# (A refund notification for a refund we have is test/t/07d_refund_notifications.pl.)
 is(callback('up', $f), '200|ok|true|unknown_refund',
 	'unionpay: a refund notification naming no refund here is recorded and acknowledged');
 is(recorded($key), '1', 'unionpay: the refund is keyed by its own queryId:04');
