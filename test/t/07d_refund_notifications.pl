@@ -260,4 +260,24 @@ is(sql(q{SELECT string_agg(to_state || ':' || n, ',' ORDER BY to_state) FROM
              WHERE machine = 'refund' AND from_state IS NOT NULL GROUP BY to_state) x}),
 	'FAILED:2,PROCESSING:1,SUCCESS:5', 'refund moves: 5 succeeded, 2 failed, 1 processing');
 
+# --- Late payments, through the jobs worker ---------------------------------
+
+# Money for an order the jobs worker closed: the worker's refund_jobs asks
+# for its refund (refund.request to the provider's API endpoint) by itself.
+sql(q{SELECT callback_center.place_order('wx-late', 'u', '[{"sku": "rn-sku", "qty": 1}]', 700, NULL, 'wx');
+      UPDATE callback_center.orders SET pay_deadline = now() - interval '1 minute' WHERE order_id = 'wx-late'});
+ok($node->poll_query_until('postgres',
+		q{SELECT status = 'closed' FROM callback_center.orders WHERE order_id = 'wx-late'}),
+	'the jobs worker closes the expired order');
+is(sql(q{SELECT callback_center._apply_payment_result('wx', 'txn-late', 'wx-late', 700, NULL, 'success', 'callback')}),
+	'refund_required', 'late money for it');
+ok($node->poll_query_until('postgres', q{
+		SELECT count(*) = 1 FROM callback_center.refunds r
+		  JOIN callback_center.outbox o ON o.aggregate_id = r.order_id AND o.event_type = 'refund.request'
+		 WHERE r.order_id = 'wx-late' AND r.late_payment_id IS NOT NULL AND r.amount_cents = 700
+		   AND r.provider_txn_id = 'txn-late' AND r.mode = 'api'}),
+	'the jobs worker refunds the late payment through the refund path');
+is(sql(q{SELECT count(*) FROM callback_center.refunds WHERE order_id = 'wx-late'}), '1',
+	'once');
+
 done_testing();
