@@ -16,93 +16,11 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use lib 'test/perl';
 use CallbackCenterTest;
+use CallbackCenterChannels;
 
-my $dir = PostgreSQL::Test::Utils::tempdir;
-
-sub run_ok
-{
-	my @cmd = @_;
-	my ($stdout, $stderr);
-	IPC::Run::run(\@cmd, '>', \$stdout, '2>', \$stderr)
-	  or die "@cmd failed: $stderr";
-	return $stdout;
-}
+my $dir = channel_dir(PostgreSQL::Test::Utils::tempdir);
 
 sub slurp { my ($f) = @_; return PostgreSQL::Test::Utils::slurp_file($f); }
-
-sub slurp_raw
-{
-	my ($f) = @_;
-	open my $fh, '<:raw', $f or die;
-	local $/;
-	my $d = <$fh>;
-	close $fh;
-	return $d;
-}
-
-sub rsa_key
-{
-	my ($name) = @_;
-	run_ok('openssl', 'genrsa', '-out', "$dir/$name.key", 2048);
-	run_ok('openssl', 'rsa', '-in', "$dir/$name.key", '-pubout', '-out', "$dir/$name.pub");
-	return slurp("$dir/$name.pub");
-}
-
-# A self-signed CA certificate (Debian's openssl.cnf: v3_ca, CA:true).
-sub root_ca
-{
-	my ($name, $cn) = @_;
-	rsa_key($name);
-	run_ok('openssl', 'req', '-x509', '-new', '-key', "$dir/$name.key", '-out',
-		"$dir/$name.crt", '-subj', "/CN=$cn", '-days', '30');
-	return slurp("$dir/$name.crt");
-}
-
-# A certificate for a new key, issued by CA $ca with openssl ca: subject
-# $subj (UTF-8), a CA or not, valid for 30 days or from start to end.
-my $serial = 16;
-sub issue
-{
-	my ($name, $subj, $ca, %o) = @_;
-	rsa_key($name);
-	my $cd = "$dir/ca_$name";
-	mkdir $cd;
-	my $bc = $o{ca} ? 'critical,CA:true' : 'CA:false';
-	open my $fh, '>', "$cd/ca.cnf" or die;
-	print $fh "[ca]\ndefault_ca = d\n[d]\ndir = $cd\ndatabase = $cd/index.txt\n"
-	  . "new_certs_dir = $cd\nserial = $cd/serial\ndefault_md = sha256\n"
-	  . "policy = p\nunique_subject = no\nx509_extensions = ext\ndefault_days = 30\n"
-	  . "[p]\ncommonName = supplied\norganizationName = optional\n"
-	  . "organizationalUnitName = optional\ncountryName = optional\n"
-	  . "[ext]\nbasicConstraints = $bc\n"
-	  . ($o{ca} ? "keyUsage = critical,keyCertSign,cRLSign\n" : "keyUsage = digitalSignature\n");
-	close $fh;
-	open $fh, '>', "$cd/index.txt" or die;
-	close $fh;
-	open $fh, '>', "$cd/serial" or die;
-	printf $fh "%02X\n", $serial++;
-	close $fh;
-	run_ok('openssl', 'req', '-new', '-utf8', '-key', "$dir/$name.key", '-out',
-		"$cd/r.csr", '-subj', $subj);
-	run_ok('openssl', 'ca', '-batch', '-utf8', '-preserveDN', '-config', "$cd/ca.cnf",
-		'-cert', "$dir/$ca.crt", '-keyfile', "$dir/$ca.key", '-in', "$cd/r.csr",
-		'-out', "$dir/$name.crt", '-notext',
-		$o{start} ? ('-startdate', $o{start}, '-enddate', $o{end}) : ());
-	return slurp("$dir/$name.crt");
-}
-
-# SHA256withRSA signature of data by key name, in base64.
-my $nsig = 0;
-sub sign_b64
-{
-	my ($name, $data) = @_;
-	my $f = "$dir/data" . $nsig++;
-	open my $fh, '>:raw', $f or die;
-	print $fh $data;
-	close $fh;
-	run_ok('openssl', 'dgst', '-sha256', '-sign', "$dir/$name.key", '-out', "$f.sig", $f);
-	return encode_base64(slurp_raw("$f.sig"), '');
-}
 
 my $org = '中国银联股份有限公司';
 my $root = root_ca('root', 'Test CFCA Root');
@@ -121,12 +39,6 @@ $certs{root} = $root;
 
 my $node = cc_node('unionpay');
 
-sub q_lit
-{
-	my ($s) = @_;
-	$s =~ s/'/''/g;
-	return "'$s'";
-}
 
 sub callback
 {
@@ -200,13 +112,6 @@ is( $node->safe_psql('postgres',
 
 # --- Notifications ---------------------------------------------------------
 
-sub form_enc
-{
-	my ($s) = @_;
-	$s =~ s/([^A-Za-z0-9\-_.* ])/sprintf('%%%02X', ord($1))/ge;
-	$s =~ s/ /+/g;
-	return $s;
-}
 
 my $qn = 0;
 # A consumption notification as UnionPay posts it.  %o are parameter
