@@ -175,10 +175,6 @@ $$;
 -- Active query
 -- ------------------------------------------------------------------------
 
--- Payments waiting for money are found by the time they started paying.
-CREATE INDEX payments_paying ON callback_center.payments (updated_at)
-    WHERE status = 'PAYING';
-
 -- Every status query sent for a payment stuck in PAYING, and what came of
 -- it.  status: sent (the payment.query event is in the outbox), answered
 -- (the answer was applied, outcome says how), failed (no usable answer:
