@@ -260,9 +260,7 @@ AS $$
 DECLARE
     found_id integer;
 BEGIN
-    IF name IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'endpoint name must not be null';
-    END IF;
+    PERFORM callback_center._require(name, 'endpoint name');
     IF lock_row THEN
         SELECT e.id INTO found_id FROM callback_center.endpoints e
          WHERE e.name = _endpoint_id.name FOR UPDATE;
@@ -325,9 +323,7 @@ DECLARE
     ep callback_center.endpoints;
     n numeric;
 BEGIN
-    IF options IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'options must not be null';
-    END IF;
+    PERFORM callback_center._require(options, 'options');
     IF jsonb_typeof(options) <> 'object' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'options must be a JSON object',
@@ -444,10 +440,8 @@ AS $$
 DECLARE
     new_id integer;
 BEGIN
-    IF name IS NULL OR url IS NULL OR event_types IS NULL OR options IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'name, url, event_types and options must not be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(name, url, event_types, options) = 0 OR NULL,
+                                     'name, url, event_types and options');
     IF name !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('invalid endpoint name "%s"', name),
@@ -650,11 +644,8 @@ DECLARE
     queued integer;
     ep_id integer;
 BEGIN
-    IF endpoint IS NULL OR event_type IS NULL OR aggregate_id IS NULL
-       OR payload IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'endpoint, event_type, aggregate_id and payload must not be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(endpoint, event_type, aggregate_id, payload) = 0 OR NULL,
+                                     'endpoint, event_type, aggregate_id and payload');
     IF event_type = '' OR event_type = '*' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('invalid event type "%s"', event_type),
