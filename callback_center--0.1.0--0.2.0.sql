@@ -5074,3 +5074,84 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- One writer of the outbox: enqueue, enqueue_to and query_stuck_payments
+-- insert through src/outbox.c (_enqueue_one for a single endpoint), with
+-- the same checks, ordering lock and wake-up; the SQL faces the PL/pgSQL
+-- writers used go.
+
+CREATE FUNCTION callback_center._enqueue_one(
+    endpoint_id integer, event_type text, aggregate_id text, payload jsonb)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cc_enqueue_one'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION callback_center._enqueue_one(integer, text, text, jsonb) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION callback_center.enqueue_to(
+    endpoint text, event_type text, aggregate_id text, payload jsonb)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(num_nulls(endpoint, event_type, aggregate_id, payload) = 0 OR NULL,
+                                     'endpoint, event_type, aggregate_id and payload');
+    IF callback_center._enqueue_one(callback_center._endpoint_id(endpoint, false),
+                                    event_type, aggregate_id, payload) IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.query_stuck_payments(max_payments integer DEFAULT 100,
+    older_than interval DEFAULT NULL, min_interval interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    stuck interval := coalesce(older_than,
+        current_setting('callback_center.pay_query_after', true)::interval, '5 minutes');
+    again interval := coalesce(min_interval,
+        current_setting('callback_center.pay_query_interval', true)::interval, '1 minute');
+    r record;
+    ob_id bigint;
+    body jsonb;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_payments, 'max_payments');
+    IF max_payments < 1 OR stuck < interval '0' OR again < interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'max_payments must be positive and the intervals not negative';
+    END IF;
+    FOR r IN
+        SELECT p.payment_id, p.order_id, p.provider, p.amount_cents, e.id AS endpoint_id
+          FROM callback_center.payments p
+          JOIN callback_center.providers pr ON pr.name = p.provider
+          JOIN callback_center.endpoints e ON e.name = pr.query_endpoint AND e.enabled
+         WHERE p.status = 'PAYING' AND p.updated_at <= now() - stuck
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = p.payment_id
+                              AND (q.status = 'sent' OR q.queried_at > now() - again))
+         ORDER BY p.updated_at
+         LIMIT max_payments
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        -- To the query endpoint only, whatever else subscribes.
+        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'amount_cents', r.amount_cents);
+        ob_id := callback_center._enqueue_one(r.endpoint_id, 'payment.query', r.order_id, body);
+        -- Disabled since the scan: no query for this payment this time.
+        CONTINUE WHEN ob_id IS NULL;
+        INSERT INTO callback_center.payment_queries
+               (payment_id, order_id, provider, endpoint_id, outbox_id)
+        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+DROP FUNCTION callback_center._outbox_lock_aggregate(text);
+DROP FUNCTION callback_center._check_event_size(text, text, jsonb);
