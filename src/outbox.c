@@ -68,6 +68,7 @@
 #include "extension.h"
 #include "outbox.h"
 #include "shmem.h"
+#include "spi.h"
 
 /* One enabled endpoint and the event types it subscribes to. */
 typedef struct CcSubscriber
@@ -105,29 +106,50 @@ static Oid	cc_outbox_relid = InvalidOid;
 static uint64 cc_endpoints_invalidations = 0;
 static bool cc_relcache_callback_registered = false;
 
-/* The statements behind them. */
-static const char *cc_subscribers_sql =
-"SELECT e.id, e.event_types, e.ordered FROM callback_center.endpoints e"
-" WHERE e.enabled ORDER BY e.id";
-static const char *cc_targets_sql =
-"SELECT e.id, e.ordered FROM callback_center.endpoints e"
-" WHERE e.enabled AND e.event_types OPERATOR(pg_catalog.&&) ARRAY[$1, '*']"
-" ORDER BY e.id";
-static const char *cc_endpoint_sql =
-"SELECT e.id, e.ordered FROM callback_center.endpoints e"
-" WHERE e.id OPERATOR(pg_catalog.=) $1 AND e.enabled";
-/* The one INSERT of the outbox; RETURNING only for callers that read ids. */
-#define CC_INSERT_SQL \
-"INSERT INTO callback_center.outbox" \
-" (endpoint_id, event_type, aggregate_id, payload)" \
-" VALUES ($1, $2, $3, $4)"
-static const char *cc_insert_sql[2] = {CC_INSERT_SQL, CC_INSERT_SQL " RETURNING id"};
+/* The statements behind them, prepared once per backend (spi.h). */
+typedef enum CcOutboxPlanId
+{
+	OUTBOX_SUBSCRIBERS,			/* the subscription list */
+	OUTBOX_TARGETS,				/* subscribers, in the snapshot */
+	OUTBOX_ENDPOINT,			/* one enabled endpoint */
+	OUTBOX_INSERT,				/* the one INSERT of the outbox */
+	OUTBOX_INSERT_ID,			/* the same, for callers that read the id */
+	NUM_OUTBOX_PLANS
+} CcOutboxPlanId;
 
-/* Prepared plans, kept for the life of the backend. */
-static SPIPlanPtr cc_insert_plan[2] = {NULL, NULL};	/* [want the id] */
-static SPIPlanPtr cc_subscribers_plan = NULL;
-static SPIPlanPtr cc_targets_plan = NULL;	/* subscribers, in the snapshot */
-static SPIPlanPtr cc_endpoint_plan = NULL;	/* one enabled endpoint */
+#define CC_OUTBOX_INSERT_SQL \
+	"INSERT INTO callback_center.outbox" \
+	" (endpoint_id, event_type, aggregate_id, payload)" \
+	" VALUES ($1, $2, $3, $4)"
+
+static CcPlan plans[NUM_OUTBOX_PLANS] = {
+	[OUTBOX_SUBSCRIBERS] = {
+		"SELECT e.id, e.event_types, e.ordered FROM callback_center.endpoints e"
+		" WHERE e.enabled ORDER BY e.id",
+		0, {InvalidOid}
+	},
+	[OUTBOX_TARGETS] = {
+		"SELECT e.id, e.ordered FROM callback_center.endpoints e"
+		" WHERE e.enabled"
+		" AND e.event_types OPERATOR(pg_catalog.&&) ARRAY[$1, '*']"
+		" ORDER BY e.id",
+		1, {TEXTOID}
+	},
+	[OUTBOX_ENDPOINT] = {
+		"SELECT e.id, e.ordered FROM callback_center.endpoints e"
+		" WHERE e.id OPERATOR(pg_catalog.=) $1 AND e.enabled",
+		1, {INT4OID}, 1
+	},
+	/* RETURNING builds a result for the row: only where the id is read. */
+	[OUTBOX_INSERT] = {
+		CC_OUTBOX_INSERT_SQL,
+		4, {INT4OID, TEXTOID, TEXTOID, JSONBOID}, 1
+	},
+	[OUTBOX_INSERT_ID] = {
+		CC_OUTBOX_INSERT_SQL " RETURNING id",
+		4, {INT4OID, TEXTOID, TEXTOID, JSONBOID}, 1
+	},
+};
 
 /*
  * One event on its way into the outbox: the INSERT's arguments (endpoint
@@ -149,7 +171,6 @@ static void cc_outbox_lock_aggregate(text *aggregate_id);
 static void cc_endpoints_relcache_callback(Datum arg, Oid relid);
 static void cc_load_subscribers(void);
 static bool cc_subscribes(const CcSubscriber *sub, const char *event_type);
-static SPIPlanPtr cc_keep_plan(const char *sql, int nargs, Oid *argtypes);
 static void cc_outbox_begin(CcOutboxWrite *w, FunctionCallInfo fcinfo,
 							int first_arg, bool want_id);
 static int64 cc_outbox_insert(CcOutboxWrite *w, int32 endpoint_id,
@@ -315,23 +336,6 @@ cc_endpoints_relcache_callback(Datum arg, Oid relid)
 }
 
 /*
- * Prepares sql and keeps the plan for the life of the backend.  The plan
- * cache replans it when the tables it uses change.
- */
-static SPIPlanPtr
-cc_keep_plan(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-			 sql, SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
-/*
  * Loads the enabled endpoints and their event types into
  * cc_subscribers_context.  Must run inside SPI_connect.  The list is kept
  * (cc_subscribers_valid) only if no invalidation arrived while it was read;
@@ -341,7 +345,6 @@ static void
 cc_load_subscribers(void)
 {
 	uint64		invalidations_before;
-	int			rc;
 	uint64		i;
 
 	if (!cc_relcache_callback_registered)
@@ -361,12 +364,8 @@ cc_load_subscribers(void)
 	if (!OidIsValid(cc_endpoints_relid))
 		elog(ERROR, "table callback_center.endpoints is missing");
 
-	if (cc_subscribers_plan == NULL)
-		cc_subscribers_plan = cc_keep_plan(cc_subscribers_sql, 0, NULL);
-	rc = SPI_execute_plan(cc_subscribers_plan, NULL, NULL, false, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "reading callback_center.endpoints failed: %s",
-			 SPI_result_code_string(rc));
+	(void) cc_plan_exec(&plans[OUTBOX_SUBSCRIBERS], NULL, NULL, false, 0,
+						SPI_OK_SELECT);
 
 	MemoryContextReset(cc_subscribers_context);
 	cc_subscribers = MemoryContextAllocZero(cc_subscribers_context,
@@ -520,28 +519,18 @@ static int64
 cc_outbox_insert(CcOutboxWrite *w, int32 endpoint_id, bool ordered)
 {
 	bool		isnull;
-	int			rc;
-	int			want_id = w->want_id ? 1 : 0;
 
 	if (ordered && !w->locked)
 	{
 		cc_outbox_lock_aggregate(w->aggregate_id);
 		w->locked = true;
 	}
-	if (cc_insert_plan[want_id] == NULL)
-	{
-		Oid			types[4] = {INT4OID, TEXTOID, TEXTOID, JSONBOID};
-
-		cc_insert_plan[want_id] = cc_keep_plan(cc_insert_sql[want_id], 4, types);
-	}
 	w->args[0] = Int32GetDatum(endpoint_id);
-	rc = SPI_execute_plan(cc_insert_plan[want_id], w->args, NULL, false, 0);
-	if (rc != (want_id ? SPI_OK_INSERT_RETURNING : SPI_OK_INSERT) ||
-		SPI_processed != 1)
-		elog(ERROR, "inserting into callback_center.outbox failed: %s",
-			 SPI_result_code_string(rc));
+	(void) cc_plan_exec(&plans[w->want_id ? OUTBOX_INSERT_ID : OUTBOX_INSERT],
+						w->args, NULL, false, 0,
+						w->want_id ? SPI_OK_INSERT_RETURNING : SPI_OK_INSERT);
 	w->queued++;
-	if (!want_id)
+	if (!w->want_id)
 		return 0;
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 									   SPI_tuptable->tupdesc, 1, &isnull));
@@ -562,21 +551,16 @@ cc_outbox_end(CcOutboxWrite *w)
  * it returned none.
  */
 static int64
-cc_outbox_insert_for(CcOutboxWrite *w, SPIPlanPtr plan, Datum *args)
+cc_outbox_insert_for(CcOutboxWrite *w, CcOutboxPlanId plan, Datum *args)
 {
 	uint64		n;
 	uint64		i;
 	int32	   *ids;
 	bool	   *ordered;
 	int64		id = 0;
-	int			rc;
 
-	rc = SPI_execute_plan(plan, args, NULL, false, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "reading callback_center.endpoints failed: %s",
-			 SPI_result_code_string(rc));
 	/* Each INSERT replaces SPI_tuptable: copy the targets out first. */
-	n = SPI_processed;
+	n = cc_plan_exec(&plans[plan], args, NULL, false, 0, SPI_OK_SELECT);
 	ids = palloc(sizeof(int32) * Max(n, 1));
 	ordered = palloc(sizeof(bool) * Max(n, 1));
 	for (i = 0; i < n; i++)
@@ -610,13 +594,7 @@ cc_enqueue(PG_FUNCTION_ARGS)
 	if (IsolationUsesXactSnapshot())
 	{
 		/* One snapshot for the whole transaction: read endpoints with it. */
-		if (cc_targets_plan == NULL)
-		{
-			Oid			types[1] = {TEXTOID};
-
-			cc_targets_plan = cc_keep_plan(cc_targets_sql, 1, types);
-		}
-		(void) cc_outbox_insert_for(&w, cc_targets_plan, &w.args[1]);
+		(void) cc_outbox_insert_for(&w, OUTBOX_TARGETS, &w.args[1]);
 		cc_outbox_end(&w);
 		PG_RETURN_INT32(w.queued);
 	}
@@ -649,13 +627,7 @@ cc_enqueue_one(PG_FUNCTION_ARGS)
 	cc_require_arg(fcinfo, 0, "endpoint_id");
 	endpoint_id = PG_GETARG_DATUM(0);
 	cc_outbox_begin(&w, fcinfo, 1, true);
-	if (cc_endpoint_plan == NULL)
-	{
-		Oid			types[1] = {INT4OID};
-
-		cc_endpoint_plan = cc_keep_plan(cc_endpoint_sql, 1, types);
-	}
-	id = cc_outbox_insert_for(&w, cc_endpoint_plan, &endpoint_id);
+	id = cc_outbox_insert_for(&w, OUTBOX_ENDPOINT, &endpoint_id);
 	cc_outbox_end(&w);
 	if (w.queued == 0)
 		PG_RETURN_NULL();
