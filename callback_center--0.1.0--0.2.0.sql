@@ -4559,3 +4559,454 @@ BEGIN
     VALUES (machine, from_state, to_state, event, emits);
 END
 $$;
+
+-- One rule for whose word counts (issue 13): _payment_check (provider,
+-- amount, currency, under the order's and the payment's row locks) is asked
+-- once, by payment_callback before recording for every scheme (a refusal is
+-- the provider's failure answer, nothing recorded: Stripe and Standard
+-- Webhooks no longer record, acknowledge and flag it) and by
+-- _apply_payment_result for query answers and reconciliation (flagged);
+-- _move_payment moves what it accepted; _channel_parse no longer checks.
+
+-- Whose word counts, the one rule for every verdict (a callback of any
+-- scheme, the answer to an active query, a reconciliation line): under the
+-- order's and then the payment's row lock (held to the end of the
+-- transaction, so that nothing can change what was checked before the
+-- verdict is applied), returns refusal NULL when the verdict may be
+-- applied, else unknown_order (no such order), provider_mismatch (the
+-- payment is not p_provider's: the payment's provider, set by place_order
+-- or start_payment, or the order's when it has no payment; a payment with
+-- none takes nobody's verdict), amount_mismatch (a success whose amount is
+-- missing or differs from the payment's, or a failure naming another
+-- amount) or currency_mismatch (a currency, when the message carries one,
+-- that is not the order's, compared in upper case).  A non-terminal
+-- failure (attempt_failed) is checked for its provider only; a message
+-- with no verdict, for the order's existence only.  payment_provider,
+-- expected_cents and expected_currency say what was expected.
+CREATE OR REPLACE FUNCTION callback_center._payment_check(
+    p_provider text, p_order_id text, p_amount_cents bigint, p_currency text, p_verdict text,
+    OUT refusal text, OUT payment_provider text, OUT expected_cents bigint,
+    OUT expected_currency text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+    pay callback_center.payments;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        refusal := 'unknown_order';
+        RETURN;
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    payment_provider := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
+    expected_cents := coalesce(pay.amount_cents, o.amount_cents);
+    expected_currency := o.currency;
+    IF p_verdict IS NULL THEN
+        RETURN;
+    END IF;
+    -- Another provider's word on a payment, signed or not, is no word at all.
+    IF payment_provider IS DISTINCT FROM p_provider THEN
+        refusal := 'provider_mismatch';
+    ELSIF p_verdict = 'attempt_failed' THEN
+        -- It moves nothing, so its amount cannot pay or fail anything.
+        RETURN;
+    ELSIF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected_cents)
+          OR (p_verdict <> 'success' AND p_amount_cents <> expected_cents) THEN
+        refusal := 'amount_mismatch';
+    ELSIF upper(p_currency) <> o.currency THEN
+        refusal := 'currency_mismatch';
+    END IF;
+END
+$$;
+
+
+-- Moves an order's payment by a verdict _payment_check accepted, in the
+-- same transaction (its row locks held): through their machines (which
+-- emit the follow-ups), returning the outcome: paid, pay_failed,
+-- refund_required (money for an order that cannot take it: recorded once
+-- per transaction in late_payments, payment.refund_required emitted, the
+-- order never reopened), already_applied (this transaction already paid
+-- this payment), attempt_failed (a non-terminal failure: nothing moves) or
+-- ignored (no verdict, or a failure for an order no longer waiting).
+CREATE OR REPLACE FUNCTION callback_center._move_payment(
+    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
+    p_verdict text, p_source text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+    pay callback_center.payments;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    IF p_verdict IS NULL THEN
+        RETURN 'ignored';
+    END IF;
+    IF p_verdict = 'attempt_failed' THEN
+        -- The customer may retry on the same transaction: the payment stays
+        -- open until a success, a terminal failure or the timeout close.
+        RETURN 'attempt_failed';
+    END IF;
+
+    IF p_verdict = 'success' THEN
+        IF pay.provider_txn_id = p_txn_id THEN
+            -- Told twice of the same money (a callback and a query answer).
+            RETURN CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
+                        THEN 'refund_required' ELSE 'already_applied' END;
+        END IF;
+        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'success');
+            IF o.coupon_id IS NOT NULL THEN
+                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
+            END IF;
+            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_success');
+            RETURN 'paid';
+        END IF;
+        -- Late money: kept once per transaction, never reopening the order.
+        INSERT INTO callback_center.late_payments
+               (provider, provider_txn_id, order_id, payment_id, amount_cents,
+                order_status, pay_status, payment_status, source)
+        VALUES (p_provider, p_txn_id, o.order_id, pay.payment_id,
+                coalesce(p_amount_cents, pay.amount_cents),
+                o.status, o.pay_status, pay.status, p_source)
+        ON CONFLICT (provider, provider_txn_id) DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN 'refund_required';
+        END IF;
+        IF pay.status IN ('CLOSED', 'FAILED') AND pay.provider_txn_id IS NULL THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                pay.payment_id, 'late_success');
+        END IF;
+        PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'amount_cents', coalesce(p_amount_cents, pay.amount_cents),
+                               'order_status', o.status, 'pay_status', o.pay_status,
+                               'source', p_source));
+        RETURN 'refund_required';
+    END IF;
+
+    IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'close');
+        PERFORM callback_center.restore_stock(o.order_id);
+        IF o.coupon_id IS NOT NULL THEN
+            PERFORM callback_center.unfreeze_coupon(o.coupon_id, o.order_id);
+        END IF;
+        RETURN 'pay_failed';
+    END IF;
+    RETURN 'ignored';
+END
+$$;
+
+
+
+-- Applies a verdict that no provider is waiting an answer for (the answer
+-- to an active query, a reconciliation line): _payment_check, then
+-- _move_payment.  A refused verdict is flagged instead, for people:
+-- provider_mismatch emits payment.provider_mismatch, amount_mismatch and
+-- currency_mismatch emit payment.amount_mismatch; nothing moves.  CB050
+-- when the order does not exist.  (payment_callback calls the two itself:
+-- a provider's refused notification is answered with its failure answer
+-- and recorded nowhere.)
+CREATE OR REPLACE FUNCTION callback_center._apply_payment_result(
+    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
+    p_currency text, p_verdict text, p_source text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    chk record;
+BEGIN
+    chk := callback_center._payment_check(p_provider, p_order_id, p_amount_cents, p_currency,
+                                          p_verdict);
+    IF chk.refusal = 'unknown_order' THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', p_order_id),
+            DETAIL = format('Transaction %s from provider %s.', p_txn_id, p_provider),
+            HINT = 'Nothing was recorded; the provider will deliver it again.';
+    ELSIF chk.refusal = 'provider_mismatch' THEN
+        PERFORM callback_center.enqueue('payment.provider_mismatch', p_order_id,
+            jsonb_build_object('order_id', p_order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'payment_provider', chk.payment_provider, 'verdict', p_verdict,
+                               'source', p_source));
+        RETURN chk.refusal;
+    ELSIF chk.refusal IS NOT NULL THEN
+        PERFORM callback_center.enqueue('payment.amount_mismatch', p_order_id,
+            jsonb_build_object('order_id', p_order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'expected_cents', chk.expected_cents, 'received_cents', p_amount_cents,
+                               'expected_currency', chk.expected_currency,
+                               'received_currency', p_currency, 'source', p_source));
+        RETURN chk.refusal;
+    END IF;
+    RETURN callback_center._move_payment(p_provider, p_txn_id, p_order_id, p_amount_cents,
+                                         p_verdict, p_source);
+END
+$$;
+
+
+
+-- _channel_parse: verifies and decodes a channel provider's notification.
+-- One row: ok with the message and the provider's acknowledgement
+-- (http_status, response_body), or not ok with failure (the outcome:
+-- malformed_signature, signature_expired, unknown_key, key_expired,
+-- untrusted_key, wrong_organisation, invalid_signature, malformed_body,
+-- decryption_failed) and the provider's failure answer.  Whether the
+-- message may touch the payment it names is payment_callback's question
+-- (_payment_check, 60_orders.sql), asked under the payment's row lock.
+-- payload is what record_callback should hash (the body; for Alipay the
+-- signed parameters without notify_time, which changes on every resend;
+-- for UnionPay the signed parameters without the certificate).  Raises only for misuse:
+-- CB033 unknown provider, 55000 no key loaded, 22023 not a channel.
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    a record;
+BEGIN
+    IF p_scheme IS NULL OR p_provider IS NULL OR p_headers IS NULL OR p_body IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'scheme, provider, headers and body must not be null';
+    END IF;
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+
+
+-- A payment notification in one call: verify the signature, record it once
+-- (keyed by the provider's message id: Stripe's event id, the Standard
+-- Webhooks webhook-id header, a channel's notification id), move payment
+-- and order, emit the follow-ups (through the transitions' emits), and
+-- return the acknowledgement to send back.  A repeat returns the first
+-- answer and changes nothing.  The payment row guards the money itself: a
+-- second message about a transaction already applied is already_applied,
+-- and success on an order that can no longer be paid is kept and emits
+-- payment.refund_required.  Event types we do not act on are recorded and
+-- acknowledged (ignored).  What the provider gets wrong is an answer,
+-- never an error: a bad, stale or malformed signature (401), an unknown
+-- order (404), a verdict for another provider's payment or with another
+-- amount or currency (400: _payment_check, the one rule) record nothing;
+-- a signed body that cannot be read is recorded and refused once (400).
+-- Errors are for misuse: NULL arguments (22004), an unknown provider
+-- (CB033), no key loaded (55000).  See doc/orders.md and doc/inbound.md.
+CREATE OR REPLACE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_provider text := payment_callback.provider;
+    cb_type text := 'payment:' || p_provider;
+    scheme text;
+    channel boolean;
+    msg record;
+    msg_id text;
+    rec record;
+    result text;
+    refusal text;
+    sig_failure text;
+    ack text := '{"received":true}';
+    ch record;
+    refused text;
+    rec_payload text := payment_callback.body;
+BEGIN
+    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
+    channel := scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay');
+    -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay, unionpay):
+    -- verified and decoded by _channel_parse; whatever the provider got
+    -- wrong is answered in its own format, recording nothing.  Its
+    -- acknowledgement replaces ack.
+    IF channel THEN
+        SELECT * INTO ch FROM callback_center._channel_parse(scheme, p_provider,
+                                                             payment_callback.headers,
+                                                             payment_callback.body);
+        IF NOT ch.ok THEN
+            RETURN QUERY SELECT ch.http_status, ch.response_body, false, ch.failure;
+            RETURN;
+        END IF;
+        SELECT ch.txn_id, ch.order_id, ch.amount_cents, ch.verdict,
+               ch.msg_id AS event_id, ch.event_type, ch.currency
+          INTO msg;
+        msg_id := ch.msg_id;
+        ack := ch.response_body;
+        rec_payload := ch.payload;
+    ELSE
+        -- Verification comes first: a bad signature is answered 401 and
+        -- records nothing (verify_signature raises CB033 for an unknown
+        -- provider, which is misuse).  A signed body we cannot read (not
+        -- JSON, \u0000, an amount beyond bigint, ids missing) will never
+        -- read better: it is recorded and refused once, with 400, and
+        -- every redelivery gets that answer.
+        BEGIN
+            PERFORM callback_center.verify_signature(p_provider, payment_callback.headers,
+                                                     payment_callback.body);
+            msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+        EXCEPTION
+            WHEN SQLSTATE 'CB030' THEN sig_failure := 'invalid_signature';
+            WHEN SQLSTATE 'CB031' THEN sig_failure := 'signature_expired';
+            WHEN SQLSTATE 'CB032' THEN sig_failure := 'malformed_signature';
+            WHEN data_exception THEN refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+        END;
+        IF sig_failure IS NOT NULL THEN
+            RETURN QUERY SELECT 401,
+                format('{"received":false,"reason":"%s"}', replace(sig_failure, '_', ' ')),
+                false, sig_failure;
+            RETURN;
+        END IF;
+        IF scheme = 'stripe' AND refusal IS NULL THEN
+            msg_id := msg.event_id;
+        ELSIF scheme = 'stripe' THEN
+            -- An unreadable Stripe body has no event id: keyed by its hash.
+            msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
+        ELSE
+            -- verify_signature found exactly one, whatever its spelling.
+            SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
+             WHERE lower(h.key) = 'webhook-id';
+        END IF;
+    END IF;
+
+    -- Whose word counts, under the order's and the payment's row locks
+    -- (held until commit, so that what was checked stays true while the
+    -- message is recorded and applied; a duplicate delivered at the same
+    -- time waits here for the first).  A refusal is the provider's failure
+    -- answer and records nothing, so that the provider keeps the message
+    -- failing (and reconciliation finds the money: doc/inbound.md): an
+    -- unknown order (the order may be in a database being restored, or the
+    -- message for another system), another provider's payment, another
+    -- amount or currency.  A message recorded before keeps its first
+    -- answer, even if the payment has changed hands since.
+    -- (msg is unassigned when refusal is set.)
+    IF refusal IS NULL THEN
+        IF msg.verdict IS NOT NULL THEN
+            refused := (callback_center._payment_check(p_provider, msg.order_id, msg.amount_cents,
+                                                       msg.currency, msg.verdict)).refusal;
+        END IF;
+    END IF;
+    IF refused IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM callback_center.callback_record r
+                        WHERE r.biz_id = msg_id AND r.callback_type = cb_type) THEN
+        IF channel THEN
+            RETURN QUERY SELECT a.http_status, a.response_body, false, refused
+              FROM callback_center._channel_answer(scheme, false,
+                       CASE WHEN refused = 'unknown_order' THEN 404 ELSE 400 END,
+                       replace(refused, '_', ' ')) a;
+        ELSE
+            RETURN QUERY SELECT CASE WHEN refused = 'unknown_order' THEN 404 ELSE 400 END,
+                                format('{"received":false,"reason":"%s"}', replace(refused, '_', ' ')),
+                                false, refused;
+        END IF;
+        RETURN;
+    END IF;
+
+    SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, rec_payload);
+    IF NOT rec.is_first THEN
+        IF channel AND (rec.payload_mismatch OR rec.status <> 2) THEN
+            -- Payment channels: the other repeats in the provider's format.
+            RETURN QUERY SELECT a.http_status, a.response_body, false, o.outcome
+              FROM (SELECT CASE WHEN rec.payload_mismatch THEN 'payload_mismatch'
+                                WHEN rec.status = 1 THEN 'in_progress' ELSE 'failed' END) o(outcome),
+                   callback_center._channel_answer(scheme, false,
+                       CASE WHEN rec.payload_mismatch THEN 409 WHEN rec.status = 1 THEN 503 ELSE 500 END,
+                       replace(o.outcome, '_', ' ')) a;
+        ELSIF rec.payload_mismatch THEN
+            RETURN QUERY SELECT 409, '{"received":false,"reason":"payload differs from the first delivery"}',
+                                false, 'payload_mismatch';
+        ELSIF rec.status = 2 THEN
+            RETURN QUERY SELECT coalesce((rec.result->>'http_status')::int, 200),
+                                coalesce(rec.result->>'body', ack), false,
+                                coalesce(rec.result->>'outcome', 'processed');
+        ELSIF rec.status = 1 THEN
+            -- Recorded but not finished (by a handler that records and
+            -- processes in separate transactions): the provider must come back.
+            RETURN QUERY SELECT 503, '{"received":false,"reason":"in progress"}', false, 'in_progress';
+        ELSE
+            -- Failed with no retries left (see reclaim_stale_callbacks): not
+            -- acknowledged, so the provider keeps it visible as failing.
+            RETURN QUERY SELECT 500, '{"received":false,"reason":"processing failed"}', false, 'failed';
+        END IF;
+        RETURN;
+    END IF;
+
+    IF refusal IS NOT NULL THEN
+        PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+            jsonb_build_object('http_status', 400,
+                               'body', jsonb_build_object('received', false,
+                                                          'reason', 'unreadable payment message')::text,
+                               'outcome', 'rejected', 'error', refusal));
+        RETURN QUERY SELECT 400, '{"reason": "unreadable payment message", "received": false}', true, 'rejected';
+        RETURN;
+    END IF;
+    IF msg.verdict IS NULL THEN
+        result := 'ignored';
+    ELSE
+        result := callback_center._move_payment(p_provider, msg.txn_id, msg.order_id,
+                                                msg.amount_cents, msg.verdict, 'callback');
+    END IF;
+
+    PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result,
+                           'order_id', msg.order_id, 'txn_id', msg.txn_id,
+                           'event_type', msg.event_type));
+    RETURN QUERY SELECT 200, ack, true, result;
+END
+$$;
+
+
+REVOKE ALL ON FUNCTION callback_center._payment_check(text, text, bigint, text, text),
+    callback_center._move_payment(text, text, text, bigint, text, text) FROM PUBLIC;

@@ -864,14 +864,14 @@ BEGIN
 END
 $$;
 
--- _channel_parse: verifies and decodes a channel provider's notification
--- and checks it against the payment it names, before anything is
--- recorded.  One row: ok with the message and the provider's
--- acknowledgement (http_status, response_body), or not ok with failure
--- (the outcome: malformed_signature, signature_expired, unknown_key,
--- key_expired, untrusted_key, wrong_organisation, invalid_signature,
--- malformed_body, decryption_failed, unknown_order, provider_mismatch,
--- amount_mismatch, currency_mismatch) and the provider's failure answer.
+-- _channel_parse: verifies and decodes a channel provider's notification.
+-- One row: ok with the message and the provider's acknowledgement
+-- (http_status, response_body), or not ok with failure (the outcome:
+-- malformed_signature, signature_expired, unknown_key, key_expired,
+-- untrusted_key, wrong_organisation, invalid_signature, malformed_body,
+-- decryption_failed) and the provider's failure answer.  Whether the
+-- message may touch the payment it names is payment_callback's question
+-- (_payment_check, 60_orders.sql), asked under the payment's row lock.
 -- payload is what record_callback should hash (the body; for Alipay the
 -- signed parameters without notify_time, which changes on every resend;
 -- for UnionPay the signed parameters without the certificate).  Raises only for misuse:
@@ -888,7 +888,6 @@ AS $$
 DECLARE
     prov callback_center.providers;
     m record;
-    o record;
     a record;
 BEGIN
     IF p_scheme IS NULL OR p_provider IS NULL OR p_headers IS NULL OR p_body IS NULL THEN
@@ -921,27 +920,6 @@ BEGIN
     ELSE
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = format('scheme %s is not a payment channel', p_scheme);
-    END IF;
-
-    -- The message must be about a payment we have, for its amount and
-    -- currency, and from the provider it is with.  Checked here so that a
-    -- refusal records nothing; _apply_payment_result checks again under
-    -- the row locks.
-    IF m.failure IS NULL AND m.verdict IS NOT NULL THEN
-        SELECT x.currency AS order_currency, p.amount_cents AS pay_cents, p.provider AS pay_provider
-          INTO o
-          FROM callback_center.orders x
-          LEFT JOIN callback_center.payments p ON p.order_id = x.order_id
-         WHERE x.order_id = m.order_id;
-        IF NOT FOUND OR o.pay_cents IS NULL THEN
-            m.failure := 'unknown_order'; m.fail_status := 404;
-        ELSIF o.pay_provider IS NOT NULL AND o.pay_provider <> p_provider THEN
-            m.failure := 'provider_mismatch'; m.fail_status := 400;
-        ELSIF m.amount_cents IS DISTINCT FROM o.pay_cents THEN
-            m.failure := 'amount_mismatch'; m.fail_status := 400;
-        ELSIF m.currency IS DISTINCT FROM o.order_currency THEN
-            m.failure := 'currency_mismatch'; m.fail_status := 400;
-        END IF;
     END IF;
 
     a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
