@@ -445,6 +445,54 @@ AS $$
                 THEN pg_catalog.convert_from(p, 'UTF8') END
 $$;
 
+-- The one parser of application/x-www-form-urlencoded bodies (Alipay,
+-- UnionPay): names and values in body order, %-decoded ("+" a space) to
+-- the bytes of the form's own charset, which the caller decodes; a pair
+-- without "=" is a name with an empty value, empty pairs are skipped.
+-- names is NULL for a body that cannot be one form: empty, a "%" not
+-- followed by two hex digits, a name that is not printable ASCII, or a
+-- parameter twice (which one did the provider sign?).
+CREATE FUNCTION callback_center._form_parse(p_body text, OUT names text[], OUT vals bytea[])
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    pair text;
+    eq integer;
+    n bytea;
+    v bytea;
+    nm text;
+BEGIN
+    IF p_body = '' THEN
+        RETURN;
+    END IF;
+    names := '{}';
+    vals := '{}';
+    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
+        CONTINUE WHEN pair = '';
+        eq := strpos(pair, '=');
+        IF eq = 0 THEN
+            n := callback_center._form_decode(pair);
+            v := '';
+        ELSE
+            n := callback_center._form_decode(left(pair, eq - 1));
+            v := callback_center._form_decode(substr(pair, eq + 1));
+        END IF;
+        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
+            names := NULL; vals := NULL;
+            RETURN;
+        END IF;
+        nm := convert_from(n, 'UTF8');
+        IF nm = ANY (names) THEN
+            names := NULL; vals := NULL;
+            RETURN;
+        END IF;
+        names := names || nm;
+        vals := vals || v;
+    END LOOP;
+END
+$$;
+
 -- Alipay asynchronous notifications (RSA2).  The body is the form as
 -- posted; names and values are %-decoded to the bytes of the form's
 -- charset (UTF-8 or GBK), so the signed string is built from those bytes
@@ -460,13 +508,8 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    names text[] := '{}';
-    vals bytea[] := '{}';
-    pair text;
-    eq integer;
-    n bytea;
-    v bytea;
-    nm text;
+    names text[];
+    vals bytea[];
     charset text := 'UTF8';
     cs text;
     content bytea;
@@ -477,34 +520,11 @@ DECLARE
     notify_time timestamptz;
     total text;
 BEGIN
-    IF p_body = '' THEN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
         failure := 'malformed_body'; fail_status := 400;
         RETURN;
     END IF;
-    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
-        CONTINUE WHEN pair = '';
-        eq := strpos(pair, '=');
-        IF eq = 0 THEN
-            n := callback_center._form_decode(pair);
-            v := '';
-        ELSE
-            n := callback_center._form_decode(left(pair, eq - 1));
-            v := callback_center._form_decode(substr(pair, eq + 1));
-        END IF;
-        -- Names are printable ASCII.
-        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
-            failure := 'malformed_body'; fail_status := 400;
-            RETURN;
-        END IF;
-        nm := convert_from(n, 'UTF8');
-        IF nm = ANY (names) THEN
-            -- A parameter twice: which one did Alipay sign?
-            failure := 'malformed_body'; fail_status := 400;
-            RETURN;
-        END IF;
-        names := names || nm;
-        vals := vals || v;
-    END LOOP;
 
     cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
     charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
@@ -715,13 +735,8 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    names text[] := '{}';
-    vals bytea[] := '{}';
-    pair text;
-    eq integer;
-    n bytea;
-    v bytea;
-    nm text;
+    names text[];
+    vals bytea[];
     charset text;
     cs text;
     cert bytea;
@@ -733,34 +748,11 @@ DECLARE
     f jsonb;
     total text;
 BEGIN
-    IF p_body = '' THEN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
         failure := 'malformed_body'; fail_status := 400;
         RETURN;
     END IF;
-    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
-        CONTINUE WHEN pair = '';
-        eq := strpos(pair, '=');
-        IF eq = 0 THEN
-            n := callback_center._form_decode(pair);
-            v := '';
-        ELSE
-            n := callback_center._form_decode(left(pair, eq - 1));
-            v := callback_center._form_decode(substr(pair, eq + 1));
-        END IF;
-        -- Names are printable ASCII.
-        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
-            failure := 'malformed_body'; fail_status := 400;
-            RETURN;
-        END IF;
-        nm := convert_from(n, 'UTF8');
-        IF nm = ANY (names) THEN
-            -- A parameter twice: which one did UnionPay sign?
-            failure := 'malformed_body'; fail_status := 400;
-            RETURN;
-        END IF;
-        names := names || nm;
-        vals := vals || v;
-    END LOOP;
 
     cs := upper(callback_center._channel_ascii(vals[array_position(names, 'encoding')]));
     charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
@@ -935,6 +927,7 @@ REVOKE ALL ON FUNCTION
     callback_center._rsa_sha256_check(text, bytea, bytea),
     callback_center._aes256gcm_decrypt(bytea, bytea, bytea, bytea),
     callback_center._form_decode(text),
+    callback_center._form_parse(text),
     callback_center._channel_check_secret(text, text),
     callback_center.set_platform_keys(text, jsonb),
     callback_center._channel_header(jsonb, text),

@@ -490,6 +490,21 @@ is(callback('ali', '{}', $f), '200|success|true|pay_failed', 'alipay: TRADE_CLOS
 ($f) = ali_notify(out_trade_no => 'ali-7', total_amount => '12.41', trade_no => 'T7', trade_status => 'WAIT_BUYER_PAY');
 is(callback('ali', '{}', $f), '200|success|true|ignored', 'alipay: WAIT_BUYER_PAY is not final');
 
+# The one form parser (Alipay and UnionPay): empty values, a name without
+# "=", empty pairs, "+" and %-escapes to bytes; NULL for a body that is not
+# one form.
+is($node->safe_psql('postgres',
+		q{SELECT f.names::text || ' ' || f.vals::text
+		    FROM callback_center._form_parse('b=x+y%26z%3D&a=&a2&&c=%E4%b8%AD') f}),
+	'{b,a,a2,c} {"\\\\x782079267a3d","\\\\x","\\\\x","\\\\xe4b8ad"}',
+	'form parser: values as bytes');
+is($node->safe_psql('postgres', q{
+		SELECT string_agg(coalesce(f.names::text, 'NULL'), ' ' ORDER BY b.i)
+		  FROM unnest(ARRAY['', 'a=1&a=2', 'a=%G1', 'a=%4', '%E4=1', 'a%00=1']) WITH ORDINALITY b(body, i),
+		       callback_center._form_parse(b.body) f}),
+	'NULL NULL NULL NULL NULL NULL',
+	'form parser: empty, a name twice, bad escapes, non-ASCII or control names refused');
+
 # --- WeChat Pay v2 ---------------------------------------------------------
 
 my $v2key = '192006250b4c09247ec02edce69f6a2d';    # 32 bytes
