@@ -5327,3 +5327,212 @@ $$;
 
 
 REVOKE ALL ON FUNCTION callback_center._form_parse(text) FROM PUBLIC;
+
+-- Raw bodies (issue 13): payment_callback(text, jsonb, bytea) takes the bytes
+-- the provider posted (a GBK or GB18030 form need not be valid text);
+-- _form_escape carries a form's bytes to the form parser; Alipay decodes
+-- every value per its charset (GB18030 added) before verifying.
+
+CREATE OR REPLACE FUNCTION callback_center._form_escape(b bytea)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_form_escape'
+LANGUAGE C IMMUTABLE;
+
+
+-- Alipay asynchronous notifications (RSA2).  The body is the form as
+-- posted (a bytea body reaches here through payment_callback's bytea
+-- overload, its bytes beyond ASCII %-escaped); names and values are
+-- %-decoded to the bytes of the form's charset (UTF-8, GBK or GB18030) and
+-- decoded from it, so the signed string is built from those bytes as
+-- Alipay built it: every parameter but sign and sign_type, empty values
+-- left out, sorted by name in byte order, joined as k=v&...
+CREATE OR REPLACE FUNCTION callback_center._alipay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    texts text[];
+    charset text := 'UTF8';
+    cs text;
+    content bytea;
+    sig bytea;
+    ok boolean := false;
+    s text;
+    f jsonb := '{}';
+    notify_time timestamptz;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK'
+                    WHEN cs = 'GB18030' THEN 'GB18030' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- Characters of a text body beyond ASCII were decoded by the web tier:
+    -- on the wire they were the bytes of the form's charset.
+    IF charset <> 'UTF8' AND p_body ~ '[^\x01-\x7f]' THEN
+        BEGIN
+            SELECT f.names, f.vals INTO names, vals
+              FROM callback_center._form_parse(
+                       callback_center._form_escape(convert_to(p_body, charset))) f;
+        EXCEPTION WHEN untranslatable_character THEN
+            names := NULL;
+        END;
+        IF names IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+    END IF;
+    -- Every value decoded from the charset before anything is verified:
+    -- Alipay signs the decoded values (encoded in that charset again, which
+    -- gives back the %-decoded bytes), and bytes that are not text in it
+    -- were not signed by Alipay.
+    BEGIN
+        texts := ARRAY(SELECT convert_from(x.v, charset)
+                         FROM unnest(vals) WITH ORDINALITY AS x(v, i) ORDER BY x.i);
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF array_position(names, 'sign') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
+        -- RSA (SHA1withRSA) is Alipay's legacy; only RSA2 is accepted.
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'sign')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    FOREACH s IN ARRAY p_secrets LOOP
+        ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by Alipay: from here on a problem is the body's.
+    SELECT jsonb_object_agg(x.nm, x.t)
+      INTO f FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                    'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+    SELECT string_agg(x.nm || '=' || x.t, '&' ORDER BY x.nm COLLATE "C")
+      INTO payload FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
+    msg_id := f->>'notify_id';
+    event_type := f->>'notify_type';
+    IF nullif(msg_id, '') IS NULL
+       OR coalesce(f->>'notify_time', '') !~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        notify_time := (f->>'notify_time')::timestamp AT TIME ZONE 'Asia/Shanghai';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF abs(extract(epoch FROM now() - notify_time))
+       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    order_id := f->>'out_trade_no';
+    txn_id := f->>'trade_no';
+    verdict := CASE f->>'trade_status'
+        WHEN 'TRADE_SUCCESS' THEN 'success'
+        WHEN 'TRADE_FINISHED' THEN 'success'
+        WHEN 'TRADE_CLOSED' THEN 'failure' END;
+    currency := coalesce(nullif(f->>'trans_currency', ''), 'CNY');
+    total := f->>'total_amount';
+    IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                OR total IS NULL
+                                OR total !~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$') THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    IF total ~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$' THEN
+        amount_cents := (total::numeric * 100)::bigint;
+    END IF;
+END
+$$;
+
+
+-- payment_callback with the body as the bytes the provider posted: a form
+-- in GBK or GB18030 (Alipay's charset, UnionPay's encoding) need not be
+-- valid text in the database's encoding.  For alipay and unionpay the
+-- bytes beyond printable ASCII are %-escaped, so that the form parser
+-- reads back exactly those bytes and decodes them per the form's own
+-- charset; every other scheme's body is UTF-8 JSON or XML, and bytes that
+-- are not UTF-8 are answered 400 malformed_body, recording nothing.  Then
+-- as payment_callback(text, jsonb, text).
+CREATE OR REPLACE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body bytea)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    scheme text;
+    t text;
+BEGIN
+    PERFORM callback_center._require(payment_callback.provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    PERFORM callback_center._require_provider(payment_callback.provider);
+    SELECT p.scheme INTO scheme FROM callback_center.providers p
+     WHERE p.name = payment_callback.provider;
+    IF scheme IN ('alipay', 'unionpay') THEN
+        t := callback_center._form_escape(payment_callback.body);
+    ELSE
+        BEGIN
+            t := convert_from(payment_callback.body, 'UTF8');
+        EXCEPTION WHEN character_not_in_repertoire THEN
+            IF scheme IN ('wechatpay_v3', 'wechatpay_v2') THEN
+                RETURN QUERY SELECT a.http_status, a.response_body, false, 'malformed_body'
+                  FROM callback_center._channel_answer(scheme, false, 400, 'malformed body') a;
+            ELSE
+                RETURN QUERY SELECT 400, '{"received":false,"reason":"malformed body"}', false,
+                                    'malformed_body';
+            END IF;
+            RETURN;
+        END;
+    END IF;
+    RETURN QUERY SELECT * FROM callback_center.payment_callback(payment_callback.provider,
+                                                               payment_callback.headers, t);
+END
+$$;
+
+
+REVOKE ALL ON FUNCTION callback_center._form_escape(bytea),
+    callback_center.payment_callback(text, jsonb, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.payment_callback(text, jsonb, bytea)
+    TO callback_center_app, callback_center_admin;

@@ -2,9 +2,9 @@
  *
  * channels.c
  *		The SQL face of the payment channels' cryptography: key inspection,
- *		RSA SHA256 verification, AES-256-GCM decryption and form decoding,
- *		and certificate chains, for the schemes of src/sql/45_channels.sql
- *		(wechatpay_v3, alipay, unionpay).
+ *		RSA SHA256 verification, AES-256-GCM decryption, form decoding and
+ *		escaping, and certificate chains, for the schemes of
+ *		src/sql/45_channels.sql (wechatpay_v3, alipay, unionpay).
  *
  * Thin wrappers over crypto.c.  They never put key material, plaintext or
  * a signature in an error: a bad key is 22023 with crypto.c's reason as the
@@ -32,6 +32,7 @@ PG_FUNCTION_INFO_V1(cc_key_info);
 PG_FUNCTION_INFO_V1(cc_rsa_sha256_check);
 PG_FUNCTION_INFO_V1(cc_aes256gcm_decrypt_sql);
 PG_FUNCTION_INFO_V1(cc_form_decode);
+PG_FUNCTION_INFO_V1(cc_form_escape);
 PG_FUNCTION_INFO_V1(cc_hmac_sha256_sql);
 PG_FUNCTION_INFO_V1(cc_x509_chain_check_sql);
 
@@ -200,6 +201,50 @@ cc_form_decode(PG_FUNCTION_ARGS)
 	}
 	SET_VARSIZE(out, VARHDRSZ + (o - VARDATA(out)));
 	PG_RETURN_BYTEA_P(out);
+}
+
+/*
+ * callback_center._form_escape(b bytea): a form body given as bytes
+ * (payment_callback's bytea overload: a GBK body need not be valid text) as
+ * text that
+ * _form_decode reads back to the same bytes: every byte outside printable
+ * ASCII becomes %XX, the rest ("&", "=", "+" and "%" escapes included) is
+ * kept as it is.
+ */
+Datum
+cc_form_escape(PG_FUNCTION_ARGS)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	bytea	   *b;
+	const unsigned char *p;
+	size_t		len;
+	text	   *out;
+	char	   *o;
+	size_t		i;
+
+	cc_require_arg(fcinfo, 0, "b");
+	b = PG_GETARG_BYTEA_PP(0);
+	p = (const unsigned char *) VARDATA_ANY(b);
+	len = VARSIZE_ANY_EXHDR(b);
+	if (len > (MaxAllocSize - VARHDRSZ) / 3)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("form body too long")));
+	out = (text *) palloc(VARHDRSZ + 3 * len);
+	o = VARDATA(out);
+	for (i = 0; i < len; i++)
+	{
+		if (p[i] > 0x20 && p[i] < 0x7f)
+			*o++ = (char) p[i];
+		else
+		{
+			*o++ = '%';
+			*o++ = hex[p[i] >> 4];
+			*o++ = hex[p[i] & 0x0f];
+		}
+	}
+	SET_VARSIZE(out, VARHDRSZ + (o - VARDATA(out)));
+	PG_RETURN_TEXT_P(out);
 }
 
 /*

@@ -64,6 +64,11 @@ RETURNS bytea
 AS 'MODULE_PATHNAME', 'cc_form_decode'
 LANGUAGE C IMMUTABLE;
 
+CREATE FUNCTION callback_center._form_escape(b bytea)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_form_escape'
+LANGUAGE C IMMUTABLE;
+
 CREATE FUNCTION callback_center._hmac_sha256(key bytea, data bytea)
 RETURNS bytea
 AS 'MODULE_PATHNAME', 'cc_hmac_sha256_sql'
@@ -494,9 +499,11 @@ END
 $$;
 
 -- Alipay asynchronous notifications (RSA2).  The body is the form as
--- posted; names and values are %-decoded to the bytes of the form's
--- charset (UTF-8 or GBK), so the signed string is built from those bytes
--- as Alipay built it: every parameter but sign and sign_type, empty values
+-- posted (a bytea body reaches here through payment_callback's bytea
+-- overload, its bytes beyond ASCII %-escaped); names and values are
+-- %-decoded to the bytes of the form's charset (UTF-8, GBK or GB18030) and
+-- decoded from it, so the signed string is built from those bytes as
+-- Alipay built it: every parameter but sign and sign_type, empty values
 -- left out, sorted by name in byte order, joined as k=v&...
 CREATE FUNCTION callback_center._alipay_parse(
     p_provider text, p_secrets text[], p_tolerance interval,
@@ -510,6 +517,7 @@ AS $$
 DECLARE
     names text[];
     vals bytea[];
+    texts text[];
     charset text := 'UTF8';
     cs text;
     content bytea;
@@ -528,10 +536,40 @@ BEGIN
 
     cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
     charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
-                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK' END;
-    IF charset IS NULL OR array_position(names, 'sign') IS NULL THEN
-        failure := CASE WHEN charset IS NULL THEN 'malformed_body' ELSE 'malformed_signature' END;
-        fail_status := CASE WHEN charset IS NULL THEN 400 ELSE 401 END;
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK'
+                    WHEN cs = 'GB18030' THEN 'GB18030' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- Characters of a text body beyond ASCII were decoded by the web tier:
+    -- on the wire they were the bytes of the form's charset.
+    IF charset <> 'UTF8' AND p_body ~ '[^\x01-\x7f]' THEN
+        BEGIN
+            SELECT f.names, f.vals INTO names, vals
+              FROM callback_center._form_parse(
+                       callback_center._form_escape(convert_to(p_body, charset))) f;
+        EXCEPTION WHEN untranslatable_character THEN
+            names := NULL;
+        END;
+        IF names IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+    END IF;
+    -- Every value decoded from the charset before anything is verified:
+    -- Alipay signs the decoded values (encoded in that charset again, which
+    -- gives back the %-decoded bytes), and bytes that are not text in it
+    -- were not signed by Alipay.
+    BEGIN
+        texts := ARRAY(SELECT convert_from(x.v, charset)
+                         FROM unnest(vals) WITH ORDINALITY AS x(v, i) ORDER BY x.i);
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF array_position(names, 'sign') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
         RETURN;
     END IF;
     IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
@@ -560,18 +598,13 @@ BEGIN
     END IF;
 
     -- Signed by Alipay: from here on a problem is the body's.
-    BEGIN
-        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
-          INTO f FROM unnest(names, vals) AS x(nm, v)
-         WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
-                        'trade_no', 'trade_status', 'total_amount', 'trans_currency');
-        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
-          INTO payload FROM unnest(names, vals) AS x(nm, v)
-         WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
-    EXCEPTION WHEN OTHERS THEN
-        failure := 'malformed_body'; fail_status := 400;
-        RETURN;
-    END;
+    SELECT jsonb_object_agg(x.nm, x.t)
+      INTO f FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                    'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+    SELECT string_agg(x.nm || '=' || x.t, '&' ORDER BY x.nm COLLATE "C")
+      INTO payload FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
     msg_id := f->>'notify_id';
     event_type := f->>'notify_type';
     IF nullif(msg_id, '') IS NULL
@@ -927,6 +960,7 @@ REVOKE ALL ON FUNCTION
     callback_center._rsa_sha256_check(text, bytea, bytea),
     callback_center._aes256gcm_decrypt(bytea, bytea, bytea, bytea),
     callback_center._form_decode(text),
+    callback_center._form_escape(bytea),
     callback_center._form_parse(text),
     callback_center._channel_check_secret(text, text),
     callback_center.set_platform_keys(text, jsonb),

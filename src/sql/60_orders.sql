@@ -853,6 +853,51 @@ BEGIN
 END
 $$;
 
+-- payment_callback with the body as the bytes the provider posted: a form
+-- in GBK or GB18030 (Alipay's charset, UnionPay's encoding) need not be
+-- valid text in the database's encoding.  For alipay and unionpay the
+-- bytes beyond printable ASCII are %-escaped, so that the form parser
+-- reads back exactly those bytes and decodes them per the form's own
+-- charset; every other scheme's body is UTF-8 JSON or XML, and bytes that
+-- are not UTF-8 are answered 400 malformed_body, recording nothing.  Then
+-- as payment_callback(text, jsonb, text).
+CREATE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body bytea)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    scheme text;
+    t text;
+BEGIN
+    PERFORM callback_center._require(payment_callback.provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    PERFORM callback_center._require_provider(payment_callback.provider);
+    SELECT p.scheme INTO scheme FROM callback_center.providers p
+     WHERE p.name = payment_callback.provider;
+    IF scheme IN ('alipay', 'unionpay') THEN
+        t := callback_center._form_escape(payment_callback.body);
+    ELSE
+        BEGIN
+            t := convert_from(payment_callback.body, 'UTF8');
+        EXCEPTION WHEN character_not_in_repertoire THEN
+            IF scheme IN ('wechatpay_v3', 'wechatpay_v2') THEN
+                RETURN QUERY SELECT a.http_status, a.response_body, false, 'malformed_body'
+                  FROM callback_center._channel_answer(scheme, false, 400, 'malformed body') a;
+            ELSE
+                RETURN QUERY SELECT 400, '{"received":false,"reason":"malformed body"}', false,
+                                    'malformed_body';
+            END IF;
+            RETURN;
+        END;
+    END IF;
+    RETURN QUERY SELECT * FROM callback_center.payment_callback(payment_callback.provider,
+                                                               payment_callback.headers, t);
+END
+$$;
+
 REVOKE ALL ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.freeze_coupon(text, text),
     callback_center.use_coupon(text, text),
@@ -864,7 +909,8 @@ REVOKE ALL ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center._move_payment(text, text, text, bigint, text, text),
     callback_center._apply_payment_result(text, text, text, bigint, text, text, text),
     callback_center.mark_refunded(text, text),
-    callback_center.payment_callback(text, jsonb, text) FROM PUBLIC;
+    callback_center.payment_callback(text, jsonb, text),
+    callback_center.payment_callback(text, jsonb, bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.mark_refunded(text, text) TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.freeze_coupon(text, text),
@@ -872,7 +918,8 @@ GRANT EXECUTE ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.unfreeze_coupon(text, text),
     callback_center.place_order(text, text, jsonb, bigint, text, text),
     callback_center.start_payment(text, text),
-    callback_center.payment_callback(text, jsonb, text)
+    callback_center.payment_callback(text, jsonb, text),
+    callback_center.payment_callback(text, jsonb, bytea)
     TO callback_center_app, callback_center_admin;
 GRANT SELECT ON callback_center.orders, callback_center.payments, callback_center.coupons
     TO callback_center_app, callback_center_admin;

@@ -389,9 +389,34 @@ sub form_enc
 }
 
 my $anid = 0;
+# A UTF-8 string in encoding enc (GB18030 through iconv: Perl's Encode has
+# no GB18030 without Encode::HanExtra).
+sub to_enc
+{
+	my ($enc, $s) = @_;
+	return encode($enc, decode('UTF-8', $s)) if lc $enc ne 'gb18030';
+	my ($out, $err);
+	IPC::Run::run([ 'iconv', '-f', 'UTF-8', '-t', 'GB18030' ], '<', \$s, '>', \$out, '2>', \$err)
+	  or die "iconv: $err";
+	return $out;
+}
+
+# A form value: %-encoded bytes; with raw, bytes beyond ASCII left as they
+# are (a body passed as bytea).
+sub form_val
+{
+	my ($s, $raw) = @_;
+	return form_enc($s) unless $raw;
+	$s =~ s/([^A-Za-z0-9\-_.* \x80-\xff])/sprintf('%%%02X', ord($1))/ge;
+	$s =~ s/ /+/g;
+	return $s;
+}
+
 # A notification as Alipay posts it: %o are parameter overrides (undef
 # removes one), plus key, charset (perl encoding name), order (of the
-# form's parameters: 'reverse' or 'sorted'), tamper, extra (raw pairs).
+# form's parameters: 'reverse' or 'sorted'), tamper, extra (raw pairs),
+# raw (bytes beyond ASCII not %-encoded), literal (values beyond ASCII as
+# UTF-8 characters, as a web tier that decoded the body hands them on).
 sub ali_notify
 {
 	my (%o) = @_;
@@ -401,7 +426,7 @@ sub ali_notify
 		notify_type => 'trade_status_sync',
 		notify_id => 'ac05099524730693a8b330c5ecf72da978' . $anid++,
 		app_id => '2014072300007148',
-		charset => lc $enc eq 'gbk' ? 'GBK' : 'utf-8',
+		charset => lc $enc eq 'gbk' ? 'GBK' : lc $enc eq 'gb18030' ? 'GB18030' : 'utf-8',
 		version => '1.0',
 		sign_type => 'RSA2',
 		trade_no => '2013112011001004330000121536',
@@ -413,16 +438,16 @@ sub ali_notify
 		buyer_logon_id => '159****5620',);
 	for my $k (keys %o)
 	{
-		next if $k =~ /^(key|enc|order|tamper|extra)$/;
+		next if $k =~ /^(key|enc|order|tamper|extra|raw|literal)$/;
 		if (defined $o{$k}) { $p{$k} = $o{$k} } else { delete $p{$k} }
 	}
 	my $content = join('&',
-		map { "$_=" . encode($enc, decode('UTF-8', $p{$_})) }
+		map { "$_=" . to_enc($enc, $p{$_}) }
 		grep { $_ ne 'sign' && $_ ne 'sign_type' && $p{$_} ne '' } sort keys %p);
 	$p{sign} = sign_b64($o{key} // 'ali', $content);
 	my @keys = sort keys %p;
 	@keys = reverse @keys if ($o{order} // 'reverse') eq 'reverse';
-	my $form = join('&', map { "$_=" . form_enc(encode($enc, decode('UTF-8', $p{$_}))) } @keys);
+	my $form = join('&', map { "$_=" . form_val($o{literal} ? $p{$_} : to_enc($enc, $p{$_}), $o{raw} || $o{literal}) } @keys);
 	$form .= $o{extra} if $o{extra};
 	$form = $o{tamper}->($form) if $o{tamper};
 	return ($form, $p{notify_id}, \%p);
@@ -489,6 +514,81 @@ is(callback('ali', '{}', $f), '200|success|true|already_applied', 'alipay: TRADE
 is(callback('ali', '{}', $f), '200|success|true|pay_failed', 'alipay: TRADE_CLOSED fails the payment');
 ($f) = ali_notify(out_trade_no => 'ali-7', total_amount => '12.41', trade_no => 'T7', trade_status => 'WAIT_BUYER_PAY');
 is(callback('ali', '{}', $f), '200|success|true|ignored', 'alipay: WAIT_BUYER_PAY is not final');
+
+# Raw bodies as bytea (payment_callback(text, jsonb, bytea)): GBK and
+# GB18030 bytes that are no valid text, decoded per the form's charset
+# before verifying; a text body whose characters a web tier decoded from
+# GBK; bytes that are not text in the charset refused.
+sub callback_raw
+{
+	my ($provider, $headers, $bytes) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT http_status || '|' || response_body || '|' || is_first || '|' || outcome"
+		  . " FROM callback_center.payment_callback(" . q_lit($provider) . ", "
+		  . q_lit($headers) . "::jsonb, decode('" . unpack('H*', $bytes) . "', 'hex'))");
+}
+$node->safe_psql('postgres', q{
+	SELECT count(*) FROM generate_series(9, 14) i,
+	  callback_center.place_order('ali-' || i, 'u', '[{"sku": "ch-sku", "qty": 1}]', 1234 + i,
+	                              NULL, 'ali');
+});
+my $gbk_id;
+($f, $gbk_id) = ali_notify(out_trade_no => 'ali-9', total_amount => '12.43', trade_no => 'T9', enc => 'GBK',
+	subject => '中文商品 a+b', raw => 1);
+ok($f =~ /\xd6\xd0/ && !utf8::decode(my $copy = $f), 'alipay raw GBK: the body holds GBK bytes, not UTF-8');
+is(callback_raw('ali', '{}', $f), '200|success|true|paid', 'alipay: raw GBK body as bytea pays');
+is($node->safe_psql('postgres',
+		"SELECT payload LIKE '%subject=中文商品 a+b%' FROM callback_center.callback_record WHERE biz_id = '$gbk_id'"),
+	't', 'alipay raw GBK: values decoded from GBK');
+is(callback_raw('ali', '{}', $f), '200|success|false|paid', 'alipay raw GBK: a repeat gets the first answer');
+($f) = ali_notify(out_trade_no => 'ali-10', total_amount => '12.44', trade_no => 'T10', enc => 'GBK',
+	subject => '中文商品');
+is(callback_raw('ali', '{}', $f), '200|success|true|paid', 'alipay: %-encoded GBK body as bytea pays');
+my $g18_id;
+($f, $g18_id) = ali_notify(out_trade_no => 'ali-11', total_amount => '12.45', trade_no => 'T11', enc => 'GB18030',
+	subject => '𠀀中文');
+ok($f =~ /%952%826/, 'alipay GB18030: a four-byte character in the form');
+is(callback('ali', '{}', $f), '200|success|true|paid', 'alipay: GB18030 charset (text body, %-encoded)');
+is($node->safe_psql('postgres',
+		"SELECT payload LIKE '%subject=𠀀中文%' FROM callback_center.callback_record WHERE biz_id = '$g18_id'"),
+	't', 'alipay GB18030: values decoded from GB18030');
+($f) = ali_notify(out_trade_no => 'ali-12', total_amount => '12.46', trade_no => 'T12', enc => 'GB18030',
+	subject => '𠀀中文', raw => 1);
+is(callback_raw('ali', '{}', $f), '200|success|true|paid', 'alipay: raw GB18030 body as bytea pays');
+($f) = ali_notify(out_trade_no => 'ali-13', total_amount => '12.47', trade_no => 'T13', enc => 'GBK',
+	subject => '中文商品', literal => 1);
+is(callback('ali', '{}', $f), '200|success|true|paid',
+	'alipay: a text body with the GBK values as characters pays (re-encoded in GBK)');
+my $bad_id;
+($f, $bad_id) = ali_notify(out_trade_no => 'ali-14', total_amount => '12.48', trade_no => 'T14', enc => 'GBK',
+	raw => 1, extra => "&x=\xff\xff");
+is(callback_raw('ali', '{}', $f), '400|fail|false|malformed_body', 'alipay: bytes that are not GBK refused');
+($f) = ali_notify(out_trade_no => 'ali-14', total_amount => '12.48', trade_no => 'T14', enc => 'GBK',
+	literal => 1, subject => '😀');
+is(callback('ali', '{}', $f), '400|fail|false|malformed_body',
+	'alipay: a text body with a character GBK cannot hold refused');
+is($node->safe_psql('postgres',
+		"SELECT count(*) FROM callback_center.callback_record WHERE biz_id = '$bad_id'"),
+	'0', 'alipay: undecodable bodies recorded nothing');
+is(trace('ali-14'), 'records=0 outbox=1 payment=CREATED/- order=unpaid', 'alipay: undecodable bodies moved nothing');
+# Other schemes take UTF-8 bytes: a Standard Webhooks body as bytea pays;
+# bytes that are not UTF-8 are 400 in the scheme's format.
+is($node->safe_psql('postgres', q{
+	SELECT http_status || '|' || is_first || '|' || outcome
+	  FROM (SELECT '{"type":"payment.succeeded","data":{"txn_id":"o1","order_id":"other-1","amount_cents":100}}' AS b,
+	               extract(epoch FROM now())::bigint AS ts) m,
+	       callback_center.payment_callback('someone',
+	           jsonb_build_object('webhook-id', 'raw-1', 'webhook-timestamp', m.ts::text,
+	               'webhook-signature', callback_center.sign_webhook(
+	                   callback_center.provider_secret('someone'), 'raw-1', m.ts, m.b)),
+	           convert_to(m.b, 'UTF8'))}),
+	'200|true|paid', 'standard webhooks: a UTF-8 body as bytea pays');
+is(callback_raw('someone', '{}', "{\"a\":\"\xff\"}"),
+	'400|{"received":false,"reason":"malformed body"}|false|malformed_body',
+	'standard webhooks: a body that is not UTF-8 refused');
+is(callback_raw('wx', '{}', "{\"a\":\"\xff\"}"),
+	'400|{"code": "FAIL", "message": "malformed body"}|false|malformed_body',
+	'wechatpay_v3: a body that is not UTF-8 refused in its format');
 
 # The one form parser (Alipay and UnionPay): empty values, a name without
 # "=", empty pairs, "+" and %-escapes to bytes; NULL for a body that is not
