@@ -3,8 +3,8 @@
  * channels.c
  *		The SQL face of the payment channels' cryptography: key inspection,
  *		RSA SHA256 verification, AES-256-GCM decryption, form decoding and
- *		escaping, and certificate chains, for the schemes of
- *		src/sql/45_channels.sql (wechatpay_v3, alipay, unionpay).
+ *		escaping, certificate chains and Alipay's certificate SNs, for the
+ *		schemes of src/sql/45_channels.sql (wechatpay_v3, alipay, unionpay).
  *
  * Thin wrappers over crypto.c.  They never put key material, plaintext or
  * a signature in an error: a bad key is 22023 with crypto.c's reason as the
@@ -35,6 +35,8 @@ PG_FUNCTION_INFO_V1(cc_form_decode);
 PG_FUNCTION_INFO_V1(cc_form_escape);
 PG_FUNCTION_INFO_V1(cc_hmac_sha256_sql);
 PG_FUNCTION_INFO_V1(cc_x509_chain_check_sql);
+PG_FUNCTION_INFO_V1(cc_alipay_cert_sn_sql);
+PG_FUNCTION_INFO_V1(cc_alipay_root_cert_sn_sql);
 
 /*
  * callback_center._key_info(pem text): one row (kind, bits, serial,
@@ -340,4 +342,48 @@ cc_x509_chain_check_sql(PG_FUNCTION_ARGS)
 	else
 		nulls[1] = true;
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+}
+
+/*
+ * Alipay's SN of one certificate or of a bundle (see cc_alipay_cert_sn);
+ * 22023 with the reason when it cannot be computed.
+ */
+static Datum
+alipay_sn_datum(FunctionCallInfo fcinfo, bool bundle)
+{
+	text	   *pem;
+	char		out[32 * (CC_ALIPAY_SN_LEN + 1)];
+	const char *why;
+
+	cc_require_arg(fcinfo, 0, bundle ? "certificates" : "certificate");
+	pem = PG_GETARG_TEXT_PP(0);
+	if (!cc_alipay_cert_sn(VARDATA_ANY(pem), VARSIZE_ANY_EXHDR(pem), bundle,
+						   out, sizeof(out), &why))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid Alipay certificate"),
+				 errdetail_internal("%s", why),
+				 errhint(bundle ? "Give Alipay's root certificate file (alipayRootCert.crt) as PEM." :
+						 "Give one PEM certificate (appCertPublicKey_<app id>.crt or alipayCertPublicKey_RSA2.crt).")));
+	PG_RETURN_TEXT_P(cstring_to_text(out));
+}
+
+/*
+ * callback_center.alipay_cert_sn(certificate text): app_cert_sn or
+ * alipay_cert_sn, the SN Alipay computes for a certificate.
+ */
+Datum
+cc_alipay_cert_sn_sql(PG_FUNCTION_ARGS)
+{
+	return alipay_sn_datum(fcinfo, false);
+}
+
+/*
+ * callback_center.alipay_root_cert_sn(certificates text): alipay_root_cert_sn
+ * of Alipay's root certificate file.
+ */
+Datum
+cc_alipay_root_cert_sn_sql(PG_FUNCTION_ARGS)
+{
+	return alipay_sn_datum(fcinfo, true);
 }

@@ -12,12 +12,15 @@
 --   providers.secrets   wechatpay_v3: the merchant's 32-byte APIv3 key(s);
 --                       wechatpay_v2: the merchant's API key(s), "md5:"
 --                       before a key allowing the legacy MD5 sign;
---                       alipay: the Alipay public key(s) (PEM or base64);
+--                       alipay: the Alipay public key(s) (PEM or base64),
+--                       none in certificate mode;
 --                       unionpay: the organisation name(s) the signing
 --                       certificate must carry (中国银联股份有限公司)
 --   provider_keys       wechatpay_v3: platform certificates and platform
 --                       public keys, by serial / public-key id;
---                       unionpay: the root and intermediate certificates
+--                       unionpay: the root and intermediate certificates;
+--                       alipay (certificate mode): the Alipay public-key
+--                       certificate, intermediate and roots, by SN
 
 -- Platform keys of wechatpay_v3 providers, selected by the
 -- Wechatpay-Serial header: a certificate's serial (certificate mode) or a
@@ -80,6 +83,28 @@ RETURNS record
 AS 'MODULE_PATHNAME', 'cc_x509_chain_check_sql'
 LANGUAGE C VOLATILE;
 
+-- Alipay's certificate SNs, as AlipaySignature.getCertSN and getRootCertSN
+-- compute them: the hex MD5 of the issuer's name (RFC 2253, as Java writes
+-- it) and the serial number in decimal; for the root certificate file,
+-- those of its RSA-signed certificates joined by "_".  The app sends
+-- app_cert_sn and alipay_root_cert_sn with its requests; certificate mode
+-- names the loaded certificates by them.  22023 for what is not a PEM
+-- certificate.
+CREATE FUNCTION callback_center.alipay_cert_sn(certificate text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_alipay_cert_sn_sql'
+LANGUAGE C IMMUTABLE;
+
+CREATE FUNCTION callback_center.alipay_root_cert_sn(certificates text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_alipay_root_cert_sn_sql'
+LANGUAGE C IMMUTABLE;
+
+COMMENT ON FUNCTION callback_center.alipay_cert_sn(text) IS
+    'Alipay''s SN of a certificate (app_cert_sn, alipay_cert_sn)';
+COMMENT ON FUNCTION callback_center.alipay_root_cert_sn(text) IS
+    'Alipay''s SN of its root certificate file (alipay_root_cert_sn)';
+
 -- Checks one entry of set_provider's secrets for a channel scheme: 22023
 -- with a detail that never quotes it.
 CREATE FUNCTION callback_center._channel_check_secret(p_scheme text, p_secret text)
@@ -120,12 +145,15 @@ BEGIN
 END
 $$;
 
--- set_platform_keys: replaces the platform keys of a wechatpay_v3 or
--- unionpay provider with keys, a JSON object of name to PEM.  wechatpay_v3:
--- serial (or public-key id) to platform certificate or public key; pass the
--- old and the new key together while WeChat Pay rotates.  unionpay: any
--- name to the UnionPay root certificate(s) (self-signed: the trust
--- anchors) and intermediate certificate(s), which must chain to a root.
+-- set_platform_keys: replaces the platform keys of a wechatpay_v3,
+-- unionpay or alipay provider with keys, a JSON object of name to PEM.
+-- wechatpay_v3: serial (or public-key id) to platform certificate or
+-- public key; pass the old and the new key together while WeChat Pay
+-- rotates.  unionpay: any name to the UnionPay root certificate(s)
+-- (self-signed: the trust anchors) and intermediate certificate(s), which
+-- must chain to a root.  alipay (certificate mode): each certificate's SN
+-- (alipay_cert_sn) to the Alipay public-key certificate, its intermediate
+-- and the RSA root certificates, which all must chain to a root.
 -- Each key is checked (RSA, 2048 bits or more, a certificate valid now
 -- whose serial is its name for wechatpay_v3); returns how many are loaded.
 CREATE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
@@ -153,9 +181,9 @@ BEGIN
             MESSAGE = format('unknown provider "%s"', p_provider),
             HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
     END IF;
-    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay') THEN
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay', 'alipay') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3 or unionpay', p_provider, v_scheme);
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', p_provider, v_scheme);
     END IF;
     IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
@@ -189,12 +217,21 @@ BEGIN
                 MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
                 DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
         END IF;
+        IF v_scheme = 'alipay' AND (info.kind <> 'certificate'
+                                    OR k.key <> callback_center.alipay_cert_sn(k.value #>> '{}')) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid Alipay certificate "%s"', k.key),
+                DETAIL = CASE WHEN info.kind <> 'certificate'
+                              THEN 'Certificate mode takes X.509 certificates; give a public key to callback_center.set_provider().'
+                              ELSE 'The certificate''s SN is not the name it is given.' END,
+                HINT = 'Name each certificate by its SN, callback_center.alipay_cert_sn(pem).';
+        END IF;
         INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
         VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
         n := n + 1;
     END LOOP;
 
-    IF v_scheme = 'unionpay' THEN
+    IF v_scheme IN ('unionpay', 'alipay') THEN
         -- Every certificate must chain to a self-signed root among them
         -- (a root chains to itself), or no notification ever verifies.
         SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
@@ -204,9 +241,12 @@ BEGIN
             chk := callback_center._x509_chain_check(k.pem, cas, NULL);
             IF chk.verdict <> 'ok' THEN
                 RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-                    MESSAGE = format('invalid UnionPay certificate "%s"', k.key_id),
+                    MESSAGE = format('invalid %s certificate "%s"',
+                                     CASE v_scheme WHEN 'alipay' THEN 'Alipay' ELSE 'UnionPay' END, k.key_id),
                     DETAIL = chk.detail,
-                    HINT = 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).';
+                    HINT = CASE v_scheme
+                        WHEN 'alipay' THEN 'Load the Alipay public-key certificate with the intermediate it holds (alipayCertPublicKey_RSA2.crt) and the RSA root certificates of alipayRootCert.crt together.'
+                        ELSE 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).' END;
             END IF;
         END LOOP;
     END IF;
@@ -215,7 +255,7 @@ END
 $$;
 
 COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
-    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, or a unionpay provider''s root and intermediate certificates (admin)';
+    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, a unionpay provider''s root and intermediate certificates, or an alipay provider''s certificates, by SN (admin)';
 
 -- A header's value, ASCII case-insensitive; NULL when absent or not a
 -- string, and '' marks it present twice (the caller refuses both).
@@ -504,7 +544,10 @@ $$;
 -- %-decoded to the bytes of the form's charset (UTF-8, GBK or GB18030) and
 -- decoded from it, so the signed string is built from those bytes as
 -- Alipay built it: every parameter but sign and sign_type, empty values
--- left out, sorted by name in byte order, joined as k=v&...
+-- left out, sorted by name in byte order, joined as k=v&...  It is
+-- verified with the provider's Alipay public keys (public-key mode) or
+-- Alipay public-key certificates that chain to the loaded Alipay roots
+-- (certificate mode, set_platform_keys).
 CREATE FUNCTION callback_center._alipay_parse(
     p_provider text, p_secrets text[], p_tolerance interval,
     p_headers jsonb, p_body text,
@@ -518,6 +561,12 @@ DECLARE
     names text[];
     vals bytea[];
     texts text[];
+    cert_sn text;
+    cas text[];
+    k record;
+    chk record;
+    candidates integer := 0;
+    chain_failure text;
     charset text := 'UTF8';
     cs text;
     content bytea;
@@ -589,12 +638,47 @@ BEGIN
       INTO content
       FROM unnest(names, vals) AS x(nm, v)
      WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    -- Public-key mode: the Alipay public keys of secrets.
     FOREACH s IN ARRAY p_secrets LOOP
         ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
     END LOOP;
+    -- Certificate mode: the Alipay public-key certificates loaded with
+    -- set_platform_keys (named by their SN), each checked against the
+    -- loaded roots now, since a certificate expires after it was loaded;
+    -- alipay_cert_sn, when the notification carries it, names the one.
+    -- The roots themselves sign no notification.
     IF NOT ok THEN
-        failure := 'invalid_signature'; fail_status := 401;
-        RETURN;
+        cert_sn := callback_center._channel_ascii(vals[array_position(names, 'alipay_cert_sn')]);
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+         WHERE pk.provider = p_provider;
+        IF cas IS NULL AND cardinality(p_secrets) = 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+                MESSAGE = format('provider "%s" has no Alipay public key or certificate', p_provider),
+                HINT = 'An administrator gives the Alipay public key to callback_center.set_provider(), or loads the Alipay certificates with callback_center.set_platform_keys().';
+        END IF;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider
+                    AND (cert_sn IS NULL OR pk.key_id = cert_sn)
+                  ORDER BY pk.key_id LOOP
+            CONTINUE WHEN (callback_center._x509_chain_check(k.pem, ARRAY[k.pem], NULL)).verdict = 'ok';
+            candidates := candidates + 1;
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                chain_failure := chk.verdict;
+            ELSIF callback_center._rsa_sha256_check(k.pem, coalesce(content, ''), sig) IS NULL THEN
+                ok := true;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF NOT ok THEN
+            failure := CASE WHEN cert_sn IS NOT NULL AND cas IS NOT NULL AND candidates = 0
+                            THEN 'unknown_key'
+                            WHEN chain_failure = 'expired' THEN 'key_expired'
+                            WHEN chain_failure IS NOT NULL THEN 'untrusted_key'
+                            ELSE 'invalid_signature' END;
+            fail_status := 401;
+            RETURN;
+        END IF;
     END IF;
 
     -- Signed by Alipay: from here on a problem is the body's.
@@ -979,3 +1063,7 @@ FROM PUBLIC;
 
 GRANT EXECUTE ON FUNCTION callback_center.set_platform_keys(text, jsonb)
     TO callback_center_admin;
+REVOKE ALL ON FUNCTION callback_center.alipay_cert_sn(text),
+    callback_center.alipay_root_cert_sn(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.alipay_cert_sn(text),
+    callback_center.alipay_root_cert_sn(text) TO callback_center_app, callback_center_admin;
