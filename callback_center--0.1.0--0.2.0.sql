@@ -6613,3 +6613,201 @@ $$;
 
 COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
     'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, a unionpay provider''s root and intermediate certificates, or an alipay provider''s certificates, by SN (admin)';
+
+-- Merge of the argument checks (one NULL check) with the channels' changes: the final definitions of the functions both changed.
+
+CREATE OR REPLACE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    chk record;
+    cas text[];
+    why text;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_provider, p_keys) = 0 OR NULL, 'provider and keys');
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = p_provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay', 'alipay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', p_provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
+        IF v_scheme = 'alipay' AND (info.kind <> 'certificate'
+                                    OR k.key <> callback_center.alipay_cert_sn(k.value #>> '{}')) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid Alipay certificate "%s"', k.key),
+                DETAIL = CASE WHEN info.kind <> 'certificate'
+                              THEN 'Certificate mode takes X.509 certificates; give a public key to callback_center.set_provider().'
+                              ELSE 'The certificate''s SN is not the name it is given.' END,
+                HINT = 'Name each certificate by its SN, callback_center.alipay_cert_sn(pem).';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+
+    IF v_scheme IN ('unionpay', 'alipay') THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid %s certificate "%s"',
+                                     CASE v_scheme WHEN 'alipay' THEN 'Alipay' ELSE 'UnionPay' END, k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = CASE v_scheme
+                        WHEN 'alipay' THEN 'Load the Alipay public-key certificate with the intermediate it holds (alipayCertPublicKey_RSA2.crt) and the RSA root certificates of alipayRootCert.crt together.'
+                        ELSE 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).' END;
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    a record;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._note_close_failure(p_order_id text, error text)
+RETURNS timestamptz
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    retry timestamptz;
+BEGIN
+    DELETE FROM callback_center.close_failures f
+     WHERE NOT EXISTS (SELECT 1 FROM callback_center.orders o
+                        WHERE o.order_id = f.order_id AND o.status = 'confirmed'
+                          AND o.pay_status IN ('unpaid', 'paying'));
+    INSERT INTO callback_center.close_failures AS f
+           (order_id, failures, last_error, failed_at, retry_at)
+    VALUES (p_order_id, 1, error, now(), now() + interval '1 second')
+    ON CONFLICT (order_id) DO UPDATE
+       SET failures = f.failures + 1, last_error = excluded.last_error, failed_at = now(),
+           retry_at = now() + least(interval '1 second' * power(2, least(f.failures, 20)),
+                                    interval '5 minutes')
+    RETURNING f.retry_at INTO retry;
+    RETURN retry;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._close_order(p_order_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x
+     WHERE x.order_id = p_order_id FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT 1 FROM callback_center.orders x WHERE x.order_id = p_order_id) THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB050',
+                MESSAGE = format('order "%s" does not exist', p_order_id);
+        END IF;
+        RETURN false;
+    END IF;
+    IF NOT (o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+            AND o.pay_deadline <= now()) THEN
+        RETURN false;
+    END IF;
+    RETURN callback_center._close_locked_orders(ARRAY[o.order_id]) = 1;
+END
+$$;
