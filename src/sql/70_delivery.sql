@@ -101,9 +101,7 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    IF replay_dead.outbox_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'outbox_id must not be null';
-    END IF;
+    PERFORM callback_center._require(replay_dead.outbox_id, 'outbox_id');
     n := callback_center._replay(ARRAY[replay_dead.outbox_id], reason);
     IF n = 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
