@@ -7737,6 +7737,162 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION callback_center._wechatpay_v2_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    doc xml;
+    f jsonb;
+    n integer;
+    content text;
+    given text;
+    sign_type text;
+    s text;
+    key text;
+    calc text;
+    ok boolean := false;
+    crypto_schema name;
+    ct bytea;
+    plain bytea;
+    r jsonb;
+BEGIN
+    payload := p_body;
+    IF position('<!' IN regexp_replace(p_body, '<!\[CDATA\[', '', 'g')) > 0 THEN
+        -- No DTD, no comments: WeChat sends neither.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        doc := xmlparse(DOCUMENT p_body);
+        SELECT jsonb_object_agg(x.name, coalesce(x.value, '')), count(*)
+          INTO f, n
+          FROM XMLTABLE('/xml/*' PASSING doc
+                        COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF f IS NULL OR n <> (SELECT count(*) FROM jsonb_object_keys(f)) THEN
+        -- A parameter twice.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- A refund notification carries no sign: req_info is AES-256-ECB
+    -- (PKCS#7 padding) under the lower-case hex MD5 of the API key, and
+    -- only the key opens it (WeChat Pay authenticates refund notifications
+    -- so, and no other way).  Read: order_id our refund id (out_refund_no),
+    -- txn_id WeChat Pay's refund_id, amount_cents refund_fee; refund_status
+    -- SUCCESS refunded, REFUNDCLOSE failed, CHANGE (abnormal: settled in
+    -- the merchant platform) still open.  Keyed by refund_id and status.
+    IF f ? 'req_info' AND NOT f ? 'sign' THEN
+        BEGIN
+            ct := decode(f->>'req_info', 'base64');
+        EXCEPTION WHEN OTHERS THEN
+            ct := NULL;
+        END;
+        IF ct IS NULL OR ct = '' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        -- pgcrypto is relocatable: find where it lives.
+        SELECT x.nspname INTO crypto_schema
+          FROM pg_extension e JOIN pg_namespace x ON x.oid = e.extnamespace
+         WHERE e.extname = 'pgcrypto';
+        FOREACH s IN ARRAY p_secrets LOOP
+            BEGIN
+                EXECUTE format('SELECT %I.decrypt($1, $2, %L)', crypto_schema, 'aes-ecb/pad:pkcs')
+                   INTO plain USING ct, convert_to(md5(regexp_replace(s, '^md5:', '')), 'UTF8');
+                IF position('<!' IN regexp_replace(convert_from(plain, 'UTF8'), '<!\[CDATA\[', '', 'g')) > 0 THEN
+                    plain := NULL;
+                END IF;
+                SELECT jsonb_object_agg(x.name, coalesce(x.value, '')) INTO r
+                  FROM XMLTABLE('/root/*' PASSING xmlparse(DOCUMENT convert_from(plain, 'UTF8'))
+                                COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+            EXCEPTION WHEN OTHERS THEN
+                r := NULL;
+            END;
+            EXIT WHEN r IS NOT NULL;
+        END LOOP;
+        IF r IS NULL THEN
+            -- Nothing but the key makes a req_info that opens.
+            failure := 'invalid_signature'; fail_status := 401;
+            RETURN;
+        END IF;
+        order_id := r->>'out_refund_no';
+        txn_id := r->>'refund_id';
+        verdict := CASE r->>'refund_status' WHEN 'SUCCESS' THEN 'refund_success'
+                                            WHEN 'REFUNDCLOSE' THEN 'refund_failed'
+                                            WHEN 'CHANGE' THEN 'refund_processing' END;
+        event_type := 'refund ' || coalesce(r->>'refund_status', '');
+        msg_id := 'refund:' || (r->>'refund_id') || ':' || (r->>'refund_status');
+        IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' OR verdict IS NULL
+           OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR coalesce(r->>'refund_fee', '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := (r->>'refund_fee')::bigint;
+        RETURN;
+    END IF;
+    given := f->>'sign';
+    IF nullif(given, '') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    sign_type := coalesce(nullif(f->>'sign_type', ''), 'HMAC-SHA256');
+    IF sign_type NOT IN ('HMAC-SHA256', 'MD5') THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(e.key || '=' || e.value, '&' ORDER BY e.key COLLATE "C")
+      INTO content
+      FROM jsonb_each_text(f) e WHERE e.key <> 'sign' AND e.value <> '';
+    FOREACH s IN ARRAY p_secrets LOOP
+        key := regexp_replace(s, '^md5:', '');
+        IF sign_type = 'HMAC-SHA256' THEN
+            calc := upper(encode(callback_center._hmac_sha256(convert_to(key, 'UTF8'),
+                convert_to(content || '&key=' || key, 'UTF8')), 'hex'));
+        ELSIF s LIKE 'md5:%' THEN
+            calc := upper(md5(convert_to(content || '&key=' || key, 'UTF8')));
+        ELSE
+            CONTINUE;
+        END IF;
+        -- Compared as digests: the time taken says nothing about the sign.
+        ok := ok OR sha256(convert_to(calc, 'UTF8')) = sha256(convert_to(upper(given), 'UTF8'));
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by WeChat Pay: from here on a problem is the body's.
+    IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := f->>'transaction_id';
+    txn_id := f->>'transaction_id';
+    order_id := f->>'out_trade_no';
+    event_type := coalesce(f->>'trade_type', 'payment');
+    -- result_code FAIL is one failed attempt: the order stays payable.
+    verdict := CASE f->>'result_code' WHEN 'SUCCESS' THEN 'success'
+                                      WHEN 'FAIL' THEN 'attempt_failed' END;
+    currency := coalesce(nullif(f->>'fee_type', ''), 'CNY');
+    IF nullif(msg_id, '') IS NULL OR nullif(order_id, '') IS NULL OR verdict IS NULL
+       OR coalesce(f->>'total_fee', '') !~ '^[0-9]{1,15}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    amount_cents := (f->>'total_fee')::bigint;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION callback_center._alipay_parse(
     p_provider text, p_secrets text[], p_tolerance interval,
     p_headers jsonb, p_body text,

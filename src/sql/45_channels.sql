@@ -789,6 +789,10 @@ DECLARE
     key text;
     calc text;
     ok boolean := false;
+    crypto_schema name;
+    ct bytea;
+    plain bytea;
+    r jsonb;
 BEGIN
     payload := p_body;
     IF position('<!' IN regexp_replace(p_body, '<!\[CDATA\[', '', 'g')) > 0 THEN
@@ -809,6 +813,63 @@ BEGIN
     IF f IS NULL OR n <> (SELECT count(*) FROM jsonb_object_keys(f)) THEN
         -- A parameter twice.
         failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- A refund notification carries no sign: req_info is AES-256-ECB
+    -- (PKCS#7 padding) under the lower-case hex MD5 of the API key, and
+    -- only the key opens it (WeChat Pay authenticates refund notifications
+    -- so, and no other way).  Read: order_id our refund id (out_refund_no),
+    -- txn_id WeChat Pay's refund_id, amount_cents refund_fee; refund_status
+    -- SUCCESS refunded, REFUNDCLOSE failed, CHANGE (abnormal: settled in
+    -- the merchant platform) still open.  Keyed by refund_id and status.
+    IF f ? 'req_info' AND NOT f ? 'sign' THEN
+        BEGIN
+            ct := decode(f->>'req_info', 'base64');
+        EXCEPTION WHEN OTHERS THEN
+            ct := NULL;
+        END;
+        IF ct IS NULL OR ct = '' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        -- pgcrypto is relocatable: find where it lives.
+        SELECT x.nspname INTO crypto_schema
+          FROM pg_extension e JOIN pg_namespace x ON x.oid = e.extnamespace
+         WHERE e.extname = 'pgcrypto';
+        FOREACH s IN ARRAY p_secrets LOOP
+            BEGIN
+                EXECUTE format('SELECT %I.decrypt($1, $2, %L)', crypto_schema, 'aes-ecb/pad:pkcs')
+                   INTO plain USING ct, convert_to(md5(regexp_replace(s, '^md5:', '')), 'UTF8');
+                IF position('<!' IN regexp_replace(convert_from(plain, 'UTF8'), '<!\[CDATA\[', '', 'g')) > 0 THEN
+                    plain := NULL;
+                END IF;
+                SELECT jsonb_object_agg(x.name, coalesce(x.value, '')) INTO r
+                  FROM XMLTABLE('/root/*' PASSING xmlparse(DOCUMENT convert_from(plain, 'UTF8'))
+                                COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+            EXCEPTION WHEN OTHERS THEN
+                r := NULL;
+            END;
+            EXIT WHEN r IS NOT NULL;
+        END LOOP;
+        IF r IS NULL THEN
+            -- Nothing but the key makes a req_info that opens.
+            failure := 'invalid_signature'; fail_status := 401;
+            RETURN;
+        END IF;
+        order_id := r->>'out_refund_no';
+        txn_id := r->>'refund_id';
+        verdict := CASE r->>'refund_status' WHEN 'SUCCESS' THEN 'refund_success'
+                                            WHEN 'REFUNDCLOSE' THEN 'refund_failed'
+                                            WHEN 'CHANGE' THEN 'refund_processing' END;
+        event_type := 'refund ' || coalesce(r->>'refund_status', '');
+        msg_id := 'refund:' || (r->>'refund_id') || ':' || (r->>'refund_status');
+        IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' OR verdict IS NULL
+           OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR coalesce(r->>'refund_fee', '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := (r->>'refund_fee')::bigint;
         RETURN;
     END IF;
     given := f->>'sign';

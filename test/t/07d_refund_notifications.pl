@@ -2,8 +2,8 @@
 # provider signs them, through payment_callback: WeChat Pay v3
 # (REFUND.SUCCESS / REFUND.CLOSED / REFUND.ABNORMAL, resource encrypted like
 # a transaction's), Alipay (a trade notification carrying refund_fee,
-# gmt_refund and out_biz_no) and UnionPay (txnType 04, orderId the
-# refund's).  Each moves the refund through _apply_refund_answer once
+# gmt_refund and out_biz_no), UnionPay (txnType 04, orderId the refund's)
+# and WeChat Pay v2 (req_info encrypted under the MD5 of the API key).  Each moves the refund through _apply_refund_answer once
 # (recorded under the message's key; a repeat gets the first answer), is
 # answered in the provider's format, and never raises for what the
 # provider sent: a refund we do not have, another provider's refund or
@@ -12,6 +12,7 @@
 use strict;
 use warnings;
 use Encode qw(encode decode);
+use Digest::MD5;
 use Digest::SHA;
 use POSIX qw(strftime);
 use PostgreSQL::Test::Cluster;
@@ -259,6 +260,71 @@ is(sql(q{SELECT string_agg(to_state || ':' || n, ',' ORDER BY to_state) FROM
            (SELECT to_state, count(*) AS n FROM callback_center.state_history
              WHERE machine = 'refund' AND from_state IS NOT NULL GROUP BY to_state) x}),
 	'FAILED:2,PROCESSING:1,SUCCESS:5', 'refund moves: 5 succeeded, 2 failed, 1 processing');
+# (WeChat Pay v2 below: 1 more succeeded, 1 processing, 1 failed.)
+
+# --- WeChat Pay v2 ----------------------------------------------------------
+
+# A refund notification as WeChat Pay v2 posts it: no sign; req_info the
+# base64 of AES-256-ECB (PKCS#7) of the refund's XML under the lower-case
+# hex MD5 of the API key.
+my $v2key = '192006250b4c09247ec02edce69f6a2d';
+sql("SELECT callback_center.set_provider('wx2', 'wechatpay_v2', ARRAY[" . q_lit($v2key) . "]);"
+	  . q{SELECT callback_center.place_order('v2-1', 'u', '[{"sku": "rn-sku", "qty": 1}]', 1000, NULL, 'wx2');});
+sql(q{SELECT callback_center._apply_payment_result('wx2', 'txn-v2-1', 'v2-1', 1000, NULL, 'success', 'callback');
+      SELECT refund_id FROM callback_center.request_refund('v2-1', 400, NULL, 'v2-1-a');
+      SELECT refund_id FROM callback_center.request_refund('v2-1', 600, NULL, 'v2-1-b');});
+my $v2n = 0;
+sub v2_refund
+{
+	my (%o) = @_;
+	my $inner = '<root>'
+	  . "<out_refund_no><![CDATA[$o{out_refund_no}]]></out_refund_no>"
+	  . '<out_trade_no><![CDATA[v2-1]]></out_trade_no>'
+	  . '<refund_account><![CDATA[REFUND_SOURCE_RECHARGE_FUNDS]]></refund_account>'
+	  . "<refund_fee><![CDATA[$o{refund_fee}]]></refund_fee>"
+	  . "<refund_id><![CDATA[$o{refund_id}]]></refund_id>"
+	  . '<refund_recv_accout><![CDATA[支付用户零钱]]></refund_recv_accout>'
+	  . '<refund_request_source><![CDATA[API]]></refund_request_source>'
+	  . "<refund_status><![CDATA[$o{status}]]></refund_status>"
+	  . '<settlement_refund_fee><![CDATA[' . $o{refund_fee} . ']]></settlement_refund_fee>'
+	  . '<settlement_total_fee><![CDATA[1000]]></settlement_total_fee>'
+	  . '<success_time><![CDATA[2018-11-19 16:24:13]]></success_time>'
+	  . '<total_fee><![CDATA[1000]]></total_fee>'
+	  . '<transaction_id><![CDATA[txn-v2-1]]></transaction_id></root>';
+	my $aes_key = unpack('H*', Digest::MD5::md5_hex($o{key} // $v2key));
+	my ($req_info, $err);
+	IPC::Run::run([ 'openssl', 'enc', '-aes-256-ecb', '-K', $aes_key, '-nosalt', '-base64', '-A' ],
+		'<', \$inner, '>', \$req_info, '2>', \$err)
+	  or die "openssl enc: $err";
+	chomp $req_info;
+	return '<xml><return_code>SUCCESS</return_code><appid><![CDATA[wx2421b1c4370ec43b]]></appid>'
+	  . '<mch_id><![CDATA[10000100]]></mch_id><nonce_str><![CDATA[TeqClE3i0mvn3DrK' . $v2n++ . ']]></nonce_str>'
+	  . "<req_info><![CDATA[$req_info]]></req_info></xml>";
+}
+my $v2ok = '<xml><return_code><![CDATA[SUCCESS]]></return_code><return_msg><![CDATA[OK]]></return_msg></xml>';
+
+my $x = v2_refund(out_refund_no => 'v2-1-a', refund_id => '50000408942018111907145868882', refund_fee => 400,
+	status => 'SUCCESS');
+is(callback('wx2', '{}', $x), "200|$v2ok|true|succeeded", 'wechatpay_v2: a refund notification succeeds the refund');
+is(refund('v2-1-a'), 'SUCCESS/50000408942018111907145868882 PARTIALLY_REFUNDED confirmed/partially_refunded',
+	'wechatpay_v2: refund SUCCESS with WeChat Pay\'s refund id');
+is(callback('wx2', '{}', $x), "200|$v2ok|false|succeeded", 'wechatpay_v2: a repeat gets the first answer');
+is(recorded('refund:50000408942018111907145868882:SUCCESS'), '1', 'wechatpay_v2: recorded under refund_id and status');
+$x = v2_refund(out_refund_no => 'v2-1-b', refund_id => 'v2r-b', refund_fee => 600, status => 'CHANGE');
+is(callback('wx2', '{}', $x), "200|$v2ok|true|processing", 'wechatpay_v2: CHANGE keeps the refund open');
+$x = v2_refund(out_refund_no => 'v2-1-b', refund_id => 'v2r-b', refund_fee => 600, status => 'REFUNDCLOSE');
+is(callback('wx2', '{}', $x), "200|$v2ok|true|failed", 'wechatpay_v2: REFUNDCLOSE fails it');
+is(refund('v2-1-b'), 'FAILED/v2r-b PARTIALLY_REFUNDED confirmed/partially_refunded', 'wechatpay_v2: refund FAILED');
+my $v2fail = '<xml><return_code><![CDATA[FAIL]]></return_code><return_msg><![CDATA[invalid signature]]></return_msg></xml>';
+$x = v2_refund(out_refund_no => 'v2-1-b', refund_id => 'v2r-c', refund_fee => 600, status => 'SUCCESS',
+	key => 'ffffff250b4c09247ec02edce69f6a2d');
+is(callback('wx2', '{}', $x), "401|$v2fail|false|invalid_signature",
+	'wechatpay_v2: a req_info under another key is refused');
+is(recorded('refund:v2r-c:SUCCESS'), '0', 'wechatpay_v2: and not recorded');
+($x = v2_refund(out_refund_no => 'v2-1-b', refund_id => 'v2r-d', refund_fee => 600, status => 'SUCCESS'))
+  =~ s/(<req_info><!\[CDATA\[)(....)/$1 . ($2 eq 'AAAA' ? 'BBBB' : 'AAAA')/e;
+is(callback('wx2', '{}', $x), "401|$v2fail|false|invalid_signature", 'wechatpay_v2: a changed req_info is refused');
+is(refund('v2-1-b'), 'FAILED/v2r-b PARTIALLY_REFUNDED confirmed/partially_refunded', 'wechatpay_v2: nothing moved');
 
 # --- Late payments, through the jobs worker ---------------------------------
 
