@@ -4560,6 +4560,669 @@ BEGIN
 END
 $$;
 
+-- Access per database (issue 11): membership of callback_center_app or
+-- callback_center_admin counts only where the login also has USAGE on this
+-- schema, granted in each database.  0.1.0 granted USAGE to the two
+-- cluster-wide roles, so a member reached every database.  A grant made
+-- here would be recorded as the extension's initial privilege, which
+-- pg_dump leaves out and a restore into a fresh install would lose: the
+-- DBA grants each login before updating (README, Upgrading), and members
+-- still without a grant of their own are named in a warning.
+DO $access$
+DECLARE
+    missing text;
+BEGIN
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname)
+      INTO missing
+      FROM pg_catalog.pg_roles r
+     WHERE NOT r.rolsuper
+       AND r.rolname NOT IN ('callback_center_app', 'callback_center_admin')
+       AND (pg_catalog.pg_has_role(r.oid, 'callback_center_app', 'MEMBER')
+            OR pg_catalog.pg_has_role(r.oid, 'callback_center_admin', 'MEMBER'))
+       AND NOT EXISTS (
+           SELECT 1
+             FROM pg_catalog.pg_namespace n,
+                  pg_catalog.aclexplode(n.nspacl) a
+            WHERE n.nspname = 'callback_center'
+              AND a.privilege_type = 'USAGE'
+              AND a.grantee <> ALL (ARRAY['callback_center_app'::regrole,
+                                          'callback_center_admin'::regrole]::oid[])
+              AND (a.grantee = 0 OR pg_catalog.pg_has_role(r.oid, a.grantee, 'MEMBER')));
+    IF missing IS NOT NULL THEN
+        RAISE WARNING 'these members of callback_center_app or callback_center_admin lose access to callback_center in database %: %',
+            pg_catalog.current_database(), missing
+            USING DETAIL = 'Membership counts only in databases where the role also has USAGE on schema callback_center.',
+                  HINT = pg_catalog.format('Grant each that uses this database: GRANT USAGE ON SCHEMA callback_center TO %s;', missing);
+    END IF;
+END
+$access$;
+REVOKE USAGE ON SCHEMA callback_center FROM callback_center_app, callback_center_admin;
+
+-- The workers' role (issue 11): the two workers connect as the bootstrap
+-- superuser and run each transaction as callback_center_worker
+-- (src/worker_role.c), which holds only the queue tables and the jobs'
+-- functions; the two jobs helpers they call directly run as their owner.
+DO $worker_role$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'callback_center_worker') THEN
+        CREATE ROLE callback_center_worker NOLOGIN;
+    END IF;
+END
+$worker_role$;
+GRANT USAGE ON SCHEMA callback_center TO callback_center_worker;
+GRANT SELECT, UPDATE ON callback_center.outbox TO callback_center_worker;
+GRANT SELECT ON callback_center.endpoints, callback_center.endpoint_secrets,
+    callback_center.retry_schedules TO callback_center_worker;
+GRANT UPDATE (enabled, updated_at) ON callback_center.endpoints TO callback_center_worker;
+GRANT EXECUTE ON FUNCTION callback_center._event_size(text, text, jsonb) TO callback_center_worker;
+GRANT INSERT ON callback_center.delivery_attempts TO callback_center_worker;
+GRANT SELECT, INSERT, UPDATE ON callback_center.endpoint_state TO callback_center_worker;
+ALTER FUNCTION callback_center._note_close_failure(text, text) SECURITY DEFINER;
+ALTER FUNCTION callback_center._close_order(text) SECURITY DEFINER;
+GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
+    callback_center.query_stuck_payments(integer, interval, interval),
+    callback_center.apply_query_answers(integer),
+    callback_center._close_order(text),
+    callback_center._note_close_failure(text, text)
+    TO callback_center_worker;
+GRANT SELECT ON callback_center._orders_due TO callback_center_worker;
+
+-- Argument checks: the remaining inline NULL checks go through _require
+-- (same messages; several arguments checked at once keep their one message).
+
+CREATE OR REPLACE FUNCTION callback_center._endpoint_id(name text, lock_row boolean)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    found_id integer;
+BEGIN
+    PERFORM callback_center._require(name, 'endpoint name');
+    IF lock_row THEN
+        SELECT e.id INTO found_id FROM callback_center.endpoints e
+         WHERE e.name = _endpoint_id.name FOR UPDATE;
+    ELSE
+        SELECT e.id INTO found_id FROM callback_center.endpoints e
+         WHERE e.name = _endpoint_id.name;
+    END IF;
+    IF found_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB040',
+            MESSAGE = format('unknown endpoint "%s"', name),
+            HINT = 'The endpoint_config view lists the endpoints.';
+    END IF;
+    RETURN found_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._endpoint_apply(id integer, options jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    known constant text[] := ARRAY['url', 'event_types', 'timeout_ms',
+        'retry_schedule', 'max_attempts', 'rate_limit_per_s',
+        'breaker_failure_ratio', 'breaker_window_s', 'breaker_min_requests',
+        'breaker_open_ms', 'is_core', 'ordered', 'enabled'];
+    bad text;
+    k text;
+    v jsonb;
+    ep callback_center.endpoints;
+    n numeric;
+BEGIN
+    PERFORM callback_center._require(options, 'options');
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'options must be a JSON object',
+            DETAIL = format('A JSON %s was given.', jsonb_typeof(options));
+    END IF;
+    SELECT string_agg(format('"%s"', o), ', ' ORDER BY o) INTO bad
+      FROM jsonb_object_keys(options) o
+     WHERE o <> ALL (known);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('unknown endpoint option %s', bad),
+            HINT = format('Known options: %s.', array_to_string(known, ', '));
+    END IF;
+
+    SELECT * INTO ep FROM callback_center.endpoints e WHERE e.id = _endpoint_apply.id;
+    FOR k, v IN SELECT * FROM jsonb_each(options)
+    LOOP
+        CASE k
+        WHEN 'url' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "url" must be a string';
+            END IF;
+            ep.url := callback_center._check_url(v #>> '{}');
+        WHEN 'event_types' THEN
+            IF jsonb_typeof(v) <> 'array' OR jsonb_array_length(v) = 0
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(v) x
+                           WHERE jsonb_typeof(x) <> 'string' OR x #>> '{}' = '') THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "event_types" must be a non-empty array of non-empty strings';
+            END IF;
+            ep.event_types := ARRAY(SELECT jsonb_array_elements_text(v));
+        WHEN 'timeout_ms' THEN
+            ep.timeout_ms := callback_center._option_int(k, v, 1, 600000);
+        WHEN 'retry_schedule' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "retry_schedule" must be a string';
+            END IF;
+            IF NOT EXISTS (SELECT 1 FROM callback_center.retry_schedules s
+                            WHERE s.name = v #>> '{}') THEN
+                RAISE EXCEPTION USING ERRCODE = '42704',
+                    MESSAGE = format('retry schedule "%s" does not exist', v #>> '{}'),
+                    HINT = 'The retry_schedules table lists them.';
+            END IF;
+            ep.retry_schedule := v #>> '{}';
+        WHEN 'max_attempts' THEN
+            ep.max_attempts := CASE WHEN jsonb_typeof(v) = 'null' THEN NULL
+                ELSE callback_center._option_int(k, v, 1, 1000000) END;
+        WHEN 'rate_limit_per_s' THEN
+            IF jsonb_typeof(v) = 'null' THEN
+                ep.rate_limit_per_s := NULL;
+            ELSIF jsonb_typeof(v) <> 'number' OR v::numeric < 0.001 OR v::numeric > 1000000 THEN
+                -- The worker's token bucket works in doubles: 1e400 was
+                -- infinity there and stopped every delivery.
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "rate_limit_per_s" must be a number between 0.001 and 1000000, or null',
+                    DETAIL = format('The value given was %s.', left(v::text, 40));
+            ELSE
+                ep.rate_limit_per_s := v::numeric;
+            END IF;
+        WHEN 'breaker_failure_ratio' THEN
+            IF jsonb_typeof(v) <> 'number' OR v::numeric <= 0 OR v::numeric > 1 THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "breaker_failure_ratio" must be a number in (0, 1]';
+            END IF;
+            ep.breaker_failure_ratio := v::numeric;
+        WHEN 'breaker_window_s' THEN
+            ep.breaker_window_s := callback_center._option_int(k, v, 1, 86400);
+        WHEN 'breaker_min_requests' THEN
+            ep.breaker_min_requests := callback_center._option_int(k, v, 1, 1000000);
+        WHEN 'breaker_open_ms' THEN
+            ep.breaker_open_ms := callback_center._option_int(k, v, 1, 86400000);
+        ELSE
+            -- is_core, ordered, enabled
+            IF jsonb_typeof(v) <> 'boolean' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('endpoint option "%s" must be true or false', k);
+            END IF;
+            CASE k
+            WHEN 'is_core' THEN ep.is_core := v::boolean;
+            WHEN 'ordered' THEN ep.ordered := v::boolean;
+            ELSE ep.enabled := v::boolean;
+            END CASE;
+        END CASE;
+    END LOOP;
+
+    UPDATE callback_center.endpoints e
+       SET url = ep.url, event_types = ep.event_types, timeout_ms = ep.timeout_ms,
+           retry_schedule = ep.retry_schedule, max_attempts = ep.max_attempts,
+           rate_limit_per_s = ep.rate_limit_per_s,
+           breaker_failure_ratio = ep.breaker_failure_ratio,
+           breaker_window_s = ep.breaker_window_s,
+           breaker_min_requests = ep.breaker_min_requests,
+           breaker_open_ms = ep.breaker_open_ms, is_core = ep.is_core,
+           ordered = ep.ordered, enabled = ep.enabled, updated_at = now()
+     WHERE e.id = _endpoint_apply.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.create_endpoint(
+    name text, url text, event_types text[],
+    secret text DEFAULT NULL, options jsonb DEFAULT '{}')
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    new_id integer;
+BEGIN
+    PERFORM callback_center._require(num_nulls(name, url, event_types, options) = 0 OR NULL,
+                                     'name, url, event_types and options');
+    IF name !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid endpoint name "%s"', name),
+            DETAIL = 'Names are 1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit.';
+    END IF;
+    IF cardinality(event_types) = 0 OR array_ndims(event_types) <> 1
+       OR array_position(event_types, NULL) IS NOT NULL
+       OR array_position(event_types, '') IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'event_types must be a non-empty list of non-empty event types',
+            HINT = 'Use ''{*}'' to subscribe to every event type.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.endpoints e
+                WHERE e.name = create_endpoint.name) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('endpoint "%s" already exists', name);
+    END IF;
+    INSERT INTO callback_center.endpoints (name, url, event_types)
+    VALUES (create_endpoint.name, callback_center._check_url(url), event_types)
+    RETURNING id INTO new_id;
+    INSERT INTO callback_center.endpoint_secrets (endpoint_id, secret)
+    VALUES (new_id, callback_center._check_secret(secret));
+    PERFORM callback_center._endpoint_apply(new_id, options);
+    RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.enqueue_to(
+    endpoint text, event_type text, aggregate_id text, payload jsonb)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    queued integer;
+    ep_id integer;
+BEGIN
+    PERFORM callback_center._require(num_nulls(endpoint, event_type, aggregate_id, payload) = 0 OR NULL,
+                                     'endpoint, event_type, aggregate_id and payload');
+    IF event_type = '' OR event_type = '*' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid event type "%s"', event_type),
+            DETAIL = 'An event type is a non-empty name; "*" only subscribes to all of them.';
+    END IF;
+    PERFORM callback_center._check_event_size(event_type, aggregate_id, payload);
+    ep_id := callback_center._endpoint_id(endpoint, false);
+    -- An ordered endpoint delivers an aggregate's events in id order: the
+    -- lock enqueue() takes (src/outbox.c) makes ids follow commit order.
+    IF EXISTS (SELECT 1 FROM callback_center.endpoints e
+                WHERE e.id = ep_id AND e.enabled AND e.ordered) THEN
+        PERFORM callback_center._outbox_lock_aggregate(enqueue_to.aggregate_id);
+    END IF;
+    INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
+    SELECT e.id, enqueue_to.event_type, enqueue_to.aggregate_id, enqueue_to.payload
+      FROM callback_center.endpoints e
+     WHERE e.id = ep_id AND e.enabled;
+    GET DIAGNOSTICS queued = ROW_COUNT;
+    IF queued > 0 THEN
+        PERFORM callback_center._outbox_note_enqueue();
+    END IF;
+    RETURN queued;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.reclaim_stale_callbacks(older_than interval)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    PERFORM callback_center._require(older_than, 'older_than');
+    IF older_than < interval '0' OR older_than > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'older_than must be between 0 and 100 years',
+            DETAIL = format('The value given was %s.', older_than);
+    END IF;
+    -- A row a handler is completing right now is locked: the UPDATE waits,
+    -- then rechecks status and skips it.
+    UPDATE callback_center.callback_record c
+       SET status = 3,
+           result = jsonb_build_object('error', 'processing abandoned',
+                                       'reclaimed_after', older_than::text),
+           completed_at = now(), updated_at = now()
+     WHERE c.status = 1 AND c.updated_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.drop_provider(p_name text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(p_name, 'name');
+    DELETE FROM callback_center.providers WHERE name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    chk record;
+    cas text[];
+    why text;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_provider, p_keys) = 0 OR NULL, 'provider and keys');
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = p_provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3 or unionpay', p_provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+
+    IF v_scheme = 'unionpay' THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid UnionPay certificate "%s"', k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).';
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    o record;
+    a record;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    -- The message must be about a payment we have, for its amount and
+    -- currency, and from the provider it is with.  Checked here so that a
+    -- refusal records nothing; _apply_payment_result checks again under
+    -- the row locks.
+    IF m.failure IS NULL AND m.verdict IS NOT NULL THEN
+        SELECT x.currency AS order_currency, p.amount_cents AS pay_cents, p.provider AS pay_provider
+          INTO o
+          FROM callback_center.orders x
+          LEFT JOIN callback_center.payments p ON p.order_id = x.order_id
+         WHERE x.order_id = m.order_id;
+        IF NOT FOUND OR o.pay_cents IS NULL THEN
+            m.failure := 'unknown_order'; m.fail_status := 404;
+        ELSIF o.pay_provider IS NOT NULL AND o.pay_provider <> p_provider THEN
+            m.failure := 'provider_mismatch'; m.fail_status := 400;
+        ELSIF m.amount_cents IS DISTINCT FROM o.pay_cents THEN
+            m.failure := 'amount_mismatch'; m.fail_status := 400;
+        ELSIF m.currency IS DISTINCT FROM o.order_currency THEN
+            m.failure := 'currency_mismatch'; m.fail_status := 400;
+        END IF;
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.replay_dead(outbox_id bigint, reason text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM callback_center._require(replay_dead.outbox_id, 'outbox_id');
+    n := callback_center._replay(ARRAY[replay_dead.outbox_id], reason);
+    IF n = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('outbox event %s is not a dead letter', replay_dead.outbox_id),
+            HINT = 'Only events with status dead can be replayed; see callback_center.dead_letters.';
+    END IF;
+    PERFORM callback_center._outbox_note_enqueue();
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._purge_check(older_than interval, batch_size integer,
+    attempts_older_than interval, history_older_than interval)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(num_nulls(older_than, batch_size) = 0 OR NULL,
+                                     'older_than and batch_size');
+    IF older_than < interval '0' OR attempts_older_than < interval '0'
+       OR history_older_than < interval '0' OR older_than > interval '100 years'
+       OR attempts_older_than > interval '100 years' OR history_older_than > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('retention ages must be between 0 and 100 years, got %s, %s and %s',
+                             older_than, coalesce(attempts_older_than::text, 'NULL'),
+                             coalesce(history_older_than::text, 'NULL'));
+    END IF;
+    IF batch_size < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('batch_size must be positive, got %s', batch_size);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.schedule_maintenance(
+    reconcile_channels text[] DEFAULT '{}',
+    retention_cron text DEFAULT '*/10 * * * *',
+    recon_cron text DEFAULT '30 1 * * *',
+    older_than interval DEFAULT '7 days',
+    attempts_older_than interval DEFAULT NULL,
+    history_older_than interval DEFAULT NULL,
+    batch_size integer DEFAULT 10000)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ch text;
+    jobid bigint;
+BEGIN
+    PERFORM callback_center._require(reconcile_channels, 'reconcile_channels');
+    PERFORM callback_center._require(retention_cron, 'retention_cron');
+    PERFORM callback_center._require(recon_cron, 'recon_cron');
+    PERFORM callback_center._require(array_position(reconcile_channels, NULL) IS NULL OR NULL,
+                                     'a channel');
+    PERFORM callback_center._purge_check(older_than, batch_size, attempts_older_than,
+                                         history_older_than);
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = 'pg_cron is not installed in this database',
+            HINT = 'Install pg_cron: set shared_preload_libraries = ''pg_cron'' and '
+                   'cron.database_name to this database, restart, then run CREATE EXTENSION pg_cron.';
+    END IF;
+
+    EXECUTE 'SELECT cron.unschedule(jobid) FROM cron.job'
+            ' WHERE jobname LIKE ''callback\_center\_recon\_%'' AND jobname <> ALL ($1)'
+        USING ARRAY(SELECT 'callback_center_recon_' || c FROM unnest(reconcile_channels) c);
+
+    -- A CALL alone in the job: pg_cron runs it outside a transaction block,
+    -- so the procedure may commit after each batch.
+    EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
+        USING 'callback_center_retention', retention_cron,
+              format('CALL callback_center.purge_in_batches(older_than => %L, batch_size => %s,'
+                     ' attempts_older_than => %L, history_older_than => %L)',
+                     older_than, batch_size, attempts_older_than, history_older_than);
+    RETURN NEXT jobid;
+    FOREACH ch IN ARRAY reconcile_channels LOOP
+        EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
+            USING 'callback_center_recon_' || ch, recon_cron,
+                  format('SELECT * FROM callback_center.reconcile(%L, current_date - 1)', ch);
+        RETURN NEXT jobid;
+    END LOOP;
+END
+$$;
+
+-- One writer of the outbox: enqueue, enqueue_to and query_stuck_payments
+-- insert through src/outbox.c (_enqueue_one for a single endpoint), with
+-- the same checks, ordering lock and wake-up; the SQL faces the PL/pgSQL
+-- writers used go.
+
+CREATE FUNCTION callback_center._enqueue_one(
+    endpoint_id integer, event_type text, aggregate_id text, payload jsonb)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cc_enqueue_one'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION callback_center._enqueue_one(integer, text, text, jsonb) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION callback_center.enqueue_to(
+    endpoint text, event_type text, aggregate_id text, payload jsonb)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(num_nulls(endpoint, event_type, aggregate_id, payload) = 0 OR NULL,
+                                     'endpoint, event_type, aggregate_id and payload');
+    IF callback_center._enqueue_one(callback_center._endpoint_id(endpoint, false),
+                                    event_type, aggregate_id, payload) IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.query_stuck_payments(max_payments integer DEFAULT 100,
+    older_than interval DEFAULT NULL, min_interval interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    stuck interval := coalesce(older_than,
+        current_setting('callback_center.pay_query_after', true)::interval, '5 minutes');
+    again interval := coalesce(min_interval,
+        current_setting('callback_center.pay_query_interval', true)::interval, '1 minute');
+    r record;
+    ob_id bigint;
+    body jsonb;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_payments, 'max_payments');
+    IF max_payments < 1 OR stuck < interval '0' OR again < interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'max_payments must be positive and the intervals not negative';
+    END IF;
+    FOR r IN
+        SELECT p.payment_id, p.order_id, p.provider, p.amount_cents, e.id AS endpoint_id
+          FROM callback_center.payments p
+          JOIN callback_center.providers pr ON pr.name = p.provider
+          JOIN callback_center.endpoints e ON e.name = pr.query_endpoint AND e.enabled
+         WHERE p.status = 'PAYING' AND p.updated_at <= now() - stuck
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = p.payment_id
+                              AND (q.status = 'sent' OR q.queried_at > now() - again))
+         ORDER BY p.updated_at
+         LIMIT max_payments
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        -- To the query endpoint only, whatever else subscribes.
+        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'amount_cents', r.amount_cents);
+        ob_id := callback_center._enqueue_one(r.endpoint_id, 'payment.query', r.order_id, body);
+        -- Disabled since the scan: no query for this payment this time.
+        CONTINUE WHEN ob_id IS NULL;
+        INSERT INTO callback_center.payment_queries
+               (payment_id, order_id, provider, endpoint_id, outbox_id)
+        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+DROP FUNCTION callback_center._outbox_lock_aggregate(text);
+DROP FUNCTION callback_center._check_event_size(text, text, jsonb);
+
 -- One rule for whose word counts (issue 13): _payment_check (provider,
 -- amount, currency, under the order's and the payment's row locks) is asked
 -- once, by payment_callback before recording for every scheme (a refusal is
@@ -5950,6 +6613,204 @@ $$;
 
 COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
     'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, a unionpay provider''s root and intermediate certificates, or an alipay provider''s certificates, by SN (admin)';
+
+-- Merge of the argument checks (one NULL check) with the channels' changes: the final definitions of the functions both changed.
+
+CREATE OR REPLACE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    chk record;
+    cas text[];
+    why text;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_provider, p_keys) = 0 OR NULL, 'provider and keys');
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = p_provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay', 'alipay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', p_provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
+        IF v_scheme = 'alipay' AND (info.kind <> 'certificate'
+                                    OR k.key <> callback_center.alipay_cert_sn(k.value #>> '{}')) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid Alipay certificate "%s"', k.key),
+                DETAIL = CASE WHEN info.kind <> 'certificate'
+                              THEN 'Certificate mode takes X.509 certificates; give a public key to callback_center.set_provider().'
+                              ELSE 'The certificate''s SN is not the name it is given.' END,
+                HINT = 'Name each certificate by its SN, callback_center.alipay_cert_sn(pem).';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+
+    IF v_scheme IN ('unionpay', 'alipay') THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid %s certificate "%s"',
+                                     CASE v_scheme WHEN 'alipay' THEN 'Alipay' ELSE 'UnionPay' END, k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = CASE v_scheme
+                        WHEN 'alipay' THEN 'Load the Alipay public-key certificate with the intermediate it holds (alipayCertPublicKey_RSA2.crt) and the RSA root certificates of alipayRootCert.crt together.'
+                        ELSE 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).' END;
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    a record;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._note_close_failure(p_order_id text, error text)
+RETURNS timestamptz
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    retry timestamptz;
+BEGIN
+    DELETE FROM callback_center.close_failures f
+     WHERE NOT EXISTS (SELECT 1 FROM callback_center.orders o
+                        WHERE o.order_id = f.order_id AND o.status = 'confirmed'
+                          AND o.pay_status IN ('unpaid', 'paying'));
+    INSERT INTO callback_center.close_failures AS f
+           (order_id, failures, last_error, failed_at, retry_at)
+    VALUES (p_order_id, 1, error, now(), now() + interval '1 second')
+    ON CONFLICT (order_id) DO UPDATE
+       SET failures = f.failures + 1, last_error = excluded.last_error, failed_at = now(),
+           retry_at = now() + least(interval '1 second' * power(2, least(f.failures, 20)),
+                                    interval '5 minutes')
+    RETURNING f.retry_at INTO retry;
+    RETURN retry;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._close_order(p_order_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x
+     WHERE x.order_id = p_order_id FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT 1 FROM callback_center.orders x WHERE x.order_id = p_order_id) THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB050',
+                MESSAGE = format('order "%s" does not exist', p_order_id);
+        END IF;
+        RETURN false;
+    END IF;
+    IF NOT (o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+            AND o.pay_deadline <= now()) THEN
+        RETURN false;
+    END IF;
+    RETURN callback_center._close_locked_orders(ARRAY[o.order_id]) = 1;
+END
+$$;
 
 -- Certificate cache (issue 13): _unionpay_parse passes the loaded certificates
 -- in a fixed order (the cache in crypto.c is keyed by them).

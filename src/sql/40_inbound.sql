@@ -181,10 +181,7 @@ AS $$
 DECLARE
     n integer;
 BEGIN
-    IF older_than IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'older_than must not be null';
-    END IF;
+    PERFORM callback_center._require(older_than, 'older_than');
     IF older_than < interval '0' OR older_than > interval '100 years' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'older_than must be between 0 and 100 years',
@@ -363,10 +360,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF p_name IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'name must not be null';
-    END IF;
+    PERFORM callback_center._require(p_name, 'name');
     DELETE FROM callback_center.providers WHERE name = p_name;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',

@@ -170,10 +170,7 @@ DECLARE
     why text;
     n integer := 0;
 BEGIN
-    IF p_provider IS NULL OR p_keys IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'provider and keys must not be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(p_provider, p_keys) = 0 OR NULL, 'provider and keys');
     SELECT p.scheme INTO v_scheme FROM callback_center.providers p
      WHERE p.name = p_provider FOR UPDATE;
     IF NOT FOUND THEN
@@ -1000,10 +997,8 @@ DECLARE
     m record;
     a record;
 BEGIN
-    IF p_scheme IS NULL OR p_provider IS NULL OR p_headers IS NULL OR p_body IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'scheme, provider, headers and body must not be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
     SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',

@@ -52,6 +52,15 @@ CREATE TABLE callback_center.payments (
 COMMENT ON TABLE callback_center.payments IS
     'One payment per order; status follows machine "payment"';
 
+-- Payments waiting for money are found by the time they started paying
+-- (query_stuck_payments, 90_jobs.sql).
+CREATE INDEX payments_paying ON callback_center.payments (updated_at)
+    WHERE status = 'PAYING';
+-- Reconciliation looks local payments up by provider and paid time
+-- (85_recon.sql).
+CREATE INDEX payments_provider_paid_at
+    ON callback_center.payments (provider, paid_at) WHERE paid_at IS NOT NULL;
+
 SELECT pg_catalog.pg_extension_config_dump('callback_center.coupons', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.orders', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.payments', '');
