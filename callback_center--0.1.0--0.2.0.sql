@@ -6959,3 +6959,232 @@ BEGIN
 END
 $$;
 
+
+-- Reconciliation and the one rule (issue 13): provider_statement.currency (the
+-- line's currency when the statement says it); reconcile passes it to
+-- _apply_payment_result, so a success in another currency is flagged, never
+-- applied.
+ALTER TABLE callback_center.provider_statement ADD COLUMN currency text;
+
+-- Reconciles one channel's statement for one bill date against local
+-- payments in one set-based pass, records every difference in recon_diffs
+-- (upsert: a rerun adds nothing twice, and drops differences that are gone
+-- unless applied), settles provider-paid / locally-unpaid payments like a
+-- callback would, and returns the count of recorded differences per kind
+-- for (channel, bill_date).  The bill date's day is midnight to midnight in
+-- the session's TimeZone.
+CREATE OR REPLACE FUNCTION callback_center.reconcile(channel text, bill_date date,
+    grace interval DEFAULT '30 minutes')
+RETURNS TABLE (kind text, count bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_channel text := reconcile.channel;
+    p_date date := reconcile.bill_date;
+    day_start timestamptz;
+    day_end timestamptz;
+    run_at timestamptz := clock_timestamp();
+    r record;
+    applied_ids bigint[];
+    o callback_center.orders;
+    pay callback_center.payments;
+    outcome text;
+BEGIN
+    PERFORM callback_center._require_key(p_channel, 'channel', 63);
+    PERFORM callback_center._require(p_date, 'bill_date');
+    PERFORM callback_center._require(reconcile.grace, 'grace');
+    IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
+    END IF;
+    day_start := p_date::timestamptz;
+    day_end := (p_date + 1)::timestamptz;
+
+    -- Serialise runs for one (channel, bill_date).
+    PERFORM pg_advisory_xact_lock(hashtextextended(
+        'callback_center.recon:' || p_channel || ':' || p_date::text, 0));
+
+    -- One pass: statement lines of the day FULL JOIN local payments of the
+    -- provider paid in the day widened by grace at both edges, matched on
+    -- the provider's transaction id.  Lines left unmatched look further:
+    -- the same transaction id paid on any other day (x: the provider booked
+    -- it across midnight from us, or later; compared like a match), or the
+    -- unpaid payment of the line's order (u).  Local payments left
+    -- unmatched are differences only when paid in the day and not on a
+    -- neighbouring day's statement (that day's run compares them); grace is
+    -- how long before or after midnight one may still turn up on the
+    -- neighbour's statement, so those wait as pending_grace.  Lines already
+    -- settled by an earlier run are left alone.
+    WITH s AS (
+        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
+          FROM callback_center.provider_statement st
+         WHERE st.channel = p_channel AND st.bill_date = p_date
+           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                              AND d.provider_txn_id = st.provider_txn_id
+                              AND d.resolution = 'applied')
+    ), l AS (
+        SELECT p.payment_id, p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
+          FROM callback_center.payments p
+         WHERE p.provider = p_channel
+           AND p.paid_at >= day_start - reconcile.grace
+           AND p.paid_at < day_end + reconcile.grace
+           AND p.provider_txn_id IS NOT NULL
+    ), j AS (
+        SELECT s.provider_txn_id AS s_txn, s.order_id AS s_order, s.amount_cents AS s_amount,
+               s.status AS s_status,
+               l.provider_txn_id AS l_txn, l.order_id AS l_order, l.amount_cents AS l_amount,
+               l.status AS l_status, l.paid_at AS l_paid_at
+          FROM s FULL JOIN l ON l.provider_txn_id = s.provider_txn_id
+    ), c AS (
+        SELECT coalesce(j.s_txn, j.l_txn) AS txn,
+               coalesce(j.s_order, j.l_order, x.order_id, u.order_id) AS order_id,
+               j.s_amount, j.s_status,
+               coalesce(j.l_amount, x.amount_cents, u.amount_cents) AS local_amount,
+               coalesce(j.l_status, x.status, u.status) AS local_status,
+               CASE
+                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN
+                   CASE WHEN j.s_amount <> j.l_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, j.l_status)
+                             THEN 'status_mismatch' END
+                 WHEN j.l_txn IS NOT NULL THEN
+                   -- Local only; rows in the grace margins, and rows on a
+                   -- neighbouring day's statement, are that day's to judge.
+                   CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                    AND n.provider_txn_id = j.l_txn)
+                        THEN 'missing_provider' END
+                 WHEN x.payment_id IS NOT NULL THEN
+                   CASE WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, x.status)
+                             THEN 'status_mismatch' END
+                 WHEN u.payment_id IS NOT NULL THEN
+                   CASE WHEN u.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, u.status)
+                             THEN 'status_mismatch' END
+                 ELSE 'missing_local'
+               END AS kind,
+               CASE
+                 WHEN j.l_txn IS NOT NULL AND j.s_txn IS NULL THEN
+                   CASE WHEN j.l_paid_at < day_start + reconcile.grace
+                          OR j.l_paid_at >= day_end - reconcile.grace
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN u.payment_id IS NOT NULL AND j.s_status = 'success'
+                      AND u.amount_cents = j.s_amount
+                      AND u.status IN ('CREATED', 'PAYING', 'CLOSED', 'FAILED') THEN 'applied'
+                 ELSE 'flagged'
+               END AS resolution,
+               u.payment_id AS apply_payment_id
+          -- Index probes for the unmatched lines only (LIMIT 1 keeps
+          -- them per-row lookups, not hash joins over every payment).
+          FROM j
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND p.provider_txn_id = j.s_txn
+                   AND p.provider = p_channel
+                 LIMIT 1) x ON true
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND x.payment_id IS NULL
+                   AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                   AND p.provider = p_channel
+                 LIMIT 1) u ON true
+    ), ins AS (
+        INSERT INTO callback_center.recon_diffs AS d
+               (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
+                local_amount, provider_status, local_status, resolution, checked_at)
+        SELECT p_channel, p_date, c.txn, c.order_id,
+               -- Known late money is a refund for people, whatever else
+               -- differs; once refunded, the provider's refund agrees.
+               CASE WHEN lp.status = 'refund_required' AND c.resolution <> 'applied'
+                    THEN 'refund_required' ELSE c.kind END,
+               c.s_amount, c.local_amount, c.s_status, c.local_status,
+               CASE WHEN lp.status = 'refund_required' AND c.resolution = 'pending_grace'
+                    THEN 'flagged' ELSE c.resolution END,
+               run_at
+          FROM c
+          LEFT JOIN LATERAL (
+                SELECT l.status FROM callback_center.late_payments l
+                 WHERE l.provider = p_channel AND l.provider_txn_id = c.txn) lp ON true
+         WHERE c.kind IS NOT NULL
+           AND NOT (lp.status IS NOT DISTINCT FROM 'refunded' AND c.s_status = 'refund')
+        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+           SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
+               local_amount = excluded.local_amount, provider_status = excluded.provider_status,
+               local_status = excluded.local_status, resolution = excluded.resolution,
+               checked_at = excluded.checked_at
+         WHERE d.resolution NOT IN ('applied', 'resolved')
+        RETURNING d.id, d.provider_txn_id, d.order_id, d.resolution
+    )
+    SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
+      INTO applied_ids
+      FROM ins;
+
+    -- Differences an earlier run recorded that this run no longer finds.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date = p_date
+       AND d.resolution NOT IN ('applied', 'resolved') AND d.checked_at <> run_at;
+
+    -- Local payments a neighbouring day's run left waiting for a
+    -- statement line that turned up on this day's statement: compared
+    -- above, so no longer differences of that day.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date IN (p_date - 1, p_date + 1)
+       AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
+       AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
+                    WHERE st.channel = p_channel AND st.bill_date = p_date
+                      AND st.provider_txn_id = d.provider_txn_id);
+
+    -- Settle what the provider was paid for and we were not told, through
+    -- the same path as a callback (state machines, follow-up events; on an
+    -- order that can no longer take the money, a late payment to refund).
+    FOR r IN
+        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount, st.currency
+          FROM callback_center.recon_diffs d
+          LEFT JOIN callback_center.provider_statement st
+                 ON st.channel = p_channel AND st.bill_date = p_date
+                AND st.provider_txn_id = d.provider_txn_id
+         WHERE d.id = ANY (coalesce(applied_ids, '{}'))
+         ORDER BY d.id
+    LOOP
+        SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = r.order_id FOR UPDATE;
+        SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = r.order_id FOR UPDATE;
+        IF pay.provider_txn_id IS NOT NULL THEN
+            -- A callback got there first, after the pass read the row.
+            UPDATE callback_center.recon_diffs d
+               SET resolution = 'flagged',
+                   note = format('payment took transaction %s meanwhile', pay.provider_txn_id)
+             WHERE d.id = r.id;
+            CONTINUE;
+        END IF;
+        outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
+                                                         r.provider_amount, r.currency, 'success',
+                                                         'reconciliation');
+        UPDATE callback_center.recon_diffs d
+           SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
+               resolution = CASE outcome WHEN 'paid' THEN d.resolution ELSE 'flagged' END,
+               note = CASE outcome
+                        WHEN 'paid' THEN 'payment marked paid'
+                        WHEN 'refund_required'
+                          THEN format('order is %s/%s: payment.refund_required emitted',
+                                      o.status, o.pay_status)
+                        ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
+    END LOOP;
+
+    RETURN QUERY
+        SELECT k.kind, count(d.id)
+          FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
+                            'status_mismatch', 'refund_required']) WITH ORDINALITY AS k(kind, ord)
+          LEFT JOIN callback_center.recon_diffs d
+                 ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
+         GROUP BY k.kind, k.ord
+         ORDER BY k.ord;
+END
+$$;
+
