@@ -5155,3 +5155,43 @@ $$;
 
 DROP FUNCTION callback_center._outbox_lock_aggregate(text);
 DROP FUNCTION callback_center._check_event_size(text, text, jsonb);
+
+-- One secret generator: an endpoint's generated secret comes from the C
+-- generator new_webhook_secret uses (32 bytes, as before), not from
+-- pgcrypto's gen_random_bytes.
+
+CREATE FUNCTION callback_center._new_endpoint_secret()
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_new_endpoint_secret'
+LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION callback_center._new_endpoint_secret() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION callback_center._check_secret(secret text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    raw bytea;
+BEGIN
+    IF secret IS NULL THEN
+        RETURN callback_center._new_endpoint_secret();
+    END IF;
+    IF secret !~ '^whsec_[A-Za-z0-9+/]+={0,2}$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'secret must be "whsec_" followed by base64',
+            HINT = 'Pass NULL to have a secret generated.';
+    END IF;
+    BEGIN
+        raw := decode(substr(secret, 7), 'base64');
+    EXCEPTION WHEN invalid_parameter_value THEN
+        raw := NULL;
+    END;
+    IF raw IS NULL OR length(raw) NOT BETWEEN 24 AND 64 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'secret must encode 24 to 64 bytes',
+            HINT = 'Pass NULL to have a secret generated.';
+    END IF;
+    RETURN secret;
+END
+$$;
