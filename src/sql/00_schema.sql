@@ -58,6 +58,14 @@ GRANT EXECUTE ON FUNCTION callback_center.worker_status()
     TO callback_center_admin, callback_center_app;
 GRANT EXECUTE ON FUNCTION callback_center.wake() TO callback_center_admin, callback_center_app;
 
+-- Names in function bodies.  A parameter keeps the name the API documents,
+-- even when a column has the same name; the body then names the parameter
+-- qualified by its function (create_endpoint.name) and every column by its
+-- table or alias (e.name), so that no reference is ambiguous.  No p_
+-- prefixes, ALIAS FOR or #variable_conflict in new code; the functions that
+-- still have them (public parameters cannot be renamed: named-argument
+-- callers use them) are listed in doc/conventions.md.
+
 -- Argument checks shared by every SQL function of the API: the one NULL
 -- check (22004, naming the argument) and the one key check.  Keys (order,
 -- user, coupon, SKU, callback, transaction, TCC and saga ids) are at most
