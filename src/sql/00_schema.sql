@@ -71,7 +71,9 @@ GRANT EXECUTE ON FUNCTION callback_center.wake() TO callback_center_admin, callb
 -- user, coupon, SKU, callback, transaction, TCC and saga ids) are at most
 -- 200 bytes and provider names at most 63: a longer one is 22023 with its
 -- length, never a 54000 from a btree index nor a megabyte echoed into a
--- message and the server log.
+-- message and the server log.  Several arguments under one message pass
+-- num_nulls(a, b) = 0 OR NULL, an array's elements
+-- array_position(arr, NULL) IS NULL OR NULL: NULL exactly when one is.
 CREATE FUNCTION callback_center._require(value anyelement, name text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
