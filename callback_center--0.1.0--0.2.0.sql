@@ -7188,3 +7188,610 @@ BEGIN
 END
 $$;
 
+
+-- One secret generator: an endpoint's generated secret comes from the C
+-- generator new_webhook_secret uses (32 bytes, as before), not from
+-- pgcrypto's gen_random_bytes.
+
+CREATE FUNCTION callback_center._new_endpoint_secret()
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_new_endpoint_secret'
+LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION callback_center._new_endpoint_secret() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION callback_center._check_secret(secret text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    raw bytea;
+BEGIN
+    IF secret IS NULL THEN
+        RETURN callback_center._new_endpoint_secret();
+    END IF;
+    IF secret !~ '^whsec_[A-Za-z0-9+/]+={0,2}$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'secret must be "whsec_" followed by base64',
+            HINT = 'Pass NULL to have a secret generated.';
+    END IF;
+    BEGIN
+        raw := decode(substr(secret, 7), 'base64');
+    EXCEPTION WHEN invalid_parameter_value THEN
+        raw := NULL;
+    END;
+    IF raw IS NULL OR length(raw) NOT BETWEEN 24 AND 64 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'secret must encode 24 to 64 bytes',
+            HINT = 'Pass NULL to have a secret generated.';
+    END IF;
+    RETURN secret;
+END
+$$;
+
+-- One convention for parameter/column name clashes: parameters qualified by
+-- their function's name.  Internal functions whose p_ parameters are renamed
+-- are dropped and created again (a parameter name cannot change in place);
+-- the others keep their signatures.
+
+DROP FUNCTION callback_center._stock_spread(text, bigint);
+DROP FUNCTION callback_center._stock_lock_slots(text);
+DROP FUNCTION callback_center._require_provider(text);
+DROP FUNCTION callback_center._tcc_settle(text, text, text, text);
+DROP FUNCTION callback_center._tcc_second_phase(text, text, text, text);
+
+CREATE FUNCTION callback_center._stock_spread(sku_id text, total bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    n integer;
+BEGIN
+    PERFORM 1 FROM callback_center.stock_slots AS t
+      WHERE t.sku_id = _stock_spread.sku_id ORDER BY t.slot FOR UPDATE;
+    SELECT count(*) INTO n FROM callback_center.stock_slots AS t WHERE t.sku_id = _stock_spread.sku_id;
+    UPDATE callback_center.stock_slots AS t
+       SET available = _stock_spread.total / n + CASE WHEN t.slot < _stock_spread.total % n THEN 1 ELSE 0 END
+     WHERE t.sku_id = _stock_spread.sku_id;
+END
+$fn$;
+
+CREATE FUNCTION callback_center._stock_lock_slots(sku_id text)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT COALESCE(sum(l.available), 0)::bigint
+      FROM (SELECT t.available FROM callback_center.stock_slots AS t
+             WHERE t.sku_id = _stock_lock_slots.sku_id ORDER BY t.slot FOR UPDATE) AS l
+$fn$;
+
+REVOKE ALL ON FUNCTION callback_center._stock_spread(text, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._stock_lock_slots(text) FROM PUBLIC;
+
+CREATE FUNCTION callback_center._require_provider(name text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(_require_provider.name, 'provider', 63);
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p WHERE p.name = _require_provider.name) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', _require_provider.name),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._require_provider(text) FROM PUBLIC;
+
+CREATE FUNCTION callback_center._tcc_settle(
+    gid text, branch_id text, kind text, status text)
+RETURNS callback_center.tcc_reservations
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    r callback_center.tcc_reservations;
+BEGIN
+    UPDATE callback_center.tcc_reservations AS t
+       SET status = _tcc_settle.status, updated_at = pg_catalog.now()
+     WHERE t.gid = _tcc_settle.gid AND t.branch_id = _tcc_settle.branch_id
+       AND t.kind = _tcc_settle.kind AND t.status = 'reserved'
+    RETURNING t.* INTO r;
+    IF FOUND THEN
+        RETURN r;
+    END IF;
+    SELECT * INTO r FROM callback_center.tcc_reservations AS t
+     WHERE t.gid = _tcc_settle.gid AND t.branch_id = _tcc_settle.branch_id;
+    RAISE EXCEPTION USING ERRCODE = '55000',
+        MESSAGE = pg_catalog.format('no %s reservation of gid "%s" branch "%s" to %s',
+                                    _tcc_settle.kind, _tcc_settle.gid, _tcc_settle.branch_id,
+                                    CASE _tcc_settle.status WHEN 'confirmed' THEN 'confirm' ELSE 'cancel' END),
+        DETAIL = CASE WHEN r.gid IS NULL THEN 'The branch reserved nothing.'
+                      ELSE pg_catalog.format('The branch holds a %s reservation that is %s.',
+                                             r.kind, r.status) END;
+END
+$fn$;
+
+CREATE FUNCTION callback_center._tcc_second_phase(
+    gid text, branch_id text, kind text, op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome text;
+    r       callback_center.tcc_reservations;
+BEGIN
+    -- barrier() checks gid and branch_id (_require_key).
+    outcome := callback_center.barrier(_tcc_second_phase.gid, _tcc_second_phase.branch_id, _tcc_second_phase.op);
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(_tcc_second_phase.gid, _tcc_second_phase.branch_id, _tcc_second_phase.kind,
+                                     CASE _tcc_second_phase.op WHEN 'confirm' THEN 'confirmed' ELSE 'cancelled' END);
+    IF _tcc_second_phase.kind = 'stock' THEN
+        UPDATE callback_center.stock AS s
+           SET available = s.available + CASE _tcc_second_phase.op WHEN 'cancel' THEN r.quantity ELSE 0 END,
+               reserved = s.reserved - r.quantity,
+               version = s.version + 1,
+               updated_at = pg_catalog.now()
+         WHERE s.sku_id = r.resource_id;
+    ELSIF _tcc_second_phase.op = 'confirm' THEN
+        PERFORM callback_center.use_coupon(r.resource_id, _tcc_second_phase.gid);
+    ELSE
+        PERFORM callback_center.unfreeze_coupon(r.resource_id, _tcc_second_phase.gid);
+    END IF;
+    RETURN outcome;
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION callback_center._tcc_settle(text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._tcc_second_phase(text, text, text, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION callback_center.set_stock(
+    sku_id text,
+    available bigint)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    result callback_center.stock;
+    n      integer;
+BEGIN
+    PERFORM callback_center._require_key(set_stock.sku_id, 'sku_id');
+    PERFORM callback_center._require(set_stock.available, 'available');
+    IF set_stock.available < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('available must not be negative: %s', set_stock.available),
+            DETAIL = pg_catalog.format('SKU "%s" was given %s units.', set_stock.sku_id, set_stock.available);
+    END IF;
+    LOOP
+        SELECT s.slots INTO n FROM callback_center.stock AS s
+         WHERE s.sku_id = set_stock.sku_id FOR UPDATE;
+        IF n > 0 THEN
+            -- A hot SKU: the units go to its slots, evenly.
+            PERFORM callback_center._stock_spread(set_stock.sku_id, set_stock.available);
+            UPDATE callback_center.stock AS s
+               SET version = s.version + 1, updated_at = pg_catalog.now()
+             WHERE s.sku_id = set_stock.sku_id
+            RETURNING s.* INTO result;
+            result.available := set_stock.available;
+            RETURN result;
+        END IF;
+        -- The WHERE skips a row made hot since the SELECT found none.
+        INSERT INTO callback_center.stock AS s (sku_id, available, updated_at)
+        VALUES (set_stock.sku_id, set_stock.available, pg_catalog.now())
+        ON CONFLICT ON CONSTRAINT stock_pkey DO UPDATE
+            SET available = EXCLUDED.available,
+                version = s.version + 1,
+                updated_at = EXCLUDED.updated_at
+            WHERE s.slots = 0
+        RETURNING s.* INTO result;
+        IF FOUND THEN
+            RETURN result;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.adjust_stock(
+    sku_id text,
+    delta bigint)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    result callback_center.stock;
+    cur     bigint;
+    n       integer;
+BEGIN
+    PERFORM callback_center._require(adjust_stock.sku_id, 'sku_id');
+    PERFORM callback_center._require(adjust_stock.delta, 'delta');
+    SELECT s.available, s.slots INTO cur, n FROM callback_center.stock AS s
+     WHERE s.sku_id = adjust_stock.sku_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB004',
+            MESSAGE = pg_catalog.format('unknown SKU "%s"', adjust_stock.sku_id),
+            HINT = 'Create it with callback_center.set_stock().';
+    END IF;
+    IF n > 0 THEN
+        -- A hot SKU: the new total is spread over its slots again, so no
+        -- slot goes below zero while the total covers the change.
+        cur := cur + callback_center._stock_lock_slots(adjust_stock.sku_id);
+    END IF;
+    IF cur + adjust_stock.delta < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB001',
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', adjust_stock.sku_id),
+            DETAIL = pg_catalog.format('Adjusting by %s would leave %s units; %s are available.',
+                                       adjust_stock.delta, cur + adjust_stock.delta, cur);
+    END IF;
+    IF n > 0 THEN
+        PERFORM callback_center._stock_spread(adjust_stock.sku_id, cur + adjust_stock.delta);
+        UPDATE callback_center.stock AS s
+           SET available = 0, version = s.version + 1, updated_at = pg_catalog.now()
+         WHERE s.sku_id = adjust_stock.sku_id
+        RETURNING s.* INTO result;
+        result.available := cur + adjust_stock.delta;
+        RETURN result;
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = s.available + adjust_stock.delta,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = adjust_stock.sku_id
+    RETURNING s.* INTO result;
+    RETURN result;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.set_hot_sku(
+    sku_id text,
+    slots integer)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    result  callback_center.stock;
+    cur     callback_center.stock;
+    total   bigint;
+BEGIN
+    PERFORM callback_center._require(set_hot_sku.sku_id, 'sku_id');
+    PERFORM callback_center._require(set_hot_sku.slots, 'slots');
+    IF set_hot_sku.slots < 1 OR set_hot_sku.slots > 256 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('slots must be between 1 and 256: %s', set_hot_sku.slots),
+            HINT = 'Use 2 to 256 slots to make a SKU hot, 1 to make it normal again.';
+    END IF;
+    SELECT s.* INTO cur FROM callback_center.stock AS s WHERE s.sku_id = set_hot_sku.sku_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB004',
+            MESSAGE = pg_catalog.format('unknown SKU "%s"', set_hot_sku.sku_id),
+            HINT = 'Create it with callback_center.set_stock().';
+    END IF;
+    IF set_hot_sku.slots > 1 AND cur.reserved > 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = pg_catalog.format('SKU "%s" has reserved units', set_hot_sku.sku_id),
+            DETAIL = pg_catalog.format('TCC tries hold %s units of it.', cur.reserved),
+            HINT = 'Confirm or cancel its reservations first: a hot SKU cannot be reserved.';
+    END IF;
+    total := cur.available + callback_center._stock_lock_slots(set_hot_sku.sku_id);
+    DELETE FROM callback_center.stock_slots AS t WHERE t.sku_id = set_hot_sku.sku_id;
+    IF set_hot_sku.slots > 1 THEN
+        INSERT INTO callback_center.stock_slots (sku_id, slot, available)
+        SELECT set_hot_sku.sku_id, i, 0 FROM pg_catalog.generate_series(0, set_hot_sku.slots - 1) AS i;
+        PERFORM callback_center._stock_spread(set_hot_sku.sku_id, total);
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = CASE WHEN set_hot_sku.slots > 1 THEN 0 ELSE total END,
+           slots = CASE WHEN set_hot_sku.slots > 1 THEN set_hot_sku.slots ELSE 0 END,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = set_hot_sku.sku_id
+    RETURNING s.* INTO result;
+    result.available := total;
+    RETURN result;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.barrier(
+    gid text,
+    branch_id text,
+    op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    n        integer;
+    outcome  text;
+    me       text := callback_center._caller();
+    owner    text;
+BEGIN
+    PERFORM callback_center._require_key(barrier.gid, 'gid');
+    PERFORM callback_center._require_key(barrier.branch_id, 'branch_id');
+    PERFORM callback_center._require(barrier.op, 'op');
+    IF barrier.op NOT IN ('try', 'confirm', 'cancel') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid barrier op "%s"', barrier.op),
+            HINT = 'Use try, confirm or cancel.';
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+        'callback_center.tcc:' || barrier.gid || ':' || barrier.branch_id, 0));
+    SELECT b.created_by INTO owner FROM callback_center.tcc_barrier AS b
+     WHERE b.gid = barrier.gid AND b.branch_id = barrier.branch_id AND b.created_by IS NOT NULL
+     LIMIT 1;
+    IF owner IS DISTINCT FROM me AND owner IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('gid "%s" branch "%s" belongs to another role',
+                                        barrier.gid, barrier.branch_id),
+            DETAIL = pg_catalog.format('It was begun by role "%s"; this call acts for "%s".',
+                                       owner, me),
+            HINT = 'Each role confirms and cancels only its own branches.';
+    END IF;
+    IF barrier.op = 'cancel' THEN
+        INSERT INTO callback_center.tcc_barrier AS b
+               (gid, branch_id, op, written_by, last_outcome, created_by)
+        VALUES (barrier.gid, barrier.branch_id, 'try', 'cancel', 'empty_compensation', me)
+        ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 1 THEN
+            -- The try never ran; no cancel row can exist (a cancel always
+            -- writes the try row first, in the same transaction).
+            INSERT INTO callback_center.tcc_barrier
+                   (gid, branch_id, op, written_by, last_outcome, created_by)
+            VALUES (barrier.gid, barrier.branch_id, 'cancel', 'cancel', 'empty_compensation', me);
+            RETURN 'empty_compensation';
+        END IF;
+    END IF;
+    INSERT INTO callback_center.tcc_barrier AS b
+           (gid, branch_id, op, written_by, last_outcome, created_by)
+    VALUES (barrier.gid, barrier.branch_id, barrier.op, barrier.op, 'proceed', me)
+    ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 1 THEN
+        RETURN 'proceed';
+    END IF;
+    -- The row was there (committed: ON CONFLICT waited for its writer).
+    UPDATE callback_center.tcc_barrier AS b
+       SET repeats = b.repeats + 1,
+           last_outcome = CASE WHEN barrier.op = 'try' AND b.written_by = 'cancel'
+                               THEN 'refused' ELSE 'duplicate' END,
+           updated_at = pg_catalog.now()
+     WHERE b.gid = barrier.gid AND b.branch_id = barrier.branch_id AND b.op = barrier.op
+    RETURNING b.last_outcome INTO outcome;
+    RETURN outcome;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_stock_try(
+    gid text,
+    branch_id text,
+    sku_id text,
+    qty bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome  text;
+    cur      bigint;
+    nslots   integer;
+BEGIN
+    PERFORM callback_center._require_key(tcc_stock_try.gid, 'gid');
+    PERFORM callback_center._require_key(tcc_stock_try.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(tcc_stock_try.sku_id, 'sku_id');
+    PERFORM callback_center._require(tcc_stock_try.qty, 'qty');
+    IF tcc_stock_try.qty <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('qty must be positive: %s', tcc_stock_try.qty);
+    END IF;
+    outcome := callback_center.barrier(tcc_stock_try.gid, tcc_stock_try.branch_id, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = s.available - tcc_stock_try.qty,
+           reserved = s.reserved + tcc_stock_try.qty,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = tcc_stock_try.sku_id AND s.available >= tcc_stock_try.qty;
+    IF NOT FOUND THEN
+        SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s WHERE s.sku_id = tcc_stock_try.sku_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB004',
+                MESSAGE = pg_catalog.format('unknown SKU "%s"', tcc_stock_try.sku_id),
+                HINT = 'Create it with callback_center.set_stock().';
+        END IF;
+        -- A hot SKU's units are in its slots, not on the row: a reservation
+        -- there would have to be given back to a slot by the cancel, which
+        -- the reservation model (one row) does not do.
+        IF nslots > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = '0A000',
+                MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', tcc_stock_try.sku_id),
+                DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
+                HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'CB001',
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', tcc_stock_try.sku_id),
+            DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
+                                       tcc_stock_try.qty, cur);
+    END IF;
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (tcc_stock_try.gid, tcc_stock_try.branch_id, 'stock', tcc_stock_try.sku_id, tcc_stock_try.qty);
+    RETURN outcome;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_coupon_try(gid text, branch_id text, coupon_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome  text;
+BEGIN
+    PERFORM callback_center._require_key(tcc_coupon_try.gid, 'gid');
+    PERFORM callback_center._require_key(tcc_coupon_try.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(tcc_coupon_try.coupon_id, 'coupon_id');
+    outcome := callback_center.barrier(tcc_coupon_try.gid, tcc_coupon_try.branch_id, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    PERFORM callback_center.freeze_coupon(tcc_coupon_try.coupon_id, tcc_coupon_try.gid);
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (tcc_coupon_try.gid, tcc_coupon_try.branch_id, 'coupon', tcc_coupon_try.coupon_id, 1);
+    RETURN outcome;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.saga_start(saga_id text, steps jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    bad     text;
+BEGIN
+    PERFORM callback_center._require_key(saga_start.saga_id, 'saga_id');
+    PERFORM callback_center._require(saga_start.steps, 'steps');
+    IF pg_catalog.jsonb_typeof(saga_start.steps) <> 'array' OR pg_catalog.jsonb_array_length(saga_start.steps) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'steps must be a non-empty JSON array',
+            HINT = 'Pass [{"action": "SELECT ...", "compensation": "SELECT ..."}, ...].';
+    END IF;
+    SELECT e::text INTO bad
+      FROM pg_catalog.jsonb_array_elements(saga_start.steps) AS e
+     WHERE pg_catalog.jsonb_typeof(e) <> 'object'
+        OR pg_catalog.jsonb_typeof(e -> 'action') IS DISTINCT FROM 'string'
+        OR pg_catalog.btrim(e ->> 'action') = ''
+        OR pg_catalog.jsonb_typeof(e -> 'compensation') NOT IN ('string', 'null')
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid saga step: %s', bad),
+            DETAIL = 'Each step needs a non-empty "action" string; "compensation" is a string or null.';
+    END IF;
+    INSERT INTO callback_center.sagas (saga_id, created_by) VALUES (saga_start.saga_id, callback_center._caller());
+    INSERT INTO callback_center.saga_steps (saga_id, step_no, action, compensation)
+    SELECT saga_start.saga_id, e.n::integer, e.v ->> 'action', e.v ->> 'compensation'
+      FROM pg_catalog.jsonb_array_elements(saga_start.steps) WITH ORDINALITY AS e(v, n);
+    RETURN pg_catalog.jsonb_array_length(saga_start.steps);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center._saga_mark(
+    saga_id text, step_no integer, new_status text, error text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    PERFORM callback_center._saga_lock(_saga_mark.saga_id);
+    IF _saga_mark.step_no IS NULL THEN
+        UPDATE callback_center.sagas AS s
+           SET status = _saga_mark.new_status, last_error = COALESCE(_saga_mark.error, s.last_error),
+               updated_at = pg_catalog.now()
+         WHERE s.saga_id = _saga_mark.saga_id
+           AND (s.status, _saga_mark.new_status) IN (('running', 'completed'), ('running', 'compensating'),
+                                        ('compensating', 'compensated'),
+                                        ('compensating', 'compensating'));
+    ELSE
+        UPDATE callback_center.saga_steps AS t
+           SET status = _saga_mark.new_status, error = COALESCE(_saga_mark.error, t.error),
+               updated_at = pg_catalog.now()
+         WHERE t.saga_id = _saga_mark.saga_id AND t.step_no = _saga_mark.step_no
+           AND (t.status, _saga_mark.new_status) IN (('pending', 'done'), ('pending', 'skipped'),
+                                        ('done', 'compensated'), ('done', 'done'),
+                                        ('skipped', 'skipped'));
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = pg_catalog.format('cannot move saga "%s" step %s to %s',
+                                        _saga_mark.saga_id, COALESCE(_saga_mark.step_no::text, '-'), _saga_mark.new_status);
+    END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.saga_run(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $fn$
+DECLARE
+    st       text;
+    step     record;
+    outcome  text;
+    err      text;
+BEGIN
+    IF saga_run.saga_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'saga_id must not be null';
+    END IF;
+    st := callback_center._saga_lock(saga_run.saga_id);
+    -- _saga_lock checked the session's role; this is the role the steps
+    -- would run as (not the same inside another SECURITY DEFINER function).
+    IF NOT EXISTS (SELECT FROM callback_center.sagas AS s
+                    WHERE s.saga_id OPERATOR(pg_catalog.=) saga_run.saga_id
+                      AND s.created_by OPERATOR(pg_catalog.=) current_user::text) THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" does not belong to role "%s"', saga_run.saga_id, current_user),
+            DETAIL = 'A saga''s steps run only as the role that declared it.';
+    END IF;
+    IF st IN ('completed', 'compensated') THEN
+        RETURN st;
+    END IF;
+    IF st = 'running' THEN
+        FOR step IN SELECT t.step_no, t.action FROM callback_center.saga_steps AS t
+                     WHERE t.saga_id = saga_run.saga_id AND t.status = 'pending'
+                     ORDER BY t.step_no
+        LOOP
+            BEGIN
+                outcome := callback_center.barrier(saga_run.saga_id, step.step_no::text, 'try');
+                IF outcome = 'proceed' THEN
+                    EXECUTE step.action USING saga_run.saga_id;
+                ELSIF outcome = 'refused' THEN
+                    RAISE EXCEPTION USING ERRCODE = '55000',
+                        MESSAGE = pg_catalog.format('step %s refused by the barrier', step.step_no),
+                        DETAIL = 'Its compensation already ran.';
+                END IF;
+                PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no, 'done', NULL);
+            EXCEPTION WHEN OTHERS THEN
+                err := pg_catalog.format('step %s: %s: %s', step.step_no, SQLSTATE, SQLERRM);
+                PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no, 'skipped', err);
+                EXIT;
+            END;
+        END LOOP;
+        IF err IS NULL THEN
+            PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'completed', NULL);
+            RETURN 'completed';
+        END IF;
+        PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensating', err);
+    END IF;
+    -- Compensating: from the last step down, each through the barrier.
+    FOR step IN SELECT t.step_no, t.status, t.compensation FROM callback_center.saga_steps AS t
+                 WHERE t.saga_id = saga_run.saga_id AND t.status <> 'compensated'
+                 ORDER BY t.step_no DESC
+    LOOP
+        BEGIN
+            outcome := callback_center.barrier(saga_run.saga_id, step.step_no::text, 'cancel');
+            IF outcome = 'proceed' AND step.compensation IS NOT NULL THEN
+                EXECUTE step.compensation USING saga_run.saga_id;
+            END IF;
+            PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no,
+                CASE WHEN step.status = 'done' THEN 'compensated' ELSE 'skipped' END, NULL);
+        EXCEPTION WHEN OTHERS THEN
+            err := pg_catalog.format('compensation of step %s: %s: %s',
+                                     step.step_no, SQLSTATE, SQLERRM);
+            PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensating', err);
+            RETURN 'compensating';
+        END;
+    END LOOP;
+    PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensated', NULL);
+    RETURN 'compensated';
+END
+$fn$;
