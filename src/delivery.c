@@ -957,7 +957,7 @@ wait_phase(int timeout_ms)
 
 /*
  * Phase record (transaction 2, synchronous commit): the judged results in
- * three set-based statements (outbox rows, attempts log, endpoint state),
+ * one set-based statement (outbox rows, attempts log, endpoint state),
  * then what they say of each endpoint's latency.  With force, whatever is
  * judged; else only every CC_RECORD_MS, or at CC_RECORD_MAX results, or
  * when nothing is in flight.
