@@ -37,6 +37,12 @@ cleanup() {
     [ -f "$work/nginx.pid" ] && as_root nginx -p "$work/nginx" -c "$work/nginx.conf" -s stop 2>/dev/null
     [ -f "$work/data/postmaster.pid" ] &&
         as_pg "$CC_BINDIR/pg_ctl" -D "$work/data" -m immediate -w stop >/dev/null 2>&1
+    # Children under valgrind write their last dump after the postmaster is
+    # gone: wait for them, or they recreate the directory.
+    for _ in $(seq 50); do
+        pgrep -f -- "-D $work/data" >/dev/null || break
+        sleep 0.2
+    done
     [ -n "${PROFILE_KEEP:-}" ] && echo "kept $work" || as_root rm -rf "$work"
 }
 trap cleanup EXIT
