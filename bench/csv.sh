@@ -5,7 +5,8 @@
 #   bench_csv WORKLOAD FIGURE UNIT BASELINE RATIO RATIO_MIN RATIO_MAX P50_MS P99_MS TARGET VERDICT
 #
 # FIGURE is our rate (or a ratio for memory), BASELINE the rate of the
-# baseline measured in the same run, RATIO our figure over it (median of the
+# baseline measured in the same run (in UNIT, or followed by its own unit:
+# "145808 req/s"), RATIO our figure over it (median of the
 # rounds, with their spread); empty fields are "-" in the table.  TARGET is
 # what RATIO (or FIGURE, when there is no baseline) must reach, prefixed
 # with <= where lower is better.

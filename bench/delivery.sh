@@ -278,7 +278,7 @@ if [ "$wrk_rate" != 0 ]; then
     read -r lo hi <<<"$(printf '%s\n' "${thr_rates[@]}" | sort -g | awk -v w="$wrk_rate" \
         'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f %.2f", lo / w, hi / w }')"
     bench_csv "delivery: $N_THR events drained vs wrk" "$(bench_fmt "$thr")" "events/s" \
-        "$(bench_fmt "$wrk_rate")" "$thr_ratio" "$lo" "$hi" "" "" "0.30" \
+        "$(bench_fmt "$wrk_rate") req/s" "$thr_ratio" "$lo" "$hi" "" "" "0.30" \
         "$( [ "$(verdict "$thr_ratio" 0.30)" = PASS ] && [ "$(verdict "$thr" 20000)" = PASS ] && echo pass || echo FAIL)"
 fi
 fi

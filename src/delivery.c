@@ -98,10 +98,16 @@ static bool cc_degrade_non_core = false;
 static bool cc_degrade_on_core_breaker = false;
 static int	cc_degrade_core_backlog = 0;
 
-/* The memory of one claim: its endpoints and events. */
+/*
+ * The memory of one claim: its endpoints (cxt, kept while it is the current
+ * batch or has events) and its events with the claim's working memory
+ * (events, a child of cxt, freed as soon as its last event is recorded:
+ * a worker at rest holds no event bodies).
+ */
 typedef struct ClaimBatch
 {
 	MemoryContext cxt;
+	MemoryContext events;
 	int			refs;			/* events not yet recorded, + 1 if current */
 	CcEndpoint *eps;
 	int			neps;
@@ -324,7 +330,10 @@ find_plan(ClaimPlan *plans, int n, int32 id)
 	return NULL;
 }
 
-/* Drops one reference to a batch, freeing it with the last. */
+/*
+ * Drops one reference to a batch, freeing it with the last; the current
+ * batch keeps only its endpoints once its last event is recorded.
+ */
 static void
 batch_unref(ClaimBatch *b)
 {
@@ -333,6 +342,8 @@ batch_unref(ClaimBatch *b)
 		MemoryContextDelete(b->cxt);
 		pfree(b);
 	}
+	else if (b->refs == 1 && b == current)
+		MemoryContextReset(b->events);
 }
 
 /* Appends a flight to the judged list. */
@@ -542,6 +553,8 @@ claim_phase(uint64 commit_gen, int64 t0)
 	b = MemoryContextAllocZero(pipeline_cxt, sizeof(ClaimBatch));
 	b->cxt = AllocSetContextCreate(pipeline_cxt, "callback_center claim",
 								   ALLOCSET_SMALL_SIZES);
+	b->events = AllocSetContextCreate(b->cxt, "callback_center claimed events",
+									  ALLOCSET_DEFAULT_SIZES);
 	b->refs = 1;				/* it becomes the current batch */
 
 	pgstat_report_activity(STATE_RUNNING, "callback_center: claiming");
@@ -554,6 +567,7 @@ claim_phase(uint64 commit_gen, int64 t0)
 	MemoryContextSwitchTo(b->cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	b->neps = cc_queue_load_endpoints(&b->eps);
+	MemoryContextSwitchTo(b->events);
 	if (t0 - last_bury_ms >= CC_BURY_INTERVAL_MS)
 	{
 		/* Rows no endpoint will ever claim must not wait for ever. */
@@ -745,9 +759,15 @@ claim_phase(uint64 commit_gen, int64 t0)
 	 */
 	next_claim_ms = now_ms() + (soonest < 0 ? cc_poll_interval_ms :
 								Min(Max(soonest, 1), cc_poll_interval_ms));
-	if (current != NULL)
-		batch_unref(current);
-	current = b;
+	{
+		ClaimBatch *prev = current;
+
+		current = b;
+		if (prev != NULL)
+			batch_unref(prev);
+		if (b->refs == 1)
+			MemoryContextReset(b->events);	/* claimed nothing */
+	}
 }
 
 /* Builds the signed request of a flight (no transaction open). */
@@ -847,7 +867,7 @@ send_phase(void)
 			rt->in_flight++;
 			progress = true;
 
-			old = MemoryContextSwitchTo(f->batch->cxt);
+			old = MemoryContextSwitchTo(f->batch->events);
 			Assert(CurrentResourceOwner == NULL || CurrentResourceOwner == sign_owner);
 			CurrentResourceOwner = sign_owner;
 			sign_request(f, ua);
@@ -960,7 +980,7 @@ wait_phase(int timeout_ms)
 
 /*
  * Phase record (transaction 2, synchronous commit): the judged results in
- * three set-based statements (outbox rows, attempts log, endpoint state),
+ * one set-based statement (outbox rows, attempts log, endpoint state),
  * then what they say of each endpoint's latency.  With force, whatever is
  * judged; else only every CC_RECORD_MS, or at CC_RECORD_MAX results, or
  * when nothing is in flight.

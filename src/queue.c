@@ -159,51 +159,63 @@ CLAIM_PICK
 static const char body_sql[] =
 "SELECT " EVENT_BODY " FROM callback_center.outbox o WHERE o.id" OP("=") "$1";
 
-static const char record_sql[] =
-"UPDATE callback_center.outbox o"
-"   SET status = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released']) THEN 'pending'"
-"                     ELSE r.fate END,"
-"       attempts = o.attempts" OP("+") "(r.fate" OP("<>") "'released')::int,"
-"       next_attempt_at = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released'])"
-"                         THEN coalesce(r.next_at, pg_catalog.now()) ELSE pg_catalog.now() END,"
-"       delivered_at = CASE WHEN r.fate" OP("=") "'delivered' THEN pg_catalog.now() END,"
-"       last_http_status = CASE WHEN r.fate" OP("=") "'released' THEN o.last_http_status ELSE r.http_status END,"
-"       last_error = CASE WHEN r.fate" OP("=") "'released' THEN o.last_error ELSE r.error END"
-"  FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::text[]),"
-"                  pg_catalog.unnest($3::timestamptz[]), pg_catalog.unnest($4::int4[]),"
-"                  pg_catalog.unnest($5::text[]))"
-"       AS r(id, fate, next_at, http_status, error)"
-" WHERE o.id" OP("=") "r.id";
-
-static const char attempts_sql[] =
-"INSERT INTO callback_center.delivery_attempts"
-"  (outbox_id, endpoint_id, attempt, http_status, latency_ms, error, response_body)"
-"SELECT * FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int4[]),"
-"                         pg_catalog.unnest($3::int4[]), pg_catalog.unnest($4::int4[]),"
-"                         pg_catalog.unnest($5::float4[]), pg_catalog.unnest($6::text[]),"
-"                         pg_catalog.unnest($7::text[]))";
-
 /*
+ * The record: the outbox rows, the attempts log (not for released jobs:
+ * they were not attempted) and the published endpoint state, in one
+ * statement per batch, each part reading the same arrays.  Each
+ * data-modifying CTE runs to completion whether or not the query reads it;
+ * they touch different tables, so sharing one snapshot changes nothing.
+ * Returns how many outbox rows were updated.
+ *
  * IS DISTINCT FROM finds its "=" on the search_path (it cannot be
  * qualified): the pinned path makes it pg_catalog's.
  */
-static const char state_sql[] =
-"INSERT INTO callback_center.endpoint_state AS s"
-"  (endpoint_id, breaker, opened_at, window_ok, window_fail, tokens, degraded, updated_at)"
-"SELECT u.*, pg_catalog.now()"
-"  FROM ROWS FROM (pg_catalog.unnest($1::int4[]), pg_catalog.unnest($2::text[]),"
-"                  pg_catalog.unnest($3::timestamptz[]), pg_catalog.unnest($4::int4[]),"
-"                  pg_catalog.unnest($5::int4[]), pg_catalog.unnest($6::float8[]),"
-"                  pg_catalog.unnest($7::bool[]))"
-"       AS u(endpoint_id, breaker, opened_at, window_ok, window_fail, tokens, degraded)"
-"    ON CONFLICT (endpoint_id) DO UPDATE"
-"   SET breaker = excluded.breaker, opened_at = excluded.opened_at,"
-"       window_ok = excluded.window_ok, window_fail = excluded.window_fail,"
-"       tokens = excluded.tokens, degraded = excluded.degraded,"
-"       updated_at = excluded.updated_at"
-" WHERE (s.breaker, s.opened_at, s.window_ok, s.window_fail, s.tokens, s.degraded)"
-"       IS DISTINCT FROM (excluded.breaker, excluded.opened_at, excluded.window_ok,"
-"                         excluded.window_fail, excluded.tokens, excluded.degraded)";
+static const char record_sql[] =
+"WITH outbox AS ("
+"  UPDATE callback_center.outbox o"
+"     SET status = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released']) THEN 'pending'"
+"                       ELSE r.fate END,"
+"         attempts = o.attempts" OP("+") "(r.fate" OP("<>") "'released')::int,"
+"         next_attempt_at = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released'])"
+"                           THEN coalesce(r.next_at, pg_catalog.now()) ELSE pg_catalog.now() END,"
+"         delivered_at = CASE WHEN r.fate" OP("=") "'delivered' THEN pg_catalog.now() END,"
+"         last_http_status = CASE WHEN r.fate" OP("=") "'released' THEN o.last_http_status ELSE r.http_status END,"
+"         last_error = CASE WHEN r.fate" OP("=") "'released' THEN o.last_error ELSE r.error END"
+"    FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::text[]),"
+"                    pg_catalog.unnest($3::timestamptz[]), pg_catalog.unnest($4::int4[]),"
+"                    pg_catalog.unnest($5::text[]))"
+"         AS r(id, fate, next_at, http_status, error)"
+"   WHERE o.id" OP("=") "r.id"
+"  RETURNING 1"
+"), attempts AS ("
+"  INSERT INTO callback_center.delivery_attempts"
+"    (outbox_id, endpoint_id, attempt, http_status, latency_ms, error, response_body)"
+"  SELECT a.id, a.endpoint_id, a.attempt, a.http_status, a.latency_ms, a.error, a.response_body"
+"    FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($6::int4[]),"
+"                    pg_catalog.unnest($7::int4[]), pg_catalog.unnest($4::int4[]),"
+"                    pg_catalog.unnest($8::float4[]), pg_catalog.unnest($5::text[]),"
+"                    pg_catalog.unnest($9::text[]), pg_catalog.unnest($2::text[]))"
+"         AS a(id, endpoint_id, attempt, http_status, latency_ms, error, response_body, fate)"
+"   WHERE a.fate" OP("<>") "'released'"
+"), state AS ("
+"  INSERT INTO callback_center.endpoint_state AS s"
+"    (endpoint_id, breaker, opened_at, window_ok, window_fail, tokens, degraded, updated_at)"
+"  SELECT u.*, pg_catalog.now()"
+"    FROM ROWS FROM (pg_catalog.unnest($10::int4[]), pg_catalog.unnest($11::text[]),"
+"                    pg_catalog.unnest($12::timestamptz[]), pg_catalog.unnest($13::int4[]),"
+"                    pg_catalog.unnest($14::int4[]), pg_catalog.unnest($15::float8[]),"
+"                    pg_catalog.unnest($16::bool[]))"
+"         AS u(endpoint_id, breaker, opened_at, window_ok, window_fail, tokens, degraded)"
+"      ON CONFLICT (endpoint_id) DO UPDATE"
+"     SET breaker = excluded.breaker, opened_at = excluded.opened_at,"
+"         window_ok = excluded.window_ok, window_fail = excluded.window_fail,"
+"         tokens = excluded.tokens, degraded = excluded.degraded,"
+"         updated_at = excluded.updated_at"
+"   WHERE (s.breaker, s.opened_at, s.window_ok, s.window_fail, s.tokens, s.degraded)"
+"         IS DISTINCT FROM (excluded.breaker, excluded.opened_at, excluded.window_ok,"
+"                           excluded.window_fail, excluded.tokens, excluded.degraded)"
+") "
+"SELECT pg_catalog.count(*)::int8 FROM outbox";
 
 static const char due_count_sql[] =
 "SELECT pg_catalog.count(*)::int4 FROM ("
@@ -258,8 +270,6 @@ typedef enum QueuePlanId
 	QUEUE_CLAIM_BARE,
 	QUEUE_BODY,
 	QUEUE_RECORD,
-	QUEUE_ATTEMPTS,
-	QUEUE_STATE,
 	QUEUE_DUE_COUNT,
 	QUEUE_DISABLE,
 	QUEUE_BURY,
@@ -275,15 +285,11 @@ static CcPlan plans[NUM_QUEUE_PLANS] = {
 	[QUEUE_CLAIM_BARE] = {claim_bare_sql, 5,
 	{INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID, INT8OID}, 0, GENERIC},
 	[QUEUE_BODY] = {body_sql, 1, {INT8OID}, 0, GENERIC},
-	[QUEUE_RECORD] = {record_sql, 5,
-	{INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, TEXTARRAYOID},
-	0, GENERIC},
-	[QUEUE_ATTEMPTS] = {attempts_sql, 7,
-	{INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, FLOAT4ARRAYOID,
-	TEXTARRAYOID, TEXTARRAYOID}, 0, GENERIC},
-	[QUEUE_STATE] = {state_sql, 7,
-	{INT4ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
-	FLOAT8ARRAYOID, BOOLARRAYOID}, 0, GENERIC},
+	[QUEUE_RECORD] = {record_sql, 16,
+	{INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
+		INT4ARRAYOID, INT4ARRAYOID, FLOAT4ARRAYOID, TEXTARRAYOID,
+		INT4ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID,
+	INT4ARRAYOID, FLOAT8ARRAYOID, BOOLARRAYOID}, 0, GENERIC},
 	[QUEUE_DUE_COUNT] = {due_count_sql, 2, {INT4ARRAYOID, INT4OID}, 0, GENERIC},
 	[QUEUE_DISABLE] = {disable_sql, 1, {INT4ARRAYOID}, 0, GENERIC},
 	[QUEUE_BURY] = {bury_sql, 0, {InvalidOid}, 0, GENERIC},
@@ -650,9 +656,8 @@ text_or_null(const char *s, bool *isnull)
 }
 
 /*
- * Records the outcome of n jobs in three set-based statements: the outbox
- * rows, the attempts log (not for released jobs: they were not attempted),
- * and the published endpoint state.  Endpoints in gone[] answered 410 and
+ * Records the outcome of n jobs and the published endpoint state in one
+ * set-based statement (record_sql).  Endpoints in gone[] answered 410 and
  * are disabled.
  */
 void
@@ -661,25 +666,30 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 				const CcEndpointSnapshot *snaps, int nsnaps)
 {
 	static const char *fate_names[] = {"delivered", "retry", "dead", "released"};
-	Datum	   *d_id = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *d_fate = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *d_next = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *n_next = palloc(sizeof(bool) * Max(n, 1));
-	Datum	   *d_status = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *n_status = palloc(sizeof(bool) * Max(n, 1));
-	Datum	   *d_err = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *n_err = palloc(sizeof(bool) * Max(n, 1));
-	Datum	   *a_id = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *a_ep = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *a_att = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *a_status = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *an_status = palloc(sizeof(bool) * Max(n, 1));
-	Datum	   *a_lat = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *a_err = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *an_err = palloc(sizeof(bool) * Max(n, 1));
-	Datum	   *a_resp = palloc(sizeof(Datum) * Max(n, 1));
-	bool	   *an_resp = palloc(sizeof(bool) * Max(n, 1));
-	int			na = 0;
+	Datum		values[16];
+	int			m = Max(Max(n, nsnaps), 1);
+	Datum	   *d_id = palloc(sizeof(Datum) * m);
+	Datum	   *d_fate = palloc(sizeof(Datum) * m);
+	Datum	   *d_next = palloc(sizeof(Datum) * m);
+	bool	   *n_next = palloc(sizeof(bool) * m);
+	Datum	   *d_status = palloc(sizeof(Datum) * m);
+	bool	   *n_status = palloc(sizeof(bool) * m);
+	Datum	   *d_err = palloc(sizeof(Datum) * m);
+	bool	   *n_err = palloc(sizeof(bool) * m);
+	Datum	   *d_ep = palloc(sizeof(Datum) * m);
+	Datum	   *d_att = palloc(sizeof(Datum) * m);
+	Datum	   *d_lat = palloc(sizeof(Datum) * m);
+	Datum	   *d_resp = palloc(sizeof(Datum) * m);
+	bool	   *n_resp = palloc(sizeof(bool) * m);
+	Datum	   *s_id = palloc(sizeof(Datum) * m);
+	Datum	   *s_br = palloc(sizeof(Datum) * m);
+	Datum	   *s_op = palloc(sizeof(Datum) * m);
+	bool	   *sn_op = palloc(sizeof(bool) * m);
+	Datum	   *s_ok = palloc(sizeof(Datum) * m);
+	Datum	   *s_fail = palloc(sizeof(Datum) * m);
+	Datum	   *s_tok = palloc(sizeof(Datum) * m);
+	bool	   *sn_tok = palloc(sizeof(bool) * m);
+	Datum	   *s_deg = palloc(sizeof(Datum) * m);
 	int			i;
 	int			ret;
 
@@ -694,57 +704,56 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 		d_status[i] = Int32GetDatum(r->http_status);
 		n_status[i] = (r->http_status == 0);
 		d_err[i] = text_or_null(r->error, &n_err[i]);
-
-		if (r->fate == CC_FATE_RELEASED)
-			continue;
-		a_id[na] = Int64GetDatum(jobs[i].id);
-		a_ep[na] = Int32GetDatum(jobs[i].endpoint_id);
-		a_att[na] = Int32GetDatum(jobs[i].attempt);
-		a_status[na] = d_status[i];
-		an_status[na] = n_status[i];
-		a_lat[na] = Float4GetDatum((float4) r->latency_ms);
-		a_err[na] = d_err[i];
-		an_err[na] = n_err[i];
-		a_resp[na] = text_or_null(r->response, &an_resp[na]);
-		na++;
+		d_ep[i] = Int32GetDatum(jobs[i].endpoint_id);
+		d_att[i] = Int32GetDatum(jobs[i].attempt);
+		d_lat[i] = Float4GetDatum((float4) r->latency_ms);
+		d_resp[i] = text_or_null(r->response, &n_resp[i]);
 	}
+	for (i = 0; i < nsnaps; i++)
+	{
+		s_id[i] = Int32GetDatum(snaps[i].endpoint_id);
+		s_br[i] = CStringGetTextDatum(snaps[i].breaker);
+		s_op[i] = TimestampTzGetDatum(snaps[i].opened_at);
+		sn_op[i] = (snaps[i].opened_at == 0);
+		s_ok[i] = Int32GetDatum(snaps[i].window_ok);
+		s_fail[i] = Int32GetDatum(snaps[i].window_fail);
+		/* tokens rounded so an idle bucket does not rewrite its row */
+		s_tok[i] = Float8GetDatum(floor(snaps[i].tokens));
+		sn_tok[i] = (snaps[i].tokens < 0);
+		s_deg[i] = BoolGetDatum(snaps[i].degraded);
+	}
+	values[0] = make_array(d_id, NULL, n, INT8OID);
+	values[1] = make_array(d_fate, NULL, n, TEXTOID);
+	values[2] = make_array(d_next, n_next, n, TIMESTAMPTZOID);
+	values[3] = make_array(d_status, n_status, n, INT4OID);
+	values[4] = make_array(d_err, n_err, n, TEXTOID);
+	values[5] = make_array(d_ep, NULL, n, INT4OID);
+	values[6] = make_array(d_att, NULL, n, INT4OID);
+	values[7] = make_array(d_lat, NULL, n, FLOAT4OID);
+	values[8] = make_array(d_resp, n_resp, n, TEXTOID);
+	values[9] = make_array(s_id, NULL, nsnaps, INT4OID);
+	values[10] = make_array(s_br, NULL, nsnaps, TEXTOID);
+	values[11] = make_array(s_op, sn_op, nsnaps, TIMESTAMPTZOID);
+	values[12] = make_array(s_ok, NULL, nsnaps, INT4OID);
+	values[13] = make_array(s_fail, NULL, nsnaps, INT4OID);
+	values[14] = make_array(s_tok, sn_tok, nsnaps, FLOAT8OID);
+	values[15] = make_array(s_deg, NULL, nsnaps, BOOLOID);
 
 	SPI_connect();
-	if (n > 0)
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_RECORD]), values, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "callback_center: recording results failed: %s",
+			 SPI_result_code_string(ret));
 	{
-		Datum		values[5];
+		bool		isnull;
+		int64		updated = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														  SPI_tuptable->tupdesc,
+														  1, &isnull));
 
-		values[0] = make_array(d_id, NULL, n, INT8OID);
-		values[1] = make_array(d_fate, NULL, n, TEXTOID);
-		values[2] = make_array(d_next, n_next, n, TIMESTAMPTZOID);
-		values[3] = make_array(d_status, n_status, n, INT4OID);
-		values[4] = make_array(d_err, n_err, n, TEXTOID);
-		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_RECORD]),
-							   values, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "callback_center: recording results failed: %s",
-				 SPI_result_code_string(ret));
 		/* Fewer when drop_endpoint removed rows in flight; never more. */
-		if (SPI_processed > (uint64) n)
-			elog(ERROR, "callback_center: recording %d results changed " UINT64_FORMAT " outbox rows",
-				 n, SPI_processed);
-	}
-	if (na > 0)
-	{
-		Datum		values[7];
-
-		values[0] = make_array(a_id, NULL, na, INT8OID);
-		values[1] = make_array(a_ep, NULL, na, INT4OID);
-		values[2] = make_array(a_att, NULL, na, INT4OID);
-		values[3] = make_array(a_status, an_status, na, INT4OID);
-		values[4] = make_array(a_lat, NULL, na, FLOAT4OID);
-		values[5] = make_array(a_err, an_err, na, TEXTOID);
-		values[6] = make_array(a_resp, an_resp, na, TEXTOID);
-		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_ATTEMPTS]),
-							   values, NULL, false, 0);
-		if (ret != SPI_OK_INSERT)
-			elog(ERROR, "callback_center: logging attempts failed: %s",
-				 SPI_result_code_string(ret));
+		if (updated > n)
+			elog(ERROR, "callback_center: recording %d results changed " INT64_FORMAT " outbox rows",
+				 n, updated);
 	}
 	if (ngone > 0)
 	{
@@ -769,45 +778,6 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 														SPI_tuptable->tupdesc,
 														1, &isnull)))));
 		}
-	}
-	if (nsnaps > 0)
-	{
-		Datum		values[7];
-		Datum	   *s_id = palloc(sizeof(Datum) * nsnaps);
-		Datum	   *s_br = palloc(sizeof(Datum) * nsnaps);
-		Datum	   *s_op = palloc(sizeof(Datum) * nsnaps);
-		bool	   *sn_op = palloc(sizeof(bool) * nsnaps);
-		Datum	   *s_ok = palloc(sizeof(Datum) * nsnaps);
-		Datum	   *s_fail = palloc(sizeof(Datum) * nsnaps);
-		Datum	   *s_tok = palloc(sizeof(Datum) * nsnaps);
-		bool	   *sn_tok = palloc(sizeof(bool) * nsnaps);
-		Datum	   *s_deg = palloc(sizeof(Datum) * nsnaps);
-
-		for (i = 0; i < nsnaps; i++)
-		{
-			s_id[i] = Int32GetDatum(snaps[i].endpoint_id);
-			s_br[i] = CStringGetTextDatum(snaps[i].breaker);
-			s_op[i] = TimestampTzGetDatum(snaps[i].opened_at);
-			sn_op[i] = (snaps[i].opened_at == 0);
-			s_ok[i] = Int32GetDatum(snaps[i].window_ok);
-			s_fail[i] = Int32GetDatum(snaps[i].window_fail);
-			/* tokens rounded so an idle bucket does not rewrite its row */
-			s_tok[i] = Float8GetDatum(floor(snaps[i].tokens));
-			sn_tok[i] = (snaps[i].tokens < 0);
-			s_deg[i] = BoolGetDatum(snaps[i].degraded);
-		}
-		values[0] = make_array(s_id, NULL, nsnaps, INT4OID);
-		values[1] = make_array(s_br, NULL, nsnaps, TEXTOID);
-		values[2] = make_array(s_op, sn_op, nsnaps, TIMESTAMPTZOID);
-		values[3] = make_array(s_ok, NULL, nsnaps, INT4OID);
-		values[4] = make_array(s_fail, NULL, nsnaps, INT4OID);
-		values[5] = make_array(s_tok, sn_tok, nsnaps, FLOAT8OID);
-		values[6] = make_array(s_deg, NULL, nsnaps, BOOLOID);
-		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_STATE]),
-							   values, NULL, false, 0);
-		if (ret != SPI_OK_INSERT)
-			elog(ERROR, "callback_center: publishing endpoint state failed: %s",
-				 SPI_result_code_string(ret));
 	}
 	SPI_finish();
 }

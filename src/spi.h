@@ -31,7 +31,7 @@
 
 #include "executor/spi.h"
 
-#define CC_PLAN_MAX_ARGS 8
+#define CC_PLAN_MAX_ARGS 16
 
 /* One statement of a module's plan table, and its kept plan. */
 typedef struct CcPlan
