@@ -88,7 +88,12 @@ CREATE TABLE callback_center.endpoints (
     ordered               boolean NOT NULL DEFAULT false,
     enabled               boolean NOT NULL DEFAULT true,
     created_at            timestamptz NOT NULL DEFAULT now(),
-    updated_at            timestamptz NOT NULL DEFAULT now()
+    updated_at            timestamptz NOT NULL DEFAULT now(),
+    -- How requests to it are shaped (46_adapters.sql): standard_webhooks,
+    -- or a payment provider's own API, signed with the merchant's key.
+    format                text NOT NULL DEFAULT 'standard_webhooks'
+                          CHECK (format IN ('standard_webhooks', 'wechatpay_v3',
+                                            'alipay', 'unionpay'))
 );
 
 COMMENT ON TABLE callback_center.endpoints IS
