@@ -4560,6 +4560,2258 @@ BEGIN
 END
 $$;
 
+-- Access per database (issue 11): membership of callback_center_app or
+-- callback_center_admin counts only where the login also has USAGE on this
+-- schema, granted in each database.  0.1.0 granted USAGE to the two
+-- cluster-wide roles, so a member reached every database.  A grant made
+-- here would be recorded as the extension's initial privilege, which
+-- pg_dump leaves out and a restore into a fresh install would lose: the
+-- DBA grants each login before updating (README, Upgrading), and members
+-- still without a grant of their own are named in a warning.
+DO $access$
+DECLARE
+    missing text;
+BEGIN
+    SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname)
+      INTO missing
+      FROM pg_catalog.pg_roles r
+     WHERE NOT r.rolsuper
+       AND r.rolname NOT IN ('callback_center_app', 'callback_center_admin')
+       AND (pg_catalog.pg_has_role(r.oid, 'callback_center_app', 'MEMBER')
+            OR pg_catalog.pg_has_role(r.oid, 'callback_center_admin', 'MEMBER'))
+       AND NOT EXISTS (
+           SELECT 1
+             FROM pg_catalog.pg_namespace n,
+                  pg_catalog.aclexplode(n.nspacl) a
+            WHERE n.nspname = 'callback_center'
+              AND a.privilege_type = 'USAGE'
+              AND a.grantee <> ALL (ARRAY['callback_center_app'::regrole,
+                                          'callback_center_admin'::regrole]::oid[])
+              AND (a.grantee = 0 OR pg_catalog.pg_has_role(r.oid, a.grantee, 'MEMBER')));
+    IF missing IS NOT NULL THEN
+        RAISE WARNING 'these members of callback_center_app or callback_center_admin lose access to callback_center in database %: %',
+            pg_catalog.current_database(), missing
+            USING DETAIL = 'Membership counts only in databases where the role also has USAGE on schema callback_center.',
+                  HINT = pg_catalog.format('Grant each that uses this database: GRANT USAGE ON SCHEMA callback_center TO %s;', missing);
+    END IF;
+END
+$access$;
+REVOKE USAGE ON SCHEMA callback_center FROM callback_center_app, callback_center_admin;
+
+-- The workers' role (issue 11): the two workers connect as the bootstrap
+-- superuser and run each transaction as callback_center_worker
+-- (src/worker_role.c), which holds only the queue tables and the jobs'
+-- functions; the two jobs helpers they call directly run as their owner.
+DO $worker_role$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'callback_center_worker') THEN
+        CREATE ROLE callback_center_worker NOLOGIN;
+    END IF;
+END
+$worker_role$;
+GRANT USAGE ON SCHEMA callback_center TO callback_center_worker;
+GRANT SELECT, UPDATE ON callback_center.outbox TO callback_center_worker;
+GRANT SELECT ON callback_center.endpoints, callback_center.endpoint_secrets,
+    callback_center.retry_schedules TO callback_center_worker;
+GRANT UPDATE (enabled, updated_at) ON callback_center.endpoints TO callback_center_worker;
+GRANT EXECUTE ON FUNCTION callback_center._event_size(text, text, jsonb) TO callback_center_worker;
+GRANT INSERT ON callback_center.delivery_attempts TO callback_center_worker;
+GRANT SELECT, INSERT, UPDATE ON callback_center.endpoint_state TO callback_center_worker;
+ALTER FUNCTION callback_center._note_close_failure(text, text) SECURITY DEFINER;
+ALTER FUNCTION callback_center._close_order(text) SECURITY DEFINER;
+GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
+    callback_center.query_stuck_payments(integer, interval, interval),
+    callback_center.apply_query_answers(integer),
+    callback_center._close_order(text),
+    callback_center._note_close_failure(text, text)
+    TO callback_center_worker;
+GRANT SELECT ON callback_center._orders_due TO callback_center_worker;
+
+-- Argument checks: the remaining inline NULL checks go through _require
+-- (same messages; several arguments checked at once keep their one message).
+
+CREATE OR REPLACE FUNCTION callback_center._endpoint_id(name text, lock_row boolean)
+RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    found_id integer;
+BEGIN
+    PERFORM callback_center._require(name, 'endpoint name');
+    IF lock_row THEN
+        SELECT e.id INTO found_id FROM callback_center.endpoints e
+         WHERE e.name = _endpoint_id.name FOR UPDATE;
+    ELSE
+        SELECT e.id INTO found_id FROM callback_center.endpoints e
+         WHERE e.name = _endpoint_id.name;
+    END IF;
+    IF found_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB040',
+            MESSAGE = format('unknown endpoint "%s"', name),
+            HINT = 'The endpoint_config view lists the endpoints.';
+    END IF;
+    RETURN found_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._endpoint_apply(id integer, options jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    known constant text[] := ARRAY['url', 'event_types', 'timeout_ms',
+        'retry_schedule', 'max_attempts', 'rate_limit_per_s',
+        'breaker_failure_ratio', 'breaker_window_s', 'breaker_min_requests',
+        'breaker_open_ms', 'is_core', 'ordered', 'enabled'];
+    bad text;
+    k text;
+    v jsonb;
+    ep callback_center.endpoints;
+    n numeric;
+BEGIN
+    PERFORM callback_center._require(options, 'options');
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'options must be a JSON object',
+            DETAIL = format('A JSON %s was given.', jsonb_typeof(options));
+    END IF;
+    SELECT string_agg(format('"%s"', o), ', ' ORDER BY o) INTO bad
+      FROM jsonb_object_keys(options) o
+     WHERE o <> ALL (known);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('unknown endpoint option %s', bad),
+            HINT = format('Known options: %s.', array_to_string(known, ', '));
+    END IF;
+
+    SELECT * INTO ep FROM callback_center.endpoints e WHERE e.id = _endpoint_apply.id;
+    FOR k, v IN SELECT * FROM jsonb_each(options)
+    LOOP
+        CASE k
+        WHEN 'url' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "url" must be a string';
+            END IF;
+            ep.url := callback_center._check_url(v #>> '{}');
+        WHEN 'event_types' THEN
+            IF jsonb_typeof(v) <> 'array' OR jsonb_array_length(v) = 0
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(v) x
+                           WHERE jsonb_typeof(x) <> 'string' OR x #>> '{}' = '') THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "event_types" must be a non-empty array of non-empty strings';
+            END IF;
+            ep.event_types := ARRAY(SELECT jsonb_array_elements_text(v));
+        WHEN 'timeout_ms' THEN
+            ep.timeout_ms := callback_center._option_int(k, v, 1, 600000);
+        WHEN 'retry_schedule' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "retry_schedule" must be a string';
+            END IF;
+            IF NOT EXISTS (SELECT 1 FROM callback_center.retry_schedules s
+                            WHERE s.name = v #>> '{}') THEN
+                RAISE EXCEPTION USING ERRCODE = '42704',
+                    MESSAGE = format('retry schedule "%s" does not exist', v #>> '{}'),
+                    HINT = 'The retry_schedules table lists them.';
+            END IF;
+            ep.retry_schedule := v #>> '{}';
+        WHEN 'max_attempts' THEN
+            ep.max_attempts := CASE WHEN jsonb_typeof(v) = 'null' THEN NULL
+                ELSE callback_center._option_int(k, v, 1, 1000000) END;
+        WHEN 'rate_limit_per_s' THEN
+            IF jsonb_typeof(v) = 'null' THEN
+                ep.rate_limit_per_s := NULL;
+            ELSIF jsonb_typeof(v) <> 'number' OR v::numeric < 0.001 OR v::numeric > 1000000 THEN
+                -- The worker's token bucket works in doubles: 1e400 was
+                -- infinity there and stopped every delivery.
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "rate_limit_per_s" must be a number between 0.001 and 1000000, or null',
+                    DETAIL = format('The value given was %s.', left(v::text, 40));
+            ELSE
+                ep.rate_limit_per_s := v::numeric;
+            END IF;
+        WHEN 'breaker_failure_ratio' THEN
+            IF jsonb_typeof(v) <> 'number' OR v::numeric <= 0 OR v::numeric > 1 THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "breaker_failure_ratio" must be a number in (0, 1]';
+            END IF;
+            ep.breaker_failure_ratio := v::numeric;
+        WHEN 'breaker_window_s' THEN
+            ep.breaker_window_s := callback_center._option_int(k, v, 1, 86400);
+        WHEN 'breaker_min_requests' THEN
+            ep.breaker_min_requests := callback_center._option_int(k, v, 1, 1000000);
+        WHEN 'breaker_open_ms' THEN
+            ep.breaker_open_ms := callback_center._option_int(k, v, 1, 86400000);
+        ELSE
+            -- is_core, ordered, enabled
+            IF jsonb_typeof(v) <> 'boolean' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('endpoint option "%s" must be true or false', k);
+            END IF;
+            CASE k
+            WHEN 'is_core' THEN ep.is_core := v::boolean;
+            WHEN 'ordered' THEN ep.ordered := v::boolean;
+            ELSE ep.enabled := v::boolean;
+            END CASE;
+        END CASE;
+    END LOOP;
+
+    UPDATE callback_center.endpoints e
+       SET url = ep.url, event_types = ep.event_types, timeout_ms = ep.timeout_ms,
+           retry_schedule = ep.retry_schedule, max_attempts = ep.max_attempts,
+           rate_limit_per_s = ep.rate_limit_per_s,
+           breaker_failure_ratio = ep.breaker_failure_ratio,
+           breaker_window_s = ep.breaker_window_s,
+           breaker_min_requests = ep.breaker_min_requests,
+           breaker_open_ms = ep.breaker_open_ms, is_core = ep.is_core,
+           ordered = ep.ordered, enabled = ep.enabled, updated_at = now()
+     WHERE e.id = _endpoint_apply.id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.create_endpoint(
+    name text, url text, event_types text[],
+    secret text DEFAULT NULL, options jsonb DEFAULT '{}')
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    new_id integer;
+BEGIN
+    PERFORM callback_center._require(num_nulls(name, url, event_types, options) = 0 OR NULL,
+                                     'name, url, event_types and options');
+    IF name !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid endpoint name "%s"', name),
+            DETAIL = 'Names are 1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit.';
+    END IF;
+    IF cardinality(event_types) = 0 OR array_ndims(event_types) <> 1
+       OR array_position(event_types, NULL) IS NOT NULL
+       OR array_position(event_types, '') IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'event_types must be a non-empty list of non-empty event types',
+            HINT = 'Use ''{*}'' to subscribe to every event type.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM callback_center.endpoints e
+                WHERE e.name = create_endpoint.name) THEN
+        RAISE EXCEPTION USING ERRCODE = '42710',
+            MESSAGE = format('endpoint "%s" already exists', name);
+    END IF;
+    INSERT INTO callback_center.endpoints (name, url, event_types)
+    VALUES (create_endpoint.name, callback_center._check_url(url), event_types)
+    RETURNING id INTO new_id;
+    INSERT INTO callback_center.endpoint_secrets (endpoint_id, secret)
+    VALUES (new_id, callback_center._check_secret(secret));
+    PERFORM callback_center._endpoint_apply(new_id, options);
+    RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.enqueue_to(
+    endpoint text, event_type text, aggregate_id text, payload jsonb)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    queued integer;
+    ep_id integer;
+BEGIN
+    PERFORM callback_center._require(num_nulls(endpoint, event_type, aggregate_id, payload) = 0 OR NULL,
+                                     'endpoint, event_type, aggregate_id and payload');
+    IF event_type = '' OR event_type = '*' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid event type "%s"', event_type),
+            DETAIL = 'An event type is a non-empty name; "*" only subscribes to all of them.';
+    END IF;
+    PERFORM callback_center._check_event_size(event_type, aggregate_id, payload);
+    ep_id := callback_center._endpoint_id(endpoint, false);
+    -- An ordered endpoint delivers an aggregate's events in id order: the
+    -- lock enqueue() takes (src/outbox.c) makes ids follow commit order.
+    IF EXISTS (SELECT 1 FROM callback_center.endpoints e
+                WHERE e.id = ep_id AND e.enabled AND e.ordered) THEN
+        PERFORM callback_center._outbox_lock_aggregate(enqueue_to.aggregate_id);
+    END IF;
+    INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
+    SELECT e.id, enqueue_to.event_type, enqueue_to.aggregate_id, enqueue_to.payload
+      FROM callback_center.endpoints e
+     WHERE e.id = ep_id AND e.enabled;
+    GET DIAGNOSTICS queued = ROW_COUNT;
+    IF queued > 0 THEN
+        PERFORM callback_center._outbox_note_enqueue();
+    END IF;
+    RETURN queued;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.reclaim_stale_callbacks(older_than interval)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    PERFORM callback_center._require(older_than, 'older_than');
+    IF older_than < interval '0' OR older_than > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'older_than must be between 0 and 100 years',
+            DETAIL = format('The value given was %s.', older_than);
+    END IF;
+    -- A row a handler is completing right now is locked: the UPDATE waits,
+    -- then rechecks status and skips it.
+    UPDATE callback_center.callback_record c
+       SET status = 3,
+           result = jsonb_build_object('error', 'processing abandoned',
+                                       'reclaimed_after', older_than::text),
+           completed_at = now(), updated_at = now()
+     WHERE c.status = 1 AND c.updated_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.drop_provider(p_name text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(p_name, 'name');
+    DELETE FROM callback_center.providers WHERE name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_name);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    chk record;
+    cas text[];
+    why text;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_provider, p_keys) = 0 OR NULL, 'provider and keys');
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = p_provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3 or unionpay', p_provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+
+    IF v_scheme = 'unionpay' THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid UnionPay certificate "%s"', k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).';
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    o record;
+    a record;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    -- The message must be about a payment we have, for its amount and
+    -- currency, and from the provider it is with.  Checked here so that a
+    -- refusal records nothing; _apply_payment_result checks again under
+    -- the row locks.
+    IF m.failure IS NULL AND m.verdict IS NOT NULL THEN
+        SELECT x.currency AS order_currency, p.amount_cents AS pay_cents, p.provider AS pay_provider
+          INTO o
+          FROM callback_center.orders x
+          LEFT JOIN callback_center.payments p ON p.order_id = x.order_id
+         WHERE x.order_id = m.order_id;
+        IF NOT FOUND OR o.pay_cents IS NULL THEN
+            m.failure := 'unknown_order'; m.fail_status := 404;
+        ELSIF o.pay_provider IS NOT NULL AND o.pay_provider <> p_provider THEN
+            m.failure := 'provider_mismatch'; m.fail_status := 400;
+        ELSIF m.amount_cents IS DISTINCT FROM o.pay_cents THEN
+            m.failure := 'amount_mismatch'; m.fail_status := 400;
+        ELSIF m.currency IS DISTINCT FROM o.order_currency THEN
+            m.failure := 'currency_mismatch'; m.fail_status := 400;
+        END IF;
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.replay_dead(outbox_id bigint, reason text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM callback_center._require(replay_dead.outbox_id, 'outbox_id');
+    n := callback_center._replay(ARRAY[replay_dead.outbox_id], reason);
+    IF n = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('outbox event %s is not a dead letter', replay_dead.outbox_id),
+            HINT = 'Only events with status dead can be replayed; see callback_center.dead_letters.';
+    END IF;
+    PERFORM callback_center._outbox_note_enqueue();
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._purge_check(older_than interval, batch_size integer,
+    attempts_older_than interval, history_older_than interval)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(num_nulls(older_than, batch_size) = 0 OR NULL,
+                                     'older_than and batch_size');
+    IF older_than < interval '0' OR attempts_older_than < interval '0'
+       OR history_older_than < interval '0' OR older_than > interval '100 years'
+       OR attempts_older_than > interval '100 years' OR history_older_than > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('retention ages must be between 0 and 100 years, got %s, %s and %s',
+                             older_than, coalesce(attempts_older_than::text, 'NULL'),
+                             coalesce(history_older_than::text, 'NULL'));
+    END IF;
+    IF batch_size < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('batch_size must be positive, got %s', batch_size);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.schedule_maintenance(
+    reconcile_channels text[] DEFAULT '{}',
+    retention_cron text DEFAULT '*/10 * * * *',
+    recon_cron text DEFAULT '30 1 * * *',
+    older_than interval DEFAULT '7 days',
+    attempts_older_than interval DEFAULT NULL,
+    history_older_than interval DEFAULT NULL,
+    batch_size integer DEFAULT 10000)
+RETURNS SETOF bigint
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ch text;
+    jobid bigint;
+BEGIN
+    PERFORM callback_center._require(reconcile_channels, 'reconcile_channels');
+    PERFORM callback_center._require(retention_cron, 'retention_cron');
+    PERFORM callback_center._require(recon_cron, 'recon_cron');
+    PERFORM callback_center._require(array_position(reconcile_channels, NULL) IS NULL OR NULL,
+                                     'a channel');
+    PERFORM callback_center._purge_check(older_than, batch_size, attempts_older_than,
+                                         history_older_than);
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = 'pg_cron is not installed in this database',
+            HINT = 'Install pg_cron: set shared_preload_libraries = ''pg_cron'' and '
+                   'cron.database_name to this database, restart, then run CREATE EXTENSION pg_cron.';
+    END IF;
+
+    EXECUTE 'SELECT cron.unschedule(jobid) FROM cron.job'
+            ' WHERE jobname LIKE ''callback\_center\_recon\_%'' AND jobname <> ALL ($1)'
+        USING ARRAY(SELECT 'callback_center_recon_' || c FROM unnest(reconcile_channels) c);
+
+    -- A CALL alone in the job: pg_cron runs it outside a transaction block,
+    -- so the procedure may commit after each batch.
+    EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
+        USING 'callback_center_retention', retention_cron,
+              format('CALL callback_center.purge_in_batches(older_than => %L, batch_size => %s,'
+                     ' attempts_older_than => %L, history_older_than => %L)',
+                     older_than, batch_size, attempts_older_than, history_older_than);
+    RETURN NEXT jobid;
+    FOREACH ch IN ARRAY reconcile_channels LOOP
+        EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO jobid
+            USING 'callback_center_recon_' || ch, recon_cron,
+                  format('SELECT * FROM callback_center.reconcile(%L, current_date - 1)', ch);
+        RETURN NEXT jobid;
+    END LOOP;
+END
+$$;
+
+-- One writer of the outbox: enqueue, enqueue_to and query_stuck_payments
+-- insert through src/outbox.c (_enqueue_one for a single endpoint), with
+-- the same checks, ordering lock and wake-up; the SQL faces the PL/pgSQL
+-- writers used go.
+
+CREATE FUNCTION callback_center._enqueue_one(
+    endpoint_id integer, event_type text, aggregate_id text, payload jsonb)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cc_enqueue_one'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION callback_center._enqueue_one(integer, text, text, jsonb) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION callback_center.enqueue_to(
+    endpoint text, event_type text, aggregate_id text, payload jsonb)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(num_nulls(endpoint, event_type, aggregate_id, payload) = 0 OR NULL,
+                                     'endpoint, event_type, aggregate_id and payload');
+    IF callback_center._enqueue_one(callback_center._endpoint_id(endpoint, false),
+                                    event_type, aggregate_id, payload) IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.query_stuck_payments(max_payments integer DEFAULT 100,
+    older_than interval DEFAULT NULL, min_interval interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    stuck interval := coalesce(older_than,
+        current_setting('callback_center.pay_query_after', true)::interval, '5 minutes');
+    again interval := coalesce(min_interval,
+        current_setting('callback_center.pay_query_interval', true)::interval, '1 minute');
+    r record;
+    ob_id bigint;
+    body jsonb;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_payments, 'max_payments');
+    IF max_payments < 1 OR stuck < interval '0' OR again < interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'max_payments must be positive and the intervals not negative';
+    END IF;
+    FOR r IN
+        SELECT p.payment_id, p.order_id, p.provider, p.amount_cents, e.id AS endpoint_id
+          FROM callback_center.payments p
+          JOIN callback_center.providers pr ON pr.name = p.provider
+          JOIN callback_center.endpoints e ON e.name = pr.query_endpoint AND e.enabled
+         WHERE p.status = 'PAYING' AND p.updated_at <= now() - stuck
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = p.payment_id
+                              AND (q.status = 'sent' OR q.queried_at > now() - again))
+         ORDER BY p.updated_at
+         LIMIT max_payments
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        -- To the query endpoint only, whatever else subscribes.
+        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'amount_cents', r.amount_cents);
+        ob_id := callback_center._enqueue_one(r.endpoint_id, 'payment.query', r.order_id, body);
+        -- Disabled since the scan: no query for this payment this time.
+        CONTINUE WHEN ob_id IS NULL;
+        INSERT INTO callback_center.payment_queries
+               (payment_id, order_id, provider, endpoint_id, outbox_id)
+        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+DROP FUNCTION callback_center._outbox_lock_aggregate(text);
+DROP FUNCTION callback_center._check_event_size(text, text, jsonb);
+
+-- One rule for whose word counts (issue 13): _payment_check (provider,
+-- amount, currency, under the order's and the payment's row locks) is asked
+-- once, by payment_callback before recording for every scheme (a refusal is
+-- the provider's failure answer, nothing recorded: Stripe and Standard
+-- Webhooks no longer record, acknowledge and flag it) and by
+-- _apply_payment_result for query answers and reconciliation (flagged);
+-- _move_payment moves what it accepted; _channel_parse no longer checks.
+
+-- Whose word counts, the one rule for every verdict (a callback of any
+-- scheme, the answer to an active query, a reconciliation line): under the
+-- order's and then the payment's row lock (held to the end of the
+-- transaction, so that nothing can change what was checked before the
+-- verdict is applied), returns refusal NULL when the verdict may be
+-- applied, else unknown_order (no such order), provider_mismatch (the
+-- payment is not p_provider's: the payment's provider, set by place_order
+-- or start_payment, or the order's when it has no payment; a payment with
+-- none takes nobody's verdict), amount_mismatch (a success whose amount is
+-- missing or differs from the payment's, or a failure naming another
+-- amount) or currency_mismatch (a currency, when the message carries one,
+-- that is not the order's, compared in upper case).  A non-terminal
+-- failure (attempt_failed) is checked for its provider only; a message
+-- with no verdict, for the order's existence only.  payment_provider,
+-- expected_cents and expected_currency say what was expected.
+CREATE OR REPLACE FUNCTION callback_center._payment_check(
+    p_provider text, p_order_id text, p_amount_cents bigint, p_currency text, p_verdict text,
+    OUT refusal text, OUT payment_provider text, OUT expected_cents bigint,
+    OUT expected_currency text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+    pay callback_center.payments;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        refusal := 'unknown_order';
+        RETURN;
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    payment_provider := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
+    expected_cents := coalesce(pay.amount_cents, o.amount_cents);
+    expected_currency := o.currency;
+    IF p_verdict IS NULL THEN
+        RETURN;
+    END IF;
+    -- Another provider's word on a payment, signed or not, is no word at all.
+    IF payment_provider IS DISTINCT FROM p_provider THEN
+        refusal := 'provider_mismatch';
+    ELSIF p_verdict = 'attempt_failed' THEN
+        -- It moves nothing, so its amount cannot pay or fail anything.
+        RETURN;
+    ELSIF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected_cents)
+          OR (p_verdict <> 'success' AND p_amount_cents <> expected_cents) THEN
+        refusal := 'amount_mismatch';
+    ELSIF upper(p_currency) <> o.currency THEN
+        refusal := 'currency_mismatch';
+    END IF;
+END
+$$;
+
+
+-- Moves an order's payment by a verdict _payment_check accepted, in the
+-- same transaction (its row locks held): through their machines (which
+-- emit the follow-ups), returning the outcome: paid, pay_failed,
+-- refund_required (money for an order that cannot take it: recorded once
+-- per transaction in late_payments, payment.refund_required emitted, the
+-- order never reopened), already_applied (this transaction already paid
+-- this payment), attempt_failed (a non-terminal failure: nothing moves) or
+-- ignored (no verdict, or a failure for an order no longer waiting).
+CREATE OR REPLACE FUNCTION callback_center._move_payment(
+    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
+    p_verdict text, p_source text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+    pay callback_center.payments;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    IF p_verdict IS NULL THEN
+        RETURN 'ignored';
+    END IF;
+    IF p_verdict = 'attempt_failed' THEN
+        -- The customer may retry on the same transaction: the payment stays
+        -- open until a success, a terminal failure or the timeout close.
+        RETURN 'attempt_failed';
+    END IF;
+
+    IF p_verdict = 'success' THEN
+        IF pay.provider_txn_id = p_txn_id THEN
+            -- Told twice of the same money (a callback and a query answer).
+            RETURN CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
+                        THEN 'refund_required' ELSE 'already_applied' END;
+        END IF;
+        IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'success');
+            IF o.coupon_id IS NOT NULL THEN
+                PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
+            END IF;
+            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_success');
+            RETURN 'paid';
+        END IF;
+        -- Late money: kept once per transaction, never reopening the order.
+        INSERT INTO callback_center.late_payments
+               (provider, provider_txn_id, order_id, payment_id, amount_cents,
+                order_status, pay_status, payment_status, source)
+        VALUES (p_provider, p_txn_id, o.order_id, pay.payment_id,
+                coalesce(p_amount_cents, pay.amount_cents),
+                o.status, o.pay_status, pay.status, p_source)
+        ON CONFLICT (provider, provider_txn_id) DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN 'refund_required';
+        END IF;
+        IF pay.status IN ('CLOSED', 'FAILED') AND pay.provider_txn_id IS NULL THEN
+            UPDATE callback_center.payments x
+               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+             WHERE x.payment_id = pay.payment_id;
+            PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                pay.payment_id, 'late_success');
+        END IF;
+        PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
+            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'amount_cents', coalesce(p_amount_cents, pay.amount_cents),
+                               'order_status', o.status, 'pay_status', o.pay_status,
+                               'source', p_source));
+        RETURN 'refund_required';
+    END IF;
+
+    IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_fail');
+        PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'close');
+        PERFORM callback_center.restore_stock(o.order_id);
+        IF o.coupon_id IS NOT NULL THEN
+            PERFORM callback_center.unfreeze_coupon(o.coupon_id, o.order_id);
+        END IF;
+        RETURN 'pay_failed';
+    END IF;
+    RETURN 'ignored';
+END
+$$;
+
+
+
+-- Applies a verdict that no provider is waiting an answer for (the answer
+-- to an active query, a reconciliation line): _payment_check, then
+-- _move_payment.  A refused verdict is flagged instead, for people:
+-- provider_mismatch emits payment.provider_mismatch, amount_mismatch and
+-- currency_mismatch emit payment.amount_mismatch; nothing moves.  CB050
+-- when the order does not exist.  (payment_callback calls the two itself:
+-- a provider's refused notification is answered with its failure answer
+-- and recorded nowhere.)
+CREATE OR REPLACE FUNCTION callback_center._apply_payment_result(
+    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
+    p_currency text, p_verdict text, p_source text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    chk record;
+BEGIN
+    chk := callback_center._payment_check(p_provider, p_order_id, p_amount_cents, p_currency,
+                                          p_verdict);
+    IF chk.refusal = 'unknown_order' THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', p_order_id),
+            DETAIL = format('Transaction %s from provider %s.', p_txn_id, p_provider),
+            HINT = 'Nothing was recorded; the provider will deliver it again.';
+    ELSIF chk.refusal = 'provider_mismatch' THEN
+        PERFORM callback_center.enqueue('payment.provider_mismatch', p_order_id,
+            jsonb_build_object('order_id', p_order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'payment_provider', chk.payment_provider, 'verdict', p_verdict,
+                               'source', p_source));
+        RETURN chk.refusal;
+    ELSIF chk.refusal IS NOT NULL THEN
+        PERFORM callback_center.enqueue('payment.amount_mismatch', p_order_id,
+            jsonb_build_object('order_id', p_order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'expected_cents', chk.expected_cents, 'received_cents', p_amount_cents,
+                               'expected_currency', chk.expected_currency,
+                               'received_currency', p_currency, 'source', p_source));
+        RETURN chk.refusal;
+    END IF;
+    RETURN callback_center._move_payment(p_provider, p_txn_id, p_order_id, p_amount_cents,
+                                         p_verdict, p_source);
+END
+$$;
+
+
+
+-- _channel_parse: verifies and decodes a channel provider's notification.
+-- One row: ok with the message and the provider's acknowledgement
+-- (http_status, response_body), or not ok with failure (the outcome:
+-- malformed_signature, signature_expired, unknown_key, key_expired,
+-- untrusted_key, wrong_organisation, invalid_signature, malformed_body,
+-- decryption_failed) and the provider's failure answer.  Whether the
+-- message may touch the payment it names is payment_callback's question
+-- (_payment_check, 60_orders.sql), asked under the payment's row lock.
+-- payload is what record_callback should hash (the body; for Alipay the
+-- signed parameters without notify_time, which changes on every resend;
+-- for UnionPay the signed parameters without the certificate).  Raises only for misuse:
+-- CB033 unknown provider, 55000 no key loaded, 22023 not a channel.
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    a record;
+BEGIN
+    IF p_scheme IS NULL OR p_provider IS NULL OR p_headers IS NULL OR p_body IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'scheme, provider, headers and body must not be null';
+    END IF;
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+
+
+-- A payment notification in one call: verify the signature, record it once
+-- (keyed by the provider's message id: Stripe's event id, the Standard
+-- Webhooks webhook-id header, a channel's notification id), move payment
+-- and order, emit the follow-ups (through the transitions' emits), and
+-- return the acknowledgement to send back.  A repeat returns the first
+-- answer and changes nothing.  The payment row guards the money itself: a
+-- second message about a transaction already applied is already_applied,
+-- and success on an order that can no longer be paid is kept and emits
+-- payment.refund_required.  Event types we do not act on are recorded and
+-- acknowledged (ignored).  What the provider gets wrong is an answer,
+-- never an error: a bad, stale or malformed signature (401), an unknown
+-- order (404), a verdict for another provider's payment or with another
+-- amount or currency (400: _payment_check, the one rule) record nothing;
+-- a signed body that cannot be read is recorded and refused once (400).
+-- Errors are for misuse: NULL arguments (22004), an unknown provider
+-- (CB033), no key loaded (55000).  See doc/orders.md and doc/inbound.md.
+CREATE OR REPLACE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_provider text := payment_callback.provider;
+    cb_type text := 'payment:' || p_provider;
+    scheme text;
+    channel boolean;
+    msg record;
+    msg_id text;
+    rec record;
+    result text;
+    refusal text;
+    sig_failure text;
+    ack text := '{"received":true}';
+    ch record;
+    refused text;
+    rec_payload text := payment_callback.body;
+BEGIN
+    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
+    channel := scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay');
+    -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay, unionpay):
+    -- verified and decoded by _channel_parse; whatever the provider got
+    -- wrong is answered in its own format, recording nothing.  Its
+    -- acknowledgement replaces ack.
+    IF channel THEN
+        SELECT * INTO ch FROM callback_center._channel_parse(scheme, p_provider,
+                                                             payment_callback.headers,
+                                                             payment_callback.body);
+        IF NOT ch.ok THEN
+            RETURN QUERY SELECT ch.http_status, ch.response_body, false, ch.failure;
+            RETURN;
+        END IF;
+        SELECT ch.txn_id, ch.order_id, ch.amount_cents, ch.verdict,
+               ch.msg_id AS event_id, ch.event_type, ch.currency
+          INTO msg;
+        msg_id := ch.msg_id;
+        ack := ch.response_body;
+        rec_payload := ch.payload;
+    ELSE
+        -- Verification comes first: a bad signature is answered 401 and
+        -- records nothing (verify_signature raises CB033 for an unknown
+        -- provider, which is misuse).  A signed body we cannot read (not
+        -- JSON, \u0000, an amount beyond bigint, ids missing) will never
+        -- read better: it is recorded and refused once, with 400, and
+        -- every redelivery gets that answer.
+        BEGIN
+            PERFORM callback_center.verify_signature(p_provider, payment_callback.headers,
+                                                     payment_callback.body);
+            msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+        EXCEPTION
+            WHEN SQLSTATE 'CB030' THEN sig_failure := 'invalid_signature';
+            WHEN SQLSTATE 'CB031' THEN sig_failure := 'signature_expired';
+            WHEN SQLSTATE 'CB032' THEN sig_failure := 'malformed_signature';
+            WHEN data_exception THEN refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+        END;
+        IF sig_failure IS NOT NULL THEN
+            RETURN QUERY SELECT 401,
+                format('{"received":false,"reason":"%s"}', replace(sig_failure, '_', ' ')),
+                false, sig_failure;
+            RETURN;
+        END IF;
+        IF scheme = 'stripe' AND refusal IS NULL THEN
+            msg_id := msg.event_id;
+        ELSIF scheme = 'stripe' THEN
+            -- An unreadable Stripe body has no event id: keyed by its hash.
+            msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
+        ELSE
+            -- verify_signature found exactly one, whatever its spelling.
+            SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
+             WHERE lower(h.key) = 'webhook-id';
+        END IF;
+    END IF;
+
+    -- Whose word counts, under the order's and the payment's row locks
+    -- (held until commit, so that what was checked stays true while the
+    -- message is recorded and applied; a duplicate delivered at the same
+    -- time waits here for the first).  A refusal is the provider's failure
+    -- answer and records nothing, so that the provider keeps the message
+    -- failing (and reconciliation finds the money: doc/inbound.md): an
+    -- unknown order (the order may be in a database being restored, or the
+    -- message for another system), another provider's payment, another
+    -- amount or currency.  A message recorded before keeps its first
+    -- answer, even if the payment has changed hands since.
+    -- (msg is unassigned when refusal is set.)
+    IF refusal IS NULL THEN
+        IF msg.verdict IS NOT NULL THEN
+            refused := (callback_center._payment_check(p_provider, msg.order_id, msg.amount_cents,
+                                                       msg.currency, msg.verdict)).refusal;
+        END IF;
+    END IF;
+    IF refused IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM callback_center.callback_record r
+                        WHERE r.biz_id = msg_id AND r.callback_type = cb_type) THEN
+        IF channel THEN
+            RETURN QUERY SELECT a.http_status, a.response_body, false, refused
+              FROM callback_center._channel_answer(scheme, false,
+                       CASE WHEN refused = 'unknown_order' THEN 404 ELSE 400 END,
+                       replace(refused, '_', ' ')) a;
+        ELSE
+            RETURN QUERY SELECT CASE WHEN refused = 'unknown_order' THEN 404 ELSE 400 END,
+                                format('{"received":false,"reason":"%s"}', replace(refused, '_', ' ')),
+                                false, refused;
+        END IF;
+        RETURN;
+    END IF;
+
+    SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, rec_payload);
+    IF NOT rec.is_first THEN
+        IF channel AND (rec.payload_mismatch OR rec.status <> 2) THEN
+            -- Payment channels: the other repeats in the provider's format.
+            RETURN QUERY SELECT a.http_status, a.response_body, false, o.outcome
+              FROM (SELECT CASE WHEN rec.payload_mismatch THEN 'payload_mismatch'
+                                WHEN rec.status = 1 THEN 'in_progress' ELSE 'failed' END) o(outcome),
+                   callback_center._channel_answer(scheme, false,
+                       CASE WHEN rec.payload_mismatch THEN 409 WHEN rec.status = 1 THEN 503 ELSE 500 END,
+                       replace(o.outcome, '_', ' ')) a;
+        ELSIF rec.payload_mismatch THEN
+            RETURN QUERY SELECT 409, '{"received":false,"reason":"payload differs from the first delivery"}',
+                                false, 'payload_mismatch';
+        ELSIF rec.status = 2 THEN
+            RETURN QUERY SELECT coalesce((rec.result->>'http_status')::int, 200),
+                                coalesce(rec.result->>'body', ack), false,
+                                coalesce(rec.result->>'outcome', 'processed');
+        ELSIF rec.status = 1 THEN
+            -- Recorded but not finished (by a handler that records and
+            -- processes in separate transactions): the provider must come back.
+            RETURN QUERY SELECT 503, '{"received":false,"reason":"in progress"}', false, 'in_progress';
+        ELSE
+            -- Failed with no retries left (see reclaim_stale_callbacks): not
+            -- acknowledged, so the provider keeps it visible as failing.
+            RETURN QUERY SELECT 500, '{"received":false,"reason":"processing failed"}', false, 'failed';
+        END IF;
+        RETURN;
+    END IF;
+
+    IF refusal IS NOT NULL THEN
+        PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+            jsonb_build_object('http_status', 400,
+                               'body', jsonb_build_object('received', false,
+                                                          'reason', 'unreadable payment message')::text,
+                               'outcome', 'rejected', 'error', refusal));
+        RETURN QUERY SELECT 400, '{"reason": "unreadable payment message", "received": false}', true, 'rejected';
+        RETURN;
+    END IF;
+    IF msg.verdict IS NULL THEN
+        result := 'ignored';
+    ELSE
+        result := callback_center._move_payment(p_provider, msg.txn_id, msg.order_id,
+                                                msg.amount_cents, msg.verdict, 'callback');
+    END IF;
+
+    PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result,
+                           'order_id', msg.order_id, 'txn_id', msg.txn_id,
+                           'event_type', msg.event_type));
+    RETURN QUERY SELECT 200, ack, true, result;
+END
+$$;
+
+
+REVOKE ALL ON FUNCTION callback_center._payment_check(text, text, bigint, text, text),
+    callback_center._move_payment(text, text, text, bigint, text, text) FROM PUBLIC;
+
+-- One form parser (issue 13): _form_parse reads the Alipay and UnionPay
+-- bodies (names and %-decoded values, the same edge cases as before).
+
+-- The one parser of application/x-www-form-urlencoded bodies (Alipay,
+-- UnionPay): names and values in body order, %-decoded ("+" a space) to
+-- the bytes of the form's own charset, which the caller decodes; a pair
+-- without "=" is a name with an empty value, empty pairs are skipped.
+-- names is NULL for a body that cannot be one form: empty, a "%" not
+-- followed by two hex digits, a name that is not printable ASCII, or a
+-- parameter twice (which one did the provider sign?).
+CREATE OR REPLACE FUNCTION callback_center._form_parse(p_body text, OUT names text[], OUT vals bytea[])
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    pair text;
+    eq integer;
+    n bytea;
+    v bytea;
+    nm text;
+BEGIN
+    IF p_body = '' THEN
+        RETURN;
+    END IF;
+    names := '{}';
+    vals := '{}';
+    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
+        CONTINUE WHEN pair = '';
+        eq := strpos(pair, '=');
+        IF eq = 0 THEN
+            n := callback_center._form_decode(pair);
+            v := '';
+        ELSE
+            n := callback_center._form_decode(left(pair, eq - 1));
+            v := callback_center._form_decode(substr(pair, eq + 1));
+        END IF;
+        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
+            names := NULL; vals := NULL;
+            RETURN;
+        END IF;
+        nm := convert_from(n, 'UTF8');
+        IF nm = ANY (names) THEN
+            names := NULL; vals := NULL;
+            RETURN;
+        END IF;
+        names := names || nm;
+        vals := vals || v;
+    END LOOP;
+END
+$$;
+
+
+-- Alipay asynchronous notifications (RSA2).  The body is the form as
+-- posted; names and values are %-decoded to the bytes of the form's
+-- charset (UTF-8 or GBK), so the signed string is built from those bytes
+-- as Alipay built it: every parameter but sign and sign_type, empty values
+-- left out, sorted by name in byte order, joined as k=v&...
+CREATE OR REPLACE FUNCTION callback_center._alipay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    charset text := 'UTF8';
+    cs text;
+    content bytea;
+    sig bytea;
+    ok boolean := false;
+    s text;
+    f jsonb := '{}';
+    notify_time timestamptz;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK' END;
+    IF charset IS NULL OR array_position(names, 'sign') IS NULL THEN
+        failure := CASE WHEN charset IS NULL THEN 'malformed_body' ELSE 'malformed_signature' END;
+        fail_status := CASE WHEN charset IS NULL THEN 400 ELSE 401 END;
+        RETURN;
+    END IF;
+    IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
+        -- RSA (SHA1withRSA) is Alipay's legacy; only RSA2 is accepted.
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'sign')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    FOREACH s IN ARRAY p_secrets LOOP
+        ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by Alipay: from here on a problem is the body's.
+    BEGIN
+        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
+          INTO f FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                        'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
+          INTO payload FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    msg_id := f->>'notify_id';
+    event_type := f->>'notify_type';
+    IF nullif(msg_id, '') IS NULL
+       OR coalesce(f->>'notify_time', '') !~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        notify_time := (f->>'notify_time')::timestamp AT TIME ZONE 'Asia/Shanghai';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF abs(extract(epoch FROM now() - notify_time))
+       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    order_id := f->>'out_trade_no';
+    txn_id := f->>'trade_no';
+    verdict := CASE f->>'trade_status'
+        WHEN 'TRADE_SUCCESS' THEN 'success'
+        WHEN 'TRADE_FINISHED' THEN 'success'
+        WHEN 'TRADE_CLOSED' THEN 'failure' END;
+    currency := coalesce(nullif(f->>'trans_currency', ''), 'CNY');
+    total := f->>'total_amount';
+    IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                OR total IS NULL
+                                OR total !~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$') THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    IF total ~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$' THEN
+        amount_cents := (total::numeric * 100)::bigint;
+    END IF;
+END
+$$;
+
+
+-- UnionPay (China UnionPay online payments, acp SDK 5.1.0) back-end
+-- notifications.  The body is the form as posted; names and values are
+-- %-decoded to the bytes of the form's encoding (UTF-8 or GBK).  The
+-- signed string is every parameter but signature, empty values left out
+-- (the SDK neither sends nor reads them), sorted by name, joined as
+-- k=v&...; signature is SHA256withRSA (signMethod 01, version 5.1.0) over
+-- the lower-case hex SHA-256 digest of it, by the key of the certificate
+-- in signPubKeyCert, which must chain to the root and intermediate
+-- certificates loaded with set_platform_keys, be valid now and name one of
+-- the provider's organisation names (p_secrets).  UnionPay signs no
+-- notification time: a replay is a repeat of the recorded message, keyed
+-- by queryId and txnType.
+CREATE OR REPLACE FUNCTION callback_center._unionpay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    charset text;
+    cs text;
+    cert bytea;
+    cert_pem text;
+    content bytea;
+    sig bytea;
+    cas text[];
+    chk record;
+    f jsonb;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'encoding')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs = 'GBK' THEN 'GBK' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- signMethod 01 of version 5.1.0 only: 5.0.0 signs SHA-1 digests with
+    -- a certificate chosen by certId, 11 and 12 are symmetric keys.
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        sig := NULL;
+    END;
+    IF sig IS NULL OR sig = '' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = p_provider;
+    IF cas IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no UnionPay certificates', p_provider),
+            HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
+    END IF;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, cas, p_secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
+                                    WHEN 'expired' THEN 'key_expired'
+                                    WHEN 'wrong_name' THEN 'wrong_organisation'
+                                    ELSE 'untrusted_key' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by UnionPay: from here on a problem is the body's.
+    BEGIN
+        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
+          INTO f FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm IN ('orderId', 'queryId', 'txnType', 'txnSubType', 'respCode',
+                        'txnAmt', 'currencyCode');
+        -- What a resend repeats: the signed parameters but the certificate
+        -- (UnionPay may sign a resend under its next certificate).
+        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
+          INTO payload FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm NOT IN ('signature', 'signPubKeyCert') AND x.v <> '';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF nullif(f->>'queryId', '') IS NULL OR nullif(f->>'txnType', '') IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := (f->>'queryId') || ':' || (f->>'txnType');
+    event_type := 'txnType ' || (f->>'txnType') || coalesce('/' || (f->>'txnSubType'), '');
+    IF f->>'txnType' = '01' THEN
+        -- Consumption: respCode 00 (success) and A6 (success with a
+        -- defect) pay; any other is one failed attempt.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'success' ELSE 'attempt_failed' END;
+        -- ISO 4217 numeric codes.
+        currency := CASE f->>'currencyCode'
+            WHEN '156' THEN 'CNY' WHEN '344' THEN 'HKD' WHEN '446' THEN 'MOP'
+            WHEN '901' THEN 'TWD' WHEN '840' THEN 'USD' WHEN '978' THEN 'EUR'
+            WHEN '826' THEN 'GBP' WHEN '392' THEN 'JPY' WHEN '410' THEN 'KRW'
+            WHEN '702' THEN 'SGD' WHEN '036' THEN 'AUD' WHEN '124' THEN 'CAD'
+            ELSE f->>'currencyCode' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$'
+           OR nullif(currency, '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    -- Other transaction types (refunds 04, cancellations 31, ...) are
+    -- recorded and acknowledged (verdict NULL).
+END
+$$;
+
+
+REVOKE ALL ON FUNCTION callback_center._form_parse(text) FROM PUBLIC;
+
+-- Raw bodies (issue 13): payment_callback(text, jsonb, bytea) takes the bytes
+-- the provider posted (a GBK or GB18030 form need not be valid text);
+-- _form_escape carries a form's bytes to the form parser; Alipay decodes
+-- every value per its charset (GB18030 added) before verifying.
+
+CREATE OR REPLACE FUNCTION callback_center._form_escape(b bytea)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_form_escape'
+LANGUAGE C IMMUTABLE;
+
+
+-- Alipay asynchronous notifications (RSA2).  The body is the form as
+-- posted (a bytea body reaches here through payment_callback's bytea
+-- overload, its bytes beyond ASCII %-escaped); names and values are
+-- %-decoded to the bytes of the form's charset (UTF-8, GBK or GB18030) and
+-- decoded from it, so the signed string is built from those bytes as
+-- Alipay built it: every parameter but sign and sign_type, empty values
+-- left out, sorted by name in byte order, joined as k=v&...
+CREATE OR REPLACE FUNCTION callback_center._alipay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    texts text[];
+    charset text := 'UTF8';
+    cs text;
+    content bytea;
+    sig bytea;
+    ok boolean := false;
+    s text;
+    f jsonb := '{}';
+    notify_time timestamptz;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK'
+                    WHEN cs = 'GB18030' THEN 'GB18030' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- Characters of a text body beyond ASCII were decoded by the web tier:
+    -- on the wire they were the bytes of the form's charset.
+    IF charset <> 'UTF8' AND p_body ~ '[^\x01-\x7f]' THEN
+        BEGIN
+            SELECT f.names, f.vals INTO names, vals
+              FROM callback_center._form_parse(
+                       callback_center._form_escape(convert_to(p_body, charset))) f;
+        EXCEPTION WHEN untranslatable_character THEN
+            names := NULL;
+        END;
+        IF names IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+    END IF;
+    -- Every value decoded from the charset before anything is verified:
+    -- Alipay signs the decoded values (encoded in that charset again, which
+    -- gives back the %-decoded bytes), and bytes that are not text in it
+    -- were not signed by Alipay.
+    BEGIN
+        texts := ARRAY(SELECT convert_from(x.v, charset)
+                         FROM unnest(vals) WITH ORDINALITY AS x(v, i) ORDER BY x.i);
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF array_position(names, 'sign') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
+        -- RSA (SHA1withRSA) is Alipay's legacy; only RSA2 is accepted.
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'sign')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    FOREACH s IN ARRAY p_secrets LOOP
+        ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by Alipay: from here on a problem is the body's.
+    SELECT jsonb_object_agg(x.nm, x.t)
+      INTO f FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                    'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+    SELECT string_agg(x.nm || '=' || x.t, '&' ORDER BY x.nm COLLATE "C")
+      INTO payload FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
+    msg_id := f->>'notify_id';
+    event_type := f->>'notify_type';
+    IF nullif(msg_id, '') IS NULL
+       OR coalesce(f->>'notify_time', '') !~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        notify_time := (f->>'notify_time')::timestamp AT TIME ZONE 'Asia/Shanghai';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF abs(extract(epoch FROM now() - notify_time))
+       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    order_id := f->>'out_trade_no';
+    txn_id := f->>'trade_no';
+    verdict := CASE f->>'trade_status'
+        WHEN 'TRADE_SUCCESS' THEN 'success'
+        WHEN 'TRADE_FINISHED' THEN 'success'
+        WHEN 'TRADE_CLOSED' THEN 'failure' END;
+    currency := coalesce(nullif(f->>'trans_currency', ''), 'CNY');
+    total := f->>'total_amount';
+    IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                OR total IS NULL
+                                OR total !~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$') THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    IF total ~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$' THEN
+        amount_cents := (total::numeric * 100)::bigint;
+    END IF;
+END
+$$;
+
+
+-- payment_callback with the body as the bytes the provider posted: a form
+-- in GBK or GB18030 (Alipay's charset, UnionPay's encoding) need not be
+-- valid text in the database's encoding.  For alipay and unionpay the
+-- bytes beyond printable ASCII are %-escaped, so that the form parser
+-- reads back exactly those bytes and decodes them per the form's own
+-- charset; every other scheme's body is UTF-8 JSON or XML, and bytes that
+-- are not UTF-8 are answered 400 malformed_body, recording nothing.  Then
+-- as payment_callback(text, jsonb, text).
+CREATE OR REPLACE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body bytea)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    scheme text;
+    t text;
+BEGIN
+    PERFORM callback_center._require(payment_callback.provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    PERFORM callback_center._require_provider(payment_callback.provider);
+    SELECT p.scheme INTO scheme FROM callback_center.providers p
+     WHERE p.name = payment_callback.provider;
+    IF scheme IN ('alipay', 'unionpay') THEN
+        t := callback_center._form_escape(payment_callback.body);
+    ELSE
+        BEGIN
+            t := convert_from(payment_callback.body, 'UTF8');
+        EXCEPTION WHEN character_not_in_repertoire THEN
+            IF scheme IN ('wechatpay_v3', 'wechatpay_v2') THEN
+                RETURN QUERY SELECT a.http_status, a.response_body, false, 'malformed_body'
+                  FROM callback_center._channel_answer(scheme, false, 400, 'malformed body') a;
+            ELSE
+                RETURN QUERY SELECT 400, '{"received":false,"reason":"malformed body"}', false,
+                                    'malformed_body';
+            END IF;
+            RETURN;
+        END;
+    END IF;
+    RETURN QUERY SELECT * FROM callback_center.payment_callback(payment_callback.provider,
+                                                               payment_callback.headers, t);
+END
+$$;
+
+
+REVOKE ALL ON FUNCTION callback_center._form_escape(bytea),
+    callback_center.payment_callback(text, jsonb, bytea) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.payment_callback(text, jsonb, bytea)
+    TO callback_center_app, callback_center_admin;
+
+-- Alipay certificate mode (issue 13): alipay_cert_sn and alipay_root_cert_sn
+-- compute the SNs as Alipay documents them; set_provider(name, 'alipay',
+-- NULL) makes a certificate-mode provider; set_platform_keys loads its
+-- certificates by SN; _alipay_parse verifies with those that chain to the
+-- loaded roots.
+
+ALTER TABLE callback_center.providers
+    DROP CONSTRAINT providers_secrets_check,
+    ADD CONSTRAINT providers_secrets_check
+        CHECK ((cardinality(secrets) >= 1 OR scheme = 'alipay')
+               AND array_position(secrets, NULL) IS NULL);
+
+-- Alipay's certificate SNs, as AlipaySignature.getCertSN and getRootCertSN
+-- compute them: the hex MD5 of the issuer's name (RFC 2253, as Java writes
+-- it) and the serial number in decimal; for the root certificate file,
+-- those of its RSA-signed certificates joined by "_".  The app sends
+-- app_cert_sn and alipay_root_cert_sn with its requests; certificate mode
+-- names the loaded certificates by them.  22023 for what is not a PEM
+-- certificate.
+CREATE OR REPLACE FUNCTION callback_center.alipay_cert_sn(certificate text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_alipay_cert_sn_sql'
+LANGUAGE C IMMUTABLE;
+
+
+CREATE OR REPLACE FUNCTION callback_center.alipay_root_cert_sn(certificates text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_alipay_root_cert_sn_sql'
+LANGUAGE C IMMUTABLE;
+
+
+COMMENT ON FUNCTION callback_center.alipay_cert_sn(text) IS
+    'Alipay''s SN of a certificate (app_cert_sn, alipay_cert_sn)';
+COMMENT ON FUNCTION callback_center.alipay_root_cert_sn(text) IS
+    'Alipay''s SN of its root certificate file (alipay_root_cert_sn)';
+REVOKE ALL ON FUNCTION callback_center.alipay_cert_sn(text),
+    callback_center.alipay_root_cert_sn(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.alipay_cert_sn(text),
+    callback_center.alipay_root_cert_sn(text) TO callback_center_app, callback_center_admin;
+
+-- set_provider: creates or replaces a provider.  Standard Webhooks secrets
+-- must be whsec_<base64>; secrets NULL generates one (new_webhook_secret(),
+-- read back with provider_secret()), so that no secret need be written
+-- into a statement, which the server logs with any error it raises; a
+-- tolerance of NULL means the GUC callback_center.signature_tolerance.  No
+-- message raised here contains a secret.
+CREATE OR REPLACE FUNCTION callback_center.set_provider(
+    p_name text, p_scheme text, p_secrets text[],
+    p_tolerance interval DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(p_name, 'provider', 63);
+    PERFORM callback_center._require(p_scheme, 'scheme');
+    IF p_secrets IS NULL AND p_scheme = 'unionpay' THEN
+        -- UnionPay has no shared secret: what is kept is the organisation
+        -- its signing certificates name.
+        p_secrets := ARRAY['中国银联股份有限公司'];
+    ELSIF p_secrets IS NULL AND p_scheme = 'alipay' THEN
+        -- Alipay's certificate mode: no public key, the certificates come
+        -- with set_platform_keys.
+        p_secrets := '{}';
+    ELSIF p_secrets IS NULL THEN
+        p_secrets := ARRAY[callback_center.new_webhook_secret()];
+    END IF;
+    -- Payment channels (45_channels.sql): wechatpay_v3, wechatpay_v2, alipay, unionpay.
+    IF p_scheme NOT IN ('standard_webhooks', 'stripe', 'wechatpay_v3', 'wechatpay_v2', 'alipay',
+                        'unionpay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('unknown signature scheme "%s"', p_scheme),
+            HINT = 'The schemes are standard_webhooks, stripe, wechatpay_v3, wechatpay_v2, alipay and unionpay.';
+    END IF;
+    IF (cardinality(p_secrets) = 0 AND p_scheme <> 'alipay')
+       OR array_position(p_secrets, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'secrets must hold at least one secret and no nulls';
+    END IF;
+    IF p_tolerance <= interval '0' OR p_tolerance > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'tolerance must be positive and at most 100 years',
+            DETAIL = format('The value given was %s.', p_tolerance);
+    END IF;
+    FOREACH s IN ARRAY p_secrets LOOP
+        IF s = '' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'secrets must not be empty';
+        END IF;
+        IF p_scheme = 'standard_webhooks' THEN
+            -- raises 22023 for anything but whsec_<base64>
+            PERFORM callback_center.sign_webhook(s, 'probe', 0, '');
+        ELSIF p_scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay') THEN
+            -- Payment channels: the APIv3 key, API key, Alipay public key,
+            -- UnionPay organisation name (22023)
+            PERFORM callback_center._channel_check_secret(p_scheme, s);
+        END IF;
+    END LOOP;
+
+    INSERT INTO callback_center.providers (name, scheme, secrets, tolerance)
+    VALUES (p_name, p_scheme, p_secrets, p_tolerance)
+    ON CONFLICT (name) DO UPDATE
+       SET scheme = EXCLUDED.scheme, secrets = EXCLUDED.secrets,
+           tolerance = EXCLUDED.tolerance;
+END
+$$;
+
+
+-- set_platform_keys: replaces the platform keys of a wechatpay_v3,
+-- unionpay or alipay provider with keys, a JSON object of name to PEM.
+-- wechatpay_v3: serial (or public-key id) to platform certificate or
+-- public key; pass the old and the new key together while WeChat Pay
+-- rotates.  unionpay: any name to the UnionPay root certificate(s)
+-- (self-signed: the trust anchors) and intermediate certificate(s), which
+-- must chain to a root.  alipay (certificate mode): each certificate's SN
+-- (alipay_cert_sn) to the Alipay public-key certificate, its intermediate
+-- and the RSA root certificates, which all must chain to a root.
+-- Each key is checked (RSA, 2048 bits or more, a certificate valid now
+-- whose serial is its name for wechatpay_v3); returns how many are loaded.
+CREATE OR REPLACE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    chk record;
+    cas text[];
+    why text;
+    n integer := 0;
+BEGIN
+    IF p_provider IS NULL OR p_keys IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+            MESSAGE = 'provider and keys must not be null';
+    END IF;
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = p_provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay', 'alipay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', p_provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
+        IF v_scheme = 'alipay' AND (info.kind <> 'certificate'
+                                    OR k.key <> callback_center.alipay_cert_sn(k.value #>> '{}')) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid Alipay certificate "%s"', k.key),
+                DETAIL = CASE WHEN info.kind <> 'certificate'
+                              THEN 'Certificate mode takes X.509 certificates; give a public key to callback_center.set_provider().'
+                              ELSE 'The certificate''s SN is not the name it is given.' END,
+                HINT = 'Name each certificate by its SN, callback_center.alipay_cert_sn(pem).';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+
+    IF v_scheme IN ('unionpay', 'alipay') THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid %s certificate "%s"',
+                                     CASE v_scheme WHEN 'alipay' THEN 'Alipay' ELSE 'UnionPay' END, k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = CASE v_scheme
+                        WHEN 'alipay' THEN 'Load the Alipay public-key certificate with the intermediate it holds (alipayCertPublicKey_RSA2.crt) and the RSA root certificates of alipayRootCert.crt together.'
+                        ELSE 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).' END;
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN n;
+END
+$$;
+
+
+-- Alipay asynchronous notifications (RSA2).  The body is the form as
+-- posted (a bytea body reaches here through payment_callback's bytea
+-- overload, its bytes beyond ASCII %-escaped); names and values are
+-- %-decoded to the bytes of the form's charset (UTF-8, GBK or GB18030) and
+-- decoded from it, so the signed string is built from those bytes as
+-- Alipay built it: every parameter but sign and sign_type, empty values
+-- left out, sorted by name in byte order, joined as k=v&...  It is
+-- verified with the provider's Alipay public keys (public-key mode) or
+-- Alipay public-key certificates that chain to the loaded Alipay roots
+-- (certificate mode, set_platform_keys).
+CREATE OR REPLACE FUNCTION callback_center._alipay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    texts text[];
+    cert_sn text;
+    cas text[];
+    k record;
+    chk record;
+    candidates integer := 0;
+    chain_failure text;
+    charset text := 'UTF8';
+    cs text;
+    content bytea;
+    sig bytea;
+    ok boolean := false;
+    s text;
+    f jsonb := '{}';
+    notify_time timestamptz;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK'
+                    WHEN cs = 'GB18030' THEN 'GB18030' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- Characters of a text body beyond ASCII were decoded by the web tier:
+    -- on the wire they were the bytes of the form's charset.
+    IF charset <> 'UTF8' AND p_body ~ '[^\x01-\x7f]' THEN
+        BEGIN
+            SELECT f.names, f.vals INTO names, vals
+              FROM callback_center._form_parse(
+                       callback_center._form_escape(convert_to(p_body, charset))) f;
+        EXCEPTION WHEN untranslatable_character THEN
+            names := NULL;
+        END;
+        IF names IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+    END IF;
+    -- Every value decoded from the charset before anything is verified:
+    -- Alipay signs the decoded values (encoded in that charset again, which
+    -- gives back the %-decoded bytes), and bytes that are not text in it
+    -- were not signed by Alipay.
+    BEGIN
+        texts := ARRAY(SELECT convert_from(x.v, charset)
+                         FROM unnest(vals) WITH ORDINALITY AS x(v, i) ORDER BY x.i);
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF array_position(names, 'sign') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
+        -- RSA (SHA1withRSA) is Alipay's legacy; only RSA2 is accepted.
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'sign')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    -- Public-key mode: the Alipay public keys of secrets.
+    FOREACH s IN ARRAY p_secrets LOOP
+        ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
+    END LOOP;
+    -- Certificate mode: the Alipay public-key certificates loaded with
+    -- set_platform_keys (named by their SN), each checked against the
+    -- loaded roots now, since a certificate expires after it was loaded;
+    -- alipay_cert_sn, when the notification carries it, names the one.
+    -- The roots themselves sign no notification.
+    IF NOT ok THEN
+        cert_sn := callback_center._channel_ascii(vals[array_position(names, 'alipay_cert_sn')]);
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+         WHERE pk.provider = p_provider;
+        IF cas IS NULL AND cardinality(p_secrets) = 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+                MESSAGE = format('provider "%s" has no Alipay public key or certificate', p_provider),
+                HINT = 'An administrator gives the Alipay public key to callback_center.set_provider(), or loads the Alipay certificates with callback_center.set_platform_keys().';
+        END IF;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider
+                    AND (cert_sn IS NULL OR pk.key_id = cert_sn)
+                  ORDER BY pk.key_id LOOP
+            CONTINUE WHEN (callback_center._x509_chain_check(k.pem, ARRAY[k.pem], NULL)).verdict = 'ok';
+            candidates := candidates + 1;
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                chain_failure := chk.verdict;
+            ELSIF callback_center._rsa_sha256_check(k.pem, coalesce(content, ''), sig) IS NULL THEN
+                ok := true;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF NOT ok THEN
+            failure := CASE WHEN cert_sn IS NOT NULL AND cas IS NOT NULL AND candidates = 0
+                            THEN 'unknown_key'
+                            WHEN chain_failure = 'expired' THEN 'key_expired'
+                            WHEN chain_failure IS NOT NULL THEN 'untrusted_key'
+                            ELSE 'invalid_signature' END;
+            fail_status := 401;
+            RETURN;
+        END IF;
+    END IF;
+
+    -- Signed by Alipay: from here on a problem is the body's.
+    SELECT jsonb_object_agg(x.nm, x.t)
+      INTO f FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                    'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+    SELECT string_agg(x.nm || '=' || x.t, '&' ORDER BY x.nm COLLATE "C")
+      INTO payload FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
+    msg_id := f->>'notify_id';
+    event_type := f->>'notify_type';
+    IF nullif(msg_id, '') IS NULL
+       OR coalesce(f->>'notify_time', '') !~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        notify_time := (f->>'notify_time')::timestamp AT TIME ZONE 'Asia/Shanghai';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF abs(extract(epoch FROM now() - notify_time))
+       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    order_id := f->>'out_trade_no';
+    txn_id := f->>'trade_no';
+    verdict := CASE f->>'trade_status'
+        WHEN 'TRADE_SUCCESS' THEN 'success'
+        WHEN 'TRADE_FINISHED' THEN 'success'
+        WHEN 'TRADE_CLOSED' THEN 'failure' END;
+    currency := coalesce(nullif(f->>'trans_currency', ''), 'CNY');
+    total := f->>'total_amount';
+    IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                OR total IS NULL
+                                OR total !~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$') THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    IF total ~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$' THEN
+        amount_cents := (total::numeric * 100)::bigint;
+    END IF;
+END
+$$;
+
+
+COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
+    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, a unionpay provider''s root and intermediate certificates, or an alipay provider''s certificates, by SN (admin)';
+
+-- Merge of the argument checks (one NULL check) with the channels' changes: the final definitions of the functions both changed.
+
+CREATE OR REPLACE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    chk record;
+    cas text[];
+    why text;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_provider, p_keys) = 0 OR NULL, 'provider and keys');
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = p_provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay', 'alipay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', p_provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
+        IF v_scheme = 'alipay' AND (info.kind <> 'certificate'
+                                    OR k.key <> callback_center.alipay_cert_sn(k.value #>> '{}')) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid Alipay certificate "%s"', k.key),
+                DETAIL = CASE WHEN info.kind <> 'certificate'
+                              THEN 'Certificate mode takes X.509 certificates; give a public key to callback_center.set_provider().'
+                              ELSE 'The certificate''s SN is not the name it is given.' END,
+                HINT = 'Name each certificate by its SN, callback_center.alipay_cert_sn(pem).';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+
+    IF v_scheme IN ('unionpay', 'alipay') THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid %s certificate "%s"',
+                                     CASE v_scheme WHEN 'alipay' THEN 'Alipay' ELSE 'UnionPay' END, k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = CASE v_scheme
+                        WHEN 'alipay' THEN 'Load the Alipay public-key certificate with the intermediate it holds (alipayCertPublicKey_RSA2.crt) and the RSA root certificates of alipayRootCert.crt together.'
+                        ELSE 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).' END;
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    a record;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._note_close_failure(p_order_id text, error text)
+RETURNS timestamptz
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    retry timestamptz;
+BEGIN
+    DELETE FROM callback_center.close_failures f
+     WHERE NOT EXISTS (SELECT 1 FROM callback_center.orders o
+                        WHERE o.order_id = f.order_id AND o.status = 'confirmed'
+                          AND o.pay_status IN ('unpaid', 'paying'));
+    INSERT INTO callback_center.close_failures AS f
+           (order_id, failures, last_error, failed_at, retry_at)
+    VALUES (p_order_id, 1, error, now(), now() + interval '1 second')
+    ON CONFLICT (order_id) DO UPDATE
+       SET failures = f.failures + 1, last_error = excluded.last_error, failed_at = now(),
+           retry_at = now() + least(interval '1 second' * power(2, least(f.failures, 20)),
+                                    interval '5 minutes')
+    RETURNING f.retry_at INTO retry;
+    RETURN retry;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._close_order(p_order_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x
+     WHERE x.order_id = p_order_id FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT 1 FROM callback_center.orders x WHERE x.order_id = p_order_id) THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB050',
+                MESSAGE = format('order "%s" does not exist', p_order_id);
+        END IF;
+        RETURN false;
+    END IF;
+    IF NOT (o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+            AND o.pay_deadline <= now()) THEN
+        RETURN false;
+    END IF;
+    RETURN callback_center._close_locked_orders(ARRAY[o.order_id]) = 1;
+END
+$$;
+
 -- ------------------------------------------------------------------------
 -- Payment channels, outbound (issue 14, sections 1 and 2): the adapter
 -- layer.  Endpoints get a format (standard_webhooks, wechatpay_v3, alipay,
@@ -4826,7 +7078,7 @@ $$;
 CREATE FUNCTION callback_center._adapter_request(p_endpoint_id integer, p_event_type text,
     p_aggregate_id text, p_payload jsonb)
 RETURNS text
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
@@ -5301,7 +7553,7 @@ $$;
 -- "Name: value" lines.  Never raises.
 CREATE FUNCTION callback_center._adapter_check(p_outbox_id bigint, p_http_status integer,
     p_headers text, p_body text, OUT ok boolean, OUT answer jsonb, OUT error text)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
@@ -5426,7 +7678,7 @@ $$;
 CREATE FUNCTION callback_center._adapter_record(ids bigint[], attempts integer[],
     statuses integer[], answers jsonb[], errors text[])
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
     INSERT INTO callback_center.provider_answers AS a
@@ -5469,6 +7721,14 @@ GRANT EXECUTE ON FUNCTION
     callback_center.set_merchant(text, text, text, text, jsonb),
     callback_center.set_endpoint_format(text, text)
     TO callback_center_admin;
+-- The delivery worker (src/queue.c) builds requests, checks and keeps
+-- answers through these; they run as their owner (the worker role reads
+-- no merchant key, no provider key and writes no answer of its own).
+GRANT EXECUTE ON FUNCTION
+    callback_center._adapter_request(integer, text, text, jsonb),
+    callback_center._adapter_check(bigint, integer, text, text),
+    callback_center._adapter_record(bigint[], integer[], integer[], jsonb[], text[])
+    TO callback_center_worker;
 
 -- callback_center.close_query_max_wait: how long after its deadline an
 -- order whose provider is asked first may wait for an answer.
@@ -5666,18 +7926,14 @@ BEGIN
         -- To the query endpoint only, whatever else subscribes.
         body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
                                    'provider', r.provider, 'amount_cents', r.amount_cents);
-        PERFORM callback_center._check_event_size('payment.query', r.order_id, body);
-        INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
-        VALUES (r.endpoint_id, 'payment.query', r.order_id, body)
-        RETURNING id INTO ob_id;
+        ob_id := callback_center._enqueue_one(r.endpoint_id, 'payment.query', r.order_id, body);
+        -- Disabled since the scan: no query for this order this time.
+        CONTINUE WHEN ob_id IS NULL;
         INSERT INTO callback_center.payment_queries
                (payment_id, order_id, provider, endpoint_id, outbox_id)
         VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
         n := n + 1;
     END LOOP;
-    IF n > 0 THEN
-        PERFORM callback_center._outbox_note_enqueue();
-    END IF;
     RETURN n;
 END
 $$;
@@ -5831,3 +8087,8 @@ GRANT EXECUTE ON FUNCTION
     callback_center.query_expired_orders(integer),
     callback_center.apply_provider_answers(integer)
     TO callback_center_admin;
+GRANT EXECUTE ON FUNCTION
+    callback_center.query_expired_orders(integer),
+    callback_center.apply_provider_answers(integer),
+    callback_center._close_query_max_wait()
+    TO callback_center_worker;

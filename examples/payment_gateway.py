@@ -22,7 +22,8 @@ separator.  With psycopg 3 or any driver that binds parameters, the same is
 one call: cursor.execute(SQL, (provider, headers, body)).
 
 Connection settings are libpq's environment variables (PGHOST, PGPORT,
-PGDATABASE, PGUSER, PGPASSFILE...); the role needs callback_center_app.
+PGDATABASE, PGUSER, PGPASSFILE...); the role needs callback_center_app and
+USAGE on schema callback_center in that database.
 """
 import argparse
 import json

@@ -173,6 +173,8 @@ SELECT pg_temp.try($q$SELECT (callback_center.get_callback('cbt-1', NULL)).statu
 SELECT count(*) AS cbt_7_rows FROM callback_center.callback_record WHERE biz_id = 'cbt-7';
 
 -- The application role uses the functions but not the tables.
+-- Members of the group roles may use this database.
+GRANT USAGE ON SCHEMA callback_center TO callback_center_app, callback_center_admin;
 SET ROLE callback_center_app;
 SELECT is_first, status FROM callback_center.record_callback('cbt-8', 'pay', 'body-8');
 SELECT callback_center.complete_callback('cbt-8', 'pay', true, '{}');
@@ -186,6 +188,7 @@ RESET ROLE;
 SET ROLE callback_center_app;
 SELECT pg_temp.try($q$SET callback_center.callback_max_retries = 100$q$) AS app_sets_retries;
 RESET ROLE;
+REVOKE USAGE ON SCHEMA callback_center FROM callback_center_app, callback_center_admin;
 
 -- pg_dump keeps the rows (and the identity sequences' positions).
 SELECT c::regclass AS dumped

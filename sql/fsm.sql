@@ -353,6 +353,7 @@ DROP FUNCTION fsm_test_skip();
 -- The application role: rights on its own table and callback_center_app,
 -- nothing on the extension's tables; history is still written.
 CREATE ROLE regress_fsm_app IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO regress_fsm_app;
 CREATE TABLE fsm_app_orders (id text PRIMARY KEY, pay_status text);
 GRANT SELECT, INSERT, UPDATE ON fsm_app_orders TO regress_fsm_app;
 SELECT callback_center.attach_state_machine('fsm_app_orders', 'pay_status', 'order_pay');
@@ -501,6 +502,7 @@ $$;
 DROP TABLE fsm_names, fsm_late, fsm_orders, fsm_payments, fsm_tickets, fsm_app_orders, fsm_misuse, fsm_test_events;
 DELETE FROM callback_center.state_history WHERE table_name LIKE 'public.fsm%';
 DELETE FROM callback_center.state_machines WHERE machine = 'fsm_test_ticket';
+REVOKE USAGE ON SCHEMA callback_center FROM regress_fsm_app;
 DROP ROLE regress_fsm_app;
 DROP FUNCTION fsm_try(text);
 -- Leave the database as this file found a fresh one: the install test

@@ -27,7 +27,9 @@ SELECT callback_center.create_endpoint('sec-sink', 'http://127.0.0.1:9/sec', '{s
 
 CREATE ROLE regress_sec_tenant;
 CREATE ROLE regress_sec_admin IN ROLE callback_center_admin;
+GRANT USAGE ON SCHEMA callback_center TO regress_sec_admin;
 CREATE ROLE regress_sec_clerk IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO regress_sec_clerk;
 
 -- 1. A table owner who is not admin forces on its table a row-level
 -- security policy whose function copies endpoint secrets to a table it
@@ -164,5 +166,6 @@ DELETE FROM callback_center.replay_audit WHERE reason = 'sec test';
 DELETE FROM callback_center.transitions WHERE machine = 'sec_item';
 DELETE FROM callback_center.machine_states WHERE machine = 'sec_item';
 DELETE FROM callback_center.state_machines WHERE machine = 'sec_item';
+REVOKE USAGE ON SCHEMA callback_center FROM regress_sec_admin, regress_sec_clerk;
 DROP ROLE regress_sec_tenant, regress_sec_admin, regress_sec_clerk;
 DROP FUNCTION sec_try(text);

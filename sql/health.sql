@@ -63,10 +63,13 @@ SELECT endpoint, delivered, failed_attempts
   FROM callback_center.delivery_stats('0 seconds') WHERE endpoint = 'h_fail2';
 
 -- The application role may read the views but not the attempts log itself.
+-- Members of the group roles may use this database.
+GRANT USAGE ON SCHEMA callback_center TO callback_center_app, callback_center_admin;
 SET ROLE callback_center_app;
 SELECT count(*) > 0 AS app_sees_health FROM callback_center.health WHERE endpoint LIKE 'h\_%';
 SELECT count(*) FROM callback_center.delivery_attempts;
 RESET ROLE;
+REVOKE USAGE ON SCHEMA callback_center FROM callback_center_app, callback_center_admin;
 
 SELECT callback_center.drop_endpoint(n) FROM unnest(ARRAY['h_quiet', 'h_fail1', 'h_fail2',
     'h_dead10', 'h_dead11', 'h_slow', 'h_fast', 'h_open', 'h_off']) n;

@@ -51,6 +51,7 @@ CREATE FUNCTION pg_temp.sample(t regtype) RETURNS text LANGUAGE sql AS $$
         WHEN 'date'::regtype THEN '''2026-01-01''::date'
         WHEN 'text[]'::regtype THEN '''{nulls-x}''::text[]'
         WHEN 'bigint[]'::regtype THEN '''{1}''::bigint[]'
+        WHEN 'bytea'::regtype THEN '''x''::bytea'
         END $$;
 
 -- The SQLSTATE a call raises, or ok; rolled back either way.

@@ -216,7 +216,8 @@ SELECT ord_events('ord-5') AS events;
 SELECT payload->>'txn_id' AS txn, payload->>'amount_cents' AS cents FROM callback_center.outbox
  WHERE aggregate_id = 'ord-5' AND event_type = 'payment.refund_required';
 
--- An amount that does not match is not applied.
+-- An amount that does not match is refused (400) and recorded nowhere, so
+-- that the provider keeps it failing (before 0.2.0: recorded, 200, flagged).
 SELECT status FROM callback_center.place_order('ord-6', 'u6', '[{"sku":"ord-A","qty":1}]', 500, NULL, 'ord-pay');
 SELECT ord_pay_body('payment.succeeded', 'txn-6', 'ord-6', 499) AS body7 \gset
 SELECT * FROM callback_center.payment_callback('ord-pay', ord_headers(:'body7', 'msg_9'), :'body7');
@@ -277,7 +278,7 @@ SELECT ord_trace('ord-10', 'evt_10') AS canceled, ord_events('ord-10') AS events
 SELECT available FROM callback_center.stock WHERE sku_id = 'ord-A';
 
 -- Stripe's success is judged on amount_received: less than the order's
--- amount is not applied.
+-- amount is refused, nothing recorded, no event.
 SELECT status FROM callback_center.place_order('ord-11', 'u11', '[{"sku":"ord-A","qty":1}]', 1100, NULL, 'ord-stripe');
 SELECT jsonb_set(ord_stripe_body('payment_intent.succeeded', 'evt_11', 'pi_11', 'ord-11', 1100)::jsonb,
                  '{data,object,amount_received}', '1000')::text AS s11 \gset

@@ -116,8 +116,11 @@ SELECT currency FROM callback_center.orders WHERE order_id = 'pc-5';
 SELECT pc_body('payment.succeeded', 'acme-5', 'pc-5', 1000, 'JPY') AS b \gset
 SELECT http_status, outcome FROM callback_center.payment_callback('pc-acme', pc_acme(:'b', 'pc-m7'), :'b');
 SELECT pc_state('pc-5') AS still_paying;
-SELECT payload->>'expected_currency' AS expected, payload->>'received_currency' AS received
-  FROM callback_center.outbox WHERE aggregate_id = 'pc-5' AND event_type = 'payment.amount_mismatch';
+-- Refused: nothing recorded, nothing emitted (before 0.2.0 it was recorded,
+-- acknowledged and flagged with payment.amount_mismatch).
+SELECT (SELECT count(*) FROM callback_center.callback_record WHERE biz_id = 'pc-m7') AS records,
+       (SELECT count(*) FROM callback_center.outbox
+         WHERE aggregate_id = 'pc-5' AND event_type = 'payment.amount_mismatch') AS flagged;
 SELECT pc_body('payment.succeeded', 'acme-5', 'pc-5', 1000, 'cny') AS b \gset
 SELECT http_status, outcome FROM callback_center.payment_callback('pc-acme', pc_acme(:'b', 'pc-m8'), :'b');
 -- Stripe carries currency in lower case, on the PaymentIntent.
@@ -130,6 +133,34 @@ SELECT replace(:'s', '"jpy"', '"cny"') AS s \gset
 SELECT replace(:'s', 'evt_pc6', 'evt_pc6b') AS s \gset
 SELECT http_status, outcome FROM callback_center.payment_callback('pc-stripe', pc_stripe_headers(:'s'), :'s');
 SELECT pc_state('pc-6') AS paid;
+
+-- A message recorded before keeps its first answer when the payment has
+-- changed hands since: a Stripe failed attempt, the user switches to acme,
+-- Stripe resends it.  A new Stripe message is refused.
+SELECT pc_place('pc-20', 2000, 'pc-stripe') AS placed,
+       callback_center.start_payment('pc-20', 'pc-stripe') AS payment;
+SELECT jsonb_build_object('id', 'evt_pc20', 'type', 'payment_intent.payment_failed', 'data',
+    jsonb_build_object('object', jsonb_build_object('id', 'pi_pc20', 'amount', 2000,
+        'currency', 'cny', 'metadata', jsonb_build_object('order_id', 'pc-20'))))::text AS s \gset
+SELECT http_status, is_first, outcome FROM callback_center.payment_callback('pc-stripe', pc_stripe_headers(:'s'), :'s');
+SELECT callback_center.start_payment('pc-20', 'pc-acme') AS switched;
+SELECT http_status, is_first, outcome FROM callback_center.payment_callback('pc-stripe', pc_stripe_headers(:'s'), :'s');
+SELECT replace(:'s', 'evt_pc20', 'evt_pc20b') AS s \gset
+SELECT http_status, is_first, outcome FROM callback_center.payment_callback('pc-stripe', pc_stripe_headers(:'s'), :'s');
+
+-- Reconciliation finds the money of a success we refused: the statement
+-- line is a flagged difference (amount_mismatch here; another provider's
+-- line is missing_local, section 1), never applied.
+SELECT pc_place('pc-21', 700) AS placed, callback_center.start_payment('pc-21', 'pc-acme') AS payment;
+SELECT pc_body('payment.succeeded', 'acme-21', 'pc-21', 650) AS b \gset
+SELECT http_status, is_first, outcome FROM callback_center.payment_callback('pc-acme', pc_acme(:'b', 'pc-m21'), :'b');
+INSERT INTO callback_center.provider_statement (channel, bill_date, provider_txn_id, order_id,
+                                                amount_cents, status)
+VALUES ('pc-acme', '2026-02-02', 'acme-21', 'pc-21', 650, 'success');
+SELECT * FROM callback_center.reconcile('pc-acme', '2026-02-02') WHERE count > 0;
+SELECT kind, provider_amount, local_amount, resolution FROM callback_center.recon_diffs
+ WHERE channel = 'pc-acme' AND provider_txn_id = 'acme-21';
+SELECT pc_state('pc-21') AS still_paying;
 
 -- ------------------------------------------------------------------------
 -- 3. A coupon is used only by its owner.

@@ -170,7 +170,9 @@ SELECT callback_center.resolve_recon_diff(1, NULL);
 
 -- The admin role may reconcile; the application may not.
 CREATE ROLE rc_admin NOLOGIN IN ROLE callback_center_admin;
+GRANT USAGE ON SCHEMA callback_center TO rc_admin;
 CREATE ROLE rc_app NOLOGIN IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO rc_app;
 SET ROLE rc_admin;
 SELECT sum(count) AS admin_total FROM callback_center.reconcile('recon-pay', '2026-01-15');
 RESET ROLE;
@@ -211,7 +213,9 @@ SELECT callback_center.unschedule_maintenance();
 \echo :LAST_ERROR_SQLSTATE
 
 -- Clean up.
+REVOKE USAGE ON SCHEMA callback_center FROM rc_admin;
 DROP ROLE rc_admin;
+REVOKE USAGE ON SCHEMA callback_center FROM rc_app;
 DROP ROLE rc_app;
 DELETE FROM callback_center.recon_diffs WHERE channel IN ('recon-pay', 'other-pay');
 DELETE FROM callback_center.provider_statement WHERE channel IN ('recon-pay', 'other-pay');

@@ -109,7 +109,9 @@ SELECT aggregate_id, status FROM callback_center.outbox
 
 -- Only the admin may purge.
 CREATE ROLE rt_admin NOLOGIN IN ROLE callback_center_admin;
+GRANT USAGE ON SCHEMA callback_center TO rt_admin;
 CREATE ROLE rt_app NOLOGIN IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO rt_app;
 SET ROLE rt_admin;
 SELECT count(*) AS admin_relations FROM callback_center.purge('7 days');
 RESET ROLE;
@@ -135,7 +137,9 @@ SELECT * FROM callback_center.purge('7 days', 10, history_older_than => '-1 day'
 \echo :LAST_ERROR_SQLSTATE
 
 -- Clean up.
+REVOKE USAGE ON SCHEMA callback_center FROM rt_admin;
 DROP ROLE rt_admin;
+REVOKE USAGE ON SCHEMA callback_center FROM rt_app;
 DROP ROLE rt_app;
 SELECT callback_center.drop_endpoint('rt-sink') > 0 AS dropped;
 DELETE FROM callback_center.recon_diffs WHERE channel = 'rt-chan';

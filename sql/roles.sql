@@ -18,7 +18,9 @@ DROP ROLE IF EXISTS roles_test_app;
 DROP ROLE IF EXISTS roles_test_admin;
 RESET client_min_messages;
 CREATE ROLE roles_test_app NOLOGIN IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO roles_test_app;
 CREATE ROLE roles_test_admin NOLOGIN IN ROLE callback_center_admin;
+GRANT USAGE ON SCHEMA callback_center TO roles_test_admin;
 
 -- The admin sets up an endpoint.
 SET ROLE roles_test_admin;
@@ -80,6 +82,18 @@ SELECT pg_temp.try($$SELECT callback_center.enqueue('roles.event', 'roles-agg-2'
 SELECT pg_temp.try($$SELECT * FROM callback_center.endpoint_config$$) AS nobody_config;
 RESET ROLE;
 DROP ROLE roles_test_nobody;
+
+-- A member of the group roles granted nothing in this database: membership
+-- says what, USAGE on the schema says where (doc/outbox.md#role-model).
+CREATE ROLE roles_test_elsewhere NOLOGIN IN ROLE callback_center_app, callback_center_admin;
+SET ROLE roles_test_elsewhere;
+SELECT pg_temp.try($$SELECT callback_center.enqueue('roles.event', 'roles-agg-3', '{}')$$) AS elsewhere_enqueue;
+SELECT pg_temp.try($$SELECT * FROM callback_center.endpoint_config$$) AS elsewhere_config;
+SELECT pg_temp.try($$SELECT callback_center.endpoint_secret('roles_ep')$$) AS elsewhere_secret;
+RESET ROLE;
+DROP ROLE roles_test_elsewhere;
+SELECT has_schema_privilege('callback_center_app', 'callback_center', 'USAGE') AS app_group_usage,
+       has_schema_privilege('callback_center_admin', 'callback_center', 'USAGE') AS admin_group_usage;
 
 -- Catalog checks over the whole extension, so they stay true as areas are
 -- added.  1. Every SECURITY DEFINER function pins search_path (expected:
@@ -156,5 +170,7 @@ SELECT c.oid::regclass AS not_in_extconfig
 SELECT callback_center.drop_endpoint('roles_ep') AS removed_rows;
 SELECT callback_center.drop_provider('roles_wx');
 DELETE FROM callback_center.retry_schedules WHERE name = 'roles_sched';
+REVOKE USAGE ON SCHEMA callback_center FROM roles_test_app;
 DROP ROLE roles_test_app;
+REVOKE USAGE ON SCHEMA callback_center FROM roles_test_admin;
 DROP ROLE roles_test_admin;

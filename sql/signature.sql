@@ -226,6 +226,8 @@ SELECT pg_temp.try($q$SELECT callback_center.sign_stripe(NULL, 1, 'b')$q$) AS st
 SELECT count(*) AS sig_x_rows FROM callback_center.providers WHERE name = 'sig_x';
 
 -- The application role verifies but cannot read secrets or manage providers.
+-- Members of the group roles may use this database.
+GRANT USAGE ON SCHEMA callback_center TO callback_center_app, callback_center_admin;
 SET ROLE callback_center_app;
 SELECT callback_center.verify_signature('sig_stripe',
            jsonb_build_object('Stripe-Signature',
@@ -239,6 +241,7 @@ SELECT pg_temp.try($q$SELECT count(*) FROM callback_center.providers$q$) AS admi
 SELECT callback_center.set_provider('sig_admin', 'stripe', ARRAY['k']);
 SELECT callback_center.drop_provider('sig_admin');
 RESET ROLE;
+REVOKE USAGE ON SCHEMA callback_center FROM callback_center_app, callback_center_admin;
 
 -- Dropped providers are unknown.
 SELECT callback_center.drop_provider(name) FROM callback_center.providers

@@ -183,12 +183,15 @@ SELECT p.oid::regprocedure AS function,
  WHERE p.pronamespace = 'callback_center'::regnamespace
    AND p.proname IN ('set_stock', 'adjust_stock', 'deduct_stock', 'restore_stock')
  ORDER BY p.oid::regprocedure::text;
+-- Members of the group roles may use this database.
+GRANT USAGE ON SCHEMA callback_center TO callback_center_app, callback_center_admin;
 SET ROLE callback_center_app;
 SELECT * FROM callback_center.deduct_stock('rs-app', 'rs-c', 1);
 SELECT * FROM callback_center.restore_stock('rs-app');
 SELECT pg_temp.try($$SELECT callback_center.set_stock('rs-c', 100)$$);
 SELECT pg_temp.try($$UPDATE callback_center.stock SET available = 100 WHERE sku_id = 'rs-c'$$);
 RESET ROLE;
+REVOKE USAGE ON SCHEMA callback_center FROM callback_center_app, callback_center_admin;
 -- the stock tables are dumped with the extension's data
 SELECT c::regclass AS dumped
   FROM pg_extension, unnest(extconfig) AS c

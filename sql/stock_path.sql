@@ -14,6 +14,7 @@ DROP ROLE IF EXISTS stock_path_nobody;
 DROP ROLE IF EXISTS stock_path_owner;
 RESET client_min_messages;
 CREATE ROLE stock_path_app NOLOGIN IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO stock_path_app;
 CREATE ROLE stock_path_nobody NOLOGIN;
 CREATE ROLE stock_path_owner NOLOGIN;
 
@@ -199,6 +200,7 @@ DROP SCHEMA stock_path_evil CASCADE;
 RESET client_min_messages;
 DELETE FROM callback_center.stock_deductions WHERE sku_id LIKE 'sp-%';
 DELETE FROM callback_center.stock WHERE sku_id LIKE 'sp-%';
+REVOKE USAGE ON SCHEMA callback_center FROM stock_path_app;
 DROP ROLE stock_path_app;
 DROP ROLE stock_path_nobody;
 DROP ROLE stock_path_owner;

@@ -181,6 +181,7 @@ SET client_min_messages = warning;
 DROP ROLE IF EXISTS tcc_test_app;
 RESET client_min_messages;
 CREATE ROLE tcc_test_app NOLOGIN IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO tcc_test_app;
 SET ROLE tcc_test_app;
 SELECT callback_center.saga_start('tcc-saga-3', $$[
   {"action": "SELECT callback_center.tcc_stock_try($1, 'stock', 'tcc-sku-b', 1)",
@@ -192,6 +193,7 @@ SELECT step_no, status, error FROM callback_center.saga_steps
  WHERE saga_id = 'tcc-saga-3' ORDER BY step_no;
 SELECT available, reserved FROM callback_center.stock WHERE sku_id = 'tcc-sku-b';
 RESET ROLE;
+REVOKE USAGE ON SCHEMA callback_center FROM tcc_test_app;
 DROP ROLE tcc_test_app;
 
 -- Saga errors.

@@ -10,8 +10,11 @@ DROP ROLE IF EXISTS tcc_owner_admin;
 RESET client_min_messages;
 \set SHOW_CONTEXT never
 CREATE ROLE tcc_owner_a NOLOGIN IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO tcc_owner_a;
 CREATE ROLE tcc_owner_b NOLOGIN IN ROLE callback_center_app;
+GRANT USAGE ON SCHEMA callback_center TO tcc_owner_b;
 CREATE ROLE tcc_owner_admin NOLOGIN IN ROLE callback_center_admin;
+GRANT USAGE ON SCHEMA callback_center TO tcc_owner_admin;
 CREATE FUNCTION pg_temp.try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     r text;
@@ -82,6 +85,9 @@ SELECT gid, branch_id, op, created_by FROM callback_center.tcc_barrier
 DELETE FROM callback_center.tcc_barrier WHERE gid LIKE 'to-%';
 DELETE FROM callback_center.tcc_reservations WHERE gid LIKE 'to-%';
 DELETE FROM callback_center.sagas WHERE saga_id LIKE 'to-%';
+REVOKE USAGE ON SCHEMA callback_center FROM tcc_owner_a;
 DROP ROLE tcc_owner_a;
+REVOKE USAGE ON SCHEMA callback_center FROM tcc_owner_b;
 DROP ROLE tcc_owner_b;
+REVOKE USAGE ON SCHEMA callback_center FROM tcc_owner_admin;
 DROP ROLE tcc_owner_admin;

@@ -35,6 +35,7 @@
 #include "callbacks.h"
 #include "errcodes.h"
 #include "signature.h"
+#include "spi.h"
 
 int			cc_signature_tolerance_s = 300;
 int			cc_callback_max_retries = 5;
@@ -59,12 +60,71 @@ int			cc_callback_max_retries = 5;
 /* Random bytes in a new whsec_ secret (32 base64 characters). */
 #define WEBHOOK_SECRET_BYTES 24
 
-static SPIPlanPtr plan_insert = NULL;
-static SPIPlanPtr plan_read = NULL;
-static SPIPlanPtr plan_claim = NULL;
-static SPIPlanPtr plan_conflict = NULL;
-static SPIPlanPtr plan_provider = NULL;
-static SPIPlanPtr plan_hmac = NULL;
+/* The statements, prepared once per backend (spi.h). */
+typedef enum CallbackPlanId
+{
+	CB_PLAN_INSERT,
+	CB_PLAN_READ,
+	CB_PLAN_CLAIM,
+	CB_PLAN_CONFLICT,
+	CB_PLAN_PROVIDER,
+	CB_PLAN_HMAC,
+	NUM_CB_PLANS
+} CallbackPlanId;
+
+static CcPlan plans[NUM_CB_PLANS] = {
+	[CB_PLAN_INSERT] = {
+		"INSERT INTO callback_center.callback_record"
+		" (biz_id, callback_type, status, payload, payload_hash)"
+		" VALUES ($1, $2, 1, $3, $4)"
+		" ON CONFLICT (biz_id, callback_type) DO NOTHING"
+		" RETURNING id",
+		4, {TEXTOID, TEXTOID, TEXTOID, BYTEAOID}, 1
+	},
+	[CB_PLAN_READ] = {
+		"SELECT id, status, retry_count, payload_hash, result"
+		" FROM callback_center.callback_record"
+		" WHERE biz_id OPERATOR(pg_catalog.=) $1"
+		" AND callback_type OPERATOR(pg_catalog.=) $2",
+		2, {TEXTOID, TEXTOID}, 1
+	},
+	[CB_PLAN_CLAIM] = {
+		"UPDATE callback_center.callback_record"
+		" SET status = 1,"
+		" retry_count = retry_count OPERATOR(pg_catalog.+)"
+		" CASE WHEN status OPERATOR(pg_catalog.=) 3 THEN 1 ELSE 0 END,"
+		" result = NULL, completed_at = NULL,"
+		" updated_at = pg_catalog.now()"
+		" WHERE id OPERATOR(pg_catalog.=) $1"
+		" AND (status OPERATOR(pg_catalog.=) 0"
+		" OR (status OPERATOR(pg_catalog.=) 3"
+		" AND retry_count OPERATOR(pg_catalog.<) $2))"
+		" RETURNING id",
+		2, {INT8OID, INT4OID}, 1
+	},
+	[CB_PLAN_CONFLICT] = {
+		"INSERT INTO callback_center.callback_conflicts"
+		" (biz_id, callback_type, payload, payload_hash)"
+		" VALUES ($1, $2, $3, $4)",
+		4, {TEXTOID, TEXTOID, TEXTOID, BYTEAOID}, 1
+	},
+	[CB_PLAN_PROVIDER] = {
+		"SELECT scheme, secrets,"
+		" pg_catalog.date_part('epoch', tolerance)::bigint"
+		" FROM callback_center.providers WHERE name OPERATOR(pg_catalog.=) $1",
+		1, {TEXTOID}, 1
+	},
+	/* pgcrypto's hmac(bytea, bytea, text), in whichever schema it lives */
+	[CB_PLAN_HMAC] = {
+		"SELECT p.oid FROM pg_catalog.pg_proc p"
+		" JOIN pg_catalog.pg_extension e"
+		" ON e.extnamespace OPERATOR(pg_catalog.=) p.pronamespace"
+		" WHERE e.extname OPERATOR(pg_catalog.=) 'pgcrypto'"
+		" AND p.proname OPERATOR(pg_catalog.=) 'hmac'"
+		" AND p.proargtypes OPERATOR(pg_catalog.=) '17 17 25'::pg_catalog.oidvector",
+		0, {InvalidOid}
+	},
+};
 
 PG_FUNCTION_INFO_V1(cc_record_callback);
 PG_FUNCTION_INFO_V1(cc_verify_signature);
@@ -100,27 +160,6 @@ cc_inbound_define_gucs(void)
 							PGC_SUSET,
 							0,
 							NULL, NULL, NULL);
-}
-
-/*
- * Returns the saved plan in *plan, preparing and keeping it the first time.
- * Must be called while connected to SPI.
- */
-static SPIPlanPtr
-keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-				 sql, SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(p) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*plan = p;
-	}
-	return *plan;
 }
 
 /*
@@ -188,43 +227,6 @@ cc_record_callback(PG_FUNCTION_ARGS)
 	args[3] = PointerGetDatum(hash_bytea);
 
 	SPI_connect();
-	{
-		Oid			ins_types[4] = {TEXTOID, TEXTOID, TEXTOID, BYTEAOID};
-		Oid			claim_types[2] = {INT8OID, INT4OID};
-		Oid			conflict_types[4] = {TEXTOID, TEXTOID, TEXTOID, BYTEAOID};
-
-		keep_plan(&plan_insert,
-				  "INSERT INTO callback_center.callback_record"
-				  " (biz_id, callback_type, status, payload, payload_hash)"
-				  " VALUES ($1, $2, 1, $3, $4)"
-				  " ON CONFLICT (biz_id, callback_type) DO NOTHING"
-				  " RETURNING id",
-				  4, ins_types);
-		keep_plan(&plan_read,
-				  "SELECT id, status, retry_count, payload_hash, result"
-				  " FROM callback_center.callback_record"
-				  " WHERE biz_id OPERATOR(pg_catalog.=) $1"
-				  " AND callback_type OPERATOR(pg_catalog.=) $2",
-				  2, ins_types);
-		keep_plan(&plan_claim,
-				  "UPDATE callback_center.callback_record"
-				  " SET status = 1,"
-				  " retry_count = retry_count OPERATOR(pg_catalog.+)"
-				  " CASE WHEN status OPERATOR(pg_catalog.=) 3 THEN 1 ELSE 0 END,"
-				  " result = NULL, completed_at = NULL,"
-				  " updated_at = pg_catalog.now()"
-				  " WHERE id OPERATOR(pg_catalog.=) $1"
-				  " AND (status OPERATOR(pg_catalog.=) 0"
-				  " OR (status OPERATOR(pg_catalog.=) 3"
-				  " AND retry_count OPERATOR(pg_catalog.<) $2))"
-				  " RETURNING id",
-				  2, claim_types);
-		keep_plan(&plan_conflict,
-				  "INSERT INTO callback_center.callback_conflicts"
-				  " (biz_id, callback_type, payload, payload_hash)"
-				  " VALUES ($1, $2, $3, $4)",
-				  4, conflict_types);
-	}
 
 	for (attempt = 0; attempt < RECORD_ATTEMPTS && !done; attempt++)
 	{
@@ -236,13 +238,9 @@ cc_record_callback(PG_FUNCTION_ARGS)
 		bytea	   *stored_hash;
 		Datum		value;
 		Datum		claim_args[2];
-		int			ret;
 
-		ret = SPI_execute_plan(plan_insert, args, NULL, false, 1);
-		if (ret != SPI_OK_INSERT_RETURNING)
-			elog(ERROR, "SPI_execute_plan failed: %s",
-				 SPI_result_code_string(ret));
-		if (SPI_processed == 1)
+		if (cc_plan_exec(&plans[CB_PLAN_INSERT], args, NULL, false, 1,
+						 SPI_OK_INSERT_RETURNING) == 1)
 		{
 			out[0] = SPI_getbinval(SPI_tuptable->vals[0],
 								   SPI_tuptable->tupdesc, 1, &isnull);
@@ -258,11 +256,8 @@ cc_record_callback(PG_FUNCTION_ARGS)
 		 * The key exists and its inserter has committed (ON CONFLICT waited
 		 * for it).  A new statement takes a new snapshot, which sees it.
 		 */
-		ret = SPI_execute_plan(plan_read, args, NULL, false, 1);
-		if (ret != SPI_OK_SELECT)
-			elog(ERROR, "SPI_execute_plan failed: %s",
-				 SPI_result_code_string(ret));
-		if (SPI_processed == 0)
+		if (cc_plan_exec(&plans[CB_PLAN_READ], args, NULL, false, 1,
+						 SPI_OK_SELECT) == 0)
 			continue;			/* deleted meanwhile: insert again */
 
 		tup = SPI_tuptable->vals[0];
@@ -283,10 +278,8 @@ cc_record_callback(PG_FUNCTION_ARGS)
 								CC_SHA256_LEN))
 		{
 			/* A different body under a known key: flag it, never process. */
-			ret = SPI_execute_plan(plan_conflict, args, NULL, false, 0);
-			if (ret != SPI_OK_INSERT)
-				elog(ERROR, "SPI_execute_plan failed: %s",
-					 SPI_result_code_string(ret));
+			(void) cc_plan_exec(&plans[CB_PLAN_CONFLICT], args, NULL, false, 0,
+								SPI_OK_INSERT);
 			out[4] = BoolGetDatum(true);
 			done = true;
 			break;
@@ -306,11 +299,8 @@ cc_record_callback(PG_FUNCTION_ARGS)
 		 */
 		claim_args[0] = out[0];
 		claim_args[1] = Int32GetDatum(cc_callback_max_retries);
-		ret = SPI_execute_plan(plan_claim, claim_args, NULL, false, 1);
-		if (ret != SPI_OK_UPDATE_RETURNING)
-			elog(ERROR, "SPI_execute_plan failed: %s",
-				 SPI_result_code_string(ret));
-		if (SPI_processed == 1)
+		if (cc_plan_exec(&plans[CB_PLAN_CLAIM], claim_args, NULL, false, 1,
+						 SPI_OK_UPDATE_RETURNING) == 1)
 		{
 			out[1] = BoolGetDatum(true);
 			out[2] = Int16GetDatum(CB_PROCESSING);
@@ -416,20 +406,9 @@ static Oid
 pgcrypto_hmac_oid(void)
 {
 	bool		isnull;
-	int			ret;
 
-	keep_plan(&plan_hmac,
-			  "SELECT p.oid FROM pg_catalog.pg_proc p"
-			  " JOIN pg_catalog.pg_extension e"
-			  " ON e.extnamespace OPERATOR(pg_catalog.=) p.pronamespace"
-			  " WHERE e.extname OPERATOR(pg_catalog.=) 'pgcrypto'"
-			  " AND p.proname OPERATOR(pg_catalog.=) 'hmac'"
-			  " AND p.proargtypes OPERATOR(pg_catalog.=) '17 17 25'::pg_catalog.oidvector",
-			  0, NULL);
-	ret = SPI_execute_plan(plan_hmac, NULL, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed != 1)
+	if (cc_plan_exec(&plans[CB_PLAN_HMAC], NULL, NULL, true, 1,
+					 SPI_OK_SELECT) != 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("pgcrypto function hmac(bytea, bytea, text) not found"),
@@ -503,7 +482,6 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 	Jsonb	   *headers;
 	text	   *body;
 	char	   *provider_name;
-	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
 	HeapTuple	tup;
 	TupleDesc	desc;
@@ -517,7 +495,6 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 	CcSignatureHeader hdr;
 	const char *why = NULL;
 	bool		matched = false;
-	int			ret;
 	int			i;
 
 	cc_require_arg(fcinfo, 0, "provider");
@@ -530,16 +507,9 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 	provider_name = text_to_cstring(provider);
 
 	SPI_connect();
-	keep_plan(&plan_provider,
-			  "SELECT scheme, secrets,"
-			  " pg_catalog.date_part('epoch', tolerance)::bigint"
-			  " FROM callback_center.providers WHERE name OPERATOR(pg_catalog.=) $1",
-			  1, argtypes);
 	args[0] = PointerGetDatum(provider);
-	ret = SPI_execute_plan(plan_provider, args, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "SPI_execute_plan failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
+	if (cc_plan_exec(&plans[CB_PLAN_PROVIDER], args, NULL, true, 1,
+					 SPI_OK_SELECT) == 0)
 		ereport(ERROR,
 				(errcode(CC_ERRCODE_UNKNOWN_PROVIDER),
 				 errmsg("unknown provider \"%s\"", provider_name),

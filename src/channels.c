@@ -2,9 +2,9 @@
  *
  * channels.c
  *		The SQL face of the payment channels' cryptography: key inspection,
- *		RSA SHA256 verification, AES-256-GCM decryption and form decoding,
- *		and certificate chains, for the schemes of src/sql/45_channels.sql
- *		(wechatpay_v3, alipay, unionpay).
+ *		RSA SHA256 verification, AES-256-GCM decryption, form decoding and
+ *		escaping, certificate chains and Alipay's certificate SNs, for the
+ *		schemes of src/sql/45_channels.sql (wechatpay_v3, alipay, unionpay).
  *
  * Thin wrappers over crypto.c.  They never put key material, plaintext or
  * a signature in an error: a bad key is 22023 with crypto.c's reason as the
@@ -32,8 +32,11 @@ PG_FUNCTION_INFO_V1(cc_key_info);
 PG_FUNCTION_INFO_V1(cc_rsa_sha256_check);
 PG_FUNCTION_INFO_V1(cc_aes256gcm_decrypt_sql);
 PG_FUNCTION_INFO_V1(cc_form_decode);
+PG_FUNCTION_INFO_V1(cc_form_escape);
 PG_FUNCTION_INFO_V1(cc_hmac_sha256_sql);
 PG_FUNCTION_INFO_V1(cc_x509_chain_check_sql);
+PG_FUNCTION_INFO_V1(cc_alipay_cert_sn_sql);
+PG_FUNCTION_INFO_V1(cc_alipay_root_cert_sn_sql);
 
 /*
  * callback_center._key_info(pem text): one row (kind, bits, serial,
@@ -203,6 +206,50 @@ cc_form_decode(PG_FUNCTION_ARGS)
 }
 
 /*
+ * callback_center._form_escape(b bytea): a form body given as bytes
+ * (payment_callback's bytea overload: a GBK body need not be valid text) as
+ * text that
+ * _form_decode reads back to the same bytes: every byte outside printable
+ * ASCII becomes %XX, the rest ("&", "=", "+" and "%" escapes included) is
+ * kept as it is.
+ */
+Datum
+cc_form_escape(PG_FUNCTION_ARGS)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	bytea	   *b;
+	const unsigned char *p;
+	size_t		len;
+	text	   *out;
+	char	   *o;
+	size_t		i;
+
+	cc_require_arg(fcinfo, 0, "b");
+	b = PG_GETARG_BYTEA_PP(0);
+	p = (const unsigned char *) VARDATA_ANY(b);
+	len = VARSIZE_ANY_EXHDR(b);
+	if (len > (MaxAllocSize - VARHDRSZ) / 3)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("form body too long")));
+	out = (text *) palloc(VARHDRSZ + 3 * len);
+	o = VARDATA(out);
+	for (i = 0; i < len; i++)
+	{
+		if (p[i] > 0x20 && p[i] < 0x7f)
+			*o++ = (char) p[i];
+		else
+		{
+			*o++ = '%';
+			*o++ = hex[p[i] >> 4];
+			*o++ = hex[p[i] & 0x0f];
+		}
+	}
+	SET_VARSIZE(out, VARHDRSZ + (o - VARDATA(out)));
+	PG_RETURN_TEXT_P(out);
+}
+
+/*
  * callback_center._hmac_sha256(key bytea, data bytea): HMAC-SHA256 of data
  * under key (WeChat Pay v2's HMAC-SHA256 sign), computed by signature.c.
  */
@@ -295,4 +342,48 @@ cc_x509_chain_check_sql(PG_FUNCTION_ARGS)
 	else
 		nulls[1] = true;
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
+}
+
+/*
+ * Alipay's SN of one certificate or of a bundle (see cc_alipay_cert_sn);
+ * 22023 with the reason when it cannot be computed.
+ */
+static Datum
+alipay_sn_datum(FunctionCallInfo fcinfo, bool bundle)
+{
+	text	   *pem;
+	char		out[32 * (CC_ALIPAY_SN_LEN + 1)];
+	const char *why;
+
+	cc_require_arg(fcinfo, 0, bundle ? "certificates" : "certificate");
+	pem = PG_GETARG_TEXT_PP(0);
+	if (!cc_alipay_cert_sn(VARDATA_ANY(pem), VARSIZE_ANY_EXHDR(pem), bundle,
+						   out, sizeof(out), &why))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid Alipay certificate"),
+				 errdetail_internal("%s", why),
+				 errhint(bundle ? "Give Alipay's root certificate file (alipayRootCert.crt) as PEM." :
+						 "Give one PEM certificate (appCertPublicKey_<app id>.crt or alipayCertPublicKey_RSA2.crt).")));
+	PG_RETURN_TEXT_P(cstring_to_text(out));
+}
+
+/*
+ * callback_center.alipay_cert_sn(certificate text): app_cert_sn or
+ * alipay_cert_sn, the SN Alipay computes for a certificate.
+ */
+Datum
+cc_alipay_cert_sn_sql(PG_FUNCTION_ARGS)
+{
+	return alipay_sn_datum(fcinfo, false);
+}
+
+/*
+ * callback_center.alipay_root_cert_sn(certificates text): alipay_root_cert_sn
+ * of Alipay's root certificate file.
+ */
+Datum
+cc_alipay_root_cert_sn_sql(PG_FUNCTION_ARGS)
+{
+	return alipay_sn_datum(fcinfo, true);
 }

@@ -468,6 +468,247 @@ done:
 }
 
 /*
+ * Appends v (len bytes of UTF-8) to out as Java's X500Principal.getName()
+ * writes a string attribute value (RFC 2253, OpenJDK's AVA): ,=+<>#;"\
+ * after a backslash, NUL as \00, a leading or trailing space or CR after a
+ * backslash.
+ */
+static void
+java_rfc2253_value(BIO *out, const unsigned char *v, int len)
+{
+	static const char escapees[] = ",=+<>#;\"\\";
+	int			lead = 0;
+	int			trail = len - 1;
+	int			i;
+
+	while (lead < len && (v[lead] == ' ' || v[lead] == '\r'))
+		lead++;
+	while (trail >= 0 && (v[trail] == ' ' || v[trail] == '\r'))
+		trail--;
+	for (i = 0; i < len; i++)
+	{
+		if (v[i] == '\0')
+			BIO_write(out, "\\00", 3);
+		else
+		{
+			if (strchr(escapees, v[i]) != NULL || i < lead || i > trail)
+				BIO_write(out, "\\", 1);
+			BIO_write(out, &v[i], 1);
+		}
+	}
+}
+
+/*
+ * Writes name to out as Java's X500Principal.getName() does (RFC 2253, the
+ * form Alipay's SDK hashes): the RDNs last first, separated by ",", the
+ * values of one RDN by "+"; the attribute types RFC 2253 names (CN, C, L,
+ * ST, O, OU, STREET, DC, UID) by keyword with their string value, any other
+ * type, or a value that is not a string, as the dotted OID and "#" with the
+ * upper-case hex of the value's DER encoding.  False when it cannot.
+ */
+static bool
+java_rfc2253_name(X509_NAME *name, BIO *out)
+{
+	static const struct
+	{
+		int			nid;
+		const char *keyword;
+	}			keywords[] = {
+		{NID_commonName, "CN"}, {NID_countryName, "C"}, {NID_localityName, "L"},
+		{NID_stateOrProvinceName, "ST"}, {NID_organizationName, "O"},
+		{NID_organizationalUnitName, "OU"}, {NID_streetAddress, "STREET"},
+		{NID_domainComponent, "DC"}, {NID_userId, "UID"},
+	};
+	int			n = X509_NAME_entry_count(name);
+	int			prev_set = -1;
+	int			i;
+
+	for (i = n - 1; i >= 0; i--)
+	{
+		X509_NAME_ENTRY *e = X509_NAME_get_entry(name, i);
+		ASN1_OBJECT *obj = X509_NAME_ENTRY_get_object(e);
+		ASN1_STRING *val = X509_NAME_ENTRY_get_data(e);
+		int			set = X509_NAME_ENTRY_set(e);
+		int			nid = OBJ_obj2nid(obj);
+		const char *keyword = NULL;
+		int			type = ASN1_STRING_type(val);
+		size_t		k;
+
+		if (i < n - 1)
+			BIO_write(out, set == prev_set ? "+" : ",", 1);
+		prev_set = set;
+		for (k = 0; k < lengthof(keywords); k++)
+			if (keywords[k].nid == nid)
+				keyword = keywords[k].keyword;
+		if (keyword != NULL &&
+			(type == V_ASN1_PRINTABLESTRING || type == V_ASN1_T61STRING ||
+			 type == V_ASN1_IA5STRING || type == V_ASN1_GENERALSTRING ||
+			 type == V_ASN1_BMPSTRING || type == V_ASN1_UTF8STRING))
+		{
+			unsigned char *utf8 = NULL;
+			int			len = ASN1_STRING_to_UTF8(&utf8, val);
+
+			if (len < 0)
+				return false;
+			BIO_puts(out, keyword);
+			BIO_write(out, "=", 1);
+			java_rfc2253_value(out, utf8, len);
+			OPENSSL_free(utf8);
+		}
+		else
+		{
+			char		oid[128];
+			unsigned char *der = NULL;
+			int			len;
+			int			j;
+
+			if (OBJ_obj2txt(oid, sizeof(oid), obj, 1) <= 0)
+				return false;
+			len = i2d_ASN1_TYPE(&(ASN1_TYPE) {.type = type, .value.asn1_string = val}, &der);
+			if (len < 0)
+				return false;
+			BIO_puts(out, oid);
+			BIO_write(out, "=#", 2);
+			for (j = 0; j < len; j++)
+				BIO_printf(out, "%02X", der[j]);
+			OPENSSL_free(der);
+		}
+	}
+	return true;
+}
+
+/*
+ * Alipay's SN of cert: the lower-case hex MD5 of its issuer's name as
+ * Java's X500Principal.getName() writes it followed by its serial number
+ * in decimal, as AlipaySignature.getCertSN computes it.  out holds
+ * CC_ALIPAY_SN_LEN + 1 bytes.  False when it cannot be computed.
+ */
+static bool
+alipay_sn(X509 *cert, char *out)
+{
+	BIO		   *bio = BIO_new(BIO_s_mem());
+	BIGNUM	   *bn = NULL;
+	char	   *dec = NULL;
+	char	   *data;
+	long		len;
+	unsigned char md[EVP_MAX_MD_SIZE];
+	unsigned int mdlen = 0;
+	bool		ok = false;
+	unsigned int i;
+
+	if (bio == NULL || !java_rfc2253_name(X509_get_issuer_name(cert), bio))
+		goto done;
+	bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(cert), NULL);
+	dec = bn ? BN_bn2dec(bn) : NULL;
+	if (dec == NULL)
+		goto done;
+	BIO_puts(bio, dec);
+	len = BIO_get_mem_data(bio, &data);
+	if (EVP_Digest(data, len, md, &mdlen, EVP_md5(), NULL) != 1 || mdlen != 16)
+		goto done;
+	for (i = 0; i < mdlen; i++)
+		snprintf(out + 2 * i, 3, "%02x", md[i]);
+	ok = true;
+
+done:
+	OPENSSL_free(dec);
+	BN_free(bn);
+	BIO_free(bio);
+	return ok;
+}
+
+/*
+ * Alipay's certificate SNs (app_cert_sn, alipay_cert_sn, alipay_root_cert_sn).
+ * bundle false: pem is one certificate and out gets its SN.  bundle true:
+ * pem holds one or more certificates (Alipay's alipayRootCert.crt) and out
+ * gets the SNs of those signed with an RSA algorithm (OID 1.2.840.113549.1.1.*,
+ * as AlipaySignature.getRootCertSN picks them), in file order, joined by
+ * "_".  out holds outlen bytes; false with *why when pem cannot be read,
+ * holds no such certificate, or out is too small.
+ */
+bool
+cc_alipay_cert_sn(const char *pem, size_t len, bool bundle, char *out, size_t outlen,
+				  const char **why)
+{
+	BIO		   *bio;
+	X509	   *cert;
+	size_t		used = 0;
+	int			count = 0;
+	bool		ok = true;
+
+	*why = NULL;
+	if (outlen == 0)
+	{
+		*why = "No room for the SN.";
+		return false;
+	}
+	out[0] = '\0';
+	if (!bundle)
+	{
+		cert = read_certificate(pem, len);
+		if (cert == NULL)
+			*why = "The certificate is not a readable PEM certificate.";
+		else if (outlen < CC_ALIPAY_SN_LEN + 1 || !alipay_sn(cert, out))
+			*why = "The certificate's SN cannot be computed.";
+		X509_free(cert);
+		ERR_clear_error();
+		return *why == NULL;
+	}
+	if (len > 256 * 1024)
+	{
+		*why = "The certificates are longer than 256 kB.";
+		return false;
+	}
+	bio = BIO_new_mem_buf(pem, (int) len);
+	if (bio == NULL)
+	{
+		*why = "Out of memory reading the certificates.";
+		return false;
+	}
+	while (ok && (cert = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL)
+	{
+		char		oid[64];
+
+		count++;
+		if (OBJ_obj2txt(oid, sizeof(oid),
+						OBJ_nid2obj(X509_get_signature_nid(cert)), 1) > 0 &&
+			strncmp(oid, "1.2.840.113549.1.1.", 19) == 0)
+		{
+			if (used + (used > 0) + CC_ALIPAY_SN_LEN + 1 > outlen)
+			{
+				*why = "Too many certificates.";
+				ok = false;
+			}
+			else
+			{
+				if (used > 0)
+					out[used++] = '_';
+				if (!alipay_sn(cert, out + used))
+				{
+					*why = "A certificate's SN cannot be computed.";
+					ok = false;
+				}
+				used += CC_ALIPAY_SN_LEN;
+			}
+		}
+		X509_free(cert);
+	}
+	BIO_free(bio);
+	ERR_clear_error();
+	if (ok && count == 0)
+	{
+		*why = "The text holds no readable PEM certificate.";
+		ok = false;
+	}
+	else if (ok && used == 0)
+	{
+		*why = "None of the certificates is signed with an RSA algorithm.";
+		ok = false;
+	}
+	return ok;
+}
+
+/*
  * AEAD_AES_256_GCM decryption as WeChat Pay uses it: ct is the ciphertext
  * followed by the 16-byte tag.  On success writes ctlen - 16 bytes to out
  * (which must hold that many) and returns true; false when the tag does not

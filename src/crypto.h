@@ -70,6 +70,11 @@ extern CcChainResult cc_x509_chain_check(const char *pem, size_t len,
 										 const char *const *cas, int ncas,
 										 const char *const *names,
 										 int nnames, const char **why);
+/* Length of an Alipay certificate SN (hex MD5), without the NUL. */
+#define CC_ALIPAY_SN_LEN	32
+
+extern bool cc_alipay_cert_sn(const char *pem, size_t len, bool bundle,
+							  char *out, size_t outlen, const char **why);
 extern bool cc_aes256gcm_decrypt(const unsigned char *key,
 								 const unsigned char *nonce, size_t noncelen,
 								 const unsigned char *aad, size_t aadlen,

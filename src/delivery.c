@@ -58,6 +58,7 @@
 #include "queue.h"
 #include "shmem.h"
 #include "signature.h"
+#include "worker_role.h"
 
 /*
  * How much an endpoint may hold claimed or in flight: about this many
@@ -552,6 +553,7 @@ claim_phase(uint64 commit_gen, int64 t0)
 	StartTransactionCommand();
 	(void) set_config_option("synchronous_commit", "off", PGC_SUSET,
 							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
+	cc_worker_role_enter();
 	MemoryContextSwitchTo(b->cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	b->neps = cc_queue_load_endpoints(&b->eps);
@@ -715,6 +717,7 @@ claim_phase(uint64 commit_gen, int64 t0)
 			soonest = due;
 	}
 	PopActiveSnapshot();
+	cc_worker_role_leave();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(old);
 	pgstat_report_stat(false);
@@ -1211,11 +1214,13 @@ record_phase(bool force)
 	pgstat_report_activity(STATE_RUNNING, "callback_center: recording");
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	cc_worker_role_enter();
 	MemoryContextSwitchTo(results_cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	cc_queue_record(jobs, results, njudged, gone, ngone, snaps, nsnaps);
 	record_answers();
 	PopActiveSnapshot();
+	cc_worker_role_leave();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(old);
 	pgstat_report_stat(false);

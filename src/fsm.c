@@ -61,6 +61,7 @@
 #include "errcodes.h"
 #include "extension.h"
 #include "fsm.h"
+#include "spi.h"
 
 /* callback_center.actor: the application's claim of who acts. */
 static char *cc_actor = NULL;
@@ -121,9 +122,60 @@ static Oid	fsm_states_relid = InvalidOid;
 static Oid	fsm_transitions_relid = InvalidOid;
 static Oid	fsm_owner = InvalidOid;
 
-/* Plans kept across transactions (SPI_keepplan). */
-static SPIPlanPtr fsm_history_plan = NULL;
-static SPIPlanPtr fsm_enqueue_plan = NULL;
+/* The statements, prepared once per backend (spi.h). */
+typedef enum FsmPlanId
+{
+	FSM_PLAN_MACHINES,
+	FSM_PLAN_STATES,
+	FSM_PLAN_TRANSITIONS,
+	FSM_PLAN_HISTORY,
+	FSM_PLAN_ENQUEUE,
+	NUM_FSM_PLANS
+} FsmPlanId;
+
+static CcPlan plans[NUM_FSM_PLANS] = {
+	[FSM_PLAN_MACHINES] = {
+		"SELECT machine FROM callback_center.state_machines",
+		0, {InvalidOid}
+	},
+	[FSM_PLAN_STATES] = {
+		"SELECT machine, state, is_initial, is_final"
+		" FROM callback_center.machine_states"
+		" ORDER BY machine, state COLLATE pg_catalog.\"C\"",
+		0, {InvalidOid}
+	},
+	[FSM_PLAN_TRANSITIONS] = {
+		"SELECT machine, from_state, to_state, event, emits"
+		" FROM callback_center.transitions"
+		" ORDER BY machine, from_state COLLATE pg_catalog.\"C\","
+		" to_state COLLATE pg_catalog.\"C\"",
+		0, {InvalidOid}
+	},
+	[FSM_PLAN_HISTORY] = {
+		"INSERT INTO callback_center.state_history"
+		" (machine, table_name, entity_id, from_state,"
+		" to_state, event, actor, session_role)"
+		" VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+		8, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
+		TEXTOID}, 1
+	},
+
+	/*
+	 * Looked up by name: whichever enqueue() is installed now.  Every other
+	 * name is qualified, the plan being made under the session's
+	 * search_path.
+	 */
+	[FSM_PLAN_ENQUEUE] = {
+		"SELECT callback_center.enqueue($1, $2,"
+		" pg_catalog.jsonb_build_object("
+		"'machine', $3, 'entity_id', $2, 'from', $4,"
+		" 'to', $5, 'event', $6)"
+		" OPERATOR(pg_catalog.||) CASE WHEN $7 IS NULL"
+		" THEN '{}'::pg_catalog.jsonb"
+		" ELSE pg_catalog.jsonb_build_object('row', $7) END)",
+		7, {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID}, 1
+	},
+};
 
 /*
  * Drops the cache when one of the definition tables changes (or on a
@@ -234,9 +286,8 @@ fsm_load(void)
 	fsm_machines = hash_create("callback_center fsm machines", 16, &ctl,
 							   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 
-	if (SPI_execute("SELECT machine FROM callback_center.state_machines",
-					true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not read callback_center.state_machines");
+	(void) cc_plan_exec(&plans[FSM_PLAN_MACHINES], NULL, NULL, true, 0,
+						SPI_OK_SELECT);
 	for (i = 0; i < SPI_processed; i++)
 	{
 		char	   *name = SPI_getvalue(SPI_tuptable->vals[i],
@@ -247,11 +298,8 @@ fsm_load(void)
 		m->transitions = NIL;
 	}
 
-	if (SPI_execute("SELECT machine, state, is_initial, is_final"
-					" FROM callback_center.machine_states"
-					" ORDER BY machine, state COLLATE pg_catalog.\"C\"",
-					true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not read callback_center.machine_states");
+	(void) cc_plan_exec(&plans[FSM_PLAN_STATES], NULL, NULL, true, 0,
+						SPI_OK_SELECT);
 	for (i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -273,12 +321,8 @@ fsm_load(void)
 		MemoryContextSwitchTo(old);
 	}
 
-	if (SPI_execute("SELECT machine, from_state, to_state, event, emits"
-					" FROM callback_center.transitions"
-					" ORDER BY machine, from_state COLLATE pg_catalog.\"C\","
-					" to_state COLLATE pg_catalog.\"C\"",
-					true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "could not read callback_center.transitions");
+	(void) cc_plan_exec(&plans[FSM_PLAN_TRANSITIONS], NULL, NULL, true, 0,
+						SPI_OK_SELECT);
 	for (i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
@@ -460,24 +504,6 @@ fsm_record(const char *machine, const char *table_name, const char *entity_id,
 	char		nulls[8];
 	int			i;
 
-	if (fsm_history_plan == NULL)
-	{
-		Oid			types[8] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-		TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare("INSERT INTO callback_center.state_history"
-						   " (machine, table_name, entity_id, from_state,"
-						   " to_state, event, actor, session_role)"
-						   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-						   8, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s",
-				 SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		fsm_history_plan = plan;
-	}
-
 	memset(nulls, ' ', sizeof(nulls));
 	values[0] = CStringGetTextDatum(machine);
 	values[1] = CStringGetTextDatum(table_name);
@@ -493,38 +519,11 @@ fsm_record(const char *machine, const char *table_name, const char *entity_id,
 		nulls[5] = 'n';
 	values[6] = CStringGetTextDatum(actor);
 	values[7] = CStringGetTextDatum(session_role);
-	if (SPI_execute_plan(fsm_history_plan, values, nulls, false, 0)
-		!= SPI_OK_INSERT)
-		elog(ERROR, "could not insert into callback_center.state_history");
+	(void) cc_plan_exec(&plans[FSM_PLAN_HISTORY], values, nulls, false, 0,
+						SPI_OK_INSERT);
 
 	if (t == NULL || t->nemits == 0)
 		return;
-
-	if (fsm_enqueue_plan == NULL)
-	{
-		Oid			types[7] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-		TEXTOID, TEXTOID, JSONBOID};
-		SPIPlanPtr	plan;
-
-		/*
-		 * Looked up by name: whichever enqueue() is installed now.  Every
-		 * other name is qualified, the plan being made under the session's
-		 * search_path.
-		 */
-		plan = SPI_prepare("SELECT callback_center.enqueue($1, $2,"
-						   " pg_catalog.jsonb_build_object("
-						   "'machine', $3, 'entity_id', $2, 'from', $4,"
-						   " 'to', $5, 'event', $6)"
-						   " OPERATOR(pg_catalog.||) CASE WHEN $7 IS NULL"
-						   " THEN '{}'::pg_catalog.jsonb"
-						   " ELSE pg_catalog.jsonb_build_object('row', $7) END)",
-						   7, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s",
-				 SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		fsm_enqueue_plan = plan;
-	}
 
 	memset(nulls, ' ', sizeof(nulls));
 	values[1] = CStringGetTextDatum(entity_id);
@@ -539,9 +538,8 @@ fsm_record(const char *machine, const char *table_name, const char *entity_id,
 	for (i = 0; i < t->nemits; i++)
 	{
 		values[0] = CStringGetTextDatum(t->emits[i]);
-		if (SPI_execute_plan(fsm_enqueue_plan, values, nulls, false, 0)
-			!= SPI_OK_SELECT)
-			elog(ERROR, "could not call callback_center.enqueue");
+		(void) cc_plan_exec(&plans[FSM_PLAN_ENQUEUE], values, nulls, false, 0,
+							SPI_OK_SELECT);
 	}
 }
 

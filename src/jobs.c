@@ -46,6 +46,8 @@
 #include "extension.h"
 #include "jobs.h"
 #include "shmem.h"
+#include "spi.h"
+#include "worker_role.h"
 
 /* Settings (PGC_SIGHUP: the worker re-reads them live). */
 static bool cc_jobs_enabled = true;
@@ -143,6 +145,7 @@ cc_jobs_begin(const char *activity)
 	pgstat_report_activity(STATE_RUNNING, activity);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	cc_worker_role_enter();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 }
@@ -152,27 +155,78 @@ cc_jobs_commit(MemoryContext cxt)
 {
 	SPI_finish();
 	PopActiveSnapshot();
+	cc_worker_role_leave();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);
 }
 
+/* The jobs' statements, prepared once per process (spi.h). */
+typedef enum JobsPlanId
+{
+	JOBS_ORDERS_DUE,
+	JOBS_CLOSE_ORDER,
+	JOBS_NOTE_CLOSE_FAILURE,
+	JOBS_CLOSE_EXPIRED,
+	JOBS_QUERY_STUCK,
+	JOBS_APPLY_ANSWERS,
+	JOBS_QUERY_EXPIRED,
+	JOBS_APPLY_PROVIDER_ANSWERS,
+	NUM_JOBS_PLANS
+} JobsPlanId;
+
+static CcPlan plans[NUM_JOBS_PLANS] = {
+	[JOBS_ORDERS_DUE] = {
+		"SELECT order_id FROM callback_center._orders_due"
+		" ORDER BY pay_deadline LIMIT $1",
+		1, {INT4OID}
+	},
+	[JOBS_CLOSE_ORDER] = {
+		"SELECT callback_center._close_order($1)::integer",
+		1, {TEXTOID}, 1
+	},
+	[JOBS_NOTE_CLOSE_FAILURE] = {
+		"SELECT 0 FROM callback_center._note_close_failure($1, $2)",
+		2, {TEXTOID, TEXTOID}, 1
+	},
+	[JOBS_CLOSE_EXPIRED] = {
+		"SELECT callback_center.close_expired_orders($1)",
+		1, {INT4OID}, 1
+	},
+	[JOBS_QUERY_STUCK] = {
+		"SELECT callback_center.query_stuck_payments($1)",
+		1, {INT4OID}, 1
+	},
+	[JOBS_APPLY_ANSWERS] = {
+		"SELECT callback_center.apply_query_answers($1)",
+		1, {INT4OID}, 1
+	},
+	[JOBS_QUERY_EXPIRED] = {
+		"SELECT callback_center.query_expired_orders($1)",
+		1, {INT4OID}, 1
+	},
+	[JOBS_APPLY_PROVIDER_ANSWERS] = {
+		"SELECT callback_center.apply_provider_answers($1)",
+		1, {INT4OID}, 1
+	},
+};
+
 /*
- * Runs a one-row SELECT of one integer with nargs arguments in its own
- * transaction and returns the integer (0 when NULL).  Errors propagate.
+ * Runs a one-row SELECT of one integer in its own transaction and returns
+ * the integer (0 when NULL).  Errors propagate.
  */
 static int
-cc_jobs_call_args(MemoryContext cxt, const char *activity, const char *sql,
-				  int nargs, Datum *args, Oid *argtypes)
+cc_jobs_call_args(MemoryContext cxt, const char *activity, JobsPlanId id,
+				  Datum *args)
 {
 	int			n = 0;
 	bool		isnull;
 	Datum		d;
 
 	cc_jobs_begin(activity);
-	if (SPI_execute_with_args(sql, nargs, argtypes, args, NULL, false, 1)
-		!= SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "callback_center jobs: \"%s\" failed", sql);
+	if (cc_plan_exec(&plans[id], args, NULL, false, 1, SPI_OK_SELECT) != 1)
+		elog(ERROR, "callback_center jobs: \"%s\" returned no row",
+			 plans[id].sql);
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
 					  &isnull);
 	if (!isnull)
@@ -186,10 +240,10 @@ cc_jobs_call_args(MemoryContext cxt, const char *activity, const char *sql,
  * transaction and returns the result.  Errors propagate.
  */
 static int
-cc_jobs_call(MemoryContext cxt, const char *activity, const char *sql,
-			 Datum arg, Oid argtype)
+cc_jobs_call(MemoryContext cxt, const char *activity, JobsPlanId id,
+			 Datum arg)
 {
-	return cc_jobs_call_args(cxt, activity, sql, 1, &arg, &argtype);
+	return cc_jobs_call_args(cxt, activity, id, &arg);
 }
 
 /*
@@ -207,13 +261,10 @@ cc_jobs_close_one_by_one(MemoryContext cxt)
 	volatile int closed = 0;
 	int			i;
 	Datum		arg = Int32GetDatum(cc_jobs_batch);
-	Oid			argtype = INT4OID;
 
 	cc_jobs_begin("callback_center jobs: listing expired orders");
-	if (SPI_execute_with_args("SELECT order_id FROM callback_center._orders_due"
-							  " ORDER BY pay_deadline LIMIT $1",
-							  1, &argtype, &arg, NULL, true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "callback_center jobs: could not list expired orders");
+	(void) cc_plan_exec(&plans[JOBS_ORDERS_DUE], &arg, NULL, true, 0,
+						SPI_OK_SELECT);
 	ids = MemoryContextAlloc(cxt, sizeof(char *) * Max(SPI_processed, 1));
 	for (i = 0; i < (int) SPI_processed; i++)
 		ids[nids++] = MemoryContextStrdup(cxt,
@@ -225,13 +276,11 @@ cc_jobs_close_one_by_one(MemoryContext cxt)
 	{
 		char	   *failure = NULL;
 		Datum		args[2];
-		Oid			types[2] = {TEXTOID, TEXTOID};
 
 		PG_TRY();
 		{
 			closed += cc_jobs_call(cxt, "callback_center jobs: closing an order",
-								   "SELECT callback_center._close_order($1)::integer",
-								   CStringGetTextDatum(ids[i]), TEXTOID);
+								   JOBS_CLOSE_ORDER, CStringGetTextDatum(ids[i]));
 		}
 		PG_CATCH();
 		{
@@ -248,8 +297,7 @@ cc_jobs_close_one_by_one(MemoryContext cxt)
 		args[0] = CStringGetTextDatum(ids[i]);
 		args[1] = CStringGetTextDatum(failure);
 		(void) cc_jobs_call_args(cxt, "callback_center jobs: noting a failed close",
-								 "SELECT 0 FROM callback_center._note_close_failure($1, $2)",
-								 2, args, types);
+								 JOBS_NOTE_CLOSE_FAILURE, args);
 	}
 	return closed;
 }
@@ -272,8 +320,7 @@ cc_jobs_round(MemoryContext cxt)
 	PG_TRY();
 	{
 		closed = cc_jobs_call(cxt, "callback_center jobs: closing expired orders",
-							  "SELECT callback_center.close_expired_orders($1)",
-							  batch, INT4OID);
+							  JOBS_CLOSE_EXPIRED, batch);
 	}
 	PG_CATCH();
 	{
@@ -285,17 +332,13 @@ cc_jobs_round(MemoryContext cxt)
 		closed = cc_jobs_close_one_by_one(cxt);
 
 	sent = cc_jobs_call(cxt, "callback_center jobs: querying stuck payments",
-						"SELECT callback_center.query_stuck_payments($1)",
-						batch, INT4OID);
+						JOBS_QUERY_STUCK, batch);
 	asked = cc_jobs_call(cxt, "callback_center jobs: asking before closing",
-						 "SELECT callback_center.query_expired_orders($1)",
-						 batch, INT4OID);
+						 JOBS_QUERY_EXPIRED, batch);
 	applied = cc_jobs_call(cxt, "callback_center jobs: applying query answers",
-						   "SELECT callback_center.apply_query_answers($1)",
-						   batch, INT4OID);
+						   JOBS_APPLY_ANSWERS, batch);
 	answered = cc_jobs_call(cxt, "callback_center jobs: applying providers' answers",
-							"SELECT callback_center.apply_provider_answers($1)",
-							batch, INT4OID);
+							JOBS_APPLY_PROVIDER_ANSWERS, batch);
 
 	SpinLockAcquire(&cc_shared->mutex);
 	cc_shared->orders_closed += closed;

@@ -4,8 +4,11 @@
  *		enqueue(): the transactional outbox's hot path, and the commit-time
  *		wake-up of the worker.
  *
- * callback_center.enqueue() inserts one outbox row per enabled endpoint
- * subscribed to the event type, in the caller's transaction.  Reading the
+ * Every outbox row is written here (cc_outbox_insert), by one prepared
+ * INSERT: callback_center.enqueue() inserts one row per enabled endpoint
+ * subscribed to the event type, and _enqueue_one() (behind enqueue_to and
+ * the active payment query) one row for one endpoint, both in the caller's
+ * transaction, with the same checks, ordering lock and wake-up.  Reading the
  * endpoints table on every call costs about a fifth of the throughput of a
  * plain INSERT (an extra scan and buffer pin of one hot page under many
  * clients), so each backend keeps the subscription list in memory and
@@ -26,11 +29,11 @@
  * Ordered endpoints deliver the events of one aggregate in id order, which
  * must be commit order.  Ids are assigned at insert, and the worker cannot
  * see uncommitted rows, so two transactions enqueueing for one aggregate at
- * once could commit in the opposite order of their ids.  When an ordered
- * endpoint is among the targets, enqueue therefore takes a
- * transaction-scoped advisory lock on the aggregate before inserting: a
- * second transaction for that aggregate waits until the first ends, and its
- * ids follow.  Only ordered endpoints pay; the key is a hash of the
+ * once could commit in the opposite order of their ids.  Before the first
+ * row for an ordered endpoint gets its id, the writer therefore takes a
+ * transaction-scoped advisory lock on the aggregate: a second transaction
+ * for that aggregate waits until the first ends, and its ids follow (rows
+ * for unordered endpoints need no order).  Only ordered endpoints pay; the key is a hash of the
  * aggregate id, so a collision only serializes two aggregates needlessly.
  * A transaction that enqueues for aggregates A then B while another
  * enqueues B then A deadlocks (one is cancelled, SQLSTATE 40P01).
@@ -61,9 +64,11 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 
+#include "errcodes.h"
 #include "extension.h"
 #include "outbox.h"
 #include "shmem.h"
+#include "spi.h"
 
 /* One enabled endpoint and the event types it subscribes to. */
 typedef struct CcSubscriber
@@ -95,50 +100,90 @@ static bool cc_outbox_callback_registered = false;
 static MemoryContext cc_subscribers_context = NULL;
 static CcSubscriber *cc_subscribers = NULL;
 static int	cc_nsubscribers = 0;
-static bool cc_any_ordered = false;	/* one of them is ordered */
 static bool cc_subscribers_valid = false;
 static Oid	cc_endpoints_relid = InvalidOid;
 static Oid	cc_outbox_relid = InvalidOid;
 static uint64 cc_endpoints_invalidations = 0;
 static bool cc_relcache_callback_registered = false;
 
-/* The statements behind them. */
-static const char *cc_subscribers_sql =
-"SELECT e.id, e.event_types, e.ordered FROM callback_center.endpoints e"
-" WHERE e.enabled ORDER BY e.id";
-static const char *cc_fanout_sql =
-"INSERT INTO callback_center.outbox"
-" (endpoint_id, event_type, aggregate_id, payload)"
-" SELECT e.id, $1, $2, $3 FROM callback_center.endpoints e"
-" WHERE e.enabled AND e.event_types OPERATOR(pg_catalog.&&) ARRAY[$1, '*']";
-static const char *cc_ordered_sql =
-"SELECT EXISTS (SELECT 1 FROM callback_center.endpoints e"
-" WHERE e.enabled AND e.ordered"
-"   AND e.event_types OPERATOR(pg_catalog.&&) ARRAY[$1, '*'])";
-static const char *cc_insert_sql =
-"INSERT INTO callback_center.outbox"
-" (endpoint_id, event_type, aggregate_id, payload)"
-" VALUES ($1, $2, $3, $4)";
+/* The statements behind them, prepared once per backend (spi.h). */
+typedef enum CcOutboxPlanId
+{
+	OUTBOX_SUBSCRIBERS,			/* the subscription list */
+	OUTBOX_TARGETS,				/* subscribers, in the snapshot */
+	OUTBOX_ENDPOINT,			/* one enabled endpoint */
+	OUTBOX_INSERT,				/* the one INSERT of the outbox */
+	OUTBOX_INSERT_ID,			/* the same, for callers that read the id */
+	NUM_OUTBOX_PLANS
+} CcOutboxPlanId;
 
-/* Prepared plans, kept for the life of the backend. */
-static SPIPlanPtr cc_insert_plan = NULL;	/* one row for one endpoint */
-static SPIPlanPtr cc_fanout_plan = NULL;	/* reads endpoints itself */
-static SPIPlanPtr cc_subscribers_plan = NULL;
-static SPIPlanPtr cc_ordered_plan = NULL;	/* any ordered subscriber? */
+#define CC_OUTBOX_INSERT_SQL \
+	"INSERT INTO callback_center.outbox" \
+	" (endpoint_id, event_type, aggregate_id, payload)" \
+	" VALUES ($1, $2, $3, $4)"
+
+static CcPlan plans[NUM_OUTBOX_PLANS] = {
+	[OUTBOX_SUBSCRIBERS] = {
+		"SELECT e.id, e.event_types, e.ordered FROM callback_center.endpoints e"
+		" WHERE e.enabled ORDER BY e.id",
+		0, {InvalidOid}
+	},
+	[OUTBOX_TARGETS] = {
+		"SELECT e.id, e.ordered FROM callback_center.endpoints e"
+		" WHERE e.enabled"
+		" AND e.event_types OPERATOR(pg_catalog.&&) ARRAY[$1, '*']"
+		" ORDER BY e.id",
+		1, {TEXTOID}
+	},
+	[OUTBOX_ENDPOINT] = {
+		"SELECT e.id, e.ordered FROM callback_center.endpoints e"
+		" WHERE e.id OPERATOR(pg_catalog.=) $1 AND e.enabled",
+		1, {INT4OID}, 1
+	},
+	/* RETURNING builds a result for the row: only where the id is read. */
+	[OUTBOX_INSERT] = {
+		CC_OUTBOX_INSERT_SQL,
+		4, {INT4OID, TEXTOID, TEXTOID, JSONBOID}, 1
+	},
+	[OUTBOX_INSERT_ID] = {
+		CC_OUTBOX_INSERT_SQL " RETURNING id",
+		4, {INT4OID, TEXTOID, TEXTOID, JSONBOID}, 1
+	},
+};
+
+/*
+ * One event on its way into the outbox: the INSERT's arguments (endpoint
+ * id first), whether the aggregate's ordering lock is held, and how many
+ * rows went in.
+ */
+typedef struct CcOutboxWrite
+{
+	Datum		args[4];
+	char	   *event_type;
+	text	   *aggregate_id;
+	bool		want_id;		/* the caller reads the rows' ids */
+	bool		locked;
+	int			queued;
+} CcOutboxWrite;
 
 static void cc_outbox_xact_callback(XactEvent event, void *arg);
 static void cc_outbox_lock_aggregate(text *aggregate_id);
 static void cc_endpoints_relcache_callback(Datum arg, Oid relid);
 static void cc_load_subscribers(void);
 static bool cc_subscribes(const CcSubscriber *sub, const char *event_type);
-static SPIPlanPtr cc_keep_plan(const char *sql, int nargs, Oid *argtypes);
+static void cc_outbox_begin(CcOutboxWrite *w, FunctionCallInfo fcinfo,
+							int first_arg, bool want_id);
+static int64 cc_outbox_insert(CcOutboxWrite *w, int32 endpoint_id,
+							  bool ordered);
+static void cc_outbox_end(CcOutboxWrite *w);
 
 PG_FUNCTION_INFO_V1(cc_outbox_note_enqueue);
 PG_FUNCTION_INFO_V1(cc_enqueue);
+PG_FUNCTION_INFO_V1(cc_enqueue_one);
 PG_FUNCTION_INFO_V1(cc_outbox_endpoints_changed);
-PG_FUNCTION_INFO_V1(cc_outbox_lock_aggregate_sql);
 PG_FUNCTION_INFO_V1(cc_event_size_sql);
 PG_FUNCTION_INFO_V1(cc_check_event_size_sql);
+PG_FUNCTION_INFO_V1(cc_outbox_lock_aggregate_sql);
 
 /*
  * The outbox's settings.  Defined in every process that loads the library:
@@ -199,15 +244,23 @@ cc_event_size_sql(PG_FUNCTION_ARGS)
 }
 
 /*
- * callback_center._check_event_size(event_type, aggregate_id, payload):
- * raises 54000 when the event is too large, for the SQL writers of the
- * outbox.
+ * _check_event_size() and _outbox_lock_aggregate(): the SQL faces through
+ * which 0.1.0's enqueue_to and the first steps of the upgrade script wrote
+ * the outbox.  0.2.0 drops both functions; the symbols stay so that the
+ * library still loads those schemas and the upgrade script runs.
  */
 Datum
 cc_check_event_size_sql(PG_FUNCTION_ARGS)
 {
 	cc_check_event_size(PG_GETARG_DATUM(0), PG_GETARG_DATUM(1),
 						PG_GETARG_DATUM(2));
+	PG_RETURN_VOID();
+}
+
+Datum
+cc_outbox_lock_aggregate_sql(PG_FUNCTION_ARGS)
+{
+	cc_outbox_lock_aggregate(PG_GETARG_TEXT_PP(0));
 	PG_RETURN_VOID();
 }
 
@@ -283,23 +336,6 @@ cc_endpoints_relcache_callback(Datum arg, Oid relid)
 }
 
 /*
- * Prepares sql and keeps the plan for the life of the backend.  The plan
- * cache replans it when the tables it uses change.
- */
-static SPIPlanPtr
-cc_keep_plan(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-			 sql, SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
-/*
  * Loads the enabled endpoints and their event types into
  * cc_subscribers_context.  Must run inside SPI_connect.  The list is kept
  * (cc_subscribers_valid) only if no invalidation arrived while it was read;
@@ -309,7 +345,6 @@ static void
 cc_load_subscribers(void)
 {
 	uint64		invalidations_before;
-	int			rc;
 	uint64		i;
 
 	if (!cc_relcache_callback_registered)
@@ -329,15 +364,10 @@ cc_load_subscribers(void)
 	if (!OidIsValid(cc_endpoints_relid))
 		elog(ERROR, "table callback_center.endpoints is missing");
 
-	if (cc_subscribers_plan == NULL)
-		cc_subscribers_plan = cc_keep_plan(cc_subscribers_sql, 0, NULL);
-	rc = SPI_execute_plan(cc_subscribers_plan, NULL, NULL, false, 0);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "reading callback_center.endpoints failed: %s",
-			 SPI_result_code_string(rc));
+	(void) cc_plan_exec(&plans[OUTBOX_SUBSCRIBERS], NULL, NULL, false, 0,
+						SPI_OK_SELECT);
 
 	MemoryContextReset(cc_subscribers_context);
-	cc_any_ordered = false;
 	cc_subscribers = MemoryContextAllocZero(cc_subscribers_context,
 											sizeof(CcSubscriber) *
 											Max(SPI_processed, 1));
@@ -355,8 +385,6 @@ cc_load_subscribers(void)
 
 		sub->endpoint_id = DatumGetInt32(SPI_getbinval(tuple, desc, 1, &isnull));
 		sub->ordered = DatumGetBool(SPI_getbinval(tuple, desc, 3, &isnull));
-		if (sub->ordered)
-			cc_any_ordered = true;
 		deconstruct_array(DatumGetArrayTypeP(SPI_getbinval(tuple, desc, 2, &isnull)),
 						  TEXTOID, -1, false, TYPALIGN_INT,
 						  &elems, &elem_nulls, &n);
@@ -400,8 +428,7 @@ cc_subscribes(const CcSubscriber *sub, const char *event_type)
  * Takes the transaction-scoped lock that serializes enqueues for one
  * aggregate to ordered endpoints (see the head of this file): the lock of
  * pg_advisory_xact_lock(CC_ORDER_LOCK_CLASS, hashtext(aggregate_id)), the
- * one operators see in pg_locks.  enqueue_to takes it through
- * _outbox_lock_aggregate(), so the key is computed in one place.
+ * one operators see in pg_locks.
  */
 static void
 cc_outbox_lock_aggregate(text *aggregate_id)
@@ -418,37 +445,25 @@ cc_outbox_lock_aggregate(text *aggregate_id)
 }
 
 /*
- * callback_center._outbox_lock_aggregate(aggregate_id): the SQL face of
- * cc_outbox_lock_aggregate(), for SQL functions that insert outbox rows
- * for an ordered endpoint.
+ * Starts writing one event whose event type, aggregate id and payload are
+ * arguments first_arg to first_arg + 2 of fcinfo: refuses NULLs (22004),
+ * an empty or '*' event type (22023) and an event larger than
+ * max_event_size (54000), connects to SPI and takes the outbox's insert
+ * lock.  With want_id, cc_outbox_insert returns the ids of the rows.
  */
-Datum
-cc_outbox_lock_aggregate_sql(PG_FUNCTION_ARGS)
-{
-	cc_outbox_lock_aggregate(PG_GETARG_TEXT_PP(0));
-	PG_RETURN_VOID();
-}
-
-/*
- * callback_center.enqueue(event_type, aggregate_id, payload): queues one
- * row per enabled endpoint subscribed to event_type (or to '*') in the
- * caller's transaction and returns how many; 0 when nobody subscribes.
- * NULL arguments raise 22004; an empty or '*' event type raises 22023.
- */
-Datum
-cc_enqueue(PG_FUNCTION_ARGS)
+static void
+cc_outbox_begin(CcOutboxWrite *w, FunctionCallInfo fcinfo, int first_arg,
+				bool want_id)
 {
 	text	   *event_type_text;
 	char	   *event_type;
-	Datum		args[4];
-	int			queued = 0;
-	int			rc;
 
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+	if (PG_ARGISNULL(first_arg) || PG_ARGISNULL(first_arg + 1) ||
+		PG_ARGISNULL(first_arg + 2))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("event_type, aggregate_id and payload must not be null")));
-	event_type_text = PG_GETARG_TEXT_PP(0);
+	event_type_text = PG_GETARG_TEXT_PP(first_arg);
 	event_type = text_to_cstring(event_type_text);
 	if (event_type[0] == '\0' || strcmp(event_type, "*") == 0)
 		ereport(ERROR,
@@ -456,16 +471,22 @@ cc_enqueue(PG_FUNCTION_ARGS)
 				 errmsg("invalid event type \"%s\"", event_type),
 				 errdetail("An event type is a non-empty name; \"*\" only subscribes to all of them.")));
 
-	args[1] = PointerGetDatum(event_type_text);
-	args[2] = PG_GETARG_DATUM(1);
-	args[3] = PG_GETARG_DATUM(2);
-	cc_check_event_size(args[1], args[2], args[3]);
+	w->event_type = event_type;
+	w->want_id = want_id;
+	w->args[0] = (Datum) 0;
+	w->args[1] = PointerGetDatum(event_type_text);
+	w->args[2] = PG_GETARG_DATUM(first_arg + 1);
+	w->args[3] = PG_GETARG_DATUM(first_arg + 2);
+	w->aggregate_id = PG_GETARG_TEXT_PP(first_arg + 1);
+	w->locked = false;
+	w->queued = 0;
+	cc_check_event_size(w->args[1], w->args[2], w->args[3]);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 
 	/*
-	 * Take the outbox's insert lock before looking at the subscribers.
+	 * Take the outbox's insert lock before looking at the endpoints.
 	 * drop_endpoint holds SHARE on the outbox until it commits, and its
 	 * invalidation is queued before it lets go: if we waited for it, taking
 	 * the lock applies the invalidation and the dropped endpoint is gone from
@@ -486,77 +507,131 @@ cc_enqueue(PG_FUNCTION_ARGS)
 			elog(ERROR, "table callback_center.outbox is missing");
 	}
 	LockRelationOid(cc_outbox_relid, RowExclusiveLock);
+}
 
-	if (IsolationUsesXactSnapshot())
+/*
+ * Inserts the event for one endpoint and returns the row's id (0 unless
+ * want_id).  The first
+ * row for an ordered endpoint takes the aggregate's ordering lock before it
+ * gets its id (see the head of this file).
+ */
+static int64
+cc_outbox_insert(CcOutboxWrite *w, int32 endpoint_id, bool ordered)
+{
+	bool		isnull;
+
+	if (ordered && !w->locked)
+	{
+		cc_outbox_lock_aggregate(w->aggregate_id);
+		w->locked = true;
+	}
+	w->args[0] = Int32GetDatum(endpoint_id);
+	(void) cc_plan_exec(&plans[w->want_id ? OUTBOX_INSERT_ID : OUTBOX_INSERT],
+						w->args, NULL, false, 0,
+						w->want_id ? SPI_OK_INSERT_RETURNING : SPI_OK_INSERT);
+	w->queued++;
+	if (!w->want_id)
+		return 0;
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull));
+}
+
+/* Ends the write: its commit wakes the worker if a row went in. */
+static void
+cc_outbox_end(CcOutboxWrite *w)
+{
+	SPI_finish();
+	if (w->queued > 0)
+		cc_outbox_note_enqueued();
+}
+
+/*
+ * Runs a prepared statement reading (id, ordered) of endpoints and inserts
+ * the event for each endpoint it returns; returns the last row's id, 0 when
+ * it returned none.
+ */
+static int64
+cc_outbox_insert_for(CcOutboxWrite *w, CcOutboxPlanId plan, Datum *args)
+{
+	uint64		n;
+	uint64		i;
+	int32	   *ids;
+	bool	   *ordered;
+	int64		id = 0;
+
+	/* Each INSERT replaces SPI_tuptable: copy the targets out first. */
+	n = cc_plan_exec(&plans[plan], args, NULL, false, 0, SPI_OK_SELECT);
+	ids = palloc(sizeof(int32) * Max(n, 1));
+	ordered = palloc(sizeof(bool) * Max(n, 1));
+	for (i = 0; i < n; i++)
 	{
 		bool		isnull;
 
-		/* One snapshot for the whole transaction: read endpoints with it. */
-		if (cc_ordered_plan == NULL)
-		{
-			Oid			types[1] = {TEXTOID};
-
-			cc_ordered_plan = cc_keep_plan(cc_ordered_sql, 1, types);
-		}
-		rc = SPI_execute_plan(cc_ordered_plan, &args[1], NULL, true, 1);
-		if (rc != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "reading callback_center.endpoints failed: %s",
-				 SPI_result_code_string(rc));
-		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
-									   SPI_tuptable->tupdesc, 1, &isnull)))
-			cc_outbox_lock_aggregate(PG_GETARG_TEXT_PP(1));
-		if (cc_fanout_plan == NULL)
-		{
-			Oid			types[3] = {TEXTOID, TEXTOID, JSONBOID};
-
-			cc_fanout_plan = cc_keep_plan(cc_fanout_sql, 3, types);
-		}
-		rc = SPI_execute_plan(cc_fanout_plan, &args[1], NULL, false, 0);
-		if (rc != SPI_OK_INSERT)
-			elog(ERROR, "inserting into callback_center.outbox failed: %s",
-				 SPI_result_code_string(rc));
-		queued = (int) SPI_processed;
+		ids[i] = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+		ordered[i] = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i],
+												SPI_tuptable->tupdesc, 2, &isnull));
 	}
-	else
+	for (i = 0; i < n; i++)
+		id = cc_outbox_insert(w, ids[i], ordered[i]);
+	return id;
+}
+
+/*
+ * callback_center.enqueue(event_type, aggregate_id, payload): queues one
+ * row per enabled endpoint subscribed to event_type (or to '*') in the
+ * caller's transaction and returns how many; 0 when nobody subscribes.
+ * NULL arguments raise 22004; an empty or '*' event type raises 22023.
+ */
+Datum
+cc_enqueue(PG_FUNCTION_ARGS)
+{
+	CcOutboxWrite w;
+	int			i;
+
+	cc_outbox_begin(&w, fcinfo, 0, false);
+
+	if (IsolationUsesXactSnapshot())
 	{
-		int			i;
-
-		/* Changes committed by others are applied before we look. */
-		AcceptInvalidationMessages();
-		if (!cc_subscribers_valid)
-			cc_load_subscribers();
-		if (cc_insert_plan == NULL)
-		{
-			Oid			types[4] = {INT4OID, TEXTOID, TEXTOID, JSONBOID};
-
-			cc_insert_plan = cc_keep_plan(cc_insert_sql, 4, types);
-		}
-		/* Before any row gets its id: see the head of this file. */
-		for (i = 0; cc_any_ordered && i < cc_nsubscribers; i++)
-			if (cc_subscribers[i].ordered &&
-				cc_subscribes(&cc_subscribers[i], event_type))
-			{
-				cc_outbox_lock_aggregate(PG_GETARG_TEXT_PP(1));
-				break;
-			}
-		for (i = 0; i < cc_nsubscribers; i++)
-		{
-			if (!cc_subscribes(&cc_subscribers[i], event_type))
-				continue;
-			args[0] = Int32GetDatum(cc_subscribers[i].endpoint_id);
-			rc = SPI_execute_plan(cc_insert_plan, args, NULL, false, 0);
-			if (rc != SPI_OK_INSERT)
-				elog(ERROR, "inserting into callback_center.outbox failed: %s",
-					 SPI_result_code_string(rc));
-			queued++;
-		}
+		/* One snapshot for the whole transaction: read endpoints with it. */
+		(void) cc_outbox_insert_for(&w, OUTBOX_TARGETS, &w.args[1]);
+		cc_outbox_end(&w);
+		PG_RETURN_INT32(w.queued);
 	}
 
-	SPI_finish();
+	/* Changes committed by others are applied before we look. */
+	AcceptInvalidationMessages();
+	if (!cc_subscribers_valid)
+		cc_load_subscribers();
+	for (i = 0; i < cc_nsubscribers; i++)
+		if (cc_subscribes(&cc_subscribers[i], w.event_type))
+			(void) cc_outbox_insert(&w, cc_subscribers[i].endpoint_id,
+									cc_subscribers[i].ordered);
+	cc_outbox_end(&w);
+	PG_RETURN_INT32(w.queued);
+}
 
-	if (queued > 0)
-		cc_outbox_note_enqueued();
-	PG_RETURN_INT32(queued);
+/*
+ * callback_center._enqueue_one(endpoint_id, event_type, aggregate_id,
+ * payload): queues one event for one endpoint, whatever it subscribes to,
+ * and returns the row's id; NULL when the endpoint is disabled or gone.
+ * The writer behind enqueue_to and the active payment query.
+ */
+Datum
+cc_enqueue_one(PG_FUNCTION_ARGS)
+{
+	CcOutboxWrite w;
+	Datum		endpoint_id;
+	int64		id;
+
+	cc_require_arg(fcinfo, 0, "endpoint_id");
+	endpoint_id = PG_GETARG_DATUM(0);
+	cc_outbox_begin(&w, fcinfo, 1, true);
+	id = cc_outbox_insert_for(&w, OUTBOX_ENDPOINT, &endpoint_id);
+	cc_outbox_end(&w);
+	if (w.queued == 0)
+		PG_RETURN_NULL();
+	PG_RETURN_INT64(id);
 }
 
 /*

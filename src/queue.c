@@ -33,14 +33,7 @@
 
 #include "queue.h"
 #include "signature.h"
-
-static SPIPlanPtr claim_plan = NULL;
-static SPIPlanPtr claim_bare_plan = NULL;
-static SPIPlanPtr record_plan = NULL;
-static SPIPlanPtr attempts_plan = NULL;
-static SPIPlanPtr state_plan = NULL;
-static SPIPlanPtr endpoints_plan = NULL;
-static SPIPlanPtr next_due_plan = NULL;
+#include "spi.h"
 
 /*
  * The workers run with search_path pinned to pg_catalog, pg_temp (see
@@ -58,7 +51,7 @@ static SPIPlanPtr next_due_plan = NULL;
 #define UNDELIVERED(col) \
 " " col OP("=") "ANY (ARRAY['pending', 'delivering']::text[])"
 
-static const char *endpoints_sql =
+static const char endpoints_sql[] =
 "SELECT e.id, e.name, e.url, s.secret,"
 "       CASE WHEN s.rotated_at" OP(">") "(pg_catalog.now()" OP("-") "interval '24 hours')"
 "            THEN s.previous_secret END,"
@@ -95,7 +88,7 @@ static const char *endpoints_sql =
  * waiting behind an earlier one that waits for its retry are not due,
  * however old their next_attempt_at.
  */
-static const char *next_due_sql =
+static const char next_due_sql[] =
 "SELECT GREATEST(0, pg_catalog.ceil(extract(epoch FROM"
 "         pg_catalog.min(n.t)" OP("-") "pg_catalog.now())" OP("*") "1000))::int8"
 "  FROM ROWS FROM (pg_catalog.unnest($1::int4[]), pg_catalog.unnest($2::bool[]))"
@@ -159,7 +152,7 @@ AGGREGATE_HEAD \
 "                                           o.aggregate_id, o.payload)" \
 "     ELSE " EVENT_BODY " END"
 
-static const char *claim_sql =
+static const char claim_sql[] =
 CLAIM_PICK
 "RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1,"
 "  CASE WHEN " EVENT_SIZE OP("<=") "$5 THEN " CLAIM_BODY " END,"
@@ -170,11 +163,11 @@ CLAIM_PICK
  * cc_queue_claim then builds each body alone (body_sql), so that one row
  * whose body cannot be built is made dead and the others go.
  */
-static const char *claim_bare_sql =
+static const char claim_bare_sql[] =
 CLAIM_PICK
 "RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1, NULL::text, " EVENT_SIZE;
 
-static const char *body_sql =
+static const char body_sql[] =
 "SELECT CASE WHEN e.format" OP("<>") "'standard_webhooks'"
 "            THEN callback_center._adapter_request(o.endpoint_id, o.event_type,"
 "                                                  o.aggregate_id, o.payload)"
@@ -187,7 +180,7 @@ static const char *body_sql =
 static int32 *formatted_ids = NULL;
 static int	nformatted = 0;
 
-static const char *record_sql =
+static const char record_sql[] =
 "UPDATE callback_center.outbox o"
 "   SET status = CASE WHEN r.fate" OP("=") "ANY (ARRAY['retry', 'released']) THEN 'pending'"
 "                     ELSE r.fate END,"
@@ -203,7 +196,7 @@ static const char *record_sql =
 "       AS r(id, fate, next_at, http_status, error)"
 " WHERE o.id" OP("=") "r.id";
 
-static const char *attempts_sql =
+static const char attempts_sql[] =
 "INSERT INTO callback_center.delivery_attempts"
 "  (outbox_id, endpoint_id, attempt, http_status, latency_ms, error, response_body)"
 "SELECT * FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int4[]),"
@@ -215,7 +208,7 @@ static const char *attempts_sql =
  * IS DISTINCT FROM finds its "=" on the search_path (it cannot be
  * qualified): the pinned path makes it pg_catalog's.
  */
-static const char *state_sql =
+static const char state_sql[] =
 "INSERT INTO callback_center.endpoint_state AS s"
 "  (endpoint_id, breaker, opened_at, window_ok, window_fail, tokens, degraded, updated_at)"
 "SELECT u.*, pg_catalog.now()"
@@ -233,28 +226,114 @@ static const char *state_sql =
 "       IS DISTINCT FROM (excluded.breaker, excluded.opened_at, excluded.window_ok,"
 "                         excluded.window_fail, excluded.tokens, excluded.degraded)";
 
+static const char due_count_sql[] =
+"SELECT pg_catalog.count(*)::int4 FROM ("
+"  SELECT 1 FROM callback_center.outbox o"
+"   WHERE o.endpoint_id" OP("=") "ANY ($1)"
+"     AND" UNDELIVERED("o.status")
+"     AND o.next_attempt_at" OP("<=") "pg_catalog.now()"
+"   LIMIT $2) d";
+
+static const char disable_sql[] =
+"UPDATE callback_center.endpoints"
+"   SET enabled = false, updated_at = pg_catalog.now()"
+" WHERE id" OP("=") "ANY ($1) AND enabled"
+" RETURNING id";
+
+static const char bury_sql[] =
+"WITH RECURSIVE ids(endpoint_id) AS ("
+"  (SELECT o.endpoint_id FROM callback_center.outbox o"
+"    WHERE" UNDELIVERED("o.status")
+"    ORDER BY o.endpoint_id LIMIT 1)"
+"  UNION ALL"
+"  SELECT (SELECT o.endpoint_id FROM callback_center.outbox o"
+"           WHERE" UNDELIVERED("o.status")
+"             AND o.endpoint_id" OP(">") "ids.endpoint_id"
+"           ORDER BY o.endpoint_id LIMIT 1)"
+"    FROM ids WHERE ids.endpoint_id IS NOT NULL"
+"), orphans AS MATERIALIZED ("
+"  SELECT i.endpoint_id FROM ids i"
+"   WHERE i.endpoint_id IS NOT NULL"
+"     AND NOT EXISTS (SELECT 1 FROM callback_center.endpoints e"
+"                      WHERE e.id" OP("=") "i.endpoint_id)"
+") "
+"UPDATE callback_center.outbox o"
+"   SET status = 'dead', next_attempt_at = pg_catalog.now(),"
+"       last_error = pg_catalog.format('endpoint %s no longer exists',"
+"                                      o.endpoint_id)"
+"  FROM orphans"
+" WHERE o.endpoint_id" OP("=") "orphans.endpoint_id"
+"   AND" UNDELIVERED("o.status");
+
 /*
- * Prepares a statement once per process, with a generic plan: the arrays
- * the statements take vary from one element to a whole batch, and a plan
+ * The statements, prepared once per process (spi.h) with a generic plan:
+ * the arrays they take vary from one element to a whole batch, and a plan
  * made for one size (a hash join over the whole outbox for a large batch)
  * must not be kept for the others.  The generic plans probe indexes.
  */
-static SPIPlanPtr
-prepare_once(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types)
-{
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, types,
-										   CURSOR_OPT_GENERIC_PLAN);
+/*
+ * Provider-format endpoints (the adapter layer): each judged answer checked
+ * with _adapter_check, in the order given; done events' answers kept with
+ * _adapter_record (src/sql/46_adapters.sql).
+ */
+static const char check_answers_sql[] =
+"SELECT r.i, c.ok, c.answer::text, c.error"
+"  FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int4[]),"
+"                  pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]))"
+"       WITH ORDINALITY AS r(id, st, h, b, i)"
+"  CROSS JOIN LATERAL callback_center._adapter_check(r.id, r.st, r.h, r.b) c";
 
-		if (p == NULL)
-			elog(ERROR, "callback_center: SPI_prepare failed: %s",
-				 SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		*plan = p;
-	}
-	return *plan;
-}
+static const char record_answers_sql[] =
+"SELECT callback_center._adapter_record($1, $2, $3, $4::pg_catalog.jsonb[], $5)";
+
+typedef enum QueuePlanId
+{
+	QUEUE_ENDPOINTS,
+	QUEUE_NEXT_DUE,
+	QUEUE_CLAIM,
+	QUEUE_CLAIM_BARE,
+	QUEUE_BODY,
+	QUEUE_RECORD,
+	QUEUE_ATTEMPTS,
+	QUEUE_STATE,
+	QUEUE_DUE_COUNT,
+	QUEUE_DISABLE,
+	QUEUE_BURY,
+	QUEUE_CHECK_ANSWERS,
+	QUEUE_RECORD_ANSWERS,
+	NUM_QUEUE_PLANS
+} QueuePlanId;
+
+#define GENERIC CURSOR_OPT_GENERIC_PLAN
+static CcPlan plans[NUM_QUEUE_PLANS] = {
+	[QUEUE_ENDPOINTS] = {endpoints_sql, 0, {InvalidOid}, 0, GENERIC},
+	[QUEUE_NEXT_DUE] = {next_due_sql, 2, {INT4ARRAYOID, BOOLARRAYOID}, 0, GENERIC},
+	[QUEUE_CLAIM] = {claim_sql, 6,
+	{INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID, INT8OID, INT4ARRAYOID},
+	0, GENERIC},
+	[QUEUE_CLAIM_BARE] = {claim_bare_sql, 6,
+	{INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID, INT8OID, INT4ARRAYOID},
+	0, GENERIC},
+	[QUEUE_BODY] = {body_sql, 1, {INT8OID}, 0, GENERIC},
+	[QUEUE_RECORD] = {record_sql, 5,
+	{INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, TEXTARRAYOID},
+	0, GENERIC},
+	[QUEUE_ATTEMPTS] = {attempts_sql, 7,
+	{INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, FLOAT4ARRAYOID,
+	TEXTARRAYOID, TEXTARRAYOID}, 0, GENERIC},
+	[QUEUE_STATE] = {state_sql, 7,
+	{INT4ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
+	FLOAT8ARRAYOID, BOOLARRAYOID}, 0, GENERIC},
+	[QUEUE_DUE_COUNT] = {due_count_sql, 2, {INT4ARRAYOID, INT4OID}, 0, GENERIC},
+	[QUEUE_DISABLE] = {disable_sql, 1, {INT4ARRAYOID}, 0, GENERIC},
+	[QUEUE_BURY] = {bury_sql, 0, {InvalidOid}, 0, GENERIC},
+	[QUEUE_CHECK_ANSWERS] = {check_answers_sql, 4,
+	{INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID}, 0, GENERIC},
+	[QUEUE_RECORD_ANSWERS] = {record_answers_sql, 5,
+	{INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID},
+	0, GENERIC},
+};
+#undef GENERIC
 
 /* Builds a one-dimensional array Datum; nulls may be NULL. */
 static Datum
@@ -335,9 +414,7 @@ cc_queue_load_endpoints(CcEndpoint **endpoints)
 	CcEndpoint *eps;
 
 	SPI_connect();
-	ret = SPI_execute_plan(prepare_once(&endpoints_plan, endpoints_sql, 0,
-										NULL),
-						   NULL, NULL, true, 0);
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_ENDPOINTS]), NULL, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "callback_center: loading endpoints failed: %s",
 			 SPI_result_code_string(ret));
@@ -460,11 +537,9 @@ claim_copy_jobs(MemoryContext cxt, int count, int64 max_size, bool bare)
 static void
 claim_build_bodies_one_by_one(MemoryContext cxt, CcJob *jobs, int count)
 {
-	static SPIPlanPtr body_plan = NULL;
-	Oid			types[1] = {INT8OID};
+	SPIPlanPtr	body_plan = cc_plan(&plans[QUEUE_BODY]);
 	int			i;
 
-	prepare_once(&body_plan, body_sql, 1, types);
 	for (i = 0; i < count; i++)
 	{
 		ResourceOwner owner = CurrentResourceOwner;
@@ -550,8 +625,6 @@ cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 {
 	MemoryContext outer = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
-	Oid			types[6] = {INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID,
-	INT8OID, INT4ARRAYOID};
 	Datum		values[6];
 	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *qs = palloc(sizeof(Datum) * Max(n, 1));
@@ -585,13 +658,14 @@ cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 	}
 
 	SPI_connect();
-	prepare_once(&claim_plan, claim_sql, 6, types);
-	prepare_once(&claim_bare_plan, claim_bare_sql, 6, types);
+	(void) cc_plan(&plans[QUEUE_CLAIM]);
+	(void) cc_plan(&plans[QUEUE_CLAIM_BARE]);
 
 	BeginInternalSubTransaction(NULL);
 	PG_TRY();
 	{
-		ret = SPI_execute_plan(claim_plan, values, NULL, false, 0);
+		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_CLAIM]), values, NULL,
+							   false, 0);
 		if (ret != SPI_OK_UPDATE_RETURNING)
 			elog(ERROR, "callback_center: claim failed: %s",
 				 SPI_result_code_string(ret));
@@ -624,7 +698,8 @@ cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 
 	if (failed)
 	{
-		ret = SPI_execute_plan(claim_bare_plan, values, NULL, false, 0);
+		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_CLAIM_BARE]), values,
+							   NULL, false, 0);
 		if (ret != SPI_OK_UPDATE_RETURNING)
 			elog(ERROR, "callback_center: claim failed: %s",
 				 SPI_result_code_string(ret));
@@ -707,8 +782,6 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 	SPI_connect();
 	if (n > 0)
 	{
-		Oid			types[5] = {INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID,
-		INT4ARRAYOID, TEXTARRAYOID};
 		Datum		values[5];
 
 		values[0] = make_array(d_id, NULL, n, INT8OID);
@@ -716,7 +789,7 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 		values[2] = make_array(d_next, n_next, n, TIMESTAMPTZOID);
 		values[3] = make_array(d_status, n_status, n, INT4OID);
 		values[4] = make_array(d_err, n_err, n, TEXTOID);
-		ret = SPI_execute_plan(prepare_once(&record_plan, record_sql, 5, types),
+		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_RECORD]),
 							   values, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE)
 			elog(ERROR, "callback_center: recording results failed: %s",
@@ -728,8 +801,6 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 	}
 	if (na > 0)
 	{
-		Oid			types[7] = {INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
-			INT4ARRAYOID, FLOAT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 		Datum		values[7];
 
 		values[0] = make_array(a_id, NULL, na, INT8OID);
@@ -739,7 +810,7 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 		values[4] = make_array(a_lat, NULL, na, FLOAT4OID);
 		values[5] = make_array(a_err, an_err, na, TEXTOID);
 		values[6] = make_array(a_resp, an_resp, na, TEXTOID);
-		ret = SPI_execute_plan(prepare_once(&attempts_plan, attempts_sql, 7, types),
+		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_ATTEMPTS]),
 							   values, NULL, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "callback_center: logging attempts failed: %s",
@@ -749,16 +820,12 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 	{
 		Datum	   *g = palloc(sizeof(Datum) * ngone);
 		Datum		values[1];
-		Oid			types[1] = {INT4ARRAYOID};
 
 		for (i = 0; i < ngone; i++)
 			g[i] = Int32GetDatum(gone[i]);
 		values[0] = make_array(g, NULL, ngone, INT4OID);
-		ret = SPI_execute_with_args("UPDATE callback_center.endpoints"
-									"   SET enabled = false, updated_at = pg_catalog.now()"
-									" WHERE id" OP("=") "ANY ($1) AND enabled"
-									" RETURNING id",
-									1, types, values, NULL, false, 0);
+		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_DISABLE]),
+							   values, NULL, false, 0);
 		if (ret != SPI_OK_UPDATE_RETURNING)
 			elog(ERROR, "callback_center: disabling endpoints failed: %s",
 				 SPI_result_code_string(ret));
@@ -775,8 +842,6 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 	}
 	if (nsnaps > 0)
 	{
-		Oid			types[7] = {INT4ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID,
-			INT4ARRAYOID, INT4ARRAYOID, FLOAT8ARRAYOID, BOOLARRAYOID};
 		Datum		values[7];
 		Datum	   *s_id = palloc(sizeof(Datum) * nsnaps);
 		Datum	   *s_br = palloc(sizeof(Datum) * nsnaps);
@@ -808,7 +873,7 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 		values[4] = make_array(s_fail, NULL, nsnaps, INT4OID);
 		values[5] = make_array(s_tok, sn_tok, nsnaps, FLOAT8OID);
 		values[6] = make_array(s_deg, NULL, nsnaps, BOOLOID);
-		ret = SPI_execute_plan(prepare_once(&state_plan, state_sql, 7, types),
+		ret = SPI_execute_plan(cc_plan(&plans[QUEUE_STATE]),
 							   values, NULL, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "callback_center: publishing endpoint state failed: %s",
@@ -829,7 +894,6 @@ cc_queue_record(const CcJob *jobs, const CcJobResult *results, int n,
 int64
 cc_queue_next_due_ms(const int32 *endpoint_ids, const bool *ordered, int n)
 {
-	Oid			types[2] = {INT4ARRAYOID, BOOLARRAYOID};
 	Datum		values[2];
 	Datum	   *ids;
 	Datum	   *ords;
@@ -849,7 +913,7 @@ cc_queue_next_due_ms(const int32 *endpoint_ids, const bool *ordered, int n)
 	values[0] = make_array(ids, NULL, n, INT4OID);
 	values[1] = make_array(ords, NULL, n, BOOLOID);
 	SPI_connect();
-	ret = SPI_execute_plan(prepare_once(&next_due_plan, next_due_sql, 2, types),
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_NEXT_DUE]),
 						   values, NULL, true, 1);
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
@@ -879,29 +943,7 @@ cc_queue_bury_orphans(void)
 	uint64		n;
 
 	SPI_connect();
-	ret = SPI_execute("WITH RECURSIVE ids(endpoint_id) AS ("
-					  "  (SELECT o.endpoint_id FROM callback_center.outbox o"
-					  "    WHERE" UNDELIVERED("o.status")
-					  "    ORDER BY o.endpoint_id LIMIT 1)"
-					  "  UNION ALL"
-					  "  SELECT (SELECT o.endpoint_id FROM callback_center.outbox o"
-					  "           WHERE" UNDELIVERED("o.status")
-					  "             AND o.endpoint_id" OP(">") "ids.endpoint_id"
-					  "           ORDER BY o.endpoint_id LIMIT 1)"
-					  "    FROM ids WHERE ids.endpoint_id IS NOT NULL"
-					  "), orphans AS MATERIALIZED ("
-					  "  SELECT i.endpoint_id FROM ids i"
-					  "   WHERE i.endpoint_id IS NOT NULL"
-					  "     AND NOT EXISTS (SELECT 1 FROM callback_center.endpoints e"
-					  "                      WHERE e.id" OP("=") "i.endpoint_id)"
-					  ") "
-					  "UPDATE callback_center.outbox o"
-					  "   SET status = 'dead', next_attempt_at = pg_catalog.now(),"
-					  "       last_error = pg_catalog.format('endpoint %s no longer exists',"
-					  "                                      o.endpoint_id)"
-					  "  FROM orphans"
-					  " WHERE o.endpoint_id" OP("=") "orphans.endpoint_id"
-					  "   AND" UNDELIVERED("o.status"), false, 0);
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_BURY]), NULL, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "callback_center: marking events of dropped endpoints failed: %s",
 			 SPI_result_code_string(ret));
@@ -922,8 +964,6 @@ cc_queue_bury_orphans(void)
 int
 cc_queue_due_count(const int32 *endpoint_ids, int n, int limit)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid			types[2] = {INT4ARRAYOID, INT4OID};
 	Datum		values[2];
 	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
 	int			ret;
@@ -937,13 +977,7 @@ cc_queue_due_count(const int32 *endpoint_ids, int n, int limit)
 	values[0] = make_array(ids, NULL, n, INT4OID);
 	values[1] = Int32GetDatum(limit);
 	SPI_connect();
-	ret = SPI_execute_plan(prepare_once(&plan,
-										"SELECT pg_catalog.count(*)::int4 FROM ("
-										"  SELECT 1 FROM callback_center.outbox o"
-										"   WHERE o.endpoint_id" OP("=") "ANY ($1)"
-										"     AND" UNDELIVERED("o.status")
-										"     AND o.next_attempt_at" OP("<=") "pg_catalog.now()"
-										"   LIMIT $2) d", 2, types),
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_DUE_COUNT]),
 						   values, NULL, true, 1);
 	if (ret == SPI_OK_SELECT && SPI_processed == 1)
 	{
@@ -970,9 +1004,7 @@ cc_queue_check_answers(int n, const int64 *ids, const int *statuses,
 					   char *const *headers, char *const *bodies,
 					   bool *ok, char **answers, char **errors)
 {
-	static SPIPlanPtr plan = NULL;
 	MemoryContext outer = CurrentMemoryContext;
-	Oid			types[4] = {INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
 	Datum		values[4];
 	Datum	   *d_id = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *d_st = palloc(sizeof(Datum) * Max(n, 1));
@@ -1000,16 +1032,8 @@ cc_queue_check_answers(int n, const int64 *ids, const int *statuses,
 	values[2] = make_array(d_h, n_h, n, TEXTOID);
 	values[3] = make_array(d_b, n_b, n, TEXTOID);
 	SPI_connect();
-	ret = SPI_execute_plan(prepare_once(&plan,
-										"SELECT r.i, c.ok, c.answer::text, c.error"
-										"  FROM ROWS FROM (pg_catalog.unnest($1::int8[]),"
-										"                  pg_catalog.unnest($2::int4[]),"
-										"                  pg_catalog.unnest($3::text[]),"
-										"                  pg_catalog.unnest($4::text[]))"
-										"       WITH ORDINALITY AS r(id, st, h, b, i)"
-										"  CROSS JOIN LATERAL callback_center._adapter_check(r.id, r.st, r.h, r.b) c",
-										4, types),
-						   values, NULL, true, 0);
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_CHECK_ANSWERS]), values, NULL,
+						   false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "callback_center: checking provider answers failed: %s",
 			 SPI_result_code_string(ret));
@@ -1042,9 +1066,6 @@ cc_queue_record_answers(int n, const int64 *ids, const int *attempts,
 						const int *statuses, char *const *answers,
 						char *const *errors)
 {
-	static SPIPlanPtr plan = NULL;
-	Oid			types[5] = {INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID,
-	TEXTARRAYOID, TEXTARRAYOID};
 	Datum		values[5];
 	Datum	   *d_id = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *d_att = palloc(sizeof(Datum) * Max(n, 1));
@@ -1074,11 +1095,8 @@ cc_queue_record_answers(int n, const int64 *ids, const int *attempts,
 	values[3] = make_array(d_ans, n_ans, n, TEXTOID);
 	values[4] = make_array(d_err, n_err, n, TEXTOID);
 	SPI_connect();
-	ret = SPI_execute_plan(prepare_once(&plan,
-										"SELECT callback_center._adapter_record($1, $2, $3,"
-										"         $4::pg_catalog.jsonb[], $5)",
-										5, types),
-						   values, NULL, false, 0);
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_RECORD_ANSWERS]), values, NULL,
+						   false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "callback_center: recording provider answers failed: %s",
 			 SPI_result_code_string(ret));

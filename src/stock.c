@@ -51,6 +51,7 @@
 #include "utils/tuplestore.h"
 
 #include "errcodes.h"
+#include "spi.h"
 
 PG_FUNCTION_INFO_V1(cc_deduct_stock);
 PG_FUNCTION_INFO_V1(cc_deduct_stock_items);
@@ -78,9 +79,8 @@ typedef struct StockOutcome
 } StockOutcome;
 
 /*
- * The statements, prepared once per backend (SPI_prepare + SPI_keepplan).
- * The plan cache re-plans them after DDL on the tables, including a DROP
- * and CREATE EXTENSION.  They never depend on the caller's search_path:
+ * The statements, prepared once per backend (a plan table, spi.h).
+ * They never depend on the caller's search_path:
  * every table, function, operator and collation is schema-qualified, and
  * they are prepared and run only under the pinned path of stock_enter().
  */
@@ -111,15 +111,7 @@ typedef enum StockPlanId
  * each outer row) can never take or give units more than once.  0: no
  * limit (a list of rows).
  */
-typedef struct StockPlanDef
-{
-	const char *sql;
-	int			nargs;
-	Oid			argtypes[4];
-	uint64		max_rows;
-} StockPlanDef;
-
-static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
+static CcPlan plans[NUM_STOCK_PLANS] = {
 	[PLAN_RECORD] = {
 		"INSERT INTO callback_center.stock_deductions (biz_id, sku_id, quantity)"
 		" VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -279,51 +271,11 @@ static const StockPlanDef plan_defs[NUM_STOCK_PLANS] = {
 	},
 };
 
-static SPIPlanPtr plans[NUM_STOCK_PLANS];
-
-/*
- * Returns the kept plan for id, preparing it on first use.  Must be called
- * while connected to SPI.
- */
-static SPIPlanPtr
-stock_plan(StockPlanId id)
-{
-	if (plans[id] == NULL)
-	{
-		const StockPlanDef *def = &plan_defs[id];
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare(def->sql, def->nargs, (Oid *) def->argtypes);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for \"%s\": %s",
-				 def->sql, SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		plans[id] = plan;
-	}
-	return plans[id];
-}
-
-/*
- * Runs a kept plan and checks it returned the expected SPI code and
- * processed no more rows than its max_rows; returns the number of rows
- * processed.  More rows is an internal error (XX000), raised before the
- * statement's changes can commit.
- */
+/* Runs a statement of the table (SPI_execute_plan, read-write, all rows). */
 static uint64
 stock_exec(StockPlanId id, Datum *args, int expect)
 {
-	int			rc;
-
-	rc = SPI_execute_plan(stock_plan(id), args, NULL, false, 0);
-	if (rc != expect)
-		elog(ERROR, "stock statement failed: %s (%s)",
-			 SPI_result_code_string(rc), plan_defs[id].sql);
-	if (plan_defs[id].max_rows > 0 && SPI_processed > plan_defs[id].max_rows)
-		elog(ERROR, "stock statement processed " UINT64_FORMAT
-			 " rows, at most " UINT64_FORMAT " expected (%s)",
-			 SPI_processed, plan_defs[id].max_rows, plan_defs[id].sql);
-	return SPI_processed;
+	return cc_plan_exec(&plans[id], args, NULL, false, 0, expect);
 }
 
 /*
@@ -742,7 +694,7 @@ slot_take_exact(Datum sku, int64 qty, int64 *total)
 	int64		sum = 0;
 	int64		left = qty;
 
-	portal = SPI_cursor_open(NULL, stock_plan(PLAN_SLOT_LOCK_ALL), &sku,
+	portal = SPI_cursor_open(NULL, cc_plan(&plans[PLAN_SLOT_LOCK_ALL]), &sku,
 							 NULL, false);
 	while (sum < qty)
 	{

@@ -33,6 +33,7 @@
 #include "queue.h"
 #include "shmem.h"
 #include "worker.h"
+#include "worker_role.h"
 
 static bool cc_delivery_enabled = true;
 static bool extension_was_ready = false;
@@ -62,9 +63,11 @@ recover_in_flight(void)
 	int			n;
 
 	StartTransactionCommand();
+	cc_worker_role_enter();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	n = cc_queue_recover();
 	PopActiveSnapshot();
+	cc_worker_role_leave();
 	CommitTransactionCommand();
 	if (n > 0)
 		ereport(LOG,

@@ -183,7 +183,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             op = "refund_query"
         note({"format": "wechatpay_v3", "method": method, "path": self.path, "op": op,
               "id": ident, "verified": ok, "mchid": fields.get("mchid"),
-              "serial_no": fields.get("serial_no"), "params": params})
+              "serial_no": fields.get("serial_no"), "nonce": fields.get("nonce_str"),
+              "params": params})
         if not ok:
             return self.wechat_reply(401, {"code": "SIGN_ERROR", "message": "bad signature"}, "")
         say = answer_for(ident)

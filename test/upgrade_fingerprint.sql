@@ -13,10 +13,11 @@ WITH ext AS (
 ), acl(kind, name, acl) AS (
     -- ACLs as sorted grantee/privilege lists, not in creation order
     SELECT 'acl', pg_catalog.format('%s %s', x.k, x.n),
-           (SELECT pg_catalog.string_agg(pg_catalog.format('%s:%s:%s',
-                       CASE WHEN e.grantee = 0 THEN 'PUBLIC' ELSE e.grantee::regrole::text END,
-                       e.privilege_type, e.is_grantable), ',' ORDER BY 1)
-              FROM pg_catalog.aclexplode(x.a) e)
+           (SELECT pg_catalog.string_agg(g.p, ',' ORDER BY g.p)
+              FROM (SELECT pg_catalog.format('%s:%s:%s',
+                           CASE WHEN e.grantee = 0 THEN 'PUBLIC' ELSE e.grantee::regrole::text END,
+                           e.privilege_type, e.is_grantable) AS p
+                      FROM pg_catalog.aclexplode(x.a) e) g)
       FROM (SELECT 'function' AS k, p.oid::regprocedure::text AS n, p.proacl AS a
               FROM pg_catalog.pg_proc p JOIN member m ON m.classid = 'pg_catalog.pg_proc'::regclass AND m.objid = p.oid
             UNION ALL
@@ -47,6 +48,18 @@ SELECT line FROM (
       FROM pg_catalog.pg_proc p JOIN member m ON m.classid = 'pg_catalog.pg_proc'::regclass AND m.objid = p.oid
     UNION ALL
     SELECT pg_catalog.format('%s|%s|%s', a.kind, a.name, a.acl) FROM acl a
+    UNION ALL
+    -- the initial privileges pg_dump compares ACLs with: a difference here
+    -- would make a dump of one restore wrongly into the other
+    SELECT pg_catalog.format('init_privs|%s|%s|%s',
+               pg_catalog.pg_describe_object(i.classoid, i.objoid, i.objsubid), i.privtype,
+               (SELECT pg_catalog.string_agg(g.p, ',' ORDER BY g.p)
+                  FROM (SELECT pg_catalog.format('%s:%s:%s',
+                               CASE WHEN e.grantee = 0 THEN 'PUBLIC' ELSE e.grantee::regrole::text END,
+                               e.privilege_type, e.is_grantable) AS p
+                          FROM pg_catalog.aclexplode(i.initprivs) e) g))
+      FROM pg_catalog.pg_init_privs i
+      JOIN member m ON m.classid = i.classoid AND m.objid = i.objoid
     UNION ALL
     -- relations: kind, persistence, options, row security, owner
     SELECT pg_catalog.format('relation|%s|%s|%s|%s|%s/%s|%s|%s', c.oid::regclass, c.relkind,

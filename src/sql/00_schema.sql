@@ -40,6 +40,15 @@ COMMENT ON FUNCTION callback_center.wake() IS
 --   callback_center_admin: manages endpoints, secrets, stock, machines.
 --   callback_center_app:   runs the business functions; cannot read
 --                          secrets or change endpoints.
+--   callback_center_worker: what the two workers' statements run as
+--                          (src/worker_role.c): the queue tables and the
+--                          jobs' functions, granted where they are made;
+--                          NOLOGIN, so nobody connects as it.
+-- Membership says what a role may do, and counts in no database by itself:
+-- where it may do it is USAGE on this schema, granted per database to the
+-- login (GRANT USAGE ON SCHEMA callback_center TO shop).  Schema privileges
+-- live in the database, so a member granted in one database reaches nothing
+-- in another, and the check costs nothing per call (it is the name lookup).
 DO $roles$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'callback_center_admin') THEN
@@ -48,10 +57,16 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'callback_center_app') THEN
         CREATE ROLE callback_center_app NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'callback_center_worker') THEN
+        CREATE ROLE callback_center_worker NOLOGIN;
+    END IF;
 END
 $roles$;
 
-GRANT USAGE ON SCHEMA callback_center TO callback_center_admin, callback_center_app;
+-- Nobody but the owner until a DBA grants a login USAGE here (explicit,
+-- so that a fresh install and an upgraded one have the same ACL).
+REVOKE ALL ON SCHEMA callback_center FROM PUBLIC;
+GRANT USAGE ON SCHEMA callback_center TO callback_center_worker;
 -- No function in the schema is executable by PUBLIC (sql/roles.sql checks).
 REVOKE ALL ON FUNCTION callback_center.wake(), callback_center.worker_status() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.worker_status()

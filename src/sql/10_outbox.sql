@@ -189,6 +189,12 @@ GRANT INSERT (name, delays), UPDATE (delays), DELETE
     ON callback_center.retry_schedules TO callback_center_admin;
 GRANT SELECT ON callback_center.endpoints TO callback_center_admin;
 GRANT SELECT ON callback_center.endpoint_secrets TO callback_center_admin;
+-- The delivery worker: claims and settles events, signs with the secrets,
+-- disables an endpoint whose URL stopped passing (src/queue.c).
+GRANT SELECT, UPDATE ON callback_center.outbox TO callback_center_worker;
+GRANT SELECT ON callback_center.endpoints, callback_center.endpoint_secrets,
+    callback_center.retry_schedules TO callback_center_worker;
+GRANT UPDATE (enabled, updated_at) ON callback_center.endpoints TO callback_center_worker;
 
 -------------------------------------------------------------------------
 -- Internal helpers (not granted to anyone; the SECURITY DEFINER functions
@@ -265,9 +271,7 @@ AS $$
 DECLARE
     found_id integer;
 BEGIN
-    IF name IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'endpoint name must not be null';
-    END IF;
+    PERFORM callback_center._require(name, 'endpoint name');
     IF lock_row THEN
         SELECT e.id INTO found_id FROM callback_center.endpoints e
          WHERE e.name = _endpoint_id.name FOR UPDATE;
@@ -330,9 +334,7 @@ DECLARE
     ep callback_center.endpoints;
     n numeric;
 BEGIN
-    IF options IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'options must not be null';
-    END IF;
+    PERFORM callback_center._require(options, 'options');
     IF jsonb_typeof(options) <> 'object' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'options must be a JSON object',
@@ -449,10 +451,8 @@ AS $$
 DECLARE
     new_id integer;
 BEGIN
-    IF name IS NULL OR url IS NULL OR event_types IS NULL OR options IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'name, url, event_types and options must not be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(name, url, event_types, options) = 0 OR NULL,
+                                     'name, url, event_types and options');
     IF name !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('invalid endpoint name "%s"', name),
@@ -595,14 +595,6 @@ AS 'MODULE_PATHNAME', 'cc_outbox_note_enqueue'
 LANGUAGE C STRICT VOLATILE PARALLEL UNSAFE;
 REVOKE ALL ON FUNCTION callback_center._outbox_note_enqueue() FROM PUBLIC;
 
--- Internal: the lock that makes an aggregate's ids follow commit order for
--- ordered endpoints (src/outbox.c); enqueue() takes it itself.
-CREATE FUNCTION callback_center._outbox_lock_aggregate(aggregate_id text)
-RETURNS void
-AS 'MODULE_PATHNAME', 'cc_outbox_lock_aggregate_sql'
-LANGUAGE C STRICT VOLATILE;
-REVOKE ALL ON FUNCTION callback_center._outbox_lock_aggregate(text) FROM PUBLIC;
-
 -- The size of an event as callback_center.max_event_size counts it: the
 -- bytes of event type, aggregate id and payload (in its jsonb form),
 -- uncompressed (src/outbox.c).  The worker's claim reads it.
@@ -611,15 +603,7 @@ RETURNS bigint
 AS 'MODULE_PATHNAME', 'cc_event_size_sql'
 LANGUAGE C STRICT IMMUTABLE PARALLEL SAFE;
 REVOKE ALL ON FUNCTION callback_center._event_size(text, text, jsonb) FROM PUBLIC;
-
--- Raises 54000 (program_limit_exceeded) when an event is larger than
--- callback_center.max_event_size; every writer of the outbox calls it
--- (enqueue in C).
-CREATE FUNCTION callback_center._check_event_size(event_type text, aggregate_id text, payload jsonb)
-RETURNS void
-AS 'MODULE_PATHNAME', 'cc_check_event_size_sql'
-LANGUAGE C STRICT STABLE PARALLEL SAFE;
-REVOKE ALL ON FUNCTION callback_center._check_event_size(text, text, jsonb) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center._event_size(text, text, jsonb) TO callback_center_worker;
 
 -- Queues one row per enabled endpoint subscribed to event_type (or to
 -- '*'), in the caller's transaction; returns how many (0: no subscriber).
@@ -643,6 +627,17 @@ CREATE TRIGGER endpoints_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON callback_center.endpoints
     FOR EACH STATEMENT EXECUTE FUNCTION callback_center._outbox_endpoints_changed();
 
+-- The outbox's one writer for a single endpoint (src/outbox.c, beside
+-- enqueue): queues one event for endpoint_id whatever it subscribes to,
+-- with enqueue's checks (22004, 22023, 54000), ordering lock and wake-up;
+-- returns the row's id, NULL when the endpoint is disabled or gone.
+CREATE FUNCTION callback_center._enqueue_one(
+    endpoint_id integer, event_type text, aggregate_id text, payload jsonb)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'cc_enqueue_one'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+REVOKE ALL ON FUNCTION callback_center._enqueue_one(integer, text, text, jsonb) FROM PUBLIC;
+
 -- Queues one event for one named endpoint, whatever it subscribes to;
 -- returns 1, or 0 when the endpoint is disabled.  CB040 if unknown.
 CREATE FUNCTION callback_center.enqueue_to(
@@ -651,37 +646,14 @@ RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-DECLARE
-    queued integer;
-    ep_id integer;
 BEGIN
-    IF endpoint IS NULL OR event_type IS NULL OR aggregate_id IS NULL
-       OR payload IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'endpoint, event_type, aggregate_id and payload must not be null';
+    PERFORM callback_center._require(num_nulls(endpoint, event_type, aggregate_id, payload) = 0 OR NULL,
+                                     'endpoint, event_type, aggregate_id and payload');
+    IF callback_center._enqueue_one(callback_center._endpoint_id(endpoint, false),
+                                    event_type, aggregate_id, payload) IS NULL THEN
+        RETURN 0;
     END IF;
-    IF event_type = '' OR event_type = '*' THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('invalid event type "%s"', event_type),
-            DETAIL = 'An event type is a non-empty name; "*" only subscribes to all of them.';
-    END IF;
-    PERFORM callback_center._check_event_size(event_type, aggregate_id, payload);
-    ep_id := callback_center._endpoint_id(endpoint, false);
-    -- An ordered endpoint delivers an aggregate's events in id order: the
-    -- lock enqueue() takes (src/outbox.c) makes ids follow commit order.
-    IF EXISTS (SELECT 1 FROM callback_center.endpoints e
-                WHERE e.id = ep_id AND e.enabled AND e.ordered) THEN
-        PERFORM callback_center._outbox_lock_aggregate(enqueue_to.aggregate_id);
-    END IF;
-    INSERT INTO callback_center.outbox (endpoint_id, event_type, aggregate_id, payload)
-    SELECT e.id, enqueue_to.event_type, enqueue_to.aggregate_id, enqueue_to.payload
-      FROM callback_center.endpoints e
-     WHERE e.id = ep_id AND e.enabled;
-    GET DIAGNOSTICS queued = ROW_COUNT;
-    IF queued > 0 THEN
-        PERFORM callback_center._outbox_note_enqueue();
-    END IF;
-    RETURN queued;
+    RETURN 1;
 END
 $$;
 

@@ -48,8 +48,12 @@ CREATE TABLE callback_center.providers (
     scheme     text NOT NULL CHECK (scheme IN ('standard_webhooks', 'stripe',
                                                'wechatpay_v3', 'wechatpay_v2', 'alipay',
                                                'unionpay')),
+    -- None for an Alipay provider in certificate mode (its certificates
+    -- are in provider_keys, 45_channels.sql).
     secrets    text[] NOT NULL
-               CHECK (cardinality(secrets) >= 1 AND array_position(secrets, NULL) IS NULL),
+               CONSTRAINT providers_secrets_check
+               CHECK ((cardinality(secrets) >= 1 OR scheme = 'alipay')
+                      AND array_position(secrets, NULL) IS NULL),
     tolerance  interval CHECK (tolerance > interval '0'),
     created_at timestamptz NOT NULL DEFAULT now(),
     -- Where the provider answers status queries (90_jobs.sql): an endpoint
@@ -177,10 +181,7 @@ AS $$
 DECLARE
     n integer;
 BEGIN
-    IF older_than IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'older_than must not be null';
-    END IF;
+    PERFORM callback_center._require(older_than, 'older_than');
     IF older_than < interval '0' OR older_than > interval '100 years' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'older_than must be between 0 and 100 years',
@@ -279,6 +280,10 @@ BEGIN
         -- UnionPay has no shared secret: what is kept is the organisation
         -- its signing certificates name.
         p_secrets := ARRAY['中国银联股份有限公司'];
+    ELSIF p_secrets IS NULL AND p_scheme = 'alipay' THEN
+        -- Alipay's certificate mode: no public key, the certificates come
+        -- with set_platform_keys.
+        p_secrets := '{}';
     ELSIF p_secrets IS NULL THEN
         p_secrets := ARRAY[callback_center.new_webhook_secret()];
     END IF;
@@ -289,7 +294,8 @@ BEGIN
             MESSAGE = format('unknown signature scheme "%s"', p_scheme),
             HINT = 'The schemes are standard_webhooks, stripe, wechatpay_v3, wechatpay_v2, alipay and unionpay.';
     END IF;
-    IF cardinality(p_secrets) = 0 OR array_position(p_secrets, NULL) IS NOT NULL THEN
+    IF (cardinality(p_secrets) = 0 AND p_scheme <> 'alipay')
+       OR array_position(p_secrets, NULL) IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'secrets must hold at least one secret and no nulls';
     END IF;
@@ -354,10 +360,7 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF p_name IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'name must not be null';
-    END IF;
+    PERFORM callback_center._require(p_name, 'name');
     DELETE FROM callback_center.providers WHERE name = p_name;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',

@@ -12,12 +12,15 @@
 --   providers.secrets   wechatpay_v3: the merchant's 32-byte APIv3 key(s);
 --                       wechatpay_v2: the merchant's API key(s), "md5:"
 --                       before a key allowing the legacy MD5 sign;
---                       alipay: the Alipay public key(s) (PEM or base64);
+--                       alipay: the Alipay public key(s) (PEM or base64),
+--                       none in certificate mode;
 --                       unionpay: the organisation name(s) the signing
 --                       certificate must carry (中国银联股份有限公司)
 --   provider_keys       wechatpay_v3: platform certificates and platform
 --                       public keys, by serial / public-key id;
---                       unionpay: the root and intermediate certificates
+--                       unionpay: the root and intermediate certificates;
+--                       alipay (certificate mode): the Alipay public-key
+--                       certificate, intermediate and roots, by SN
 
 -- Platform keys of wechatpay_v3 providers, selected by the
 -- Wechatpay-Serial header: a certificate's serial (certificate mode) or a
@@ -64,6 +67,11 @@ RETURNS bytea
 AS 'MODULE_PATHNAME', 'cc_form_decode'
 LANGUAGE C IMMUTABLE;
 
+CREATE FUNCTION callback_center._form_escape(b bytea)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_form_escape'
+LANGUAGE C IMMUTABLE;
+
 CREATE FUNCTION callback_center._hmac_sha256(key bytea, data bytea)
 RETURNS bytea
 AS 'MODULE_PATHNAME', 'cc_hmac_sha256_sql'
@@ -74,6 +82,28 @@ CREATE FUNCTION callback_center._x509_chain_check(certificate text, cas text[], 
 RETURNS record
 AS 'MODULE_PATHNAME', 'cc_x509_chain_check_sql'
 LANGUAGE C VOLATILE;
+
+-- Alipay's certificate SNs, as AlipaySignature.getCertSN and getRootCertSN
+-- compute them: the hex MD5 of the issuer's name (RFC 2253, as Java writes
+-- it) and the serial number in decimal; for the root certificate file,
+-- those of its RSA-signed certificates joined by "_".  The app sends
+-- app_cert_sn and alipay_root_cert_sn with its requests; certificate mode
+-- names the loaded certificates by them.  22023 for what is not a PEM
+-- certificate.
+CREATE FUNCTION callback_center.alipay_cert_sn(certificate text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_alipay_cert_sn_sql'
+LANGUAGE C IMMUTABLE;
+
+CREATE FUNCTION callback_center.alipay_root_cert_sn(certificates text)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_alipay_root_cert_sn_sql'
+LANGUAGE C IMMUTABLE;
+
+COMMENT ON FUNCTION callback_center.alipay_cert_sn(text) IS
+    'Alipay''s SN of a certificate (app_cert_sn, alipay_cert_sn)';
+COMMENT ON FUNCTION callback_center.alipay_root_cert_sn(text) IS
+    'Alipay''s SN of its root certificate file (alipay_root_cert_sn)';
 
 -- Checks one entry of set_provider's secrets for a channel scheme: 22023
 -- with a detail that never quotes it.
@@ -115,12 +145,15 @@ BEGIN
 END
 $$;
 
--- set_platform_keys: replaces the platform keys of a wechatpay_v3 or
--- unionpay provider with keys, a JSON object of name to PEM.  wechatpay_v3:
--- serial (or public-key id) to platform certificate or public key; pass the
--- old and the new key together while WeChat Pay rotates.  unionpay: any
--- name to the UnionPay root certificate(s) (self-signed: the trust
--- anchors) and intermediate certificate(s), which must chain to a root.
+-- set_platform_keys: replaces the platform keys of a wechatpay_v3,
+-- unionpay or alipay provider with keys, a JSON object of name to PEM.
+-- wechatpay_v3: serial (or public-key id) to platform certificate or
+-- public key; pass the old and the new key together while WeChat Pay
+-- rotates.  unionpay: any name to the UnionPay root certificate(s)
+-- (self-signed: the trust anchors) and intermediate certificate(s), which
+-- must chain to a root.  alipay (certificate mode): each certificate's SN
+-- (alipay_cert_sn) to the Alipay public-key certificate, its intermediate
+-- and the RSA root certificates, which all must chain to a root.
 -- Each key is checked (RSA, 2048 bits or more, a certificate valid now
 -- whose serial is its name for wechatpay_v3); returns how many are loaded.
 CREATE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
@@ -137,10 +170,7 @@ DECLARE
     why text;
     n integer := 0;
 BEGIN
-    IF p_provider IS NULL OR p_keys IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'provider and keys must not be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(p_provider, p_keys) = 0 OR NULL, 'provider and keys');
     SELECT p.scheme INTO v_scheme FROM callback_center.providers p
      WHERE p.name = p_provider FOR UPDATE;
     IF NOT FOUND THEN
@@ -148,9 +178,9 @@ BEGIN
             MESSAGE = format('unknown provider "%s"', p_provider),
             HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
     END IF;
-    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay') THEN
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay', 'alipay') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3 or unionpay', p_provider, v_scheme);
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', p_provider, v_scheme);
     END IF;
     IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
@@ -184,12 +214,21 @@ BEGIN
                 MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
                 DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
         END IF;
+        IF v_scheme = 'alipay' AND (info.kind <> 'certificate'
+                                    OR k.key <> callback_center.alipay_cert_sn(k.value #>> '{}')) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid Alipay certificate "%s"', k.key),
+                DETAIL = CASE WHEN info.kind <> 'certificate'
+                              THEN 'Certificate mode takes X.509 certificates; give a public key to callback_center.set_provider().'
+                              ELSE 'The certificate''s SN is not the name it is given.' END,
+                HINT = 'Name each certificate by its SN, callback_center.alipay_cert_sn(pem).';
+        END IF;
         INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
         VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
         n := n + 1;
     END LOOP;
 
-    IF v_scheme = 'unionpay' THEN
+    IF v_scheme IN ('unionpay', 'alipay') THEN
         -- Every certificate must chain to a self-signed root among them
         -- (a root chains to itself), or no notification ever verifies.
         SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
@@ -199,9 +238,12 @@ BEGIN
             chk := callback_center._x509_chain_check(k.pem, cas, NULL);
             IF chk.verdict <> 'ok' THEN
                 RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-                    MESSAGE = format('invalid UnionPay certificate "%s"', k.key_id),
+                    MESSAGE = format('invalid %s certificate "%s"',
+                                     CASE v_scheme WHEN 'alipay' THEN 'Alipay' ELSE 'UnionPay' END, k.key_id),
                     DETAIL = chk.detail,
-                    HINT = 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).';
+                    HINT = CASE v_scheme
+                        WHEN 'alipay' THEN 'Load the Alipay public-key certificate with the intermediate it holds (alipayCertPublicKey_RSA2.crt) and the RSA root certificates of alipayRootCert.crt together.'
+                        ELSE 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).' END;
             END IF;
         END LOOP;
     END IF;
@@ -210,7 +252,7 @@ END
 $$;
 
 COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
-    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, or a unionpay provider''s root and intermediate certificates (admin)';
+    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, a unionpay provider''s root and intermediate certificates, or an alipay provider''s certificates, by SN (admin)';
 
 -- A header's value, ASCII case-insensitive; NULL when absent or not a
 -- string, and '' marks it present twice (the caller refuses both).
@@ -445,42 +487,29 @@ AS $$
                 THEN pg_catalog.convert_from(p, 'UTF8') END
 $$;
 
--- Alipay asynchronous notifications (RSA2).  The body is the form as
--- posted; names and values are %-decoded to the bytes of the form's
--- charset (UTF-8 or GBK), so the signed string is built from those bytes
--- as Alipay built it: every parameter but sign and sign_type, empty values
--- left out, sorted by name in byte order, joined as k=v&...
-CREATE FUNCTION callback_center._alipay_parse(
-    p_provider text, p_secrets text[], p_tolerance interval,
-    p_headers jsonb, p_body text,
-    OUT failure text, OUT fail_status integer, OUT msg_id text,
-    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
-    OUT amount_cents bigint, OUT currency text, OUT payload text)
-LANGUAGE plpgsql VOLATILE
+-- The one parser of application/x-www-form-urlencoded bodies (Alipay,
+-- UnionPay): names and values in body order, %-decoded ("+" a space) to
+-- the bytes of the form's own charset, which the caller decodes; a pair
+-- without "=" is a name with an empty value, empty pairs are skipped.
+-- names is NULL for a body that cannot be one form: empty, a "%" not
+-- followed by two hex digits, a name that is not printable ASCII, or a
+-- parameter twice (which one did the provider sign?).
+CREATE FUNCTION callback_center._form_parse(p_body text, OUT names text[], OUT vals bytea[])
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    names text[] := '{}';
-    vals bytea[] := '{}';
     pair text;
     eq integer;
     n bytea;
     v bytea;
     nm text;
-    charset text := 'UTF8';
-    cs text;
-    content bytea;
-    sig bytea;
-    ok boolean := false;
-    s text;
-    f jsonb := '{}';
-    notify_time timestamptz;
-    total text;
 BEGIN
     IF p_body = '' THEN
-        failure := 'malformed_body'; fail_status := 400;
         RETURN;
     END IF;
+    names := '{}';
+    vals := '{}';
     FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
         CONTINUE WHEN pair = '';
         eq := strpos(pair, '=');
@@ -491,27 +520,102 @@ BEGIN
             n := callback_center._form_decode(left(pair, eq - 1));
             v := callback_center._form_decode(substr(pair, eq + 1));
         END IF;
-        -- Names are printable ASCII.
         IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
-            failure := 'malformed_body'; fail_status := 400;
+            names := NULL; vals := NULL;
             RETURN;
         END IF;
         nm := convert_from(n, 'UTF8');
         IF nm = ANY (names) THEN
-            -- A parameter twice: which one did Alipay sign?
-            failure := 'malformed_body'; fail_status := 400;
+            names := NULL; vals := NULL;
             RETURN;
         END IF;
         names := names || nm;
         vals := vals || v;
     END LOOP;
+END
+$$;
+
+-- Alipay asynchronous notifications (RSA2).  The body is the form as
+-- posted (a bytea body reaches here through payment_callback's bytea
+-- overload, its bytes beyond ASCII %-escaped); names and values are
+-- %-decoded to the bytes of the form's charset (UTF-8, GBK or GB18030) and
+-- decoded from it, so the signed string is built from those bytes as
+-- Alipay built it: every parameter but sign and sign_type, empty values
+-- left out, sorted by name in byte order, joined as k=v&...  It is
+-- verified with the provider's Alipay public keys (public-key mode) or
+-- Alipay public-key certificates that chain to the loaded Alipay roots
+-- (certificate mode, set_platform_keys).
+CREATE FUNCTION callback_center._alipay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    texts text[];
+    cert_sn text;
+    cas text[];
+    k record;
+    chk record;
+    candidates integer := 0;
+    chain_failure text;
+    charset text := 'UTF8';
+    cs text;
+    content bytea;
+    sig bytea;
+    ok boolean := false;
+    s text;
+    f jsonb := '{}';
+    notify_time timestamptz;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
 
     cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
     charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
-                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK' END;
-    IF charset IS NULL OR array_position(names, 'sign') IS NULL THEN
-        failure := CASE WHEN charset IS NULL THEN 'malformed_body' ELSE 'malformed_signature' END;
-        fail_status := CASE WHEN charset IS NULL THEN 400 ELSE 401 END;
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK'
+                    WHEN cs = 'GB18030' THEN 'GB18030' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- Characters of a text body beyond ASCII were decoded by the web tier:
+    -- on the wire they were the bytes of the form's charset.
+    IF charset <> 'UTF8' AND p_body ~ '[^\x01-\x7f]' THEN
+        BEGIN
+            SELECT f.names, f.vals INTO names, vals
+              FROM callback_center._form_parse(
+                       callback_center._form_escape(convert_to(p_body, charset))) f;
+        EXCEPTION WHEN untranslatable_character THEN
+            names := NULL;
+        END;
+        IF names IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+    END IF;
+    -- Every value decoded from the charset before anything is verified:
+    -- Alipay signs the decoded values (encoded in that charset again, which
+    -- gives back the %-decoded bytes), and bytes that are not text in it
+    -- were not signed by Alipay.
+    BEGIN
+        texts := ARRAY(SELECT convert_from(x.v, charset)
+                         FROM unnest(vals) WITH ORDINALITY AS x(v, i) ORDER BY x.i);
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF array_position(names, 'sign') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
         RETURN;
     END IF;
     IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
@@ -531,27 +635,57 @@ BEGIN
       INTO content
       FROM unnest(names, vals) AS x(nm, v)
      WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    -- Public-key mode: the Alipay public keys of secrets.
     FOREACH s IN ARRAY p_secrets LOOP
         ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
     END LOOP;
+    -- Certificate mode: the Alipay public-key certificates loaded with
+    -- set_platform_keys (named by their SN), each checked against the
+    -- loaded roots now, since a certificate expires after it was loaded;
+    -- alipay_cert_sn, when the notification carries it, names the one.
+    -- The roots themselves sign no notification.
     IF NOT ok THEN
-        failure := 'invalid_signature'; fail_status := 401;
-        RETURN;
+        cert_sn := callback_center._channel_ascii(vals[array_position(names, 'alipay_cert_sn')]);
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+         WHERE pk.provider = p_provider;
+        IF cas IS NULL AND cardinality(p_secrets) = 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+                MESSAGE = format('provider "%s" has no Alipay public key or certificate', p_provider),
+                HINT = 'An administrator gives the Alipay public key to callback_center.set_provider(), or loads the Alipay certificates with callback_center.set_platform_keys().';
+        END IF;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider
+                    AND (cert_sn IS NULL OR pk.key_id = cert_sn)
+                  ORDER BY pk.key_id LOOP
+            CONTINUE WHEN (callback_center._x509_chain_check(k.pem, ARRAY[k.pem], NULL)).verdict = 'ok';
+            candidates := candidates + 1;
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                chain_failure := chk.verdict;
+            ELSIF callback_center._rsa_sha256_check(k.pem, coalesce(content, ''), sig) IS NULL THEN
+                ok := true;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF NOT ok THEN
+            failure := CASE WHEN cert_sn IS NOT NULL AND cas IS NOT NULL AND candidates = 0
+                            THEN 'unknown_key'
+                            WHEN chain_failure = 'expired' THEN 'key_expired'
+                            WHEN chain_failure IS NOT NULL THEN 'untrusted_key'
+                            ELSE 'invalid_signature' END;
+            fail_status := 401;
+            RETURN;
+        END IF;
     END IF;
 
     -- Signed by Alipay: from here on a problem is the body's.
-    BEGIN
-        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
-          INTO f FROM unnest(names, vals) AS x(nm, v)
-         WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
-                        'trade_no', 'trade_status', 'total_amount', 'trans_currency');
-        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
-          INTO payload FROM unnest(names, vals) AS x(nm, v)
-         WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
-    EXCEPTION WHEN OTHERS THEN
-        failure := 'malformed_body'; fail_status := 400;
-        RETURN;
-    END;
+    SELECT jsonb_object_agg(x.nm, x.t)
+      INTO f FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                    'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+    SELECT string_agg(x.nm || '=' || x.t, '&' ORDER BY x.nm COLLATE "C")
+      INTO payload FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
     msg_id := f->>'notify_id';
     event_type := f->>'notify_type';
     IF nullif(msg_id, '') IS NULL
@@ -715,13 +849,8 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    names text[] := '{}';
-    vals bytea[] := '{}';
-    pair text;
-    eq integer;
-    n bytea;
-    v bytea;
-    nm text;
+    names text[];
+    vals bytea[];
     charset text;
     cs text;
     cert bytea;
@@ -733,34 +862,11 @@ DECLARE
     f jsonb;
     total text;
 BEGIN
-    IF p_body = '' THEN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
         failure := 'malformed_body'; fail_status := 400;
         RETURN;
     END IF;
-    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
-        CONTINUE WHEN pair = '';
-        eq := strpos(pair, '=');
-        IF eq = 0 THEN
-            n := callback_center._form_decode(pair);
-            v := '';
-        ELSE
-            n := callback_center._form_decode(left(pair, eq - 1));
-            v := callback_center._form_decode(substr(pair, eq + 1));
-        END IF;
-        -- Names are printable ASCII.
-        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
-            failure := 'malformed_body'; fail_status := 400;
-            RETURN;
-        END IF;
-        nm := convert_from(n, 'UTF8');
-        IF nm = ANY (names) THEN
-            -- A parameter twice: which one did UnionPay sign?
-            failure := 'malformed_body'; fail_status := 400;
-            RETURN;
-        END IF;
-        names := names || nm;
-        vals := vals || v;
-    END LOOP;
 
     cs := upper(callback_center._channel_ascii(vals[array_position(names, 'encoding')]));
     charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
@@ -864,14 +970,14 @@ BEGIN
 END
 $$;
 
--- _channel_parse: verifies and decodes a channel provider's notification
--- and checks it against the payment it names, before anything is
--- recorded.  One row: ok with the message and the provider's
--- acknowledgement (http_status, response_body), or not ok with failure
--- (the outcome: malformed_signature, signature_expired, unknown_key,
--- key_expired, untrusted_key, wrong_organisation, invalid_signature,
--- malformed_body, decryption_failed, unknown_order, provider_mismatch,
--- amount_mismatch, currency_mismatch) and the provider's failure answer.
+-- _channel_parse: verifies and decodes a channel provider's notification.
+-- One row: ok with the message and the provider's acknowledgement
+-- (http_status, response_body), or not ok with failure (the outcome:
+-- malformed_signature, signature_expired, unknown_key, key_expired,
+-- untrusted_key, wrong_organisation, invalid_signature, malformed_body,
+-- decryption_failed) and the provider's failure answer.  Whether the
+-- message may touch the payment it names is payment_callback's question
+-- (_payment_check, 60_orders.sql), asked under the payment's row lock.
 -- payload is what record_callback should hash (the body; for Alipay the
 -- signed parameters without notify_time, which changes on every resend;
 -- for UnionPay the signed parameters without the certificate).  Raises only for misuse:
@@ -888,13 +994,10 @@ AS $$
 DECLARE
     prov callback_center.providers;
     m record;
-    o record;
     a record;
 BEGIN
-    IF p_scheme IS NULL OR p_provider IS NULL OR p_headers IS NULL OR p_body IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
-            MESSAGE = 'scheme, provider, headers and body must not be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
     SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
@@ -923,27 +1026,6 @@ BEGIN
             MESSAGE = format('scheme %s is not a payment channel', p_scheme);
     END IF;
 
-    -- The message must be about a payment we have, for its amount and
-    -- currency, and from the provider it is with.  Checked here so that a
-    -- refusal records nothing; _apply_payment_result checks again under
-    -- the row locks.
-    IF m.failure IS NULL AND m.verdict IS NOT NULL THEN
-        SELECT x.currency AS order_currency, p.amount_cents AS pay_cents, p.provider AS pay_provider
-          INTO o
-          FROM callback_center.orders x
-          LEFT JOIN callback_center.payments p ON p.order_id = x.order_id
-         WHERE x.order_id = m.order_id;
-        IF NOT FOUND OR o.pay_cents IS NULL THEN
-            m.failure := 'unknown_order'; m.fail_status := 404;
-        ELSIF o.pay_provider IS NOT NULL AND o.pay_provider <> p_provider THEN
-            m.failure := 'provider_mismatch'; m.fail_status := 400;
-        ELSIF m.amount_cents IS DISTINCT FROM o.pay_cents THEN
-            m.failure := 'amount_mismatch'; m.fail_status := 400;
-        ELSIF m.currency IS DISTINCT FROM o.order_currency THEN
-            m.failure := 'currency_mismatch'; m.fail_status := 400;
-        END IF;
-    END IF;
-
     a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
                                          replace(coalesce(m.failure, 'ok'), '_', ' '));
     RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
@@ -957,6 +1039,8 @@ REVOKE ALL ON FUNCTION
     callback_center._rsa_sha256_check(text, bytea, bytea),
     callback_center._aes256gcm_decrypt(bytea, bytea, bytea, bytea),
     callback_center._form_decode(text),
+    callback_center._form_escape(bytea),
+    callback_center._form_parse(text),
     callback_center._channel_check_secret(text, text),
     callback_center.set_platform_keys(text, jsonb),
     callback_center._channel_header(jsonb, text),
@@ -974,3 +1058,7 @@ FROM PUBLIC;
 
 GRANT EXECUTE ON FUNCTION callback_center.set_platform_keys(text, jsonb)
     TO callback_center_admin;
+REVOKE ALL ON FUNCTION callback_center.alipay_cert_sn(text),
+    callback_center.alipay_root_cert_sn(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.alipay_cert_sn(text),
+    callback_center.alipay_root_cert_sn(text) TO callback_center_app, callback_center_admin;

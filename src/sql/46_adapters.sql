@@ -250,7 +250,7 @@ $$;
 CREATE FUNCTION callback_center._adapter_request(p_endpoint_id integer, p_event_type text,
     p_aggregate_id text, p_payload jsonb)
 RETURNS text
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
@@ -725,7 +725,7 @@ $$;
 -- "Name: value" lines.  Never raises.
 CREATE FUNCTION callback_center._adapter_check(p_outbox_id bigint, p_http_status integer,
     p_headers text, p_body text, OUT ok boolean, OUT answer jsonb, OUT error text)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
@@ -850,7 +850,7 @@ $$;
 CREATE FUNCTION callback_center._adapter_record(ids bigint[], attempts integer[],
     statuses integer[], answers jsonb[], errors text[])
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
     INSERT INTO callback_center.provider_answers AS a
@@ -893,3 +893,11 @@ GRANT EXECUTE ON FUNCTION
     callback_center.set_merchant(text, text, text, text, jsonb),
     callback_center.set_endpoint_format(text, text)
     TO callback_center_admin;
+-- The delivery worker (src/queue.c) builds requests, checks and keeps
+-- answers through these; they run as their owner (the worker role reads
+-- no merchant key, no provider key and writes no answer of its own).
+GRANT EXECUTE ON FUNCTION
+    callback_center._adapter_request(integer, text, text, jsonb),
+    callback_center._adapter_check(bigint, integer, text, text),
+    callback_center._adapter_record(bigint[], integer[], integer[], jsonb[], text[])
+    TO callback_center_worker;

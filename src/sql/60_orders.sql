@@ -52,6 +52,15 @@ CREATE TABLE callback_center.payments (
 COMMENT ON TABLE callback_center.payments IS
     'One payment per order; status follows machine "payment"';
 
+-- Payments waiting for money are found by the time they started paying
+-- (query_stuck_payments, 90_jobs.sql).
+CREATE INDEX payments_paying ON callback_center.payments (updated_at)
+    WHERE status = 'PAYING';
+-- Reconciliation looks local payments up by provider and paid time
+-- (85_recon.sql).
+CREATE INDEX payments_provider_paid_at
+    ON callback_center.payments (provider, paid_at) WHERE paid_at IS NOT NULL;
+
 SELECT pg_catalog.pg_extension_config_dump('callback_center.coupons', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.orders', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.payments', '');
@@ -447,29 +456,70 @@ SELECT pg_catalog.pg_extension_config_dump('callback_center.late_payments', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.late_payments_id_seq', '');
 GRANT SELECT ON callback_center.late_payments TO callback_center_admin;
 
--- Applies a provider's verdict on an order's payment, whoever brought it
--- (payment_callback after verifying and recording it, the answer to an
--- active query, reconciliation): under the order's and then the payment's
--- row lock, moves them through their machines (which emit the follow-ups)
--- and returns the outcome: paid, pay_failed, refund_required (money for an
--- order that cannot take it: recorded once per transaction in
--- late_payments, payment.refund_required emitted, the order never
--- reopened), already_applied (this transaction already paid this payment),
--- provider_mismatch (the payment is not p_provider's: not applied,
--- payment.provider_mismatch emitted), amount_mismatch (a success whose
--- amount is missing or differs, or whose currency, when the message
--- carries one, is not the order's; or a failure naming another amount: not
--- applied, payment.amount_mismatch emitted), attempt_failed (a
--- non-terminal failure: nothing moves) or ignored (no verdict, or a
--- failure for an order no longer waiting).  A verdict is only ever applied
--- to a payment of the provider that brought it: the payment's provider
--- (set by place_order or start_payment), or the order's when it has no
--- payment; a payment with none takes no verdict.  CB050 when the order
--- does not exist.  verdict is 'success', 'failure', 'attempt_failed' or
--- NULL.
-CREATE FUNCTION callback_center._apply_payment_result(
+-- Whose word counts, the one rule for every verdict (a callback of any
+-- scheme, the answer to an active query, a reconciliation line): under the
+-- order's and then the payment's row lock (held to the end of the
+-- transaction, so that nothing can change what was checked before the
+-- verdict is applied), returns refusal NULL when the verdict may be
+-- applied, else unknown_order (no such order), provider_mismatch (the
+-- payment is not p_provider's: the payment's provider, set by place_order
+-- or start_payment, or the order's when it has no payment; a payment with
+-- none takes nobody's verdict), amount_mismatch (a success whose amount is
+-- missing or differs from the payment's, or a failure naming another
+-- amount) or currency_mismatch (a currency, when the message carries one,
+-- that is not the order's, compared in upper case).  A non-terminal
+-- failure (attempt_failed) is checked for its provider only; a message
+-- with no verdict, for the order's existence only.  payment_provider,
+-- expected_cents and expected_currency say what was expected.
+CREATE FUNCTION callback_center._payment_check(
+    p_provider text, p_order_id text, p_amount_cents bigint, p_currency text, p_verdict text,
+    OUT refusal text, OUT payment_provider text, OUT expected_cents bigint,
+    OUT expected_currency text)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+    pay callback_center.payments;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        refusal := 'unknown_order';
+        RETURN;
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    payment_provider := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
+    expected_cents := coalesce(pay.amount_cents, o.amount_cents);
+    expected_currency := o.currency;
+    IF p_verdict IS NULL THEN
+        RETURN;
+    END IF;
+    -- Another provider's word on a payment, signed or not, is no word at all.
+    IF payment_provider IS DISTINCT FROM p_provider THEN
+        refusal := 'provider_mismatch';
+    ELSIF p_verdict = 'attempt_failed' THEN
+        -- It moves nothing, so its amount cannot pay or fail anything.
+        RETURN;
+    ELSIF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected_cents)
+          OR (p_verdict <> 'success' AND p_amount_cents <> expected_cents) THEN
+        refusal := 'amount_mismatch';
+    ELSIF upper(p_currency) <> o.currency THEN
+        refusal := 'currency_mismatch';
+    END IF;
+END
+$$;
+
+-- Moves an order's payment by a verdict _payment_check accepted, in the
+-- same transaction (its row locks held): through their machines (which
+-- emit the follow-ups), returning the outcome: paid, pay_failed,
+-- refund_required (money for an order that cannot take it: recorded once
+-- per transaction in late_payments, payment.refund_required emitted, the
+-- order never reopened), already_applied (this transaction already paid
+-- this payment), attempt_failed (a non-terminal failure: nothing moves) or
+-- ignored (no verdict, or a failure for an order no longer waiting).
+CREATE FUNCTION callback_center._move_payment(
     p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
-    p_currency text, p_verdict text, p_source text)
+    p_verdict text, p_source text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
@@ -477,46 +527,16 @@ AS $$
 DECLARE
     o callback_center.orders;
     pay callback_center.payments;
-    owner text;
-    expected bigint;
 BEGIN
     SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION USING ERRCODE = 'CB050',
-            MESSAGE = format('order "%s" does not exist', p_order_id),
-            DETAIL = format('Transaction %s from provider %s.', p_txn_id, p_provider),
-            HINT = 'Nothing was recorded; the provider will deliver it again.';
-    END IF;
     SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
-
     IF p_verdict IS NULL THEN
         RETURN 'ignored';
-    END IF;
-    -- Whose payment it is: another provider's word on it, signed or not,
-    -- is no word at all.
-    owner := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
-    IF owner IS DISTINCT FROM p_provider THEN
-        PERFORM callback_center.enqueue('payment.provider_mismatch', o.order_id,
-            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
-                               'payment_provider', owner, 'verdict', p_verdict,
-                               'source', p_source));
-        RETURN 'provider_mismatch';
     END IF;
     IF p_verdict = 'attempt_failed' THEN
         -- The customer may retry on the same transaction: the payment stays
         -- open until a success, a terminal failure or the timeout close.
         RETURN 'attempt_failed';
-    END IF;
-    expected := coalesce(pay.amount_cents, o.amount_cents);
-    IF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected)
-       OR (p_verdict <> 'success' AND p_amount_cents <> expected)
-       OR upper(p_currency) <> o.currency THEN
-        PERFORM callback_center.enqueue('payment.amount_mismatch', o.order_id,
-            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
-                               'expected_cents', expected, 'received_cents', p_amount_cents,
-                               'expected_currency', o.currency, 'received_currency', p_currency,
-                               'source', p_source));
-        RETURN 'amount_mismatch';
     END IF;
 
     IF p_verdict = 'success' THEN
@@ -576,6 +596,51 @@ BEGIN
 END
 $$;
 
+
+-- Applies a verdict that no provider is waiting an answer for (the answer
+-- to an active query, a reconciliation line): _payment_check, then
+-- _move_payment.  A refused verdict is flagged instead, for people:
+-- provider_mismatch emits payment.provider_mismatch, amount_mismatch and
+-- currency_mismatch emit payment.amount_mismatch; nothing moves.  CB050
+-- when the order does not exist.  (payment_callback calls the two itself:
+-- a provider's refused notification is answered with its failure answer
+-- and recorded nowhere.)
+CREATE FUNCTION callback_center._apply_payment_result(
+    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
+    p_currency text, p_verdict text, p_source text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    chk record;
+BEGIN
+    chk := callback_center._payment_check(p_provider, p_order_id, p_amount_cents, p_currency,
+                                          p_verdict);
+    IF chk.refusal = 'unknown_order' THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', p_order_id),
+            DETAIL = format('Transaction %s from provider %s.', p_txn_id, p_provider),
+            HINT = 'Nothing was recorded; the provider will deliver it again.';
+    ELSIF chk.refusal = 'provider_mismatch' THEN
+        PERFORM callback_center.enqueue('payment.provider_mismatch', p_order_id,
+            jsonb_build_object('order_id', p_order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'payment_provider', chk.payment_provider, 'verdict', p_verdict,
+                               'source', p_source));
+        RETURN chk.refusal;
+    ELSIF chk.refusal IS NOT NULL THEN
+        PERFORM callback_center.enqueue('payment.amount_mismatch', p_order_id,
+            jsonb_build_object('order_id', p_order_id, 'txn_id', p_txn_id, 'provider', p_provider,
+                               'expected_cents', chk.expected_cents, 'received_cents', p_amount_cents,
+                               'expected_currency', chk.expected_currency,
+                               'received_currency', p_currency, 'source', p_source));
+        RETURN chk.refusal;
+    END IF;
+    RETURN callback_center._move_payment(p_provider, p_txn_id, p_order_id, p_amount_cents,
+                                         p_verdict, p_source);
+END
+$$;
+
 -- Marks a late payment refunded (admin, once the money went back): the
 -- late_payments row becomes refunded and a payment holding that
 -- transaction moves REFUND_REQUIRED -> REFUNDED.  True when this call
@@ -617,18 +682,20 @@ $$;
 
 -- A payment notification in one call: verify the signature, record it once
 -- (keyed by the provider's message id: Stripe's event id, the Standard
--- Webhooks webhook-id header), move payment and order, emit the follow-ups
--- (through the transitions' emits), and return the acknowledgement to send
--- back.  A repeat returns the first answer and changes nothing.  The
--- payment row guards the money itself: a second message about a
--- transaction already applied is already_applied, and success on an order
--- that can no longer be paid is kept and emits payment.refund_required.
--- Event types we do not act on are recorded and acknowledged (ignored).
--- What the provider gets wrong is an answer, never an error: a bad,
--- stale or malformed signature (401) and an unknown order (404) record
--- nothing; a signed body that cannot be read is recorded and refused once
--- (400).  Errors are for misuse: NULL arguments (22004), an unknown
--- provider (CB033), no key loaded (55000).  See doc/orders.md.
+-- Webhooks webhook-id header, a channel's notification id), move payment
+-- and order, emit the follow-ups (through the transitions' emits), and
+-- return the acknowledgement to send back.  A repeat returns the first
+-- answer and changes nothing.  The payment row guards the money itself: a
+-- second message about a transaction already applied is already_applied,
+-- and success on an order that can no longer be paid is kept and emits
+-- payment.refund_required.  Event types we do not act on are recorded and
+-- acknowledged (ignored).  What the provider gets wrong is an answer,
+-- never an error: a bad, stale or malformed signature (401), an unknown
+-- order (404), a verdict for another provider's payment or with another
+-- amount or currency (400: _payment_check, the one rule) record nothing;
+-- a signed body that cannot be read is recorded and refused once (400).
+-- Errors are for misuse: NULL arguments (22004), an unknown provider
+-- (CB033), no key loaded (55000).  See doc/orders.md and doc/inbound.md.
 CREATE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
 RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
 LANGUAGE plpgsql SECURITY DEFINER
@@ -648,6 +715,7 @@ DECLARE
     sig_failure text;
     ack text := '{"received":true}';
     ch record;
+    refused text;
     rec_payload text := payment_callback.body;
 BEGIN
     PERFORM callback_center._require(p_provider, 'provider');
@@ -656,9 +724,9 @@ BEGIN
     SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
     channel := scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay');
     -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay, unionpay):
-    -- verified, decoded and checked against the payment by _channel_parse;
-    -- whatever the provider got wrong is answered in its own format,
-    -- recording nothing.  Its acknowledgement replaces ack.
+    -- verified and decoded by _channel_parse; whatever the provider got
+    -- wrong is answered in its own format, recording nothing.  Its
+    -- acknowledgement replaces ack.
     IF channel THEN
         SELECT * INTO ch FROM callback_center._channel_parse(scheme, p_provider,
                                                              payment_callback.headers,
@@ -706,17 +774,39 @@ BEGIN
             SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
              WHERE lower(h.key) = 'webhook-id';
         END IF;
-        -- An order we do not have: answered 404, nothing recorded, so
-        -- that the provider delivers it again (the order may be in a
-        -- database being restored, or the message for another system).
-        -- (msg is unassigned when refusal is set.)
-        IF refusal IS NULL THEN
-            IF msg.verdict IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = msg.order_id) THEN
-                RETURN QUERY SELECT 404, '{"received":false,"reason":"unknown order"}', false, 'unknown_order';
-                RETURN;
-            END IF;
+    END IF;
+
+    -- Whose word counts, under the order's and the payment's row locks
+    -- (held until commit, so that what was checked stays true while the
+    -- message is recorded and applied; a duplicate delivered at the same
+    -- time waits here for the first).  A refusal is the provider's failure
+    -- answer and records nothing, so that the provider keeps the message
+    -- failing (and reconciliation finds the money: doc/inbound.md): an
+    -- unknown order (the order may be in a database being restored, or the
+    -- message for another system), another provider's payment, another
+    -- amount or currency.  A message recorded before keeps its first
+    -- answer, even if the payment has changed hands since.
+    -- (msg is unassigned when refusal is set.)
+    IF refusal IS NULL THEN
+        IF msg.verdict IS NOT NULL THEN
+            refused := (callback_center._payment_check(p_provider, msg.order_id, msg.amount_cents,
+                                                       msg.currency, msg.verdict)).refusal;
         END IF;
+    END IF;
+    IF refused IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM callback_center.callback_record r
+                        WHERE r.biz_id = msg_id AND r.callback_type = cb_type) THEN
+        IF channel THEN
+            RETURN QUERY SELECT a.http_status, a.response_body, false, refused
+              FROM callback_center._channel_answer(scheme, false,
+                       CASE WHEN refused = 'unknown_order' THEN 404 ELSE 400 END,
+                       replace(refused, '_', ' ')) a;
+        ELSE
+            RETURN QUERY SELECT CASE WHEN refused = 'unknown_order' THEN 404 ELSE 400 END,
+                                format('{"received":false,"reason":"%s"}', replace(refused, '_', ' ')),
+                                false, refused;
+        END IF;
+        RETURN;
     END IF;
 
     SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, rec_payload);
@@ -760,9 +850,8 @@ BEGIN
     IF msg.verdict IS NULL THEN
         result := 'ignored';
     ELSE
-        result := callback_center._apply_payment_result(p_provider, msg.txn_id, msg.order_id,
-                                                        msg.amount_cents, msg.currency, msg.verdict,
-                                                        'callback');
+        result := callback_center._move_payment(p_provider, msg.txn_id, msg.order_id,
+                                                msg.amount_cents, msg.verdict, 'callback');
     END IF;
 
     PERFORM callback_center.complete_callback(msg_id, cb_type, true,
@@ -773,6 +862,51 @@ BEGIN
 END
 $$;
 
+-- payment_callback with the body as the bytes the provider posted: a form
+-- in GBK or GB18030 (Alipay's charset, UnionPay's encoding) need not be
+-- valid text in the database's encoding.  For alipay and unionpay the
+-- bytes beyond printable ASCII are %-escaped, so that the form parser
+-- reads back exactly those bytes and decodes them per the form's own
+-- charset; every other scheme's body is UTF-8 JSON or XML, and bytes that
+-- are not UTF-8 are answered 400 malformed_body, recording nothing.  Then
+-- as payment_callback(text, jsonb, text).
+CREATE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body bytea)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    scheme text;
+    t text;
+BEGIN
+    PERFORM callback_center._require(payment_callback.provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    PERFORM callback_center._require_provider(payment_callback.provider);
+    SELECT p.scheme INTO scheme FROM callback_center.providers p
+     WHERE p.name = payment_callback.provider;
+    IF scheme IN ('alipay', 'unionpay') THEN
+        t := callback_center._form_escape(payment_callback.body);
+    ELSE
+        BEGIN
+            t := convert_from(payment_callback.body, 'UTF8');
+        EXCEPTION WHEN character_not_in_repertoire THEN
+            IF scheme IN ('wechatpay_v3', 'wechatpay_v2') THEN
+                RETURN QUERY SELECT a.http_status, a.response_body, false, 'malformed_body'
+                  FROM callback_center._channel_answer(scheme, false, 400, 'malformed body') a;
+            ELSE
+                RETURN QUERY SELECT 400, '{"received":false,"reason":"malformed body"}', false,
+                                    'malformed_body';
+            END IF;
+            RETURN;
+        END;
+    END IF;
+    RETURN QUERY SELECT * FROM callback_center.payment_callback(payment_callback.provider,
+                                                               payment_callback.headers, t);
+END
+$$;
+
 REVOKE ALL ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.freeze_coupon(text, text),
     callback_center.use_coupon(text, text),
@@ -780,9 +914,12 @@ REVOKE ALL ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.place_order(text, text, jsonb, bigint, text, text),
     callback_center.start_payment(text, text),
     callback_center._parse_payment_body(text, text),
+    callback_center._payment_check(text, text, bigint, text, text),
+    callback_center._move_payment(text, text, text, bigint, text, text),
     callback_center._apply_payment_result(text, text, text, bigint, text, text, text),
     callback_center.mark_refunded(text, text),
-    callback_center.payment_callback(text, jsonb, text) FROM PUBLIC;
+    callback_center.payment_callback(text, jsonb, text),
+    callback_center.payment_callback(text, jsonb, bytea) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.mark_refunded(text, text) TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.freeze_coupon(text, text),
@@ -790,7 +927,8 @@ GRANT EXECUTE ON FUNCTION callback_center.issue_coupon(text, text),
     callback_center.unfreeze_coupon(text, text),
     callback_center.place_order(text, text, jsonb, bigint, text, text),
     callback_center.start_payment(text, text),
-    callback_center.payment_callback(text, jsonb, text)
+    callback_center.payment_callback(text, jsonb, text),
+    callback_center.payment_callback(text, jsonb, bytea)
     TO callback_center_app, callback_center_admin;
 GRANT SELECT ON callback_center.orders, callback_center.payments, callback_center.coupons
     TO callback_center_app, callback_center_admin;

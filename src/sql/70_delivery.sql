@@ -101,9 +101,7 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    IF replay_dead.outbox_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'outbox_id must not be null';
-    END IF;
+    PERFORM callback_center._require(replay_dead.outbox_id, 'outbox_id');
     n := callback_center._replay(ARRAY[replay_dead.outbox_id], reason);
     IF n = 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
@@ -230,6 +228,8 @@ GRANT EXECUTE ON FUNCTION callback_center.replay_dead(bigint, text),
     callback_center.replay_dead(text, timestamptz, timestamptz, text),
     callback_center.delivery_stats(interval) TO callback_center_admin;
 GRANT EXECUTE ON FUNCTION callback_center.delivery_stats(interval) TO callback_center_app;
+GRANT INSERT ON callback_center.delivery_attempts TO callback_center_worker;
+GRANT SELECT, INSERT, UPDATE ON callback_center.endpoint_state TO callback_center_worker;
 GRANT SELECT ON callback_center.dead_letters, callback_center.delivery_stats, callback_center.health,
     callback_center.endpoint_state, callback_center.delivery_attempts, callback_center.replay_audit
     TO callback_center_admin;

@@ -51,10 +51,6 @@ CREATE TABLE callback_center.recon_diffs (
 COMMENT ON TABLE callback_center.recon_diffs IS
     'Differences between provider statements and local payments, by (channel, bill_date)';
 
--- Local payments are looked up by provider and paid time.
-CREATE INDEX payments_provider_paid_at
-    ON callback_center.payments (provider, paid_at) WHERE paid_at IS NOT NULL;
-
 SELECT pg_catalog.pg_extension_config_dump('callback_center.provider_statement', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.recon_diffs', '');
 SELECT pg_catalog.pg_extension_config_dump('callback_center.recon_diffs_id_seq', '');

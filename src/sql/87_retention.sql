@@ -73,10 +73,8 @@ LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF older_than IS NULL OR batch_size IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'older_than and batch_size must not be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(older_than, batch_size) = 0 OR NULL,
+                                     'older_than and batch_size');
     IF older_than < interval '0' OR attempts_older_than < interval '0'
        OR history_older_than < interval '0' OR older_than > interval '100 years'
        OR attempts_older_than > interval '100 years' OR history_older_than > interval '100 years' THEN

@@ -28,9 +28,8 @@ BEGIN
     PERFORM callback_center._require(reconcile_channels, 'reconcile_channels');
     PERFORM callback_center._require(retention_cron, 'retention_cron');
     PERFORM callback_center._require(recon_cron, 'recon_cron');
-    IF array_position(reconcile_channels, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'a channel must not be null';
-    END IF;
+    PERFORM callback_center._require(array_position(reconcile_channels, NULL) IS NULL OR NULL,
+                                     'a channel');
     PERFORM callback_center._purge_check(older_than, batch_size, attempts_older_than,
                                          history_older_than);
     IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_cron') THEN

@@ -194,7 +194,8 @@ is($node->safe_psql('postgres', q{SELECT count(*) FROM callback_center.http_prob
 $node->safe_psql('postgres', q{
 	CREATE ROLE probe_plain LOGIN;
 	CREATE ROLE probe_admin LOGIN IN ROLE callback_center_admin;
-	CREATE ROLE probe_app LOGIN IN ROLE callback_center_app;});
+	CREATE ROLE probe_app LOGIN IN ROLE callback_center_app;
+	GRANT USAGE ON SCHEMA callback_center TO probe_admin, probe_app;});
 is(sqlstate_of(q{SET ROLE probe_plain; SELECT * FROM callback_center.http_probe('{}')}),
 	'42501', 'a plain role cannot run http_probe');
 is(sqlstate_of(q{SET ROLE probe_app; SELECT * FROM callback_center.http_probe('{}')}),

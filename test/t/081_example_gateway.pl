@@ -17,6 +17,7 @@ my $node = cc_node('gateway');
 my $secret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
 $node->safe_psql('postgres', qq{
 	CREATE ROLE shop LOGIN IN ROLE callback_center_app;
+	GRANT USAGE ON SCHEMA callback_center TO shop;
 	SELECT callback_center.set_provider('acme', 'standard_webhooks', ARRAY['$secret']);
 	SELECT callback_center.set_stock('gw-sku', 10);
 	SELECT callback_center.place_order('gw-1', 'u', '[{"sku": "gw-sku", "qty": 1}]', 990, NULL, 'acme');

@@ -188,6 +188,12 @@ for my $p (qw(wx ali up))
 	          WHERE q.order_id = '$p-bad' AND q.id = (SELECT min(id) FROM callback_center.payment_queries
 	                                                   WHERE order_id = '$p-bad')}),
 		'1:200:true,2:200:true', "$format: retried on the schedule, dead after it");
+	if ($p eq 'wx')
+	{
+		my @tries = grep { $_->{op} eq 'query' } mock_log('wx-bad');
+		ok(@tries >= 2 && $tries[0]{nonce} ne $tries[1]{nonce},
+			'wechatpay_v3: each attempt is signed afresh (a new nonce)');
+	}
 	mock_say(id => "$p-bad", say => 'unpaid');
 	ok($node->poll_query_until('postgres',
 			"SELECT status = 'closed' FROM callback_center.orders WHERE order_id = '$p-bad'"),
@@ -264,6 +270,20 @@ ok($node->poll_query_until('postgres',
 	'past the longest wait, or never paying: closed at once');
 is(sq(q{SELECT count(*) FROM callback_center.payment_queries WHERE order_id IN ('wx-late', 'wx-nopay')}),
 	'0', 'without asking');
+
+# A provider that keeps failing: asked again and again (with backoff) until
+# the longest wait passes, then the order closes unasked.
+due_order('wx', 'wx-stuck', 950, 'error');
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) >= 2 FROM callback_center.payment_queries
+		   WHERE order_id = 'wx-stuck' AND status = 'failed'}),
+	'a failing provider is asked again');
+is(order_state('wx-stuck'), 'confirmed paying PAYING -', 'the order waits for an answer');
+sq(q{ALTER SYSTEM SET callback_center.close_query_max_wait = '1s'; SELECT pg_reload_conf()});
+ok($node->poll_query_until('postgres',
+		q{SELECT status = 'closed' FROM callback_center.orders WHERE order_id = 'wx-stuck'}),
+	'once close_query_max_wait has passed, it is closed anyway');
+sq(q{ALTER SYSTEM RESET callback_center.close_query_max_wait; SELECT pg_reload_conf()});
 
 # Refund queries, WeChat Pay and Alipay.
 for my $p (qw(wx ali))

@@ -134,6 +134,17 @@ my $checksums = join(" UNION ALL\n", map {
 } @tables) . ' ORDER BY 1';
 my $data_before = sql($checksums);
 
+# Access per database: database "members" at 0.1.0 has two app members;
+# carol's DBA granted her USAGE on the schema before the update, bob's did
+# not.  (A database of its own: the grant is the DBA's, not the extension's,
+# so it stays out of the fingerprint.)
+sql('CREATE DATABASE members');
+sql('CREATE EXTENSION callback_center CASCADE', 'members');
+sql(q{CREATE ROLE bob LOGIN IN ROLE callback_center_app;
+      CREATE ROLE carol LOGIN IN ROLE callback_center_app});
+sql(q{SELECT callback_center.set_stock('m-sku', 5);
+      GRANT USAGE ON SCHEMA callback_center TO carol}, 'members');
+
 # --- the new library, the schema still at 0.1.0 ------------------------------
 $node->stop;
 $node->{_install_path} = $new_install;
@@ -187,6 +198,24 @@ is(sql(q{SELECT extversion FROM pg_extension WHERE extname = 'callback_center'})
 	$node->safe_psql('postgres', q{SELECT default_version FROM pg_available_extensions WHERE name = 'callback_center'}),
 	'updated to the default version');
 is($data_after, $data_before, 'every row of every table kept by the update');
+
+# The update in "members" warns, naming bob and not carol, with the GRANT
+# to run; afterwards carol keeps working and bob is refused.
+my ($rc, $out, $err) = $node->psql('members', 'ALTER EXTENSION callback_center UPDATE');
+is($rc, 0, 'the update of a database with members succeeds');
+like($err, qr/WARNING:  these members of callback_center_app or callback_center_admin lose access to callback_center in database members: bob\n.*\n?HINT:  Grant each that uses this database: GRANT USAGE ON SCHEMA callback_center TO bob;/,
+	'it names the member without a grant of his own, with the GRANT to run');
+sub stock_as
+{
+	my ($role) = @_;
+	my ($rc, $out, $err) = $node->psql('members',
+		q{SELECT available FROM callback_center.stock WHERE sku_id = 'm-sku'},
+		connstr => $node->connstr('members') . " user=$role",
+		extra_params => [ '-v', 'VERBOSITY=sqlstate' ]);
+	return $rc == 0 ? $out : ($err =~ /ERROR:\s+(\w{5})/ ? $1 : $err);
+}
+is(stock_as('carol'), '5', 'the member granted in this database keeps working');
+is(stock_as('bob'), '42501', 'the member without a grant here is refused');
 
 sql('CREATE DATABASE fresh');
 sql('CREATE EXTENSION callback_center CASCADE', 'fresh');
