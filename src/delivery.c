@@ -1082,11 +1082,13 @@ check_answers(void)
 	pgstat_report_activity(STATE_RUNNING, "callback_center: checking provider answers");
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	cc_worker_role_enter();
 	MemoryContextSwitchTo(results_cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	cc_queue_check_answers(n, ids, statuses, headers, bodies, ok, answers,
 						   errors);
 	PopActiveSnapshot();
+	cc_worker_role_leave();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(results_cxt);
 
