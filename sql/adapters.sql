@@ -189,6 +189,12 @@ SELECT ad_err('SELECT callback_center._adapter_request((SELECT id FROM callback_
 
 -- Alipay's amounts are yuan.
 SELECT callback_center._yuan(1), callback_center._yuan(12345), callback_center._yuan(0);
--- The exact bytes Alipay signs.
+-- The exact bytes Alipay signs: the node's object, whatever follows it.
 SELECT callback_center._alipay_node_text('{"alipay_trade_query_response":{"code":"10000","a":"}"},"sign":"xx"}',
                                          'alipay_trade_query_response');
+SELECT callback_center._alipay_node_text('{"alipay_trade_query_response": {"a":{"b":"x\"}{y"},"c":1},"alipay_cert_sn":"x","sign":"y"}',
+                                         'alipay_trade_query_response');
+SELECT callback_center._alipay_node_text('{"sign":"y","alipay_trade_query_response":{"a":1}}',
+                                         'alipay_trade_query_response'),
+       callback_center._alipay_node_text('{"error_response":{"code":"40002"},"sign":"y"}',
+                                         'alipay_trade_query_response') IS NULL AS absent;

@@ -12,7 +12,9 @@ provider's key, in the provider's own format.  What it says is set per order
                                              repeats
     {"default": "unpaid"}
 
-{"id": "o-1", "amount": 500} sets the amount a paid answer names.
+{"id": "o-1", "amount": 500} sets the amount a paid answer names;
+{"alipay_cert_sn": SN} the SN POST /alipay-cert answers name (Alipay's
+certificate mode, signed with alipay_cert.key).
 Answers: paid, unpaid, closed, notfound, error (HTTP 500), slow (sleeps
 --slow seconds, then answers paid), badsig (a paid answer whose signature is
 wrong), success / processing (refunds).  GET /_log returns every request
@@ -59,6 +61,7 @@ def load_keys(d):
         KEYS["merchant"] = serialization.load_pem_public_key(f.read())
     KEYS["wechat"] = priv("wechat_platform.key")
     KEYS["alipay"] = priv("alipay.key")
+    KEYS["alipay_cert"] = priv("alipay_cert.key")
     KEYS["unionpay"] = priv("unionpay_sign.key")
     KEYS["wrong"] = priv("wrong.key")
     path = os.path.join(d, "unionpay_sign.crt")
@@ -130,6 +133,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             with STATE["lock"]:
                 if "default" in c:
                     STATE["default"] = c["default"]
+                if "alipay_cert_sn" in c:
+                    STATE["alipay_cert_sn"] = c["alipay_cert_sn"]
                 if "amount" in c:
                     AMOUNTS[c["id"]] = c["amount"]
                 if "say" in c:
@@ -256,9 +261,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                      "closed": "TRADE_CLOSED"}[say],
                     "total_amount": "%d.%02d" % divmod(AMOUNTS.get(ident, 100), 100)}
         node_text = json.dumps(node, ensure_ascii=False, separators=(",", ":"))
-        key = KEYS["wrong"] if say == "badsig" else KEYS["alipay"]
+        # /alipay-cert: certificate mode, signed by the certificate's key and
+        # naming it by its SN, after the node as Alipay puts it.
+        cert = self.path.startswith("/alipay-cert")
+        key = KEYS["wrong"] if say == "badsig" else KEYS["alipay_cert" if cert else "alipay"]
         sig = sign(key, node_text.encode())
-        out = '{"' + node_name + '":' + node_text + ',"sign":"' + sig + '"}'
+        sn = ',"alipay_cert_sn":"' + STATE.get("alipay_cert_sn", "") + '"' if cert else ""
+        out = '{"' + node_name + '":' + node_text + sn + ',"sign":"' + sig + '"}'
         self.send(200, out.encode(), [("Content-Type", "text/html;charset=utf-8")])
 
     # -- UnionPay ------------------------------------------------------------

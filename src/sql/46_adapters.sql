@@ -571,8 +571,9 @@ END
 $$;
 
 -- The value of node in an Alipay response, as the exact bytes Alipay
--- signed: from after "node": to the "sign" member that follows it (the
--- SDKs read it the same way), or NULL when the body has no such node.
+-- signed: the JSON object after "node": up to its matching brace (strings
+-- and their escapes skipped), whatever members follow it (sign,
+-- alipay_cert_sn); NULL when the body has no such object.
 CREATE FUNCTION callback_center._alipay_node_text(p_body text, p_node text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
@@ -580,19 +581,44 @@ SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
     start integer := strpos(p_body, '"' || p_node || '":');
-    rest text;
-    stop integer;
+    i integer;
+    n integer := length(p_body);
+    c text;
+    depth integer := 0;
+    in_string boolean := false;
 BEGIN
     IF start = 0 THEN
         RETURN NULL;
     END IF;
-    rest := substr(p_body, start + length(p_node) + 3);
-    stop := strpos(rest, ',"sign":');
-    IF stop = 0 THEN
-        -- sign before the node: the node runs to the body's closing brace
-        RETURN regexp_replace(rest, '}\s*$', '');
+    i := start + length(p_node) + 3;
+    WHILE i <= n AND substr(p_body, i, 1) IN (' ', E'\t', E'\n', E'\r') LOOP
+        i := i + 1;
+    END LOOP;
+    IF substr(p_body, i, 1) <> '{' THEN
+        RETURN NULL;
     END IF;
-    RETURN left(rest, stop - 1);
+    start := i;
+    WHILE i <= n LOOP
+        c := substr(p_body, i, 1);
+        IF in_string THEN
+            IF c = '\' THEN
+                i := i + 1;
+            ELSIF c = '"' THEN
+                in_string := false;
+            END IF;
+        ELSIF c = '"' THEN
+            in_string := true;
+        ELSIF c = '{' THEN
+            depth := depth + 1;
+        ELSIF c = '}' THEN
+            depth := depth - 1;
+            IF depth = 0 THEN
+                RETURN substr(p_body, start, i - start + 1);
+            END IF;
+        END IF;
+        i := i + 1;
+    END LOOP;
+    RETURN NULL;
 END
 $$;
 
@@ -718,7 +744,8 @@ $$;
 -- worker judges it (src/delivery.c): ok when the provider's signature
 -- verifies (wechatpay_v3: the Wechatpay-* headers, within the provider's
 -- timestamp tolerance, and the platform key; alipay: the *_response
--- node's exact bytes and the Alipay public key; unionpay: as its
+-- node's exact bytes and the Alipay public key, or in certificate mode the
+-- certificate alipay_cert_sn names, chained to a loaded root; unionpay: as its
 -- notifications, signPubKeyCert chained to the loaded root), with answer
 -- the normalized answer; else ok false and error why (the attempt failed:
 -- retried on the schedule, never applied).  headers are the captured
@@ -744,6 +771,7 @@ DECLARE
     s text;
     up record;
     f jsonb;
+    cas text[];
 BEGIN
     ok := false;
     SELECT o.event_type, o.payload, e.format INTO ob
@@ -806,11 +834,30 @@ BEGIN
                 RETURN;
             END IF;
             why := 'signature does not match';
-            FOREACH key_pem IN ARRAY pr.secrets LOOP
+            -- Public-key mode: the Alipay public keys of secrets.
+            FOREACH key_pem IN ARRAY coalesce(pr.secrets, '{}') LOOP
                 why := callback_center._rsa_sha256_check(key_pem, convert_to(s, 'UTF8'),
                                                          decode(parsed->>'sign', 'base64'));
                 EXIT WHEN why IS NULL;
             END LOOP;
+            -- Certificate mode, as for notifications: the Alipay public-key
+            -- certificate the answer's alipay_cert_sn names (else each),
+            -- chained to a loaded root now; roots sign nothing.
+            IF why IS NOT NULL THEN
+                SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+                  FROM callback_center.provider_keys pk WHERE pk.provider = pr.name;
+                FOR key_pem IN SELECT pk.pem FROM callback_center.provider_keys pk
+                                WHERE pk.provider = pr.name
+                                  AND (parsed->>'alipay_cert_sn' IS NULL
+                                       OR pk.key_id = parsed->>'alipay_cert_sn')
+                                ORDER BY pk.key_id LOOP
+                    CONTINUE WHEN (callback_center._x509_chain_check(key_pem, ARRAY[key_pem], NULL)).verdict = 'ok';
+                    CONTINUE WHEN (callback_center._x509_chain_check(key_pem, cas, NULL)).verdict <> 'ok';
+                    why := callback_center._rsa_sha256_check(key_pem, convert_to(s, 'UTF8'),
+                                                             decode(parsed->>'sign', 'base64'));
+                    EXIT WHEN why IS NULL;
+                END LOOP;
+            END IF;
             IF why IS NOT NULL THEN
                 error := 'the response signature does not verify: ' || why;
                 RETURN;

@@ -31,6 +31,9 @@ my $up_root = root_ca('up_root', 'Test CFCA Root');
 my $up_middle = issue_cert('up_middle', '/CN=Test CFCA OCA1', 'up_root', ca => 1);
 issue_cert('unionpay_sign', "/C=CN/O=China UnionPay/OU=00/CN=041\@Z2024\@$org\@00000001",
 	'up_middle');
+# Alipay's certificate mode: a root and the Alipay public-key certificate.
+my $ali_root = root_ca('ali_root', 'Test Alipay Root');
+my $ali_cert = issue_cert('alipay_cert', '/CN=Test Alipay public key', 'ali_root');
 my $wechat_serial = 'PUB_KEY_ID_0114232';
 open my $fh, '>', "$dir/wechat_serial" or die;
 print $fh $wechat_serial;
@@ -284,6 +287,33 @@ ok($node->poll_query_until('postgres',
 		q{SELECT status = 'closed' FROM callback_center.orders WHERE order_id = 'wx-stuck'}),
 	'once close_query_max_wait has passed, it is closed anyway');
 sq(q{ALTER SYSTEM RESET callback_center.close_query_max_wait; SELECT pg_reload_conf()});
+
+# Alipay in certificate mode: the answer names its certificate by SN; the
+# certificate must chain to the loaded root.
+sq(q{SELECT callback_center.set_provider('alic', 'alipay', NULL)});
+sq(sprintf(q{SELECT callback_center.set_platform_keys('alic', jsonb_build_object(
+        callback_center.alipay_cert_sn(%s), %s, callback_center.alipay_cert_sn(%s), %s))},
+	quote($ali_root), quote($ali_root), quote($ali_cert), quote($ali_cert)));
+sq(sprintf(q{SELECT callback_center.create_endpoint('alic-api', '%s/alipay-cert', '{payment.query}',
+        NULL, '{"max_attempts": 2, "timeout_ms": 1000}');
+    SELECT callback_center.set_endpoint_format('alic-api', 'alipay');
+    SET log_statement = 'none';
+    SELECT callback_center.set_merchant('alic', '2021000000000002', %s);
+    RESET log_statement;
+    SELECT callback_center.set_provider_query_endpoint('alic', 'alic-api')},
+	$mock_url, quote($merchant_key)));
+mock_say(alipay_cert_sn => sq(sprintf(q{SELECT callback_center.alipay_cert_sn(%s)}, quote($ali_cert))));
+due_order('alic', 'alic-paid', 600, 'paid');
+ok($node->poll_query_until('postgres',
+		q{SELECT status = 'PAID' FROM callback_center.payments WHERE order_id = 'alic-paid'}),
+	'alipay certificate mode: the answer verified with the certificate it names');
+mock_say(alipay_cert_sn => 'NOSUCHSN');
+due_order('alic', 'alic-unknown', 600, 'paid');
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) >= 1 FROM callback_center.payment_queries
+		   WHERE order_id = 'alic-unknown' AND status = 'failed'}),
+	'alipay certificate mode: an answer naming an unknown certificate fails');
+is(order_state('alic-unknown'), 'confirmed paying PAYING -', 'and is not applied');
 
 # Refund queries, WeChat Pay and Alipay.
 for my $p (qw(wx ali))
