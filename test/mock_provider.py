@@ -298,6 +298,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         elif op == "refund":
             f.update(respCode="00", respMsg="success", txnAmt=params.get("txnAmt", ""))
         elif say == "notfound":
+            # no transaction, no queryId
+            del f["queryId"]
             f.update(respCode="34", respMsg="no such transaction")
         else:
             orig = {"paid": "00", "badsig": "00", "unpaid": "05", "closed": "12",

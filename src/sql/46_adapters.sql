@@ -740,6 +740,66 @@ BEGIN
 END
 $$;
 
+-- A UnionPay back-channel answer (a form, acp 5.1.0, signMethod 01)
+-- verified as _unionpay_parse verifies notifications: signPubKeyCert
+-- chained to the loaded roots and naming the organisation, then the
+-- signature over the hex SHA-256 of the sorted fields.  Unlike a
+-- notification an answer need not carry a queryId (respCode 34, no such
+-- transaction, names none).  failure is NULL when it verifies, with
+-- fields every field decoded; else why not.
+CREATE FUNCTION callback_center._unionpay_answer_fields(p_provider text, p_secrets text[],
+    p_body text, OUT failure text, OUT fields jsonb)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    cert bytea;
+    cert_pem text;
+    sig bytea;
+    cas text[];
+    chk record;
+    content bytea;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body';
+        RETURN;
+    END IF;
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature';
+        RETURN;
+    END IF;
+    sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = p_provider;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, coalesce(cas, '{}'), p_secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := 'untrusted_key: ' || chk.verdict;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature';
+        RETURN;
+    END IF;
+    SELECT jsonb_object_agg(x.nm, convert_from(x.v, 'UTF8')) INTO fields
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('signature', 'signPubKeyCert');
+END
+$$;
+
 -- Checks one response of a provider-format endpoint, as the delivery
 -- worker judges it (src/delivery.c): ok when the provider's signature
 -- verifies (wechatpay_v3: the Wechatpay-* headers, within the provider's
@@ -864,18 +924,12 @@ BEGIN
             END IF;
             answer := callback_center._alipay_answer(ob.event_type, ob.payload, s::jsonb);
         ELSIF ob.format = 'unionpay' THEN
-            up := callback_center._unionpay_parse(pr.name, pr.secrets, pr.tolerance, '{}',
-                                                  coalesce(p_body, ''));
+            up := callback_center._unionpay_answer_fields(pr.name, pr.secrets, coalesce(p_body, ''));
             IF up.failure IS NOT NULL THEN
                 error := 'the response does not verify: ' || up.failure;
                 RETURN;
             END IF;
-            SELECT jsonb_object_agg(
-                       convert_from(callback_center._form_decode(split_part(x, '=', 1)), 'UTF8'),
-                       convert_from(callback_center._form_decode(substr(x, strpos(x, '=') + 1)),
-                                    'UTF8'))
-              INTO f FROM unnest(string_to_array(p_body, '&')) x WHERE strpos(x, '=') > 0;
-            answer := callback_center._unionpay_answer(ob.event_type, ob.payload, f);
+            answer := callback_center._unionpay_answer(ob.event_type, ob.payload, up.fields);
         ELSE
             error := format('endpoint format %s has no adapter', ob.format);
             RETURN;
@@ -933,6 +987,7 @@ REVOKE ALL ON FUNCTION
     callback_center._alipay_node_text(text, text),
     callback_center._alipay_answer(text, jsonb, jsonb),
     callback_center._unionpay_answer(text, jsonb, jsonb),
+    callback_center._unionpay_answer_fields(text, text[], text),
     callback_center._adapter_check(bigint, integer, text, text),
     callback_center._adapter_record(bigint[], integer[], integer[], jsonb[], text[])
     FROM PUBLIC;

@@ -175,6 +175,15 @@ for my $p (qw(wx ali up))
 		ok(@close == 1 && $close[0]{verified}, "$format: one signed close request");
 	}
 
+	# Unknown to the provider: closed here, nothing to close there.
+	due_order($p, "$p-gone", 300, 'notfound');
+	ok($node->poll_query_until('postgres',
+			"SELECT status = 'closed' FROM callback_center.orders WHERE order_id = '$p-gone'"),
+		"$format: not found at the provider, closed");
+	is(queries("$p-gone"), 'answered:closed', "$format: the answer was understood");
+	is(sq(qq{SELECT count(*) FROM callback_center.outbox WHERE aggregate_id = '$p-gone'
+	         AND event_type = 'payment.close'}), '0', "$format: no close sent for it");
+
 	# A bad signature: every attempt fails, the query dies after the
 	# endpoint's two attempts, nothing is applied; asked again, an honest
 	# unpaid closes it.
