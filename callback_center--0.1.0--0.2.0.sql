@@ -6827,6 +6827,16 @@ $$;
 ALTER TABLE callback_center.endpoints
     ADD COLUMN format text NOT NULL DEFAULT 'standard_webhooks'
         CHECK (format IN ('standard_webhooks', 'wechatpay_v3', 'alipay', 'unionpay'));
+
+-- endpoint_config shows the format (a column at its end).
+CREATE OR REPLACE VIEW callback_center.endpoint_config AS
+SELECT e.id, e.name, e.url, e.event_types, e.timeout_ms, e.retry_schedule,
+       coalesce(e.max_attempts, cardinality(s.delays) + 1) AS max_attempts,
+       e.rate_limit_per_s, e.breaker_failure_ratio, e.breaker_window_s,
+       e.breaker_min_requests, e.breaker_open_ms, e.is_core, e.ordered,
+       e.enabled, e.created_at, e.updated_at, e.format
+  FROM callback_center.endpoints e
+  JOIN callback_center.retry_schedules s ON s.name = e.retry_schedule;
 -- Payment channels, outbound: the adapter layer (doc/adapters.md).  An
 -- endpoint whose format is a provider's (wechatpay_v3, alipay, unionpay)
 -- receives payment.query, payment.close, refund.request and refund.query
