@@ -6812,6 +6812,990 @@ BEGIN
 END
 $$;
 
+-- Certificate cache (issue 13): _unionpay_parse passes the loaded certificates
+-- in a fixed order (the cache in crypto.c is keyed by them).
+
+-- UnionPay (China UnionPay online payments, acp SDK 5.1.0) back-end
+-- notifications.  The body is the form as posted; names and values are
+-- %-decoded to the bytes of the form's encoding (UTF-8 or GBK).  The
+-- signed string is every parameter but signature, empty values left out
+-- (the SDK neither sends nor reads them), sorted by name, joined as
+-- k=v&...; signature is SHA256withRSA (signMethod 01, version 5.1.0) over
+-- the lower-case hex SHA-256 digest of it, by the key of the certificate
+-- in signPubKeyCert, which must chain to the root and intermediate
+-- certificates loaded with set_platform_keys, be valid now and name one of
+-- the provider's organisation names (p_secrets).  UnionPay signs no
+-- notification time: a replay is a repeat of the recorded message, keyed
+-- by queryId and txnType.
+CREATE OR REPLACE FUNCTION callback_center._unionpay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    charset text;
+    cs text;
+    cert bytea;
+    cert_pem text;
+    content bytea;
+    sig bytea;
+    cas text[];
+    chk record;
+    f jsonb;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'encoding')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs = 'GBK' THEN 'GBK' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- signMethod 01 of version 5.1.0 only: 5.0.0 signs SHA-1 digests with
+    -- a certificate chosen by certId, 11 and 12 are symmetric keys.
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        sig := NULL;
+    END;
+    IF sig IS NULL OR sig = '' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- In a fixed order: the certificate cache (crypto.c) is keyed by them.
+    SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = p_provider;
+    IF cas IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no UnionPay certificates', p_provider),
+            HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
+    END IF;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, cas, p_secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
+                                    WHEN 'expired' THEN 'key_expired'
+                                    WHEN 'wrong_name' THEN 'wrong_organisation'
+                                    ELSE 'untrusted_key' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by UnionPay: from here on a problem is the body's.
+    BEGIN
+        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
+          INTO f FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm IN ('orderId', 'queryId', 'txnType', 'txnSubType', 'respCode',
+                        'txnAmt', 'currencyCode');
+        -- What a resend repeats: the signed parameters but the certificate
+        -- (UnionPay may sign a resend under its next certificate).
+        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
+          INTO payload FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm NOT IN ('signature', 'signPubKeyCert') AND x.v <> '';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF nullif(f->>'queryId', '') IS NULL OR nullif(f->>'txnType', '') IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := (f->>'queryId') || ':' || (f->>'txnType');
+    event_type := 'txnType ' || (f->>'txnType') || coalesce('/' || (f->>'txnSubType'), '');
+    IF f->>'txnType' = '01' THEN
+        -- Consumption: respCode 00 (success) and A6 (success with a
+        -- defect) pay; any other is one failed attempt.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'success' ELSE 'attempt_failed' END;
+        -- ISO 4217 numeric codes.
+        currency := CASE f->>'currencyCode'
+            WHEN '156' THEN 'CNY' WHEN '344' THEN 'HKD' WHEN '446' THEN 'MOP'
+            WHEN '901' THEN 'TWD' WHEN '840' THEN 'USD' WHEN '978' THEN 'EUR'
+            WHEN '826' THEN 'GBP' WHEN '392' THEN 'JPY' WHEN '410' THEN 'KRW'
+            WHEN '702' THEN 'SGD' WHEN '036' THEN 'AUD' WHEN '124' THEN 'CAD'
+            ELSE f->>'currencyCode' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$'
+           OR nullif(currency, '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    -- Other transaction types (refunds 04, cancellations 31, ...) are
+    -- recorded and acknowledged (verdict NULL).
+END
+$$;
+
+
+-- Reconciliation and the one rule (issue 13): provider_statement.currency (the
+-- line's currency when the statement says it); reconcile passes it to
+-- _apply_payment_result, so a success in another currency is flagged, never
+-- applied.
+ALTER TABLE callback_center.provider_statement ADD COLUMN currency text;
+
+-- Reconciles one channel's statement for one bill date against local
+-- payments in one set-based pass, records every difference in recon_diffs
+-- (upsert: a rerun adds nothing twice, and drops differences that are gone
+-- unless applied), settles provider-paid / locally-unpaid payments like a
+-- callback would, and returns the count of recorded differences per kind
+-- for (channel, bill_date).  The bill date's day is midnight to midnight in
+-- the session's TimeZone.
+CREATE OR REPLACE FUNCTION callback_center.reconcile(channel text, bill_date date,
+    grace interval DEFAULT '30 minutes')
+RETURNS TABLE (kind text, count bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_channel text := reconcile.channel;
+    p_date date := reconcile.bill_date;
+    day_start timestamptz;
+    day_end timestamptz;
+    run_at timestamptz := clock_timestamp();
+    r record;
+    applied_ids bigint[];
+    o callback_center.orders;
+    pay callback_center.payments;
+    outcome text;
+BEGIN
+    PERFORM callback_center._require_key(p_channel, 'channel', 63);
+    PERFORM callback_center._require(p_date, 'bill_date');
+    PERFORM callback_center._require(reconcile.grace, 'grace');
+    IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
+    END IF;
+    day_start := p_date::timestamptz;
+    day_end := (p_date + 1)::timestamptz;
+
+    -- Serialise runs for one (channel, bill_date).
+    PERFORM pg_advisory_xact_lock(hashtextextended(
+        'callback_center.recon:' || p_channel || ':' || p_date::text, 0));
+
+    -- One pass: statement lines of the day FULL JOIN local payments of the
+    -- provider paid in the day widened by grace at both edges, matched on
+    -- the provider's transaction id.  Lines left unmatched look further:
+    -- the same transaction id paid on any other day (x: the provider booked
+    -- it across midnight from us, or later; compared like a match), or the
+    -- unpaid payment of the line's order (u).  Local payments left
+    -- unmatched are differences only when paid in the day and not on a
+    -- neighbouring day's statement (that day's run compares them); grace is
+    -- how long before or after midnight one may still turn up on the
+    -- neighbour's statement, so those wait as pending_grace.  Lines already
+    -- settled by an earlier run are left alone.
+    WITH s AS (
+        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
+          FROM callback_center.provider_statement st
+         WHERE st.channel = p_channel AND st.bill_date = p_date
+           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                              AND d.provider_txn_id = st.provider_txn_id
+                              AND d.resolution = 'applied')
+    ), l AS (
+        SELECT p.payment_id, p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
+          FROM callback_center.payments p
+         WHERE p.provider = p_channel
+           AND p.paid_at >= day_start - reconcile.grace
+           AND p.paid_at < day_end + reconcile.grace
+           AND p.provider_txn_id IS NOT NULL
+    ), j AS (
+        SELECT s.provider_txn_id AS s_txn, s.order_id AS s_order, s.amount_cents AS s_amount,
+               s.status AS s_status,
+               l.provider_txn_id AS l_txn, l.order_id AS l_order, l.amount_cents AS l_amount,
+               l.status AS l_status, l.paid_at AS l_paid_at
+          FROM s FULL JOIN l ON l.provider_txn_id = s.provider_txn_id
+    ), c AS (
+        SELECT coalesce(j.s_txn, j.l_txn) AS txn,
+               coalesce(j.s_order, j.l_order, x.order_id, u.order_id) AS order_id,
+               j.s_amount, j.s_status,
+               coalesce(j.l_amount, x.amount_cents, u.amount_cents) AS local_amount,
+               coalesce(j.l_status, x.status, u.status) AS local_status,
+               CASE
+                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN
+                   CASE WHEN j.s_amount <> j.l_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, j.l_status)
+                             THEN 'status_mismatch' END
+                 WHEN j.l_txn IS NOT NULL THEN
+                   -- Local only; rows in the grace margins, and rows on a
+                   -- neighbouring day's statement, are that day's to judge.
+                   CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                    AND n.provider_txn_id = j.l_txn)
+                        THEN 'missing_provider' END
+                 WHEN x.payment_id IS NOT NULL THEN
+                   CASE WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, x.status)
+                             THEN 'status_mismatch' END
+                 WHEN u.payment_id IS NOT NULL THEN
+                   CASE WHEN u.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, u.status)
+                             THEN 'status_mismatch' END
+                 ELSE 'missing_local'
+               END AS kind,
+               CASE
+                 WHEN j.l_txn IS NOT NULL AND j.s_txn IS NULL THEN
+                   CASE WHEN j.l_paid_at < day_start + reconcile.grace
+                          OR j.l_paid_at >= day_end - reconcile.grace
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN u.payment_id IS NOT NULL AND j.s_status = 'success'
+                      AND u.amount_cents = j.s_amount
+                      AND u.status IN ('CREATED', 'PAYING', 'CLOSED', 'FAILED') THEN 'applied'
+                 ELSE 'flagged'
+               END AS resolution,
+               u.payment_id AS apply_payment_id
+          -- Index probes for the unmatched lines only (LIMIT 1 keeps
+          -- them per-row lookups, not hash joins over every payment).
+          FROM j
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND p.provider_txn_id = j.s_txn
+                   AND p.provider = p_channel
+                 LIMIT 1) x ON true
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND x.payment_id IS NULL
+                   AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                   AND p.provider = p_channel
+                 LIMIT 1) u ON true
+    ), ins AS (
+        INSERT INTO callback_center.recon_diffs AS d
+               (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
+                local_amount, provider_status, local_status, resolution, checked_at)
+        SELECT p_channel, p_date, c.txn, c.order_id,
+               -- Known late money is a refund for people, whatever else
+               -- differs; once refunded, the provider's refund agrees.
+               CASE WHEN lp.status = 'refund_required' AND c.resolution <> 'applied'
+                    THEN 'refund_required' ELSE c.kind END,
+               c.s_amount, c.local_amount, c.s_status, c.local_status,
+               CASE WHEN lp.status = 'refund_required' AND c.resolution = 'pending_grace'
+                    THEN 'flagged' ELSE c.resolution END,
+               run_at
+          FROM c
+          LEFT JOIN LATERAL (
+                SELECT l.status FROM callback_center.late_payments l
+                 WHERE l.provider = p_channel AND l.provider_txn_id = c.txn) lp ON true
+         WHERE c.kind IS NOT NULL
+           AND NOT (lp.status IS NOT DISTINCT FROM 'refunded' AND c.s_status = 'refund')
+        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+           SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
+               local_amount = excluded.local_amount, provider_status = excluded.provider_status,
+               local_status = excluded.local_status, resolution = excluded.resolution,
+               checked_at = excluded.checked_at
+         WHERE d.resolution NOT IN ('applied', 'resolved')
+        RETURNING d.id, d.provider_txn_id, d.order_id, d.resolution
+    )
+    SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
+      INTO applied_ids
+      FROM ins;
+
+    -- Differences an earlier run recorded that this run no longer finds.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date = p_date
+       AND d.resolution NOT IN ('applied', 'resolved') AND d.checked_at <> run_at;
+
+    -- Local payments a neighbouring day's run left waiting for a
+    -- statement line that turned up on this day's statement: compared
+    -- above, so no longer differences of that day.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date IN (p_date - 1, p_date + 1)
+       AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
+       AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
+                    WHERE st.channel = p_channel AND st.bill_date = p_date
+                      AND st.provider_txn_id = d.provider_txn_id);
+
+    -- Settle what the provider was paid for and we were not told, through
+    -- the same path as a callback (state machines, follow-up events; on an
+    -- order that can no longer take the money, a late payment to refund).
+    FOR r IN
+        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount, st.currency
+          FROM callback_center.recon_diffs d
+          LEFT JOIN callback_center.provider_statement st
+                 ON st.channel = p_channel AND st.bill_date = p_date
+                AND st.provider_txn_id = d.provider_txn_id
+         WHERE d.id = ANY (coalesce(applied_ids, '{}'))
+         ORDER BY d.id
+    LOOP
+        SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = r.order_id FOR UPDATE;
+        SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = r.order_id FOR UPDATE;
+        IF pay.provider_txn_id IS NOT NULL THEN
+            -- A callback got there first, after the pass read the row.
+            UPDATE callback_center.recon_diffs d
+               SET resolution = 'flagged',
+                   note = format('payment took transaction %s meanwhile', pay.provider_txn_id)
+             WHERE d.id = r.id;
+            CONTINUE;
+        END IF;
+        outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
+                                                         r.provider_amount, r.currency, 'success',
+                                                         'reconciliation');
+        UPDATE callback_center.recon_diffs d
+           SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
+               resolution = CASE outcome WHEN 'paid' THEN d.resolution ELSE 'flagged' END,
+               note = CASE outcome
+                        WHEN 'paid' THEN 'payment marked paid'
+                        WHEN 'refund_required'
+                          THEN format('order is %s/%s: payment.refund_required emitted',
+                                      o.status, o.pay_status)
+                        ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
+    END LOOP;
+
+    RETURN QUERY
+        SELECT k.kind, count(d.id)
+          FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
+                            'status_mismatch', 'refund_required']) WITH ORDINALITY AS k(kind, ord)
+          LEFT JOIN callback_center.recon_diffs d
+                 ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
+         GROUP BY k.kind, k.ord
+         ORDER BY k.ord;
+END
+$$;
+
+
+-- One secret generator: an endpoint's generated secret comes from the C
+-- generator new_webhook_secret uses (32 bytes, as before), not from
+-- pgcrypto's gen_random_bytes.
+
+CREATE FUNCTION callback_center._new_endpoint_secret()
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_new_endpoint_secret'
+LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION callback_center._new_endpoint_secret() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION callback_center._check_secret(secret text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    raw bytea;
+BEGIN
+    IF secret IS NULL THEN
+        RETURN callback_center._new_endpoint_secret();
+    END IF;
+    IF secret !~ '^whsec_[A-Za-z0-9+/]+={0,2}$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'secret must be "whsec_" followed by base64',
+            HINT = 'Pass NULL to have a secret generated.';
+    END IF;
+    BEGIN
+        raw := decode(substr(secret, 7), 'base64');
+    EXCEPTION WHEN invalid_parameter_value THEN
+        raw := NULL;
+    END;
+    IF raw IS NULL OR length(raw) NOT BETWEEN 24 AND 64 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'secret must encode 24 to 64 bytes',
+            HINT = 'Pass NULL to have a secret generated.';
+    END IF;
+    RETURN secret;
+END
+$$;
+
+-- One convention for parameter/column name clashes: parameters qualified by
+-- their function's name.  Internal functions whose p_ parameters are renamed
+-- are dropped and created again (a parameter name cannot change in place);
+-- the others keep their signatures.
+
+DROP FUNCTION callback_center._stock_spread(text, bigint);
+DROP FUNCTION callback_center._stock_lock_slots(text);
+DROP FUNCTION callback_center._require_provider(text);
+DROP FUNCTION callback_center._tcc_settle(text, text, text, text);
+DROP FUNCTION callback_center._tcc_second_phase(text, text, text, text);
+
+CREATE FUNCTION callback_center._stock_spread(sku_id text, total bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    n integer;
+BEGIN
+    PERFORM 1 FROM callback_center.stock_slots AS t
+      WHERE t.sku_id = _stock_spread.sku_id ORDER BY t.slot FOR UPDATE;
+    SELECT count(*) INTO n FROM callback_center.stock_slots AS t WHERE t.sku_id = _stock_spread.sku_id;
+    UPDATE callback_center.stock_slots AS t
+       SET available = _stock_spread.total / n + CASE WHEN t.slot < _stock_spread.total % n THEN 1 ELSE 0 END
+     WHERE t.sku_id = _stock_spread.sku_id;
+END
+$fn$;
+
+CREATE FUNCTION callback_center._stock_lock_slots(sku_id text)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT COALESCE(sum(l.available), 0)::bigint
+      FROM (SELECT t.available FROM callback_center.stock_slots AS t
+             WHERE t.sku_id = _stock_lock_slots.sku_id ORDER BY t.slot FOR UPDATE) AS l
+$fn$;
+
+REVOKE ALL ON FUNCTION callback_center._stock_spread(text, bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._stock_lock_slots(text) FROM PUBLIC;
+
+CREATE FUNCTION callback_center._require_provider(name text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(_require_provider.name, 'provider', 63);
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p WHERE p.name = _require_provider.name) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', _require_provider.name),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._require_provider(text) FROM PUBLIC;
+
+CREATE FUNCTION callback_center._tcc_settle(
+    gid text, branch_id text, kind text, status text)
+RETURNS callback_center.tcc_reservations
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    r callback_center.tcc_reservations;
+BEGIN
+    UPDATE callback_center.tcc_reservations AS t
+       SET status = _tcc_settle.status, updated_at = pg_catalog.now()
+     WHERE t.gid = _tcc_settle.gid AND t.branch_id = _tcc_settle.branch_id
+       AND t.kind = _tcc_settle.kind AND t.status = 'reserved'
+    RETURNING t.* INTO r;
+    IF FOUND THEN
+        RETURN r;
+    END IF;
+    SELECT * INTO r FROM callback_center.tcc_reservations AS t
+     WHERE t.gid = _tcc_settle.gid AND t.branch_id = _tcc_settle.branch_id;
+    RAISE EXCEPTION USING ERRCODE = '55000',
+        MESSAGE = pg_catalog.format('no %s reservation of gid "%s" branch "%s" to %s',
+                                    _tcc_settle.kind, _tcc_settle.gid, _tcc_settle.branch_id,
+                                    CASE _tcc_settle.status WHEN 'confirmed' THEN 'confirm' ELSE 'cancel' END),
+        DETAIL = CASE WHEN r.gid IS NULL THEN 'The branch reserved nothing.'
+                      ELSE pg_catalog.format('The branch holds a %s reservation that is %s.',
+                                             r.kind, r.status) END;
+END
+$fn$;
+
+CREATE FUNCTION callback_center._tcc_second_phase(
+    gid text, branch_id text, kind text, op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome text;
+    r       callback_center.tcc_reservations;
+BEGIN
+    -- barrier() checks gid and branch_id (_require_key).
+    outcome := callback_center.barrier(_tcc_second_phase.gid, _tcc_second_phase.branch_id, _tcc_second_phase.op);
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    r := callback_center._tcc_settle(_tcc_second_phase.gid, _tcc_second_phase.branch_id, _tcc_second_phase.kind,
+                                     CASE _tcc_second_phase.op WHEN 'confirm' THEN 'confirmed' ELSE 'cancelled' END);
+    IF _tcc_second_phase.kind = 'stock' THEN
+        UPDATE callback_center.stock AS s
+           SET available = s.available + CASE _tcc_second_phase.op WHEN 'cancel' THEN r.quantity ELSE 0 END,
+               reserved = s.reserved - r.quantity,
+               version = s.version + 1,
+               updated_at = pg_catalog.now()
+         WHERE s.sku_id = r.resource_id;
+    ELSIF _tcc_second_phase.op = 'confirm' THEN
+        PERFORM callback_center.use_coupon(r.resource_id, _tcc_second_phase.gid);
+    ELSE
+        PERFORM callback_center.unfreeze_coupon(r.resource_id, _tcc_second_phase.gid);
+    END IF;
+    RETURN outcome;
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION callback_center._tcc_settle(text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._tcc_second_phase(text, text, text, text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION callback_center.set_stock(
+    sku_id text,
+    available bigint)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    result callback_center.stock;
+    n      integer;
+BEGIN
+    PERFORM callback_center._require_key(set_stock.sku_id, 'sku_id');
+    PERFORM callback_center._require(set_stock.available, 'available');
+    IF set_stock.available < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('available must not be negative: %s', set_stock.available),
+            DETAIL = pg_catalog.format('SKU "%s" was given %s units.', set_stock.sku_id, set_stock.available);
+    END IF;
+    LOOP
+        SELECT s.slots INTO n FROM callback_center.stock AS s
+         WHERE s.sku_id = set_stock.sku_id FOR UPDATE;
+        IF n > 0 THEN
+            -- A hot SKU: the units go to its slots, evenly.
+            PERFORM callback_center._stock_spread(set_stock.sku_id, set_stock.available);
+            UPDATE callback_center.stock AS s
+               SET version = s.version + 1, updated_at = pg_catalog.now()
+             WHERE s.sku_id = set_stock.sku_id
+            RETURNING s.* INTO result;
+            result.available := set_stock.available;
+            RETURN result;
+        END IF;
+        -- The WHERE skips a row made hot since the SELECT found none.
+        INSERT INTO callback_center.stock AS s (sku_id, available, updated_at)
+        VALUES (set_stock.sku_id, set_stock.available, pg_catalog.now())
+        ON CONFLICT ON CONSTRAINT stock_pkey DO UPDATE
+            SET available = EXCLUDED.available,
+                version = s.version + 1,
+                updated_at = EXCLUDED.updated_at
+            WHERE s.slots = 0
+        RETURNING s.* INTO result;
+        IF FOUND THEN
+            RETURN result;
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.adjust_stock(
+    sku_id text,
+    delta bigint)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    result callback_center.stock;
+    cur     bigint;
+    n       integer;
+BEGIN
+    PERFORM callback_center._require(adjust_stock.sku_id, 'sku_id');
+    PERFORM callback_center._require(adjust_stock.delta, 'delta');
+    SELECT s.available, s.slots INTO cur, n FROM callback_center.stock AS s
+     WHERE s.sku_id = adjust_stock.sku_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB004',
+            MESSAGE = pg_catalog.format('unknown SKU "%s"', adjust_stock.sku_id),
+            HINT = 'Create it with callback_center.set_stock().';
+    END IF;
+    IF n > 0 THEN
+        -- A hot SKU: the new total is spread over its slots again, so no
+        -- slot goes below zero while the total covers the change.
+        cur := cur + callback_center._stock_lock_slots(adjust_stock.sku_id);
+    END IF;
+    IF cur + adjust_stock.delta < 0 THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB001',
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', adjust_stock.sku_id),
+            DETAIL = pg_catalog.format('Adjusting by %s would leave %s units; %s are available.',
+                                       adjust_stock.delta, cur + adjust_stock.delta, cur);
+    END IF;
+    IF n > 0 THEN
+        PERFORM callback_center._stock_spread(adjust_stock.sku_id, cur + adjust_stock.delta);
+        UPDATE callback_center.stock AS s
+           SET available = 0, version = s.version + 1, updated_at = pg_catalog.now()
+         WHERE s.sku_id = adjust_stock.sku_id
+        RETURNING s.* INTO result;
+        result.available := cur + adjust_stock.delta;
+        RETURN result;
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = s.available + adjust_stock.delta,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = adjust_stock.sku_id
+    RETURNING s.* INTO result;
+    RETURN result;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.set_hot_sku(
+    sku_id text,
+    slots integer)
+RETURNS callback_center.stock
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    result  callback_center.stock;
+    cur     callback_center.stock;
+    total   bigint;
+BEGIN
+    PERFORM callback_center._require(set_hot_sku.sku_id, 'sku_id');
+    PERFORM callback_center._require(set_hot_sku.slots, 'slots');
+    IF set_hot_sku.slots < 1 OR set_hot_sku.slots > 256 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('slots must be between 1 and 256: %s', set_hot_sku.slots),
+            HINT = 'Use 2 to 256 slots to make a SKU hot, 1 to make it normal again.';
+    END IF;
+    SELECT s.* INTO cur FROM callback_center.stock AS s WHERE s.sku_id = set_hot_sku.sku_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB004',
+            MESSAGE = pg_catalog.format('unknown SKU "%s"', set_hot_sku.sku_id),
+            HINT = 'Create it with callback_center.set_stock().';
+    END IF;
+    IF set_hot_sku.slots > 1 AND cur.reserved > 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = pg_catalog.format('SKU "%s" has reserved units', set_hot_sku.sku_id),
+            DETAIL = pg_catalog.format('TCC tries hold %s units of it.', cur.reserved),
+            HINT = 'Confirm or cancel its reservations first: a hot SKU cannot be reserved.';
+    END IF;
+    total := cur.available + callback_center._stock_lock_slots(set_hot_sku.sku_id);
+    DELETE FROM callback_center.stock_slots AS t WHERE t.sku_id = set_hot_sku.sku_id;
+    IF set_hot_sku.slots > 1 THEN
+        INSERT INTO callback_center.stock_slots (sku_id, slot, available)
+        SELECT set_hot_sku.sku_id, i, 0 FROM pg_catalog.generate_series(0, set_hot_sku.slots - 1) AS i;
+        PERFORM callback_center._stock_spread(set_hot_sku.sku_id, total);
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = CASE WHEN set_hot_sku.slots > 1 THEN 0 ELSE total END,
+           slots = CASE WHEN set_hot_sku.slots > 1 THEN set_hot_sku.slots ELSE 0 END,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = set_hot_sku.sku_id
+    RETURNING s.* INTO result;
+    result.available := total;
+    RETURN result;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.barrier(
+    gid text,
+    branch_id text,
+    op text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    n        integer;
+    outcome  text;
+    me       text := callback_center._caller();
+    owner    text;
+BEGIN
+    PERFORM callback_center._require_key(barrier.gid, 'gid');
+    PERFORM callback_center._require_key(barrier.branch_id, 'branch_id');
+    PERFORM callback_center._require(barrier.op, 'op');
+    IF barrier.op NOT IN ('try', 'confirm', 'cancel') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid barrier op "%s"', barrier.op),
+            HINT = 'Use try, confirm or cancel.';
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
+        'callback_center.tcc:' || barrier.gid || ':' || barrier.branch_id, 0));
+    SELECT b.created_by INTO owner FROM callback_center.tcc_barrier AS b
+     WHERE b.gid = barrier.gid AND b.branch_id = barrier.branch_id AND b.created_by IS NOT NULL
+     LIMIT 1;
+    IF owner IS DISTINCT FROM me AND owner IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('gid "%s" branch "%s" belongs to another role',
+                                        barrier.gid, barrier.branch_id),
+            DETAIL = pg_catalog.format('It was begun by role "%s"; this call acts for "%s".',
+                                       owner, me),
+            HINT = 'Each role confirms and cancels only its own branches.';
+    END IF;
+    IF barrier.op = 'cancel' THEN
+        INSERT INTO callback_center.tcc_barrier AS b
+               (gid, branch_id, op, written_by, last_outcome, created_by)
+        VALUES (barrier.gid, barrier.branch_id, 'try', 'cancel', 'empty_compensation', me)
+        ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 1 THEN
+            -- The try never ran; no cancel row can exist (a cancel always
+            -- writes the try row first, in the same transaction).
+            INSERT INTO callback_center.tcc_barrier
+                   (gid, branch_id, op, written_by, last_outcome, created_by)
+            VALUES (barrier.gid, barrier.branch_id, 'cancel', 'cancel', 'empty_compensation', me);
+            RETURN 'empty_compensation';
+        END IF;
+    END IF;
+    INSERT INTO callback_center.tcc_barrier AS b
+           (gid, branch_id, op, written_by, last_outcome, created_by)
+    VALUES (barrier.gid, barrier.branch_id, barrier.op, barrier.op, 'proceed', me)
+    ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n = 1 THEN
+        RETURN 'proceed';
+    END IF;
+    -- The row was there (committed: ON CONFLICT waited for its writer).
+    UPDATE callback_center.tcc_barrier AS b
+       SET repeats = b.repeats + 1,
+           last_outcome = CASE WHEN barrier.op = 'try' AND b.written_by = 'cancel'
+                               THEN 'refused' ELSE 'duplicate' END,
+           updated_at = pg_catalog.now()
+     WHERE b.gid = barrier.gid AND b.branch_id = barrier.branch_id AND b.op = barrier.op
+    RETURNING b.last_outcome INTO outcome;
+    RETURN outcome;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_stock_try(
+    gid text,
+    branch_id text,
+    sku_id text,
+    qty bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome  text;
+    cur      bigint;
+    nslots   integer;
+BEGIN
+    PERFORM callback_center._require_key(tcc_stock_try.gid, 'gid');
+    PERFORM callback_center._require_key(tcc_stock_try.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(tcc_stock_try.sku_id, 'sku_id');
+    PERFORM callback_center._require(tcc_stock_try.qty, 'qty');
+    IF tcc_stock_try.qty <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('qty must be positive: %s', tcc_stock_try.qty);
+    END IF;
+    outcome := callback_center.barrier(tcc_stock_try.gid, tcc_stock_try.branch_id, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    UPDATE callback_center.stock AS s
+       SET available = s.available - tcc_stock_try.qty,
+           reserved = s.reserved + tcc_stock_try.qty,
+           version = s.version + 1,
+           updated_at = pg_catalog.now()
+     WHERE s.sku_id = tcc_stock_try.sku_id AND s.available >= tcc_stock_try.qty;
+    IF NOT FOUND THEN
+        SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s WHERE s.sku_id = tcc_stock_try.sku_id;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB004',
+                MESSAGE = pg_catalog.format('unknown SKU "%s"', tcc_stock_try.sku_id),
+                HINT = 'Create it with callback_center.set_stock().';
+        END IF;
+        -- A hot SKU's units are in its slots, not on the row: a reservation
+        -- there would have to be given back to a slot by the cancel, which
+        -- the reservation model (one row) does not do.
+        IF nslots > 0 THEN
+            RAISE EXCEPTION USING ERRCODE = '0A000',
+                MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', tcc_stock_try.sku_id),
+                DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
+                HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'CB001',
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', tcc_stock_try.sku_id),
+            DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
+                                       tcc_stock_try.qty, cur);
+    END IF;
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (tcc_stock_try.gid, tcc_stock_try.branch_id, 'stock', tcc_stock_try.sku_id, tcc_stock_try.qty);
+    RETURN outcome;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_coupon_try(gid text, branch_id text, coupon_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome  text;
+BEGIN
+    PERFORM callback_center._require_key(tcc_coupon_try.gid, 'gid');
+    PERFORM callback_center._require_key(tcc_coupon_try.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(tcc_coupon_try.coupon_id, 'coupon_id');
+    outcome := callback_center.barrier(tcc_coupon_try.gid, tcc_coupon_try.branch_id, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    PERFORM callback_center.freeze_coupon(tcc_coupon_try.coupon_id, tcc_coupon_try.gid);
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (tcc_coupon_try.gid, tcc_coupon_try.branch_id, 'coupon', tcc_coupon_try.coupon_id, 1);
+    RETURN outcome;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.saga_start(saga_id text, steps jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    bad     text;
+BEGIN
+    PERFORM callback_center._require_key(saga_start.saga_id, 'saga_id');
+    PERFORM callback_center._require(saga_start.steps, 'steps');
+    IF pg_catalog.jsonb_typeof(saga_start.steps) <> 'array' OR pg_catalog.jsonb_array_length(saga_start.steps) = 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'steps must be a non-empty JSON array',
+            HINT = 'Pass [{"action": "SELECT ...", "compensation": "SELECT ..."}, ...].';
+    END IF;
+    SELECT e::text INTO bad
+      FROM pg_catalog.jsonb_array_elements(saga_start.steps) AS e
+     WHERE pg_catalog.jsonb_typeof(e) <> 'object'
+        OR pg_catalog.jsonb_typeof(e -> 'action') IS DISTINCT FROM 'string'
+        OR pg_catalog.btrim(e ->> 'action') = ''
+        OR pg_catalog.jsonb_typeof(e -> 'compensation') NOT IN ('string', 'null')
+     LIMIT 1;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('invalid saga step: %s', bad),
+            DETAIL = 'Each step needs a non-empty "action" string; "compensation" is a string or null.';
+    END IF;
+    INSERT INTO callback_center.sagas (saga_id, created_by) VALUES (saga_start.saga_id, callback_center._caller());
+    INSERT INTO callback_center.saga_steps (saga_id, step_no, action, compensation)
+    SELECT saga_start.saga_id, e.n::integer, e.v ->> 'action', e.v ->> 'compensation'
+      FROM pg_catalog.jsonb_array_elements(saga_start.steps) WITH ORDINALITY AS e(v, n);
+    RETURN pg_catalog.jsonb_array_length(saga_start.steps);
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center._saga_mark(
+    saga_id text, step_no integer, new_status text, error text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+BEGIN
+    PERFORM callback_center._saga_lock(_saga_mark.saga_id);
+    IF _saga_mark.step_no IS NULL THEN
+        UPDATE callback_center.sagas AS s
+           SET status = _saga_mark.new_status, last_error = COALESCE(_saga_mark.error, s.last_error),
+               updated_at = pg_catalog.now()
+         WHERE s.saga_id = _saga_mark.saga_id
+           AND (s.status, _saga_mark.new_status) IN (('running', 'completed'), ('running', 'compensating'),
+                                        ('compensating', 'compensated'),
+                                        ('compensating', 'compensating'));
+    ELSE
+        UPDATE callback_center.saga_steps AS t
+           SET status = _saga_mark.new_status, error = COALESCE(_saga_mark.error, t.error),
+               updated_at = pg_catalog.now()
+         WHERE t.saga_id = _saga_mark.saga_id AND t.step_no = _saga_mark.step_no
+           AND (t.status, _saga_mark.new_status) IN (('pending', 'done'), ('pending', 'skipped'),
+                                        ('done', 'compensated'), ('done', 'done'),
+                                        ('skipped', 'skipped'));
+    END IF;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '55000',
+            MESSAGE = pg_catalog.format('cannot move saga "%s" step %s to %s',
+                                        _saga_mark.saga_id, COALESCE(_saga_mark.step_no::text, '-'), _saga_mark.new_status);
+    END IF;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.saga_run(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $fn$
+DECLARE
+    st       text;
+    step     record;
+    outcome  text;
+    err      text;
+BEGIN
+    IF saga_run.saga_id IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'saga_id must not be null';
+    END IF;
+    st := callback_center._saga_lock(saga_run.saga_id);
+    -- _saga_lock checked the session's role; this is the role the steps
+    -- would run as (not the same inside another SECURITY DEFINER function).
+    IF NOT EXISTS (SELECT FROM callback_center.sagas AS s
+                    WHERE s.saga_id OPERATOR(pg_catalog.=) saga_run.saga_id
+                      AND s.created_by OPERATOR(pg_catalog.=) current_user::text) THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" does not belong to role "%s"', saga_run.saga_id, current_user),
+            DETAIL = 'A saga''s steps run only as the role that declared it.';
+    END IF;
+    IF st IN ('completed', 'compensated') THEN
+        RETURN st;
+    END IF;
+    IF st = 'running' THEN
+        FOR step IN SELECT t.step_no, t.action FROM callback_center.saga_steps AS t
+                     WHERE t.saga_id = saga_run.saga_id AND t.status = 'pending'
+                     ORDER BY t.step_no
+        LOOP
+            BEGIN
+                outcome := callback_center.barrier(saga_run.saga_id, step.step_no::text, 'try');
+                IF outcome = 'proceed' THEN
+                    EXECUTE step.action USING saga_run.saga_id;
+                ELSIF outcome = 'refused' THEN
+                    RAISE EXCEPTION USING ERRCODE = '55000',
+                        MESSAGE = pg_catalog.format('step %s refused by the barrier', step.step_no),
+                        DETAIL = 'Its compensation already ran.';
+                END IF;
+                PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no, 'done', NULL);
+            EXCEPTION WHEN OTHERS THEN
+                err := pg_catalog.format('step %s: %s: %s', step.step_no, SQLSTATE, SQLERRM);
+                PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no, 'skipped', err);
+                EXIT;
+            END;
+        END LOOP;
+        IF err IS NULL THEN
+            PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'completed', NULL);
+            RETURN 'completed';
+        END IF;
+        PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensating', err);
+    END IF;
+    -- Compensating: from the last step down, each through the barrier.
+    FOR step IN SELECT t.step_no, t.status, t.compensation FROM callback_center.saga_steps AS t
+                 WHERE t.saga_id = saga_run.saga_id AND t.status <> 'compensated'
+                 ORDER BY t.step_no DESC
+    LOOP
+        BEGIN
+            outcome := callback_center.barrier(saga_run.saga_id, step.step_no::text, 'cancel');
+            IF outcome = 'proceed' AND step.compensation IS NOT NULL THEN
+                EXECUTE step.compensation USING saga_run.saga_id;
+            END IF;
+            PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no,
+                CASE WHEN step.status = 'done' THEN 'compensated' ELSE 'skipped' END, NULL);
+        EXCEPTION WHEN OTHERS THEN
+            err := pg_catalog.format('compensation of step %s: %s: %s',
+                                     step.step_no, SQLSTATE, SQLERRM);
+            PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensating', err);
+            RETURN 'compensating';
+        END;
+    END LOOP;
+    PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensated', NULL);
+    RETURN 'compensated';
+END
+$fn$;
+
 -- ------------------------------------------------------------------------
 -- Payment channels, outbound (issue 14, sections 1 and 2): the adapter
 -- layer.  Endpoints get a format (standard_webhooks, wechatpay_v3, alipay,
@@ -7085,8 +8069,8 @@ $$;
 -- the worker makes the event dead with the message: CB070 the provider has
 -- no merchant settings, CB071 the provider's scheme is not the endpoint's
 -- format, CB072 an event type the format does not send.
-CREATE FUNCTION callback_center._adapter_request(p_endpoint_id integer, p_event_type text,
-    p_aggregate_id text, p_payload jsonb)
+CREATE FUNCTION callback_center._adapter_request(endpoint_id integer, event_type text,
+    aggregate_id text, payload jsonb)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
@@ -7094,10 +8078,10 @@ AS $$
 DECLARE
     ep record;
     m callback_center.merchant_settings;
-    v_provider text := p_payload->>'provider';
+    v_provider text := _adapter_request.payload->>'provider';
     v_scheme text;
 BEGIN
-    SELECT e.url, e.format INTO ep FROM callback_center.endpoints e WHERE e.id = p_endpoint_id;
+    SELECT e.url, e.format INTO ep FROM callback_center.endpoints e WHERE e.id = _adapter_request.endpoint_id;
     SELECT p.scheme INTO v_scheme FROM callback_center.providers p WHERE p.name = v_provider;
     SELECT * INTO m FROM callback_center.merchant_settings x WHERE x.provider = v_provider;
     IF NOT FOUND THEN
@@ -7111,11 +8095,11 @@ BEGIN
                              v_provider, v_scheme, ep.format);
     END IF;
     IF ep.format = 'wechatpay_v3' THEN
-        RETURN callback_center._wechatpay_v3_request(ep.url, m, p_event_type, p_payload);
+        RETURN callback_center._wechatpay_v3_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
     ELSIF ep.format = 'alipay' THEN
-        RETURN callback_center._alipay_request(ep.url, m, p_event_type, p_payload);
+        RETURN callback_center._alipay_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
     ELSIF ep.format = 'unionpay' THEN
-        RETURN callback_center._unionpay_request(ep.url, m, p_event_type, p_payload);
+        RETURN callback_center._unionpay_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'CB071',
         MESSAGE = format('endpoint format %s has no adapter', ep.format);
@@ -7123,28 +8107,28 @@ END
 $$;
 
 -- The "unsupported event" error of a format.
-CREATE FUNCTION callback_center._adapter_unsupported(p_format text, p_event_type text)
+CREATE FUNCTION callback_center._adapter_unsupported(format text, event_type text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
     RAISE EXCEPTION USING ERRCODE = 'CB072',
-        MESSAGE = format('event type "%s" cannot be sent to a %s endpoint', p_event_type, p_format),
+        MESSAGE = format('event type "%s" cannot be sent to a %s endpoint', _adapter_unsupported.event_type, _adapter_unsupported.format),
         HINT = 'Provider endpoints take payment.query, payment.close, refund.request and refund.query.';
 END
 $$;
 
 -- WeChat Pay APIv3: JSON over HTTPS, Authorization WECHATPAY2-SHA256-RSA2048
 -- over "METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n" by the merchant key.
-CREATE FUNCTION callback_center._wechatpay_v3_request(p_url text,
-    m callback_center.merchant_settings, p_event_type text, p_payload jsonb)
+CREATE FUNCTION callback_center._wechatpay_v3_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    base text := rtrim(p_url, '/');
+    base text := rtrim(_wechatpay_v3_request.url, '/');
     method text;
     path text;
     body text := '';
@@ -7155,40 +8139,40 @@ DECLARE
     sig text;
     req jsonb;
 BEGIN
-    IF p_event_type = 'payment.query' THEN
+    IF _wechatpay_v3_request.event_type = 'payment.query' THEN
         method := 'GET';
         path := '/v3/pay/transactions/out-trade-no/'
-                || callback_center._url_encode(p_payload->>'order_id')
+                || callback_center._url_encode(_wechatpay_v3_request.payload->>'order_id')
                 || '?mchid=' || callback_center._url_encode(m.merchant_id);
-    ELSIF p_event_type = 'payment.close' THEN
+    ELSIF _wechatpay_v3_request.event_type = 'payment.close' THEN
         method := 'POST';
         path := '/v3/pay/transactions/out-trade-no/'
-                || callback_center._url_encode(p_payload->>'order_id') || '/close';
+                || callback_center._url_encode(_wechatpay_v3_request.payload->>'order_id') || '/close';
         body := jsonb_build_object('mchid', m.merchant_id)::text;
-    ELSIF p_event_type = 'refund.request' THEN
+    ELSIF _wechatpay_v3_request.event_type = 'refund.request' THEN
         method := 'POST';
         path := '/v3/refund/domestic/refunds';
         req := jsonb_build_object(
-            'out_trade_no', p_payload->>'order_id',
-            'out_refund_no', p_payload->>'refund_id',
-            'amount', jsonb_build_object('refund', (p_payload->>'amount_cents')::bigint,
-                                         'total', (p_payload->>'total_cents')::bigint,
-                                         'currency', coalesce(p_payload->>'currency', 'CNY')));
-        IF p_payload->>'provider_txn_id' IS NOT NULL THEN
-            req := req || jsonb_build_object('transaction_id', p_payload->>'provider_txn_id');
+            'out_trade_no', _wechatpay_v3_request.payload->>'order_id',
+            'out_refund_no', _wechatpay_v3_request.payload->>'refund_id',
+            'amount', jsonb_build_object('refund', (_wechatpay_v3_request.payload->>'amount_cents')::bigint,
+                                         'total', (_wechatpay_v3_request.payload->>'total_cents')::bigint,
+                                         'currency', coalesce(_wechatpay_v3_request.payload->>'currency', 'CNY')));
+        IF _wechatpay_v3_request.payload->>'provider_txn_id' IS NOT NULL THEN
+            req := req || jsonb_build_object('transaction_id', _wechatpay_v3_request.payload->>'provider_txn_id');
         END IF;
-        IF p_payload->>'reason' IS NOT NULL THEN
-            req := req || jsonb_build_object('reason', left(p_payload->>'reason', 80));
+        IF _wechatpay_v3_request.payload->>'reason' IS NOT NULL THEN
+            req := req || jsonb_build_object('reason', left(_wechatpay_v3_request.payload->>'reason', 80));
         END IF;
         IF m.options->>'notify_url' IS NOT NULL THEN
             req := req || jsonb_build_object('notify_url', m.options->>'notify_url');
         END IF;
         body := req::text;
-    ELSIF p_event_type = 'refund.query' THEN
+    ELSIF _wechatpay_v3_request.event_type = 'refund.query' THEN
         method := 'GET';
-        path := '/v3/refund/domestic/refunds/' || callback_center._url_encode(p_payload->>'refund_id');
+        path := '/v3/refund/domestic/refunds/' || callback_center._url_encode(_wechatpay_v3_request.payload->>'refund_id');
     ELSE
-        PERFORM callback_center._adapter_unsupported('wechatpay_v3', p_event_type);
+        PERFORM callback_center._adapter_unsupported('wechatpay_v3', _wechatpay_v3_request.event_type);
     END IF;
     full_url := base || path;
     -- The signed path is the request URL's absolute path with its query.
@@ -7209,8 +8193,8 @@ $$;
 -- charset, sign_type RSA2, timestamp (Beijing time), version and
 -- biz_content, signed over "k=v&..." of every non-empty parameter but
 -- sign, sorted by name.
-CREATE FUNCTION callback_center._alipay_request(p_url text,
-    m callback_center.merchant_settings, p_event_type text, p_payload jsonb)
+CREATE FUNCTION callback_center._alipay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
@@ -7222,27 +8206,27 @@ DECLARE
     signed text;
     body text;
 BEGIN
-    IF p_event_type = 'payment.query' THEN
+    IF _alipay_request.event_type = 'payment.query' THEN
         api := 'alipay.trade.query';
-        biz := jsonb_build_object('out_trade_no', p_payload->>'order_id');
-    ELSIF p_event_type = 'payment.close' THEN
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id');
+    ELSIF _alipay_request.event_type = 'payment.close' THEN
         api := 'alipay.trade.close';
-        biz := jsonb_build_object('out_trade_no', p_payload->>'order_id');
-    ELSIF p_event_type = 'refund.request' THEN
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id');
+    ELSIF _alipay_request.event_type = 'refund.request' THEN
         api := 'alipay.trade.refund';
-        biz := jsonb_build_object('out_trade_no', p_payload->>'order_id',
-                                  'out_request_no', p_payload->>'refund_id',
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id',
+                                  'out_request_no', _alipay_request.payload->>'refund_id',
                                   'refund_amount',
-                                  callback_center._yuan((p_payload->>'amount_cents')::bigint));
-        IF p_payload->>'reason' IS NOT NULL THEN
-            biz := biz || jsonb_build_object('refund_reason', left(p_payload->>'reason', 256));
+                                  callback_center._yuan((_alipay_request.payload->>'amount_cents')::bigint));
+        IF _alipay_request.payload->>'reason' IS NOT NULL THEN
+            biz := biz || jsonb_build_object('refund_reason', left(_alipay_request.payload->>'reason', 256));
         END IF;
-    ELSIF p_event_type = 'refund.query' THEN
+    ELSIF _alipay_request.event_type = 'refund.query' THEN
         api := 'alipay.trade.fastpay.refund.query';
-        biz := jsonb_build_object('out_trade_no', p_payload->>'order_id',
-                                  'out_request_no', p_payload->>'refund_id');
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id',
+                                  'out_request_no', _alipay_request.payload->>'refund_id');
     ELSE
-        PERFORM callback_center._adapter_unsupported('alipay', p_event_type);
+        PERFORM callback_center._adapter_unsupported('alipay', _alipay_request.event_type);
     END IF;
     params := jsonb_build_object(
         'app_id', m.merchant_id, 'method', api, 'format', 'JSON', 'charset', 'utf-8',
@@ -7256,7 +8240,7 @@ BEGIN
     SELECT string_agg(p.key || '=' || callback_center._url_encode(p.value #>> '{}'), '&'
                       ORDER BY p.key COLLATE "C")
       INTO body FROM jsonb_each(params) p;
-    RETURN 'POST ' || p_url || E'\n'
+    RETURN 'POST ' || _alipay_request.url || E'\n'
         || E'Content-Type: application/x-www-form-urlencoded;charset=utf-8\n'
         || E'\n' || body;
 END
@@ -7269,14 +8253,14 @@ $$;
 -- /gateway/api/backTransReq.do under the endpoint's URL.  UnionPay has no
 -- close of an unpaid order (an order ends at its payTimeout), so no
 -- payment.close is ever sent to a unionpay endpoint (90_jobs.sql).
-CREATE FUNCTION callback_center._unionpay_request(p_url text,
-    m callback_center.merchant_settings, p_event_type text, p_payload jsonb)
+CREATE FUNCTION callback_center._unionpay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    base text := rtrim(p_url, '/');
+    base text := rtrim(_unionpay_request.url, '/');
     path text;
     f jsonb;
     started timestamptz;
@@ -7286,33 +8270,33 @@ DECLARE
 BEGIN
     f := jsonb_build_object('version', '5.1.0', 'encoding', 'UTF-8', 'signMethod', '01',
                             'certId', m.key_serial, 'merId', m.merchant_id, 'accessType', '0');
-    IF p_event_type = 'payment.query' THEN
+    IF _unionpay_request.event_type = 'payment.query' THEN
         -- The order is named by orderId and the txnTime it was sent with:
         -- the time its payment started (start_payment), in Beijing time.
         SELECT p.updated_at INTO started FROM callback_center.payments p
-         WHERE p.order_id = p_payload->>'order_id';
+         WHERE p.order_id = _unionpay_request.payload->>'order_id';
         path := '/gateway/api/queryTrans.do';
         f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
-                                     'orderId', p_payload->>'order_id',
+                                     'orderId', _unionpay_request.payload->>'order_id',
                                      'txnTime', to_char(coalesce(started, clock_timestamp())
                                                         AT TIME ZONE 'Asia/Shanghai',
                                                         'YYYYMMDDHH24MISS'));
-    ELSIF p_event_type = 'refund.request' THEN
+    ELSIF _unionpay_request.event_type = 'refund.request' THEN
         path := '/gateway/api/backTransReq.do';
         f := f || jsonb_build_object('txnType', '04', 'txnSubType', '00', 'bizType', '000201',
                                      'channelType', '07', 'currencyCode', '156',
-                                     'orderId', p_payload->>'refund_id', 'txnTime', now_bj,
-                                     'origQryId', p_payload->>'provider_txn_id',
-                                     'txnAmt', (p_payload->>'amount_cents')::bigint::text);
+                                     'orderId', _unionpay_request.payload->>'refund_id', 'txnTime', now_bj,
+                                     'origQryId', _unionpay_request.payload->>'provider_txn_id',
+                                     'txnAmt', (_unionpay_request.payload->>'amount_cents')::bigint::text);
         IF m.options->>'back_url' IS NOT NULL THEN
             f := f || jsonb_build_object('backUrl', m.options->>'back_url');
         END IF;
-    ELSIF p_event_type = 'refund.query' THEN
+    ELSIF _unionpay_request.event_type = 'refund.query' THEN
         path := '/gateway/api/queryTrans.do';
         f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
-                                     'orderId', p_payload->>'refund_id', 'txnTime', now_bj);
+                                     'orderId', _unionpay_request.payload->>'refund_id', 'txnTime', now_bj);
     ELSE
-        PERFORM callback_center._adapter_unsupported('unionpay', p_event_type);
+        PERFORM callback_center._adapter_unsupported('unionpay', _unionpay_request.event_type);
     END IF;
     SELECT string_agg(x.key || '=' || (x.value #>> '{}'), '&' ORDER BY x.key COLLATE "C")
       INTO signed FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
@@ -7330,17 +8314,17 @@ $$;
 
 -- The normalized answer for an event type: payment.* {status, ...} with
 -- status error, refund.* the refunds' contract with status unknown.
-CREATE FUNCTION callback_center._adapter_error_answer(p_event_type text, p_payload jsonb,
-    p_error text)
+CREATE FUNCTION callback_center._adapter_error_answer(event_type text, payload jsonb,
+    error text)
 RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
-    SELECT CASE WHEN p_event_type LIKE 'refund.%'
-                THEN jsonb_build_object('refund_id', p_payload->>'refund_id', 'status', 'unknown',
+    SELECT CASE WHEN _adapter_error_answer.event_type LIKE 'refund.%'
+                THEN jsonb_build_object('refund_id', _adapter_error_answer.payload->>'refund_id', 'status', 'unknown',
                                         'provider_refund_id', NULL, 'amount_cents', NULL,
-                                        'error', p_error)
-                ELSE jsonb_build_object('status', 'error', 'error', p_error) END
+                                        'error', _adapter_error_answer.error)
+                ELSE jsonb_build_object('status', 'error', 'error', _adapter_error_answer.error) END
 $$;
 
 -- A WeChat Pay APIv3 answer, normalized (its signature already checked).
@@ -7349,8 +8333,8 @@ $$;
 -- paid); 404 ORDER_NOT_EXIST -> not_found.  payment.close: 204 -> closed.
 -- refund.*: status SUCCESS / PROCESSING / ABNORMAL, CLOSED.  Any other
 -- answer (a 4xx with code and message) -> error.
-CREATE FUNCTION callback_center._wechatpay_v3_answer(p_event_type text, p_payload jsonb,
-    p_status integer, p_body text)
+CREATE FUNCTION callback_center._wechatpay_v3_answer(event_type text, payload jsonb,
+    status integer, body text)
 RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
@@ -7359,19 +8343,19 @@ DECLARE
     j jsonb;
     st text;
 BEGIN
-    IF p_body <> '' THEN
-        j := p_body::jsonb;
+    IF _wechatpay_v3_answer.body <> '' THEN
+        j := _wechatpay_v3_answer.body::jsonb;
     END IF;
-    IF p_status NOT BETWEEN 200 AND 299 THEN
-        IF p_event_type = 'payment.query' AND j->>'code' = 'ORDER_NOT_EXIST' THEN
+    IF _wechatpay_v3_answer.status NOT BETWEEN 200 AND 299 THEN
+        IF _wechatpay_v3_answer.event_type = 'payment.query' AND j->>'code' = 'ORDER_NOT_EXIST' THEN
             RETURN jsonb_build_object('status', 'not_found', 'provider_status', j->>'code');
         END IF;
-        RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
-            format('HTTP %s %s: %s', p_status, j->>'code', j->>'message'));
+        RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+            format('HTTP %s %s: %s', _wechatpay_v3_answer.status, j->>'code', j->>'message'));
     END IF;
-    IF p_event_type = 'payment.query' THEN
-        IF j->>'out_trade_no' IS DISTINCT FROM p_payload->>'order_id' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+    IF _wechatpay_v3_answer.event_type = 'payment.query' THEN
+        IF j->>'out_trade_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
                 format('the answer is about order "%s"', j->>'out_trade_no'));
         END IF;
         st := CASE j->>'trade_state'
@@ -7380,22 +8364,22 @@ BEGIN
                 WHEN 'CLOSED' THEN 'closed' WHEN 'REVOKED' THEN 'closed'
                 WHEN 'PAYERROR' THEN 'failed' END;
         IF st IS NULL THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
                 format('unknown trade_state "%s"', j->>'trade_state'));
         END IF;
         RETURN jsonb_build_object('status', st, 'provider_status', j->>'trade_state',
                                   'txn_id', j->>'transaction_id',
                                   'amount_cents', (j->'amount'->>'total')::bigint,
                                   'currency', j->'amount'->>'currency');
-    ELSIF p_event_type = 'payment.close' THEN
+    ELSIF _wechatpay_v3_answer.event_type = 'payment.close' THEN
         RETURN jsonb_build_object('status', 'closed');
     ELSE
-        IF j->>'out_refund_no' IS DISTINCT FROM p_payload->>'refund_id' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+        IF j->>'out_refund_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'refund_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
                 format('the answer is about refund "%s"', j->>'out_refund_no'));
         END IF;
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
+            'refund_id', _wechatpay_v3_answer.payload->>'refund_id',
             'status', CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
                                         WHEN 'PROCESSING' THEN 'processing'
                                         WHEN 'ABNORMAL' THEN 'failed'
@@ -7412,15 +8396,15 @@ $$;
 -- signed: the JSON object after "node": up to its matching brace (strings
 -- and their escapes skipped), whatever members follow it (sign,
 -- alipay_cert_sn); NULL when the body has no such object.
-CREATE FUNCTION callback_center._alipay_node_text(p_body text, p_node text)
+CREATE FUNCTION callback_center._alipay_node_text(body text, node text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    start integer := strpos(p_body, '"' || p_node || '":');
+    start integer := strpos(_alipay_node_text.body, '"' || _alipay_node_text.node || '":');
     i integer;
-    n integer := length(p_body);
+    n integer := length(_alipay_node_text.body);
     c text;
     depth integer := 0;
     in_string boolean := false;
@@ -7428,16 +8412,16 @@ BEGIN
     IF start = 0 THEN
         RETURN NULL;
     END IF;
-    i := start + length(p_node) + 3;
-    WHILE i <= n AND substr(p_body, i, 1) IN (' ', E'\t', E'\n', E'\r') LOOP
+    i := start + length(_alipay_node_text.node) + 3;
+    WHILE i <= n AND substr(_alipay_node_text.body, i, 1) IN (' ', E'\t', E'\n', E'\r') LOOP
         i := i + 1;
     END LOOP;
-    IF substr(p_body, i, 1) <> '{' THEN
+    IF substr(_alipay_node_text.body, i, 1) <> '{' THEN
         RETURN NULL;
     END IF;
     start := i;
     WHILE i <= n LOOP
-        c := substr(p_body, i, 1);
+        c := substr(_alipay_node_text.body, i, 1);
         IF in_string THEN
             IF c = '\' THEN
                 i := i + 1;
@@ -7451,7 +8435,7 @@ BEGIN
         ELSIF c = '}' THEN
             depth := depth - 1;
             IF depth = 0 THEN
-                RETURN substr(p_body, start, i - start + 1);
+                RETURN substr(_alipay_node_text.body, start, i - start + 1);
             END IF;
         END IF;
         i := i + 1;
@@ -7466,8 +8450,8 @@ $$;
 -- TRADE_FINISHED -> paid, WAIT_BUYER_PAY -> unpaid, TRADE_CLOSED -> closed.
 -- A refund: fund_change Y (or a refund query's refund_status
 -- REFUND_SUCCESS) -> success, else processing.
-CREATE FUNCTION callback_center._alipay_answer(p_event_type text, p_payload jsonb,
-    p_node jsonb)
+CREATE FUNCTION callback_center._alipay_answer(event_type text, payload jsonb,
+    node jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
@@ -7475,47 +8459,47 @@ AS $$
 DECLARE
     st text;
 BEGIN
-    IF p_node->>'code' IS DISTINCT FROM '10000' THEN
-        IF p_event_type = 'payment.query' AND p_node->>'sub_code' = 'ACQ.TRADE_NOT_EXIST' THEN
-            RETURN jsonb_build_object('status', 'not_found', 'provider_status', p_node->>'sub_code');
+    IF _alipay_answer.node->>'code' IS DISTINCT FROM '10000' THEN
+        IF _alipay_answer.event_type = 'payment.query' AND _alipay_answer.node->>'sub_code' = 'ACQ.TRADE_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', _alipay_answer.node->>'sub_code');
         END IF;
-        RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
-            format('%s %s: %s', p_node->>'code', p_node->>'sub_code',
-                   coalesce(p_node->>'sub_msg', p_node->>'msg')));
+        RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+            format('%s %s: %s', _alipay_answer.node->>'code', _alipay_answer.node->>'sub_code',
+                   coalesce(_alipay_answer.node->>'sub_msg', _alipay_answer.node->>'msg')));
     END IF;
-    IF p_event_type = 'payment.query' THEN
-        IF p_node->>'out_trade_no' IS DISTINCT FROM p_payload->>'order_id' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
-                format('the answer is about order "%s"', p_node->>'out_trade_no'));
+    IF _alipay_answer.event_type = 'payment.query' THEN
+        IF _alipay_answer.node->>'out_trade_no' IS DISTINCT FROM _alipay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('the answer is about order "%s"', _alipay_answer.node->>'out_trade_no'));
         END IF;
-        st := CASE p_node->>'trade_status'
+        st := CASE _alipay_answer.node->>'trade_status'
                 WHEN 'TRADE_SUCCESS' THEN 'paid' WHEN 'TRADE_FINISHED' THEN 'paid'
                 WHEN 'WAIT_BUYER_PAY' THEN 'unpaid' WHEN 'TRADE_CLOSED' THEN 'closed' END;
         IF st IS NULL THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
-                format('unknown trade_status "%s"', p_node->>'trade_status'));
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('unknown trade_status "%s"', _alipay_answer.node->>'trade_status'));
         END IF;
-        RETURN jsonb_build_object('status', st, 'provider_status', p_node->>'trade_status',
-                                  'txn_id', p_node->>'trade_no',
+        RETURN jsonb_build_object('status', st, 'provider_status', _alipay_answer.node->>'trade_status',
+                                  'txn_id', _alipay_answer.node->>'trade_no',
                                   'amount_cents',
-                                  round((p_node->>'total_amount')::numeric * 100)::bigint,
+                                  round((_alipay_answer.node->>'total_amount')::numeric * 100)::bigint,
                                   'currency', 'CNY');
-    ELSIF p_event_type = 'payment.close' THEN
+    ELSIF _alipay_answer.event_type = 'payment.close' THEN
         RETURN jsonb_build_object('status', 'closed');
-    ELSIF p_event_type = 'refund.request' THEN
+    ELSIF _alipay_answer.event_type = 'refund.request' THEN
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
-            'status', CASE WHEN p_node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
-            'provider_refund_id', p_node->>'trade_no',
-            'amount_cents', round((p_node->>'refund_fee')::numeric * 100)::bigint,
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
+            'provider_refund_id', _alipay_answer.node->>'trade_no',
+            'amount_cents', round((_alipay_answer.node->>'refund_fee')::numeric * 100)::bigint,
             'error', NULL);
     ELSE
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
-            'status', CASE WHEN p_node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
                            ELSE 'processing' END,
-            'provider_refund_id', p_node->>'trade_no',
-            'amount_cents', round((p_node->>'refund_amount')::numeric * 100)::bigint,
+            'provider_refund_id', _alipay_answer.node->>'trade_no',
+            'amount_cents', round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint,
             'error', NULL);
     END IF;
 END
@@ -7527,7 +8511,7 @@ $$;
 -- (no such transaction) -> not_found.  A refund request: respCode 00 ->
 -- processing (the result comes in the notification).  A refund query:
 -- origRespCode 00 -> success, 03/04/05 -> processing, else failed.
-CREATE FUNCTION callback_center._unionpay_answer(p_event_type text, p_payload jsonb,
+CREATE FUNCTION callback_center._unionpay_answer(event_type text, payload jsonb,
     f jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
@@ -7536,16 +8520,16 @@ AS $$
 DECLARE
     orig text := f->>'origRespCode';
 BEGIN
-    IF p_event_type = 'payment.query' THEN
+    IF _unionpay_answer.event_type = 'payment.query' THEN
         IF f->>'respCode' = '34' THEN
             RETURN jsonb_build_object('status', 'not_found', 'provider_status', '34');
         END IF;
         IF f->>'respCode' IS DISTINCT FROM '00' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
                 format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
         END IF;
-        IF f->>'orderId' IS DISTINCT FROM p_payload->>'order_id' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+        IF f->>'orderId' IS DISTINCT FROM _unionpay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
                 format('the answer is about order "%s"', f->>'orderId'));
         END IF;
         RETURN jsonb_build_object(
@@ -7553,9 +8537,9 @@ BEGIN
                            WHEN orig IN ('03', '04', '05') THEN 'unpaid' ELSE 'failed' END,
             'provider_status', orig, 'txn_id', f->>'queryId',
             'amount_cents', (f->>'txnAmt')::bigint, 'currency', 'CNY');
-    ELSIF p_event_type = 'refund.request' THEN
+    ELSIF _unionpay_answer.event_type = 'refund.request' THEN
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
+            'refund_id', _unionpay_answer.payload->>'refund_id',
             'status', CASE WHEN f->>'respCode' = '00' THEN 'processing' ELSE 'failed' END,
             'provider_refund_id', f->>'queryId',
             'amount_cents', (f->>'txnAmt')::bigint,
@@ -7563,11 +8547,11 @@ BEGIN
                           ELSE format('respCode %s: %s', f->>'respCode', f->>'respMsg') END);
     ELSE
         IF f->>'respCode' IS DISTINCT FROM '00' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
                 format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
         END IF;
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
+            'refund_id', _unionpay_answer.payload->>'refund_id',
             'status', CASE WHEN orig = '00' THEN 'success'
                            WHEN orig IN ('03', '04', '05') THEN 'processing' ELSE 'failed' END,
             'provider_refund_id', f->>'queryId',
@@ -7585,8 +8569,8 @@ $$;
 -- notification an answer need not carry a queryId (respCode 34, no such
 -- transaction, names none).  failure is NULL when it verifies, with
 -- fields every field decoded; else why not.
-CREATE FUNCTION callback_center._unionpay_answer_fields(p_provider text, p_secrets text[],
-    p_body text, OUT failure text, OUT fields jsonb)
+CREATE FUNCTION callback_center._unionpay_answer_fields(provider text, secrets text[],
+    body text, OUT failure text, OUT fields jsonb)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
@@ -7600,7 +8584,7 @@ DECLARE
     chk record;
     content bytea;
 BEGIN
-    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(_unionpay_answer_fields.body) f;
     IF names IS NULL THEN
         failure := 'malformed_body';
         RETURN;
@@ -7615,9 +8599,9 @@ BEGIN
     END IF;
     sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
     SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
-     WHERE pk.provider = p_provider;
+     WHERE pk.provider = _unionpay_answer_fields.provider;
     cert_pem := convert_from(cert, 'UTF8');
-    chk := callback_center._x509_chain_check(cert_pem, coalesce(cas, '{}'), p_secrets);
+    chk := callback_center._x509_chain_check(cert_pem, coalesce(cas, '{}'), _unionpay_answer_fields.secrets);
     IF chk.verdict <> 'ok' THEN
         failure := 'untrusted_key: ' || chk.verdict;
         RETURN;
@@ -7648,8 +8632,8 @@ $$;
 -- the normalized answer; else ok false and error why (the attempt failed:
 -- retried on the schedule, never applied).  headers are the captured
 -- "Name: value" lines.  Never raises.
-CREATE FUNCTION callback_center._adapter_check(p_outbox_id bigint, p_http_status integer,
-    p_headers text, p_body text, OUT ok boolean, OUT answer jsonb, OUT error text)
+CREATE FUNCTION callback_center._adapter_check(outbox_id bigint, http_status integer,
+    headers text, body text, OUT ok boolean, OUT answer jsonb, OUT error text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
@@ -7674,7 +8658,7 @@ BEGIN
     ok := false;
     SELECT o.event_type, o.payload, e.format INTO ob
       FROM callback_center.outbox o JOIN callback_center.endpoints e ON e.id = o.endpoint_id
-     WHERE o.id = p_outbox_id;
+     WHERE o.id = _adapter_check.outbox_id;
     IF NOT FOUND THEN
         error := 'the event or its endpoint is gone';
         RETURN;
@@ -7686,7 +8670,7 @@ BEGIN
     END IF;
     BEGIN
         IF ob.format = 'wechatpay_v3' THEN
-            FOREACH line IN ARRAY string_to_array(coalesce(p_headers, ''), E'\n') LOOP
+            FOREACH line IN ARRAY string_to_array(coalesce(_adapter_check.headers, ''), E'\n') LOOP
                 CONTINUE WHEN strpos(line, ':') = 0;
                 h := h || jsonb_build_object(lower(split_part(line, ':', 1)),
                                              btrim(substr(line, strpos(line, ':') + 1)));
@@ -7711,22 +8695,22 @@ BEGIN
                 RETURN;
             END IF;
             why := callback_center._rsa_sha256_check(key_pem,
-                convert_to(ts || E'\n' || nonce || E'\n' || coalesce(p_body, '') || E'\n', 'UTF8'),
+                convert_to(ts || E'\n' || nonce || E'\n' || coalesce(_adapter_check.body, '') || E'\n', 'UTF8'),
                 decode(sig, 'base64'));
             IF why IS NOT NULL THEN
                 error := 'the response signature does not verify: ' || why;
                 RETURN;
             END IF;
             answer := callback_center._wechatpay_v3_answer(ob.event_type, ob.payload,
-                                                           p_http_status, coalesce(p_body, ''));
+                                                           _adapter_check.http_status, coalesce(_adapter_check.body, ''));
         ELSIF ob.format = 'alipay' THEN
             node := CASE ob.event_type
                 WHEN 'payment.query' THEN 'alipay_trade_query_response'
                 WHEN 'payment.close' THEN 'alipay_trade_close_response'
                 WHEN 'refund.request' THEN 'alipay_trade_refund_response'
                 WHEN 'refund.query' THEN 'alipay_trade_fastpay_refund_query_response' END;
-            parsed := p_body::jsonb;
-            s := callback_center._alipay_node_text(p_body, node);
+            parsed := _adapter_check.body::jsonb;
+            s := callback_center._alipay_node_text(_adapter_check.body, node);
             IF s IS NULL OR parsed->>'sign' IS NULL THEN
                 error := format('the response has no signed %s', node);
                 RETURN;
@@ -7762,7 +8746,7 @@ BEGIN
             END IF;
             answer := callback_center._alipay_answer(ob.event_type, ob.payload, s::jsonb);
         ELSIF ob.format = 'unionpay' THEN
-            up := callback_center._unionpay_answer_fields(pr.name, pr.secrets, coalesce(p_body, ''));
+            up := callback_center._unionpay_answer_fields(pr.name, pr.secrets, coalesce(_adapter_check.body, ''));
             IF up.failure IS NOT NULL THEN
                 error := 'the response does not verify: ' || up.failure;
                 RETURN;

@@ -12,11 +12,13 @@ provider's format.
 
 How the request reaches SQL without being interpolated into it: psql reads
 a fixed script on its standard input; the provider name, the headers (as a
-JSON object) and the body travel in environment variables, which the script
-loads with \\getenv (psql 15) and passes as :'provider', :'headers' and
-:'body'.  psql quotes a :'variable' as a literal itself (the rules of
-PQescapeLiteral), so no byte of the request is ever SQL text we built, and
-nothing of it appears on a command line (ps).  The answer comes back as one
+JSON object) and the body (in hex, so that any bytes travel: an Alipay form
+in GBK need not be valid text) travel in environment variables, which the
+script loads with \\getenv (psql 15) and passes as :'provider', :'headers'
+and decode(:'body', 'hex'), the bytea overload of payment_callback.  psql
+quotes a :'variable' as a literal itself (the rules of PQescapeLiteral),
+so no byte of the request is ever SQL text we built, and nothing of it
+appears on a command line (ps).  The answer comes back as one
 line, "status|hex of body", so that no body can be mistaken for the
 separator.  With psycopg 3 or any driver that binds parameters, the same is
 one call: cursor.execute(SQL, (provider, headers, body)).
@@ -42,14 +44,15 @@ SCRIPT = r"""\set ON_ERROR_STOP on
 \getenv headers CC_HEADERS
 \getenv body CC_BODY
 SELECT http_status || '|' || encode(convert_to(response_body, 'UTF8'), 'hex')
-  FROM callback_center.payment_callback(:'provider', :'headers'::jsonb, :'body');
+  FROM callback_center.payment_callback(:'provider', :'headers'::jsonb, decode(:'body', 'hex'));
 """
 
 
 def payment_callback(psql, provider, headers, body):
-    """(status, body text) of callback_center.payment_callback, or None."""
+    """(status, body text) of callback_center.payment_callback for the body
+    bytes, or None."""
     env = dict(os.environ, CC_PROVIDER=provider,
-               CC_HEADERS=json.dumps(headers), CC_BODY=body)
+               CC_HEADERS=json.dumps(headers), CC_BODY=body.hex())
     done = subprocess.run([psql, "-X", "-q", "-A", "-t", "-f", "-"],
                           input=SCRIPT, env=env, capture_output=True,
                           text=True, timeout=30)
@@ -89,14 +92,9 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(411, "length required")
         if length < 0 or length > MAX_BODY:
             return self.answer(413, "body too large")
-        raw = self.rfile.read(length)
-        try:
-            body = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            return self.answer(400, "body is not UTF-8")
-        if "\x00" in body:
-            # PostgreSQL text cannot hold it (nor can an environment variable).
-            return self.answer(400, "body contains NUL")
+        # The bytes as posted: the database decodes them per the provider's
+        # format and answers what it cannot read.
+        body = self.rfile.read(length)
         # One value per header name, repeats joined as HTTP allows; the
         # database refuses what it cannot read.
         headers = {}

@@ -357,6 +357,24 @@ SELECT status, outcome, error FROM callback_center.payment_queries WHERE order_i
 SELECT * FROM jb_state('jb-h2');
 
 -- ------------------------------------------------------------------------
+-- 4c. A query goes through the outbox's writer: to an ordered query
+-- endpoint it takes the aggregate's ordering lock, as enqueue does.
+-- ------------------------------------------------------------------------
+BEGIN;
+SELECT callback_center.create_endpoint('jb-query-ord', 'https://127.0.0.1:9/query',
+    '{payment.query}', NULL, '{"ordered": true}') > 0 AS ordered_query;
+SELECT callback_center.set_provider_query_endpoint('jb-pay', 'jb-query-ord');
+SELECT order_id, status FROM callback_center.place_order('jb-o1', 'uo1', '[{"sku":"jb-C","qty":1}]', 900,
+    NULL, 'jb-pay');
+SELECT callback_center.start_payment('jb-o1', 'jb-pay');
+SELECT count(*) AS ordering_locks_before FROM pg_locks
+ WHERE locktype = 'advisory' AND classid = 1667460978 AND pid = pg_backend_pid();
+SELECT callback_center.query_stuck_payments(10, '0 s', '0 s') > 0 AS sent;
+SELECT count(*) > 0 AS ordering_lock FROM pg_locks
+ WHERE locktype = 'advisory' AND classid = 1667460978 AND pid = pg_backend_pid();
+ROLLBACK;
+
+-- ------------------------------------------------------------------------
 -- 5. Privileges: the jobs are for admins.
 -- ------------------------------------------------------------------------
 SELECT p.proname, has_function_privilege('callback_center_app', p.oid, 'EXECUTE') AS app,

@@ -161,6 +161,18 @@ SELECT * FROM callback_center.reconcile('pc-acme', '2026-02-02') WHERE count > 0
 SELECT kind, provider_amount, local_amount, resolution FROM callback_center.recon_diffs
  WHERE channel = 'pc-acme' AND provider_txn_id = 'acme-21';
 SELECT pc_state('pc-21') AS still_paying;
+-- A success refused for its currency whose statement line has the amount:
+-- the line says its currency, and the one rule keeps it from being applied.
+SELECT pc_place('pc-22', 1000) AS placed, callback_center.start_payment('pc-22', 'pc-acme') AS payment;
+SELECT pc_body('payment.succeeded', 'acme-22', 'pc-22', 1000, 'USD') AS b \gset
+SELECT http_status, is_first, outcome FROM callback_center.payment_callback('pc-acme', pc_acme(:'b', 'pc-m22'), :'b');
+INSERT INTO callback_center.provider_statement (channel, bill_date, provider_txn_id, order_id,
+                                                amount_cents, status, currency)
+VALUES ('pc-acme', '2026-02-04', 'acme-22', 'pc-22', 1000, 'success', 'USD');
+SELECT * FROM callback_center.reconcile('pc-acme', '2026-02-04') WHERE count > 0;
+SELECT kind, resolution, note FROM callback_center.recon_diffs
+ WHERE channel = 'pc-acme' AND provider_txn_id = 'acme-22';
+SELECT pc_state('pc-22') AS still_paying;
 
 -- ------------------------------------------------------------------------
 -- 3. A coupon is used only by its owner.

@@ -3,7 +3,7 @@
  * callbacks.c
  *		Inbound callbacks: idempotent recording (record_callback) and the SQL
  *		face of webhook signatures (verify_signature, sign_webhook,
- *		sign_stripe, new_webhook_secret).
+ *		sign_stripe) and secrets (new_webhook_secret, _new_endpoint_secret).
  *
  * record_callback is the hot path: one prepared INSERT ... ON CONFLICT DO
  * NOTHING for a first delivery, and a second statement, with a fresh
@@ -56,9 +56,6 @@ int			cc_callback_max_retries = 5;
  */
 #define CC_MAX_KEY_BYTES 200
 #define CC_MAX_PROVIDER_BYTES 63
-
-/* Random bytes in a new whsec_ secret (32 base64 characters). */
-#define WEBHOOK_SECRET_BYTES 24
 
 /* The statements, prepared once per backend (spi.h). */
 typedef enum CallbackPlanId
@@ -131,6 +128,7 @@ PG_FUNCTION_INFO_V1(cc_verify_signature);
 PG_FUNCTION_INFO_V1(cc_sign_webhook_sql);
 PG_FUNCTION_INFO_V1(cc_sign_stripe_sql);
 PG_FUNCTION_INFO_V1(cc_new_webhook_secret);
+PG_FUNCTION_INFO_V1(cc_new_endpoint_secret);
 
 /*
  * Defines the settings of inbound callbacks and signatures.  Called from
@@ -536,8 +534,8 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 		char	   *msg_id = require_header(headers, "webhook-id");
 		char	   *ts_text = require_header(headers, "webhook-timestamp");
 		char	   *sig = require_header(headers, "webhook-signature");
-		const char *parts[5];
-		size_t		lens[5];
+		const char *parts[CC_WEBHOOK_PARTS];
+		size_t		lens[CC_WEBHOOK_PARTS];
 		bytea	   *content;
 
 		if (!cc_parse_int64(ts_text, strlen(ts_text), &hdr.timestamp))
@@ -552,17 +550,10 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 					 errdetail_internal("%s", why)));
 		check_tolerance(hdr.timestamp, tolerance);
 
-		parts[0] = msg_id;
-		lens[0] = strlen(msg_id);
-		parts[1] = ".";
-		lens[1] = 1;
-		parts[2] = ts_text;
-		lens[2] = strlen(ts_text);
-		parts[3] = ".";
-		lens[3] = 1;
-		parts[4] = VARDATA_ANY(body);
-		lens[4] = VARSIZE_ANY_EXHDR(body);
-		content = concat_bytea(parts, lens, 5);
+		cc_webhook_signed_content(msg_id, ts_text, strlen(ts_text),
+								  VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
+								  parts, lens);
+		content = concat_bytea(parts, lens, CC_WEBHOOK_PARTS);
 
 		for (i = 0; i < nsecrets; i++)
 		{
@@ -583,8 +574,8 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 	else if (strcmp(scheme, "stripe") == 0)
 	{
 		char	   *sig = require_header(headers, "stripe-signature");
-		const char *parts[3];
-		size_t		lens[3];
+		const char *parts[CC_STRIPE_PARTS];
+		size_t		lens[CC_STRIPE_PARTS];
 		bytea	   *content;
 
 		if (!cc_parse_stripe_signature(sig, &hdr, &why))
@@ -594,13 +585,10 @@ cc_verify_signature(PG_FUNCTION_ARGS)
 					 errdetail_internal("%s", why)));
 		check_tolerance(hdr.timestamp, tolerance);
 
-		parts[0] = hdr.timestamp_text;
-		lens[0] = hdr.timestamp_len;
-		parts[1] = ".";
-		lens[1] = 1;
-		parts[2] = VARDATA_ANY(body);
-		lens[2] = VARSIZE_ANY_EXHDR(body);
-		content = concat_bytea(parts, lens, 3);
+		cc_stripe_signed_content(hdr.timestamp_text, hdr.timestamp_len,
+								 VARDATA_ANY(body), VARSIZE_ANY_EXHDR(body),
+								 parts, lens);
+		content = concat_bytea(parts, lens, CC_STRIPE_PARTS);
 
 		for (i = 0; i < nsecrets; i++)
 		{
@@ -695,19 +683,22 @@ cc_sign_stripe_sql(PG_FUNCTION_ARGS)
 }
 
 /*
- * callback_center.new_webhook_secret(): a fresh "whsec_" secret of 24
- * bytes from the server's strong random source (the one pgcrypto's
- * gen_random_bytes uses).
+ * callback_center.new_webhook_secret(): a fresh "whsec_" secret of
+ * CC_PROVIDER_SECRET_BYTES random bytes (cc_new_webhook_secret_text).
  */
 Datum
 cc_new_webhook_secret(PG_FUNCTION_ARGS)
 {
-	uint8		buf[WEBHOOK_SECRET_BYTES];
+	PG_RETURN_TEXT_P(cstring_to_text(cc_new_webhook_secret_text(CC_PROVIDER_SECRET_BYTES)));
+}
 
-	if (!pg_strong_random(buf, sizeof(buf)))
-		ereport(ERROR,
-				(errcode(ERRCODE_INTERNAL_ERROR),
-				 errmsg("could not generate random bytes")));
-	PG_RETURN_TEXT_P(cstring_to_text(psprintf("whsec_%s",
-											  cc_base64_encode(buf, sizeof(buf)))));
+/*
+ * callback_center._new_endpoint_secret(): the secret an endpoint gets when
+ * none is given, CC_ENDPOINT_SECRET_BYTES random bytes from the same
+ * generator.
+ */
+Datum
+cc_new_endpoint_secret(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(cc_new_webhook_secret_text(CC_ENDPOINT_SECRET_BYTES)));
 }

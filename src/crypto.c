@@ -236,6 +236,110 @@ done:
 }
 
 /*
+ * Per-backend caches of what reading a certificate costs (UnionPay sends
+ * its signing certificate with every notification; Alipay's certificate
+ * mode checks its loaded certificates at every notification): the parsed
+ * public keys of cc_rsa_sha256_verify and the verdicts of
+ * cc_x509_chain_check, each keyed by the SHA-256 of the bytes it was
+ * computed from, CC_CACHE_SIZE entries each, the least recently used
+ * replaced.  A key or an "ok" verdict is used only within the validity of
+ * its certificates (the chain's latest notBefore to its earliest
+ * notAfter), so that an expiry is never missed; an "expired" verdict is
+ * not kept, the others do not depend on the time.  Only the bytes decide:
+ * a configuration with other certificates is another entry.
+ */
+#define CC_CACHE_SIZE	64
+#define CC_SHA256_BYTES	32
+#define CC_TIME_MAX		((time_t) PG_INT64_MAX)
+
+typedef struct CcCacheEntry
+{
+	unsigned char key[2 * CC_SHA256_BYTES]; /* the input's SHA-256, and
+											 * the trust configuration's */
+	bool		used;
+	uint64		last_use;		/* for replacing the least recently used */
+	time_t		valid_from;		/* used only from ... */
+	time_t		valid_until;	/* ... until */
+	EVP_PKEY   *pkey;			/* key cache: the key, owned */
+	CcChainResult verdict;		/* chain cache: the verdict ... */
+	const char *why;			/* ... and its reason */
+} CcCacheEntry;
+
+static CcCacheEntry key_cache[CC_CACHE_SIZE];
+static CcCacheEntry chain_cache[CC_CACHE_SIZE];
+static uint64 cache_clock;
+
+/*
+ * Adds len bytes of data, preceded by their length, to the digest (so that
+ * a list of inputs hashes differently from their concatenation).
+ */
+static bool
+digest_part(EVP_MD_CTX *ctx, const void *data, size_t len)
+{
+	uint64		n = len;
+
+	return EVP_DigestUpdate(ctx, &n, sizeof(n)) == 1 &&
+		EVP_DigestUpdate(ctx, data, len) == 1;
+}
+
+/*
+ * The entry of cache whose key is key and that may be used at now, or
+ * NULL.
+ */
+static CcCacheEntry *
+cache_lookup(CcCacheEntry *cache, const unsigned char *key, time_t now)
+{
+	int			i;
+
+	for (i = 0; i < CC_CACHE_SIZE; i++)
+	{
+		CcCacheEntry *e = &cache[i];
+
+		if (e->used && memcmp(e->key, key, sizeof(e->key)) == 0 &&
+			now >= e->valid_from && now <= e->valid_until)
+		{
+			e->last_use = ++cache_clock;
+			return e;
+		}
+	}
+	return NULL;
+}
+
+/*
+ * A free entry of cache, or the least recently used one emptied, filled
+ * with key and its validity; the caller sets the rest.
+ */
+static CcCacheEntry *
+cache_insert(CcCacheEntry *cache, const unsigned char *key,
+			 time_t valid_from, time_t valid_until)
+{
+	CcCacheEntry *victim = &cache[0];
+	int			i;
+
+	for (i = 0; i < CC_CACHE_SIZE; i++)
+	{
+		CcCacheEntry *e = &cache[i];
+
+		/* an entry for the same key (no longer valid) is replaced */
+		if (!e->used || memcmp(e->key, key, sizeof(e->key)) == 0)
+		{
+			victim = e;
+			break;
+		}
+		if (e->last_use < victim->last_use)
+			victim = e;
+	}
+	EVP_PKEY_free(victim->pkey);
+	memset(victim, 0, sizeof(*victim));
+	memcpy(victim->key, key, sizeof(victim->key));
+	victim->used = true;
+	victim->last_use = ++cache_clock;
+	victim->valid_from = valid_from;
+	victim->valid_until = valid_until;
+	return victim;
+}
+
+/*
  * True when pem holds a usable RSA public key (see load_public_key), with
  * what it is in *info; false with *why set otherwise.
  */
@@ -253,8 +357,8 @@ cc_key_inspect(const char *pem, size_t len, bool check_validity,
 
 /*
  * Whether sig is an RSASSA-PKCS1-v1_5 SHA-256 signature of data by the key
- * of pem (a public key, or a certificate valid now).  CC_VERIFY_BAD_KEY,
- * with *why, when the key cannot be used at all.
+ * of pem (a public key, or a certificate valid now), read through the key
+ * cache.  CC_VERIFY_BAD_KEY, with *why, when the key cannot be used at all.
  */
 CcVerifyResult
 cc_rsa_sha256_verify(const char *pem, size_t pemlen,
@@ -265,17 +369,41 @@ cc_rsa_sha256_verify(const char *pem, size_t pemlen,
 	CcKeyInfo	info;
 	EVP_PKEY   *pkey;
 	EVP_MD_CTX *ctx;
+	unsigned char key[2 * CC_SHA256_BYTES] = {0};
+	bool		keyed;
+	bool		owned = false;
+	CcCacheEntry *e = NULL;
 	int			rc = 0;
 
-	pkey = load_public_key(pem, pemlen, true, &info, why);
-	if (pkey == NULL)
-		return CC_VERIFY_BAD_KEY;
+	*why = NULL;
+	keyed = EVP_Digest(pem, pemlen, key, NULL, EVP_sha256(), NULL) == 1;
+	if (keyed)
+		e = cache_lookup(key_cache, key, time(NULL));
+	if (e != NULL)
+		pkey = e->pkey;
+	else
+	{
+		pkey = load_public_key(pem, pemlen, true, &info, why);
+		if (pkey == NULL)
+			return CC_VERIFY_BAD_KEY;
+		if (keyed)
+		{
+			/* a certificate's key only while the certificate is valid */
+			e = cache_insert(key_cache, key,
+							 info.kind == CC_KEY_CERTIFICATE ? info.not_before : 0,
+							 info.kind == CC_KEY_CERTIFICATE ? info.not_after : CC_TIME_MAX);
+			e->pkey = pkey;
+		}
+		else
+			owned = true;
+	}
 	ctx = EVP_MD_CTX_new();
 	if (ctx != NULL &&
 		EVP_DigestVerifyInit(ctx, NULL, EVP_sha256(), NULL, pkey) == 1)
 		rc = EVP_DigestVerify(ctx, sig, siglen, data, datalen);
 	EVP_MD_CTX_free(ctx);
-	EVP_PKEY_free(pkey);
+	if (owned)
+		EVP_PKEY_free(pkey);
 	ERR_clear_error();
 	return rc == 1 ? CC_VERIFY_OK : CC_VERIFY_BAD_SIGNATURE;
 }
@@ -369,13 +497,15 @@ subject_names(X509 *cert, const char *const *names, int nnames)
  * CC_RSA_MIN_BITS that chains through the intermediates to a root, every
  * certificate of the chain valid now, and (when nnames > 0) whose subject
  * names one of names (see subject_names).  Otherwise the failure, with *why.
- * Revocation is not checked (the acp SDK does not either).
+ * Revocation is not checked (the acp SDK does not either).  For CC_CHAIN_OK,
+ * narrows [*valid_from, *valid_until] to the validity of the chain.
  */
-CcChainResult
-cc_x509_chain_check(const char *pem, size_t len,
-					const char *const *cas, int ncas,
-					const char *const *names, int nnames,
-					const char **why)
+static CcChainResult
+chain_check_uncached(const char *pem, size_t len,
+					 const char *const *cas, int ncas,
+					 const char *const *names, int nnames,
+					 time_t *valid_from, time_t *valid_until,
+					 const char **why)
 {
 	X509	   *leaf;
 	X509_STORE *store = NULL;
@@ -457,6 +587,22 @@ cc_x509_chain_check(const char *pem, size_t len,
 		goto done;
 	}
 	result = CC_CHAIN_OK;
+	/* the chain holds while every certificate of it is valid */
+	{
+		STACK_OF(X509) *chain = X509_STORE_CTX_get0_chain(ctx);
+
+		for (i = 0; i < sk_X509_num(chain); i++)
+		{
+			X509	   *c = sk_X509_value(chain, i);
+			time_t		nb = asn1_time_to_time_t(X509_get0_notBefore(c));
+			time_t		na = asn1_time_to_time_t(X509_get0_notAfter(c));
+
+			if (nb > *valid_from)
+				*valid_from = nb;
+			if (na < *valid_until)
+				*valid_until = na;
+		}
+	}
 
 done:
 	X509_STORE_CTX_free(ctx);
@@ -464,6 +610,62 @@ done:
 	X509_STORE_free(store);
 	X509_free(leaf);
 	ERR_clear_error();
+	return result;
+}
+
+/*
+ * Checks the certificate of pem against a trust configuration (see
+ * chain_check_uncached), through the chain cache: the same certificate
+ * under the same certificates and names gets the verdict it got, while it
+ * holds.
+ */
+CcChainResult
+cc_x509_chain_check(const char *pem, size_t len,
+					const char *const *cas, int ncas,
+					const char *const *names, int nnames,
+					const char **why)
+{
+	unsigned char key[2 * CC_SHA256_BYTES];
+	EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+	bool		keyed;
+	time_t		now = time(NULL);
+	time_t		valid_from = 0;
+	time_t		valid_until = CC_TIME_MAX;
+	CcCacheEntry *e;
+	CcChainResult result;
+	int			i;
+
+	keyed = ctx != NULL &&
+		EVP_Digest(pem, len, key, NULL, EVP_sha256(), NULL) == 1 &&
+		EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1;
+	for (i = 0; keyed && i < ncas; i++)
+		keyed = digest_part(ctx, cas[i], strlen(cas[i]));
+	/* then an empty part (no certificate is empty), then the names */
+	keyed = keyed && digest_part(ctx, "", 0);
+	for (i = 0; keyed && i < nnames; i++)
+		keyed = digest_part(ctx, names[i], strlen(names[i]));
+	keyed = keyed && EVP_DigestFinal_ex(ctx, key + CC_SHA256_BYTES, NULL) == 1;
+	EVP_MD_CTX_free(ctx);
+	ERR_clear_error();
+
+	if (keyed && (e = cache_lookup(chain_cache, key, now)) != NULL)
+	{
+		*why = e->why;
+		return e->verdict;
+	}
+	result = chain_check_uncached(pem, len, cas, ncas, names, nnames,
+								  &valid_from, &valid_until, why);
+	if (keyed && result != CC_CHAIN_EXPIRED)
+	{
+		if (result != CC_CHAIN_OK)
+		{
+			valid_from = 0;
+			valid_until = CC_TIME_MAX;
+		}
+		e = cache_insert(chain_cache, key, valid_from, valid_until);
+		e->verdict = result;
+		e->why = *why;
+	}
 	return result;
 }
 

@@ -366,6 +366,46 @@ cc_parse_stripe_signature(const char *header, CcSignatureHeader *out,
 }
 
 /*
+ * The content a Standard Webhooks signature signs, "msg_id.ts.body", as
+ * CC_WEBHOOK_PARTS parts for cc_hmac_sha256 (or to concatenate).  ts is the
+ * timestamp's text: as printed by the signer, as sent to the verifier.
+ * The signer and the verifier both build it here.
+ */
+void
+cc_webhook_signed_content(const char *msg_id, const char *ts, size_t tslen,
+						  const char *body, size_t bodylen,
+						  const char **parts, size_t *lens)
+{
+	parts[0] = msg_id;
+	lens[0] = strlen(msg_id);
+	parts[1] = ".";
+	lens[1] = 1;
+	parts[2] = ts;
+	lens[2] = tslen;
+	parts[3] = ".";
+	lens[3] = 1;
+	parts[4] = body;
+	lens[4] = bodylen;
+}
+
+/*
+ * The content a Stripe signature signs, "ts.body", as CC_STRIPE_PARTS
+ * parts; ts as for cc_webhook_signed_content.
+ */
+void
+cc_stripe_signed_content(const char *ts, size_t tslen,
+						 const char *body, size_t bodylen,
+						 const char **parts, size_t *lens)
+{
+	parts[0] = ts;
+	lens[0] = tslen;
+	parts[1] = ".";
+	lens[1] = 1;
+	parts[2] = body;
+	lens[2] = bodylen;
+}
+
+/*
  * The Standard Webhooks signature header value "v1,<base64>" for body sent
  * as message msg_id at unix time ts, with the decoded secret key.
  */
@@ -374,22 +414,14 @@ cc_sign_webhook(const uint8 *key, size_t keylen, const char *msg_id,
 				int64 ts, const char *body, size_t bodylen)
 {
 	char		tsbuf[32];
-	const char *parts[5];
-	size_t		lens[5];
+	const char *parts[CC_WEBHOOK_PARTS];
+	size_t		lens[CC_WEBHOOK_PARTS];
 	uint8		mac[CC_SHA256_LEN];
 
 	snprintf(tsbuf, sizeof(tsbuf), INT64_FORMAT, ts);
-	parts[0] = msg_id;
-	lens[0] = strlen(msg_id);
-	parts[1] = ".";
-	lens[1] = 1;
-	parts[2] = tsbuf;
-	lens[2] = strlen(tsbuf);
-	parts[3] = ".";
-	lens[3] = 1;
-	parts[4] = body;
-	lens[4] = bodylen;
-	cc_hmac_sha256(key, keylen, parts, lens, 5, mac);
+	cc_webhook_signed_content(msg_id, tsbuf, strlen(tsbuf), body, bodylen,
+							  parts, lens);
+	cc_hmac_sha256(key, keylen, parts, lens, CC_WEBHOOK_PARTS, mac);
 	return psprintf("v1,%s", cc_base64_encode(mac, CC_SHA256_LEN));
 }
 
@@ -401,18 +433,32 @@ char *
 cc_sign_stripe(const char *secret, int64 ts, const char *body, size_t bodylen)
 {
 	char		tsbuf[32];
-	const char *parts[3];
-	size_t		lens[3];
+	const char *parts[CC_STRIPE_PARTS];
+	size_t		lens[CC_STRIPE_PARTS];
 	uint8		mac[CC_SHA256_LEN];
 
 	snprintf(tsbuf, sizeof(tsbuf), INT64_FORMAT, ts);
-	parts[0] = tsbuf;
-	lens[0] = strlen(tsbuf);
-	parts[1] = ".";
-	lens[1] = 1;
-	parts[2] = body;
-	lens[2] = bodylen;
-	cc_hmac_sha256((const uint8 *) secret, strlen(secret), parts, lens, 3,
-				   mac);
+	cc_stripe_signed_content(tsbuf, strlen(tsbuf), body, bodylen, parts, lens);
+	cc_hmac_sha256((const uint8 *) secret, strlen(secret), parts, lens,
+				   CC_STRIPE_PARTS, mac);
 	return psprintf("t=%s,v1=%s", tsbuf, cc_hex_encode(mac, CC_SHA256_LEN));
+}
+
+/*
+ * A new Standard Webhooks secret: "whsec_" and the base64 of nbytes bytes
+ * from the server's strong random source (the one pgcrypto's
+ * gen_random_bytes uses).  Every secret the extension generates, for
+ * endpoints and providers, comes from here.
+ */
+char *
+cc_new_webhook_secret_text(int nbytes)
+{
+	uint8		buf[CC_MAX_SECRET_BYTES];
+
+	Assert(nbytes > 0 && nbytes <= CC_MAX_SECRET_BYTES);
+	if (!pg_strong_random(buf, nbytes))
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not generate random bytes")));
+	return psprintf(WEBHOOK_SECRET_PREFIX "%s", cc_base64_encode(buf, nbytes));
 }

@@ -14,6 +14,15 @@
 
 #define CC_SHA256_LEN		32
 
+/* Parts of the content a Standard Webhooks / Stripe signature signs. */
+#define CC_WEBHOOK_PARTS	5
+#define CC_STRIPE_PARTS		3
+
+/* The bytes of a generated secret: endpoints' and providers'. */
+#define CC_ENDPOINT_SECRET_BYTES	32
+#define CC_PROVIDER_SECRET_BYTES	24
+#define CC_MAX_SECRET_BYTES			64
+
 /* Most v1 signatures one header may carry; more is called malformed. */
 #define CC_MAX_SIGNATURES	16
 
@@ -51,10 +60,18 @@ extern bool cc_parse_stripe_signature(const char *header,
 									  CcSignatureHeader *out,
 									  const char **why);
 
+extern void cc_webhook_signed_content(const char *msg_id,
+									  const char *ts, size_t tslen,
+									  const char *body, size_t bodylen,
+									  const char **parts, size_t *lens);
+extern void cc_stripe_signed_content(const char *ts, size_t tslen,
+									 const char *body, size_t bodylen,
+									 const char **parts, size_t *lens);
 extern char *cc_sign_webhook(const uint8 *key, size_t keylen,
 							 const char *msg_id, int64 ts,
 							 const char *body, size_t bodylen);
 extern char *cc_sign_stripe(const char *secret, int64 ts,
 							const char *body, size_t bodylen);
+extern char *cc_new_webhook_secret_text(int nbytes);
 
 #endif							/* CC_SIGNATURE_H */

@@ -73,12 +73,22 @@ GRANT EXECUTE ON FUNCTION callback_center.worker_status()
     TO callback_center_admin, callback_center_app;
 GRANT EXECUTE ON FUNCTION callback_center.wake() TO callback_center_admin, callback_center_app;
 
+-- Names in function bodies.  A parameter keeps the name the API documents,
+-- even when a column has the same name; the body then names the parameter
+-- qualified by its function (create_endpoint.name) and every column by its
+-- table or alias (e.name), so that no reference is ambiguous.  No p_
+-- prefixes, ALIAS FOR or #variable_conflict in new code; the functions that
+-- still have them (public parameters cannot be renamed: named-argument
+-- callers use them) are listed in doc/conventions.md.
+
 -- Argument checks shared by every SQL function of the API: the one NULL
 -- check (22004, naming the argument) and the one key check.  Keys (order,
 -- user, coupon, SKU, callback, transaction, TCC and saga ids) are at most
 -- 200 bytes and provider names at most 63: a longer one is 22023 with its
 -- length, never a 54000 from a btree index nor a megabyte echoed into a
--- message and the server log.
+-- message and the server log.  Several arguments under one message pass
+-- num_nulls(a, b) = 0 OR NULL, an array's elements
+-- array_position(arr, NULL) IS NULL OR NULL: NULL exactly when one is.
 CREATE FUNCTION callback_center._require(value anyelement, name text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE

@@ -222,6 +222,14 @@ AS 'MODULE_PATHNAME', 'cc_check_url'
 LANGUAGE C STABLE;
 REVOKE ALL ON FUNCTION callback_center._check_url(text) FROM PUBLIC;
 
+-- A new endpoint secret: whsec_ and 32 random bytes in base64, from the
+-- generator of every secret (src/signature.c, as new_webhook_secret).
+CREATE FUNCTION callback_center._new_endpoint_secret()
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_new_endpoint_secret'
+LANGUAGE C VOLATILE;
+REVOKE ALL ON FUNCTION callback_center._new_endpoint_secret() FROM PUBLIC;
+
 -- Returns secret when it is a Standard Webhooks secret (whsec_ and the
 -- base64 of 24 to 64 bytes), or a new random one when secret is NULL.
 CREATE FUNCTION callback_center._check_secret(secret text)
@@ -230,16 +238,10 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    crypto_schema name;
     raw bytea;
 BEGIN
     IF secret IS NULL THEN
-        -- pgcrypto is relocatable: find where it lives.
-        SELECT n.nspname INTO crypto_schema
-          FROM pg_extension x JOIN pg_namespace n ON n.oid = x.extnamespace
-         WHERE x.extname = 'pgcrypto';
-        EXECUTE format('SELECT %I.gen_random_bytes(32)', crypto_schema) INTO raw;
-        RETURN 'whsec_' || encode(raw, 'base64');
+        RETURN callback_center._new_endpoint_secret();
     END IF;
     IF secret !~ '^whsec_[A-Za-z0-9+/]+={0,2}$' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',

@@ -85,7 +85,7 @@ GRANT SELECT ON callback_center.stock_slots, callback_center.stock_levels
 -- locked, spread evenly over its slots (the first total % n slots get one
 -- more).  The slots are locked in slot order first, the order every
 -- blocking lock on them follows (src/stock.c), before any is changed.
-CREATE FUNCTION callback_center._stock_spread(p_sku text, p_total bigint)
+CREATE FUNCTION callback_center._stock_spread(sku_id text, total bigint)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
@@ -94,25 +94,25 @@ DECLARE
     n integer;
 BEGIN
     PERFORM 1 FROM callback_center.stock_slots AS t
-      WHERE t.sku_id = p_sku ORDER BY t.slot FOR UPDATE;
-    SELECT count(*) INTO n FROM callback_center.stock_slots AS t WHERE t.sku_id = p_sku;
+      WHERE t.sku_id = _stock_spread.sku_id ORDER BY t.slot FOR UPDATE;
+    SELECT count(*) INTO n FROM callback_center.stock_slots AS t WHERE t.sku_id = _stock_spread.sku_id;
     UPDATE callback_center.stock_slots AS t
-       SET available = p_total / n + CASE WHEN t.slot < p_total % n THEN 1 ELSE 0 END
-     WHERE t.sku_id = p_sku;
+       SET available = _stock_spread.total / n + CASE WHEN t.slot < _stock_spread.total % n THEN 1 ELSE 0 END
+     WHERE t.sku_id = _stock_spread.sku_id;
 END
 $fn$;
 
 REVOKE ALL ON FUNCTION callback_center._stock_spread(text, bigint) FROM PUBLIC;
 
 -- Internal: the units of a hot SKU's slots, locked in slot order.
-CREATE FUNCTION callback_center._stock_lock_slots(p_sku text)
+CREATE FUNCTION callback_center._stock_lock_slots(sku_id text)
 RETURNS bigint
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $fn$
     SELECT COALESCE(sum(l.available), 0)::bigint
       FROM (SELECT t.available FROM callback_center.stock_slots AS t
-             WHERE t.sku_id = p_sku ORDER BY t.slot FOR UPDATE) AS l
+             WHERE t.sku_id = _stock_lock_slots.sku_id ORDER BY t.slot FOR UPDATE) AS l
 $fn$;
 
 REVOKE ALL ON FUNCTION callback_center._stock_lock_slots(text) FROM PUBLIC;
@@ -126,36 +126,33 @@ RETURNS callback_center.stock
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-#variable_conflict use_column
 DECLARE
     result callback_center.stock;
-    p_sku  ALIAS FOR $1;
-    p_avail ALIAS FOR $2;
     n      integer;
 BEGIN
-    PERFORM callback_center._require_key(p_sku, 'sku_id');
-    PERFORM callback_center._require(p_avail, 'available');
-    IF p_avail < 0 THEN
+    PERFORM callback_center._require_key(set_stock.sku_id, 'sku_id');
+    PERFORM callback_center._require(set_stock.available, 'available');
+    IF set_stock.available < 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = pg_catalog.format('available must not be negative: %s', p_avail),
-            DETAIL = pg_catalog.format('SKU "%s" was given %s units.', p_sku, p_avail);
+            MESSAGE = pg_catalog.format('available must not be negative: %s', set_stock.available),
+            DETAIL = pg_catalog.format('SKU "%s" was given %s units.', set_stock.sku_id, set_stock.available);
     END IF;
     LOOP
         SELECT s.slots INTO n FROM callback_center.stock AS s
-         WHERE s.sku_id = p_sku FOR UPDATE;
+         WHERE s.sku_id = set_stock.sku_id FOR UPDATE;
         IF n > 0 THEN
             -- A hot SKU: the units go to its slots, evenly.
-            PERFORM callback_center._stock_spread(p_sku, p_avail);
+            PERFORM callback_center._stock_spread(set_stock.sku_id, set_stock.available);
             UPDATE callback_center.stock AS s
                SET version = s.version + 1, updated_at = pg_catalog.now()
-             WHERE s.sku_id = p_sku
+             WHERE s.sku_id = set_stock.sku_id
             RETURNING s.* INTO result;
-            result.available := p_avail;
+            result.available := set_stock.available;
             RETURN result;
         END IF;
         -- The WHERE skips a row made hot since the SELECT found none.
         INSERT INTO callback_center.stock AS s (sku_id, available, updated_at)
-        VALUES (p_sku, p_avail, pg_catalog.now())
+        VALUES (set_stock.sku_id, set_stock.available, pg_catalog.now())
         ON CONFLICT ON CONSTRAINT stock_pkey DO UPDATE
             SET available = EXCLUDED.available,
                 version = s.version + 1,
@@ -181,48 +178,45 @@ RETURNS callback_center.stock
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-#variable_conflict use_column
 DECLARE
     result callback_center.stock;
-    p_sku   ALIAS FOR $1;
-    p_delta ALIAS FOR $2;
     cur     bigint;
     n       integer;
 BEGIN
-    PERFORM callback_center._require(p_sku, 'sku_id');
-    PERFORM callback_center._require(p_delta, 'delta');
+    PERFORM callback_center._require(adjust_stock.sku_id, 'sku_id');
+    PERFORM callback_center._require(adjust_stock.delta, 'delta');
     SELECT s.available, s.slots INTO cur, n FROM callback_center.stock AS s
-     WHERE s.sku_id = p_sku FOR UPDATE;
+     WHERE s.sku_id = adjust_stock.sku_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB004',
-            MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
+            MESSAGE = pg_catalog.format('unknown SKU "%s"', adjust_stock.sku_id),
             HINT = 'Create it with callback_center.set_stock().';
     END IF;
     IF n > 0 THEN
         -- A hot SKU: the new total is spread over its slots again, so no
         -- slot goes below zero while the total covers the change.
-        cur := cur + callback_center._stock_lock_slots(p_sku);
+        cur := cur + callback_center._stock_lock_slots(adjust_stock.sku_id);
     END IF;
-    IF cur + p_delta < 0 THEN
+    IF cur + adjust_stock.delta < 0 THEN
         RAISE EXCEPTION USING ERRCODE = 'CB001',
-            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', p_sku),
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', adjust_stock.sku_id),
             DETAIL = pg_catalog.format('Adjusting by %s would leave %s units; %s are available.',
-                                       p_delta, cur + p_delta, cur);
+                                       adjust_stock.delta, cur + adjust_stock.delta, cur);
     END IF;
     IF n > 0 THEN
-        PERFORM callback_center._stock_spread(p_sku, cur + p_delta);
+        PERFORM callback_center._stock_spread(adjust_stock.sku_id, cur + adjust_stock.delta);
         UPDATE callback_center.stock AS s
            SET available = 0, version = s.version + 1, updated_at = pg_catalog.now()
-         WHERE s.sku_id = p_sku
+         WHERE s.sku_id = adjust_stock.sku_id
         RETURNING s.* INTO result;
-        result.available := cur + p_delta;
+        result.available := cur + adjust_stock.delta;
         RETURN result;
     END IF;
     UPDATE callback_center.stock AS s
-       SET available = s.available + p_delta,
+       SET available = s.available + adjust_stock.delta,
            version = s.version + 1,
            updated_at = pg_catalog.now()
-     WHERE s.sku_id = p_sku
+     WHERE s.sku_id = adjust_stock.sku_id
     RETURNING s.* INTO result;
     RETURN result;
 END
@@ -243,46 +237,43 @@ RETURNS callback_center.stock
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-#variable_conflict use_column
 DECLARE
     result  callback_center.stock;
-    p_sku   ALIAS FOR $1;
-    p_slots ALIAS FOR $2;
     cur     callback_center.stock;
     total   bigint;
 BEGIN
-    PERFORM callback_center._require(p_sku, 'sku_id');
-    PERFORM callback_center._require(p_slots, 'slots');
-    IF p_slots < 1 OR p_slots > 256 THEN
+    PERFORM callback_center._require(set_hot_sku.sku_id, 'sku_id');
+    PERFORM callback_center._require(set_hot_sku.slots, 'slots');
+    IF set_hot_sku.slots < 1 OR set_hot_sku.slots > 256 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = pg_catalog.format('slots must be between 1 and 256: %s', p_slots),
+            MESSAGE = pg_catalog.format('slots must be between 1 and 256: %s', set_hot_sku.slots),
             HINT = 'Use 2 to 256 slots to make a SKU hot, 1 to make it normal again.';
     END IF;
-    SELECT s.* INTO cur FROM callback_center.stock AS s WHERE s.sku_id = p_sku FOR UPDATE;
+    SELECT s.* INTO cur FROM callback_center.stock AS s WHERE s.sku_id = set_hot_sku.sku_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB004',
-            MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
+            MESSAGE = pg_catalog.format('unknown SKU "%s"', set_hot_sku.sku_id),
             HINT = 'Create it with callback_center.set_stock().';
     END IF;
-    IF p_slots > 1 AND cur.reserved > 0 THEN
+    IF set_hot_sku.slots > 1 AND cur.reserved > 0 THEN
         RAISE EXCEPTION USING ERRCODE = '55000',
-            MESSAGE = pg_catalog.format('SKU "%s" has reserved units', p_sku),
+            MESSAGE = pg_catalog.format('SKU "%s" has reserved units', set_hot_sku.sku_id),
             DETAIL = pg_catalog.format('TCC tries hold %s units of it.', cur.reserved),
             HINT = 'Confirm or cancel its reservations first: a hot SKU cannot be reserved.';
     END IF;
-    total := cur.available + callback_center._stock_lock_slots(p_sku);
-    DELETE FROM callback_center.stock_slots AS t WHERE t.sku_id = p_sku;
-    IF p_slots > 1 THEN
+    total := cur.available + callback_center._stock_lock_slots(set_hot_sku.sku_id);
+    DELETE FROM callback_center.stock_slots AS t WHERE t.sku_id = set_hot_sku.sku_id;
+    IF set_hot_sku.slots > 1 THEN
         INSERT INTO callback_center.stock_slots (sku_id, slot, available)
-        SELECT p_sku, i, 0 FROM pg_catalog.generate_series(0, p_slots - 1) AS i;
-        PERFORM callback_center._stock_spread(p_sku, total);
+        SELECT set_hot_sku.sku_id, i, 0 FROM pg_catalog.generate_series(0, set_hot_sku.slots - 1) AS i;
+        PERFORM callback_center._stock_spread(set_hot_sku.sku_id, total);
     END IF;
     UPDATE callback_center.stock AS s
-       SET available = CASE WHEN p_slots > 1 THEN 0 ELSE total END,
-           slots = CASE WHEN p_slots > 1 THEN p_slots ELSE 0 END,
+       SET available = CASE WHEN set_hot_sku.slots > 1 THEN 0 ELSE total END,
+           slots = CASE WHEN set_hot_sku.slots > 1 THEN set_hot_sku.slots ELSE 0 END,
            version = s.version + 1,
            updated_at = pg_catalog.now()
-     WHERE s.sku_id = p_sku
+     WHERE s.sku_id = set_hot_sku.sku_id
     RETURNING s.* INTO result;
     result.available := total;
     RETURN result;

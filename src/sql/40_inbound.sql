@@ -206,16 +206,16 @@ COMMENT ON FUNCTION callback_center.reclaim_stale_callbacks(interval) IS
 -- A registered provider's name, checked: 22004 NULL, 22023 empty or longer
 -- than 63 bytes, CB033 unknown.  Every function that stores or acts on a
 -- provider name calls it, so no unknown (or megabyte) name is kept.
-CREATE FUNCTION callback_center._require_provider(p_name text)
+CREATE FUNCTION callback_center._require_provider(name text)
 RETURNS void
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    PERFORM callback_center._require_key(p_name, 'provider', 63);
-    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p WHERE p.name = p_name) THEN
+    PERFORM callback_center._require_key(_require_provider.name, 'provider', 63);
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p WHERE p.name = _require_provider.name) THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
-            MESSAGE = format('unknown provider "%s"', p_name),
+            MESSAGE = format('unknown provider "%s"', _require_provider.name),
             HINT = 'An administrator registers providers with callback_center.set_provider().';
     END IF;
 END

@@ -895,7 +895,8 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
+    -- In a fixed order: the certificate cache (crypto.c) is keyed by them.
+    SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
      WHERE pk.provider = p_provider;
     IF cas IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',

@@ -247,8 +247,8 @@ $$;
 -- the worker makes the event dead with the message: CB070 the provider has
 -- no merchant settings, CB071 the provider's scheme is not the endpoint's
 -- format, CB072 an event type the format does not send.
-CREATE FUNCTION callback_center._adapter_request(p_endpoint_id integer, p_event_type text,
-    p_aggregate_id text, p_payload jsonb)
+CREATE FUNCTION callback_center._adapter_request(endpoint_id integer, event_type text,
+    aggregate_id text, payload jsonb)
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
@@ -256,10 +256,10 @@ AS $$
 DECLARE
     ep record;
     m callback_center.merchant_settings;
-    v_provider text := p_payload->>'provider';
+    v_provider text := _adapter_request.payload->>'provider';
     v_scheme text;
 BEGIN
-    SELECT e.url, e.format INTO ep FROM callback_center.endpoints e WHERE e.id = p_endpoint_id;
+    SELECT e.url, e.format INTO ep FROM callback_center.endpoints e WHERE e.id = _adapter_request.endpoint_id;
     SELECT p.scheme INTO v_scheme FROM callback_center.providers p WHERE p.name = v_provider;
     SELECT * INTO m FROM callback_center.merchant_settings x WHERE x.provider = v_provider;
     IF NOT FOUND THEN
@@ -273,11 +273,11 @@ BEGIN
                              v_provider, v_scheme, ep.format);
     END IF;
     IF ep.format = 'wechatpay_v3' THEN
-        RETURN callback_center._wechatpay_v3_request(ep.url, m, p_event_type, p_payload);
+        RETURN callback_center._wechatpay_v3_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
     ELSIF ep.format = 'alipay' THEN
-        RETURN callback_center._alipay_request(ep.url, m, p_event_type, p_payload);
+        RETURN callback_center._alipay_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
     ELSIF ep.format = 'unionpay' THEN
-        RETURN callback_center._unionpay_request(ep.url, m, p_event_type, p_payload);
+        RETURN callback_center._unionpay_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'CB071',
         MESSAGE = format('endpoint format %s has no adapter', ep.format);
@@ -285,28 +285,28 @@ END
 $$;
 
 -- The "unsupported event" error of a format.
-CREATE FUNCTION callback_center._adapter_unsupported(p_format text, p_event_type text)
+CREATE FUNCTION callback_center._adapter_unsupported(format text, event_type text)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
     RAISE EXCEPTION USING ERRCODE = 'CB072',
-        MESSAGE = format('event type "%s" cannot be sent to a %s endpoint', p_event_type, p_format),
+        MESSAGE = format('event type "%s" cannot be sent to a %s endpoint', _adapter_unsupported.event_type, _adapter_unsupported.format),
         HINT = 'Provider endpoints take payment.query, payment.close, refund.request and refund.query.';
 END
 $$;
 
 -- WeChat Pay APIv3: JSON over HTTPS, Authorization WECHATPAY2-SHA256-RSA2048
 -- over "METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n" by the merchant key.
-CREATE FUNCTION callback_center._wechatpay_v3_request(p_url text,
-    m callback_center.merchant_settings, p_event_type text, p_payload jsonb)
+CREATE FUNCTION callback_center._wechatpay_v3_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    base text := rtrim(p_url, '/');
+    base text := rtrim(_wechatpay_v3_request.url, '/');
     method text;
     path text;
     body text := '';
@@ -317,40 +317,40 @@ DECLARE
     sig text;
     req jsonb;
 BEGIN
-    IF p_event_type = 'payment.query' THEN
+    IF _wechatpay_v3_request.event_type = 'payment.query' THEN
         method := 'GET';
         path := '/v3/pay/transactions/out-trade-no/'
-                || callback_center._url_encode(p_payload->>'order_id')
+                || callback_center._url_encode(_wechatpay_v3_request.payload->>'order_id')
                 || '?mchid=' || callback_center._url_encode(m.merchant_id);
-    ELSIF p_event_type = 'payment.close' THEN
+    ELSIF _wechatpay_v3_request.event_type = 'payment.close' THEN
         method := 'POST';
         path := '/v3/pay/transactions/out-trade-no/'
-                || callback_center._url_encode(p_payload->>'order_id') || '/close';
+                || callback_center._url_encode(_wechatpay_v3_request.payload->>'order_id') || '/close';
         body := jsonb_build_object('mchid', m.merchant_id)::text;
-    ELSIF p_event_type = 'refund.request' THEN
+    ELSIF _wechatpay_v3_request.event_type = 'refund.request' THEN
         method := 'POST';
         path := '/v3/refund/domestic/refunds';
         req := jsonb_build_object(
-            'out_trade_no', p_payload->>'order_id',
-            'out_refund_no', p_payload->>'refund_id',
-            'amount', jsonb_build_object('refund', (p_payload->>'amount_cents')::bigint,
-                                         'total', (p_payload->>'total_cents')::bigint,
-                                         'currency', coalesce(p_payload->>'currency', 'CNY')));
-        IF p_payload->>'provider_txn_id' IS NOT NULL THEN
-            req := req || jsonb_build_object('transaction_id', p_payload->>'provider_txn_id');
+            'out_trade_no', _wechatpay_v3_request.payload->>'order_id',
+            'out_refund_no', _wechatpay_v3_request.payload->>'refund_id',
+            'amount', jsonb_build_object('refund', (_wechatpay_v3_request.payload->>'amount_cents')::bigint,
+                                         'total', (_wechatpay_v3_request.payload->>'total_cents')::bigint,
+                                         'currency', coalesce(_wechatpay_v3_request.payload->>'currency', 'CNY')));
+        IF _wechatpay_v3_request.payload->>'provider_txn_id' IS NOT NULL THEN
+            req := req || jsonb_build_object('transaction_id', _wechatpay_v3_request.payload->>'provider_txn_id');
         END IF;
-        IF p_payload->>'reason' IS NOT NULL THEN
-            req := req || jsonb_build_object('reason', left(p_payload->>'reason', 80));
+        IF _wechatpay_v3_request.payload->>'reason' IS NOT NULL THEN
+            req := req || jsonb_build_object('reason', left(_wechatpay_v3_request.payload->>'reason', 80));
         END IF;
         IF m.options->>'notify_url' IS NOT NULL THEN
             req := req || jsonb_build_object('notify_url', m.options->>'notify_url');
         END IF;
         body := req::text;
-    ELSIF p_event_type = 'refund.query' THEN
+    ELSIF _wechatpay_v3_request.event_type = 'refund.query' THEN
         method := 'GET';
-        path := '/v3/refund/domestic/refunds/' || callback_center._url_encode(p_payload->>'refund_id');
+        path := '/v3/refund/domestic/refunds/' || callback_center._url_encode(_wechatpay_v3_request.payload->>'refund_id');
     ELSE
-        PERFORM callback_center._adapter_unsupported('wechatpay_v3', p_event_type);
+        PERFORM callback_center._adapter_unsupported('wechatpay_v3', _wechatpay_v3_request.event_type);
     END IF;
     full_url := base || path;
     -- The signed path is the request URL's absolute path with its query.
@@ -371,8 +371,8 @@ $$;
 -- charset, sign_type RSA2, timestamp (Beijing time), version and
 -- biz_content, signed over "k=v&..." of every non-empty parameter but
 -- sign, sorted by name.
-CREATE FUNCTION callback_center._alipay_request(p_url text,
-    m callback_center.merchant_settings, p_event_type text, p_payload jsonb)
+CREATE FUNCTION callback_center._alipay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
@@ -384,27 +384,27 @@ DECLARE
     signed text;
     body text;
 BEGIN
-    IF p_event_type = 'payment.query' THEN
+    IF _alipay_request.event_type = 'payment.query' THEN
         api := 'alipay.trade.query';
-        biz := jsonb_build_object('out_trade_no', p_payload->>'order_id');
-    ELSIF p_event_type = 'payment.close' THEN
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id');
+    ELSIF _alipay_request.event_type = 'payment.close' THEN
         api := 'alipay.trade.close';
-        biz := jsonb_build_object('out_trade_no', p_payload->>'order_id');
-    ELSIF p_event_type = 'refund.request' THEN
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id');
+    ELSIF _alipay_request.event_type = 'refund.request' THEN
         api := 'alipay.trade.refund';
-        biz := jsonb_build_object('out_trade_no', p_payload->>'order_id',
-                                  'out_request_no', p_payload->>'refund_id',
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id',
+                                  'out_request_no', _alipay_request.payload->>'refund_id',
                                   'refund_amount',
-                                  callback_center._yuan((p_payload->>'amount_cents')::bigint));
-        IF p_payload->>'reason' IS NOT NULL THEN
-            biz := biz || jsonb_build_object('refund_reason', left(p_payload->>'reason', 256));
+                                  callback_center._yuan((_alipay_request.payload->>'amount_cents')::bigint));
+        IF _alipay_request.payload->>'reason' IS NOT NULL THEN
+            biz := biz || jsonb_build_object('refund_reason', left(_alipay_request.payload->>'reason', 256));
         END IF;
-    ELSIF p_event_type = 'refund.query' THEN
+    ELSIF _alipay_request.event_type = 'refund.query' THEN
         api := 'alipay.trade.fastpay.refund.query';
-        biz := jsonb_build_object('out_trade_no', p_payload->>'order_id',
-                                  'out_request_no', p_payload->>'refund_id');
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id',
+                                  'out_request_no', _alipay_request.payload->>'refund_id');
     ELSE
-        PERFORM callback_center._adapter_unsupported('alipay', p_event_type);
+        PERFORM callback_center._adapter_unsupported('alipay', _alipay_request.event_type);
     END IF;
     params := jsonb_build_object(
         'app_id', m.merchant_id, 'method', api, 'format', 'JSON', 'charset', 'utf-8',
@@ -418,7 +418,7 @@ BEGIN
     SELECT string_agg(p.key || '=' || callback_center._url_encode(p.value #>> '{}'), '&'
                       ORDER BY p.key COLLATE "C")
       INTO body FROM jsonb_each(params) p;
-    RETURN 'POST ' || p_url || E'\n'
+    RETURN 'POST ' || _alipay_request.url || E'\n'
         || E'Content-Type: application/x-www-form-urlencoded;charset=utf-8\n'
         || E'\n' || body;
 END
@@ -431,14 +431,14 @@ $$;
 -- /gateway/api/backTransReq.do under the endpoint's URL.  UnionPay has no
 -- close of an unpaid order (an order ends at its payTimeout), so no
 -- payment.close is ever sent to a unionpay endpoint (90_jobs.sql).
-CREATE FUNCTION callback_center._unionpay_request(p_url text,
-    m callback_center.merchant_settings, p_event_type text, p_payload jsonb)
+CREATE FUNCTION callback_center._unionpay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    base text := rtrim(p_url, '/');
+    base text := rtrim(_unionpay_request.url, '/');
     path text;
     f jsonb;
     started timestamptz;
@@ -448,33 +448,33 @@ DECLARE
 BEGIN
     f := jsonb_build_object('version', '5.1.0', 'encoding', 'UTF-8', 'signMethod', '01',
                             'certId', m.key_serial, 'merId', m.merchant_id, 'accessType', '0');
-    IF p_event_type = 'payment.query' THEN
+    IF _unionpay_request.event_type = 'payment.query' THEN
         -- The order is named by orderId and the txnTime it was sent with:
         -- the time its payment started (start_payment), in Beijing time.
         SELECT p.updated_at INTO started FROM callback_center.payments p
-         WHERE p.order_id = p_payload->>'order_id';
+         WHERE p.order_id = _unionpay_request.payload->>'order_id';
         path := '/gateway/api/queryTrans.do';
         f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
-                                     'orderId', p_payload->>'order_id',
+                                     'orderId', _unionpay_request.payload->>'order_id',
                                      'txnTime', to_char(coalesce(started, clock_timestamp())
                                                         AT TIME ZONE 'Asia/Shanghai',
                                                         'YYYYMMDDHH24MISS'));
-    ELSIF p_event_type = 'refund.request' THEN
+    ELSIF _unionpay_request.event_type = 'refund.request' THEN
         path := '/gateway/api/backTransReq.do';
         f := f || jsonb_build_object('txnType', '04', 'txnSubType', '00', 'bizType', '000201',
                                      'channelType', '07', 'currencyCode', '156',
-                                     'orderId', p_payload->>'refund_id', 'txnTime', now_bj,
-                                     'origQryId', p_payload->>'provider_txn_id',
-                                     'txnAmt', (p_payload->>'amount_cents')::bigint::text);
+                                     'orderId', _unionpay_request.payload->>'refund_id', 'txnTime', now_bj,
+                                     'origQryId', _unionpay_request.payload->>'provider_txn_id',
+                                     'txnAmt', (_unionpay_request.payload->>'amount_cents')::bigint::text);
         IF m.options->>'back_url' IS NOT NULL THEN
             f := f || jsonb_build_object('backUrl', m.options->>'back_url');
         END IF;
-    ELSIF p_event_type = 'refund.query' THEN
+    ELSIF _unionpay_request.event_type = 'refund.query' THEN
         path := '/gateway/api/queryTrans.do';
         f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
-                                     'orderId', p_payload->>'refund_id', 'txnTime', now_bj);
+                                     'orderId', _unionpay_request.payload->>'refund_id', 'txnTime', now_bj);
     ELSE
-        PERFORM callback_center._adapter_unsupported('unionpay', p_event_type);
+        PERFORM callback_center._adapter_unsupported('unionpay', _unionpay_request.event_type);
     END IF;
     SELECT string_agg(x.key || '=' || (x.value #>> '{}'), '&' ORDER BY x.key COLLATE "C")
       INTO signed FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
@@ -492,17 +492,17 @@ $$;
 
 -- The normalized answer for an event type: payment.* {status, ...} with
 -- status error, refund.* the refunds' contract with status unknown.
-CREATE FUNCTION callback_center._adapter_error_answer(p_event_type text, p_payload jsonb,
-    p_error text)
+CREATE FUNCTION callback_center._adapter_error_answer(event_type text, payload jsonb,
+    error text)
 RETURNS jsonb
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
-    SELECT CASE WHEN p_event_type LIKE 'refund.%'
-                THEN jsonb_build_object('refund_id', p_payload->>'refund_id', 'status', 'unknown',
+    SELECT CASE WHEN _adapter_error_answer.event_type LIKE 'refund.%'
+                THEN jsonb_build_object('refund_id', _adapter_error_answer.payload->>'refund_id', 'status', 'unknown',
                                         'provider_refund_id', NULL, 'amount_cents', NULL,
-                                        'error', p_error)
-                ELSE jsonb_build_object('status', 'error', 'error', p_error) END
+                                        'error', _adapter_error_answer.error)
+                ELSE jsonb_build_object('status', 'error', 'error', _adapter_error_answer.error) END
 $$;
 
 -- A WeChat Pay APIv3 answer, normalized (its signature already checked).
@@ -511,8 +511,8 @@ $$;
 -- paid); 404 ORDER_NOT_EXIST -> not_found.  payment.close: 204 -> closed.
 -- refund.*: status SUCCESS / PROCESSING / ABNORMAL, CLOSED.  Any other
 -- answer (a 4xx with code and message) -> error.
-CREATE FUNCTION callback_center._wechatpay_v3_answer(p_event_type text, p_payload jsonb,
-    p_status integer, p_body text)
+CREATE FUNCTION callback_center._wechatpay_v3_answer(event_type text, payload jsonb,
+    status integer, body text)
 RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
@@ -521,19 +521,19 @@ DECLARE
     j jsonb;
     st text;
 BEGIN
-    IF p_body <> '' THEN
-        j := p_body::jsonb;
+    IF _wechatpay_v3_answer.body <> '' THEN
+        j := _wechatpay_v3_answer.body::jsonb;
     END IF;
-    IF p_status NOT BETWEEN 200 AND 299 THEN
-        IF p_event_type = 'payment.query' AND j->>'code' = 'ORDER_NOT_EXIST' THEN
+    IF _wechatpay_v3_answer.status NOT BETWEEN 200 AND 299 THEN
+        IF _wechatpay_v3_answer.event_type = 'payment.query' AND j->>'code' = 'ORDER_NOT_EXIST' THEN
             RETURN jsonb_build_object('status', 'not_found', 'provider_status', j->>'code');
         END IF;
-        RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
-            format('HTTP %s %s: %s', p_status, j->>'code', j->>'message'));
+        RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+            format('HTTP %s %s: %s', _wechatpay_v3_answer.status, j->>'code', j->>'message'));
     END IF;
-    IF p_event_type = 'payment.query' THEN
-        IF j->>'out_trade_no' IS DISTINCT FROM p_payload->>'order_id' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+    IF _wechatpay_v3_answer.event_type = 'payment.query' THEN
+        IF j->>'out_trade_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
                 format('the answer is about order "%s"', j->>'out_trade_no'));
         END IF;
         st := CASE j->>'trade_state'
@@ -542,22 +542,22 @@ BEGIN
                 WHEN 'CLOSED' THEN 'closed' WHEN 'REVOKED' THEN 'closed'
                 WHEN 'PAYERROR' THEN 'failed' END;
         IF st IS NULL THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
                 format('unknown trade_state "%s"', j->>'trade_state'));
         END IF;
         RETURN jsonb_build_object('status', st, 'provider_status', j->>'trade_state',
                                   'txn_id', j->>'transaction_id',
                                   'amount_cents', (j->'amount'->>'total')::bigint,
                                   'currency', j->'amount'->>'currency');
-    ELSIF p_event_type = 'payment.close' THEN
+    ELSIF _wechatpay_v3_answer.event_type = 'payment.close' THEN
         RETURN jsonb_build_object('status', 'closed');
     ELSE
-        IF j->>'out_refund_no' IS DISTINCT FROM p_payload->>'refund_id' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+        IF j->>'out_refund_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'refund_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
                 format('the answer is about refund "%s"', j->>'out_refund_no'));
         END IF;
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
+            'refund_id', _wechatpay_v3_answer.payload->>'refund_id',
             'status', CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
                                         WHEN 'PROCESSING' THEN 'processing'
                                         WHEN 'ABNORMAL' THEN 'failed'
@@ -574,15 +574,15 @@ $$;
 -- signed: the JSON object after "node": up to its matching brace (strings
 -- and their escapes skipped), whatever members follow it (sign,
 -- alipay_cert_sn); NULL when the body has no such object.
-CREATE FUNCTION callback_center._alipay_node_text(p_body text, p_node text)
+CREATE FUNCTION callback_center._alipay_node_text(body text, node text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    start integer := strpos(p_body, '"' || p_node || '":');
+    start integer := strpos(_alipay_node_text.body, '"' || _alipay_node_text.node || '":');
     i integer;
-    n integer := length(p_body);
+    n integer := length(_alipay_node_text.body);
     c text;
     depth integer := 0;
     in_string boolean := false;
@@ -590,16 +590,16 @@ BEGIN
     IF start = 0 THEN
         RETURN NULL;
     END IF;
-    i := start + length(p_node) + 3;
-    WHILE i <= n AND substr(p_body, i, 1) IN (' ', E'\t', E'\n', E'\r') LOOP
+    i := start + length(_alipay_node_text.node) + 3;
+    WHILE i <= n AND substr(_alipay_node_text.body, i, 1) IN (' ', E'\t', E'\n', E'\r') LOOP
         i := i + 1;
     END LOOP;
-    IF substr(p_body, i, 1) <> '{' THEN
+    IF substr(_alipay_node_text.body, i, 1) <> '{' THEN
         RETURN NULL;
     END IF;
     start := i;
     WHILE i <= n LOOP
-        c := substr(p_body, i, 1);
+        c := substr(_alipay_node_text.body, i, 1);
         IF in_string THEN
             IF c = '\' THEN
                 i := i + 1;
@@ -613,7 +613,7 @@ BEGIN
         ELSIF c = '}' THEN
             depth := depth - 1;
             IF depth = 0 THEN
-                RETURN substr(p_body, start, i - start + 1);
+                RETURN substr(_alipay_node_text.body, start, i - start + 1);
             END IF;
         END IF;
         i := i + 1;
@@ -628,8 +628,8 @@ $$;
 -- TRADE_FINISHED -> paid, WAIT_BUYER_PAY -> unpaid, TRADE_CLOSED -> closed.
 -- A refund: fund_change Y (or a refund query's refund_status
 -- REFUND_SUCCESS) -> success, else processing.
-CREATE FUNCTION callback_center._alipay_answer(p_event_type text, p_payload jsonb,
-    p_node jsonb)
+CREATE FUNCTION callback_center._alipay_answer(event_type text, payload jsonb,
+    node jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
@@ -637,47 +637,47 @@ AS $$
 DECLARE
     st text;
 BEGIN
-    IF p_node->>'code' IS DISTINCT FROM '10000' THEN
-        IF p_event_type = 'payment.query' AND p_node->>'sub_code' = 'ACQ.TRADE_NOT_EXIST' THEN
-            RETURN jsonb_build_object('status', 'not_found', 'provider_status', p_node->>'sub_code');
+    IF _alipay_answer.node->>'code' IS DISTINCT FROM '10000' THEN
+        IF _alipay_answer.event_type = 'payment.query' AND _alipay_answer.node->>'sub_code' = 'ACQ.TRADE_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', _alipay_answer.node->>'sub_code');
         END IF;
-        RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
-            format('%s %s: %s', p_node->>'code', p_node->>'sub_code',
-                   coalesce(p_node->>'sub_msg', p_node->>'msg')));
+        RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+            format('%s %s: %s', _alipay_answer.node->>'code', _alipay_answer.node->>'sub_code',
+                   coalesce(_alipay_answer.node->>'sub_msg', _alipay_answer.node->>'msg')));
     END IF;
-    IF p_event_type = 'payment.query' THEN
-        IF p_node->>'out_trade_no' IS DISTINCT FROM p_payload->>'order_id' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
-                format('the answer is about order "%s"', p_node->>'out_trade_no'));
+    IF _alipay_answer.event_type = 'payment.query' THEN
+        IF _alipay_answer.node->>'out_trade_no' IS DISTINCT FROM _alipay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('the answer is about order "%s"', _alipay_answer.node->>'out_trade_no'));
         END IF;
-        st := CASE p_node->>'trade_status'
+        st := CASE _alipay_answer.node->>'trade_status'
                 WHEN 'TRADE_SUCCESS' THEN 'paid' WHEN 'TRADE_FINISHED' THEN 'paid'
                 WHEN 'WAIT_BUYER_PAY' THEN 'unpaid' WHEN 'TRADE_CLOSED' THEN 'closed' END;
         IF st IS NULL THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
-                format('unknown trade_status "%s"', p_node->>'trade_status'));
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('unknown trade_status "%s"', _alipay_answer.node->>'trade_status'));
         END IF;
-        RETURN jsonb_build_object('status', st, 'provider_status', p_node->>'trade_status',
-                                  'txn_id', p_node->>'trade_no',
+        RETURN jsonb_build_object('status', st, 'provider_status', _alipay_answer.node->>'trade_status',
+                                  'txn_id', _alipay_answer.node->>'trade_no',
                                   'amount_cents',
-                                  round((p_node->>'total_amount')::numeric * 100)::bigint,
+                                  round((_alipay_answer.node->>'total_amount')::numeric * 100)::bigint,
                                   'currency', 'CNY');
-    ELSIF p_event_type = 'payment.close' THEN
+    ELSIF _alipay_answer.event_type = 'payment.close' THEN
         RETURN jsonb_build_object('status', 'closed');
-    ELSIF p_event_type = 'refund.request' THEN
+    ELSIF _alipay_answer.event_type = 'refund.request' THEN
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
-            'status', CASE WHEN p_node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
-            'provider_refund_id', p_node->>'trade_no',
-            'amount_cents', round((p_node->>'refund_fee')::numeric * 100)::bigint,
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
+            'provider_refund_id', _alipay_answer.node->>'trade_no',
+            'amount_cents', round((_alipay_answer.node->>'refund_fee')::numeric * 100)::bigint,
             'error', NULL);
     ELSE
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
-            'status', CASE WHEN p_node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
                            ELSE 'processing' END,
-            'provider_refund_id', p_node->>'trade_no',
-            'amount_cents', round((p_node->>'refund_amount')::numeric * 100)::bigint,
+            'provider_refund_id', _alipay_answer.node->>'trade_no',
+            'amount_cents', round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint,
             'error', NULL);
     END IF;
 END
@@ -689,7 +689,7 @@ $$;
 -- (no such transaction) -> not_found.  A refund request: respCode 00 ->
 -- processing (the result comes in the notification).  A refund query:
 -- origRespCode 00 -> success, 03/04/05 -> processing, else failed.
-CREATE FUNCTION callback_center._unionpay_answer(p_event_type text, p_payload jsonb,
+CREATE FUNCTION callback_center._unionpay_answer(event_type text, payload jsonb,
     f jsonb)
 RETURNS jsonb
 LANGUAGE plpgsql IMMUTABLE
@@ -698,16 +698,16 @@ AS $$
 DECLARE
     orig text := f->>'origRespCode';
 BEGIN
-    IF p_event_type = 'payment.query' THEN
+    IF _unionpay_answer.event_type = 'payment.query' THEN
         IF f->>'respCode' = '34' THEN
             RETURN jsonb_build_object('status', 'not_found', 'provider_status', '34');
         END IF;
         IF f->>'respCode' IS DISTINCT FROM '00' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
                 format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
         END IF;
-        IF f->>'orderId' IS DISTINCT FROM p_payload->>'order_id' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+        IF f->>'orderId' IS DISTINCT FROM _unionpay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
                 format('the answer is about order "%s"', f->>'orderId'));
         END IF;
         RETURN jsonb_build_object(
@@ -715,9 +715,9 @@ BEGIN
                            WHEN orig IN ('03', '04', '05') THEN 'unpaid' ELSE 'failed' END,
             'provider_status', orig, 'txn_id', f->>'queryId',
             'amount_cents', (f->>'txnAmt')::bigint, 'currency', 'CNY');
-    ELSIF p_event_type = 'refund.request' THEN
+    ELSIF _unionpay_answer.event_type = 'refund.request' THEN
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
+            'refund_id', _unionpay_answer.payload->>'refund_id',
             'status', CASE WHEN f->>'respCode' = '00' THEN 'processing' ELSE 'failed' END,
             'provider_refund_id', f->>'queryId',
             'amount_cents', (f->>'txnAmt')::bigint,
@@ -725,11 +725,11 @@ BEGIN
                           ELSE format('respCode %s: %s', f->>'respCode', f->>'respMsg') END);
     ELSE
         IF f->>'respCode' IS DISTINCT FROM '00' THEN
-            RETURN callback_center._adapter_error_answer(p_event_type, p_payload,
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
                 format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
         END IF;
         RETURN jsonb_build_object(
-            'refund_id', p_payload->>'refund_id',
+            'refund_id', _unionpay_answer.payload->>'refund_id',
             'status', CASE WHEN orig = '00' THEN 'success'
                            WHEN orig IN ('03', '04', '05') THEN 'processing' ELSE 'failed' END,
             'provider_refund_id', f->>'queryId',
@@ -747,8 +747,8 @@ $$;
 -- notification an answer need not carry a queryId (respCode 34, no such
 -- transaction, names none).  failure is NULL when it verifies, with
 -- fields every field decoded; else why not.
-CREATE FUNCTION callback_center._unionpay_answer_fields(p_provider text, p_secrets text[],
-    p_body text, OUT failure text, OUT fields jsonb)
+CREATE FUNCTION callback_center._unionpay_answer_fields(provider text, secrets text[],
+    body text, OUT failure text, OUT fields jsonb)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
@@ -762,7 +762,7 @@ DECLARE
     chk record;
     content bytea;
 BEGIN
-    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(_unionpay_answer_fields.body) f;
     IF names IS NULL THEN
         failure := 'malformed_body';
         RETURN;
@@ -777,9 +777,9 @@ BEGIN
     END IF;
     sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
     SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
-     WHERE pk.provider = p_provider;
+     WHERE pk.provider = _unionpay_answer_fields.provider;
     cert_pem := convert_from(cert, 'UTF8');
-    chk := callback_center._x509_chain_check(cert_pem, coalesce(cas, '{}'), p_secrets);
+    chk := callback_center._x509_chain_check(cert_pem, coalesce(cas, '{}'), _unionpay_answer_fields.secrets);
     IF chk.verdict <> 'ok' THEN
         failure := 'untrusted_key: ' || chk.verdict;
         RETURN;
@@ -810,8 +810,8 @@ $$;
 -- the normalized answer; else ok false and error why (the attempt failed:
 -- retried on the schedule, never applied).  headers are the captured
 -- "Name: value" lines.  Never raises.
-CREATE FUNCTION callback_center._adapter_check(p_outbox_id bigint, p_http_status integer,
-    p_headers text, p_body text, OUT ok boolean, OUT answer jsonb, OUT error text)
+CREATE FUNCTION callback_center._adapter_check(outbox_id bigint, http_status integer,
+    headers text, body text, OUT ok boolean, OUT answer jsonb, OUT error text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
@@ -836,7 +836,7 @@ BEGIN
     ok := false;
     SELECT o.event_type, o.payload, e.format INTO ob
       FROM callback_center.outbox o JOIN callback_center.endpoints e ON e.id = o.endpoint_id
-     WHERE o.id = p_outbox_id;
+     WHERE o.id = _adapter_check.outbox_id;
     IF NOT FOUND THEN
         error := 'the event or its endpoint is gone';
         RETURN;
@@ -848,7 +848,7 @@ BEGIN
     END IF;
     BEGIN
         IF ob.format = 'wechatpay_v3' THEN
-            FOREACH line IN ARRAY string_to_array(coalesce(p_headers, ''), E'\n') LOOP
+            FOREACH line IN ARRAY string_to_array(coalesce(_adapter_check.headers, ''), E'\n') LOOP
                 CONTINUE WHEN strpos(line, ':') = 0;
                 h := h || jsonb_build_object(lower(split_part(line, ':', 1)),
                                              btrim(substr(line, strpos(line, ':') + 1)));
@@ -873,22 +873,22 @@ BEGIN
                 RETURN;
             END IF;
             why := callback_center._rsa_sha256_check(key_pem,
-                convert_to(ts || E'\n' || nonce || E'\n' || coalesce(p_body, '') || E'\n', 'UTF8'),
+                convert_to(ts || E'\n' || nonce || E'\n' || coalesce(_adapter_check.body, '') || E'\n', 'UTF8'),
                 decode(sig, 'base64'));
             IF why IS NOT NULL THEN
                 error := 'the response signature does not verify: ' || why;
                 RETURN;
             END IF;
             answer := callback_center._wechatpay_v3_answer(ob.event_type, ob.payload,
-                                                           p_http_status, coalesce(p_body, ''));
+                                                           _adapter_check.http_status, coalesce(_adapter_check.body, ''));
         ELSIF ob.format = 'alipay' THEN
             node := CASE ob.event_type
                 WHEN 'payment.query' THEN 'alipay_trade_query_response'
                 WHEN 'payment.close' THEN 'alipay_trade_close_response'
                 WHEN 'refund.request' THEN 'alipay_trade_refund_response'
                 WHEN 'refund.query' THEN 'alipay_trade_fastpay_refund_query_response' END;
-            parsed := p_body::jsonb;
-            s := callback_center._alipay_node_text(p_body, node);
+            parsed := _adapter_check.body::jsonb;
+            s := callback_center._alipay_node_text(_adapter_check.body, node);
             IF s IS NULL OR parsed->>'sign' IS NULL THEN
                 error := format('the response has no signed %s', node);
                 RETURN;
@@ -924,7 +924,7 @@ BEGIN
             END IF;
             answer := callback_center._alipay_answer(ob.event_type, ob.payload, s::jsonb);
         ELSIF ob.format = 'unionpay' THEN
-            up := callback_center._unionpay_answer_fields(pr.name, pr.secrets, coalesce(p_body, ''));
+            up := callback_center._unionpay_answer_fields(pr.name, pr.secrets, coalesce(_adapter_check.body, ''));
             IF up.failure IS NOT NULL THEN
                 error := 'the response does not verify: ' || up.failure;
                 RETURN;

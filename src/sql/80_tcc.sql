@@ -129,39 +129,36 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
 DECLARE
-    p_gid    ALIAS FOR $1;
-    p_branch ALIAS FOR $2;
-    p_op     ALIAS FOR $3;
     n        integer;
     outcome  text;
     me       text := callback_center._caller();
     owner    text;
 BEGIN
-    PERFORM callback_center._require_key(p_gid, 'gid');
-    PERFORM callback_center._require_key(p_branch, 'branch_id');
-    PERFORM callback_center._require(p_op, 'op');
-    IF p_op NOT IN ('try', 'confirm', 'cancel') THEN
+    PERFORM callback_center._require_key(barrier.gid, 'gid');
+    PERFORM callback_center._require_key(barrier.branch_id, 'branch_id');
+    PERFORM callback_center._require(barrier.op, 'op');
+    IF barrier.op NOT IN ('try', 'confirm', 'cancel') THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = pg_catalog.format('invalid barrier op "%s"', p_op),
+            MESSAGE = pg_catalog.format('invalid barrier op "%s"', barrier.op),
             HINT = 'Use try, confirm or cancel.';
     END IF;
     PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended(
-        'callback_center.tcc:' || p_gid || ':' || p_branch, 0));
+        'callback_center.tcc:' || barrier.gid || ':' || barrier.branch_id, 0));
     SELECT b.created_by INTO owner FROM callback_center.tcc_barrier AS b
-     WHERE b.gid = p_gid AND b.branch_id = p_branch AND b.created_by IS NOT NULL
+     WHERE b.gid = barrier.gid AND b.branch_id = barrier.branch_id AND b.created_by IS NOT NULL
      LIMIT 1;
     IF owner IS DISTINCT FROM me AND owner IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = '42501',
             MESSAGE = pg_catalog.format('gid "%s" branch "%s" belongs to another role',
-                                        p_gid, p_branch),
+                                        barrier.gid, barrier.branch_id),
             DETAIL = pg_catalog.format('It was begun by role "%s"; this call acts for "%s".',
                                        owner, me),
             HINT = 'Each role confirms and cancels only its own branches.';
     END IF;
-    IF p_op = 'cancel' THEN
+    IF barrier.op = 'cancel' THEN
         INSERT INTO callback_center.tcc_barrier AS b
                (gid, branch_id, op, written_by, last_outcome, created_by)
-        VALUES (p_gid, p_branch, 'try', 'cancel', 'empty_compensation', me)
+        VALUES (barrier.gid, barrier.branch_id, 'try', 'cancel', 'empty_compensation', me)
         ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
         GET DIAGNOSTICS n = ROW_COUNT;
         IF n = 1 THEN
@@ -169,13 +166,13 @@ BEGIN
             -- writes the try row first, in the same transaction).
             INSERT INTO callback_center.tcc_barrier
                    (gid, branch_id, op, written_by, last_outcome, created_by)
-            VALUES (p_gid, p_branch, 'cancel', 'cancel', 'empty_compensation', me);
+            VALUES (barrier.gid, barrier.branch_id, 'cancel', 'cancel', 'empty_compensation', me);
             RETURN 'empty_compensation';
         END IF;
     END IF;
     INSERT INTO callback_center.tcc_barrier AS b
            (gid, branch_id, op, written_by, last_outcome, created_by)
-    VALUES (p_gid, p_branch, p_op, p_op, 'proceed', me)
+    VALUES (barrier.gid, barrier.branch_id, barrier.op, barrier.op, 'proceed', me)
     ON CONFLICT ON CONSTRAINT tcc_barrier_pkey DO NOTHING;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n = 1 THEN
@@ -184,10 +181,10 @@ BEGIN
     -- The row was there (committed: ON CONFLICT waited for its writer).
     UPDATE callback_center.tcc_barrier AS b
        SET repeats = b.repeats + 1,
-           last_outcome = CASE WHEN p_op = 'try' AND b.written_by = 'cancel'
+           last_outcome = CASE WHEN barrier.op = 'try' AND b.written_by = 'cancel'
                                THEN 'refused' ELSE 'duplicate' END,
            updated_at = pg_catalog.now()
-     WHERE b.gid = p_gid AND b.branch_id = p_branch AND b.op = p_op
+     WHERE b.gid = barrier.gid AND b.branch_id = barrier.branch_id AND b.op = barrier.op
     RETURNING b.last_outcome INTO outcome;
     RETURN outcome;
 END
@@ -199,7 +196,7 @@ COMMENT ON FUNCTION callback_center.barrier(text, text, text) IS
 -- Marks the reservation of (gid, branch) of the given kind confirmed or
 -- cancelled and returns it; 55000 when there is none still reserved.
 CREATE FUNCTION callback_center._tcc_settle(
-    p_gid text, p_branch text, p_kind text, p_status text)
+    gid text, branch_id text, kind text, status text)
 RETURNS callback_center.tcc_reservations
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
@@ -208,19 +205,19 @@ DECLARE
     r callback_center.tcc_reservations;
 BEGIN
     UPDATE callback_center.tcc_reservations AS t
-       SET status = p_status, updated_at = pg_catalog.now()
-     WHERE t.gid = p_gid AND t.branch_id = p_branch
-       AND t.kind = p_kind AND t.status = 'reserved'
+       SET status = _tcc_settle.status, updated_at = pg_catalog.now()
+     WHERE t.gid = _tcc_settle.gid AND t.branch_id = _tcc_settle.branch_id
+       AND t.kind = _tcc_settle.kind AND t.status = 'reserved'
     RETURNING t.* INTO r;
     IF FOUND THEN
         RETURN r;
     END IF;
     SELECT * INTO r FROM callback_center.tcc_reservations AS t
-     WHERE t.gid = p_gid AND t.branch_id = p_branch;
+     WHERE t.gid = _tcc_settle.gid AND t.branch_id = _tcc_settle.branch_id;
     RAISE EXCEPTION USING ERRCODE = '55000',
         MESSAGE = pg_catalog.format('no %s reservation of gid "%s" branch "%s" to %s',
-                                    p_kind, p_gid, p_branch,
-                                    CASE p_status WHEN 'confirmed' THEN 'confirm' ELSE 'cancel' END),
+                                    _tcc_settle.kind, _tcc_settle.gid, _tcc_settle.branch_id,
+                                    CASE _tcc_settle.status WHEN 'confirmed' THEN 'confirm' ELSE 'cancel' END),
         DETAIL = CASE WHEN r.gid IS NULL THEN 'The branch reserved nothing.'
                       ELSE pg_catalog.format('The branch holds a %s reservation that is %s.',
                                              r.kind, r.status) END;
@@ -234,7 +231,7 @@ $fn$;
 -- cancel).  Returns the barrier outcome.  Runs as the SECURITY DEFINER
 -- wrapper that calls it.
 CREATE FUNCTION callback_center._tcc_second_phase(
-    p_gid text, p_branch text, p_kind text, p_op text)
+    gid text, branch_id text, kind text, op text)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
@@ -244,23 +241,23 @@ DECLARE
     r       callback_center.tcc_reservations;
 BEGIN
     -- barrier() checks gid and branch_id (_require_key).
-    outcome := callback_center.barrier(p_gid, p_branch, p_op);
+    outcome := callback_center.barrier(_tcc_second_phase.gid, _tcc_second_phase.branch_id, _tcc_second_phase.op);
     IF outcome <> 'proceed' THEN
         RETURN outcome;
     END IF;
-    r := callback_center._tcc_settle(p_gid, p_branch, p_kind,
-                                     CASE p_op WHEN 'confirm' THEN 'confirmed' ELSE 'cancelled' END);
-    IF p_kind = 'stock' THEN
+    r := callback_center._tcc_settle(_tcc_second_phase.gid, _tcc_second_phase.branch_id, _tcc_second_phase.kind,
+                                     CASE _tcc_second_phase.op WHEN 'confirm' THEN 'confirmed' ELSE 'cancelled' END);
+    IF _tcc_second_phase.kind = 'stock' THEN
         UPDATE callback_center.stock AS s
-           SET available = s.available + CASE p_op WHEN 'cancel' THEN r.quantity ELSE 0 END,
+           SET available = s.available + CASE _tcc_second_phase.op WHEN 'cancel' THEN r.quantity ELSE 0 END,
                reserved = s.reserved - r.quantity,
                version = s.version + 1,
                updated_at = pg_catalog.now()
          WHERE s.sku_id = r.resource_id;
-    ELSIF p_op = 'confirm' THEN
-        PERFORM callback_center.use_coupon(r.resource_id, p_gid);
+    ELSIF _tcc_second_phase.op = 'confirm' THEN
+        PERFORM callback_center.use_coupon(r.resource_id, _tcc_second_phase.gid);
     ELSE
-        PERFORM callback_center.unfreeze_coupon(r.resource_id, p_gid);
+        PERFORM callback_center.unfreeze_coupon(r.resource_id, _tcc_second_phase.gid);
     END IF;
     RETURN outcome;
 END
@@ -279,37 +276,33 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
 DECLARE
-    p_gid    ALIAS FOR $1;
-    p_branch ALIAS FOR $2;
-    p_sku    ALIAS FOR $3;
-    p_qty    ALIAS FOR $4;
     outcome  text;
     cur      bigint;
     nslots   integer;
 BEGIN
-    PERFORM callback_center._require_key(p_gid, 'gid');
-    PERFORM callback_center._require_key(p_branch, 'branch_id');
-    PERFORM callback_center._require_key(p_sku, 'sku_id');
-    PERFORM callback_center._require(p_qty, 'qty');
-    IF p_qty <= 0 THEN
+    PERFORM callback_center._require_key(tcc_stock_try.gid, 'gid');
+    PERFORM callback_center._require_key(tcc_stock_try.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(tcc_stock_try.sku_id, 'sku_id');
+    PERFORM callback_center._require(tcc_stock_try.qty, 'qty');
+    IF tcc_stock_try.qty <= 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = pg_catalog.format('qty must be positive: %s', p_qty);
+            MESSAGE = pg_catalog.format('qty must be positive: %s', tcc_stock_try.qty);
     END IF;
-    outcome := callback_center.barrier(p_gid, p_branch, 'try');
+    outcome := callback_center.barrier(tcc_stock_try.gid, tcc_stock_try.branch_id, 'try');
     IF outcome <> 'proceed' THEN
         RETURN outcome;
     END IF;
     UPDATE callback_center.stock AS s
-       SET available = s.available - p_qty,
-           reserved = s.reserved + p_qty,
+       SET available = s.available - tcc_stock_try.qty,
+           reserved = s.reserved + tcc_stock_try.qty,
            version = s.version + 1,
            updated_at = pg_catalog.now()
-     WHERE s.sku_id = p_sku AND s.available >= p_qty;
+     WHERE s.sku_id = tcc_stock_try.sku_id AND s.available >= tcc_stock_try.qty;
     IF NOT FOUND THEN
-        SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s WHERE s.sku_id = p_sku;
+        SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s WHERE s.sku_id = tcc_stock_try.sku_id;
         IF NOT FOUND THEN
             RAISE EXCEPTION USING ERRCODE = 'CB004',
-                MESSAGE = pg_catalog.format('unknown SKU "%s"', p_sku),
+                MESSAGE = pg_catalog.format('unknown SKU "%s"', tcc_stock_try.sku_id),
                 HINT = 'Create it with callback_center.set_stock().';
         END IF;
         -- A hot SKU's units are in its slots, not on the row: a reservation
@@ -317,17 +310,17 @@ BEGIN
         -- the reservation model (one row) does not do.
         IF nslots > 0 THEN
             RAISE EXCEPTION USING ERRCODE = '0A000',
-                MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', p_sku),
+                MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', tcc_stock_try.sku_id),
                 DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
                 HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
         END IF;
         RAISE EXCEPTION USING ERRCODE = 'CB001',
-            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', p_sku),
+            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', tcc_stock_try.sku_id),
             DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
-                                       p_qty, cur);
+                                       tcc_stock_try.qty, cur);
     END IF;
     INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
-    VALUES (p_gid, p_branch, 'stock', p_sku, p_qty);
+    VALUES (tcc_stock_try.gid, tcc_stock_try.branch_id, 'stock', tcc_stock_try.sku_id, tcc_stock_try.qty);
     RETURN outcome;
 END
 $fn$;
@@ -367,21 +360,18 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
 DECLARE
-    p_gid    ALIAS FOR $1;
-    p_branch ALIAS FOR $2;
-    p_coupon ALIAS FOR $3;
     outcome  text;
 BEGIN
-    PERFORM callback_center._require_key(p_gid, 'gid');
-    PERFORM callback_center._require_key(p_branch, 'branch_id');
-    PERFORM callback_center._require_key(p_coupon, 'coupon_id');
-    outcome := callback_center.barrier(p_gid, p_branch, 'try');
+    PERFORM callback_center._require_key(tcc_coupon_try.gid, 'gid');
+    PERFORM callback_center._require_key(tcc_coupon_try.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(tcc_coupon_try.coupon_id, 'coupon_id');
+    outcome := callback_center.barrier(tcc_coupon_try.gid, tcc_coupon_try.branch_id, 'try');
     IF outcome <> 'proceed' THEN
         RETURN outcome;
     END IF;
-    PERFORM callback_center.freeze_coupon(p_coupon, p_gid);
+    PERFORM callback_center.freeze_coupon(tcc_coupon_try.coupon_id, tcc_coupon_try.gid);
     INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
-    VALUES (p_gid, p_branch, 'coupon', p_coupon, 1);
+    VALUES (tcc_coupon_try.gid, tcc_coupon_try.branch_id, 'coupon', tcc_coupon_try.coupon_id, 1);
     RETURN outcome;
 END
 $fn$;
@@ -423,19 +413,17 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
 DECLARE
-    p_saga  ALIAS FOR $1;
-    p_steps ALIAS FOR $2;
     bad     text;
 BEGIN
-    PERFORM callback_center._require_key(p_saga, 'saga_id');
-    PERFORM callback_center._require(p_steps, 'steps');
-    IF pg_catalog.jsonb_typeof(p_steps) <> 'array' OR pg_catalog.jsonb_array_length(p_steps) = 0 THEN
+    PERFORM callback_center._require_key(saga_start.saga_id, 'saga_id');
+    PERFORM callback_center._require(saga_start.steps, 'steps');
+    IF pg_catalog.jsonb_typeof(saga_start.steps) <> 'array' OR pg_catalog.jsonb_array_length(saga_start.steps) = 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'steps must be a non-empty JSON array',
             HINT = 'Pass [{"action": "SELECT ...", "compensation": "SELECT ..."}, ...].';
     END IF;
     SELECT e::text INTO bad
-      FROM pg_catalog.jsonb_array_elements(p_steps) AS e
+      FROM pg_catalog.jsonb_array_elements(saga_start.steps) AS e
      WHERE pg_catalog.jsonb_typeof(e) <> 'object'
         OR pg_catalog.jsonb_typeof(e -> 'action') IS DISTINCT FROM 'string'
         OR pg_catalog.btrim(e ->> 'action') = ''
@@ -446,11 +434,11 @@ BEGIN
             MESSAGE = pg_catalog.format('invalid saga step: %s', bad),
             DETAIL = 'Each step needs a non-empty "action" string; "compensation" is a string or null.';
     END IF;
-    INSERT INTO callback_center.sagas (saga_id, created_by) VALUES (p_saga, callback_center._caller());
+    INSERT INTO callback_center.sagas (saga_id, created_by) VALUES (saga_start.saga_id, callback_center._caller());
     INSERT INTO callback_center.saga_steps (saga_id, step_no, action, compensation)
-    SELECT p_saga, e.n::integer, e.v ->> 'action', e.v ->> 'compensation'
-      FROM pg_catalog.jsonb_array_elements(p_steps) WITH ORDINALITY AS e(v, n);
-    RETURN pg_catalog.jsonb_array_length(p_steps);
+    SELECT saga_start.saga_id, e.n::integer, e.v ->> 'action', e.v ->> 'compensation'
+      FROM pg_catalog.jsonb_array_elements(saga_start.steps) WITH ORDINALITY AS e(v, n);
+    RETURN pg_catalog.jsonb_array_length(saga_start.steps);
 END
 $fn$;
 
@@ -503,35 +491,29 @@ RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-#variable_conflict use_variable
-DECLARE
-    p_saga   ALIAS FOR $1;
-    p_step   ALIAS FOR $2;
-    p_status ALIAS FOR $3;
-    p_error  ALIAS FOR $4;
 BEGIN
-    PERFORM callback_center._saga_lock(p_saga);
-    IF p_step IS NULL THEN
+    PERFORM callback_center._saga_lock(_saga_mark.saga_id);
+    IF _saga_mark.step_no IS NULL THEN
         UPDATE callback_center.sagas AS s
-           SET status = p_status, last_error = COALESCE(p_error, s.last_error),
+           SET status = _saga_mark.new_status, last_error = COALESCE(_saga_mark.error, s.last_error),
                updated_at = pg_catalog.now()
-         WHERE s.saga_id = p_saga
-           AND (s.status, p_status) IN (('running', 'completed'), ('running', 'compensating'),
+         WHERE s.saga_id = _saga_mark.saga_id
+           AND (s.status, _saga_mark.new_status) IN (('running', 'completed'), ('running', 'compensating'),
                                         ('compensating', 'compensated'),
                                         ('compensating', 'compensating'));
     ELSE
         UPDATE callback_center.saga_steps AS t
-           SET status = p_status, error = COALESCE(p_error, t.error),
+           SET status = _saga_mark.new_status, error = COALESCE(_saga_mark.error, t.error),
                updated_at = pg_catalog.now()
-         WHERE t.saga_id = p_saga AND t.step_no = p_step
-           AND (t.status, p_status) IN (('pending', 'done'), ('pending', 'skipped'),
+         WHERE t.saga_id = _saga_mark.saga_id AND t.step_no = _saga_mark.step_no
+           AND (t.status, _saga_mark.new_status) IN (('pending', 'done'), ('pending', 'skipped'),
                                         ('done', 'compensated'), ('done', 'done'),
                                         ('skipped', 'skipped'));
     END IF;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = '55000',
             MESSAGE = pg_catalog.format('cannot move saga "%s" step %s to %s',
-                                        p_saga, COALESCE(p_step::text, '-'), p_status);
+                                        _saga_mark.saga_id, COALESCE(_saga_mark.step_no::text, '-'), _saga_mark.new_status);
     END IF;
 END
 $fn$;
@@ -555,23 +537,22 @@ RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 AS $fn$
 DECLARE
-    p_saga   ALIAS FOR $1;
     st       text;
     step     record;
     outcome  text;
     err      text;
 BEGIN
-    IF p_saga IS NULL THEN
+    IF saga_run.saga_id IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'saga_id must not be null';
     END IF;
-    st := callback_center._saga_lock(p_saga);
+    st := callback_center._saga_lock(saga_run.saga_id);
     -- _saga_lock checked the session's role; this is the role the steps
     -- would run as (not the same inside another SECURITY DEFINER function).
     IF NOT EXISTS (SELECT FROM callback_center.sagas AS s
-                    WHERE s.saga_id OPERATOR(pg_catalog.=) p_saga
+                    WHERE s.saga_id OPERATOR(pg_catalog.=) saga_run.saga_id
                       AND s.created_by OPERATOR(pg_catalog.=) current_user::text) THEN
         RAISE EXCEPTION USING ERRCODE = '42501',
-            MESSAGE = pg_catalog.format('saga "%s" does not belong to role "%s"', p_saga, current_user),
+            MESSAGE = pg_catalog.format('saga "%s" does not belong to role "%s"', saga_run.saga_id, current_user),
             DETAIL = 'A saga''s steps run only as the role that declared it.';
     END IF;
     IF st IN ('completed', 'compensated') THEN
@@ -579,51 +560,51 @@ BEGIN
     END IF;
     IF st = 'running' THEN
         FOR step IN SELECT t.step_no, t.action FROM callback_center.saga_steps AS t
-                     WHERE t.saga_id = p_saga AND t.status = 'pending'
+                     WHERE t.saga_id = saga_run.saga_id AND t.status = 'pending'
                      ORDER BY t.step_no
         LOOP
             BEGIN
-                outcome := callback_center.barrier(p_saga, step.step_no::text, 'try');
+                outcome := callback_center.barrier(saga_run.saga_id, step.step_no::text, 'try');
                 IF outcome = 'proceed' THEN
-                    EXECUTE step.action USING p_saga;
+                    EXECUTE step.action USING saga_run.saga_id;
                 ELSIF outcome = 'refused' THEN
                     RAISE EXCEPTION USING ERRCODE = '55000',
                         MESSAGE = pg_catalog.format('step %s refused by the barrier', step.step_no),
                         DETAIL = 'Its compensation already ran.';
                 END IF;
-                PERFORM callback_center._saga_mark(p_saga, step.step_no, 'done', NULL);
+                PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no, 'done', NULL);
             EXCEPTION WHEN OTHERS THEN
                 err := pg_catalog.format('step %s: %s: %s', step.step_no, SQLSTATE, SQLERRM);
-                PERFORM callback_center._saga_mark(p_saga, step.step_no, 'skipped', err);
+                PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no, 'skipped', err);
                 EXIT;
             END;
         END LOOP;
         IF err IS NULL THEN
-            PERFORM callback_center._saga_mark(p_saga, NULL, 'completed', NULL);
+            PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'completed', NULL);
             RETURN 'completed';
         END IF;
-        PERFORM callback_center._saga_mark(p_saga, NULL, 'compensating', err);
+        PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensating', err);
     END IF;
     -- Compensating: from the last step down, each through the barrier.
     FOR step IN SELECT t.step_no, t.status, t.compensation FROM callback_center.saga_steps AS t
-                 WHERE t.saga_id = p_saga AND t.status <> 'compensated'
+                 WHERE t.saga_id = saga_run.saga_id AND t.status <> 'compensated'
                  ORDER BY t.step_no DESC
     LOOP
         BEGIN
-            outcome := callback_center.barrier(p_saga, step.step_no::text, 'cancel');
+            outcome := callback_center.barrier(saga_run.saga_id, step.step_no::text, 'cancel');
             IF outcome = 'proceed' AND step.compensation IS NOT NULL THEN
-                EXECUTE step.compensation USING p_saga;
+                EXECUTE step.compensation USING saga_run.saga_id;
             END IF;
-            PERFORM callback_center._saga_mark(p_saga, step.step_no,
+            PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no,
                 CASE WHEN step.status = 'done' THEN 'compensated' ELSE 'skipped' END, NULL);
         EXCEPTION WHEN OTHERS THEN
             err := pg_catalog.format('compensation of step %s: %s: %s',
                                      step.step_no, SQLSTATE, SQLERRM);
-            PERFORM callback_center._saga_mark(p_saga, NULL, 'compensating', err);
+            PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensating', err);
             RETURN 'compensating';
         END;
     END LOOP;
-    PERFORM callback_center._saga_mark(p_saga, NULL, 'compensated', NULL);
+    PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensated', NULL);
     RETURN 'compensated';
 END
 $fn$;

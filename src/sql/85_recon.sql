@@ -3,7 +3,9 @@
 
 -- A provider's statement for one bill date, loaded with COPY.  status is
 -- the provider's word: 'success', 'refund', 'closed' (others are kept and
--- compared as they are).
+-- compared as they are).  currency is the ISO 4217 code of amount_cents
+-- when the statement says it (NULL: the order's); a success in another
+-- currency is never applied (_payment_check).
 CREATE TABLE callback_center.provider_statement (
     channel         text NOT NULL,
     bill_date       date NOT NULL,
@@ -12,6 +14,7 @@ CREATE TABLE callback_center.provider_statement (
     amount_cents    bigint NOT NULL,
     status          text NOT NULL,
     loaded_at       timestamptz NOT NULL DEFAULT now(),
+    currency        text,
     PRIMARY KEY (channel, bill_date, provider_txn_id)
 );
 COMMENT ON TABLE callback_center.provider_statement IS
@@ -250,8 +253,11 @@ BEGIN
     -- the same path as a callback (state machines, follow-up events; on an
     -- order that can no longer take the money, a late payment to refund).
     FOR r IN
-        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount
+        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount, st.currency
           FROM callback_center.recon_diffs d
+          LEFT JOIN callback_center.provider_statement st
+                 ON st.channel = p_channel AND st.bill_date = p_date
+                AND st.provider_txn_id = d.provider_txn_id
          WHERE d.id = ANY (coalesce(applied_ids, '{}'))
          ORDER BY d.id
     LOOP
@@ -266,7 +272,7 @@ BEGIN
             CONTINUE;
         END IF;
         outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
-                                                         r.provider_amount, NULL, 'success',
+                                                         r.provider_amount, r.currency, 'success',
                                                          'reconciliation');
         UPDATE callback_center.recon_diffs d
            SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,

@@ -13,6 +13,7 @@ use Digest::SHA;
 use MIME::Base64 qw(encode_base64 decode_base64);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
+use POSIX qw(strftime);
 use Test::More;
 use lib 'test/perl';
 use CallbackCenterTest;
@@ -320,6 +321,68 @@ like(sql_error("SELECT * FROM callback_center.payment_callback('up-nocerts', '{}
 	qr/55000.*no UnionPay certificates/s, 'unionpay with no certificates loaded: 55000');
 like(sql_error("SELECT callback_center.verify_signature('up', '{}', 'x')"),
 	qr/0A000.*payment_callback/s, 'verify_signature points unionpay to payment_callback');
+
+# --- The certificate cache (crypto.c) ----------------------------------------
+# One backend (the cache is per backend) sees verdicts that follow the
+# certificates' time, the loaded configuration and the names, also beyond
+# the number of entries kept.
+$node->safe_psql('postgres', q{
+	SELECT count(*) FROM generate_series(1, 4) i,
+	  callback_center.place_order('up-c' || i, 'u', '[{"sku": "up-sku", "qty": 1}]', 100,
+	                              NULL, 'up');
+});
+my $s = $node->background_psql('postgres');
+sub s_callback
+{
+	my ($body) = @_;
+	return $s->query_safe("SELECT http_status || '|' || response_body || '|' || is_first || '|' || outcome"
+		  . " FROM callback_center.payment_callback('up', '{}', " . q_lit($body) . ")");
+}
+# A signing certificate that expires 10 s from now.
+my $until = time() + 10;
+$certs{short} = issue('short', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000006", 'middle',
+	start => strftime('%Y%m%d%H%M%SZ', gmtime(time() - 3600)),
+	end => strftime('%Y%m%d%H%M%SZ', gmtime($until)));
+($f) = up_notify(orderId => 'up-c1', txnAmt => '100', cert => 'short');
+is(s_callback($f), '200|ok|true|paid', 'cache: a certificate valid now is accepted (and kept)');
+sleep 1 while time() <= $until + 1;
+($f) = up_notify(orderId => 'up-c2', txnAmt => '100', cert => 'short');
+is(s_callback($f), '401|fail|false|key_expired', 'cache: the kept verdict ends when the certificate does');
+
+# Another configuration loaded meanwhile: the kept verdict is not used.
+($f) = up_notify(orderId => 'up-c2', txnAmt => '100');
+my $sign_ok = "SELECT (callback_center._x509_chain_check(" . q_lit($certs{sign}) . ", "
+  . "ARRAY(SELECT pem FROM callback_center.provider_keys WHERE provider = 'up' ORDER BY key_id), %s)).verdict";
+is($s->query_safe(sprintf($sign_ok, "ARRAY['$org']")), 'ok', 'cache: the signing certificate checks out');
+is($s->query_safe(sprintf($sign_ok, "ARRAY['someone else']")), 'wrong_name',
+	'cache: the same certificate under other names is checked again');
+$node->safe_psql('postgres', "SELECT callback_center.set_platform_keys('up', jsonb_build_object("
+	  . "'root', " . q_lit($root2) . ", 'middle', " . q_lit($middle2) . "))");
+is(s_callback($f), '401|fail|false|untrusted_key', 'cache: a certificate of the old roots refused after a reload');
+$node->safe_psql('postgres', "SELECT callback_center.set_platform_keys('up', jsonb_build_object("
+	  . "'root', " . q_lit($root) . ", 'middle', " . q_lit($middle) . "))");
+is(s_callback($f), '200|ok|true|paid', 'cache: accepted again under its roots');
+
+# More certificates than the cache keeps (64): 70 of one key, all checked,
+# then the first again and a notification.
+run_ok('openssl', 'req', '-new', '-key', "$dir/sign.key", '-out', "$dir/many.csr", '-subj', '/CN=many');
+my @many;
+for my $i (1 .. 70)
+{
+	run_ok('openssl', 'x509', '-req', '-in', "$dir/many.csr", '-CA', "$dir/middle.crt", '-CAkey',
+		"$dir/middle.key", '-set_serial', 1000 + $i, '-days', '2', '-out', "$dir/many$i.crt");
+	push @many, slurp("$dir/many$i.crt");
+}
+my $many_sql = "SELECT count(*) FILTER (WHERE (callback_center._x509_chain_check(c, "
+  . "ARRAY(SELECT pem FROM callback_center.provider_keys WHERE provider = 'up' ORDER BY key_id), NULL)).verdict = 'ok')"
+  . " FROM unnest(ARRAY[" . join(', ', map { q_lit($_) } @many) . "]) c";
+is($s->query_safe($many_sql), '70', 'cache: 70 certificates checked in one backend');
+is($s->query_safe("SELECT (callback_center._x509_chain_check(" . q_lit($many[0]) . ", "
+	  . "ARRAY(SELECT pem FROM callback_center.provider_keys WHERE provider = 'up' ORDER BY key_id), NULL)).verdict"),
+	'ok', 'cache: the first again, after it was replaced');
+($f) = up_notify(orderId => 'up-c3', txnAmt => '100');
+is(s_callback($f), '200|ok|true|paid', 'cache: a notification after the replacements');
+$s->quit;
 
 $node->stop;
 done_testing();

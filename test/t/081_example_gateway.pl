@@ -85,6 +85,12 @@ my $bad = '{"type": "payment.succeeded", "data": "\\!"';
 is(post('/pay/acme', signed_headers('gw-m4', $bad), $bad),
 	'400|{"reason": "unreadable payment message", "received": false}',
 	'an unreadable signed body, first in its session: refused once with 400');
+# The body travels as bytes (the bytea overload): bytes that are not UTF-8
+# reach the database, which answers for the scheme.
+my $latin1 = "{\"type\": \"x\", \"data\": \"caf\xe9\"}";
+is(post('/pay/acme', signed_headers('gw-m5', 'x'), $latin1),
+	'400|{"received":false,"reason":"malformed body"}',
+	'a body that is not UTF-8 gets the database\'s answer');
 like(post('/pay/nosuch', {}, 'x'), qr/^500\|/, 'an unknown provider is the operator\'s problem: 500');
 like(post('/elsewhere', {}, 'x'), qr/^404\|/, 'other paths: 404');
 
