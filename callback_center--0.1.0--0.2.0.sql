@@ -7917,8 +7917,9 @@ LANGUAGE C VOLATILE;
 -- serial of the merchant API certificate for WeChat Pay, the certId of the
 -- signing certificate for UnionPay; none for Alipay) and options
 -- (notify_url: WeChat Pay's refund notification URL; back_url: UnionPay's
--- backUrl).  Replaces what was loaded.  Refused, with nothing written:
--- 22004 NULL, CB033 unknown provider, 22023 a provider whose scheme has no
+-- backUrl; Alipay's certificate mode: app_cert_sn and
+-- alipay_root_cert_sn, sent with every request).  Replaces what was
+-- loaded.  Refused, with nothing written: 22004 NULL, CB033 unknown provider, 22023 a provider whose scheme has no
 -- outbound API, a bad merchant id, key (detail says why, never quoting
 -- it), serial or option.
 CREATE FUNCTION callback_center.set_merchant(provider text, merchant_id text,
@@ -7977,12 +7978,21 @@ BEGIN
     END IF;
     FOR opt IN SELECT o.key, o.value FROM jsonb_each(set_merchant.options) o LOOP
         IF NOT ((v_scheme = 'wechatpay_v3' AND opt.key = 'notify_url')
-                OR (v_scheme = 'unionpay' AND opt.key = 'back_url')) THEN
+                OR (v_scheme = 'unionpay' AND opt.key = 'back_url')
+                OR (v_scheme = 'alipay' AND opt.key IN ('app_cert_sn', 'alipay_root_cert_sn'))) THEN
             RAISE EXCEPTION USING ERRCODE = '22023',
-                MESSAGE = format('unknown option "%s" for a %s merchant', opt.key, v_scheme),
-                HINT = 'wechatpay_v3 takes notify_url, unionpay back_url; alipay none.';
+                MESSAGE = format('unknown option "%s" for %s merchants', opt.key, v_scheme),
+                HINT = 'wechatpay_v3 takes notify_url, unionpay back_url, alipay (certificate mode) app_cert_sn and alipay_root_cert_sn.';
         END IF;
-        IF jsonb_typeof(opt.value) <> 'string' OR length(opt.value #>> '{}') > 2048
+        IF opt.key IN ('app_cert_sn', 'alipay_root_cert_sn') THEN
+            -- SNs: hex MD5s, several joined by "_" for the root.
+            IF jsonb_typeof(opt.value) <> 'string'
+               OR (opt.value #>> '{}') !~ '^[0-9a-f]{32}(_[0-9a-f]{32})*$' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('invalid option "%s"', opt.key),
+                    DETAIL = 'The value is an Alipay certificate SN (callback_center.alipay_cert_sn() of the certificate, alipay_root_cert_sn() of the root file).';
+            END IF;
+        ELSIF jsonb_typeof(opt.value) <> 'string' OR length(opt.value #>> '{}') > 2048
            OR (opt.value #>> '{}') !~ '^https?://[^[:space:][:cntrl:]]+$' THEN
             RAISE EXCEPTION USING ERRCODE = '22023',
                 MESSAGE = format('invalid option "%s"', opt.key),
@@ -8233,6 +8243,10 @@ BEGIN
         'sign_type', 'RSA2', 'version', '1.0', 'biz_content', biz::text,
         'timestamp', to_char(clock_timestamp() AT TIME ZONE 'Asia/Shanghai',
                              'YYYY-MM-DD HH24:MI:SS'));
+    -- Certificate mode: the application's and Alipay's root certificate SNs.
+    params := params || jsonb_strip_nulls(jsonb_build_object(
+        'app_cert_sn', m.options->>'app_cert_sn',
+        'alipay_root_cert_sn', m.options->>'alipay_root_cert_sn'));
     SELECT string_agg(p.key || '=' || (p.value #>> '{}'), '&' ORDER BY p.key COLLATE "C")
       INTO signed FROM jsonb_each(params) p WHERE (p.value #>> '{}') <> '';
     params := params || jsonb_build_object('sign',

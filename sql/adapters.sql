@@ -148,6 +148,10 @@ SELECT ad_err(format('SELECT callback_center.set_merchant(%L, %L, %L, %L, %L)', 
     '{"notify_url":"ftp://m.example/notify"}'));
 SELECT ad_err(format('SELECT callback_center.set_merchant(%L, %L, %L, %L, %L)', 'ad-wx', '1900000109', ad_key('key2048'), 'S1',
     '{"notify_url":42}'));
+SELECT ad_err(format('SELECT callback_center.set_merchant(%L, %L, %L, NULL, %L)', 'ad-ali', '2021000000000001', ad_key('key2048'),
+    '{"app_cert_sn":"not an sn"}'));
+SELECT ad_err(format('SELECT callback_center.set_merchant(%L, %L, %L, NULL, %L)', 'ad-ali', '2021000000000001', ad_key('key2048'),
+    '{"notify_url":"https://m.example/n"}'));
 SELECT ad_written();
 
 -- set_endpoint_format refuses, writing nothing.
@@ -160,7 +164,8 @@ SELECT ad_written();
 -- Accepted: shown without the key; loaded again, replaced.
 SELECT callback_center.set_merchant('ad-wx', '1900000109', ad_key('key2048'), 'MCHSERIAL0001',
     '{"notify_url":"https://m.example/wx/refund"}');
-SELECT callback_center.set_merchant('ad-ali', '2021000000000001', ad_key('key2048'));
+SELECT callback_center.set_merchant('ad-ali', '2021000000000001', ad_key('key2048'), NULL,
+    '{"app_cert_sn":"0123456789abcdef0123456789abcdef","alipay_root_cert_sn":"0123456789abcdef0123456789abcdef_fedcba9876543210fedcba9876543210"}');
 SELECT callback_center.set_merchant('ad-wx', '1900000110', ad_key('key2048'), 'MCHSERIAL0002');
 SELECT provider, format, merchant_id, key_serial, key_bits, options FROM callback_center.merchants ORDER BY provider;
 SELECT callback_center.set_endpoint_format('ad-api', 'wechatpay_v3');

@@ -307,15 +307,23 @@ sq(sprintf(q{SELECT callback_center.create_endpoint('alic-api', '%s/alipay-cert'
         NULL, '{"max_attempts": 2, "timeout_ms": 1000}');
     SELECT callback_center.set_endpoint_format('alic-api', 'alipay');
     SET log_statement = 'none';
-    SELECT callback_center.set_merchant('alic', '2021000000000002', %s);
+    SELECT callback_center.set_merchant('alic', '2021000000000002', %s, NULL,
+        jsonb_build_object('app_cert_sn', callback_center.alipay_cert_sn(%s),
+                           'alipay_root_cert_sn', callback_center.alipay_root_cert_sn(%s)));
     RESET log_statement;
     SELECT callback_center.set_provider_query_endpoint('alic', 'alic-api')},
-	$mock_url, quote($merchant_key)));
+	$mock_url, quote($merchant_key), quote($ali_cert), quote($ali_root)));
 mock_say(alipay_cert_sn => sq(sprintf(q{SELECT callback_center.alipay_cert_sn(%s)}, quote($ali_cert))));
 due_order('alic', 'alic-paid', 600, 'paid');
 ok($node->poll_query_until('postgres',
 		q{SELECT status = 'PAID' FROM callback_center.payments WHERE order_id = 'alic-paid'}),
 	'alipay certificate mode: the answer verified with the certificate it names');
+my ($alic) = grep { $_->{op} eq 'query' } mock_log('alic-paid');
+is(join(' ', map { $alic->{params}{$_} } qw(app_cert_sn alipay_root_cert_sn)),
+	sq(sprintf(q{SELECT callback_center.alipay_cert_sn(%s) || ' ' || callback_center.alipay_root_cert_sn(%s)},
+		quote($ali_cert), quote($ali_root))),
+	'alipay certificate mode: the requests carry app_cert_sn and alipay_root_cert_sn');
+ok($alic->{verified}, 'and are signed over them');
 mock_say(alipay_cert_sn => 'NOSUCHSN');
 due_order('alic', 'alic-unknown', 600, 'paid');
 ok($node->poll_query_until('postgres',
