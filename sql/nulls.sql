@@ -26,6 +26,7 @@ INSERT INTO null_meaningful VALUES
     ('purge', 'history_older_than', 'the same as older_than'),
     ('query_stuck_payments', 'older_than', 'callback_center.pay_query_after'),
     ('query_stuck_payments', 'min_interval', 'callback_center.pay_query_interval'),
+    ('set_merchant', 'key_serial', 'no certificate serial (alipay)'),
     ('replay_dead', 'endpoint', 'every endpoint (the range form)'),
     ('replay_dead', 'reason', 'no reason recorded'),
     ('rotate_endpoint_secret', 'new_secret', 'generate a whsec_ secret'),
