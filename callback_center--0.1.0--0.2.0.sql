@@ -7796,6 +7796,1413 @@ BEGIN
 END
 $fn$;
 
+-- ------------------------------------------------------------------------
+-- Payment channels, outbound (issue 14, sections 1 and 2): the adapter
+-- layer.  Endpoints get a format (standard_webhooks, wechatpay_v3, alipay,
+-- unionpay); merchant settings, provider_answers and the request builders
+-- and answer checks of 46_adapters.sql; the jobs worker asks the provider
+-- before closing an order whose payment was started (_orders_due,
+-- query_expired_orders, _apply_query_result, apply_provider_answers);
+-- query endpoints of a provider format need no https (their answers are
+-- verified); apply_query_answers leaves providers' answers to
+-- apply_provider_answers.
+-- ------------------------------------------------------------------------
+
+ALTER TABLE callback_center.endpoints
+    ADD COLUMN format text NOT NULL DEFAULT 'standard_webhooks'
+        CHECK (format IN ('standard_webhooks', 'wechatpay_v3', 'alipay', 'unionpay'));
+
+-- endpoint_config shows the format (a column at its end).
+CREATE OR REPLACE VIEW callback_center.endpoint_config AS
+SELECT e.id, e.name, e.url, e.event_types, e.timeout_ms, e.retry_schedule,
+       coalesce(e.max_attempts, cardinality(s.delays) + 1) AS max_attempts,
+       e.rate_limit_per_s, e.breaker_failure_ratio, e.breaker_window_s,
+       e.breaker_min_requests, e.breaker_open_ms, e.is_core, e.ordered,
+       e.enabled, e.created_at, e.updated_at, e.format
+  FROM callback_center.endpoints e
+  JOIN callback_center.retry_schedules s ON s.name = e.retry_schedule;
+-- Payment channels, outbound: the adapter layer (doc/adapters.md).  An
+-- endpoint whose format is a provider's (wechatpay_v3, alipay, unionpay)
+-- receives payment.query, payment.close, refund.request and refund.query
+-- events as that provider's own API calls: the delivery worker's claim
+-- builds each request here (_adapter_request: method, URL, headers, body,
+-- signed with the merchant's private key, fresh for every attempt), the
+-- worker sends it, checks the response here (_adapter_check: the
+-- provider's signature, then the answer normalized), and records the
+-- normalized answer with the attempt (_adapter_record, provider_answers).
+-- A response whose signature does not verify is a failed attempt, retried
+-- on the endpoint's schedule.  The jobs worker applies the answers
+-- (apply_provider_answers, 90_jobs.sql).
+--
+-- Where the material lives (nothing of it readable by the application, the
+-- private key readable by nobody but the extension's owner):
+--   merchant_settings   the merchant's id (WeChat Pay mchid, Alipay app_id,
+--                       UnionPay merId), RSA private key, certificate serial
+--                       (WeChat Pay serial_no, UnionPay certId), options
+--   provider_keys and providers.secrets (45_channels.sql) verify answers:
+--                       WeChat Pay platform keys, the Alipay public key,
+--                       UnionPay's root certificates
+
+-- The merchant's side of a provider, for outbound calls.  Loaded by
+-- set_merchant (admin); private_key is read only by _merchant_sign
+-- (src/merchant.c), never returned by any function.
+CREATE TABLE callback_center.merchant_settings (
+    provider    text PRIMARY KEY REFERENCES callback_center.providers (name)
+                ON DELETE CASCADE ON UPDATE CASCADE,
+    merchant_id text NOT NULL CHECK (merchant_id ~ '^[A-Za-z0-9_.-]{1,64}$'),
+    private_key text NOT NULL,
+    key_bits    integer NOT NULL CHECK (key_bits >= 2048),
+    key_serial  text CHECK (key_serial ~ '^[A-Za-z0-9]{1,128}$'),
+    options     jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE callback_center.merchant_settings IS
+    'Merchant ids, private keys and certificate serials for outbound provider calls; readable by the owner only';
+SELECT pg_catalog.pg_extension_config_dump('callback_center.merchant_settings', '');
+REVOKE ALL ON callback_center.merchant_settings FROM PUBLIC;
+
+-- The merchant settings without the private key (admin).
+CREATE VIEW callback_center.merchants AS
+    SELECT m.provider, p.scheme AS format, m.merchant_id, m.key_serial, m.key_bits,
+           m.options, m.updated_at
+      FROM callback_center.merchant_settings m
+      JOIN callback_center.providers p ON p.name = m.provider;
+REVOKE ALL ON callback_center.merchants FROM PUBLIC;
+GRANT SELECT ON callback_center.merchants TO callback_center_admin;
+
+-- Every answer a provider gave to an outbound call (or the worker's giving
+-- up on it), normalized, one row per event: kept in the transaction that
+-- records the attempt, applied once by the jobs worker (applied_at,
+-- outcome).  answer: see doc/adapters.md ("Normalized answers").
+CREATE TABLE callback_center.provider_answers (
+    outbox_id    bigint PRIMARY KEY,
+    endpoint_id  integer NOT NULL,
+    provider     text,
+    event_type   text NOT NULL,
+    aggregate_id text NOT NULL,
+    attempt      integer NOT NULL,
+    http_status  integer,
+    answer       jsonb NOT NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    applied_at   timestamptz,
+    outcome      text
+);
+COMMENT ON TABLE callback_center.provider_answers IS
+    'Normalized answers of payment providers to outbound calls, and how they were applied';
+CREATE INDEX provider_answers_pending ON callback_center.provider_answers (outbox_id)
+    WHERE applied_at IS NULL;
+SELECT pg_catalog.pg_extension_config_dump('callback_center.provider_answers', '');
+REVOKE ALL ON callback_center.provider_answers FROM PUBLIC;
+GRANT SELECT ON callback_center.provider_answers TO callback_center_admin;
+
+-- The C helpers (src/merchant.c).
+CREATE FUNCTION callback_center._merchant_key_bits(private_key text)
+RETURNS integer
+AS 'MODULE_PATHNAME', 'cc_merchant_key_bits'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION callback_center._merchant_sign(provider text, data bytea)
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_merchant_sign'
+LANGUAGE C VOLATILE;
+
+CREATE FUNCTION callback_center._adapter_nonce()
+RETURNS text
+AS 'MODULE_PATHNAME', 'cc_adapter_nonce'
+LANGUAGE C VOLATILE;
+
+-- Loads the merchant's side of a payment provider (admin): merchant_id
+-- (WeChat Pay mchid, Alipay app_id, UnionPay merId), the merchant's RSA
+-- private key (PEM, unencrypted, 2048 bits or more), key_serial (the
+-- serial of the merchant API certificate for WeChat Pay, the certId of the
+-- signing certificate for UnionPay; none for Alipay) and options
+-- (notify_url: WeChat Pay's refund notification URL; back_url: UnionPay's
+-- backUrl; Alipay's certificate mode: app_cert_sn and
+-- alipay_root_cert_sn, sent with every request).  Replaces what was
+-- loaded.  Refused, with nothing written: 22004 NULL, CB033 unknown provider, 22023 a provider whose scheme has no
+-- outbound API, a bad merchant id, key (detail says why, never quoting
+-- it), serial or option.
+CREATE FUNCTION callback_center.set_merchant(provider text, merchant_id text,
+    private_key text, key_serial text DEFAULT NULL, options jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    bits integer;
+    opt record;
+BEGIN
+    PERFORM callback_center._require(set_merchant.provider, 'provider');
+    PERFORM callback_center._require(set_merchant.merchant_id, 'merchant_id');
+    PERFORM callback_center._require(set_merchant.private_key, 'private_key');
+    PERFORM callback_center._require(set_merchant.options, 'options');
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = set_merchant.provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', set_merchant.provider);
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'alipay', 'unionpay') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('provider "%s" has scheme %s, which has no outbound API',
+                             set_merchant.provider, v_scheme),
+            HINT = 'Merchant settings are for wechatpay_v3, alipay and unionpay providers.';
+    END IF;
+    IF set_merchant.merchant_id !~ '^[A-Za-z0-9_.-]{1,64}$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'invalid merchant id',
+            DETAIL = 'A merchant id is 1 to 64 letters, digits, "_", "." or "-".';
+    END IF;
+    bits := callback_center._merchant_key_bits(set_merchant.private_key);
+    IF v_scheme IN ('wechatpay_v3', 'unionpay') AND set_merchant.key_serial IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('a %s merchant needs key_serial', v_scheme),
+            DETAIL = CASE WHEN v_scheme = 'wechatpay_v3'
+                          THEN 'WeChat Pay names the merchant API certificate by its serial number (serial_no).'
+                          ELSE 'UnionPay names the signing certificate by its certId.' END;
+    END IF;
+    IF v_scheme = 'alipay' AND set_merchant.key_serial IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'an alipay merchant takes no key_serial',
+            DETAIL = 'Alipay public-key mode names the application by app_id only.';
+    END IF;
+    IF set_merchant.key_serial !~ '^[A-Za-z0-9]{1,128}$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'invalid key serial',
+            DETAIL = 'A certificate serial or certId is 1 to 128 letters or digits.';
+    END IF;
+    IF jsonb_typeof(set_merchant.options) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'options must be a JSON object';
+    END IF;
+    FOR opt IN SELECT o.key, o.value FROM jsonb_each(set_merchant.options) o LOOP
+        IF NOT ((v_scheme = 'wechatpay_v3' AND opt.key = 'notify_url')
+                OR (v_scheme = 'unionpay' AND opt.key = 'back_url')
+                OR (v_scheme = 'alipay' AND opt.key IN ('app_cert_sn', 'alipay_root_cert_sn'))) THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('unknown option "%s" for %s merchants', opt.key, v_scheme),
+                HINT = 'wechatpay_v3 takes notify_url, unionpay back_url, alipay (certificate mode) app_cert_sn and alipay_root_cert_sn.';
+        END IF;
+        IF opt.key IN ('app_cert_sn', 'alipay_root_cert_sn') THEN
+            -- SNs: hex MD5s, several joined by "_" for the root.
+            IF jsonb_typeof(opt.value) <> 'string'
+               OR (opt.value #>> '{}') !~ '^[0-9a-f]{32}(_[0-9a-f]{32})*$' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('invalid option "%s"', opt.key),
+                    DETAIL = 'The value is an Alipay certificate SN (callback_center.alipay_cert_sn() of the certificate, alipay_root_cert_sn() of the root file).';
+            END IF;
+        ELSIF jsonb_typeof(opt.value) <> 'string' OR length(opt.value #>> '{}') > 2048
+           OR (opt.value #>> '{}') !~ '^https?://[^[:space:][:cntrl:]]+$' THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('invalid option "%s"', opt.key),
+                DETAIL = 'The value is an http:// or https:// URL of at most 2048 characters.';
+        END IF;
+    END LOOP;
+    INSERT INTO callback_center.merchant_settings AS m
+           (provider, merchant_id, private_key, key_bits, key_serial, options)
+    VALUES (set_merchant.provider, set_merchant.merchant_id, set_merchant.private_key, bits,
+            set_merchant.key_serial, set_merchant.options)
+    ON CONFLICT ON CONSTRAINT merchant_settings_pkey DO UPDATE
+       SET merchant_id = excluded.merchant_id, private_key = excluded.private_key,
+           key_bits = excluded.key_bits, key_serial = excluded.key_serial,
+           options = excluded.options, updated_at = now();
+END
+$$;
+
+-- Sets how requests to an endpoint are shaped (admin): standard_webhooks
+-- (the default: signed POSTs of the event) or a provider's API
+-- (wechatpay_v3, alipay, unionpay), whose requests go to the endpoint's
+-- URL as the provider's gateway.  22004 NULL, CB040 unknown endpoint,
+-- 22023 unknown format.
+CREATE FUNCTION callback_center.set_endpoint_format(endpoint text, format text)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ep_id integer;
+BEGIN
+    PERFORM callback_center._require(set_endpoint_format.endpoint, 'endpoint');
+    PERFORM callback_center._require(set_endpoint_format.format, 'format');
+    IF set_endpoint_format.format NOT IN ('standard_webhooks', 'wechatpay_v3', 'alipay', 'unionpay') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('unknown endpoint format "%s"', set_endpoint_format.format),
+            HINT = 'The formats are standard_webhooks, wechatpay_v3, alipay and unionpay.';
+    END IF;
+    ep_id := callback_center._endpoint_id(set_endpoint_format.endpoint, true);
+    UPDATE callback_center.endpoints e
+       SET format = set_endpoint_format.format, updated_at = now()
+     WHERE e.id = ep_id;
+END
+$$;
+
+-- s percent-encoded as RFC 3986 asks of a URL component or form value
+-- (UTF-8; unreserved characters kept).
+CREATE FUNCTION callback_center._url_encode(s text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE STRICT
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    b bytea := convert_to(s, 'UTF8');
+    out text := '';
+    c integer;
+    i integer;
+BEGIN
+    FOR i IN 0 .. length(b) - 1 LOOP
+        c := get_byte(b, i);
+        IF (c BETWEEN 48 AND 57) OR (c BETWEEN 65 AND 90) OR (c BETWEEN 97 AND 122)
+           OR c IN (45, 46, 95, 126) THEN
+            out := out || chr(c);
+        ELSE
+            out := out || '%' || upper(lpad(to_hex(c), 2, '0'));
+        END IF;
+    END LOOP;
+    RETURN out;
+END
+$$;
+
+-- cents as the decimal yuan string Alipay and the like expect ("88.88").
+CREATE FUNCTION callback_center._yuan(cents bigint)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT to_char(cents / 100.0, 'FM999999999999990.00')
+$$;
+
+-- The request of one event to a provider-format endpoint, as the delivery
+-- worker sends it (src/adapter.c reads it): "METHOD URL", header lines, an
+-- empty line, the body.  Signed now with the merchant's key, so every
+-- attempt (every claim) carries a fresh timestamp and nonce.  Raises, and
+-- the worker makes the event dead with the message: CB070 the provider has
+-- no merchant settings, CB071 the provider's scheme is not the endpoint's
+-- format, CB072 an event type the format does not send.
+CREATE FUNCTION callback_center._adapter_request(endpoint_id integer, event_type text,
+    aggregate_id text, payload jsonb)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ep record;
+    m callback_center.merchant_settings;
+    v_provider text := _adapter_request.payload->>'provider';
+    v_scheme text;
+BEGIN
+    SELECT e.url, e.format INTO ep FROM callback_center.endpoints e WHERE e.id = _adapter_request.endpoint_id;
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p WHERE p.name = v_provider;
+    SELECT * INTO m FROM callback_center.merchant_settings x WHERE x.provider = v_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB070',
+            MESSAGE = format('provider "%s" has no merchant settings', v_provider),
+            HINT = 'An administrator loads them with callback_center.set_merchant().';
+    END IF;
+    IF v_scheme IS DISTINCT FROM ep.format THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB071',
+            MESSAGE = format('provider "%s" has scheme %s, the endpoint format %s',
+                             v_provider, v_scheme, ep.format);
+    END IF;
+    IF ep.format = 'wechatpay_v3' THEN
+        RETURN callback_center._wechatpay_v3_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
+    ELSIF ep.format = 'alipay' THEN
+        RETURN callback_center._alipay_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
+    ELSIF ep.format = 'unionpay' THEN
+        RETURN callback_center._unionpay_request(ep.url, m, _adapter_request.event_type, _adapter_request.payload);
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'CB071',
+        MESSAGE = format('endpoint format %s has no adapter', ep.format);
+END
+$$;
+
+-- The "unsupported event" error of a format.
+CREATE FUNCTION callback_center._adapter_unsupported(format text, event_type text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = 'CB072',
+        MESSAGE = format('event type "%s" cannot be sent to a %s endpoint', _adapter_unsupported.event_type, _adapter_unsupported.format),
+        HINT = 'Provider endpoints take payment.query, payment.close, refund.request and refund.query.';
+END
+$$;
+
+-- WeChat Pay APIv3: JSON over HTTPS, Authorization WECHATPAY2-SHA256-RSA2048
+-- over "METHOD\nPATH?QUERY\nTIMESTAMP\nNONCE\nBODY\n" by the merchant key.
+CREATE FUNCTION callback_center._wechatpay_v3_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    base text := rtrim(_wechatpay_v3_request.url, '/');
+    method text;
+    path text;
+    body text := '';
+    full_url text;
+    signed_path text;
+    ts text := extract(epoch FROM clock_timestamp())::bigint::text;
+    nonce text := callback_center._adapter_nonce();
+    sig text;
+    req jsonb;
+BEGIN
+    IF _wechatpay_v3_request.event_type = 'payment.query' THEN
+        method := 'GET';
+        path := '/v3/pay/transactions/out-trade-no/'
+                || callback_center._url_encode(_wechatpay_v3_request.payload->>'order_id')
+                || '?mchid=' || callback_center._url_encode(m.merchant_id);
+    ELSIF _wechatpay_v3_request.event_type = 'payment.close' THEN
+        method := 'POST';
+        path := '/v3/pay/transactions/out-trade-no/'
+                || callback_center._url_encode(_wechatpay_v3_request.payload->>'order_id') || '/close';
+        body := jsonb_build_object('mchid', m.merchant_id)::text;
+    ELSIF _wechatpay_v3_request.event_type = 'refund.request' THEN
+        method := 'POST';
+        path := '/v3/refund/domestic/refunds';
+        req := jsonb_build_object(
+            'out_trade_no', _wechatpay_v3_request.payload->>'order_id',
+            'out_refund_no', _wechatpay_v3_request.payload->>'refund_id',
+            'amount', jsonb_build_object('refund', (_wechatpay_v3_request.payload->>'amount_cents')::bigint,
+                                         'total', (_wechatpay_v3_request.payload->>'total_cents')::bigint,
+                                         'currency', coalesce(_wechatpay_v3_request.payload->>'currency', 'CNY')));
+        IF _wechatpay_v3_request.payload->>'provider_txn_id' IS NOT NULL THEN
+            req := req || jsonb_build_object('transaction_id', _wechatpay_v3_request.payload->>'provider_txn_id');
+        END IF;
+        IF _wechatpay_v3_request.payload->>'reason' IS NOT NULL THEN
+            req := req || jsonb_build_object('reason', left(_wechatpay_v3_request.payload->>'reason', 80));
+        END IF;
+        IF m.options->>'notify_url' IS NOT NULL THEN
+            req := req || jsonb_build_object('notify_url', m.options->>'notify_url');
+        END IF;
+        body := req::text;
+    ELSIF _wechatpay_v3_request.event_type = 'refund.query' THEN
+        method := 'GET';
+        path := '/v3/refund/domestic/refunds/' || callback_center._url_encode(_wechatpay_v3_request.payload->>'refund_id');
+    ELSE
+        PERFORM callback_center._adapter_unsupported('wechatpay_v3', _wechatpay_v3_request.event_type);
+    END IF;
+    full_url := base || path;
+    -- The signed path is the request URL's absolute path with its query.
+    signed_path := coalesce(substring(full_url FROM '^[A-Za-z]+://[^/?#]+(/[^#]*)$'), path);
+    sig := callback_center._merchant_sign(m.provider,
+        convert_to(method || E'\n' || signed_path || E'\n' || ts || E'\n' || nonce || E'\n'
+                   || body || E'\n', 'UTF8'));
+    RETURN method || ' ' || full_url || E'\n'
+        || format('Authorization: WECHATPAY2-SHA256-RSA2048 mchid="%s",nonce_str="%s",signature="%s",timestamp="%s",serial_no="%s"',
+                  m.merchant_id, nonce, sig, ts, m.key_serial) || E'\n'
+        || E'Accept: application/json\n'
+        || E'Content-Type: application/json\n'
+        || E'\n' || body;
+END
+$$;
+
+-- Alipay OpenAPI: a form POST to the gateway of app_id, method, format,
+-- charset, sign_type RSA2, timestamp (Beijing time), version and
+-- biz_content, signed over "k=v&..." of every non-empty parameter but
+-- sign, sorted by name.
+CREATE FUNCTION callback_center._alipay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    api text;
+    biz jsonb;
+    params jsonb;
+    signed text;
+    body text;
+BEGIN
+    IF _alipay_request.event_type = 'payment.query' THEN
+        api := 'alipay.trade.query';
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id');
+    ELSIF _alipay_request.event_type = 'payment.close' THEN
+        api := 'alipay.trade.close';
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id');
+    ELSIF _alipay_request.event_type = 'refund.request' THEN
+        api := 'alipay.trade.refund';
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id',
+                                  'out_request_no', _alipay_request.payload->>'refund_id',
+                                  'refund_amount',
+                                  callback_center._yuan((_alipay_request.payload->>'amount_cents')::bigint));
+        IF _alipay_request.payload->>'reason' IS NOT NULL THEN
+            biz := biz || jsonb_build_object('refund_reason', left(_alipay_request.payload->>'reason', 256));
+        END IF;
+    ELSIF _alipay_request.event_type = 'refund.query' THEN
+        api := 'alipay.trade.fastpay.refund.query';
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id',
+                                  'out_request_no', _alipay_request.payload->>'refund_id');
+    ELSE
+        PERFORM callback_center._adapter_unsupported('alipay', _alipay_request.event_type);
+    END IF;
+    params := jsonb_build_object(
+        'app_id', m.merchant_id, 'method', api, 'format', 'JSON', 'charset', 'utf-8',
+        'sign_type', 'RSA2', 'version', '1.0', 'biz_content', biz::text,
+        'timestamp', to_char(clock_timestamp() AT TIME ZONE 'Asia/Shanghai',
+                             'YYYY-MM-DD HH24:MI:SS'));
+    -- Certificate mode: the application's and Alipay's root certificate SNs.
+    params := params || jsonb_strip_nulls(jsonb_build_object(
+        'app_cert_sn', m.options->>'app_cert_sn',
+        'alipay_root_cert_sn', m.options->>'alipay_root_cert_sn'));
+    SELECT string_agg(p.key || '=' || (p.value #>> '{}'), '&' ORDER BY p.key COLLATE "C")
+      INTO signed FROM jsonb_each(params) p WHERE (p.value #>> '{}') <> '';
+    params := params || jsonb_build_object('sign',
+        callback_center._merchant_sign(m.provider, convert_to(signed, 'UTF8')));
+    SELECT string_agg(p.key || '=' || callback_center._url_encode(p.value #>> '{}'), '&'
+                      ORDER BY p.key COLLATE "C")
+      INTO body FROM jsonb_each(params) p;
+    RETURN 'POST ' || _alipay_request.url || E'\n'
+        || E'Content-Type: application/x-www-form-urlencoded;charset=utf-8\n'
+        || E'\n' || body;
+END
+$$;
+
+-- UnionPay acp 5.1.0 back-channel requests: a form POST of sorted k=v
+-- fields, signMethod 01, certId of the merchant's signing certificate and
+-- signature = base64(SHA256withRSA(hex(SHA-256("k=v&..." sorted)))).  A
+-- query goes to /gateway/api/queryTrans.do, a refund to
+-- /gateway/api/backTransReq.do under the endpoint's URL.  UnionPay has no
+-- close of an unpaid order (an order ends at its payTimeout), so no
+-- payment.close is ever sent to a unionpay endpoint (90_jobs.sql).
+CREATE FUNCTION callback_center._unionpay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    base text := rtrim(_unionpay_request.url, '/');
+    path text;
+    f jsonb;
+    started timestamptz;
+    signed text;
+    body text;
+    now_bj text := to_char(clock_timestamp() AT TIME ZONE 'Asia/Shanghai', 'YYYYMMDDHH24MISS');
+BEGIN
+    f := jsonb_build_object('version', '5.1.0', 'encoding', 'UTF-8', 'signMethod', '01',
+                            'certId', m.key_serial, 'merId', m.merchant_id, 'accessType', '0');
+    IF _unionpay_request.event_type = 'payment.query' THEN
+        -- The order is named by orderId and the txnTime it was sent with:
+        -- the time its payment started (start_payment), in Beijing time.
+        SELECT p.updated_at INTO started FROM callback_center.payments p
+         WHERE p.order_id = _unionpay_request.payload->>'order_id';
+        path := '/gateway/api/queryTrans.do';
+        f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
+                                     'orderId', _unionpay_request.payload->>'order_id',
+                                     'txnTime', to_char(coalesce(started, clock_timestamp())
+                                                        AT TIME ZONE 'Asia/Shanghai',
+                                                        'YYYYMMDDHH24MISS'));
+    ELSIF _unionpay_request.event_type = 'refund.request' THEN
+        path := '/gateway/api/backTransReq.do';
+        f := f || jsonb_build_object('txnType', '04', 'txnSubType', '00', 'bizType', '000201',
+                                     'channelType', '07', 'currencyCode', '156',
+                                     'orderId', _unionpay_request.payload->>'refund_id', 'txnTime', now_bj,
+                                     'origQryId', _unionpay_request.payload->>'provider_txn_id',
+                                     'txnAmt', (_unionpay_request.payload->>'amount_cents')::bigint::text);
+        IF m.options->>'back_url' IS NOT NULL THEN
+            f := f || jsonb_build_object('backUrl', m.options->>'back_url');
+        END IF;
+    ELSIF _unionpay_request.event_type = 'refund.query' THEN
+        path := '/gateway/api/queryTrans.do';
+        f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
+                                     'orderId', _unionpay_request.payload->>'refund_id', 'txnTime', now_bj);
+    ELSE
+        PERFORM callback_center._adapter_unsupported('unionpay', _unionpay_request.event_type);
+    END IF;
+    SELECT string_agg(x.key || '=' || (x.value #>> '{}'), '&' ORDER BY x.key COLLATE "C")
+      INTO signed FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
+    f := f || jsonb_build_object('signature',
+        callback_center._merchant_sign(m.provider,
+            convert_to(encode(sha256(convert_to(signed, 'UTF8')), 'hex'), 'UTF8')));
+    SELECT string_agg(x.key || '=' || callback_center._url_encode(x.value #>> '{}'), '&'
+                      ORDER BY x.key COLLATE "C")
+      INTO body FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
+    RETURN 'POST ' || base || path || E'\n'
+        || E'Content-Type: application/x-www-form-urlencoded;charset=UTF-8\n'
+        || E'\n' || body;
+END
+$$;
+
+-- The normalized answer for an event type: payment.* {status, ...} with
+-- status error, refund.* the refunds' contract with status unknown.
+CREATE FUNCTION callback_center._adapter_error_answer(event_type text, payload jsonb,
+    error text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT CASE WHEN _adapter_error_answer.event_type LIKE 'refund.%'
+                THEN jsonb_build_object('refund_id', _adapter_error_answer.payload->>'refund_id', 'status', 'unknown',
+                                        'provider_refund_id', NULL, 'amount_cents', NULL,
+                                        'error', _adapter_error_answer.error)
+                ELSE jsonb_build_object('status', 'error', 'error', _adapter_error_answer.error) END
+$$;
+
+-- A WeChat Pay APIv3 answer, normalized (its signature already checked).
+-- payment.query: trade_state SUCCESS -> paid; NOTPAY, USERPAYING -> unpaid;
+-- CLOSED, REVOKED -> closed; PAYERROR -> failed; REFUND -> paid (it was
+-- paid); 404 ORDER_NOT_EXIST -> not_found.  payment.close: 204 -> closed.
+-- refund.*: status SUCCESS / PROCESSING / ABNORMAL, CLOSED.  Any other
+-- answer (a 4xx with code and message) -> error.
+CREATE FUNCTION callback_center._wechatpay_v3_answer(event_type text, payload jsonb,
+    status integer, body text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    j jsonb;
+    st text;
+BEGIN
+    IF _wechatpay_v3_answer.body <> '' THEN
+        j := _wechatpay_v3_answer.body::jsonb;
+    END IF;
+    IF _wechatpay_v3_answer.status NOT BETWEEN 200 AND 299 THEN
+        IF _wechatpay_v3_answer.event_type = 'payment.query' AND j->>'code' = 'ORDER_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', j->>'code');
+        END IF;
+        RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+            format('HTTP %s %s: %s', _wechatpay_v3_answer.status, j->>'code', j->>'message'));
+    END IF;
+    IF _wechatpay_v3_answer.event_type = 'payment.query' THEN
+        IF j->>'out_trade_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('the answer is about order "%s"', j->>'out_trade_no'));
+        END IF;
+        st := CASE j->>'trade_state'
+                WHEN 'SUCCESS' THEN 'paid' WHEN 'REFUND' THEN 'paid'
+                WHEN 'NOTPAY' THEN 'unpaid' WHEN 'USERPAYING' THEN 'unpaid'
+                WHEN 'CLOSED' THEN 'closed' WHEN 'REVOKED' THEN 'closed'
+                WHEN 'PAYERROR' THEN 'failed' END;
+        IF st IS NULL THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('unknown trade_state "%s"', j->>'trade_state'));
+        END IF;
+        RETURN jsonb_build_object('status', st, 'provider_status', j->>'trade_state',
+                                  'txn_id', j->>'transaction_id',
+                                  'amount_cents', (j->'amount'->>'total')::bigint,
+                                  'currency', j->'amount'->>'currency');
+    ELSIF _wechatpay_v3_answer.event_type = 'payment.close' THEN
+        RETURN jsonb_build_object('status', 'closed');
+    ELSE
+        IF j->>'out_refund_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'refund_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('the answer is about refund "%s"', j->>'out_refund_no'));
+        END IF;
+        RETURN jsonb_build_object(
+            'refund_id', _wechatpay_v3_answer.payload->>'refund_id',
+            'status', CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
+                                        WHEN 'PROCESSING' THEN 'processing'
+                                        WHEN 'ABNORMAL' THEN 'failed'
+                                        WHEN 'CLOSED' THEN 'failed' ELSE 'unknown' END,
+            'provider_refund_id', j->>'refund_id',
+            'amount_cents', (j->'amount'->>'refund')::bigint,
+            'error', CASE WHEN j->>'status' IN ('SUCCESS', 'PROCESSING') THEN NULL
+                          ELSE j->>'status' END);
+    END IF;
+END
+$$;
+
+-- The value of node in an Alipay response, as the exact bytes Alipay
+-- signed: the JSON object after "node": up to its matching brace (strings
+-- and their escapes skipped), whatever members follow it (sign,
+-- alipay_cert_sn); NULL when the body has no such object.
+CREATE FUNCTION callback_center._alipay_node_text(body text, node text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    start integer := strpos(_alipay_node_text.body, '"' || _alipay_node_text.node || '":');
+    i integer;
+    n integer := length(_alipay_node_text.body);
+    c text;
+    depth integer := 0;
+    in_string boolean := false;
+BEGIN
+    IF start = 0 THEN
+        RETURN NULL;
+    END IF;
+    i := start + length(_alipay_node_text.node) + 3;
+    WHILE i <= n AND substr(_alipay_node_text.body, i, 1) IN (' ', E'\t', E'\n', E'\r') LOOP
+        i := i + 1;
+    END LOOP;
+    IF substr(_alipay_node_text.body, i, 1) <> '{' THEN
+        RETURN NULL;
+    END IF;
+    start := i;
+    WHILE i <= n LOOP
+        c := substr(_alipay_node_text.body, i, 1);
+        IF in_string THEN
+            IF c = '\' THEN
+                i := i + 1;
+            ELSIF c = '"' THEN
+                in_string := false;
+            END IF;
+        ELSIF c = '"' THEN
+            in_string := true;
+        ELSIF c = '{' THEN
+            depth := depth + 1;
+        ELSIF c = '}' THEN
+            depth := depth - 1;
+            IF depth = 0 THEN
+                RETURN substr(_alipay_node_text.body, start, i - start + 1);
+            END IF;
+        END IF;
+        i := i + 1;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+-- An Alipay answer, normalized (its signature already checked).  code
+-- 10000 is success; 40004 with sub_code ACQ.TRADE_NOT_EXIST to a query is
+-- not_found; any other code an error.  trade_status TRADE_SUCCESS and
+-- TRADE_FINISHED -> paid, WAIT_BUYER_PAY -> unpaid, TRADE_CLOSED -> closed.
+-- A refund: fund_change Y (or a refund query's refund_status
+-- REFUND_SUCCESS) -> success, else processing.
+CREATE FUNCTION callback_center._alipay_answer(event_type text, payload jsonb,
+    node jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    st text;
+BEGIN
+    IF _alipay_answer.node->>'code' IS DISTINCT FROM '10000' THEN
+        IF _alipay_answer.event_type = 'payment.query' AND _alipay_answer.node->>'sub_code' = 'ACQ.TRADE_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', _alipay_answer.node->>'sub_code');
+        END IF;
+        RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+            format('%s %s: %s', _alipay_answer.node->>'code', _alipay_answer.node->>'sub_code',
+                   coalesce(_alipay_answer.node->>'sub_msg', _alipay_answer.node->>'msg')));
+    END IF;
+    IF _alipay_answer.event_type = 'payment.query' THEN
+        IF _alipay_answer.node->>'out_trade_no' IS DISTINCT FROM _alipay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('the answer is about order "%s"', _alipay_answer.node->>'out_trade_no'));
+        END IF;
+        st := CASE _alipay_answer.node->>'trade_status'
+                WHEN 'TRADE_SUCCESS' THEN 'paid' WHEN 'TRADE_FINISHED' THEN 'paid'
+                WHEN 'WAIT_BUYER_PAY' THEN 'unpaid' WHEN 'TRADE_CLOSED' THEN 'closed' END;
+        IF st IS NULL THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('unknown trade_status "%s"', _alipay_answer.node->>'trade_status'));
+        END IF;
+        RETURN jsonb_build_object('status', st, 'provider_status', _alipay_answer.node->>'trade_status',
+                                  'txn_id', _alipay_answer.node->>'trade_no',
+                                  'amount_cents',
+                                  round((_alipay_answer.node->>'total_amount')::numeric * 100)::bigint,
+                                  'currency', 'CNY');
+    ELSIF _alipay_answer.event_type = 'payment.close' THEN
+        RETURN jsonb_build_object('status', 'closed');
+    ELSIF _alipay_answer.event_type = 'refund.request' THEN
+        RETURN jsonb_build_object(
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
+            'provider_refund_id', _alipay_answer.node->>'trade_no',
+            'amount_cents', round((_alipay_answer.node->>'refund_fee')::numeric * 100)::bigint,
+            'error', NULL);
+    ELSE
+        RETURN jsonb_build_object(
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
+                           ELSE 'processing' END,
+            'provider_refund_id', _alipay_answer.node->>'trade_no',
+            'amount_cents', round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint,
+            'error', NULL);
+    END IF;
+END
+$$;
+
+-- A UnionPay answer, normalized (its signature already checked).  A query:
+-- respCode 00 and origRespCode 00 -> paid, origRespCode 03/04/05 ->
+-- unpaid (still processing), another origRespCode -> failed; respCode 34
+-- (no such transaction) -> not_found.  A refund request: respCode 00 ->
+-- processing (the result comes in the notification).  A refund query:
+-- origRespCode 00 -> success, 03/04/05 -> processing, else failed.
+CREATE FUNCTION callback_center._unionpay_answer(event_type text, payload jsonb,
+    f jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    orig text := f->>'origRespCode';
+BEGIN
+    IF _unionpay_answer.event_type = 'payment.query' THEN
+        IF f->>'respCode' = '34' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', '34');
+        END IF;
+        IF f->>'respCode' IS DISTINCT FROM '00' THEN
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
+                format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
+        END IF;
+        IF f->>'orderId' IS DISTINCT FROM _unionpay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
+                format('the answer is about order "%s"', f->>'orderId'));
+        END IF;
+        RETURN jsonb_build_object(
+            'status', CASE WHEN orig = '00' THEN 'paid'
+                           WHEN orig IN ('03', '04', '05') THEN 'unpaid' ELSE 'failed' END,
+            'provider_status', orig, 'txn_id', f->>'queryId',
+            'amount_cents', (f->>'txnAmt')::bigint, 'currency', 'CNY');
+    ELSIF _unionpay_answer.event_type = 'refund.request' THEN
+        RETURN jsonb_build_object(
+            'refund_id', _unionpay_answer.payload->>'refund_id',
+            'status', CASE WHEN f->>'respCode' = '00' THEN 'processing' ELSE 'failed' END,
+            'provider_refund_id', f->>'queryId',
+            'amount_cents', (f->>'txnAmt')::bigint,
+            'error', CASE WHEN f->>'respCode' = '00' THEN NULL
+                          ELSE format('respCode %s: %s', f->>'respCode', f->>'respMsg') END);
+    ELSE
+        IF f->>'respCode' IS DISTINCT FROM '00' THEN
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
+                format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
+        END IF;
+        RETURN jsonb_build_object(
+            'refund_id', _unionpay_answer.payload->>'refund_id',
+            'status', CASE WHEN orig = '00' THEN 'success'
+                           WHEN orig IN ('03', '04', '05') THEN 'processing' ELSE 'failed' END,
+            'provider_refund_id', f->>'queryId',
+            'amount_cents', (f->>'txnAmt')::bigint,
+            'error', CASE WHEN orig IN ('00', '03', '04', '05') THEN NULL
+                          ELSE format('origRespCode %s: %s', orig, f->>'origRespMsg') END);
+    END IF;
+END
+$$;
+
+-- A UnionPay back-channel answer (a form, acp 5.1.0, signMethod 01)
+-- verified as _unionpay_parse verifies notifications: signPubKeyCert
+-- chained to the loaded roots and naming the organisation, then the
+-- signature over the hex SHA-256 of the sorted fields.  Unlike a
+-- notification an answer need not carry a queryId (respCode 34, no such
+-- transaction, names none).  failure is NULL when it verifies, with
+-- fields every field decoded; else why not.
+CREATE FUNCTION callback_center._unionpay_answer_fields(provider text, secrets text[],
+    body text, OUT failure text, OUT fields jsonb)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    cert bytea;
+    cert_pem text;
+    sig bytea;
+    cas text[];
+    chk record;
+    content bytea;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(_unionpay_answer_fields.body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body';
+        RETURN;
+    END IF;
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature';
+        RETURN;
+    END IF;
+    sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = _unionpay_answer_fields.provider;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, coalesce(cas, '{}'), _unionpay_answer_fields.secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := 'untrusted_key: ' || chk.verdict;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature';
+        RETURN;
+    END IF;
+    SELECT jsonb_object_agg(x.nm, convert_from(x.v, 'UTF8')) INTO fields
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('signature', 'signPubKeyCert');
+END
+$$;
+
+-- Checks one response of a provider-format endpoint, as the delivery
+-- worker judges it (src/delivery.c): ok when the provider's signature
+-- verifies (wechatpay_v3: the Wechatpay-* headers, within the provider's
+-- timestamp tolerance, and the platform key; alipay: the *_response
+-- node's exact bytes and the Alipay public key, or in certificate mode the
+-- certificate alipay_cert_sn names, chained to a loaded root; unionpay: as its
+-- notifications, signPubKeyCert chained to the loaded root), with answer
+-- the normalized answer; else ok false and error why (the attempt failed:
+-- retried on the schedule, never applied).  headers are the captured
+-- "Name: value" lines.  Never raises.
+CREATE FUNCTION callback_center._adapter_check(outbox_id bigint, http_status integer,
+    headers text, body text, OUT ok boolean, OUT answer jsonb, OUT error text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ob record;
+    pr callback_center.providers;
+    h jsonb := '{}';
+    line text;
+    ts text;
+    nonce text;
+    sig text;
+    serial text;
+    key_pem text;
+    why text;
+    node text;
+    parsed jsonb;
+    s text;
+    up record;
+    f jsonb;
+    cas text[];
+BEGIN
+    ok := false;
+    SELECT o.event_type, o.payload, e.format INTO ob
+      FROM callback_center.outbox o JOIN callback_center.endpoints e ON e.id = o.endpoint_id
+     WHERE o.id = _adapter_check.outbox_id;
+    IF NOT FOUND THEN
+        error := 'the event or its endpoint is gone';
+        RETURN;
+    END IF;
+    SELECT * INTO pr FROM callback_center.providers p WHERE p.name = ob.payload->>'provider';
+    IF NOT FOUND THEN
+        error := format('provider "%s" is gone', ob.payload->>'provider');
+        RETURN;
+    END IF;
+    BEGIN
+        IF ob.format = 'wechatpay_v3' THEN
+            FOREACH line IN ARRAY string_to_array(coalesce(_adapter_check.headers, ''), E'\n') LOOP
+                CONTINUE WHEN strpos(line, ':') = 0;
+                h := h || jsonb_build_object(lower(split_part(line, ':', 1)),
+                                             btrim(substr(line, strpos(line, ':') + 1)));
+            END LOOP;
+            ts := h->>'wechatpay-timestamp';
+            nonce := h->>'wechatpay-nonce';
+            sig := h->>'wechatpay-signature';
+            serial := h->>'wechatpay-serial';
+            IF ts IS NULL OR nonce IS NULL OR sig IS NULL OR serial IS NULL THEN
+                error := 'the response carries no Wechatpay-Signature, -Timestamp, -Nonce and -Serial';
+                RETURN;
+            END IF;
+            IF ts !~ '^[0-9]{1,12}$' OR abs(extract(epoch FROM now()) - ts::bigint)
+               > extract(epoch FROM callback_center._channel_tolerance(pr.tolerance)) THEN
+                error := 'the response''s Wechatpay-Timestamp is outside the tolerance';
+                RETURN;
+            END IF;
+            SELECT pk.pem INTO key_pem FROM callback_center.provider_keys pk
+             WHERE pk.provider = pr.name AND pk.key_id = serial;
+            IF NOT FOUND THEN
+                error := format('the response is signed by unknown platform key "%s"', left(serial, 128));
+                RETURN;
+            END IF;
+            why := callback_center._rsa_sha256_check(key_pem,
+                convert_to(ts || E'\n' || nonce || E'\n' || coalesce(_adapter_check.body, '') || E'\n', 'UTF8'),
+                decode(sig, 'base64'));
+            IF why IS NOT NULL THEN
+                error := 'the response signature does not verify: ' || why;
+                RETURN;
+            END IF;
+            answer := callback_center._wechatpay_v3_answer(ob.event_type, ob.payload,
+                                                           _adapter_check.http_status, coalesce(_adapter_check.body, ''));
+        ELSIF ob.format = 'alipay' THEN
+            node := CASE ob.event_type
+                WHEN 'payment.query' THEN 'alipay_trade_query_response'
+                WHEN 'payment.close' THEN 'alipay_trade_close_response'
+                WHEN 'refund.request' THEN 'alipay_trade_refund_response'
+                WHEN 'refund.query' THEN 'alipay_trade_fastpay_refund_query_response' END;
+            parsed := _adapter_check.body::jsonb;
+            s := callback_center._alipay_node_text(_adapter_check.body, node);
+            IF s IS NULL OR parsed->>'sign' IS NULL THEN
+                error := format('the response has no signed %s', node);
+                RETURN;
+            END IF;
+            why := 'signature does not match';
+            -- Public-key mode: the Alipay public keys of secrets.
+            FOREACH key_pem IN ARRAY coalesce(pr.secrets, '{}') LOOP
+                why := callback_center._rsa_sha256_check(key_pem, convert_to(s, 'UTF8'),
+                                                         decode(parsed->>'sign', 'base64'));
+                EXIT WHEN why IS NULL;
+            END LOOP;
+            -- Certificate mode, as for notifications: the Alipay public-key
+            -- certificate the answer's alipay_cert_sn names (else each),
+            -- chained to a loaded root now; roots sign nothing.
+            IF why IS NOT NULL THEN
+                SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+                  FROM callback_center.provider_keys pk WHERE pk.provider = pr.name;
+                FOR key_pem IN SELECT pk.pem FROM callback_center.provider_keys pk
+                                WHERE pk.provider = pr.name
+                                  AND (parsed->>'alipay_cert_sn' IS NULL
+                                       OR pk.key_id = parsed->>'alipay_cert_sn')
+                                ORDER BY pk.key_id LOOP
+                    CONTINUE WHEN (callback_center._x509_chain_check(key_pem, ARRAY[key_pem], NULL)).verdict = 'ok';
+                    CONTINUE WHEN (callback_center._x509_chain_check(key_pem, cas, NULL)).verdict <> 'ok';
+                    why := callback_center._rsa_sha256_check(key_pem, convert_to(s, 'UTF8'),
+                                                             decode(parsed->>'sign', 'base64'));
+                    EXIT WHEN why IS NULL;
+                END LOOP;
+            END IF;
+            IF why IS NOT NULL THEN
+                error := 'the response signature does not verify: ' || why;
+                RETURN;
+            END IF;
+            answer := callback_center._alipay_answer(ob.event_type, ob.payload, s::jsonb);
+        ELSIF ob.format = 'unionpay' THEN
+            up := callback_center._unionpay_answer_fields(pr.name, pr.secrets, coalesce(_adapter_check.body, ''));
+            IF up.failure IS NOT NULL THEN
+                error := 'the response does not verify: ' || up.failure;
+                RETURN;
+            END IF;
+            answer := callback_center._unionpay_answer(ob.event_type, ob.payload, up.fields);
+        ELSE
+            error := format('endpoint format %s has no adapter', ob.format);
+            RETURN;
+        END IF;
+        ok := true;
+    EXCEPTION WHEN OTHERS THEN
+        ok := false;
+        answer := NULL;
+        error := format('the response cannot be read: %s', SQLERRM);
+    END;
+END
+$$;
+
+-- Keeps, with the attempts the delivery worker records (same
+-- transaction), the normalized answers of provider-format events that are
+-- done: delivered (answers[i], checked by _adapter_check) or dead
+-- (errors[i]: an error answer in the event's shape).  A replayed event's
+-- new answer replaces the old one, to be applied again.
+CREATE FUNCTION callback_center._adapter_record(ids bigint[], attempts integer[],
+    statuses integer[], answers jsonb[], errors text[])
+RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+    INSERT INTO callback_center.provider_answers AS a
+           (outbox_id, endpoint_id, provider, event_type, aggregate_id, attempt, http_status,
+            answer)
+    SELECT o.id, o.endpoint_id, o.payload->>'provider', o.event_type, o.aggregate_id, r.attempt,
+           r.http_status,
+           coalesce(r.answer, callback_center._adapter_error_answer(o.event_type, o.payload,
+                                                                    coalesce(r.error, 'no answer')))
+      FROM ROWS FROM (unnest(ids), unnest(attempts), unnest(statuses), unnest(answers),
+                      unnest(errors)) AS r(id, attempt, http_status, answer, error)
+      JOIN callback_center.outbox o ON o.id = r.id
+    ON CONFLICT (outbox_id) DO UPDATE
+       SET attempt = excluded.attempt, http_status = excluded.http_status,
+           answer = excluded.answer, recorded_at = now(), applied_at = NULL, outcome = NULL
+$$;
+
+REVOKE ALL ON FUNCTION
+    callback_center._merchant_key_bits(text),
+    callback_center._merchant_sign(text, bytea),
+    callback_center._adapter_nonce(),
+    callback_center.set_merchant(text, text, text, text, jsonb),
+    callback_center.set_endpoint_format(text, text),
+    callback_center._url_encode(text),
+    callback_center._yuan(bigint),
+    callback_center._adapter_request(integer, text, text, jsonb),
+    callback_center._adapter_unsupported(text, text),
+    callback_center._wechatpay_v3_request(text, callback_center.merchant_settings, text, jsonb),
+    callback_center._alipay_request(text, callback_center.merchant_settings, text, jsonb),
+    callback_center._unionpay_request(text, callback_center.merchant_settings, text, jsonb),
+    callback_center._adapter_error_answer(text, jsonb, text),
+    callback_center._wechatpay_v3_answer(text, jsonb, integer, text),
+    callback_center._alipay_node_text(text, text),
+    callback_center._alipay_answer(text, jsonb, jsonb),
+    callback_center._unionpay_answer(text, jsonb, jsonb),
+    callback_center._unionpay_answer_fields(text, text[], text),
+    callback_center._adapter_check(bigint, integer, text, text),
+    callback_center._adapter_record(bigint[], integer[], integer[], jsonb[], text[])
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    callback_center.set_merchant(text, text, text, text, jsonb),
+    callback_center.set_endpoint_format(text, text)
+    TO callback_center_admin;
+-- The delivery worker (src/queue.c) builds requests, checks and keeps
+-- answers through these; they run as their owner (the worker role reads
+-- no merchant key, no provider key and writes no answer of its own).
+GRANT EXECUTE ON FUNCTION
+    callback_center._adapter_request(integer, text, text, jsonb),
+    callback_center._adapter_check(bigint, integer, text, text),
+    callback_center._adapter_record(bigint[], integer[], integer[], jsonb[], text[])
+    TO callback_center_worker;
+
+-- callback_center.close_query_max_wait: how long after its deadline an
+-- order whose provider is asked first may wait for an answer.
+CREATE FUNCTION callback_center._close_query_max_wait()
+RETURNS interval
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT coalesce(nullif(current_setting('callback_center.close_query_max_wait', true), '')::interval,
+                    interval '10 minutes')
+$$;
+
+-- The payments whose provider is asked before their order is closed:
+-- PAYING with a provider whose (enabled) query endpoint speaks the
+-- provider's API, with the endpoint to ask.
+CREATE VIEW callback_center._asked_before_close AS
+    SELECT p.payment_id, p.order_id, p.provider, p.amount_cents, e.id AS endpoint_id,
+           e.name AS endpoint, e.format
+      FROM callback_center.payments p
+      JOIN callback_center.providers pr ON pr.name = p.provider
+      JOIN callback_center.endpoints e ON e.name = pr.query_endpoint
+     WHERE p.status = 'PAYING' AND e.enabled AND e.format <> 'standard_webhooks';
+
+-- The orders due for the timeout close: confirmed, still waiting for money,
+-- past their deadline, not backing off after a failure, and not to be
+-- asked first: an order whose payment is PAYING with a provider whose
+-- query endpoint speaks the provider's API is closed only after its
+-- provider says unpaid (_apply_query_result), or once
+-- callback_center.close_query_max_wait has passed since its deadline.
+-- Read through the partial index orders_pay_deadline.  The one definition
+-- that both close_expired_orders and the worker's one-by-one fallback
+-- read, so they agree on what is due.
+CREATE OR REPLACE VIEW callback_center._orders_due AS
+    SELECT o.order_id, o.pay_deadline
+      FROM callback_center.orders o
+     WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+       AND o.pay_deadline <= pg_catalog.now()
+       AND NOT EXISTS (SELECT 1 FROM callback_center.close_failures f
+                        WHERE f.order_id = o.order_id AND f.retry_at > pg_catalog.now())
+       AND (o.pay_deadline <= pg_catalog.now() - callback_center._close_query_max_wait()
+            OR NOT EXISTS (SELECT 1 FROM callback_center._asked_before_close a
+                            WHERE a.order_id = o.order_id));
+
+-- Names the endpoint that answers a provider's status queries (admin);
+-- NULL stops querying it.  The answers of a standard_webhooks endpoint are
+-- applied to payments and carry no signature the extension verifies, so
+-- only TLS vouches for them: such an endpoint whose URL is not https is
+-- refused (22023) unless allow_plain_http, recorded in
+-- providers.query_allow_plain_http.  An endpoint of a provider format
+-- (set_endpoint_format) is the provider's API: its answers are verified
+-- with the provider's key, over any scheme.
+-- CB033 unknown provider, CB040 unknown endpoint.
+CREATE OR REPLACE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text,
+    allow_plain_http boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    url text;
+    fmt text;
+BEGIN
+    PERFORM callback_center._require(set_provider_query_endpoint.provider, 'provider');
+    PERFORM callback_center._require(set_provider_query_endpoint.allow_plain_http,
+                                     'allow_plain_http');
+    IF NOT EXISTS (SELECT 1 FROM callback_center.providers p
+                    WHERE p.name = set_provider_query_endpoint.provider) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', set_provider_query_endpoint.provider);
+    END IF;
+    IF set_provider_query_endpoint.endpoint IS NOT NULL THEN
+        SELECT e.url, e.format INTO url, fmt FROM callback_center.endpoints e
+         WHERE e.id = callback_center._endpoint_id(set_provider_query_endpoint.endpoint, false);
+        -- A provider-format endpoint's answers carry the provider's
+        -- signature (46_adapters.sql): they are verified, whatever the scheme.
+        IF fmt = 'standard_webhooks' AND NOT callback_center._url_is_https(url)
+           AND NOT set_provider_query_endpoint.allow_plain_http THEN
+            RAISE EXCEPTION USING ERRCODE = '22023',
+                MESSAGE = format('query endpoint "%s" does not use https',
+                                 set_provider_query_endpoint.endpoint),
+                DETAIL = 'Answers to status queries are applied to payments; over plain http anyone on the path can forge them.',
+                HINT = 'Give the endpoint an https:// URL, or pass allow_plain_http => true to accept its answers over plain http.';
+        END IF;
+    END IF;
+    UPDATE callback_center.providers p
+       SET query_endpoint = set_provider_query_endpoint.endpoint,
+           query_allow_plain_http = set_provider_query_endpoint.endpoint IS NOT NULL
+                                    AND set_provider_query_endpoint.allow_plain_http
+     WHERE p.name = set_provider_query_endpoint.provider;
+END
+$$;
+
+-- Finishes up to max_queries queries whose event has been delivered (the
+-- answer is the 2xx response body the worker kept), has died, or is gone;
+-- not those a provider-format endpoint answered (apply_provider_answers).
+-- Each is applied in its own subtransaction: one that raises is recorded
+-- as failed with the error, and the payment is queried again later.
+-- Queries locked by others are skipped.  Returns how many were finished.
+CREATE OR REPLACE FUNCTION callback_center.apply_query_answers(max_queries integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r record;
+    body text;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_queries, 'max_queries');
+    IF max_queries < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_queries must be positive, got %s', max_queries);
+    END IF;
+    FOR r IN
+        SELECT q.id, q.outbox_id, ob.status AS event_status, ob.last_error
+          FROM callback_center.payment_queries q
+          LEFT JOIN callback_center.outbox ob ON ob.id = q.outbox_id
+         WHERE q.status = 'sent'
+           AND (ob.id IS NULL OR ob.status IN ('delivered', 'dead'))
+           -- a provider's own answer: apply_provider_answers applies it
+           AND NOT EXISTS (SELECT 1 FROM callback_center.provider_answers pa
+                            WHERE pa.outbox_id = q.outbox_id)
+         ORDER BY q.id
+         LIMIT max_queries
+           FOR UPDATE OF q SKIP LOCKED
+    LOOP
+        n := n + 1;
+        IF r.event_status IS DISTINCT FROM 'delivered' THEN
+            UPDATE callback_center.payment_queries x
+               SET status = 'failed', finished_at = now(),
+                   error = CASE WHEN r.event_status IS NULL THEN 'the query event is gone'
+                                ELSE format('the query was not delivered: %s', r.last_error) END
+             WHERE x.id = r.id;
+            CONTINUE;
+        END IF;
+        SELECT a.response_body INTO body FROM callback_center.delivery_attempts a
+         WHERE a.outbox_id = r.outbox_id AND a.http_status BETWEEN 200 AND 299
+         ORDER BY a.id DESC LIMIT 1;
+        BEGIN
+            PERFORM callback_center._apply_query_answer(r.id, body);
+        EXCEPTION WHEN OTHERS THEN
+            UPDATE callback_center.payment_queries x
+               SET status = 'failed', answer = body, outcome = 'error',
+                   error = format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE), finished_at = now()
+             WHERE x.id = r.id;
+        END;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Sends a status query (payment.query to the provider's query endpoint) for
+-- up to max_orders orders past their pay deadline whose payment is PAYING
+-- with a provider that is asked before closing (_asked_before_close), and
+-- not yet past callback_center.close_query_max_wait: none in flight, and
+-- after a failed one a backoff of 1 s doubling per query since the
+-- deadline, at most 5 minutes.  Payments locked by others are skipped.
+-- Returns how many queries were sent.
+CREATE FUNCTION callback_center.query_expired_orders(max_orders integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r record;
+    ob_id bigint;
+    body jsonb;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_orders, 'max_orders');
+    IF max_orders < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_orders must be positive, got %s', max_orders);
+    END IF;
+    FOR r IN
+        SELECT a.payment_id, a.order_id, a.provider, a.amount_cents, a.endpoint_id
+          FROM callback_center.orders o
+          JOIN callback_center._asked_before_close a ON a.order_id = o.order_id
+          JOIN callback_center.payments p ON p.payment_id = a.payment_id
+         WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+           AND o.pay_deadline <= now()
+           AND o.pay_deadline > now() - callback_center._close_query_max_wait()
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = a.payment_id AND q.status = 'sent')
+           AND coalesce((SELECT max(q.finished_at)
+                                + least(interval '1 second' * power(2, least(count(*) - 1, 20)),
+                                        interval '5 minutes')
+                           FROM callback_center.payment_queries q
+                          WHERE q.payment_id = a.payment_id AND q.queried_at >= o.pay_deadline),
+                        '-infinity') <= now()
+         ORDER BY o.pay_deadline
+         LIMIT max_orders
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        -- To the query endpoint only, whatever else subscribes.
+        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'amount_cents', r.amount_cents);
+        ob_id := callback_center._enqueue_one(r.endpoint_id, 'payment.query', r.order_id, body);
+        -- Disabled since the scan: no query for this order this time.
+        CONTINUE WHEN ob_id IS NULL;
+        INSERT INTO callback_center.payment_queries
+               (payment_id, order_id, provider, endpoint_id, outbox_id)
+        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Applies a provider's normalized answer (46_adapters.sql) to the query's
+-- payment, once: paid -> _apply_payment_result success (as a callback
+-- would), failed -> its failure; unpaid, closed, not_found -> when the
+-- order is past its deadline and still waiting, closed here
+-- (_close_locked_orders: payment CLOSED, stock and coupon back), and for
+-- unpaid a payment.close to the provider queued in the same transaction
+-- (not to unionpay, which has no close); before the deadline nothing
+-- moves.  The order, then the payment, are locked (waiting, in
+-- _apply_payment_result's order) and read again, so a success callback
+-- and this close never both win: a callback after the close takes the
+-- late-payment path, one before it leaves the order paid and this answer
+-- stale.  error -> the query failed (retried with backoff).  Returns the
+-- outcome.  42704 when the query does not exist.
+CREATE FUNCTION callback_center._apply_query_result(query_id bigint, answer jsonb)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    q callback_center.payment_queries;
+    o callback_center.orders;
+    st text := answer->>'status';
+    result text;
+    ep record;
+BEGIN
+    SELECT * INTO q FROM callback_center.payment_queries x WHERE x.id = query_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('payment query %s does not exist', query_id);
+    END IF;
+    IF q.status <> 'sent' THEN
+        RETURN q.outcome;
+    END IF;
+    IF st IS NULL OR st NOT IN ('paid', 'failed', 'unpaid', 'closed', 'not_found') THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_result.answer::text, outcome = 'error',
+               error = coalesce(_apply_query_result.answer->>'error', 'no usable answer'),
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'error';
+    END IF;
+    IF st IN ('paid', 'failed') THEN
+        result := callback_center._apply_payment_result(q.provider, answer->>'txn_id', q.order_id,
+            (answer->>'amount_cents')::bigint, answer->>'currency',
+            CASE st WHEN 'paid' THEN 'success' ELSE 'failure' END, 'query');
+    ELSE
+        SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = q.order_id FOR UPDATE;
+        PERFORM 1 FROM callback_center.payments p WHERE p.order_id = q.order_id FOR UPDATE;
+        IF NOT (o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')) THEN
+            result := 'not_waiting';
+        ELSIF o.pay_deadline > now() THEN
+            result := 'unpaid';
+        ELSIF callback_center._close_locked_orders(ARRAY[o.order_id]) = 1 THEN
+            result := 'closed';
+            SELECT e.name, e.format INTO ep
+              FROM callback_center.providers pr
+              JOIN callback_center.endpoints e ON e.name = pr.query_endpoint
+             WHERE pr.name = q.provider;
+            IF st = 'unpaid' AND ep.format IN ('wechatpay_v3', 'alipay') THEN
+                PERFORM callback_center.enqueue_to(ep.name, 'payment.close', o.order_id,
+                    jsonb_build_object('order_id', o.order_id, 'provider', q.provider));
+            END IF;
+        ELSE
+            result := 'busy';
+        END IF;
+    END IF;
+    UPDATE callback_center.payment_queries x
+       SET status = 'answered', answer = _apply_query_result.answer::text, outcome = result,
+           finished_at = now()
+     WHERE x.id = q.id;
+    RETURN result;
+END
+$$;
+
+-- Applies up to max_answers providers' answers not yet applied
+-- (provider_answers, kept by the delivery worker), each once and in its
+-- own subtransaction: payment.query through _apply_query_result;
+-- payment.close recorded (a provider refusing to close a paid order is
+-- followed by its payment notification: the late-payment path);
+-- refund.request and refund.query handed to _apply_refund_answer(refund_id,
+-- answer) when it is installed (until then they wait).  An answer whose
+-- application raises is recorded with the error as its outcome.  Returns
+-- how many were applied.
+CREATE FUNCTION callback_center.apply_provider_answers(max_answers integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r record;
+    qid bigint;
+    result text;
+    refunds boolean := to_regprocedure('callback_center._apply_refund_answer(text,jsonb)') IS NOT NULL;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_answers, 'max_answers');
+    IF max_answers < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_answers must be positive, got %s', max_answers);
+    END IF;
+    FOR r IN
+        SELECT a.outbox_id, a.event_type, a.answer
+          FROM callback_center.provider_answers a
+         WHERE a.applied_at IS NULL
+           AND (refunds OR a.event_type NOT IN ('refund.request', 'refund.query'))
+         ORDER BY a.outbox_id
+         LIMIT max_answers
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        n := n + 1;
+        BEGIN
+            IF r.event_type = 'payment.query' THEN
+                SELECT q.id INTO qid FROM callback_center.payment_queries q
+                 WHERE q.outbox_id = r.outbox_id;
+                result := CASE WHEN qid IS NULL THEN 'no_query'
+                               ELSE callback_center._apply_query_result(qid, r.answer) END;
+            ELSIF r.event_type IN ('refund.request', 'refund.query') THEN
+                EXECUTE 'SELECT callback_center._apply_refund_answer($1, $2)'
+                   INTO result USING r.answer->>'refund_id', r.answer;
+            ELSE
+                result := coalesce(r.answer->>'status', 'error');
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            result := format('error: %s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+            IF r.event_type = 'payment.query' AND qid IS NOT NULL THEN
+                UPDATE callback_center.payment_queries x
+                   SET status = 'failed', answer = r.answer::text, outcome = 'error',
+                       error = result, finished_at = now()
+                 WHERE x.id = qid AND x.status = 'sent';
+            END IF;
+        END;
+        UPDATE callback_center.provider_answers a
+           SET applied_at = now(), outcome = result
+         WHERE a.outbox_id = r.outbox_id;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON callback_center._asked_before_close FROM PUBLIC;
+REVOKE ALL ON FUNCTION
+    callback_center._close_query_max_wait(),
+    callback_center.query_expired_orders(integer),
+    callback_center._apply_query_result(bigint, jsonb),
+    callback_center.apply_provider_answers(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    callback_center.query_expired_orders(integer),
+    callback_center.apply_provider_answers(integer)
+    TO callback_center_admin;
+GRANT EXECUTE ON FUNCTION
+    callback_center.query_expired_orders(integer),
+    callback_center.apply_provider_answers(integer),
+    callback_center._close_query_max_wait()
+    TO callback_center_worker;
+
 -- Refunds end to end (issue 14 section 3): the refunds table and machine (62_refunds.sql:
 -- request_refund, _apply_refund_answer, record_refund_outcome,
 -- refund_jobs, PARTIALLY_REFUNDED / partially_refunded, order fulfilled,

@@ -28,6 +28,7 @@ INSERT INTO null_meaningful VALUES
     ('purge', 'history_older_than', 'the same as older_than'),
     ('query_stuck_payments', 'older_than', 'callback_center.pay_query_after'),
     ('query_stuck_payments', 'min_interval', 'callback_center.pay_query_interval'),
+    ('set_merchant', 'key_serial', 'no certificate serial (alipay)'),
     ('replay_dead', 'endpoint', 'every endpoint (the range form)'),
     ('replay_dead', 'reason', 'no reason recorded'),
     ('request_refund', 'p_reason', 'no reason given to the provider'),

@@ -957,3 +957,135 @@ cc_aes256gcm_decrypt(const unsigned char *key,
 		memset(out, 0, bodylen);	/* never hand out unauthenticated text */
 	return ok;
 }
+
+/*
+ * Reads an RSA private key (PEM "PRIVATE KEY" or "RSA PRIVATE KEY", not
+ * encrypted) and checks it: RSA, at least CC_RSA_MIN_BITS.  Returns the key
+ * (free with EVP_PKEY_free) with its size in *bits, or NULL with *why set.
+ */
+static EVP_PKEY *
+load_private_key(const char *pem, size_t len, int *bits, const char **why)
+{
+	EVP_PKEY   *pkey = NULL;
+	BIO		   *bio;
+
+	*why = NULL;
+	*bits = 0;
+	while (len > 0 && isspace((unsigned char) *pem))
+	{
+		pem++;
+		len--;
+	}
+	if (len == 0)
+	{
+		*why = "The key is empty.";
+		return NULL;
+	}
+	if (len > 64 * 1024)
+	{
+		*why = "The key is longer than 64 kB.";
+		return NULL;
+	}
+	if (len < strlen(PEM_BEGIN) || strncmp(pem, PEM_BEGIN, strlen(PEM_BEGIN)) != 0)
+	{
+		*why = "The key is not a PEM block.";
+		return NULL;
+	}
+	if (strstr(pem, "ENCRYPTED") != NULL)
+	{
+		*why = "The private key is encrypted: give it without a passphrase.";
+		return NULL;
+	}
+	if (strncmp(pem, "-----BEGIN PRIVATE KEY-----", 27) != 0 &&
+		strncmp(pem, "-----BEGIN RSA PRIVATE KEY-----", 31) != 0)
+	{
+		*why = "The PEM block is not a PRIVATE KEY or RSA PRIVATE KEY.";
+		return NULL;
+	}
+	bio = BIO_new_mem_buf(pem, (int) len);
+	if (bio == NULL)
+	{
+		*why = "Out of memory reading the key.";
+		return NULL;
+	}
+	/* No passphrase callback: an empty one, so OpenSSL never prompts. */
+	pkey = PEM_read_bio_PrivateKey(bio, NULL, NULL, (void *) "");
+	BIO_free(bio);
+	if (pkey == NULL)
+		*why = "The PEM private key is malformed.";
+	else if (EVP_PKEY_base_id(pkey) != EVP_PKEY_RSA)
+	{
+		*why = "The key is not an RSA key.";
+		EVP_PKEY_free(pkey);
+		pkey = NULL;
+	}
+	else if ((*bits = EVP_PKEY_get_bits(pkey)) < CC_RSA_MIN_BITS)
+	{
+		*why = "The RSA key is smaller than 2048 bits.";
+		EVP_PKEY_free(pkey);
+		pkey = NULL;
+	}
+	ERR_clear_error();
+	return pkey;
+}
+
+/*
+ * True when pem holds a usable RSA private key (see load_private_key), with
+ * its size in *bits; false with *why set otherwise.
+ */
+bool
+cc_private_key_inspect(const char *pem, size_t len, int *bits,
+					   const char **why)
+{
+	EVP_PKEY   *pkey = load_private_key(pem, len, bits, why);
+
+	if (pkey == NULL)
+		return false;
+	EVP_PKEY_free(pkey);
+	return true;
+}
+
+/*
+ * Signs data with the RSA private key of pem, RSASSA-PKCS1-v1_5 over
+ * SHA-256 (SHA256withRSA, what WeChat Pay v3, Alipay RSA2 and UnionPay
+ * signMethod 01 ask of merchants).  The signature goes into sig (room for
+ * sigcap bytes), its length into *siglen.  False with *why set when the
+ * key cannot be used or the signature does not fit.
+ */
+bool
+cc_rsa_sha256_sign(const char *pem, size_t pemlen,
+				   const unsigned char *data, size_t datalen,
+				   unsigned char *sig, size_t sigcap, size_t *siglen,
+				   const char **why)
+{
+	EVP_PKEY   *pkey;
+	EVP_MD_CTX *ctx;
+	int			bits;
+	size_t		len = 0;
+	bool		ok = false;
+
+	pkey = load_private_key(pem, pemlen, &bits, why);
+	if (pkey == NULL)
+		return false;
+	ctx = EVP_MD_CTX_new();
+	if (ctx != NULL &&
+		EVP_DigestSignInit(ctx, NULL, EVP_sha256(), NULL, pkey) == 1 &&
+		EVP_DigestSign(ctx, NULL, &len, data, datalen) == 1)
+	{
+		if (len > sigcap)
+			*why = "The signature is larger than expected.";
+		else if (EVP_DigestSign(ctx, sig, &len, data, datalen) == 1)
+		{
+			*siglen = len;
+			ok = true;
+		}
+		else
+			*why = "The key could not sign.";
+	}
+	else
+		*why = "The key could not sign.";
+	EVP_MD_CTX_free(ctx);
+	EVP_PKEY_free(pkey);
+	ERR_clear_error();
+	return ok;
+}

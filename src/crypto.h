@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * crypto.h
- *		RSA signatures, AES-256-GCM and PEM keys through OpenSSL, in plain C.
+ *		RSA signatures (verifying and, with a merchant's private key,
+ *		signing), AES-256-GCM and PEM keys through OpenSSL, in plain C.
  *
  * Nothing here runs SQL, SPI or fmgr: the payment channels (channels.c)
  * call it with bytes and get bytes or a verdict back.  Every failure comes
@@ -79,5 +80,15 @@ extern bool cc_aes256gcm_decrypt(const unsigned char *key,
 								 const unsigned char *aad, size_t aadlen,
 								 const unsigned char *ct, size_t ctlen,
 								 unsigned char *out, size_t *outlen);
+
+/* Room for a signature by any key accepted (16384-bit RSA). */
+#define CC_RSA_MAX_SIG_LEN	2048
+
+extern bool cc_private_key_inspect(const char *pem, size_t len, int *bits,
+								   const char **why);
+extern bool cc_rsa_sha256_sign(const char *pem, size_t pemlen,
+							   const unsigned char *data, size_t datalen,
+							   unsigned char *sig, size_t sigcap,
+							   size_t *siglen, const char **why);
 
 #endif							/* CC_CRYPTO_H */

@@ -50,6 +50,7 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "adapter.h"
 #include "delivery.h"
 #include "http.h"
 #include "outbox.h"
@@ -122,9 +123,11 @@ typedef struct Flight
 	ClaimBatch *batch;
 	bool		probe;			/* the breaker's probe */
 	CcHttpRequest req;
-	const char *hdr[5];
+	const char *hdr[CC_ADAPTER_MAX_HEADERS + 1];
 	CcHttpResult res;
 	CcJobResult out;
+	bool		check;			/* a provider's answer, to verify */
+	char	   *answer;			/* its normalized answer (jsonb text) */
 	struct Flight *next;		/* in its endpoint's queue */
 	dlist_node	live;			/* in inflight while its request runs */
 	bool		running;
@@ -770,6 +773,42 @@ claim_phase(uint64 commit_gen, int64 t0)
 	}
 }
 
+/*
+ * The request of a flight to a provider-format endpoint: the one the claim
+ * built and signed (adapter.h), with our User-Agent.  A request that
+ * cannot be read gets no URL, so that its start fails and says so.
+ */
+static void
+provider_request(Flight *f, const char *ua)
+{
+	CcEndpoint *e = f->ep;
+	CcJob	   *job = &f->job;
+	CcAdapterRequest ar;
+	const char *why;
+	int			i;
+
+	memset(&f->req, 0, sizeof(f->req));
+	f->req.tag = job->id;
+	f->req.timeout_ms = e->timeout_ms;
+	f->req.group = e->id;
+	if (!cc_adapter_read_request(job->body, job->body_len, &ar, &why))
+	{
+		ereport(WARNING,
+				(errmsg("callback_center: event %lld: %s", (long long) job->id, why)));
+		return;
+	}
+	for (i = 0; i < ar.nheaders; i++)
+		f->hdr[i] = ar.headers[i];
+	f->hdr[i++] = ua;
+	f->req.url = ar.url;
+	f->req.method = ar.method;
+	f->req.body = ar.body;
+	f->req.body_len = strcmp(ar.method, "GET") == 0 ? 0 : ar.body_len;
+	f->req.headers = f->hdr;
+	f->req.nheaders = i;
+	f->req.capture = cc_adapter_capture(e->format);
+}
+
 /* Builds the signed request of a flight (no transaction open). */
 static void
 sign_request(Flight *f, const char *ua)
@@ -779,6 +818,12 @@ sign_request(Flight *f, const char *ua)
 	char		msg_id[32];
 	int64		ts = (int64) time(NULL);
 	char	   *sig;
+
+	if (e->format != NULL)
+	{
+		provider_request(f, ua);
+		return;
+	}
 
 	snprintf(msg_id, sizeof(msg_id), "msg_" INT64_FORMAT, job->id);
 	sig = cc_sign_webhook(e->key, e->keylen, msg_id, ts, job->body,
@@ -804,6 +849,36 @@ sign_request(Flight *f, const char *ua)
 }
 
 static void judge(Flight *f);
+
+/*
+ * A failed attempt: retried after the endpoint's schedule (Retry-After of
+ * a 429 or 503 honoured), dead once it is exhausted.
+ */
+static void
+schedule_retry(Flight *f, int64 t)
+{
+	CcEndpoint *e = f->ep;
+	CcHttpResult *r = &f->res;
+	CcJobResult *out = &f->out;
+	int64		delay = cc_retry_delay_ms(e->delays_ms, e->ndelays,
+										  f->job.attempt, e->max_attempts,
+										  (r->status == 429 || r->status == 503) ?
+										  r->retry_after_s : -1,
+										  (int64) cc_max_retry_after_s * 1000,
+										  cc_retry_jitter, &rng_state);
+
+	if (delay < 0)
+		out->fate = CC_FATE_DEAD;
+	else
+	{
+		out->fate = CC_FATE_RETRY;
+		out->next_at = GetCurrentTimestamp() + delay * 1000;
+		/* look again when it falls due */
+		next_claim_ms = Min(next_claim_ms, t + Max(delay, 1));
+	}
+	if (out->error == NULL)
+		out->error = psprintf("HTTP %d", r->status);
+}
 
 /*
  * Requests whose outcome is not yet durable: running, or judged and not
@@ -912,6 +987,19 @@ judge(Flight *f)
 	out->error = r->error;
 	out->response = r->body;
 	cls = cc_classify_attempt(r->status, r->error != NULL);
+
+	/*
+	 * A provider answers in its own terms, 4xx included (WeChat Pay's 404
+	 * ORDER_NOT_EXIST): any whole response short of 5xx, 408 and 429 is an
+	 * answer, a success only once its signature verifies (check_answers).
+	 */
+	if (e->format != NULL && r->error == NULL && !r->truncated &&
+		r->status >= 200 && r->status < 500 && r->status != 408 &&
+		r->status != 429 && r->status != 410)
+	{
+		cls = CC_ATTEMPT_SUCCESS;
+		f->check = true;
+	}
 	cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS,
 					  f->probe, t);
 	if (f->probe)
@@ -931,26 +1019,7 @@ judge(Flight *f)
 							  r->error ? ": " : "", r->error ? r->error : "");
 	}
 	else if (cls != CC_ATTEMPT_SUCCESS)
-	{
-		int64		delay = cc_retry_delay_ms(e->delays_ms, e->ndelays,
-											  f->job.attempt, e->max_attempts,
-											  (r->status == 429 || r->status == 503) ?
-											  r->retry_after_s : -1,
-											  (int64) cc_max_retry_after_s * 1000,
-											  cc_retry_jitter, &rng_state);
-
-		if (delay < 0)
-			out->fate = CC_FATE_DEAD;
-		else
-		{
-			out->fate = CC_FATE_RETRY;
-			out->next_at = GetCurrentTimestamp() + delay * 1000;
-			/* look again when it falls due */
-			next_claim_ms = Min(next_claim_ms, t + Max(delay, 1));
-		}
-		if (out->error == NULL)
-			out->error = psprintf("HTTP %d", r->status);
-	}
+		schedule_retry(f, t);
 	judged_push(f);
 }
 
@@ -976,6 +1045,128 @@ wait_phase(int timeout_ms)
 	for (i = 0; i < n; i++)
 		judge((Flight *) ((char *) done[i] - offsetof(Flight, res)));
 	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Providers' answers (the adapter layer): verifies, in a transaction of its
+ * own, every judged answer of a provider-format endpoint (_adapter_check).
+ * One whose signature does not verify, or that cannot be read, becomes a
+ * failed attempt, retried on the schedule; the others carry their
+ * normalized answer to the record.
+ */
+static void
+check_answers(void)
+{
+	int64	   *ids;
+	int		   *statuses;
+	char	  **headers;
+	char	  **bodies;
+	bool	   *ok;
+	char	  **answers;
+	char	  **errors;
+	Flight	  **fl;
+	int			n = 0;
+	int			i;
+	int64		t = now_ms();
+	MemoryContext old;
+
+	for (i = 0; i < njudged; i++)
+		if (judged[i]->check)
+			n++;
+	if (n == 0)
+		return;
+	old = MemoryContextSwitchTo(results_cxt);
+	ids = palloc(sizeof(int64) * n);
+	statuses = palloc(sizeof(int) * n);
+	headers = palloc(sizeof(char *) * n);
+	bodies = palloc(sizeof(char *) * n);
+	ok = palloc(sizeof(bool) * n);
+	answers = palloc(sizeof(char *) * n);
+	errors = palloc(sizeof(char *) * n);
+	fl = palloc(sizeof(Flight *) * n);
+	n = 0;
+	for (i = 0; i < njudged; i++)
+	{
+		Flight	   *f = judged[i];
+
+		if (!f->check)
+			continue;
+		fl[n] = f;
+		ids[n] = f->job.id;
+		statuses[n] = f->res.status;
+		headers[n] = f->res.headers;
+		bodies[n] = f->res.body;
+		n++;
+	}
+
+	pgstat_report_activity(STATE_RUNNING, "callback_center: checking provider answers");
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	cc_worker_role_enter();
+	MemoryContextSwitchTo(results_cxt);
+	PushActiveSnapshot(GetTransactionSnapshot());
+	cc_queue_check_answers(n, ids, statuses, headers, bodies, ok, answers,
+						   errors);
+	PopActiveSnapshot();
+	cc_worker_role_leave();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(results_cxt);
+
+	for (i = 0; i < n; i++)
+	{
+		Flight	   *f = fl[i];
+
+		f->check = false;
+		if (ok[i])
+		{
+			f->answer = answers[i];
+			continue;
+		}
+		/* Judged a success: count it as the failure it is. */
+		{
+			EndpointRuntime *rt = endpoint_state(f->ep->id);
+
+			rt->nok--;
+			rt->latency_sum -= f->res.latency_ms;
+			rt->nfailed++;
+		}
+		f->out.error = errors[i] ? errors[i] : "the provider's answer does not verify";
+		schedule_retry(f, t);
+	}
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Keeps, in the record's transaction, the normalized answers of the
+ * provider-format events now done: delivered (their checked answer) or
+ * dead (their last error), for the jobs worker to apply.
+ */
+static void
+record_answers(void)
+{
+	int64	   *ids = palloc(sizeof(int64) * njudged);
+	int		   *attempts = palloc(sizeof(int) * njudged);
+	int		   *statuses = palloc(sizeof(int) * njudged);
+	char	  **answers = palloc(sizeof(char *) * njudged);
+	char	  **errors = palloc(sizeof(char *) * njudged);
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < njudged; i++)
+	{
+		Flight	   *f = judged[i];
+
+		if (f->ep->format == NULL ||
+			(f->out.fate != CC_FATE_DELIVERED && f->out.fate != CC_FATE_DEAD))
+			continue;
+		ids[n] = f->job.id;
+		attempts[n] = f->job.attempt;
+		statuses[n] = f->out.http_status;
+		answers[n] = f->out.fate == CC_FATE_DELIVERED ? f->answer : NULL;
+		errors[n] = f->out.error;
+		n++;
+	}
+	cc_queue_record_answers(n, ids, attempts, statuses, answers, errors);
 }
 
 /*
@@ -1005,6 +1196,7 @@ record_phase(bool force)
 		cc_http_stream_active() > 0 &&
 		now_ms() - first_judged_ms < CC_RECORD_MS)
 		return;
+	check_answers();
 
 	old = MemoryContextSwitchTo(results_cxt);
 	jobs = palloc(sizeof(CcJob) * njudged);
@@ -1048,6 +1240,7 @@ record_phase(bool force)
 	MemoryContextSwitchTo(results_cxt);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	cc_queue_record(jobs, results, njudged, gone, ngone, snaps, nsnaps);
+	record_answers();
 	PopActiveSnapshot();
 	cc_worker_role_leave();
 	CommitTransactionCommand();

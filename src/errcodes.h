@@ -33,6 +33,7 @@
 #define CC_ERRCODE_DESTINATION_NOT_ALLOWED	MAKE_SQLSTATE('C','B','0','4','1')
 #define CC_ERRCODE_UNKNOWN_ORDER			MAKE_SQLSTATE('C','B','0','5','0')
 #define CC_ERRCODE_COUPON_UNAVAILABLE		MAKE_SQLSTATE('C','B','0','5','1')
+#define CC_ERRCODE_NO_MERCHANT_SETTINGS		MAKE_SQLSTATE('C','B','0','7','0')
 
 /* The error of a C entry point given NULL for argument argno. */
 static inline void

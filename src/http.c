@@ -85,6 +85,10 @@ typedef struct HttpSlot
 	size_t		cap;			/* body_cap of the current run */
 	bool		truncated;
 	int			retry_after_s;
+	const char *capture;		/* header name prefix to keep, or NULL */
+	size_t		capture_len;
+	char		hdrbuf[CC_HTTP_CAPTURE_CAP];	/* captured headers */
+	size_t		hdrlen;
 	instr_time	started;
 	char		errbuf[CURL_ERROR_SIZE];
 	const char *body;			/* the current request's body */
@@ -644,9 +648,27 @@ http_header_cb(char *data, size_t size, size_t nitems, void *userdata)
 	size_t		len = size * nitems;
 
 	if (len >= 5 && strncmp(data, "HTTP/", 5) == 0)
+	{
 		slot->retry_after_s = -1;
+		slot->hdrlen = 0;
+	}
 	else if (len > 12 && pg_strncasecmp(data, "retry-after:", 12) == 0)
 		slot->retry_after_s = http_parse_retry_after(data + 12, len - 12);
+	else if (slot->capture != NULL && len > slot->capture_len &&
+			 pg_strncasecmp(data, slot->capture, slot->capture_len) == 0)
+	{
+		size_t		keep = len;
+
+		/* One line each, without its CR LF; what does not fit is dropped. */
+		while (keep > 0 && (data[keep - 1] == '\r' || data[keep - 1] == '\n'))
+			keep--;
+		if (slot->hdrlen + keep + 1 <= sizeof(slot->hdrbuf))
+		{
+			memcpy(slot->hdrbuf + slot->hdrlen, data, keep);
+			slot->hdrlen += keep;
+			slot->hdrbuf[slot->hdrlen++] = '\n';
+		}
+	}
 	return len;
 }
 
@@ -859,9 +881,15 @@ http_setup(HttpSlot *slot, const CcHttpRequest *req, bool fresh,
 	slot->truncated = false;
 	slot->retry_after_s = -1;
 	slot->blocked[0] = '\0';
+	slot->capture = req->capture;
+	slot->capture_len = req->capture ? strlen(req->capture) : 0;
+	slot->hdrlen = 0;
 
 	SETOPT(CURLOPT_CURLU, slot->curlu);
-	SETOPT(CURLOPT_POST, 1L);
+	if (req->method != NULL && strcmp(req->method, "GET") == 0)
+		SETOPT(CURLOPT_HTTPGET, 1L);
+	else
+		SETOPT(CURLOPT_POST, 1L);
 	slot->body = req->body ? req->body : "";
 	slot->body_len = req->body ? req->body_len : 0;
 	slot->body_off = 0;
@@ -1022,6 +1050,9 @@ http_fill_result(HttpSlot *slot, CcHttpResult *res, CURLcode code,
 							  slot->cap, slot->truncated, &shortened);
 		res->truncated = slot->truncated || shortened;
 		res->retry_after_s = slot->retry_after_s;
+		if (slot->hdrlen > 0)
+			res->headers = http_text(slot->hdrbuf, slot->hdrlen,
+									 slot->hdrlen, false, NULL);
 	}
 	if (code != CURLE_OK && slot->resend_refused)
 		res->error = http_error_text(CC_HTTP_NOT_RESENT);

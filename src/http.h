@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * http.h
- *		Concurrent HTTP POST delivery with libcurl's multi interface.
+ *		Concurrent HTTP delivery (POST, or GET for the providers' query
+ *		APIs) with libcurl's multi interface.
  *
  * http.c knows nothing of SQL: it runs no transaction, uses no SPI and never
  * raises an ERROR for a failed transfer.  Every outcome of a request (status,
@@ -27,6 +28,11 @@ typedef struct CcHttpRequest
 	int			nheaders;
 	int			timeout_ms;		/* whole transfer; connect gets min(this, 5 s) */
 	int			group;			/* endpoint id: per-group concurrency cap */
+	const char *method;			/* NULL or "POST": a POST; "GET": a GET
+								 * (body ignored) */
+	const char *capture;		/* response headers whose name starts with
+								 * this (ASCII case-insensitive) are kept in
+								 * the result; NULL keeps none */
 } CcHttpRequest;
 
 /* The outcome of one request, in the same position as its request. */
@@ -43,7 +49,13 @@ typedef struct CcHttpResult
 	char	   *error;			/* NULL when the transfer completed; else a
 								 * short message (valid text) */
 	int			curl_code;		/* CURLcode, 0 on success */
+	char	   *headers;		/* the captured headers of the final
+								 * response, "Name: value\n" each, at most
+								 * CC_HTTP_CAPTURE_CAP bytes; NULL when none */
 } CcHttpResult;
+
+/* Bytes of captured response headers kept at most. */
+#define CC_HTTP_CAPTURE_CAP 2048
 
 /* Why a request did not run to completion when should_stop said so. */
 #define CC_HTTP_INTERRUPTED "interrupted"

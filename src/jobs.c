@@ -9,8 +9,10 @@
  * never delays a close).  Started once recovery has finished (never on a
  * standby), connected to callback_center.database.  Each round runs the
  * SQL functions of src/sql/90_jobs.sql, one bounded batch per transaction:
- * close_expired_orders, query_stuck_payments, apply_query_answers,
- * refund_jobs (late payments refunded, open refunds queried again).  An
+ * close_expired_orders, query_stuck_payments, query_expired_orders (the
+ * question asked before closing an order a provider may have been paid
+ * for), apply_query_answers, apply_provider_answers, refund_jobs (late
+ * payments refunded, open refunds queried again).  An
  * error in a round is logged and counted; the worker carries on.  When a
  * close batch fails, the due orders are closed one per transaction, and
  * each order that fails is recorded in close_failures and left alone for a
@@ -55,6 +57,7 @@ static int	cc_jobs_interval_ms = 1000;
 static int	cc_jobs_batch = 100;
 static int	cc_pay_query_after_s = 300;
 static int	cc_pay_query_interval_s = 60;
+static int	cc_close_query_max_wait_s = 600;
 static bool cc_refund_late_payments = true;
 
 PG_FUNCTION_INFO_V1(cc_jobs_status);
@@ -96,6 +99,11 @@ cc_jobs_define_gucs(void)
 	DefineCustomIntVariable("callback_center.pay_query_interval",
 							"Shortest time between two status queries for one payment.",
 							NULL, &cc_pay_query_interval_s, 60, 1, 30 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("callback_center.close_query_max_wait",
+							"Longest time after its deadline an order waits for its provider's answer before it is closed unasked.",
+							"Orders whose payment is PAYING with a provider-format query endpoint are closed only after the provider says unpaid, or after this.",
+							&cc_close_query_max_wait_s, 600, 0, 30 * 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomBoolVariable("callback_center.refund_late_payments",
 							 "Whether money that arrived for an order that could not take it is refunded automatically.",
@@ -169,6 +177,8 @@ typedef enum JobsPlanId
 	JOBS_CLOSE_EXPIRED,
 	JOBS_QUERY_STUCK,
 	JOBS_APPLY_ANSWERS,
+	JOBS_QUERY_EXPIRED,
+	JOBS_APPLY_PROVIDER_ANSWERS,
 	JOBS_REFUNDS,
 	NUM_JOBS_PLANS
 } JobsPlanId;
@@ -197,6 +207,14 @@ static CcPlan plans[NUM_JOBS_PLANS] = {
 	},
 	[JOBS_APPLY_ANSWERS] = {
 		"SELECT callback_center.apply_query_answers($1)",
+		1, {INT4OID}, 1
+	},
+	[JOBS_QUERY_EXPIRED] = {
+		"SELECT callback_center.query_expired_orders($1)",
+		1, {INT4OID}, 1
+	},
+	[JOBS_APPLY_PROVIDER_ANSWERS] = {
+		"SELECT callback_center.apply_provider_answers($1)",
 		1, {INT4OID}, 1
 	},
 	[JOBS_REFUNDS] = {
@@ -305,7 +323,9 @@ cc_jobs_round(MemoryContext cxt)
 {
 	int			closed = 0;
 	int			sent;
+	int			asked;
 	int			applied;
+	int			answered;
 	int			refunds;
 	bool		failed = false;
 	Datum		batch = Int32GetDatum(cc_jobs_batch);
@@ -326,19 +346,24 @@ cc_jobs_round(MemoryContext cxt)
 
 	sent = cc_jobs_call(cxt, "callback_center jobs: querying stuck payments",
 						JOBS_QUERY_STUCK, batch);
+	asked = cc_jobs_call(cxt, "callback_center jobs: asking before closing",
+						 JOBS_QUERY_EXPIRED, batch);
 	applied = cc_jobs_call(cxt, "callback_center jobs: applying query answers",
 						   JOBS_APPLY_ANSWERS, batch);
+	answered = cc_jobs_call(cxt, "callback_center jobs: applying providers' answers",
+							JOBS_APPLY_PROVIDER_ANSWERS, batch);
 	refunds = cc_jobs_call(cxt, "callback_center jobs: refunds",
 						   JOBS_REFUNDS, batch);
 
 	SpinLockAcquire(&cc_shared->mutex);
 	cc_shared->orders_closed += closed;
-	cc_shared->queries_sent += sent;
-	cc_shared->answers_applied += applied;
+	cc_shared->queries_sent += sent + asked;
+	cc_shared->answers_applied += applied + answered;
 	SpinLockRelease(&cc_shared->mutex);
 
 	return (!failed && closed >= cc_jobs_batch) || sent >= cc_jobs_batch ||
-		applied >= cc_jobs_batch || refunds >= cc_jobs_batch;
+		asked >= cc_jobs_batch || applied >= cc_jobs_batch ||
+		answered >= cc_jobs_batch || refunds >= cc_jobs_batch;
 }
 
 /*

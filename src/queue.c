@@ -62,7 +62,7 @@ static const char endpoints_sql[] =
 "       coalesce(e.rate_limit_per_s, 0)::float8,"
 "       e.breaker_failure_ratio::float8, e.breaker_window_s,"
 "       e.breaker_min_requests, e.breaker_open_ms,"
-"       e.is_core, e.ordered"
+"       e.is_core, e.ordered, e.format"
 "  FROM callback_center.endpoints e"
 "  JOIN callback_center.endpoint_secrets s ON s.endpoint_id" OP("=") "e.id"
 "  JOIN callback_center.retry_schedules r ON r.name" OP("=") "e.retry_schedule"
@@ -141,10 +141,21 @@ AGGREGATE_HEAD \
 #define EVENT_SIZE \
 "callback_center._event_size(o.event_type, o.aggregate_id, o.payload)"
 
+/*
+ * The request of outbox row o: the webhook body, or for an endpoint of a
+ * provider format (in $6) the provider request _adapter_request builds and
+ * signs, fresh for this attempt (src/sql/46_adapters.sql).
+ */
+#define CLAIM_BODY \
+"CASE WHEN o.endpoint_id" OP("=") "ANY ($6::int4[])" \
+"     THEN callback_center._adapter_request(o.endpoint_id, o.event_type," \
+"                                           o.aggregate_id, o.payload)" \
+"     ELSE " EVENT_BODY " END"
+
 static const char claim_sql[] =
 CLAIM_PICK
 "RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1,"
-"  CASE WHEN " EVENT_SIZE OP("<=") "$5 THEN " EVENT_BODY " END,"
+"  CASE WHEN " EVENT_SIZE OP("<=") "$5 THEN " CLAIM_BODY " END,"
 "  " EVENT_SIZE;
 
 /*
@@ -157,7 +168,17 @@ CLAIM_PICK
 "RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1, NULL::text, " EVENT_SIZE;
 
 static const char body_sql[] =
-"SELECT " EVENT_BODY " FROM callback_center.outbox o WHERE o.id" OP("=") "$1";
+"SELECT CASE WHEN e.format" OP("<>") "'standard_webhooks'"
+"            THEN callback_center._adapter_request(o.endpoint_id, o.event_type,"
+"                                                  o.aggregate_id, o.payload)"
+"            ELSE " EVENT_BODY " END"
+"  FROM callback_center.outbox o"
+"  LEFT JOIN callback_center.endpoints e ON e.id" OP("=") "o.endpoint_id"
+" WHERE o.id" OP("=") "$1";
+
+/* The endpoints of a provider format, for the claim's $6. */
+static int32 *formatted_ids = NULL;
+static int	nformatted = 0;
 
 /*
  * The record: the outbox rows, the attempts log (not for released jobs:
@@ -262,6 +283,21 @@ static const char bury_sql[] =
  * made for one size (a hash join over the whole outbox for a large batch)
  * must not be kept for the others.  The generic plans probe indexes.
  */
+/*
+ * Provider-format endpoints (the adapter layer): each judged answer checked
+ * with _adapter_check, in the order given; done events' answers kept with
+ * _adapter_record (src/sql/46_adapters.sql).
+ */
+static const char check_answers_sql[] =
+"SELECT r.i, c.ok, c.answer::text, c.error"
+"  FROM ROWS FROM (pg_catalog.unnest($1::int8[]), pg_catalog.unnest($2::int4[]),"
+"                  pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]))"
+"       WITH ORDINALITY AS r(id, st, h, b, i)"
+"  CROSS JOIN LATERAL callback_center._adapter_check(r.id, r.st, r.h, r.b) c";
+
+static const char record_answers_sql[] =
+"SELECT callback_center._adapter_record($1, $2, $3, $4::pg_catalog.jsonb[], $5)";
+
 typedef enum QueuePlanId
 {
 	QUEUE_ENDPOINTS,
@@ -273,6 +309,8 @@ typedef enum QueuePlanId
 	QUEUE_DUE_COUNT,
 	QUEUE_DISABLE,
 	QUEUE_BURY,
+	QUEUE_CHECK_ANSWERS,
+	QUEUE_RECORD_ANSWERS,
 	NUM_QUEUE_PLANS
 } QueuePlanId;
 
@@ -280,10 +318,12 @@ typedef enum QueuePlanId
 static CcPlan plans[NUM_QUEUE_PLANS] = {
 	[QUEUE_ENDPOINTS] = {endpoints_sql, 0, {InvalidOid}, 0, GENERIC},
 	[QUEUE_NEXT_DUE] = {next_due_sql, 2, {INT4ARRAYOID, BOOLARRAYOID}, 0, GENERIC},
-	[QUEUE_CLAIM] = {claim_sql, 5,
-	{INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID, INT8OID}, 0, GENERIC},
-	[QUEUE_CLAIM_BARE] = {claim_bare_sql, 5,
-	{INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID, INT8OID}, 0, GENERIC},
+	[QUEUE_CLAIM] = {claim_sql, 6,
+	{INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID, INT8OID, INT4ARRAYOID},
+	0, GENERIC},
+	[QUEUE_CLAIM_BARE] = {claim_bare_sql, 6,
+	{INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID, INT8OID, INT4ARRAYOID},
+	0, GENERIC},
 	[QUEUE_BODY] = {body_sql, 1, {INT8OID}, 0, GENERIC},
 	[QUEUE_RECORD] = {record_sql, 16,
 	{INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
@@ -293,6 +333,11 @@ static CcPlan plans[NUM_QUEUE_PLANS] = {
 	[QUEUE_DUE_COUNT] = {due_count_sql, 2, {INT4ARRAYOID, INT4OID}, 0, GENERIC},
 	[QUEUE_DISABLE] = {disable_sql, 1, {INT4ARRAYOID}, 0, GENERIC},
 	[QUEUE_BURY] = {bury_sql, 0, {InvalidOid}, 0, GENERIC},
+	[QUEUE_CHECK_ANSWERS] = {check_answers_sql, 4,
+	{INT8ARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID}, 0, GENERIC},
+	[QUEUE_RECORD_ANSWERS] = {record_answers_sql, 5,
+	{INT8ARRAYOID, INT4ARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID},
+	0, GENERIC},
 };
 #undef GENERIC
 
@@ -422,9 +467,27 @@ cc_queue_load_endpoints(CcEndpoint **endpoints)
 		e->breaker_open_ms = DatumGetInt32(SPI_getbinval(tup, td, 13, &isnull));
 		e->is_core = DatumGetBool(SPI_getbinval(tup, td, 14, &isnull));
 		e->ordered = DatumGetBool(SPI_getbinval(tup, td, 15, &isnull));
+		{
+			char	   *format = SPI_getvalue(tup, td, 16);
+
+			e->format = (format == NULL ||
+						 strcmp(format, "standard_webhooks") == 0) ? NULL :
+				MemoryContextStrdup(outer, format);
+		}
 		n++;
 	}
 	SPI_finish();
+
+	/* The claim asks _adapter_request for these endpoints' requests. */
+	if (formatted_ids == NULL)
+		formatted_ids = MemoryContextAlloc(TopMemoryContext,
+										   sizeof(int32) * Max(n, 1));
+	else
+		formatted_ids = repalloc(formatted_ids, sizeof(int32) * Max(n, 1));
+	nformatted = 0;
+	for (i = 0; i < n; i++)
+		if (eps[i].format != NULL)
+			formatted_ids[nformatted++] = eps[i].id;
 	*endpoints = eps;
 	return n;
 }
@@ -568,7 +631,7 @@ cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 {
 	MemoryContext outer = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
-	Datum		values[5];
+	Datum		values[6];
 	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *qs = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *ords = palloc(sizeof(Datum) * Max(n, 1));
@@ -592,6 +655,13 @@ cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 	values[2] = make_array(ords, NULL, n, BOOLOID);
 	values[3] = Float8GetDatum((double) lease_s);
 	values[4] = Int64GetDatum(max_size);
+	{
+		Datum	   *fids = palloc(sizeof(Datum) * Max(nformatted, 1));
+
+		for (i = 0; i < nformatted; i++)
+			fids[i] = Int32GetDatum(formatted_ids[i]);
+		values[5] = make_array(fids, NULL, nformatted, INT4OID);
+	}
 
 	SPI_connect();
 	(void) cc_plan(&plans[QUEUE_CLAIM]);
@@ -890,4 +960,115 @@ cc_queue_due_count(const int32 *endpoint_ids, int n, int limit)
 	}
 	SPI_finish();
 	return count;
+}
+
+/*
+ * Checks the responses of n provider-format events (outbox ids[i], HTTP
+ * statuses[i], captured headers[i], bodies[i]) with _adapter_check: ok[i]
+ * when the provider's signature verifies, with answers[i] the normalized
+ * answer (jsonb text); else errors[i] says why.  One statement; results
+ * are allocated in the caller's context.
+ */
+void
+cc_queue_check_answers(int n, const int64 *ids, const int *statuses,
+					   char *const *headers, char *const *bodies,
+					   bool *ok, char **answers, char **errors)
+{
+	MemoryContext outer = CurrentMemoryContext;
+	Datum		values[4];
+	Datum	   *d_id = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *d_st = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *d_h = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *n_h = palloc(sizeof(bool) * Max(n, 1));
+	Datum	   *d_b = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *n_b = palloc(sizeof(bool) * Max(n, 1));
+	int			ret;
+	int			i;
+
+	if (n == 0)
+		return;
+	for (i = 0; i < n; i++)
+	{
+		d_id[i] = Int64GetDatum(ids[i]);
+		d_st[i] = Int32GetDatum(statuses[i]);
+		d_h[i] = text_or_null(headers[i], &n_h[i]);
+		d_b[i] = text_or_null(bodies[i], &n_b[i]);
+		ok[i] = false;
+		answers[i] = NULL;
+		errors[i] = "the response was not checked";
+	}
+	values[0] = make_array(d_id, NULL, n, INT8OID);
+	values[1] = make_array(d_st, NULL, n, INT4OID);
+	values[2] = make_array(d_h, n_h, n, TEXTOID);
+	values[3] = make_array(d_b, n_b, n, TEXTOID);
+	SPI_connect();
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_CHECK_ANSWERS]), values, NULL,
+						   false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "callback_center: checking provider answers failed: %s",
+			 SPI_result_code_string(ret));
+	for (i = 0; i < (int) SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	td = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int64		k = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull)) - 1;
+		MemoryContext old;
+
+		if (k < 0 || k >= n)
+			continue;
+		ok[k] = DatumGetBool(SPI_getbinval(tup, td, 2, &isnull)) && !isnull;
+		old = MemoryContextSwitchTo(outer);
+		answers[k] = SPI_getvalue(tup, td, 3);
+		errors[k] = SPI_getvalue(tup, td, 4);
+		MemoryContextSwitchTo(old);
+	}
+	SPI_finish();
+}
+
+/*
+ * Keeps the normalized answers of n provider-format events that are done
+ * (answers[i] for a delivered one, errors[i] for a dead one) with
+ * _adapter_record, in the transaction recording their attempts.
+ */
+void
+cc_queue_record_answers(int n, const int64 *ids, const int *attempts,
+						const int *statuses, char *const *answers,
+						char *const *errors)
+{
+	Datum		values[5];
+	Datum	   *d_id = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *d_att = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *d_st = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *n_st = palloc(sizeof(bool) * Max(n, 1));
+	Datum	   *d_ans = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *n_ans = palloc(sizeof(bool) * Max(n, 1));
+	Datum	   *d_err = palloc(sizeof(Datum) * Max(n, 1));
+	bool	   *n_err = palloc(sizeof(bool) * Max(n, 1));
+	int			ret;
+	int			i;
+
+	if (n == 0)
+		return;
+	for (i = 0; i < n; i++)
+	{
+		d_id[i] = Int64GetDatum(ids[i]);
+		d_att[i] = Int32GetDatum(attempts[i]);
+		d_st[i] = Int32GetDatum(statuses[i]);
+		n_st[i] = (statuses[i] == 0);
+		d_ans[i] = text_or_null(answers[i], &n_ans[i]);
+		d_err[i] = text_or_null(errors[i], &n_err[i]);
+	}
+	values[0] = make_array(d_id, NULL, n, INT8OID);
+	values[1] = make_array(d_att, NULL, n, INT4OID);
+	values[2] = make_array(d_st, n_st, n, INT4OID);
+	values[3] = make_array(d_ans, n_ans, n, TEXTOID);
+	values[4] = make_array(d_err, n_err, n, TEXTOID);
+	SPI_connect();
+	ret = SPI_execute_plan(cc_plan(&plans[QUEUE_RECORD_ANSWERS]), values, NULL,
+						   false, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "callback_center: recording provider answers failed: %s",
+			 SPI_result_code_string(ret));
+	SPI_finish();
 }

@@ -33,6 +33,9 @@ typedef struct CcEndpoint
 	int			breaker_open_ms;
 	bool		is_core;
 	bool		ordered;
+	char	   *format;			/* NULL for standard_webhooks; else the
+								 * provider API its requests speak
+								 * (adapter.h) */
 } CcEndpoint;
 
 /* A claimed event: one delivery attempt to make. */
@@ -89,5 +92,15 @@ extern int64 cc_queue_next_due_ms(const int32 *endpoint_ids,
 								  const bool *ordered, int n);
 extern int	cc_queue_bury_orphans(void);
 extern int	cc_queue_due_count(const int32 *endpoint_ids, int n, int limit);
+
+/* Provider-format endpoints (the adapter layer, doc/adapters.md). */
+extern void cc_queue_check_answers(int n, const int64 *ids,
+								   const int *statuses,
+								   char *const *headers, char *const *bodies,
+								   bool *ok, char **answers, char **errors);
+extern void cc_queue_record_answers(int n, const int64 *ids,
+									const int *attempts, const int *statuses,
+									char *const *answers,
+									char *const *errors);
 
 #endif							/* CC_QUEUE_H */

@@ -88,7 +88,12 @@ CREATE TABLE callback_center.endpoints (
     ordered               boolean NOT NULL DEFAULT false,
     enabled               boolean NOT NULL DEFAULT true,
     created_at            timestamptz NOT NULL DEFAULT now(),
-    updated_at            timestamptz NOT NULL DEFAULT now()
+    updated_at            timestamptz NOT NULL DEFAULT now(),
+    -- How requests to it are shaped (46_adapters.sql): standard_webhooks,
+    -- or a payment provider's own API, signed with the merchant's key.
+    format                text NOT NULL DEFAULT 'standard_webhooks'
+                          CHECK (format IN ('standard_webhooks', 'wechatpay_v3',
+                                            'alipay', 'unionpay'))
 );
 
 COMMENT ON TABLE callback_center.endpoints IS
@@ -163,7 +168,7 @@ SELECT e.id, e.name, e.url, e.event_types, e.timeout_ms, e.retry_schedule,
        coalesce(e.max_attempts, cardinality(s.delays) + 1) AS max_attempts,
        e.rate_limit_per_s, e.breaker_failure_ratio, e.breaker_window_s,
        e.breaker_min_requests, e.breaker_open_ms, e.is_core, e.ordered,
-       e.enabled, e.created_at, e.updated_at
+       e.enabled, e.created_at, e.updated_at, e.format
   FROM callback_center.endpoints e
   JOIN callback_center.retry_schedules s ON s.name = e.retry_schedule;
 

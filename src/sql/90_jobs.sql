@@ -27,18 +27,47 @@ COMMENT ON TABLE callback_center.close_failures IS
 SELECT pg_catalog.pg_extension_config_dump('callback_center.close_failures', '');
 GRANT SELECT ON callback_center.close_failures TO callback_center_admin;
 
+-- callback_center.close_query_max_wait: how long after its deadline an
+-- order whose provider is asked first may wait for an answer.
+CREATE FUNCTION callback_center._close_query_max_wait()
+RETURNS interval
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT coalesce(nullif(current_setting('callback_center.close_query_max_wait', true), '')::interval,
+                    interval '10 minutes')
+$$;
+
+-- The payments whose provider is asked before their order is closed:
+-- PAYING with a provider whose (enabled) query endpoint speaks the
+-- provider's API, with the endpoint to ask.
+CREATE VIEW callback_center._asked_before_close AS
+    SELECT p.payment_id, p.order_id, p.provider, p.amount_cents, e.id AS endpoint_id,
+           e.name AS endpoint, e.format
+      FROM callback_center.payments p
+      JOIN callback_center.providers pr ON pr.name = p.provider
+      JOIN callback_center.endpoints e ON e.name = pr.query_endpoint
+     WHERE p.status = 'PAYING' AND e.enabled AND e.format <> 'standard_webhooks';
+
 -- The orders due for the timeout close: confirmed, still waiting for money,
--- past their deadline, not backing off after a failure.  Read through the
--- partial index orders_pay_deadline.  The one definition that both
--- close_expired_orders and the worker's one-by-one fallback read, so they
--- agree on what is due.
+-- past their deadline, not backing off after a failure, and not to be
+-- asked first: an order whose payment is PAYING with a provider whose
+-- query endpoint speaks the provider's API is closed only after its
+-- provider says unpaid (_apply_query_result), or once
+-- callback_center.close_query_max_wait has passed since its deadline.
+-- Read through the partial index orders_pay_deadline.  The one definition
+-- that both close_expired_orders and the worker's one-by-one fallback
+-- read, so they agree on what is due.
 CREATE VIEW callback_center._orders_due AS
     SELECT o.order_id, o.pay_deadline
       FROM callback_center.orders o
      WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
        AND o.pay_deadline <= pg_catalog.now()
        AND NOT EXISTS (SELECT 1 FROM callback_center.close_failures f
-                        WHERE f.order_id = o.order_id AND f.retry_at > pg_catalog.now());
+                        WHERE f.order_id = o.order_id AND f.retry_at > pg_catalog.now())
+       AND (o.pay_deadline <= pg_catalog.now() - callback_center._close_query_max_wait()
+            OR NOT EXISTS (SELECT 1 FROM callback_center._asked_before_close a
+                            WHERE a.order_id = o.order_id));
 
 -- Records that closing p_order_id raised error: one more failure, tried
 -- again after 2^(failures - 1) seconds, at most 5 minutes.  Also drops the
@@ -218,10 +247,13 @@ AS $$
 $$;
 
 -- Names the endpoint that answers a provider's status queries (admin);
--- NULL stops querying it.  The answers are applied to payments and carry
--- no signature the extension verifies yet, so only TLS vouches for them:
--- an endpoint whose URL is not https is refused (22023) unless
--- allow_plain_http, recorded in providers.query_allow_plain_http.
+-- NULL stops querying it.  The answers of a standard_webhooks endpoint are
+-- applied to payments and carry no signature the extension verifies, so
+-- only TLS vouches for them: such an endpoint whose URL is not https is
+-- refused (22023) unless allow_plain_http, recorded in
+-- providers.query_allow_plain_http.  An endpoint of a provider format
+-- (set_endpoint_format) is the provider's API: its answers are verified
+-- with the provider's key, over any scheme.
 -- CB033 unknown provider, CB040 unknown endpoint.
 CREATE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text,
     allow_plain_http boolean DEFAULT false)
@@ -231,6 +263,7 @@ SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
     url text;
+    fmt text;
 BEGIN
     PERFORM callback_center._require(set_provider_query_endpoint.provider, 'provider');
     PERFORM callback_center._require(set_provider_query_endpoint.allow_plain_http,
@@ -241,9 +274,11 @@ BEGIN
             MESSAGE = format('unknown provider "%s"', set_provider_query_endpoint.provider);
     END IF;
     IF set_provider_query_endpoint.endpoint IS NOT NULL THEN
-        SELECT e.url INTO url FROM callback_center.endpoints e
+        SELECT e.url, e.format INTO url, fmt FROM callback_center.endpoints e
          WHERE e.id = callback_center._endpoint_id(set_provider_query_endpoint.endpoint, false);
-        IF NOT callback_center._url_is_https(url)
+        -- A provider-format endpoint's answers carry the provider's
+        -- signature (46_adapters.sql): they are verified, whatever the scheme.
+        IF fmt = 'standard_webhooks' AND NOT callback_center._url_is_https(url)
            AND NOT set_provider_query_endpoint.allow_plain_http THEN
             RAISE EXCEPTION USING ERRCODE = '22023',
                 MESSAGE = format('query endpoint "%s" does not use https',
@@ -401,7 +436,8 @@ END
 $$;
 
 -- Finishes up to max_queries queries whose event has been delivered (the
--- answer is the 2xx response body the worker kept), has died, or is gone.
+-- answer is the 2xx response body the worker kept), has died, or is gone;
+-- not those a provider-format endpoint answered (apply_provider_answers).
 -- Each is applied in its own subtransaction: one that raises is recorded
 -- as failed with the error, and the payment is queried again later.
 -- Queries locked by others are skipped.  Returns how many were finished.
@@ -426,6 +462,9 @@ BEGIN
           LEFT JOIN callback_center.outbox ob ON ob.id = q.outbox_id
          WHERE q.status = 'sent'
            AND (ob.id IS NULL OR ob.status IN ('delivered', 'dead'))
+           -- a provider's own answer: apply_provider_answers applies it
+           AND NOT EXISTS (SELECT 1 FROM callback_center.provider_answers pa
+                            WHERE pa.outbox_id = q.outbox_id)
          ORDER BY q.id
          LIMIT max_queries
            FOR UPDATE OF q SKIP LOCKED
@@ -455,7 +494,205 @@ BEGIN
 END
 $$;
 
+-- Sends a status query (payment.query to the provider's query endpoint) for
+-- up to max_orders orders past their pay deadline whose payment is PAYING
+-- with a provider that is asked before closing (_asked_before_close), and
+-- not yet past callback_center.close_query_max_wait: none in flight, and
+-- after a failed one a backoff of 1 s doubling per query since the
+-- deadline, at most 5 minutes.  Payments locked by others are skipped.
+-- Returns how many queries were sent.
+CREATE FUNCTION callback_center.query_expired_orders(max_orders integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r record;
+    ob_id bigint;
+    body jsonb;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_orders, 'max_orders');
+    IF max_orders < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_orders must be positive, got %s', max_orders);
+    END IF;
+    FOR r IN
+        SELECT a.payment_id, a.order_id, a.provider, a.amount_cents, a.endpoint_id
+          FROM callback_center.orders o
+          JOIN callback_center._asked_before_close a ON a.order_id = o.order_id
+          JOIN callback_center.payments p ON p.payment_id = a.payment_id
+         WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+           AND o.pay_deadline <= now()
+           AND o.pay_deadline > now() - callback_center._close_query_max_wait()
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = a.payment_id AND q.status = 'sent')
+           AND coalesce((SELECT max(q.finished_at)
+                                + least(interval '1 second' * power(2, least(count(*) - 1, 20)),
+                                        interval '5 minutes')
+                           FROM callback_center.payment_queries q
+                          WHERE q.payment_id = a.payment_id AND q.queried_at >= o.pay_deadline),
+                        '-infinity') <= now()
+         ORDER BY o.pay_deadline
+         LIMIT max_orders
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        -- To the query endpoint only, whatever else subscribes.
+        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'amount_cents', r.amount_cents);
+        ob_id := callback_center._enqueue_one(r.endpoint_id, 'payment.query', r.order_id, body);
+        -- Disabled since the scan: no query for this order this time.
+        CONTINUE WHEN ob_id IS NULL;
+        INSERT INTO callback_center.payment_queries
+               (payment_id, order_id, provider, endpoint_id, outbox_id)
+        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+-- Applies a provider's normalized answer (46_adapters.sql) to the query's
+-- payment, once: paid -> _apply_payment_result success (as a callback
+-- would), failed -> its failure; unpaid, closed, not_found -> when the
+-- order is past its deadline and still waiting, closed here
+-- (_close_locked_orders: payment CLOSED, stock and coupon back), and for
+-- unpaid a payment.close to the provider queued in the same transaction
+-- (not to unionpay, which has no close); before the deadline nothing
+-- moves.  The order, then the payment, are locked (waiting, in
+-- _apply_payment_result's order) and read again, so a success callback
+-- and this close never both win: a callback after the close takes the
+-- late-payment path, one before it leaves the order paid and this answer
+-- stale.  error -> the query failed (retried with backoff).  Returns the
+-- outcome.  42704 when the query does not exist.
+CREATE FUNCTION callback_center._apply_query_result(query_id bigint, answer jsonb)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    q callback_center.payment_queries;
+    o callback_center.orders;
+    st text := answer->>'status';
+    result text;
+    ep record;
+BEGIN
+    SELECT * INTO q FROM callback_center.payment_queries x WHERE x.id = query_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('payment query %s does not exist', query_id);
+    END IF;
+    IF q.status <> 'sent' THEN
+        RETURN q.outcome;
+    END IF;
+    IF st IS NULL OR st NOT IN ('paid', 'failed', 'unpaid', 'closed', 'not_found') THEN
+        UPDATE callback_center.payment_queries x
+           SET status = 'failed', answer = _apply_query_result.answer::text, outcome = 'error',
+               error = coalesce(_apply_query_result.answer->>'error', 'no usable answer'),
+               finished_at = now()
+         WHERE x.id = q.id;
+        RETURN 'error';
+    END IF;
+    IF st IN ('paid', 'failed') THEN
+        result := callback_center._apply_payment_result(q.provider, answer->>'txn_id', q.order_id,
+            (answer->>'amount_cents')::bigint, answer->>'currency',
+            CASE st WHEN 'paid' THEN 'success' ELSE 'failure' END, 'query');
+    ELSE
+        SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = q.order_id FOR UPDATE;
+        PERFORM 1 FROM callback_center.payments p WHERE p.order_id = q.order_id FOR UPDATE;
+        IF NOT (o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')) THEN
+            result := 'not_waiting';
+        ELSIF o.pay_deadline > now() THEN
+            result := 'unpaid';
+        ELSIF callback_center._close_locked_orders(ARRAY[o.order_id]) = 1 THEN
+            result := 'closed';
+            SELECT e.name, e.format INTO ep
+              FROM callback_center.providers pr
+              JOIN callback_center.endpoints e ON e.name = pr.query_endpoint
+             WHERE pr.name = q.provider;
+            IF st = 'unpaid' AND ep.format IN ('wechatpay_v3', 'alipay') THEN
+                PERFORM callback_center.enqueue_to(ep.name, 'payment.close', o.order_id,
+                    jsonb_build_object('order_id', o.order_id, 'provider', q.provider));
+            END IF;
+        ELSE
+            result := 'busy';
+        END IF;
+    END IF;
+    UPDATE callback_center.payment_queries x
+       SET status = 'answered', answer = _apply_query_result.answer::text, outcome = result,
+           finished_at = now()
+     WHERE x.id = q.id;
+    RETURN result;
+END
+$$;
+
+-- Applies up to max_answers providers' answers not yet applied
+-- (provider_answers, kept by the delivery worker), each once and in its
+-- own subtransaction: payment.query through _apply_query_result;
+-- payment.close recorded (a provider refusing to close a paid order is
+-- followed by its payment notification: the late-payment path);
+-- refund.request and refund.query handed to _apply_refund_answer(refund_id,
+-- answer) when it is installed (until then they wait).  An answer whose
+-- application raises is recorded with the error as its outcome.  Returns
+-- how many were applied.
+CREATE FUNCTION callback_center.apply_provider_answers(max_answers integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r record;
+    qid bigint;
+    result text;
+    refunds boolean := to_regprocedure('callback_center._apply_refund_answer(text,jsonb)') IS NOT NULL;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_answers, 'max_answers');
+    IF max_answers < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_answers must be positive, got %s', max_answers);
+    END IF;
+    FOR r IN
+        SELECT a.outbox_id, a.event_type, a.answer
+          FROM callback_center.provider_answers a
+         WHERE a.applied_at IS NULL
+           AND (refunds OR a.event_type NOT IN ('refund.request', 'refund.query'))
+         ORDER BY a.outbox_id
+         LIMIT max_answers
+           FOR UPDATE SKIP LOCKED
+    LOOP
+        n := n + 1;
+        BEGIN
+            IF r.event_type = 'payment.query' THEN
+                SELECT q.id INTO qid FROM callback_center.payment_queries q
+                 WHERE q.outbox_id = r.outbox_id;
+                result := CASE WHEN qid IS NULL THEN 'no_query'
+                               ELSE callback_center._apply_query_result(qid, r.answer) END;
+            ELSIF r.event_type IN ('refund.request', 'refund.query') THEN
+                EXECUTE 'SELECT callback_center._apply_refund_answer($1, $2)'
+                   INTO result USING r.answer->>'refund_id', r.answer;
+            ELSE
+                result := coalesce(r.answer->>'status', 'error');
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            result := format('error: %s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+            IF r.event_type = 'payment.query' AND qid IS NOT NULL THEN
+                UPDATE callback_center.payment_queries x
+                   SET status = 'failed', answer = r.answer::text, outcome = 'error',
+                       error = result, finished_at = now()
+                 WHERE x.id = qid AND x.status = 'sent';
+            END IF;
+        END;
+        UPDATE callback_center.provider_answers a
+           SET applied_at = now(), outcome = result
+         WHERE a.outbox_id = r.outbox_id;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
 REVOKE ALL ON callback_center._orders_due FROM PUBLIC;
+REVOKE ALL ON callback_center._asked_before_close FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._close_locked_orders(text[]),
     callback_center._url_is_https(text),
     callback_center._note_close_failure(text, text),
@@ -464,11 +701,17 @@ REVOKE ALL ON FUNCTION callback_center._close_locked_orders(text[]),
     callback_center.set_provider_query_endpoint(text, text, boolean),
     callback_center.query_stuck_payments(integer, interval, interval),
     callback_center._apply_query_answer(bigint, text),
-    callback_center.apply_query_answers(integer) FROM PUBLIC;
+    callback_center.apply_query_answers(integer),
+    callback_center._close_query_max_wait(),
+    callback_center.query_expired_orders(integer),
+    callback_center._apply_query_result(bigint, jsonb),
+    callback_center.apply_provider_answers(integer) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
     callback_center.set_provider_query_endpoint(text, text, boolean),
     callback_center.query_stuck_payments(integer, interval, interval),
-    callback_center.apply_query_answers(integer)
+    callback_center.apply_query_answers(integer),
+    callback_center.query_expired_orders(integer),
+    callback_center.apply_provider_answers(integer)
     TO callback_center_admin;
 -- The jobs worker (src/jobs.c) runs these and reads the due orders; the
 -- functions run as their owner, the worker role holds nothing else of them.
@@ -476,9 +719,13 @@ GRANT EXECUTE ON FUNCTION callback_center.close_expired_orders(integer),
     callback_center.query_stuck_payments(integer, interval, interval),
     callback_center.apply_query_answers(integer),
     callback_center._close_order(text),
-    callback_center._note_close_failure(text, text)
+    callback_center._note_close_failure(text, text),
+    callback_center.query_expired_orders(integer),
+    callback_center.apply_provider_answers(integer)
     TO callback_center_worker;
 GRANT SELECT ON callback_center._orders_due TO callback_center_worker;
+-- _orders_due calls it: a view's functions run with its reader's rights.
+GRANT EXECUTE ON FUNCTION callback_center._close_query_max_wait() TO callback_center_worker;
 
 -- What the jobs worker has done since it started (needs
 -- shared_preload_libraries; 55000 otherwise).

@@ -28,9 +28,12 @@ system('openssl', 'genrsa', '-out', "$keydir/p.key", '2048') == 0
   && system('openssl', 'rsa', '-in', "$keydir/p.key", '-pubout', '-out', "$keydir/p.pub") == 0
   or die 'openssl could not make a key';
 my $pub = PostgreSQL::Test::Utils::slurp_file("$keydir/p.pub");
+# The same key as the merchant's, so that merchant_settings has a row too.
+my $merchant_key = PostgreSQL::Test::Utils::slurp_file("$keydir/p.key");
 $node->safe_psql('src', qq{
 SELECT callback_center.set_provider('wx', 'wechatpay_v3', ARRAY['0123456789abcdef0123456789abcdef']);
 SELECT callback_center.set_platform_keys('wx', jsonb_build_object('PUB_KEY_ID_0001', '$pub'));
+SELECT callback_center.set_merchant('wx', '1900000109', '$merchant_key', 'MCHSERIAL0001');
 });
 $node->safe_psql('src', q{
 SELECT callback_center.set_stock('sku-a', 100), callback_center.set_stock('sku-b', 1);
@@ -119,6 +122,9 @@ SELECT id, endpoint_id, 1, 500, 1.5 FROM callback_center.outbox ORDER BY id LIMI
 UPDATE callback_center.outbox SET status = 'dead', attempts = 3
  WHERE id = (SELECT min(id) FROM callback_center.outbox);
 SELECT callback_center.replay_dead((SELECT min(id) FROM callback_center.outbox), 'before dump');
+-- a provider's answer, kept as the delivery worker keeps it
+SELECT callback_center._adapter_record(ARRAY[(SELECT max(id) FROM callback_center.outbox)], ARRAY[1],
+    ARRAY[200], ARRAY['{"status": "paid"}'::jsonb], ARRAY[NULL::text]);
 });
 
 is($node->safe_psql('src', q{

@@ -52,7 +52,7 @@ sub roles_of
 }
 is(roles_of(q{query ILIKE 'UPDATE callback_center.outbox%' OR query ILIKE 'WITH%callback_center.outbox%'}),
 	'callback_center_worker', 'the delivery worker claims and settles as callback_center_worker');
-is(roles_of(q{query ILIKE 'INSERT INTO callback_center.delivery_attempts%'}),
+is(roles_of(q{query ILIKE '%INSERT INTO callback_center.delivery_attempts%'}),
 	'callback_center_worker', 'and records its attempts as it');
 is(roles_of(q{query ILIKE '%callback_center._orders_due%' OR query ILIKE '%callback_center.close_expired_orders%'
               OR query ILIKE '%callback_center.query_stuck_payments%'
