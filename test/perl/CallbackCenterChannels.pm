@@ -1,10 +1,11 @@
 # Keys, certificates and signatures of the payment channels' tests, made
 # with openssl (and test/unit/gcm_seal for AES-256-GCM) in a directory
-# given once with channel_dir():
+# given once with channel_dir(), or a temporary one keys_dir() makes on
+# first use (and returns):
 #   rsa_key(name[, bits])          a key pair: name.key, name.pub (returned)
 #   self_signed(name, serial)      a self-signed certificate (returned)
 #   root_ca(name, cn)              a self-signed CA certificate (returned)
-#   issue(name, subj, ca, %o)      a certificate for a new key issued by ca:
+#   issue_cert(name, subj, ca, %o) a certificate for a new key issued by ca:
 #                                  ca => 1 for a CA, start/end dates
 #   sign_b64(name, data)           SHA256withRSA by name.key, base64
 #   gcm_seal(key, nonce, aad, p)   AES-256-GCM ciphertext||tag, base64
@@ -19,14 +20,20 @@ use IPC::Run;
 use MIME::Base64 qw(encode_base64);
 use PostgreSQL::Test::Utils;
 
-our @EXPORT = qw(channel_dir run_ok slurp_raw rsa_key self_signed root_ca issue
-  sign_b64 gcm_seal form_enc q_lit);
+our @EXPORT = qw(channel_dir keys_dir run_ok slurp_raw rsa_key self_signed root_ca
+  issue_cert sign_b64 gcm_seal form_enc q_lit);
 
 my $dir;
 my $nsig = 0;
 my $serial = 16;
 
 sub channel_dir { ($dir) = @_; return $dir; }
+
+sub keys_dir
+{
+	$dir //= PostgreSQL::Test::Utils::tempdir;
+	return $dir;
+}
 
 sub run_ok
 {
@@ -77,7 +84,7 @@ sub root_ca
 
 # A certificate for a new key, issued by CA $ca with openssl ca: subject
 # $subj (UTF-8), a CA or not, valid for 30 days or from start to end.
-sub issue
+sub issue_cert
 {
 	my ($name, $subj, $ca, %o) = @_;
 	rsa_key($name);

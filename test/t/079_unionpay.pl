@@ -25,16 +25,16 @@ sub slurp { my ($f) = @_; return PostgreSQL::Test::Utils::slurp_file($f); }
 
 my $org = '中国银联股份有限公司';
 my $root = root_ca('root', 'Test CFCA Root');
-my $middle = issue('middle', '/CN=Test CFCA OCA1', 'root', ca => 1);
+my $middle = issue_cert('middle', '/CN=Test CFCA OCA1', 'root', ca => 1);
 my %certs = (
-	sign => issue('sign', "/C=CN/O=China UnionPay/OU=00/CN=041\@Z2024\@$org\@00000001", 'middle'),
-	expired => issue('expired', "/C=CN/O=China UnionPay/CN=041\@Z2020\@$org\@00000002", 'middle',
+	sign => issue_cert('sign', "/C=CN/O=China UnionPay/OU=00/CN=041\@Z2024\@$org\@00000001", 'middle'),
+	expired => issue_cert('expired', "/C=CN/O=China UnionPay/CN=041\@Z2020\@$org\@00000002", 'middle',
 		start => '20200101000000Z', end => '20210101000000Z'),
-	other_org => issue('other_org', "/C=CN/O=Someone/CN=041\@Z2024\@某某支付有限公司\@00000003", 'middle'),
-	no_at => issue('no_at', "/C=CN/CN=$org", 'middle'));
+	other_org => issue_cert('other_org', "/C=CN/O=Someone/CN=041\@Z2024\@某某支付有限公司\@00000003", 'middle'),
+	no_at => issue_cert('no_at', "/C=CN/CN=$org", 'middle'));
 my $root2 = root_ca('root2', 'Another Root');
-my $middle2 = issue('middle2', '/CN=Another OCA', 'root2', ca => 1);
-$certs{unchained} = issue('unchained', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000004", 'middle2');
+my $middle2 = issue_cert('middle2', '/CN=Another OCA', 'root2', ca => 1);
+$certs{unchained} = issue_cert('unchained', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000004", 'middle2');
 $certs{self} = root_ca('self', "041\@Z2024\@$org\@00000005");
 $certs{root} = $root;
 
@@ -247,7 +247,7 @@ sub s_callback
 }
 # A signing certificate that expires 10 s from now.
 my $until = time() + 10;
-$certs{short} = issue('short', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000006", 'middle',
+$certs{short} = issue_cert('short', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000006", 'middle',
 	start => strftime('%Y%m%d%H%M%SZ', gmtime(time() - 3600)),
 	end => strftime('%Y%m%d%H%M%SZ', gmtime($until)));
 ($f) = up_notify(orderId => 'up-c1', txnAmt => '100', cert => 'short');

@@ -35,8 +35,8 @@ my $ali_pub = rsa_key('ali');
 $ali_bare =~ s/\s+//g;
 my $org = '中国银联股份有限公司';
 my $root = root_ca('root', 'Test CFCA Root');
-my $middle = issue('middle', '/CN=Test CFCA OCA1', 'root', ca => 1);
-my $up_cert = issue('sign', "/C=CN/O=China UnionPay/OU=00/CN=041\@Z2024\@$org\@00000001", 'middle');
+my $middle = issue_cert('middle', '/CN=Test CFCA OCA1', 'root', ca => 1);
+my $up_cert = issue_cert('sign', "/C=CN/O=China UnionPay/OU=00/CN=041\@Z2024\@$org\@00000001", 'middle');
 
 my $node = cc_node('refund_notify');
 

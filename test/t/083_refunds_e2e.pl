@@ -17,7 +17,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use lib 'test/perl';
 use CallbackCenterTest;
-use CallbackCenterKeys;
+use CallbackCenterChannels;
 
 my $dir = keys_dir();
 my $merchant_pub = rsa_key('merchant');
