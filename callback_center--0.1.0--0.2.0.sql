@@ -9210,7 +9210,9 @@ GRANT EXECUTE ON FUNCTION
 -- and payment_callback, mark_refunded through the refund path, refunds in
 -- reconciliation (provider_statement.refund_id, recon_diffs.refund_id).
 -- restore_stock (same C symbol) also gives stock back to an order in
--- status refunded; no schema is needed for it.
+-- status refunded; no schema is needed for it.  The adapters' refund
+-- answers: WeChat Pay ABNORMAL is processing, Alipay's refund answers name
+-- no amount (a request's refund_fee is the trade's total) and no refund id.
 
 ALTER TABLE callback_center.provider_statement ADD COLUMN refund_id text;
 ALTER TABLE callback_center.recon_diffs ADD COLUMN refund_id text;
@@ -11065,7 +11067,8 @@ BEGIN
     -- missing_provider when it succeeded in the day and no statement of
     -- the day (a line settled by an earlier run is left out of s) or a
     -- neighbouring day has it (pending_grace in the margins).  provider_txn_id is
-    -- the line's, else the refund's provider id, else our refund id.
+    -- the line's, else our refund id (unique; a provider's refund id need
+    -- not be: Alipay's answers name the trade).
     WITH s AS (
         SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status, st.refund_id
           FROM callback_center.provider_statement st
@@ -11076,7 +11079,7 @@ BEGIN
                               AND d.resolution = 'applied')
     ), l AS (
         SELECT rf.refund_id, rf.order_id, rf.amount_cents, rf.status, rf.finished_at,
-               rf.provider_txn_id, coalesce(rf.provider_refund_id, rf.refund_id) AS txn
+               rf.provider_txn_id, rf.refund_id AS txn
           FROM callback_center.refunds rf
          WHERE rf.provider = p_channel AND rf.status = 'SUCCESS'
            AND rf.finished_at >= day_start - reconcile.grace
@@ -11224,5 +11227,124 @@ BEGIN
                  ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
          GROUP BY k.kind, k.ord
          ORDER BY k.ord;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._wechatpay_v3_answer(event_type text, payload jsonb,
+    status integer, body text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    j jsonb;
+    st text;
+BEGIN
+    IF _wechatpay_v3_answer.body <> '' THEN
+        j := _wechatpay_v3_answer.body::jsonb;
+    END IF;
+    IF _wechatpay_v3_answer.status NOT BETWEEN 200 AND 299 THEN
+        IF _wechatpay_v3_answer.event_type = 'payment.query' AND j->>'code' = 'ORDER_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', j->>'code');
+        END IF;
+        RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+            format('HTTP %s %s: %s', _wechatpay_v3_answer.status, j->>'code', j->>'message'));
+    END IF;
+    IF _wechatpay_v3_answer.event_type = 'payment.query' THEN
+        IF j->>'out_trade_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('the answer is about order "%s"', j->>'out_trade_no'));
+        END IF;
+        st := CASE j->>'trade_state'
+                WHEN 'SUCCESS' THEN 'paid' WHEN 'REFUND' THEN 'paid'
+                WHEN 'NOTPAY' THEN 'unpaid' WHEN 'USERPAYING' THEN 'unpaid'
+                WHEN 'CLOSED' THEN 'closed' WHEN 'REVOKED' THEN 'closed'
+                WHEN 'PAYERROR' THEN 'failed' END;
+        IF st IS NULL THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('unknown trade_state "%s"', j->>'trade_state'));
+        END IF;
+        RETURN jsonb_build_object('status', st, 'provider_status', j->>'trade_state',
+                                  'txn_id', j->>'transaction_id',
+                                  'amount_cents', (j->'amount'->>'total')::bigint,
+                                  'currency', j->'amount'->>'currency');
+    ELSIF _wechatpay_v3_answer.event_type = 'payment.close' THEN
+        RETURN jsonb_build_object('status', 'closed');
+    ELSE
+        IF j->>'out_refund_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'refund_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('the answer is about refund "%s"', j->>'out_refund_no'));
+        END IF;
+        RETURN jsonb_build_object(
+            'refund_id', _wechatpay_v3_answer.payload->>'refund_id',
+            'status', CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
+                                        WHEN 'PROCESSING' THEN 'processing'
+                                        -- not final: the merchant platform
+                                        -- settles it (a failed refund's
+                                        -- amount could be refunded again)
+                                        WHEN 'ABNORMAL' THEN 'processing'
+                                        WHEN 'CLOSED' THEN 'failed' ELSE 'unknown' END,
+            'provider_refund_id', j->>'refund_id',
+            'amount_cents', (j->'amount'->>'refund')::bigint,
+            'error', CASE WHEN j->>'status' IN ('SUCCESS', 'PROCESSING') THEN NULL
+                          ELSE j->>'status' END);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._alipay_answer(event_type text, payload jsonb,
+    node jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    st text;
+BEGIN
+    IF _alipay_answer.node->>'code' IS DISTINCT FROM '10000' THEN
+        IF _alipay_answer.event_type = 'payment.query' AND _alipay_answer.node->>'sub_code' = 'ACQ.TRADE_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', _alipay_answer.node->>'sub_code');
+        END IF;
+        RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+            format('%s %s: %s', _alipay_answer.node->>'code', _alipay_answer.node->>'sub_code',
+                   coalesce(_alipay_answer.node->>'sub_msg', _alipay_answer.node->>'msg')));
+    END IF;
+    IF _alipay_answer.event_type = 'payment.query' THEN
+        IF _alipay_answer.node->>'out_trade_no' IS DISTINCT FROM _alipay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('the answer is about order "%s"', _alipay_answer.node->>'out_trade_no'));
+        END IF;
+        st := CASE _alipay_answer.node->>'trade_status'
+                WHEN 'TRADE_SUCCESS' THEN 'paid' WHEN 'TRADE_FINISHED' THEN 'paid'
+                WHEN 'WAIT_BUYER_PAY' THEN 'unpaid' WHEN 'TRADE_CLOSED' THEN 'closed' END;
+        IF st IS NULL THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('unknown trade_status "%s"', _alipay_answer.node->>'trade_status'));
+        END IF;
+        RETURN jsonb_build_object('status', st, 'provider_status', _alipay_answer.node->>'trade_status',
+                                  'txn_id', _alipay_answer.node->>'trade_no',
+                                  'amount_cents',
+                                  round((_alipay_answer.node->>'total_amount')::numeric * 100)::bigint,
+                                  'currency', 'CNY');
+    ELSIF _alipay_answer.event_type = 'payment.close' THEN
+        RETURN jsonb_build_object('status', 'closed');
+    ELSIF _alipay_answer.event_type = 'refund.request' THEN
+        RETURN jsonb_build_object(
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
+            -- Alipay gives a refund no id (trade_no is the payment's), and
+            -- refund_fee is the trade's total refunded, not this refund's.
+            'provider_refund_id', NULL,
+            'amount_cents', NULL,
+            'error', NULL);
+    ELSE
+        RETURN jsonb_build_object(
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
+                           ELSE 'processing' END,
+            'provider_refund_id', NULL,
+            'amount_cents', round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint,
+            'error', NULL);
+    END IF;
 END
 $$;

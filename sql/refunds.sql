@@ -246,6 +246,22 @@ SELECT r.mode, r.status, l.status AS late_status, p.status AS payment
   JOIN callback_center.payments p ON p.order_id = l.order_id WHERE r.order_id = 'rf-6';
 SELECT rf_trace('rf-6');
 
+-- The adapters' answers to refund requests, as _apply_refund_answer reads
+-- them.  WeChat Pay's ABNORMAL is not final (the merchant platform settles
+-- it; a failed refund would make its amount refundable again: refunded
+-- twice); Alipay's refund_fee is the trade's total refunded, not this
+-- refund's amount, and Alipay gives a refund no id of its own (trade_no is
+-- the payment's).
+SELECT callback_center._wechatpay_v3_answer('refund.query', '{"refund_id": "rf-x1"}', 200,
+    '{"out_refund_no": "rf-x1", "refund_id": "wx-r-x1", "status": "ABNORMAL", "amount": {"refund": 100}}')
+    ->> 'status' AS abnormal;
+SELECT a->>'status' AS status, a->>'amount_cents' AS cents, a->>'provider_refund_id' AS provider_id
+  FROM callback_center._alipay_answer('refund.request', '{"refund_id": "rf-x2"}',
+    '{"code": "10000", "fund_change": "Y", "trade_no": "2024060322001", "refund_fee": "10.00"}') a;
+SELECT a->>'status' AS status, a->>'amount_cents' AS cents, a->>'provider_refund_id' AS provider_id
+  FROM callback_center._alipay_answer('refund.query', '{"refund_id": "rf-x2"}',
+    '{"code": "10000", "refund_status": "REFUND_SUCCESS", "trade_no": "2024060322001", "refund_amount": "3.00"}') a;
+
 -- Reconciliation: refund lines (refund_id set) against local refunds.  The
 -- payments' own lines agree (a refunded payment still agrees with its
 -- success line), so only refunds differ: rf-1-a matches; rf-1-c's amount
@@ -264,6 +280,9 @@ VALUES ('rf-pay', current_date, 'txn-rf-1', 'rf-1', 1000, 'success', NULL),
        ('rf-pay', current_date, 'wx-ref-c', 'rf-1', 699, 'refund', 'rf-1-c'),
        ('rf-pay', current_date, 'wx-ref-x', 'rf-9', 50, 'refund', 'rf-9-x'),
        ('rf-pay', current_date, 'wx-ref-7', 'rf-7', 800, 'refund', 'rf-7-a');
+-- Two refunds missing at the provider that carry the same provider id
+-- (what an adapter reports for refunds of one trade) are two differences.
+UPDATE callback_center.refunds SET provider_refund_id = 'same-trade' WHERE refund_id IN ('rf-2-a', 'rf-4-a');
 SELECT * FROM callback_center.reconcile('rf-pay', current_date, '0 s');
 SELECT CASE WHEN refund_id LIKE 'late\_%' THEN 'late' ELSE refund_id END AS refund,
        CASE WHEN provider_txn_id LIKE 'late\_%' THEN 'late' ELSE provider_txn_id END AS txn,

@@ -256,7 +256,8 @@ BEGIN
     -- missing_provider when it succeeded in the day and no statement of
     -- the day (a line settled by an earlier run is left out of s) or a
     -- neighbouring day has it (pending_grace in the margins).  provider_txn_id is
-    -- the line's, else the refund's provider id, else our refund id.
+    -- the line's, else our refund id (unique; a provider's refund id need
+    -- not be: Alipay's answers name the trade).
     WITH s AS (
         SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status, st.refund_id
           FROM callback_center.provider_statement st
@@ -267,7 +268,7 @@ BEGIN
                               AND d.resolution = 'applied')
     ), l AS (
         SELECT rf.refund_id, rf.order_id, rf.amount_cents, rf.status, rf.finished_at,
-               rf.provider_txn_id, coalesce(rf.provider_refund_id, rf.refund_id) AS txn
+               rf.provider_txn_id, rf.refund_id AS txn
           FROM callback_center.refunds rf
          WHERE rf.provider = p_channel AND rf.status = 'SUCCESS'
            AND rf.finished_at >= day_start - reconcile.grace
