@@ -11348,3 +11348,87 @@ BEGIN
     END IF;
 END
 $$;
+
+-- UnionPay refunds: one txnTime per refund, in its request and its queries.
+-- UnionPay names a transaction by orderId and txnTime together: a refund's
+-- txnTime is the time the refund was made, in Beijing time, the same in
+-- every attempt of its request and in its queries (a query with another
+-- txnTime finds nothing).
+CREATE FUNCTION callback_center._unionpay_refund_time(refund_id text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    -- plpgsql: refunds (62_refunds.sql) is created after this piece.
+    RETURN to_char(coalesce((SELECT r.created_at FROM callback_center.refunds r
+                              WHERE r.refund_id = _unionpay_refund_time.refund_id),
+                            clock_timestamp()) AT TIME ZONE 'Asia/Shanghai',
+                   'YYYYMMDDHH24MISS');
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._unionpay_refund_time(text) FROM PUBLIC;
+
+-- UnionPay requests with the refund's txnTime.
+
+CREATE OR REPLACE FUNCTION callback_center._unionpay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    base text := rtrim(_unionpay_request.url, '/');
+    path text;
+    f jsonb;
+    started timestamptz;
+    signed text;
+    body text;
+BEGIN
+    f := jsonb_build_object('version', '5.1.0', 'encoding', 'UTF-8', 'signMethod', '01',
+                            'certId', m.key_serial, 'merId', m.merchant_id, 'accessType', '0');
+    IF _unionpay_request.event_type = 'payment.query' THEN
+        -- The order is named by orderId and the txnTime it was sent with:
+        -- the time its payment started (start_payment), in Beijing time.
+        SELECT p.updated_at INTO started FROM callback_center.payments p
+         WHERE p.order_id = _unionpay_request.payload->>'order_id';
+        path := '/gateway/api/queryTrans.do';
+        f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
+                                     'orderId', _unionpay_request.payload->>'order_id',
+                                     'txnTime', to_char(coalesce(started, clock_timestamp())
+                                                        AT TIME ZONE 'Asia/Shanghai',
+                                                        'YYYYMMDDHH24MISS'));
+    ELSIF _unionpay_request.event_type = 'refund.request' THEN
+        path := '/gateway/api/backTransReq.do';
+        f := f || jsonb_build_object('txnType', '04', 'txnSubType', '00', 'bizType', '000201',
+                                     'channelType', '07', 'currencyCode', '156',
+                                     'orderId', _unionpay_request.payload->>'refund_id',
+                                     'txnTime', callback_center._unionpay_refund_time(
+                                                    _unionpay_request.payload->>'refund_id'),
+                                     'origQryId', _unionpay_request.payload->>'provider_txn_id',
+                                     'txnAmt', (_unionpay_request.payload->>'amount_cents')::bigint::text);
+        IF m.options->>'back_url' IS NOT NULL THEN
+            f := f || jsonb_build_object('backUrl', m.options->>'back_url');
+        END IF;
+    ELSIF _unionpay_request.event_type = 'refund.query' THEN
+        path := '/gateway/api/queryTrans.do';
+        f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
+                                     'orderId', _unionpay_request.payload->>'refund_id',
+                                     'txnTime', callback_center._unionpay_refund_time(
+                                                    _unionpay_request.payload->>'refund_id'));
+    ELSE
+        PERFORM callback_center._adapter_unsupported('unionpay', _unionpay_request.event_type);
+    END IF;
+    SELECT string_agg(x.key || '=' || (x.value #>> '{}'), '&' ORDER BY x.key COLLATE "C")
+      INTO signed FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
+    f := f || jsonb_build_object('signature',
+        callback_center._merchant_sign(m.provider,
+            convert_to(encode(sha256(convert_to(signed, 'UTF8')), 'hex'), 'UTF8')));
+    SELECT string_agg(x.key || '=' || callback_center._url_encode(x.value #>> '{}'), '&'
+                      ORDER BY x.key COLLATE "C")
+      INTO body FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
+    RETURN 'POST ' || base || path || E'\n'
+        || E'Content-Type: application/x-www-form-urlencoded;charset=UTF-8\n'
+        || E'\n' || body;
+END
+$$;

@@ -283,6 +283,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         note({"format": "unionpay", "method": "POST", "path": self.path, "op": op, "id": ident,
               "verified": ok, "params": params})
         say = answer_for(ident) if ok else "sigerror"
+        # UnionPay knows a transaction by orderId and txnTime together: a
+        # query of a refund with another txnTime than its request finds none.
+        if ok and op == "refund":
+            STATE.setdefault("unionpay_txn_time", {})[ident] = params.get("txnTime")
+        elif ok and STATE.get("unionpay_txn_time", {}).get(ident, params.get("txnTime")) \
+                != params.get("txnTime"):
+            say = "notfound"
         if say == "slow":
             time.sleep(ARGS.slow)
             say = "paid"

@@ -438,6 +438,25 @@ BEGIN
 END
 $$;
 
+-- UnionPay names a transaction by orderId and txnTime together: a refund's
+-- txnTime is the time the refund was made, in Beijing time, the same in
+-- every attempt of its request and in its queries (a query with another
+-- txnTime finds nothing).
+CREATE FUNCTION callback_center._unionpay_refund_time(refund_id text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    -- plpgsql: refunds (62_refunds.sql) is created after this piece.
+    RETURN to_char(coalesce((SELECT r.created_at FROM callback_center.refunds r
+                              WHERE r.refund_id = _unionpay_refund_time.refund_id),
+                            clock_timestamp()) AT TIME ZONE 'Asia/Shanghai',
+                   'YYYYMMDDHH24MISS');
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._unionpay_refund_time(text) FROM PUBLIC;
+
 -- UnionPay acp 5.1.0 back-channel requests: a form POST of sorted k=v
 -- fields, signMethod 01, certId of the merchant's signing certificate and
 -- signature = base64(SHA256withRSA(hex(SHA-256("k=v&..." sorted)))).  A
@@ -458,7 +477,6 @@ DECLARE
     started timestamptz;
     signed text;
     body text;
-    now_bj text := to_char(clock_timestamp() AT TIME ZONE 'Asia/Shanghai', 'YYYYMMDDHH24MISS');
 BEGIN
     f := jsonb_build_object('version', '5.1.0', 'encoding', 'UTF-8', 'signMethod', '01',
                             'certId', m.key_serial, 'merId', m.merchant_id, 'accessType', '0');
@@ -477,7 +495,9 @@ BEGIN
         path := '/gateway/api/backTransReq.do';
         f := f || jsonb_build_object('txnType', '04', 'txnSubType', '00', 'bizType', '000201',
                                      'channelType', '07', 'currencyCode', '156',
-                                     'orderId', _unionpay_request.payload->>'refund_id', 'txnTime', now_bj,
+                                     'orderId', _unionpay_request.payload->>'refund_id',
+                                     'txnTime', callback_center._unionpay_refund_time(
+                                                    _unionpay_request.payload->>'refund_id'),
                                      'origQryId', _unionpay_request.payload->>'provider_txn_id',
                                      'txnAmt', (_unionpay_request.payload->>'amount_cents')::bigint::text);
         IF m.options->>'back_url' IS NOT NULL THEN
@@ -486,7 +506,9 @@ BEGIN
     ELSIF _unionpay_request.event_type = 'refund.query' THEN
         path := '/gateway/api/queryTrans.do';
         f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
-                                     'orderId', _unionpay_request.payload->>'refund_id', 'txnTime', now_bj);
+                                     'orderId', _unionpay_request.payload->>'refund_id',
+                                     'txnTime', callback_center._unionpay_refund_time(
+                                                    _unionpay_request.payload->>'refund_id'));
     ELSE
         PERFORM callback_center._adapter_unsupported('unionpay', _unionpay_request.event_type);
     END IF;
