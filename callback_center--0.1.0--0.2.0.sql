@@ -9202,3 +9202,77 @@ GRANT EXECUTE ON FUNCTION
     callback_center.apply_provider_answers(integer),
     callback_center._close_query_max_wait()
     TO callback_center_worker;
+
+-- Retention: purge() covers provider_answers (46_adapters.sql), whose key
+-- is outbox_id: an answer applied before the attempts' age goes, one not
+-- yet applied never does.  _purge_targets names each target's key (a new
+-- column: DROP and CREATE); _purge_batch walks it.
+DROP FUNCTION callback_center._purge_targets();
+
+-- What retention deletes, per relation, in order: delivered outbox rows,
+-- delivery attempts (when that table exists), providers' answers applied
+-- before the cutoff (the outcome of an attempt, so on the attempts' age;
+-- an answer not yet applied is never touched), state history, succeeded
+-- callback records and settled (applied or resolved) reconciliation
+-- differences older than the cutoff ($1).  Pending, delivering and dead
+-- outbox rows (dead ones stay for replay), pending, processing and failed
+-- callback records, and flagged or pending_grace differences are never
+-- touched.  age says which of purge's ages applies: attempts, history, or
+-- events (older_than).  key is the bigint primary key the batches walk.
+CREATE FUNCTION callback_center._purge_targets()
+RETURNS TABLE (rel text, cond text, age text, key text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT v.rel, v.cond, v.age, v.key
+      FROM (VALUES
+        (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1', 'events', 'id'),
+        (2, 'callback_center.delivery_attempts', 'attempted_at < $1', 'attempts', 'id'),
+        (3, 'callback_center.provider_answers', 'applied_at < $1', 'attempts', 'outbox_id'),
+        (4, 'callback_center.state_history', 'at < $1', 'history', 'id'),
+        (5, 'callback_center.callback_record', 'status = 2 AND completed_at < $1', 'events', 'id'),
+        (6, 'callback_center.recon_diffs',
+         'resolution IN (''applied'', ''resolved'') AND created_at < $1', 'events', 'id'))
+           AS v(ord, rel, cond, age, key)
+     WHERE to_regclass(v.rel) IS NOT NULL
+     ORDER BY v.ord
+$$;
+
+-- Deletes one batch of at most batch_size rows of one retention target
+-- (see _purge_targets) older than cutoff with a key (its id, or outbox_id)
+-- above after_id, rows locked by others skipped.  Returns how many it
+-- deleted and the highest key it passed (the next batch's after_id).  22023 for a relation that is not
+-- a retention target.
+CREATE OR REPLACE FUNCTION callback_center._purge_batch(rel text, cutoff timestamptz, after_id bigint,
+    batch_size integer, OUT purged bigint, OUT last_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    condition text;
+    k text;
+BEGIN
+    SELECT t.cond, t.key INTO condition, k FROM callback_center._purge_targets() t
+     WHERE t.rel = _purge_batch.rel;
+    IF condition IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('"%s" is not a retention target', _purge_batch.rel);
+    END IF;
+    -- Walk the primary key upwards: old rows have low ids, and no batch
+    -- rescans what an earlier one passed.  b is MATERIALIZED: evaluated
+    -- once whatever the plan, so that the rows counted, the rows deleted
+    -- and the batch's last id are the same LIMIT ... SKIP LOCKED pick (a
+    -- sub-select run again per row of a join would pick more rows).
+    EXECUTE format(
+        'WITH b AS MATERIALIZED (SELECT %1$I AS id FROM %2$s WHERE %1$I > $2 AND %3$s'
+        ' ORDER BY %1$I LIMIT $3 FOR UPDATE SKIP LOCKED),'
+        ' d AS (DELETE FROM %2$s WHERE %1$I IN (SELECT id FROM b) RETURNING 1)'
+        ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
+        ' FROM (SELECT count(*) FROM d) AS x',
+        k, _purge_batch.rel, condition)
+        INTO purged, last_id USING cutoff, after_id, batch_size;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._purge_targets() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center._purge_targets() TO callback_center_admin;
