@@ -9203,6 +9203,2152 @@ GRANT EXECUTE ON FUNCTION
     callback_center._close_query_max_wait()
     TO callback_center_worker;
 
+-- Refunds end to end (issue 14 section 3): the refunds table and machine (62_refunds.sql:
+-- request_refund, _apply_refund_answer, record_refund_outcome,
+-- refund_jobs, PARTIALLY_REFUNDED / partially_refunded, order fulfilled,
+-- coupon used -> available), refund notifications in the channel parsers
+-- and payment_callback, mark_refunded through the refund path, refunds in
+-- reconciliation (provider_statement.refund_id, recon_diffs.refund_id).
+-- restore_stock (same C symbol) also gives stock back to an order in
+-- status refunded; no schema is needed for it.  The adapters' refund
+-- answers: WeChat Pay ABNORMAL is processing, Alipay's refund answers name
+-- no amount (a request's refund_fee is the trade's total) and no refund id.
+
+ALTER TABLE callback_center.provider_statement ADD COLUMN refund_id text;
+ALTER TABLE callback_center.recon_diffs ADD COLUMN refund_id text;
+
+-- Refunds (doc/refunds.md): a refund row per request, idempotent by the
+-- caller's refund id; the request goes to the provider's API endpoint
+-- (providers.query_endpoint) as a refund.request event, or waits for an
+-- administrator when the provider has none (manual mode).  Every status
+-- change of a refund, whoever brings the news (the synchronous answer, a
+-- refund notification, a status query, an administrator, reconciliation),
+-- goes through _apply_refund_answer, under the order's, the payment's and
+-- the refund's row locks, in that order (the order every payment path
+-- takes).
+
+-- ------------------------------------------------------------------------
+-- Machines
+-- ------------------------------------------------------------------------
+
+-- payment and order_pay: a partial refund, then more of them, then the
+-- rest.  REFUNDED stays final.
+SELECT callback_center.add_state('payment', 'PARTIALLY_REFUNDED');
+SELECT callback_center.add_transition('payment', 'PAID', 'PARTIALLY_REFUNDED', 'partial_refund');
+SELECT callback_center.add_transition('payment', 'PARTIALLY_REFUNDED', 'REFUNDED', 'refund');
+SELECT callback_center.add_state('order_pay', 'partially_refunded');
+SELECT callback_center.add_transition('order_pay', 'paid', 'partially_refunded', 'partial_refund',
+    '{order.partially_refunded}');
+SELECT callback_center.add_transition('order_pay', 'partially_refunded', 'refunded', 'refund',
+    '{order.refunded}');
+-- order: fulfilled (the goods left; set by the application with
+-- apply_event(..., 'fulfil')).  An order refunded in full before that
+-- moves confirmed -> refunded and gives its stock and coupon back; a
+-- fulfilled one stays fulfilled and keeps them (the goods are with the
+-- buyer: a return is the merchant's business).
+SELECT callback_center.add_state('order', 'fulfilled', false, true);
+SELECT callback_center.add_transition('order', 'confirmed', 'fulfilled', 'fulfil');
+-- coupon: a used coupon comes back when its order is refunded in full
+-- before fulfilment, so used is no longer final.
+UPDATE callback_center.machine_states SET is_final = false
+ WHERE machine = 'coupon' AND state = 'used';
+SELECT callback_center.add_transition('coupon', 'used', 'available', 'refund');
+
+-- refund: PENDING (asked for, or waiting for an administrator) ->
+-- PROCESSING (the provider accepted it) -> SUCCESS or FAILED, both final.
+-- The merchant hears of the outcome through the emits.
+SELECT callback_center.create_state_machine('refund', 'Refund of a payment');
+SELECT callback_center.add_state('refund', 'PENDING', true, false);
+SELECT callback_center.add_state('refund', 'PROCESSING', false, false);
+SELECT callback_center.add_state('refund', 'SUCCESS', false, true);
+SELECT callback_center.add_state('refund', 'FAILED', false, true);
+SELECT callback_center.add_transition('refund', 'PENDING', 'PROCESSING', 'accept');
+SELECT callback_center.add_transition('refund', 'PENDING', 'SUCCESS', 'succeed', '{refund.succeeded}');
+SELECT callback_center.add_transition('refund', 'PROCESSING', 'SUCCESS', 'succeed', '{refund.succeeded}');
+SELECT callback_center.add_transition('refund', 'PENDING', 'FAILED', 'fail', '{refund.failed}');
+SELECT callback_center.add_transition('refund', 'PROCESSING', 'FAILED', 'fail', '{refund.failed}');
+
+UPDATE callback_center.state_machines SET builtin = true WHERE machine = 'refund';
+UPDATE callback_center.machine_states SET builtin = true
+ WHERE machine = 'refund' OR (machine, state) IN (('payment', 'PARTIALLY_REFUNDED'),
+                                                  ('order_pay', 'partially_refunded'),
+                                                  ('order', 'fulfilled'));
+UPDATE callback_center.transitions SET builtin = true
+ WHERE machine = 'refund'
+    OR (machine, from_state, to_state) IN (('payment', 'PAID', 'PARTIALLY_REFUNDED'),
+                                           ('payment', 'PARTIALLY_REFUNDED', 'REFUNDED'),
+                                           ('order_pay', 'paid', 'partially_refunded'),
+                                           ('order_pay', 'partially_refunded', 'refunded'),
+                                           ('order', 'confirmed', 'fulfilled'),
+                                           ('coupon', 'used', 'available'));
+
+-- ------------------------------------------------------------------------
+-- The refunds table
+-- ------------------------------------------------------------------------
+
+-- One row per refund.  A refund of an order's payment has payment_id; a
+-- refund of a late payment (money for an order that could not take it)
+-- has late_payment_id and refunds that provider transaction.  mode api:
+-- the request went to the provider's API endpoint (refund.request) and
+-- open refunds are queried again (refund.query) from next_query_at on;
+-- manual: the provider has no API endpoint, an administrator refunds at
+-- the provider and records the outcome (record_refund_outcome).
+CREATE TABLE callback_center.refunds (
+    refund_id          text PRIMARY KEY,
+    order_id           text NOT NULL,
+    payment_id         text,
+    late_payment_id    bigint UNIQUE,
+    provider           text NOT NULL,
+    provider_txn_id    text NOT NULL,
+    amount_cents       bigint NOT NULL CHECK (amount_cents > 0),
+    total_cents        bigint NOT NULL CHECK (total_cents >= amount_cents),
+    currency           text NOT NULL,
+    reason             text,
+    mode               text NOT NULL CHECK (mode IN ('api', 'manual')),
+    status             text NOT NULL DEFAULT 'PENDING',
+    provider_refund_id text,
+    error              text,
+    queries            integer NOT NULL DEFAULT 0,
+    next_query_at      timestamptz,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    finished_at        timestamptz,
+    CHECK ((payment_id IS NULL) <> (late_payment_id IS NULL))
+);
+COMMENT ON TABLE callback_center.refunds IS
+    'Refunds of payments and late payments; status follows machine "refund"';
+
+-- What request_refund sums under the payment's lock.
+CREATE INDEX refunds_payment ON callback_center.refunds (payment_id) WHERE payment_id IS NOT NULL;
+-- What refund_jobs queries again: open refunds of the API mode.
+CREATE INDEX refunds_open ON callback_center.refunds (next_query_at)
+    WHERE status IN ('PENDING', 'PROCESSING') AND mode = 'api';
+-- Reconciliation finds the refunds that succeeded in a day.
+CREATE INDEX refunds_provider_finished ON callback_center.refunds (provider, finished_at)
+    WHERE status = 'SUCCESS';
+
+SELECT pg_catalog.pg_extension_config_dump('callback_center.refunds', '');
+-- Nothing secret in it: the application sees its refunds.
+GRANT SELECT ON callback_center.refunds TO callback_center_app, callback_center_admin;
+
+-- Events of refunds carry the whole row (payload_columns '{*}').
+SELECT callback_center.attach_state_machine('callback_center.refunds', 'status', 'refund',
+                                            'refund_id', '{*}');
+
+-- ------------------------------------------------------------------------
+-- Requesting
+-- ------------------------------------------------------------------------
+
+-- How long an open refund of the API mode waits before its next status
+-- query: one minute after the request, then doubling per query sent, at
+-- most an hour.  Refunds stay open until the provider (or an
+-- administrator) gives an outcome; providers take days for some.
+CREATE FUNCTION callback_center._refund_backoff(queries integer)
+RETURNS interval
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT LEAST(interval '1 minute' * pg_catalog.power(2, LEAST(queries, 10)), interval '1 hour')
+$$;
+
+-- The refund.request payload of the contract with the adapters.
+CREATE FUNCTION callback_center._refund_request_payload(r callback_center.refunds)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT pg_catalog.jsonb_build_object('refund_id', r.refund_id, 'order_id', r.order_id,
+        'provider', r.provider, 'provider_txn_id', r.provider_txn_id,
+        'amount_cents', r.amount_cents, 'total_cents', r.total_cents,
+        'currency', r.currency, 'reason', r.reason)
+$$;
+
+-- Sends refund.request (or refund.query) for r to its provider's API
+-- endpoint; false when there is none or it is disabled (nothing sent).
+CREATE FUNCTION callback_center._refund_send(r callback_center.refunds, event_type text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ep text;
+BEGIN
+    SELECT p.query_endpoint INTO ep FROM callback_center.providers p WHERE p.name = r.provider;
+    IF ep IS NULL THEN
+        RETURN false;
+    END IF;
+    RETURN callback_center.enqueue_to(ep, event_type, r.order_id,
+        CASE WHEN event_type = 'refund.request' THEN callback_center._refund_request_payload(r)
+             ELSE jsonb_build_object('refund_id', r.refund_id, 'order_id', r.order_id,
+                                     'provider', r.provider) END) = 1;
+END
+$$;
+
+-- Inserts a refund the caller has checked and locked for (order, then
+-- payment or late payment), and sends it: refund.request to the
+-- provider's API endpoint (mode api), or, when the provider has none,
+-- refund.manual_required to the endpoints subscribed to it (mode manual).
+-- A refund whose mode the caller set to manual is the caller's to settle
+-- at once (mark_refunded): nothing is sent.
+CREATE FUNCTION callback_center._refund_create(r callback_center.refunds)
+RETURNS callback_center.refunds
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    announce boolean := r.mode IS NULL;
+BEGIN
+    r.mode := coalesce(r.mode,
+        CASE WHEN EXISTS (SELECT 1 FROM callback_center.providers p
+                           WHERE p.name = r.provider AND p.query_endpoint IS NOT NULL)
+             THEN 'api' ELSE 'manual' END);
+    r.status := 'PENDING';
+    r.queries := 0;
+    r.next_query_at := CASE WHEN r.mode = 'api'
+                            THEN now() + callback_center._refund_backoff(0) END;
+    r.created_at := now();
+    r.updated_at := now();
+    INSERT INTO callback_center.refunds SELECT r.*;
+    IF r.mode = 'api' THEN
+        IF NOT callback_center._refund_send(r, 'refund.request') THEN
+            -- The endpoint is disabled: refund_jobs sends the request once
+            -- it is enabled again.
+            UPDATE callback_center.refunds x SET next_query_at = now()
+             WHERE x.refund_id = r.refund_id;
+            r.next_query_at := now();
+        END IF;
+    ELSIF announce THEN
+        PERFORM callback_center.enqueue('refund.manual_required', r.order_id,
+                                        callback_center._refund_request_payload(r));
+    END IF;
+    RETURN r;
+END
+$$;
+
+-- Asks for a refund of amount_cents of an order's payment, once per
+-- refund_id: a repeat with the same arguments returns that refund as it
+-- is (is_new false), with other arguments it is CB062.  The payment must
+-- be paid (PAID or PARTIALLY_REFUNDED; CB060 otherwise) and the refunds
+-- not failed, this one included, at most what was paid (CB061 with the
+-- figures).  refund_id is what the provider gets as out_refund_no /
+-- out_request_no: 1 to 64 letters, digits and _-|*@ (22023).  reason may
+-- be NULL.  Any refusal writes nothing.  See doc/refunds.md.
+CREATE FUNCTION callback_center.request_refund(
+    p_order_id text,
+    p_amount_cents bigint,
+    p_reason text,
+    p_refund_id text)
+RETURNS TABLE (refund_id text, status text, mode text, amount_cents bigint, is_new boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    r callback_center.refunds;
+    o callback_center.orders;
+    pay callback_center.payments;
+    taken bigint;
+BEGIN
+    PERFORM callback_center._require_key(p_order_id, 'order_id');
+    PERFORM callback_center._require(p_amount_cents, 'amount_cents');
+    PERFORM callback_center._require_key(p_refund_id, 'refund_id', 64);
+    IF p_reason IS NOT NULL THEN
+        PERFORM callback_center._require_key(p_reason, 'reason');
+    END IF;
+    IF p_refund_id !~ '^[A-Za-z0-9_|*@-]+$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid refund_id "%s"', p_refund_id),
+            DETAIL = 'A refund id is 1 to 64 letters, digits and _-|*@ (what providers take as out_refund_no).';
+    END IF;
+    IF p_amount_cents <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('amount_cents must be positive, got %s', p_amount_cents);
+    END IF;
+
+    -- Serialise calls for one refund id, then look: a repeat (or a call
+    -- that waited for a concurrent first one) finds the refund.
+    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.refund:' || p_refund_id, 0));
+    SELECT * INTO r FROM callback_center.refunds x WHERE x.refund_id = p_refund_id;
+    IF FOUND THEN
+        IF r.order_id = p_order_id AND r.amount_cents = p_amount_cents
+           AND r.reason IS NOT DISTINCT FROM p_reason AND r.late_payment_id IS NULL THEN
+            RETURN QUERY SELECT r.refund_id, r.status, r.mode, r.amount_cents, false;
+            RETURN;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'CB062',
+            MESSAGE = format('refund "%s" already exists with other arguments', p_refund_id),
+            DETAIL = format('It refunds %s cents of order "%s"%s.', r.amount_cents, r.order_id,
+                            CASE WHEN r.late_payment_id IS NOT NULL
+                                 THEN format(' (late payment %s)', r.late_payment_id)
+                                 ELSE coalesce(format(', reason "%s"', r.reason), ', no reason') END),
+            HINT = 'A refund id names one refund; use a new id for another refund.';
+    END IF;
+
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', p_order_id);
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    -- A REFUNDED payment counts as paid when its refunds refunded it (then
+    -- nothing is left: CB061 below), not when it was late money given back
+    -- or refunded by hand.
+    IF pay.payment_id IS NULL OR pay.status NOT IN ('PAID', 'PARTIALLY_REFUNDED', 'REFUNDED')
+       OR (pay.status = 'REFUNDED'
+           AND NOT EXISTS (SELECT 1 FROM callback_center.refunds x
+                            WHERE x.payment_id = pay.payment_id AND x.status = 'SUCCESS')) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB060',
+            MESSAGE = format('order "%s" has no paid payment to refund', p_order_id),
+            DETAIL = CASE WHEN pay.payment_id IS NULL THEN 'The order has no payment.'
+                          ELSE format('Its payment is %s.', pay.status) END,
+            HINT = CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
+                        THEN 'Money that came after the order closed is refunded as a late payment (see callback_center.late_payments).'
+                        ELSE 'Only a paid payment can be refunded.' END;
+    END IF;
+    -- Under the payment's lock: a concurrent request for the same payment
+    -- waits here and then counts this one.
+    SELECT coalesce(sum(x.amount_cents), 0) INTO taken FROM callback_center.refunds x
+     WHERE x.payment_id = pay.payment_id AND x.status <> 'FAILED';
+    IF taken + p_amount_cents > pay.amount_cents THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB061',
+            MESSAGE = format('refund of %s cents exceeds what is left to refund of order "%s"',
+                             p_amount_cents, p_order_id),
+            DETAIL = format('Paid %s cents; %s refunded or being refunded; %s left.',
+                            pay.amount_cents, taken, pay.amount_cents - taken),
+            HINT = 'Refunds of a payment, failed ones aside, sum to at most what was paid.';
+    END IF;
+
+    r := NULL;
+    r.refund_id := p_refund_id;
+    r.order_id := o.order_id;
+    r.payment_id := pay.payment_id;
+    r.provider := pay.provider;
+    r.provider_txn_id := pay.provider_txn_id;
+    r.amount_cents := p_amount_cents;
+    r.total_cents := pay.amount_cents;
+    r.currency := o.currency;
+    r.reason := p_reason;
+    r := callback_center._refund_create(r);
+    RETURN QUERY SELECT r.refund_id, r.status, r.mode, r.amount_cents, true;
+END
+$$;
+
+-- ------------------------------------------------------------------------
+-- Answers
+-- ------------------------------------------------------------------------
+
+-- A full refund of an order that was not fulfilled gives back what the
+-- order holds: the order moves confirmed -> refunded, the stock comes
+-- back through restore_stock (the compensation the timeout close uses;
+-- it gives a refunded order its stock, once) and the order's coupon is
+-- available again (used -> available, or unfrozen if it was still
+-- frozen).  The caller holds the order's lock.
+CREATE FUNCTION callback_center._refund_return_holds(o callback_center.orders)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center.apply_event('callback_center.orders', 'status', o.order_id, 'refund');
+    PERFORM count(*) FROM callback_center.restore_stock(o.order_id);
+    IF o.coupon_id IS NOT NULL
+       AND NOT callback_center.unfreeze_coupon(o.coupon_id, o.order_id) THEN
+        UPDATE callback_center.coupons k
+           SET status = 'available', biz_id = NULL, updated_at = now()
+         WHERE k.coupon_id = o.coupon_id AND k.status = 'used' AND k.biz_id = o.order_id;
+    END IF;
+END
+$$;
+
+-- Checks an answer's shape (the adapters and the channel parsers build
+-- it): 22023 otherwise.
+CREATE FUNCTION callback_center._refund_check_answer(p_refund_id text, answer jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF jsonb_typeof(answer) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a refund answer must be a JSON object';
+    END IF;
+    IF answer ? 'refund_id' AND answer->>'refund_id' IS DISTINCT FROM p_refund_id THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('the answer is about refund "%s", not "%s"',
+                             answer->>'refund_id', p_refund_id);
+    END IF;
+    IF coalesce(answer->>'status', '') NOT IN ('success', 'processing', 'failed', 'unknown') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid refund answer status "%s"', coalesce(answer->>'status', '(none)')),
+            DETAIL = 'The status is success, processing, failed or unknown.';
+    END IF;
+    IF jsonb_typeof(answer->'amount_cents') NOT IN ('number', 'null')
+       OR (jsonb_typeof(answer->'amount_cents') = 'number'
+           AND (answer->>'amount_cents') !~ '^[0-9]{1,18}$') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'the answer''s amount_cents must be a non-negative integer or null';
+    END IF;
+    IF jsonb_typeof(answer->'provider_refund_id') NOT IN ('string', 'null')
+       OR jsonb_typeof(answer->'error') NOT IN ('string', 'null') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'the answer''s provider_refund_id and error must be strings or null';
+    END IF;
+    IF octet_length(answer->>'provider_refund_id') > 200 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'the answer''s provider_refund_id is longer than 200 bytes';
+    END IF;
+END
+$$;
+
+-- A late payment's money went back: the late payment becomes refunded
+-- and a payment holding that transaction moves REFUND_REQUIRED ->
+-- REFUNDED.  The caller holds the order's and the payment's locks.
+CREATE FUNCTION callback_center._late_payment_refunded(lp_id bigint)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    lp callback_center.late_payments;
+BEGIN
+    SELECT * INTO lp FROM callback_center.late_payments l WHERE l.id = lp_id FOR UPDATE;
+    IF lp.status IS DISTINCT FROM 'refund_required' THEN
+        RETURN false;
+    END IF;
+    UPDATE callback_center.late_payments l SET status = 'refunded', refunded_at = now()
+     WHERE l.id = lp.id;
+    IF EXISTS (SELECT 1 FROM callback_center.payments p
+                WHERE p.provider_txn_id = lp.provider_txn_id AND p.status = 'REFUND_REQUIRED') THEN
+        PERFORM callback_center.apply_event('callback_center.payments', 'status',
+            (SELECT p.payment_id FROM callback_center.payments p
+              WHERE p.provider_txn_id = lp.provider_txn_id), 'refund');
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- The one owner of refund status changes.  answer is {"refund_id",
+-- "status": success | processing | failed | unknown, "provider_refund_id",
+-- "amount_cents", "error"} (doc/refunds.md); whoever brought it (the
+-- synchronous answer, a notification, a status query, an administrator).
+-- Under the order's, the payment's and the refund's row locks:
+--   success on an open refund: SUCCESS (emits refund.succeeded); the
+--     payment and the order's pay status move to REFUNDED / refunded when
+--     the successful refunds add up to the payment, else to
+--     PARTIALLY_REFUNDED / partially_refunded; an order refunded in full
+--     and not fulfilled gives back its stock and coupon
+--     (_refund_return_holds); a late payment becomes refunded.  Outcome
+--     succeeded.  When the answer names an amount other than the
+--     refund's, nothing moves: amount_mismatch (refund.amount_mismatch
+--     emitted).
+--   failed on an open refund: FAILED (emits refund.failed), its amount
+--     refundable again.  Outcome failed.
+--   processing: PENDING -> PROCESSING; unknown: no move; either way the
+--     refund is queried again later (next_query_at).  Outcome processing
+--     or unknown.
+--   on a finished refund: the same verdict again only fills in a missing
+--     provider_refund_id (already_applied); processing or unknown change
+--     nothing (already_final); the opposite verdict changes nothing and
+--     emits refund.conflict (conflict), for people.
+-- Returns the outcome.  42704 when the refund does not exist, 22023 for a
+-- malformed answer.
+CREATE FUNCTION callback_center._apply_refund_answer(refund_id text, answer jsonb)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    p_refund_id text := _apply_refund_answer.refund_id;
+    r callback_center.refunds;
+    o callback_center.orders;
+    pay callback_center.payments;
+    verdict text;
+    prid text;
+    amount bigint;
+    refunded bigint;
+BEGIN
+    PERFORM callback_center._require(p_refund_id, 'refund_id');
+    PERFORM callback_center._require(answer, 'answer');
+    PERFORM callback_center._refund_check_answer(p_refund_id, answer);
+    verdict := answer->>'status';
+    prid := nullif(answer->>'provider_refund_id', '');
+    amount := (answer->>'amount_cents')::bigint;
+
+    SELECT x.order_id INTO o.order_id FROM callback_center.refunds x WHERE x.refund_id = p_refund_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('refund "%s" does not exist', p_refund_id);
+    END IF;
+    -- The lock order of every payment path: order, payment, refund.
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = o.order_id FOR UPDATE;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    SELECT * INTO r FROM callback_center.refunds x WHERE x.refund_id = p_refund_id FOR UPDATE;
+
+    IF r.status IN ('SUCCESS', 'FAILED') THEN
+        IF (verdict = 'success' AND r.status = 'SUCCESS') OR (verdict = 'failed' AND r.status = 'FAILED') THEN
+            IF r.provider_refund_id IS NULL AND prid IS NOT NULL THEN
+                UPDATE callback_center.refunds x SET provider_refund_id = prid, updated_at = now()
+                 WHERE x.refund_id = r.refund_id;
+            END IF;
+            RETURN 'already_applied';
+        ELSIF verdict IN ('success', 'failed') THEN
+            PERFORM callback_center.enqueue('refund.conflict', r.order_id,
+                jsonb_build_object('refund_id', r.refund_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'status', r.status, 'answer', answer));
+            RETURN 'conflict';
+        END IF;
+        RETURN 'already_final';
+    END IF;
+
+    IF verdict = 'success' THEN
+        IF amount IS NOT NULL AND amount <> r.amount_cents THEN
+            UPDATE callback_center.refunds x
+               SET error = format('the provider reports %s cents refunded, not %s', amount, r.amount_cents),
+                   updated_at = now()
+             WHERE x.refund_id = r.refund_id;
+            PERFORM callback_center.enqueue('refund.amount_mismatch', r.order_id,
+                jsonb_build_object('refund_id', r.refund_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'expected_cents', r.amount_cents,
+                                   'received_cents', amount));
+            RETURN 'amount_mismatch';
+        END IF;
+        UPDATE callback_center.refunds x
+           SET status = 'SUCCESS', provider_refund_id = coalesce(x.provider_refund_id, prid),
+               error = NULL, next_query_at = NULL, finished_at = now(), updated_at = now()
+         WHERE x.refund_id = r.refund_id;
+        IF r.late_payment_id IS NOT NULL THEN
+            PERFORM callback_center._late_payment_refunded(r.late_payment_id);
+            RETURN 'succeeded';
+        END IF;
+        SELECT coalesce(sum(x.amount_cents), 0) INTO refunded FROM callback_center.refunds x
+         WHERE x.payment_id = pay.payment_id AND x.status = 'SUCCESS';
+        IF refunded >= pay.amount_cents THEN
+            IF pay.status IN ('PAID', 'PARTIALLY_REFUNDED') THEN
+                PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                    pay.payment_id, 'refund');
+            END IF;
+            IF o.pay_status IN ('paid', 'partially_refunded') THEN
+                PERFORM callback_center.apply_event('callback_center.orders', 'pay_status',
+                                                    o.order_id, 'refund');
+            END IF;
+            IF o.status = 'confirmed' THEN
+                PERFORM callback_center._refund_return_holds(o);
+            END IF;
+        ELSE
+            IF pay.status = 'PAID' THEN
+                PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                    pay.payment_id, 'partial_refund');
+            END IF;
+            IF o.pay_status = 'paid' THEN
+                PERFORM callback_center.apply_event('callback_center.orders', 'pay_status',
+                                                    o.order_id, 'partial_refund');
+            END IF;
+        END IF;
+        RETURN 'succeeded';
+    ELSIF verdict = 'failed' THEN
+        UPDATE callback_center.refunds x
+           SET status = 'FAILED', provider_refund_id = coalesce(x.provider_refund_id, prid),
+               error = coalesce(answer->>'error', 'the provider refused the refund'),
+               next_query_at = NULL, finished_at = now(), updated_at = now()
+         WHERE x.refund_id = r.refund_id;
+        RETURN 'failed';
+    END IF;
+
+    -- processing or unknown: still open, asked again later.
+    UPDATE callback_center.refunds x
+       SET status = CASE WHEN verdict = 'processing' THEN 'PROCESSING' ELSE x.status END,
+           provider_refund_id = coalesce(x.provider_refund_id, prid),
+           error = coalesce(answer->>'error', x.error),
+           next_query_at = CASE WHEN x.mode = 'api'
+                                THEN now() + callback_center._refund_backoff(x.queries) END,
+           updated_at = now()
+     WHERE x.refund_id = r.refund_id;
+    RETURN verdict;
+END
+$$;
+
+-- A provider's refund notification, verified and recorded by
+-- payment_callback (the channel parsers read it: verdict refund_success,
+-- refund_failed or refund_processing, our refund id, the provider's refund
+-- id, the amount when the notification carries this refund's own), made
+-- an answer for _apply_refund_answer.  What the provider got wrong is an
+-- outcome, not an error (the notification is acknowledged and recorded
+-- with it): unknown_refund (no such refund: made at the provider, not
+-- here; reconciliation shows it), provider_mismatch (the refund is
+-- another provider's).
+CREATE FUNCTION callback_center._apply_refund_notification(
+    p_provider text, p_refund_id text, p_provider_refund_id text,
+    p_amount_cents bigint, p_verdict text, p_event_type text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    owner text;
+BEGIN
+    SELECT x.provider INTO owner FROM callback_center.refunds x WHERE x.refund_id = p_refund_id;
+    IF NOT FOUND THEN
+        RETURN 'unknown_refund';
+    END IF;
+    IF owner IS DISTINCT FROM p_provider THEN
+        RETURN 'provider_mismatch';
+    END IF;
+    RETURN callback_center._apply_refund_answer(p_refund_id,
+        jsonb_build_object('refund_id', p_refund_id,
+                           'status', CASE p_verdict WHEN 'refund_success' THEN 'success'
+                                                    WHEN 'refund_failed' THEN 'failed'
+                                                    ELSE 'processing' END,
+                           'provider_refund_id', p_provider_refund_id,
+                           'amount_cents', p_amount_cents,
+                           'error', CASE WHEN p_verdict <> 'refund_success'
+                                         THEN format('notification %s', p_event_type) END));
+END
+$$;
+
+-- ------------------------------------------------------------------------
+-- Manual mode, late payments, follow-up queries
+-- ------------------------------------------------------------------------
+
+-- Records what a provider did with a refund (admin): for refunds of a
+-- provider with no API endpoint (manual mode), or any open refund that
+-- was settled at the provider's console.  status is success, failed or
+-- processing.  Goes through _apply_refund_answer and returns its outcome.
+CREATE FUNCTION callback_center.record_refund_outcome(refund_id text, status text,
+    provider_refund_id text DEFAULT NULL, error text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require_key(record_refund_outcome.refund_id, 'refund_id', 64);
+    PERFORM callback_center._require(record_refund_outcome.status, 'status');
+    IF record_refund_outcome.status NOT IN ('success', 'failed', 'processing') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid refund status "%s"', record_refund_outcome.status),
+            DETAIL = 'The status is success, failed or processing.';
+    END IF;
+    RETURN callback_center._apply_refund_answer(record_refund_outcome.refund_id,
+        jsonb_build_object('refund_id', record_refund_outcome.refund_id,
+                           'status', record_refund_outcome.status,
+                           'provider_refund_id', record_refund_outcome.provider_refund_id,
+                           'error', record_refund_outcome.error));
+END
+$$;
+
+-- The refund of a late payment, created if it has none (refund id
+-- "late_<id>", the whole amount, to the provider transaction that
+-- brought the money; p_mode NULL: api or manual by the provider's
+-- endpoint, 'manual': settled by the caller at once, nothing sent), under
+-- the order's, the payment's and the late payment's locks.  Returns its
+-- refund id; NULL when the late payment's amount is unknown (nothing to
+-- ask for).
+CREATE FUNCTION callback_center._late_refund(lp_id bigint, p_mode text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    lp callback_center.late_payments;
+    o callback_center.orders;
+    r callback_center.refunds;
+BEGIN
+    SELECT * INTO lp FROM callback_center.late_payments l WHERE l.id = lp_id;
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = lp.order_id FOR UPDATE;
+    PERFORM 1 FROM callback_center.payments x WHERE x.order_id = lp.order_id FOR UPDATE;
+    SELECT * INTO lp FROM callback_center.late_payments l WHERE l.id = lp_id FOR UPDATE;
+    SELECT x.refund_id INTO r.refund_id FROM callback_center.refunds x
+     WHERE x.late_payment_id = lp.id;
+    IF r.refund_id IS NOT NULL OR NOT (lp.amount_cents > 0) THEN
+        RETURN r.refund_id;
+    END IF;
+    r.refund_id := 'late_' || lp.id;
+    r.order_id := lp.order_id;
+    r.late_payment_id := lp.id;
+    r.provider := lp.provider;
+    r.provider_txn_id := lp.provider_txn_id;
+    r.amount_cents := lp.amount_cents;
+    r.total_cents := lp.amount_cents;
+    r.currency := coalesce(o.currency, 'CNY');
+    r.reason := 'late payment';
+    r.mode := p_mode;
+    r := callback_center._refund_create(r);
+    RETURN r.refund_id;
+END
+$$;
+
+-- The refund jobs, one bounded batch each (the jobs worker runs them every
+-- round; they can be run by hand):
+--   late payments: each late payment still refund_required and without a
+--     refund gets one (_late_refund), unless callback_center.refund_late_payments
+--     is off (then they wait for mark_refunded);
+--   follow-up: each open refund of the API mode whose next_query_at has
+--     come and whose last event to the provider is no longer in flight is
+--     asked again: refund.query, or refund.request when none was ever
+--     queued (its endpoint was disabled); the next one after
+--     _refund_backoff(queries).
+-- Rows locked by others are skipped.  Returns how many events were queued.
+CREATE FUNCTION callback_center.refund_jobs(max_refunds integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.refunds;
+    lp_id bigint;
+    n integer := 0;
+    sent boolean;
+BEGIN
+    PERFORM callback_center._require(max_refunds, 'max_refunds');
+    IF max_refunds < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_refunds must be positive, got %s', max_refunds);
+    END IF;
+    IF coalesce(current_setting('callback_center.refund_late_payments', true), 'on')::boolean THEN
+        -- Not locked here: _late_refund locks order, payment and late
+        -- payment in the order every payment path takes, and looks again.
+        FOR lp_id IN
+            SELECT l.id FROM callback_center.late_payments l
+             WHERE l.status = 'refund_required' AND l.amount_cents > 0
+               AND NOT EXISTS (SELECT 1 FROM callback_center.refunds x WHERE x.late_payment_id = l.id)
+             ORDER BY l.id
+             LIMIT max_refunds
+        LOOP
+            IF callback_center._late_refund(lp_id) IS NOT NULL THEN
+                n := n + 1;
+            END IF;
+        END LOOP;
+    END IF;
+
+    FOR r IN
+        SELECT x.* FROM callback_center.refunds x
+         WHERE x.status IN ('PENDING', 'PROCESSING') AND x.mode = 'api'
+           AND x.next_query_at <= now()
+           AND NOT EXISTS (
+               SELECT 1 FROM callback_center.outbox ob
+                 JOIN callback_center.providers p ON p.name = x.provider
+                 JOIN callback_center.endpoints e ON e.name = p.query_endpoint AND e.id = ob.endpoint_id
+                WHERE ob.aggregate_id = x.order_id AND ob.status IN ('pending', 'delivering')
+                  AND ob.event_type IN ('refund.request', 'refund.query')
+                  AND ob.payload->>'refund_id' = x.refund_id)
+         ORDER BY x.next_query_at
+         LIMIT max_refunds
+           FOR UPDATE OF x SKIP LOCKED
+    LOOP
+        sent := callback_center._refund_send(r,
+                    CASE WHEN r.queries = 0 AND NOT EXISTS (
+                              SELECT 1 FROM callback_center.outbox ob
+                               WHERE ob.aggregate_id = r.order_id AND ob.event_type = 'refund.request'
+                                 AND ob.payload->>'refund_id' = r.refund_id)
+                         THEN 'refund.request' ELSE 'refund.query' END);
+        UPDATE callback_center.refunds x
+           SET queries = x.queries + CASE WHEN sent THEN 1 ELSE 0 END,
+               next_query_at = now() + callback_center._refund_backoff(x.queries + 1),
+               updated_at = now()
+         WHERE x.refund_id = r.refund_id;
+        IF sent THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._refund_backoff(integer),
+    callback_center._refund_request_payload(callback_center.refunds),
+    callback_center._refund_send(callback_center.refunds, text),
+    callback_center._refund_create(callback_center.refunds),
+    callback_center.request_refund(text, bigint, text, text),
+    callback_center._refund_return_holds(callback_center.orders),
+    callback_center._refund_check_answer(text, jsonb),
+    callback_center._apply_refund_answer(text, jsonb),
+    callback_center._apply_refund_notification(text, text, text, bigint, text, text),
+    callback_center.record_refund_outcome(text, text, text, text),
+    callback_center._late_refund(bigint, text),
+    callback_center._late_payment_refunded(bigint),
+    callback_center.refund_jobs(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.request_refund(text, bigint, text, text)
+    TO callback_center_app, callback_center_admin;
+GRANT EXECUTE ON FUNCTION callback_center.record_refund_outcome(text, text, text, text),
+    callback_center.refund_jobs(integer)
+    TO callback_center_admin;
+-- The jobs worker runs it every round (as its owner: SECURITY DEFINER).
+GRANT EXECUTE ON FUNCTION callback_center.refund_jobs(integer) TO callback_center_worker;
+
+CREATE OR REPLACE FUNCTION callback_center._wechatpay_v3_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ts text := callback_center._channel_header(p_headers, 'Wechatpay-Timestamp');
+    nonce text := callback_center._channel_header(p_headers, 'Wechatpay-Nonce');
+    sig_b64 text := callback_center._channel_header(p_headers, 'Wechatpay-Signature');
+    serial text := callback_center._channel_header(p_headers, 'Wechatpay-Serial');
+    sig_type text := callback_center._channel_header(p_headers, 'Wechatpay-Signature-Type');
+    sig bytea;
+    key_pem text;
+    why text;
+    ev jsonb;
+    res jsonb;
+    plain bytea;
+    tx jsonb;
+    s text;
+    total text;
+BEGIN
+    payload := p_body;
+    IF nullif(ts, '') IS NULL OR nullif(nonce, '') IS NULL
+       OR nullif(sig_b64, '') IS NULL OR nullif(serial, '') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF sig_type IS NOT NULL AND sig_type <> 'WECHATPAY2-SHA256-RSA2048' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF ts !~ '^[0-9]{1,12}$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF abs(extract(epoch FROM now()) - ts::bigint)
+       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(sig_b64, 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    IF NOT EXISTS (SELECT 1 FROM callback_center.provider_keys pk WHERE pk.provider = p_provider) THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no platform keys', p_provider),
+            HINT = 'An administrator loads them with callback_center.set_platform_keys().';
+    END IF;
+    SELECT pk.pem INTO key_pem FROM callback_center.provider_keys pk
+     WHERE pk.provider = p_provider AND pk.key_id = serial;
+    IF NOT FOUND THEN
+        failure := 'unknown_key'; fail_status := 401;
+        RETURN;
+    END IF;
+    why := callback_center._rsa_sha256_check(key_pem,
+        convert_to(ts || E'\n' || nonce || E'\n' || p_body || E'\n', 'UTF8'), sig);
+    IF why IS NOT NULL THEN
+        failure := CASE WHEN why LIKE '%expired%' OR why LIKE '%not valid yet%'
+                        THEN 'key_expired' ELSE 'invalid_signature' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by WeChat Pay: from here on a problem is the body's.
+    BEGIN
+        ev := p_body::jsonb;
+    EXCEPTION WHEN OTHERS THEN
+        ev := NULL;
+    END;
+    res := ev->'resource';
+    msg_id := ev->>'id';
+    event_type := ev->>'event_type';
+    IF jsonb_typeof(ev) IS DISTINCT FROM 'object' OR nullif(msg_id, '') IS NULL
+       OR jsonb_typeof(res) IS DISTINCT FROM 'object'
+       OR res->>'algorithm' IS DISTINCT FROM 'AEAD_AES_256_GCM'
+       OR res->>'ciphertext' IS NULL OR res->>'nonce' IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    FOREACH s IN ARRAY p_secrets LOOP
+        BEGIN
+            plain := callback_center._aes256gcm_decrypt(convert_to(s, 'UTF8'),
+                convert_to(res->>'nonce', 'UTF8'),
+                convert_to(coalesce(res->>'associated_data', ''), 'UTF8'),
+                decode(res->>'ciphertext', 'base64'));
+        EXCEPTION WHEN invalid_parameter_value THEN
+            plain := NULL;
+        END;
+        EXIT WHEN plain IS NOT NULL;
+    END LOOP;
+    IF plain IS NULL THEN
+        failure := 'decryption_failed'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        tx := convert_from(plain, 'UTF8')::jsonb;
+    EXCEPTION WHEN OTHERS THEN
+        tx := NULL;
+    END;
+    IF jsonb_typeof(tx) IS DISTINCT FROM 'object' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    -- Refunds (original_type refund, REFUND.SUCCESS / ABNORMAL / CLOSED):
+    -- order_id is our refund id (out_refund_no), txn_id WeChat Pay's
+    -- refund_id, amount_cents amount.refund; ABNORMAL (the money could
+    -- not reach the buyer; the merchant settles it in the merchant
+    -- platform) keeps the refund open.
+    IF res->>'original_type' = 'refund' AND coalesce(event_type, '') LIKE 'REFUND.%' THEN
+        order_id := tx->>'out_refund_no';
+        txn_id := tx->>'refund_id';
+        verdict := CASE tx->>'refund_status'
+            WHEN 'SUCCESS' THEN 'refund_success'
+            WHEN 'CLOSED' THEN 'refund_failed'
+            WHEN 'ABNORMAL' THEN 'refund_processing' END;
+        total := tx->'amount'->>'refund';
+        IF verdict IS NULL OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR total IS NULL OR total !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+        RETURN;
+    END IF;
+    -- Only transactions move payments; other resources are acknowledged
+    -- and recorded (verdict NULL).
+    IF coalesce(res->>'original_type', 'transaction') = 'transaction'
+       AND coalesce(event_type, '') LIKE 'TRANSACTION.%' THEN
+        order_id := tx->>'out_trade_no';
+        txn_id := tx->>'transaction_id';
+        verdict := CASE tx->>'trade_state'
+            WHEN 'SUCCESS' THEN 'success'
+            WHEN 'CLOSED' THEN 'failure'
+            WHEN 'REVOKED' THEN 'failure'
+            WHEN 'PAYERROR' THEN 'failure' END;
+        total := tx->'amount'->>'total';
+        currency := tx->'amount'->>'currency';
+        IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                    OR total IS NULL OR total !~ '^[0-9]{1,15}$'
+                                    OR nullif(currency, '') IS NULL) THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._wechatpay_v2_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    doc xml;
+    f jsonb;
+    n integer;
+    content text;
+    given text;
+    sign_type text;
+    s text;
+    key text;
+    calc text;
+    ok boolean := false;
+    crypto_schema name;
+    ct bytea;
+    plain bytea;
+    r jsonb;
+BEGIN
+    payload := p_body;
+    IF position('<!' IN regexp_replace(p_body, '<!\[CDATA\[', '', 'g')) > 0 THEN
+        -- No DTD, no comments: WeChat sends neither.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        doc := xmlparse(DOCUMENT p_body);
+        SELECT jsonb_object_agg(x.name, coalesce(x.value, '')), count(*)
+          INTO f, n
+          FROM XMLTABLE('/xml/*' PASSING doc
+                        COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF f IS NULL OR n <> (SELECT count(*) FROM jsonb_object_keys(f)) THEN
+        -- A parameter twice.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- A refund notification carries no sign: req_info is AES-256-ECB
+    -- (PKCS#7 padding) under the lower-case hex MD5 of the API key, and
+    -- only the key opens it (WeChat Pay authenticates refund notifications
+    -- so, and no other way).  Read: order_id our refund id (out_refund_no),
+    -- txn_id WeChat Pay's refund_id, amount_cents refund_fee; refund_status
+    -- SUCCESS refunded, REFUNDCLOSE failed, CHANGE (abnormal: settled in
+    -- the merchant platform) still open.  Keyed by refund_id and status.
+    IF f ? 'req_info' AND NOT f ? 'sign' THEN
+        BEGIN
+            ct := decode(f->>'req_info', 'base64');
+        EXCEPTION WHEN OTHERS THEN
+            ct := NULL;
+        END;
+        IF ct IS NULL OR ct = '' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        -- pgcrypto is relocatable: find where it lives.
+        SELECT x.nspname INTO crypto_schema
+          FROM pg_extension e JOIN pg_namespace x ON x.oid = e.extnamespace
+         WHERE e.extname = 'pgcrypto';
+        FOREACH s IN ARRAY p_secrets LOOP
+            BEGIN
+                EXECUTE format('SELECT %I.decrypt($1, $2, %L)', crypto_schema, 'aes-ecb/pad:pkcs')
+                   INTO plain USING ct, convert_to(md5(regexp_replace(s, '^md5:', '')), 'UTF8');
+                IF position('<!' IN regexp_replace(convert_from(plain, 'UTF8'), '<!\[CDATA\[', '', 'g')) > 0 THEN
+                    plain := NULL;
+                END IF;
+                SELECT jsonb_object_agg(x.name, coalesce(x.value, '')) INTO r
+                  FROM XMLTABLE('/root/*' PASSING xmlparse(DOCUMENT convert_from(plain, 'UTF8'))
+                                COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+            EXCEPTION WHEN OTHERS THEN
+                r := NULL;
+            END;
+            EXIT WHEN r IS NOT NULL;
+        END LOOP;
+        IF r IS NULL THEN
+            -- Nothing but the key makes a req_info that opens.
+            failure := 'invalid_signature'; fail_status := 401;
+            RETURN;
+        END IF;
+        order_id := r->>'out_refund_no';
+        txn_id := r->>'refund_id';
+        verdict := CASE r->>'refund_status' WHEN 'SUCCESS' THEN 'refund_success'
+                                            WHEN 'REFUNDCLOSE' THEN 'refund_failed'
+                                            WHEN 'CHANGE' THEN 'refund_processing' END;
+        event_type := 'refund ' || coalesce(r->>'refund_status', '');
+        msg_id := 'refund:' || (r->>'refund_id') || ':' || (r->>'refund_status');
+        IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' OR verdict IS NULL
+           OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR coalesce(r->>'refund_fee', '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := (r->>'refund_fee')::bigint;
+        RETURN;
+    END IF;
+    given := f->>'sign';
+    IF nullif(given, '') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    sign_type := coalesce(nullif(f->>'sign_type', ''), 'HMAC-SHA256');
+    IF sign_type NOT IN ('HMAC-SHA256', 'MD5') THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(e.key || '=' || e.value, '&' ORDER BY e.key COLLATE "C")
+      INTO content
+      FROM jsonb_each_text(f) e WHERE e.key <> 'sign' AND e.value <> '';
+    FOREACH s IN ARRAY p_secrets LOOP
+        key := regexp_replace(s, '^md5:', '');
+        IF sign_type = 'HMAC-SHA256' THEN
+            calc := upper(encode(callback_center._hmac_sha256(convert_to(key, 'UTF8'),
+                convert_to(content || '&key=' || key, 'UTF8')), 'hex'));
+        ELSIF s LIKE 'md5:%' THEN
+            calc := upper(md5(convert_to(content || '&key=' || key, 'UTF8')));
+        ELSE
+            CONTINUE;
+        END IF;
+        -- Compared as digests: the time taken says nothing about the sign.
+        ok := ok OR sha256(convert_to(calc, 'UTF8')) = sha256(convert_to(upper(given), 'UTF8'));
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by WeChat Pay: from here on a problem is the body's.
+    IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := f->>'transaction_id';
+    txn_id := f->>'transaction_id';
+    order_id := f->>'out_trade_no';
+    event_type := coalesce(f->>'trade_type', 'payment');
+    -- result_code FAIL is one failed attempt: the order stays payable.
+    verdict := CASE f->>'result_code' WHEN 'SUCCESS' THEN 'success'
+                                      WHEN 'FAIL' THEN 'attempt_failed' END;
+    currency := coalesce(nullif(f->>'fee_type', ''), 'CNY');
+    IF nullif(msg_id, '') IS NULL OR nullif(order_id, '') IS NULL OR verdict IS NULL
+       OR coalesce(f->>'total_fee', '') !~ '^[0-9]{1,15}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    amount_cents := (f->>'total_fee')::bigint;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._alipay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    texts text[];
+    cert_sn text;
+    cas text[];
+    k record;
+    chk record;
+    candidates integer := 0;
+    chain_failure text;
+    charset text := 'UTF8';
+    cs text;
+    content bytea;
+    sig bytea;
+    ok boolean := false;
+    s text;
+    f jsonb := '{}';
+    notify_time timestamptz;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK'
+                    WHEN cs = 'GB18030' THEN 'GB18030' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- Characters of a text body beyond ASCII were decoded by the web tier:
+    -- on the wire they were the bytes of the form's charset.
+    IF charset <> 'UTF8' AND p_body ~ '[^\x01-\x7f]' THEN
+        BEGIN
+            SELECT f.names, f.vals INTO names, vals
+              FROM callback_center._form_parse(
+                       callback_center._form_escape(convert_to(p_body, charset))) f;
+        EXCEPTION WHEN untranslatable_character THEN
+            names := NULL;
+        END;
+        IF names IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+    END IF;
+    -- Every value decoded from the charset before anything is verified:
+    -- Alipay signs the decoded values (encoded in that charset again, which
+    -- gives back the %-decoded bytes), and bytes that are not text in it
+    -- were not signed by Alipay.
+    BEGIN
+        texts := ARRAY(SELECT convert_from(x.v, charset)
+                         FROM unnest(vals) WITH ORDINALITY AS x(v, i) ORDER BY x.i);
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF array_position(names, 'sign') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
+        -- RSA (SHA1withRSA) is Alipay's legacy; only RSA2 is accepted.
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'sign')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    -- Public-key mode: the Alipay public keys of secrets.
+    FOREACH s IN ARRAY p_secrets LOOP
+        ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
+    END LOOP;
+    -- Certificate mode: the Alipay public-key certificates loaded with
+    -- set_platform_keys (named by their SN), each checked against the
+    -- loaded roots now, since a certificate expires after it was loaded;
+    -- alipay_cert_sn, when the notification carries it, names the one.
+    -- The roots themselves sign no notification.
+    IF NOT ok THEN
+        cert_sn := callback_center._channel_ascii(vals[array_position(names, 'alipay_cert_sn')]);
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+         WHERE pk.provider = p_provider;
+        IF cas IS NULL AND cardinality(p_secrets) = 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+                MESSAGE = format('provider "%s" has no Alipay public key or certificate', p_provider),
+                HINT = 'An administrator gives the Alipay public key to callback_center.set_provider(), or loads the Alipay certificates with callback_center.set_platform_keys().';
+        END IF;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = p_provider
+                    AND (cert_sn IS NULL OR pk.key_id = cert_sn)
+                  ORDER BY pk.key_id LOOP
+            CONTINUE WHEN (callback_center._x509_chain_check(k.pem, ARRAY[k.pem], NULL)).verdict = 'ok';
+            candidates := candidates + 1;
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                chain_failure := chk.verdict;
+            ELSIF callback_center._rsa_sha256_check(k.pem, coalesce(content, ''), sig) IS NULL THEN
+                ok := true;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF NOT ok THEN
+            failure := CASE WHEN cert_sn IS NOT NULL AND cas IS NOT NULL AND candidates = 0
+                            THEN 'unknown_key'
+                            WHEN chain_failure = 'expired' THEN 'key_expired'
+                            WHEN chain_failure IS NOT NULL THEN 'untrusted_key'
+                            ELSE 'invalid_signature' END;
+            fail_status := 401;
+            RETURN;
+        END IF;
+    END IF;
+
+    -- Signed by Alipay: from here on a problem is the body's.
+    SELECT jsonb_object_agg(x.nm, x.t)
+      INTO f FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                    'trade_no', 'trade_status', 'total_amount', 'trans_currency',
+                    'out_biz_no', 'refund_fee', 'gmt_refund');
+    SELECT string_agg(x.nm || '=' || x.t, '&' ORDER BY x.nm COLLATE "C")
+      INTO payload FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
+    msg_id := f->>'notify_id';
+    event_type := f->>'notify_type';
+    IF nullif(msg_id, '') IS NULL
+       OR coalesce(f->>'notify_time', '') !~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        notify_time := (f->>'notify_time')::timestamp AT TIME ZONE 'Asia/Shanghai';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF abs(extract(epoch FROM now() - notify_time))
+       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- A refund arrives as a trade notification carrying refund_fee and
+    -- gmt_refund (TRADE_SUCCESS after a partial refund, TRADE_CLOSED after
+    -- a full one), out_biz_no naming the refund (our out_request_no), and
+    -- only once it succeeded.  order_id is our refund id; txn_id NULL
+    -- (Alipay gives a refund no id of its own).  refund_fee is the
+    -- trade's total refunded so far, not this refund's amount: not
+    -- compared (amount_cents NULL); reconciliation compares amounts.
+    IF f ? 'gmt_refund' OR f ? 'refund_fee' THEN
+        order_id := f->>'out_biz_no';
+        verdict := 'refund_success';
+        IF nullif(order_id, '') IS NULL OR nullif(f->>'trade_no', '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+        END IF;
+        RETURN;
+    END IF;
+    order_id := f->>'out_trade_no';
+    txn_id := f->>'trade_no';
+    verdict := CASE f->>'trade_status'
+        WHEN 'TRADE_SUCCESS' THEN 'success'
+        WHEN 'TRADE_FINISHED' THEN 'success'
+        WHEN 'TRADE_CLOSED' THEN 'failure' END;
+    currency := coalesce(nullif(f->>'trans_currency', ''), 'CNY');
+    total := f->>'total_amount';
+    IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                OR total IS NULL
+                                OR total !~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$') THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    IF total ~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$' THEN
+        amount_cents := (total::numeric * 100)::bigint;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._unionpay_parse(
+    p_provider text, p_secrets text[], p_tolerance interval,
+    p_headers jsonb, p_body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    charset text;
+    cs text;
+    cert bytea;
+    cert_pem text;
+    content bytea;
+    sig bytea;
+    cas text[];
+    chk record;
+    f jsonb;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'encoding')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs = 'GBK' THEN 'GBK' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- signMethod 01 of version 5.1.0 only: 5.0.0 signs SHA-1 digests with
+    -- a certificate chosen by certId, 11 and 12 are symmetric keys.
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        sig := NULL;
+    END;
+    IF sig IS NULL OR sig = '' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- In a fixed order: the certificate cache (crypto.c) is keyed by them.
+    SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = p_provider;
+    IF cas IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no UnionPay certificates', p_provider),
+            HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
+    END IF;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, cas, p_secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
+                                    WHEN 'expired' THEN 'key_expired'
+                                    WHEN 'wrong_name' THEN 'wrong_organisation'
+                                    ELSE 'untrusted_key' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by UnionPay: from here on a problem is the body's.
+    BEGIN
+        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
+          INTO f FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm IN ('orderId', 'queryId', 'txnType', 'txnSubType', 'respCode',
+                        'txnAmt', 'currencyCode', 'origQryId');
+        -- What a resend repeats: the signed parameters but the certificate
+        -- (UnionPay may sign a resend under its next certificate).
+        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
+          INTO payload FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm NOT IN ('signature', 'signPubKeyCert') AND x.v <> '';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF nullif(f->>'queryId', '') IS NULL OR nullif(f->>'txnType', '') IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := (f->>'queryId') || ':' || (f->>'txnType');
+    event_type := 'txnType ' || (f->>'txnType') || coalesce('/' || (f->>'txnSubType'), '');
+    IF f->>'txnType' = '01' THEN
+        -- Consumption: respCode 00 (success) and A6 (success with a
+        -- defect) pay; any other is one failed attempt.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'success' ELSE 'attempt_failed' END;
+        -- ISO 4217 numeric codes.
+        currency := CASE f->>'currencyCode'
+            WHEN '156' THEN 'CNY' WHEN '344' THEN 'HKD' WHEN '446' THEN 'MOP'
+            WHEN '901' THEN 'TWD' WHEN '840' THEN 'USD' WHEN '978' THEN 'EUR'
+            WHEN '826' THEN 'GBP' WHEN '392' THEN 'JPY' WHEN '410' THEN 'KRW'
+            WHEN '702' THEN 'SGD' WHEN '036' THEN 'AUD' WHEN '124' THEN 'CAD'
+            ELSE f->>'currencyCode' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$'
+           OR nullif(currency, '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    IF f->>'txnType' = '04' THEN
+        -- Refund (back notification): orderId is the refund's own order
+        -- id, our refund id; queryId UnionPay's id of the refund; txnAmt
+        -- its amount.  respCode 00 and A6 refunded; any other failed.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'refund_success' ELSE 'refund_failed' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    -- Other transaction types (cancellations 31, ...) are recorded and
+    -- acknowledged (verdict NULL).
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._channel_parse(
+    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prov callback_center.providers;
+    m record;
+    a record;
+BEGIN
+    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', p_provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> p_scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+    END IF;
+
+    IF p_scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
+                                                 p_headers, p_body);
+    ELSIF p_scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
+                                           p_headers, p_body);
+    ELSIF p_scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
+                                             p_headers, p_body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+    END IF;
+
+    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.mark_refunded(provider text, provider_txn_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    lp callback_center.late_payments;
+    rid text;
+BEGIN
+    PERFORM callback_center._require_key(mark_refunded.provider, 'provider', 63);
+    PERFORM callback_center._require_key(mark_refunded.provider_txn_id, 'provider_txn_id');
+    SELECT * INTO lp FROM callback_center.late_payments l
+     WHERE l.provider = mark_refunded.provider AND l.provider_txn_id = mark_refunded.provider_txn_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('no late payment %s from provider "%s"',
+                             mark_refunded.provider_txn_id, mark_refunded.provider),
+            HINT = 'See callback_center.late_payments.';
+    END IF;
+    -- Locks order, payment and late payment, in the order of every payment path.
+    rid := callback_center._late_refund(lp.id, 'manual');
+    SELECT * INTO lp FROM callback_center.late_payments l WHERE l.id = lp.id;
+    IF lp.status = 'refunded' THEN
+        RETURN false;
+    END IF;
+    IF rid IS NOT NULL
+       AND callback_center._apply_refund_answer(rid,
+               '{"status": "success", "error": "marked refunded by hand"}') = 'succeeded' THEN
+        RETURN true;
+    END IF;
+    RETURN callback_center._late_payment_refunded(lp.id);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.payment_callback(provider text, headers jsonb, body text)
+RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcome text)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_provider text := payment_callback.provider;
+    cb_type text := 'payment:' || p_provider;
+    scheme text;
+    channel boolean;
+    msg record;
+    msg_id text;
+    rec record;
+    result text;
+    refusal text;
+    sig_failure text;
+    ack text := '{"received":true}';
+    ch record;
+    refused text;
+    rec_payload text := payment_callback.body;
+BEGIN
+    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.headers, 'headers');
+    PERFORM callback_center._require(payment_callback.body, 'body');
+    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
+    channel := scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay');
+    -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay, unionpay):
+    -- verified and decoded by _channel_parse; whatever the provider got
+    -- wrong is answered in its own format, recording nothing.  Its
+    -- acknowledgement replaces ack.
+    IF channel THEN
+        SELECT * INTO ch FROM callback_center._channel_parse(scheme, p_provider,
+                                                             payment_callback.headers,
+                                                             payment_callback.body);
+        IF NOT ch.ok THEN
+            RETURN QUERY SELECT ch.http_status, ch.response_body, false, ch.failure;
+            RETURN;
+        END IF;
+        SELECT ch.txn_id, ch.order_id, ch.amount_cents, ch.verdict,
+               ch.msg_id AS event_id, ch.event_type, ch.currency
+          INTO msg;
+        msg_id := ch.msg_id;
+        ack := ch.response_body;
+        rec_payload := ch.payload;
+    ELSE
+        -- Verification comes first: a bad signature is answered 401 and
+        -- records nothing (verify_signature raises CB033 for an unknown
+        -- provider, which is misuse).  A signed body we cannot read (not
+        -- JSON, \u0000, an amount beyond bigint, ids missing) will never
+        -- read better: it is recorded and refused once, with 400, and
+        -- every redelivery gets that answer.
+        BEGIN
+            PERFORM callback_center.verify_signature(p_provider, payment_callback.headers,
+                                                     payment_callback.body);
+            msg := callback_center._parse_payment_body(scheme, payment_callback.body);
+        EXCEPTION
+            WHEN SQLSTATE 'CB030' THEN sig_failure := 'invalid_signature';
+            WHEN SQLSTATE 'CB031' THEN sig_failure := 'signature_expired';
+            WHEN SQLSTATE 'CB032' THEN sig_failure := 'malformed_signature';
+            WHEN data_exception THEN refusal := format('%s (SQLSTATE %s)', SQLERRM, SQLSTATE);
+        END;
+        IF sig_failure IS NOT NULL THEN
+            RETURN QUERY SELECT 401,
+                format('{"received":false,"reason":"%s"}', replace(sig_failure, '_', ' ')),
+                false, sig_failure;
+            RETURN;
+        END IF;
+        IF scheme = 'stripe' AND refusal IS NULL THEN
+            msg_id := msg.event_id;
+        ELSIF scheme = 'stripe' THEN
+            -- An unreadable Stripe body has no event id: keyed by its hash.
+            msg_id := 'sha256:' || encode(sha256(convert_to(payment_callback.body, 'UTF8')), 'hex');
+        ELSE
+            -- verify_signature found exactly one, whatever its spelling.
+            SELECT h.value INTO msg_id FROM jsonb_each_text(payment_callback.headers) h
+             WHERE lower(h.key) = 'webhook-id';
+        END IF;
+    END IF;
+
+    -- Whose word counts, under the order's and the payment's row locks
+    -- (held until commit, so that what was checked stays true while the
+    -- message is recorded and applied; a duplicate delivered at the same
+    -- time waits here for the first).  A refusal is the provider's failure
+    -- answer and records nothing, so that the provider keeps the message
+    -- failing (and reconciliation finds the money: doc/inbound.md): an
+    -- unknown order (the order may be in a database being restored, or the
+    -- message for another system), another provider's payment, another
+    -- amount or currency.  A message recorded before keeps its first
+    -- answer, even if the payment has changed hands since.
+    -- (msg is unassigned when refusal is set.)
+    IF refusal IS NULL THEN
+        -- (A refund notification, verdict refund_*, is checked against its
+        -- refund by _apply_refund_notification, which answers a mismatch
+        -- as an outcome.)
+        IF msg.verdict IS NOT NULL AND msg.verdict NOT LIKE 'refund\_%' THEN
+            refused := (callback_center._payment_check(p_provider, msg.order_id, msg.amount_cents,
+                                                       msg.currency, msg.verdict)).refusal;
+        END IF;
+    END IF;
+    IF refused IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM callback_center.callback_record r
+                        WHERE r.biz_id = msg_id AND r.callback_type = cb_type) THEN
+        IF channel THEN
+            RETURN QUERY SELECT a.http_status, a.response_body, false, refused
+              FROM callback_center._channel_answer(scheme, false,
+                       CASE WHEN refused = 'unknown_order' THEN 404 ELSE 400 END,
+                       replace(refused, '_', ' ')) a;
+        ELSE
+            RETURN QUERY SELECT CASE WHEN refused = 'unknown_order' THEN 404 ELSE 400 END,
+                                format('{"received":false,"reason":"%s"}', replace(refused, '_', ' ')),
+                                false, refused;
+        END IF;
+        RETURN;
+    END IF;
+
+    SELECT * INTO rec FROM callback_center.record_callback(msg_id, cb_type, rec_payload);
+    IF NOT rec.is_first THEN
+        IF channel AND (rec.payload_mismatch OR rec.status <> 2) THEN
+            -- Payment channels: the other repeats in the provider's format.
+            RETURN QUERY SELECT a.http_status, a.response_body, false, o.outcome
+              FROM (SELECT CASE WHEN rec.payload_mismatch THEN 'payload_mismatch'
+                                WHEN rec.status = 1 THEN 'in_progress' ELSE 'failed' END) o(outcome),
+                   callback_center._channel_answer(scheme, false,
+                       CASE WHEN rec.payload_mismatch THEN 409 WHEN rec.status = 1 THEN 503 ELSE 500 END,
+                       replace(o.outcome, '_', ' ')) a;
+        ELSIF rec.payload_mismatch THEN
+            RETURN QUERY SELECT 409, '{"received":false,"reason":"payload differs from the first delivery"}',
+                                false, 'payload_mismatch';
+        ELSIF rec.status = 2 THEN
+            RETURN QUERY SELECT coalesce((rec.result->>'http_status')::int, 200),
+                                coalesce(rec.result->>'body', ack), false,
+                                coalesce(rec.result->>'outcome', 'processed');
+        ELSIF rec.status = 1 THEN
+            -- Recorded but not finished (by a handler that records and
+            -- processes in separate transactions): the provider must come back.
+            RETURN QUERY SELECT 503, '{"received":false,"reason":"in progress"}', false, 'in_progress';
+        ELSE
+            -- Failed with no retries left (see reclaim_stale_callbacks): not
+            -- acknowledged, so the provider keeps it visible as failing.
+            RETURN QUERY SELECT 500, '{"received":false,"reason":"processing failed"}', false, 'failed';
+        END IF;
+        RETURN;
+    END IF;
+
+    IF refusal IS NOT NULL THEN
+        PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+            jsonb_build_object('http_status', 400,
+                               'body', jsonb_build_object('received', false,
+                                                          'reason', 'unreadable payment message')::text,
+                               'outcome', 'rejected', 'error', refusal));
+        RETURN QUERY SELECT 400, '{"reason": "unreadable payment message", "received": false}', true, 'rejected';
+        RETURN;
+    END IF;
+    IF msg.verdict IS NULL THEN
+        result := 'ignored';
+    ELSIF msg.verdict LIKE 'refund\_%' THEN
+        -- A channel's refund notification (45_channels.sql): order_id is
+        -- our refund id, txn_id the provider's refund id (62_refunds.sql).
+        result := callback_center._apply_refund_notification(p_provider, msg.order_id, msg.txn_id,
+                                                             msg.amount_cents, msg.verdict,
+                                                             msg.event_type);
+    ELSE
+        result := callback_center._move_payment(p_provider, msg.txn_id, msg.order_id,
+                                                msg.amount_cents, msg.verdict, 'callback');
+    END IF;
+
+    PERFORM callback_center.complete_callback(msg_id, cb_type, true,
+        jsonb_build_object('http_status', 200, 'body', ack, 'outcome', result,
+                           'order_id', msg.order_id, 'txn_id', msg.txn_id,
+                           'event_type', msg.event_type));
+    RETURN QUERY SELECT 200, ack, true, result;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._recon_status_agrees(provider_status text, local_status text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    -- A payment refunded since it was paid still agrees with its success
+    -- line: the refunds are lines of their own (refund_id).
+    SELECT CASE provider_status
+        WHEN 'success' THEN local_status IN ('PAID', 'PARTIALLY_REFUNDED', 'REFUNDED')
+        WHEN 'refund' THEN local_status IN ('REFUNDED', 'PARTIALLY_REFUNDED')
+        WHEN 'closed' THEN local_status IN ('CLOSED', 'FAILED')
+        ELSE false END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.reconcile(channel text, bill_date date,
+    grace interval DEFAULT '30 minutes')
+RETURNS TABLE (kind text, count bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+#variable_conflict use_column
+DECLARE
+    p_channel text := reconcile.channel;
+    p_date date := reconcile.bill_date;
+    day_start timestamptz;
+    day_end timestamptz;
+    run_at timestamptz := clock_timestamp();
+    r record;
+    applied_ids bigint[];
+    refund_ids bigint[];
+    o callback_center.orders;
+    pay callback_center.payments;
+    outcome text;
+BEGIN
+    PERFORM callback_center._require_key(p_channel, 'channel', 63);
+    PERFORM callback_center._require(p_date, 'bill_date');
+    PERFORM callback_center._require(reconcile.grace, 'grace');
+    IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
+    END IF;
+    day_start := p_date::timestamptz;
+    day_end := (p_date + 1)::timestamptz;
+
+    -- Serialise runs for one (channel, bill_date).
+    PERFORM pg_advisory_xact_lock(hashtextextended(
+        'callback_center.recon:' || p_channel || ':' || p_date::text, 0));
+
+    -- One pass: statement lines of the day FULL JOIN local payments of the
+    -- provider paid in the day widened by grace at both edges, matched on
+    -- the provider's transaction id.  Lines left unmatched look further:
+    -- the same transaction id paid on any other day (x: the provider booked
+    -- it across midnight from us, or later; compared like a match), or the
+    -- unpaid payment of the line's order (u).  Local payments left
+    -- unmatched are differences only when paid in the day and not on a
+    -- neighbouring day's statement (that day's run compares them); grace is
+    -- how long before or after midnight one may still turn up on the
+    -- neighbour's statement, so those wait as pending_grace.  Lines already
+    -- settled by an earlier run are left alone.
+    WITH s AS (
+        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
+          FROM callback_center.provider_statement st
+         WHERE st.channel = p_channel AND st.bill_date = p_date
+           AND st.refund_id IS NULL
+           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                              AND d.provider_txn_id = st.provider_txn_id
+                              AND d.resolution = 'applied')
+    ), l AS (
+        SELECT p.payment_id, p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
+          FROM callback_center.payments p
+         WHERE p.provider = p_channel
+           AND p.paid_at >= day_start - reconcile.grace
+           AND p.paid_at < day_end + reconcile.grace
+           AND p.provider_txn_id IS NOT NULL
+    ), j AS (
+        SELECT s.provider_txn_id AS s_txn, s.order_id AS s_order, s.amount_cents AS s_amount,
+               s.status AS s_status,
+               l.provider_txn_id AS l_txn, l.order_id AS l_order, l.amount_cents AS l_amount,
+               l.status AS l_status, l.paid_at AS l_paid_at
+          FROM s FULL JOIN l ON l.provider_txn_id = s.provider_txn_id
+    ), c AS (
+        SELECT coalesce(j.s_txn, j.l_txn) AS txn,
+               coalesce(j.s_order, j.l_order, x.order_id, u.order_id) AS order_id,
+               j.s_amount, j.s_status,
+               coalesce(j.l_amount, x.amount_cents, u.amount_cents) AS local_amount,
+               coalesce(j.l_status, x.status, u.status) AS local_status,
+               CASE
+                 WHEN j.s_txn IS NOT NULL AND j.l_txn IS NOT NULL THEN
+                   CASE WHEN j.s_amount <> j.l_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, j.l_status)
+                             THEN 'status_mismatch' END
+                 WHEN j.l_txn IS NOT NULL THEN
+                   -- Local only; rows in the grace margins, and rows on a
+                   -- neighbouring day's statement, are that day's to judge.
+                   CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                    AND n.provider_txn_id = j.l_txn)
+                        THEN 'missing_provider' END
+                 WHEN x.payment_id IS NOT NULL THEN
+                   CASE WHEN x.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, x.status)
+                             THEN 'status_mismatch' END
+                 WHEN u.payment_id IS NOT NULL THEN
+                   CASE WHEN u.amount_cents <> j.s_amount THEN 'amount_mismatch'
+                        WHEN NOT callback_center._recon_status_agrees(j.s_status, u.status)
+                             THEN 'status_mismatch' END
+                 ELSE 'missing_local'
+               END AS kind,
+               CASE
+                 WHEN j.l_txn IS NOT NULL AND j.s_txn IS NULL THEN
+                   CASE WHEN j.l_paid_at < day_start + reconcile.grace
+                          OR j.l_paid_at >= day_end - reconcile.grace
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN u.payment_id IS NOT NULL AND j.s_status = 'success'
+                      AND u.amount_cents = j.s_amount
+                      AND u.status IN ('CREATED', 'PAYING', 'CLOSED', 'FAILED') THEN 'applied'
+                 ELSE 'flagged'
+               END AS resolution,
+               u.payment_id AS apply_payment_id
+          -- Index probes for the unmatched lines only (LIMIT 1 keeps
+          -- them per-row lookups, not hash joins over every payment).
+          FROM j
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND p.provider_txn_id = j.s_txn
+                   AND p.provider = p_channel
+                 LIMIT 1) x ON true
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.payments p
+                 WHERE j.l_txn IS NULL AND x.payment_id IS NULL
+                   AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
+                   AND p.provider = p_channel
+                 LIMIT 1) u ON true
+    ), ins AS (
+        INSERT INTO callback_center.recon_diffs AS d
+               (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
+                local_amount, provider_status, local_status, resolution, checked_at)
+        SELECT p_channel, p_date, c.txn, c.order_id,
+               -- Known late money is a refund for people, whatever else
+               -- differs; once refunded, the provider's refund agrees.
+               CASE WHEN lp.status = 'refund_required' AND c.resolution <> 'applied'
+                    THEN 'refund_required' ELSE c.kind END,
+               c.s_amount, c.local_amount, c.s_status, c.local_status,
+               CASE WHEN lp.status = 'refund_required' AND c.resolution = 'pending_grace'
+                    THEN 'flagged' ELSE c.resolution END,
+               run_at
+          FROM c
+          LEFT JOIN LATERAL (
+                SELECT l.status FROM callback_center.late_payments l
+                 WHERE l.provider = p_channel AND l.provider_txn_id = c.txn) lp ON true
+         WHERE c.kind IS NOT NULL
+           AND NOT (lp.status IS NOT DISTINCT FROM 'refunded' AND c.s_status = 'refund')
+        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+           SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
+               local_amount = excluded.local_amount, provider_status = excluded.provider_status,
+               local_status = excluded.local_status, resolution = excluded.resolution,
+               checked_at = excluded.checked_at
+         WHERE d.resolution NOT IN ('applied', 'resolved')
+        RETURNING d.id, d.provider_txn_id, d.order_id, d.resolution
+    )
+    SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
+      INTO applied_ids
+      FROM ins;
+
+    -- Refunds: statement refund lines of the day FULL JOIN local refunds of
+    -- the provider that succeeded in the day widened by grace, matched on
+    -- our refund id.  A line left unmatched looks for its refund on any
+    -- day (x): missing there is missing_local; open (PENDING, PROCESSING)
+    -- is status_mismatch, settled here (applied: the provider's statement
+    -- says it refunded, _apply_refund_answer below); failed is
+    -- status_mismatch for people.  A local refund left unmatched is
+    -- missing_provider when it succeeded in the day and no statement of
+    -- the day (a line settled by an earlier run is left out of s) or a
+    -- neighbouring day has it (pending_grace in the margins).  provider_txn_id is
+    -- the line's, else our refund id (unique; a provider's refund id need
+    -- not be: Alipay's answers name the trade).
+    WITH s AS (
+        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status, st.refund_id
+          FROM callback_center.provider_statement st
+         WHERE st.channel = p_channel AND st.bill_date = p_date AND st.refund_id IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                              AND d.provider_txn_id = st.provider_txn_id
+                              AND d.resolution = 'applied')
+    ), l AS (
+        SELECT rf.refund_id, rf.order_id, rf.amount_cents, rf.status, rf.finished_at,
+               rf.provider_txn_id, rf.refund_id AS txn
+          FROM callback_center.refunds rf
+         WHERE rf.provider = p_channel AND rf.status = 'SUCCESS'
+           AND rf.finished_at >= day_start - reconcile.grace
+           AND rf.finished_at < day_end + reconcile.grace
+    ), c AS (
+        SELECT coalesce(s.provider_txn_id, l.txn) AS txn,
+               coalesce(s.refund_id, l.refund_id) AS refund_id,
+               coalesce(s.order_id, l.order_id, x.order_id) AS order_id,
+               s.amount_cents AS s_amount, s.status AS s_status,
+               coalesce(l.amount_cents, x.amount_cents) AS local_amount,
+               coalesce(l.status, x.status) AS local_status,
+               CASE
+                 WHEN s.refund_id IS NOT NULL AND l.refund_id IS NOT NULL THEN
+                   CASE WHEN s.amount_cents <> l.amount_cents THEN 'amount_mismatch' END
+                 WHEN l.refund_id IS NOT NULL THEN
+                   -- A statement that lists refunds by the refunded
+                   -- transaction (status refund, no refund_id) has it too.
+                   CASE WHEN l.finished_at >= day_start AND l.finished_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date BETWEEN p_date - 1 AND p_date + 1
+                                    AND n.refund_id = l.refund_id)
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date BETWEEN p_date - 1 AND p_date + 1
+                                    AND n.refund_id IS NULL AND n.status = 'refund'
+                                    AND n.provider_txn_id = l.provider_txn_id)
+                        THEN 'missing_provider' END
+                 WHEN x.refund_id IS NULL THEN 'missing_local'
+                 WHEN x.amount_cents <> s.amount_cents THEN 'amount_mismatch'
+                 WHEN x.status <> 'SUCCESS' THEN 'status_mismatch'
+               END AS kind,
+               CASE
+                 WHEN l.refund_id IS NOT NULL AND s.refund_id IS NULL THEN
+                   CASE WHEN l.finished_at < day_start + reconcile.grace
+                          OR l.finished_at >= day_end - reconcile.grace
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN x.status IN ('PENDING', 'PROCESSING') AND x.amount_cents = s.amount_cents
+                      THEN 'applied'
+                 ELSE 'flagged'
+               END AS resolution
+          FROM s FULL JOIN l ON l.refund_id = s.refund_id
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.refunds rf
+                 WHERE l.refund_id IS NULL AND rf.refund_id = s.refund_id
+                   AND rf.provider = p_channel) x ON true
+    ), ins AS (
+        INSERT INTO callback_center.recon_diffs AS d
+               (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
+                local_amount, provider_status, local_status, resolution, checked_at, refund_id)
+        SELECT p_channel, p_date, c.txn, c.order_id, c.kind, c.s_amount, c.local_amount,
+               c.s_status, c.local_status, c.resolution, run_at, c.refund_id
+          FROM c
+         WHERE c.kind IS NOT NULL
+        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+           SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
+               local_amount = excluded.local_amount, provider_status = excluded.provider_status,
+               local_status = excluded.local_status, resolution = excluded.resolution,
+               checked_at = excluded.checked_at, refund_id = excluded.refund_id
+         WHERE d.resolution NOT IN ('applied', 'resolved')
+        RETURNING d.id, d.resolution
+    )
+    SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
+      INTO refund_ids
+      FROM ins;
+
+    -- Differences an earlier run recorded that this run no longer finds.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date = p_date
+       AND d.resolution NOT IN ('applied', 'resolved') AND d.checked_at <> run_at;
+
+    -- Local payments a neighbouring day's run left waiting for a
+    -- statement line that turned up on this day's statement: compared
+    -- above, so no longer differences of that day.
+    DELETE FROM callback_center.recon_diffs d
+     WHERE d.channel = p_channel AND d.bill_date IN (p_date - 1, p_date + 1)
+       AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
+       AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
+                    WHERE st.channel = p_channel AND st.bill_date = p_date
+                      AND (st.provider_txn_id = d.provider_txn_id
+                           OR st.refund_id = d.refund_id));
+
+    -- Settle open refunds the provider's statement says it refunded,
+    -- through the one owner of refund status changes.
+    FOR r IN
+        SELECT d.id, d.refund_id, d.provider_txn_id, d.provider_amount
+          FROM callback_center.recon_diffs d
+         WHERE d.id = ANY (coalesce(refund_ids, '{}'))
+         ORDER BY d.id
+    LOOP
+        outcome := callback_center._apply_refund_answer(r.refund_id,
+            jsonb_build_object('status', 'success', 'provider_refund_id', r.provider_txn_id,
+                               'amount_cents', r.provider_amount));
+        UPDATE callback_center.recon_diffs d
+           SET resolution = CASE outcome WHEN 'succeeded' THEN d.resolution ELSE 'flagged' END,
+               note = CASE outcome WHEN 'succeeded' THEN 'refund marked succeeded'
+                               ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
+    END LOOP;
+
+    -- Settle what the provider was paid for and we were not told, through
+    -- the same path as a callback (state machines, follow-up events; on an
+    -- order that can no longer take the money, a late payment to refund).
+    FOR r IN
+        SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount, st.currency
+          FROM callback_center.recon_diffs d
+          LEFT JOIN callback_center.provider_statement st
+                 ON st.channel = p_channel AND st.bill_date = p_date
+                AND st.provider_txn_id = d.provider_txn_id
+         WHERE d.id = ANY (coalesce(applied_ids, '{}'))
+         ORDER BY d.id
+    LOOP
+        SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = r.order_id FOR UPDATE;
+        SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = r.order_id FOR UPDATE;
+        IF pay.provider_txn_id IS NOT NULL THEN
+            -- A callback got there first, after the pass read the row.
+            UPDATE callback_center.recon_diffs d
+               SET resolution = 'flagged',
+                   note = format('payment took transaction %s meanwhile', pay.provider_txn_id)
+             WHERE d.id = r.id;
+            CONTINUE;
+        END IF;
+        outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
+                                                         r.provider_amount, r.currency, 'success',
+                                                         'reconciliation');
+        UPDATE callback_center.recon_diffs d
+           SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
+               resolution = CASE outcome WHEN 'paid' THEN d.resolution ELSE 'flagged' END,
+               note = CASE outcome
+                        WHEN 'paid' THEN 'payment marked paid'
+                        WHEN 'refund_required'
+                          THEN format('order is %s/%s: payment.refund_required emitted',
+                                      o.status, o.pay_status)
+                        ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
+    END LOOP;
+
+    RETURN QUERY
+        SELECT k.kind, count(d.id)
+          FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
+                            'status_mismatch', 'refund_required']) WITH ORDINALITY AS k(kind, ord)
+          LEFT JOIN callback_center.recon_diffs d
+                 ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
+         GROUP BY k.kind, k.ord
+         ORDER BY k.ord;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._wechatpay_v3_answer(event_type text, payload jsonb,
+    status integer, body text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    j jsonb;
+    st text;
+BEGIN
+    IF _wechatpay_v3_answer.body <> '' THEN
+        j := _wechatpay_v3_answer.body::jsonb;
+    END IF;
+    IF _wechatpay_v3_answer.status NOT BETWEEN 200 AND 299 THEN
+        IF _wechatpay_v3_answer.event_type = 'payment.query' AND j->>'code' = 'ORDER_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', j->>'code');
+        END IF;
+        RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+            format('HTTP %s %s: %s', _wechatpay_v3_answer.status, j->>'code', j->>'message'));
+    END IF;
+    IF _wechatpay_v3_answer.event_type = 'payment.query' THEN
+        IF j->>'out_trade_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('the answer is about order "%s"', j->>'out_trade_no'));
+        END IF;
+        st := CASE j->>'trade_state'
+                WHEN 'SUCCESS' THEN 'paid' WHEN 'REFUND' THEN 'paid'
+                WHEN 'NOTPAY' THEN 'unpaid' WHEN 'USERPAYING' THEN 'unpaid'
+                WHEN 'CLOSED' THEN 'closed' WHEN 'REVOKED' THEN 'closed'
+                WHEN 'PAYERROR' THEN 'failed' END;
+        IF st IS NULL THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('unknown trade_state "%s"', j->>'trade_state'));
+        END IF;
+        RETURN jsonb_build_object('status', st, 'provider_status', j->>'trade_state',
+                                  'txn_id', j->>'transaction_id',
+                                  'amount_cents', (j->'amount'->>'total')::bigint,
+                                  'currency', j->'amount'->>'currency');
+    ELSIF _wechatpay_v3_answer.event_type = 'payment.close' THEN
+        RETURN jsonb_build_object('status', 'closed');
+    ELSE
+        IF j->>'out_refund_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'refund_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('the answer is about refund "%s"', j->>'out_refund_no'));
+        END IF;
+        RETURN jsonb_build_object(
+            'refund_id', _wechatpay_v3_answer.payload->>'refund_id',
+            'status', CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
+                                        WHEN 'PROCESSING' THEN 'processing'
+                                        -- not final: the merchant platform
+                                        -- settles it (a failed refund's
+                                        -- amount could be refunded again)
+                                        WHEN 'ABNORMAL' THEN 'processing'
+                                        WHEN 'CLOSED' THEN 'failed' ELSE 'unknown' END,
+            'provider_refund_id', j->>'refund_id',
+            'amount_cents', (j->'amount'->>'refund')::bigint,
+            'error', CASE WHEN j->>'status' IN ('SUCCESS', 'PROCESSING') THEN NULL
+                          ELSE j->>'status' END);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._alipay_answer(event_type text, payload jsonb,
+    node jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    st text;
+BEGIN
+    IF _alipay_answer.node->>'code' IS DISTINCT FROM '10000' THEN
+        IF _alipay_answer.event_type = 'payment.query' AND _alipay_answer.node->>'sub_code' = 'ACQ.TRADE_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', _alipay_answer.node->>'sub_code');
+        END IF;
+        RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+            format('%s %s: %s', _alipay_answer.node->>'code', _alipay_answer.node->>'sub_code',
+                   coalesce(_alipay_answer.node->>'sub_msg', _alipay_answer.node->>'msg')));
+    END IF;
+    IF _alipay_answer.event_type = 'payment.query' THEN
+        IF _alipay_answer.node->>'out_trade_no' IS DISTINCT FROM _alipay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('the answer is about order "%s"', _alipay_answer.node->>'out_trade_no'));
+        END IF;
+        st := CASE _alipay_answer.node->>'trade_status'
+                WHEN 'TRADE_SUCCESS' THEN 'paid' WHEN 'TRADE_FINISHED' THEN 'paid'
+                WHEN 'WAIT_BUYER_PAY' THEN 'unpaid' WHEN 'TRADE_CLOSED' THEN 'closed' END;
+        IF st IS NULL THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('unknown trade_status "%s"', _alipay_answer.node->>'trade_status'));
+        END IF;
+        RETURN jsonb_build_object('status', st, 'provider_status', _alipay_answer.node->>'trade_status',
+                                  'txn_id', _alipay_answer.node->>'trade_no',
+                                  'amount_cents',
+                                  round((_alipay_answer.node->>'total_amount')::numeric * 100)::bigint,
+                                  'currency', 'CNY');
+    ELSIF _alipay_answer.event_type = 'payment.close' THEN
+        RETURN jsonb_build_object('status', 'closed');
+    ELSIF _alipay_answer.event_type = 'refund.request' THEN
+        RETURN jsonb_build_object(
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
+            -- Alipay gives a refund no id (trade_no is the payment's), and
+            -- refund_fee is the trade's total refunded, not this refund's.
+            'provider_refund_id', NULL,
+            'amount_cents', NULL,
+            'error', NULL);
+    ELSE
+        RETURN jsonb_build_object(
+            'refund_id', _alipay_answer.payload->>'refund_id',
+            'status', CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
+                           ELSE 'processing' END,
+            'provider_refund_id', NULL,
+            'amount_cents', round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint,
+            'error', NULL);
+    END IF;
+END
+$$;
+
 -- Retention: purge() covers provider_answers (46_adapters.sql), whose key
 -- is outbox_id: an answer applied before the attempts' age goes, one not
 -- yet applied never does.  _purge_targets names each target's key (a new

@@ -11,7 +11,8 @@
  * SQL functions of src/sql/90_jobs.sql, one bounded batch per transaction:
  * close_expired_orders, query_stuck_payments, query_expired_orders (the
  * question asked before closing an order a provider may have been paid
- * for), apply_query_answers, apply_provider_answers.  An
+ * for), apply_query_answers, apply_provider_answers, refund_jobs (late
+ * payments refunded, open refunds queried again).  An
  * error in a round is logged and counted; the worker carries on.  When a
  * close batch fails, the due orders are closed one per transaction, and
  * each order that fails is recorded in close_failures and left alone for a
@@ -57,6 +58,7 @@ static int	cc_jobs_batch = 100;
 static int	cc_pay_query_after_s = 300;
 static int	cc_pay_query_interval_s = 60;
 static int	cc_close_query_max_wait_s = 600;
+static bool cc_refund_late_payments = true;
 
 PG_FUNCTION_INFO_V1(cc_jobs_status);
 
@@ -103,6 +105,11 @@ cc_jobs_define_gucs(void)
 							"Orders whose payment is PAYING with a provider-format query endpoint are closed only after the provider says unpaid, or after this.",
 							&cc_close_query_max_wait_s, 600, 0, 30 * 24 * 3600,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomBoolVariable("callback_center.refund_late_payments",
+							 "Whether money that arrived for an order that could not take it is refunded automatically.",
+							 "Turned off, late payments wait for callback_center.mark_refunded().",
+							 &cc_refund_late_payments, true,
+							 PGC_SUSET, 0, NULL, NULL, NULL);
 }
 
 /* Counts an error and keeps its message for jobs_status(). */
@@ -172,6 +179,7 @@ typedef enum JobsPlanId
 	JOBS_APPLY_ANSWERS,
 	JOBS_QUERY_EXPIRED,
 	JOBS_APPLY_PROVIDER_ANSWERS,
+	JOBS_REFUNDS,
 	NUM_JOBS_PLANS
 } JobsPlanId;
 
@@ -207,6 +215,10 @@ static CcPlan plans[NUM_JOBS_PLANS] = {
 	},
 	[JOBS_APPLY_PROVIDER_ANSWERS] = {
 		"SELECT callback_center.apply_provider_answers($1)",
+		1, {INT4OID}, 1
+	},
+	[JOBS_REFUNDS] = {
+		"SELECT callback_center.refund_jobs($1)",
 		1, {INT4OID}, 1
 	},
 };
@@ -314,6 +326,7 @@ cc_jobs_round(MemoryContext cxt)
 	int			asked;
 	int			applied;
 	int			answered;
+	int			refunds;
 	bool		failed = false;
 	Datum		batch = Int32GetDatum(cc_jobs_batch);
 
@@ -339,6 +352,8 @@ cc_jobs_round(MemoryContext cxt)
 						   JOBS_APPLY_ANSWERS, batch);
 	answered = cc_jobs_call(cxt, "callback_center jobs: applying providers' answers",
 							JOBS_APPLY_PROVIDER_ANSWERS, batch);
+	refunds = cc_jobs_call(cxt, "callback_center jobs: refunds",
+						   JOBS_REFUNDS, batch);
 
 	SpinLockAcquire(&cc_shared->mutex);
 	cc_shared->orders_closed += closed;
@@ -348,7 +363,7 @@ cc_jobs_round(MemoryContext cxt)
 
 	return (!failed && closed >= cc_jobs_batch) || sent >= cc_jobs_batch ||
 		asked >= cc_jobs_batch || applied >= cc_jobs_batch ||
-		answered >= cc_jobs_batch;
+		answered >= cc_jobs_batch || refunds >= cc_jobs_batch;
 }
 
 /*

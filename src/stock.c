@@ -932,8 +932,10 @@ slot_give(Datum sku, int64 qty, int32 nslots)
 /*
  * Raises CB005 unless biz may have its stock back: a biz id that names a
  * built-in order (callback_center.orders) may only when the order failed,
- * or closed without being paid (pay status pay_failed or closed), the
- * states from which it never takes goods; a paid order keeps its stock,
+ * closed without being paid (pay status pay_failed or closed), or was
+ * refunded in full before it was fulfilled (status refunded: the refund
+ * path moves it there, then restores), the states from which it never
+ * takes goods; a paid order keeps its stock,
  * and one still waiting for money may yet be paid.  Those states are
  * final, so once seen they hold; an order in another state may reach one
  * later (the payment failure and timeout close paths restore right after
@@ -957,7 +959,7 @@ check_order_state(Datum biz)
 	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	pay_status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
 	if (status != NULL && pay_status != NULL &&
-		(strcmp(status, "failed") == 0 ||
+		(strcmp(status, "failed") == 0 || strcmp(status, "refunded") == 0 ||
 		 (strcmp(status, "closed") == 0 &&
 		  (strcmp(pay_status, "pay_failed") == 0 ||
 		   strcmp(pay_status, "closed") == 0))))
@@ -966,7 +968,7 @@ check_order_state(Datum biz)
 			(errcode(CC_ERRCODE_ORDER_HOLDS_STOCK),
 			 errmsg("cannot restore the stock of order \"%s\"",
 					TextDatumGetCString(biz)),
-			 errdetail("The order is %s, pay status %s: only an order that failed, or that closed unpaid, gives its stock back.",
+			 errdetail("The order is %s, pay status %s: only an order that failed, closed unpaid, or was refunded in full before fulfilment gives its stock back.",
 					   status ? status : "(null)",
 					   pay_status ? pay_status : "(null)"),
 			 errhint("An order's stock comes back when it closes on a payment failure or at its pay deadline; a paid order keeps it.")));

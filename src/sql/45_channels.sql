@@ -453,8 +453,29 @@ BEGIN
         RETURN;
     END IF;
 
-    -- Only transactions move payments; refunds and other resources are
-    -- acknowledged and recorded (verdict NULL).
+    -- Refunds (original_type refund, REFUND.SUCCESS / ABNORMAL / CLOSED):
+    -- order_id is our refund id (out_refund_no), txn_id WeChat Pay's
+    -- refund_id, amount_cents amount.refund; ABNORMAL (the money could
+    -- not reach the buyer; the merchant settles it in the merchant
+    -- platform) keeps the refund open.
+    IF res->>'original_type' = 'refund' AND coalesce(event_type, '') LIKE 'REFUND.%' THEN
+        order_id := tx->>'out_refund_no';
+        txn_id := tx->>'refund_id';
+        verdict := CASE tx->>'refund_status'
+            WHEN 'SUCCESS' THEN 'refund_success'
+            WHEN 'CLOSED' THEN 'refund_failed'
+            WHEN 'ABNORMAL' THEN 'refund_processing' END;
+        total := tx->'amount'->>'refund';
+        IF verdict IS NULL OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR total IS NULL OR total !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+        RETURN;
+    END IF;
+    -- Only transactions move payments; other resources are acknowledged
+    -- and recorded (verdict NULL).
     IF coalesce(res->>'original_type', 'transaction') = 'transaction'
        AND coalesce(event_type, '') LIKE 'TRANSACTION.%' THEN
         order_id := tx->>'out_trade_no';
@@ -682,7 +703,8 @@ BEGIN
     SELECT jsonb_object_agg(x.nm, x.t)
       INTO f FROM unnest(names, texts) AS x(nm, t)
      WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
-                    'trade_no', 'trade_status', 'total_amount', 'trans_currency');
+                    'trade_no', 'trade_status', 'total_amount', 'trans_currency',
+                    'out_biz_no', 'refund_fee', 'gmt_refund');
     SELECT string_agg(x.nm || '=' || x.t, '&' ORDER BY x.nm COLLATE "C")
       INTO payload FROM unnest(names, texts) AS x(nm, t)
      WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
@@ -705,6 +727,21 @@ BEGIN
         RETURN;
     END IF;
 
+    -- A refund arrives as a trade notification carrying refund_fee and
+    -- gmt_refund (TRADE_SUCCESS after a partial refund, TRADE_CLOSED after
+    -- a full one), out_biz_no naming the refund (our out_request_no), and
+    -- only once it succeeded.  order_id is our refund id; txn_id NULL
+    -- (Alipay gives a refund no id of its own).  refund_fee is the
+    -- trade's total refunded so far, not this refund's amount: not
+    -- compared (amount_cents NULL); reconciliation compares amounts.
+    IF f ? 'gmt_refund' OR f ? 'refund_fee' THEN
+        order_id := f->>'out_biz_no';
+        verdict := 'refund_success';
+        IF nullif(order_id, '') IS NULL OR nullif(f->>'trade_no', '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+        END IF;
+        RETURN;
+    END IF;
     order_id := f->>'out_trade_no';
     txn_id := f->>'trade_no';
     verdict := CASE f->>'trade_status'
@@ -752,6 +789,10 @@ DECLARE
     key text;
     calc text;
     ok boolean := false;
+    crypto_schema name;
+    ct bytea;
+    plain bytea;
+    r jsonb;
 BEGIN
     payload := p_body;
     IF position('<!' IN regexp_replace(p_body, '<!\[CDATA\[', '', 'g')) > 0 THEN
@@ -772,6 +813,63 @@ BEGIN
     IF f IS NULL OR n <> (SELECT count(*) FROM jsonb_object_keys(f)) THEN
         -- A parameter twice.
         failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- A refund notification carries no sign: req_info is AES-256-ECB
+    -- (PKCS#7 padding) under the lower-case hex MD5 of the API key, and
+    -- only the key opens it (WeChat Pay authenticates refund notifications
+    -- so, and no other way).  Read: order_id our refund id (out_refund_no),
+    -- txn_id WeChat Pay's refund_id, amount_cents refund_fee; refund_status
+    -- SUCCESS refunded, REFUNDCLOSE failed, CHANGE (abnormal: settled in
+    -- the merchant platform) still open.  Keyed by refund_id and status.
+    IF f ? 'req_info' AND NOT f ? 'sign' THEN
+        BEGIN
+            ct := decode(f->>'req_info', 'base64');
+        EXCEPTION WHEN OTHERS THEN
+            ct := NULL;
+        END;
+        IF ct IS NULL OR ct = '' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        -- pgcrypto is relocatable: find where it lives.
+        SELECT x.nspname INTO crypto_schema
+          FROM pg_extension e JOIN pg_namespace x ON x.oid = e.extnamespace
+         WHERE e.extname = 'pgcrypto';
+        FOREACH s IN ARRAY p_secrets LOOP
+            BEGIN
+                EXECUTE format('SELECT %I.decrypt($1, $2, %L)', crypto_schema, 'aes-ecb/pad:pkcs')
+                   INTO plain USING ct, convert_to(md5(regexp_replace(s, '^md5:', '')), 'UTF8');
+                IF position('<!' IN regexp_replace(convert_from(plain, 'UTF8'), '<!\[CDATA\[', '', 'g')) > 0 THEN
+                    plain := NULL;
+                END IF;
+                SELECT jsonb_object_agg(x.name, coalesce(x.value, '')) INTO r
+                  FROM XMLTABLE('/root/*' PASSING xmlparse(DOCUMENT convert_from(plain, 'UTF8'))
+                                COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+            EXCEPTION WHEN OTHERS THEN
+                r := NULL;
+            END;
+            EXIT WHEN r IS NOT NULL;
+        END LOOP;
+        IF r IS NULL THEN
+            -- Nothing but the key makes a req_info that opens.
+            failure := 'invalid_signature'; fail_status := 401;
+            RETURN;
+        END IF;
+        order_id := r->>'out_refund_no';
+        txn_id := r->>'refund_id';
+        verdict := CASE r->>'refund_status' WHEN 'SUCCESS' THEN 'refund_success'
+                                            WHEN 'REFUNDCLOSE' THEN 'refund_failed'
+                                            WHEN 'CHANGE' THEN 'refund_processing' END;
+        event_type := 'refund ' || coalesce(r->>'refund_status', '');
+        msg_id := 'refund:' || (r->>'refund_id') || ':' || (r->>'refund_status');
+        IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' OR verdict IS NULL
+           OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR coalesce(r->>'refund_fee', '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := (r->>'refund_fee')::bigint;
         RETURN;
     END IF;
     given := f->>'sign';
@@ -929,7 +1027,7 @@ BEGIN
         SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
           INTO f FROM unnest(names, vals) AS x(nm, v)
          WHERE x.nm IN ('orderId', 'queryId', 'txnType', 'txnSubType', 'respCode',
-                        'txnAmt', 'currencyCode');
+                        'txnAmt', 'currencyCode', 'origQryId');
         -- What a resend repeats: the signed parameters but the certificate
         -- (UnionPay may sign a resend under its next certificate).
         SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
@@ -966,8 +1064,22 @@ BEGIN
         END IF;
         amount_cents := total::bigint;
     END IF;
-    -- Other transaction types (refunds 04, cancellations 31, ...) are
-    -- recorded and acknowledged (verdict NULL).
+    IF f->>'txnType' = '04' THEN
+        -- Refund (back notification): orderId is the refund's own order
+        -- id, our refund id; queryId UnionPay's id of the refund; txnAmt
+        -- its amount.  respCode 00 and A6 refunded; any other failed.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'refund_success' ELSE 'refund_failed' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    -- Other transaction types (cancellations 31, ...) are recorded and
+    -- acknowledged (verdict NULL).
 END
 $$;
 

@@ -523,7 +523,8 @@ $$;
 -- payment.query: trade_state SUCCESS -> paid; NOTPAY, USERPAYING -> unpaid;
 -- CLOSED, REVOKED -> closed; PAYERROR -> failed; REFUND -> paid (it was
 -- paid); 404 ORDER_NOT_EXIST -> not_found.  payment.close: 204 -> closed.
--- refund.*: status SUCCESS / PROCESSING / ABNORMAL, CLOSED.  Any other
+-- refund.*: status SUCCESS -> success; PROCESSING, ABNORMAL -> processing;
+-- CLOSED -> failed.  Any other
 -- answer (a 4xx with code and message) -> error.
 CREATE FUNCTION callback_center._wechatpay_v3_answer(event_type text, payload jsonb,
     status integer, body text)
@@ -574,7 +575,10 @@ BEGIN
             'refund_id', _wechatpay_v3_answer.payload->>'refund_id',
             'status', CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
                                         WHEN 'PROCESSING' THEN 'processing'
-                                        WHEN 'ABNORMAL' THEN 'failed'
+                                        -- not final: the merchant platform
+                                        -- settles it (a failed refund's
+                                        -- amount could be refunded again)
+                                        WHEN 'ABNORMAL' THEN 'processing'
                                         WHEN 'CLOSED' THEN 'failed' ELSE 'unknown' END,
             'provider_refund_id', j->>'refund_id',
             'amount_cents', (j->'amount'->>'refund')::bigint,
@@ -682,15 +686,17 @@ BEGIN
         RETURN jsonb_build_object(
             'refund_id', _alipay_answer.payload->>'refund_id',
             'status', CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
-            'provider_refund_id', _alipay_answer.node->>'trade_no',
-            'amount_cents', round((_alipay_answer.node->>'refund_fee')::numeric * 100)::bigint,
+            -- Alipay gives a refund no id (trade_no is the payment's), and
+            -- refund_fee is the trade's total refunded, not this refund's.
+            'provider_refund_id', NULL,
+            'amount_cents', NULL,
             'error', NULL);
     ELSE
         RETURN jsonb_build_object(
             'refund_id', _alipay_answer.payload->>'refund_id',
             'status', CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
                            ELSE 'processing' END,
-            'provider_refund_id', _alipay_answer.node->>'trade_no',
+            'provider_refund_id', NULL,
             'amount_cents', round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint,
             'error', NULL);
     END IF;

@@ -641,11 +641,16 @@ BEGIN
 END
 $$;
 
--- Marks a late payment refunded (admin, once the money went back): the
--- late_payments row becomes refunded and a payment holding that
--- transaction moves REFUND_REQUIRED -> REFUNDED.  True when this call
--- marked it, false when it already was; 42704 when there is no such late
--- payment.
+-- Marks a late payment refunded (admin, once the money went back by
+-- hand): through the refund path, so that the late payment's refund (the
+-- automatic one, or one created here in manual mode, refund id
+-- "late_<id>", sending nothing) becomes SUCCESS and emits
+-- refund.succeeded, the late_payments row becomes refunded and a payment
+-- holding that transaction moves REFUND_REQUIRED -> REFUNDED
+-- (_apply_refund_answer).  When the late payment's refund had failed at
+-- the provider, the late payment is marked refunded beside it.  True when
+-- this call marked it, false when it already was; 42704 when there is no
+-- such late payment.
 CREATE FUNCTION callback_center.mark_refunded(provider text, provider_txn_id text)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER
@@ -653,30 +658,30 @@ SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
     lp callback_center.late_payments;
+    rid text;
 BEGIN
     PERFORM callback_center._require_key(mark_refunded.provider, 'provider', 63);
     PERFORM callback_center._require_key(mark_refunded.provider_txn_id, 'provider_txn_id');
     SELECT * INTO lp FROM callback_center.late_payments l
-     WHERE l.provider = mark_refunded.provider AND l.provider_txn_id = mark_refunded.provider_txn_id
-       FOR UPDATE;
+     WHERE l.provider = mark_refunded.provider AND l.provider_txn_id = mark_refunded.provider_txn_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = '42704',
             MESSAGE = format('no late payment %s from provider "%s"',
                              mark_refunded.provider_txn_id, mark_refunded.provider),
             HINT = 'See callback_center.late_payments.';
     END IF;
+    -- Locks order, payment and late payment, in the order of every payment path.
+    rid := callback_center._late_refund(lp.id, 'manual');
+    SELECT * INTO lp FROM callback_center.late_payments l WHERE l.id = lp.id;
     IF lp.status = 'refunded' THEN
         RETURN false;
     END IF;
-    UPDATE callback_center.late_payments l SET status = 'refunded', refunded_at = now()
-     WHERE l.id = lp.id;
-    IF EXISTS (SELECT 1 FROM callback_center.payments p
-                WHERE p.provider_txn_id = lp.provider_txn_id AND p.status = 'REFUND_REQUIRED') THEN
-        PERFORM callback_center.apply_event('callback_center.payments', 'status',
-            (SELECT p.payment_id FROM callback_center.payments p
-              WHERE p.provider_txn_id = lp.provider_txn_id), 'refund');
+    IF rid IS NOT NULL
+       AND callback_center._apply_refund_answer(rid,
+               '{"status": "success", "error": "marked refunded by hand"}') = 'succeeded' THEN
+        RETURN true;
     END IF;
-    RETURN true;
+    RETURN callback_center._late_payment_refunded(lp.id);
 END
 $$;
 
@@ -788,7 +793,10 @@ BEGIN
     -- answer, even if the payment has changed hands since.
     -- (msg is unassigned when refusal is set.)
     IF refusal IS NULL THEN
-        IF msg.verdict IS NOT NULL THEN
+        -- (A refund notification, verdict refund_*, is checked against its
+        -- refund by _apply_refund_notification, which answers a mismatch
+        -- as an outcome.)
+        IF msg.verdict IS NOT NULL AND msg.verdict NOT LIKE 'refund\_%' THEN
             refused := (callback_center._payment_check(p_provider, msg.order_id, msg.amount_cents,
                                                        msg.currency, msg.verdict)).refusal;
         END IF;
@@ -849,6 +857,12 @@ BEGIN
     END IF;
     IF msg.verdict IS NULL THEN
         result := 'ignored';
+    ELSIF msg.verdict LIKE 'refund\_%' THEN
+        -- A channel's refund notification (45_channels.sql): order_id is
+        -- our refund id, txn_id the provider's refund id (62_refunds.sql).
+        result := callback_center._apply_refund_notification(p_provider, msg.order_id, msg.txn_id,
+                                                             msg.amount_cents, msg.verdict,
+                                                             msg.event_type);
     ELSE
         result := callback_center._move_payment(p_provider, msg.txn_id, msg.order_id,
                                                 msg.amount_cents, msg.verdict, 'callback');

@@ -5,7 +5,11 @@
 -- the provider's word: 'success', 'refund', 'closed' (others are kept and
 -- compared as they are).  currency is the ISO 4217 code of amount_cents
 -- when the statement says it (NULL: the order's); a success in another
--- currency is never applied (_payment_check).
+-- currency is never applied (_payment_check).  A refund line
+-- names the refund: refund_id is our refund id (the out_refund_no /
+-- out_request_no the provider got), provider_txn_id the provider's id of
+-- the refund line, amount_cents the refund's amount; it is compared with
+-- callback_center.refunds, not with payments.
 CREATE TABLE callback_center.provider_statement (
     channel         text NOT NULL,
     bill_date       date NOT NULL,
@@ -15,6 +19,7 @@ CREATE TABLE callback_center.provider_statement (
     status          text NOT NULL,
     loaded_at       timestamptz NOT NULL DEFAULT now(),
     currency        text,
+    refund_id       text,
     PRIMARY KEY (channel, bill_date, provider_txn_id)
 );
 COMMENT ON TABLE callback_center.provider_statement IS
@@ -49,6 +54,9 @@ CREATE TABLE callback_center.recon_diffs (
     resolved_at     timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     checked_at      timestamptz NOT NULL DEFAULT now(),
+    -- A difference about a refund: our refund id (local_status is the
+    -- refund's status).
+    refund_id       text,
     UNIQUE (channel, bill_date, provider_txn_id, kind)
 );
 COMMENT ON TABLE callback_center.recon_diffs IS
@@ -68,9 +76,11 @@ RETURNS boolean
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
+    -- A payment refunded since it was paid still agrees with its success
+    -- line: the refunds are lines of their own (refund_id).
     SELECT CASE provider_status
-        WHEN 'success' THEN local_status = 'PAID'
-        WHEN 'refund' THEN local_status = 'REFUNDED'
+        WHEN 'success' THEN local_status IN ('PAID', 'PARTIALLY_REFUNDED', 'REFUNDED')
+        WHEN 'refund' THEN local_status IN ('REFUNDED', 'PARTIALLY_REFUNDED')
         WHEN 'closed' THEN local_status IN ('CLOSED', 'FAILED')
         ELSE false END
 $$;
@@ -97,6 +107,7 @@ DECLARE
     run_at timestamptz := clock_timestamp();
     r record;
     applied_ids bigint[];
+    refund_ids bigint[];
     o callback_center.orders;
     pay callback_center.payments;
     outcome text;
@@ -130,6 +141,7 @@ BEGIN
         SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
           FROM callback_center.provider_statement st
          WHERE st.channel = p_channel AND st.bill_date = p_date
+           AND st.refund_id IS NULL
            AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
                             WHERE d.channel = p_channel AND d.bill_date = p_date
                               AND d.provider_txn_id = st.provider_txn_id
@@ -234,6 +246,97 @@ BEGIN
       INTO applied_ids
       FROM ins;
 
+    -- Refunds: statement refund lines of the day FULL JOIN local refunds of
+    -- the provider that succeeded in the day widened by grace, matched on
+    -- our refund id.  A line left unmatched looks for its refund on any
+    -- day (x): missing there is missing_local; open (PENDING, PROCESSING)
+    -- is status_mismatch, settled here (applied: the provider's statement
+    -- says it refunded, _apply_refund_answer below); failed is
+    -- status_mismatch for people.  A local refund left unmatched is
+    -- missing_provider when it succeeded in the day and no statement of
+    -- the day (a line settled by an earlier run is left out of s) or a
+    -- neighbouring day has it (pending_grace in the margins).  provider_txn_id is
+    -- the line's, else our refund id (unique; a provider's refund id need
+    -- not be: Alipay's answers name the trade).
+    WITH s AS (
+        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status, st.refund_id
+          FROM callback_center.provider_statement st
+         WHERE st.channel = p_channel AND st.bill_date = p_date AND st.refund_id IS NOT NULL
+           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                              AND d.provider_txn_id = st.provider_txn_id
+                              AND d.resolution = 'applied')
+    ), l AS (
+        SELECT rf.refund_id, rf.order_id, rf.amount_cents, rf.status, rf.finished_at,
+               rf.provider_txn_id, rf.refund_id AS txn
+          FROM callback_center.refunds rf
+         WHERE rf.provider = p_channel AND rf.status = 'SUCCESS'
+           AND rf.finished_at >= day_start - reconcile.grace
+           AND rf.finished_at < day_end + reconcile.grace
+    ), c AS (
+        SELECT coalesce(s.provider_txn_id, l.txn) AS txn,
+               coalesce(s.refund_id, l.refund_id) AS refund_id,
+               coalesce(s.order_id, l.order_id, x.order_id) AS order_id,
+               s.amount_cents AS s_amount, s.status AS s_status,
+               coalesce(l.amount_cents, x.amount_cents) AS local_amount,
+               coalesce(l.status, x.status) AS local_status,
+               CASE
+                 WHEN s.refund_id IS NOT NULL AND l.refund_id IS NOT NULL THEN
+                   CASE WHEN s.amount_cents <> l.amount_cents THEN 'amount_mismatch' END
+                 WHEN l.refund_id IS NOT NULL THEN
+                   -- A statement that lists refunds by the refunded
+                   -- transaction (status refund, no refund_id) has it too.
+                   CASE WHEN l.finished_at >= day_start AND l.finished_at < day_end
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date BETWEEN p_date - 1 AND p_date + 1
+                                    AND n.refund_id = l.refund_id)
+                             AND NOT EXISTS (
+                                 SELECT 1 FROM callback_center.provider_statement n
+                                  WHERE n.channel = p_channel
+                                    AND n.bill_date BETWEEN p_date - 1 AND p_date + 1
+                                    AND n.refund_id IS NULL AND n.status = 'refund'
+                                    AND n.provider_txn_id = l.provider_txn_id)
+                        THEN 'missing_provider' END
+                 WHEN x.refund_id IS NULL THEN 'missing_local'
+                 WHEN x.amount_cents <> s.amount_cents THEN 'amount_mismatch'
+                 WHEN x.status <> 'SUCCESS' THEN 'status_mismatch'
+               END AS kind,
+               CASE
+                 WHEN l.refund_id IS NOT NULL AND s.refund_id IS NULL THEN
+                   CASE WHEN l.finished_at < day_start + reconcile.grace
+                          OR l.finished_at >= day_end - reconcile.grace
+                        THEN 'pending_grace' ELSE 'flagged' END
+                 WHEN x.status IN ('PENDING', 'PROCESSING') AND x.amount_cents = s.amount_cents
+                      THEN 'applied'
+                 ELSE 'flagged'
+               END AS resolution
+          FROM s FULL JOIN l ON l.refund_id = s.refund_id
+          LEFT JOIN LATERAL (
+                SELECT * FROM callback_center.refunds rf
+                 WHERE l.refund_id IS NULL AND rf.refund_id = s.refund_id
+                   AND rf.provider = p_channel) x ON true
+    ), ins AS (
+        INSERT INTO callback_center.recon_diffs AS d
+               (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
+                local_amount, provider_status, local_status, resolution, checked_at, refund_id)
+        SELECT p_channel, p_date, c.txn, c.order_id, c.kind, c.s_amount, c.local_amount,
+               c.s_status, c.local_status, c.resolution, run_at, c.refund_id
+          FROM c
+         WHERE c.kind IS NOT NULL
+        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+           SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
+               local_amount = excluded.local_amount, provider_status = excluded.provider_status,
+               local_status = excluded.local_status, resolution = excluded.resolution,
+               checked_at = excluded.checked_at, refund_id = excluded.refund_id
+         WHERE d.resolution NOT IN ('applied', 'resolved')
+        RETURNING d.id, d.resolution
+    )
+    SELECT array_agg(ins.id) FILTER (WHERE ins.resolution = 'applied')
+      INTO refund_ids
+      FROM ins;
+
     -- Differences an earlier run recorded that this run no longer finds.
     DELETE FROM callback_center.recon_diffs d
      WHERE d.channel = p_channel AND d.bill_date = p_date
@@ -247,7 +350,26 @@ BEGIN
        AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
        AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
                     WHERE st.channel = p_channel AND st.bill_date = p_date
-                      AND st.provider_txn_id = d.provider_txn_id);
+                      AND (st.provider_txn_id = d.provider_txn_id
+                           OR st.refund_id = d.refund_id));
+
+    -- Settle open refunds the provider's statement says it refunded,
+    -- through the one owner of refund status changes.
+    FOR r IN
+        SELECT d.id, d.refund_id, d.provider_txn_id, d.provider_amount
+          FROM callback_center.recon_diffs d
+         WHERE d.id = ANY (coalesce(refund_ids, '{}'))
+         ORDER BY d.id
+    LOOP
+        outcome := callback_center._apply_refund_answer(r.refund_id,
+            jsonb_build_object('status', 'success', 'provider_refund_id', r.provider_txn_id,
+                               'amount_cents', r.provider_amount));
+        UPDATE callback_center.recon_diffs d
+           SET resolution = CASE outcome WHEN 'succeeded' THEN d.resolution ELSE 'flagged' END,
+               note = CASE outcome WHEN 'succeeded' THEN 'refund marked succeeded'
+                               ELSE format('not applied: %s', outcome) END
+         WHERE d.id = r.id;
+    END LOOP;
 
     -- Settle what the provider was paid for and we were not told, through
     -- the same path as a callback (state machines, follow-up events; on an

@@ -75,7 +75,7 @@ my $counts = q{
 	          FROM callback_center.state_machine_attachments
 	         WHERE table_name::text NOT LIKE 'callback_center.%')};
 my $before = $node->safe_psql('postgres', $counts);
-is($before, '5/24/29/3/doors:state', 'definitions, history and attachment before dump');
+is($before, '6/31/40/3/doors:state', 'definitions, history and attachment before dump');
 
 my $dump = $node->basedir . '/fsm.sql';
 $node->command_ok(

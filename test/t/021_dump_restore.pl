@@ -71,6 +71,8 @@ SELECT callback_center.query_stuck_payments(10, '0 seconds', '0 seconds');
 SELECT callback_center.place_order('o-paid', 'u2', '[{"sku":"sku-a","qty":2}]', 300, 'cp-2', 'pay');
 SELECT pg_temp.pay('payment.succeeded', 'txn-paid', 'o-paid', 300, 'msg-1');
 SELECT pg_temp.pay('payment.succeeded', 'txn-paid', 'o-paid', 1, 'msg-1');
+-- a refund of part of it asked for
+SELECT callback_center.request_refund('o-paid', 100, 'dump test', 'rf-dump');
 -- pay_failed, stock restored, coupon back
 SELECT callback_center.place_order('o-failed', 'u3', '[{"sku":"sku-a","qty":1}]', 400, 'cp-3', 'pay');
 SELECT pg_temp.pay('payment.failed', 'txn-failed', 'o-failed', 400, 'msg-2');
@@ -202,8 +204,7 @@ sub check_restored
 		'CB010', "$how: an illegal order move fails");
 	is(sqlstate($db, q{UPDATE callback_center.payments SET status = 'CREATED' WHERE order_id = 'o-paid'}),
 		'CB010', "$how: an illegal payment move fails");
-	is(sqlstate($db, q{UPDATE callback_center.coupons SET status = 'available', biz_id = NULL
-	                   WHERE coupon_id = 'cp-2'}),
+	is(sqlstate($db, q{UPDATE callback_center.coupons SET status = 'frozen' WHERE coupon_id = 'cp-2'}),
 		'CB010', "$how: an illegal coupon move fails");
 	is(sqlstate($db, q{UPDATE public.doors SET state = 'shut' WHERE id = 2}),
 		'CB010', "$how: an illegal move of the user table fails");

@@ -16,42 +16,14 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use lib 'test/perl';
 use CallbackCenterTest;
+use CallbackCenterChannels;
 
 system('make', '-s', 'test/unit/gcm_seal') == 0
   or die "could not build test/unit/gcm_seal";
 
-my $dir = PostgreSQL::Test::Utils::tempdir;
-
-sub run_ok
-{
-	my @cmd = @_;
-	my ($stdout, $stderr);
-	IPC::Run::run(\@cmd, '>', \$stdout, '2>', \$stderr)
-	  or die "@cmd failed: $stderr";
-	return $stdout;
-}
+my $dir = channel_dir(PostgreSQL::Test::Utils::tempdir);
 
 sub slurp { my ($f) = @_; return PostgreSQL::Test::Utils::slurp_file($f); }
-
-# Keys and certificates.
-sub rsa_key
-{
-	my ($name, $bits) = @_;
-	run_ok('openssl', 'genrsa', '-out', "$dir/$name.key", $bits // 2048);
-	run_ok('openssl', 'rsa', '-in', "$dir/$name.key", '-pubout', '-out',
-		"$dir/$name.pub");
-	return slurp("$dir/$name.pub");
-}
-
-sub self_signed
-{
-	my ($name, $serial) = @_;
-	rsa_key($name);
-	run_ok('openssl', 'req', '-x509', '-new', '-key', "$dir/$name.key",
-		'-out', "$dir/$name.crt", '-subj', "/CN=$name", '-days', '30',
-		'-set_serial', $serial);
-	return slurp("$dir/$name.crt");
-}
 
 # A certificate valid only between start and end (openssl ca dates).
 sub dated_cert
@@ -78,41 +50,6 @@ sub dated_cert
 	return slurp("$dir/$name.crt");
 }
 
-# SHA256withRSA signature of data by key name, in base64.
-my $nsig = 0;
-sub sign_b64
-{
-	my ($name, $data) = @_;
-	my $f = "$dir/data" . $nsig++;
-	open my $fh, '>:raw', $f or die;
-	print $fh $data;
-	close $fh;
-	run_ok('openssl', 'dgst', '-sha256', '-sign', "$dir/$name.key", '-out',
-		"$f.sig", $f);
-	return encode_base64(slurp_raw("$f.sig"), '');
-}
-
-sub slurp_raw
-{
-	my ($f) = @_;
-	open my $fh, '<:raw', $f or die;
-	local $/;
-	my $d = <$fh>;
-	close $fh;
-	return $d;
-}
-
-sub gcm_seal
-{
-	my ($key, $nonce, $aad, $plain) = @_;
-	my ($out, $err);
-	IPC::Run::run([ './test/unit/gcm_seal', $key, $nonce, $aad ],
-		'<', \$plain, '>', \$out, '2>', \$err)
-	  or die "gcm_seal: $err";
-	chomp $out;
-	return $out;
-}
-
 my $apiv3 = 'k3y0f32bytesForAPIv3abcdefghijkl';    # 32 bytes
 my $serial_a = '5157F09EFDC096DE15EBE81A47057A72';
 my $cert_a = self_signed('plat_a', "0x$serial_a");
@@ -133,12 +70,6 @@ my $private_pem = slurp("$dir/wrong.key");
 
 my $node = cc_node('channels');
 
-sub q_lit
-{
-	my ($s) = @_;
-	$s =~ s/'/''/g;
-	return "'$s'";
-}
 
 # payment_callback's row as "status|body|is_first|outcome".
 sub callback
@@ -378,15 +309,6 @@ like(sql_error("SELECT callback_center.verify_signature('wx', '{}', 'x')"),
 	qr/0A000.*payment_callback/s, 'verify_signature points channel schemes to payment_callback');
 
 # --- Alipay ------------------------------------------------------------------
-
-# %-encoding of bytes as a form value.
-sub form_enc
-{
-	my ($s) = @_;
-	$s =~ s/([^A-Za-z0-9\-_.* ])/sprintf('%%%02X', ord($1))/ge;
-	$s =~ s/ /+/g;
-	return $s;
-}
 
 my $anid = 0;
 # A UTF-8 string in encoding enc (GB18030 through iconv: Perl's Encode has

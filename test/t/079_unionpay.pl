@@ -17,117 +17,29 @@ use POSIX qw(strftime);
 use Test::More;
 use lib 'test/perl';
 use CallbackCenterTest;
+use CallbackCenterChannels;
 
-my $dir = PostgreSQL::Test::Utils::tempdir;
-
-sub run_ok
-{
-	my @cmd = @_;
-	my ($stdout, $stderr);
-	IPC::Run::run(\@cmd, '>', \$stdout, '2>', \$stderr)
-	  or die "@cmd failed: $stderr";
-	return $stdout;
-}
+my $dir = channel_dir(PostgreSQL::Test::Utils::tempdir);
 
 sub slurp { my ($f) = @_; return PostgreSQL::Test::Utils::slurp_file($f); }
 
-sub slurp_raw
-{
-	my ($f) = @_;
-	open my $fh, '<:raw', $f or die;
-	local $/;
-	my $d = <$fh>;
-	close $fh;
-	return $d;
-}
-
-sub rsa_key
-{
-	my ($name) = @_;
-	run_ok('openssl', 'genrsa', '-out', "$dir/$name.key", 2048);
-	run_ok('openssl', 'rsa', '-in', "$dir/$name.key", '-pubout', '-out', "$dir/$name.pub");
-	return slurp("$dir/$name.pub");
-}
-
-# A self-signed CA certificate (Debian's openssl.cnf: v3_ca, CA:true).
-sub root_ca
-{
-	my ($name, $cn) = @_;
-	rsa_key($name);
-	run_ok('openssl', 'req', '-x509', '-new', '-key', "$dir/$name.key", '-out',
-		"$dir/$name.crt", '-subj', "/CN=$cn", '-days', '30');
-	return slurp("$dir/$name.crt");
-}
-
-# A certificate for a new key, issued by CA $ca with openssl ca: subject
-# $subj (UTF-8), a CA or not, valid for 30 days or from start to end.
-my $serial = 16;
-sub issue
-{
-	my ($name, $subj, $ca, %o) = @_;
-	rsa_key($name);
-	my $cd = "$dir/ca_$name";
-	mkdir $cd;
-	my $bc = $o{ca} ? 'critical,CA:true' : 'CA:false';
-	open my $fh, '>', "$cd/ca.cnf" or die;
-	print $fh "[ca]\ndefault_ca = d\n[d]\ndir = $cd\ndatabase = $cd/index.txt\n"
-	  . "new_certs_dir = $cd\nserial = $cd/serial\ndefault_md = sha256\n"
-	  . "policy = p\nunique_subject = no\nx509_extensions = ext\ndefault_days = 30\n"
-	  . "[p]\ncommonName = supplied\norganizationName = optional\n"
-	  . "organizationalUnitName = optional\ncountryName = optional\n"
-	  . "[ext]\nbasicConstraints = $bc\n"
-	  . ($o{ca} ? "keyUsage = critical,keyCertSign,cRLSign\n" : "keyUsage = digitalSignature\n");
-	close $fh;
-	open $fh, '>', "$cd/index.txt" or die;
-	close $fh;
-	open $fh, '>', "$cd/serial" or die;
-	printf $fh "%02X\n", $serial++;
-	close $fh;
-	run_ok('openssl', 'req', '-new', '-utf8', '-key', "$dir/$name.key", '-out',
-		"$cd/r.csr", '-subj', $subj);
-	run_ok('openssl', 'ca', '-batch', '-utf8', '-preserveDN', '-config', "$cd/ca.cnf",
-		'-cert', "$dir/$ca.crt", '-keyfile', "$dir/$ca.key", '-in', "$cd/r.csr",
-		'-out', "$dir/$name.crt", '-notext',
-		$o{start} ? ('-startdate', $o{start}, '-enddate', $o{end}) : ());
-	return slurp("$dir/$name.crt");
-}
-
-# SHA256withRSA signature of data by key name, in base64.
-my $nsig = 0;
-sub sign_b64
-{
-	my ($name, $data) = @_;
-	my $f = "$dir/data" . $nsig++;
-	open my $fh, '>:raw', $f or die;
-	print $fh $data;
-	close $fh;
-	run_ok('openssl', 'dgst', '-sha256', '-sign', "$dir/$name.key", '-out', "$f.sig", $f);
-	return encode_base64(slurp_raw("$f.sig"), '');
-}
-
 my $org = '中国银联股份有限公司';
 my $root = root_ca('root', 'Test CFCA Root');
-my $middle = issue('middle', '/CN=Test CFCA OCA1', 'root', ca => 1);
+my $middle = issue_cert('middle', '/CN=Test CFCA OCA1', 'root', ca => 1);
 my %certs = (
-	sign => issue('sign', "/C=CN/O=China UnionPay/OU=00/CN=041\@Z2024\@$org\@00000001", 'middle'),
-	expired => issue('expired', "/C=CN/O=China UnionPay/CN=041\@Z2020\@$org\@00000002", 'middle',
+	sign => issue_cert('sign', "/C=CN/O=China UnionPay/OU=00/CN=041\@Z2024\@$org\@00000001", 'middle'),
+	expired => issue_cert('expired', "/C=CN/O=China UnionPay/CN=041\@Z2020\@$org\@00000002", 'middle',
 		start => '20200101000000Z', end => '20210101000000Z'),
-	other_org => issue('other_org', "/C=CN/O=Someone/CN=041\@Z2024\@某某支付有限公司\@00000003", 'middle'),
-	no_at => issue('no_at', "/C=CN/CN=$org", 'middle'));
+	other_org => issue_cert('other_org', "/C=CN/O=Someone/CN=041\@Z2024\@某某支付有限公司\@00000003", 'middle'),
+	no_at => issue_cert('no_at', "/C=CN/CN=$org", 'middle'));
 my $root2 = root_ca('root2', 'Another Root');
-my $middle2 = issue('middle2', '/CN=Another OCA', 'root2', ca => 1);
-$certs{unchained} = issue('unchained', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000004", 'middle2');
+my $middle2 = issue_cert('middle2', '/CN=Another OCA', 'root2', ca => 1);
+$certs{unchained} = issue_cert('unchained', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000004", 'middle2');
 $certs{self} = root_ca('self', "041\@Z2024\@$org\@00000005");
 $certs{root} = $root;
 
 my $node = cc_node('unionpay');
 
-sub q_lit
-{
-	my ($s) = @_;
-	$s =~ s/'/''/g;
-	return "'$s'";
-}
 
 sub callback
 {
@@ -201,13 +113,6 @@ is( $node->safe_psql('postgres',
 
 # --- Notifications ---------------------------------------------------------
 
-sub form_enc
-{
-	my ($s) = @_;
-	$s =~ s/([^A-Za-z0-9\-_.* ])/sprintf('%%%02X', ord($1))/ge;
-	$s =~ s/ /+/g;
-	return $s;
-}
 
 my $qn = 0;
 # A consumption notification as UnionPay posts it.  %o are parameter
@@ -265,7 +170,9 @@ is(callback('up', $f), '200|ok|true|paid', 'unionpay: GBK encoding');
 is(callback('up', $f), '200|ok|true|attempt_failed', 'unionpay: another respCode is one failed attempt');
 is(trace('up-4'), 'records=1 outbox=1 payment=CREATED/- order=unpaid', 'unionpay: a failed attempt moved nothing');
 ($f, $key) = up_notify(orderId => 'up-4', txnAmt => '400', txnType => '04', txnSubType => '00');
-is(callback('up', $f), '200|ok|true|ignored', 'unionpay: a refund notification is recorded and ignored');
+# (A refund notification for a refund we have is test/t/07d_refund_notifications.pl.)
+is(callback('up', $f), '200|ok|true|unknown_refund',
+	'unionpay: a refund notification naming no refund here is recorded and acknowledged');
 is(recorded($key), '1', 'unionpay: the refund is keyed by its own queryId:04');
 
 # Refusals, all about up-5 (500 fen), each recording nothing.
@@ -340,7 +247,7 @@ sub s_callback
 }
 # A signing certificate that expires 10 s from now.
 my $until = time() + 10;
-$certs{short} = issue('short', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000006", 'middle',
+$certs{short} = issue_cert('short', "/C=CN/O=China UnionPay/CN=041\@Z2024\@$org\@00000006", 'middle',
 	start => strftime('%Y%m%d%H%M%SZ', gmtime(time() - 3600)),
 	end => strftime('%Y%m%d%H%M%SZ', gmtime($until)));
 ($f) = up_notify(orderId => 'up-c1', txnAmt => '100', cert => 'short');

@@ -55,7 +55,8 @@ is(roles_of(q{query ILIKE 'UPDATE callback_center.outbox%' OR query ILIKE 'WITH%
 is(roles_of(q{query ILIKE '%INSERT INTO callback_center.delivery_attempts%'}),
 	'callback_center_worker', 'and records its attempts as it');
 is(roles_of(q{query ILIKE '%callback_center._orders_due%' OR query ILIKE '%callback_center.close_expired_orders%'
-              OR query ILIKE '%callback_center.query_stuck_payments%'}),
+              OR query ILIKE '%callback_center.query_stuck_payments%'
+              OR query ILIKE '%callback_center.refund_jobs%'}),
 	'callback_center_worker', 'the jobs worker runs its jobs as callback_center_worker');
 is(sql(q{SELECT count(*) FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid
           WHERE r.rolsuper AND s.toplevel AND (s.query ILIKE '%callback_center.outbox o%'
