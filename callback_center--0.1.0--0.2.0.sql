@@ -11432,3 +11432,413 @@ BEGIN
         || E'\n' || body;
 END
 $$;
+
+-- Retention: purge() covers provider_answers (46_adapters.sql), whose key
+-- is outbox_id: an answer applied before the attempts' age goes, one not
+-- yet applied never does.  _purge_targets names each target's key (a new
+-- column: DROP and CREATE); _purge_batch walks it.
+DROP FUNCTION callback_center._purge_targets();
+
+-- What retention deletes, per relation, in order: delivered outbox rows,
+-- delivery attempts (when that table exists), providers' answers applied
+-- before the cutoff (the outcome of an attempt, so on the attempts' age;
+-- an answer not yet applied is never touched), state history, succeeded
+-- callback records and settled (applied or resolved) reconciliation
+-- differences older than the cutoff ($1).  Pending, delivering and dead
+-- outbox rows (dead ones stay for replay), pending, processing and failed
+-- callback records, and flagged or pending_grace differences are never
+-- touched.  age says which of purge's ages applies: attempts, history, or
+-- events (older_than).  key is the bigint primary key the batches walk.
+CREATE FUNCTION callback_center._purge_targets()
+RETURNS TABLE (rel text, cond text, age text, key text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT v.rel, v.cond, v.age, v.key
+      FROM (VALUES
+        (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1', 'events', 'id'),
+        (2, 'callback_center.delivery_attempts', 'attempted_at < $1', 'attempts', 'id'),
+        (3, 'callback_center.provider_answers', 'applied_at < $1', 'attempts', 'outbox_id'),
+        (4, 'callback_center.state_history', 'at < $1', 'history', 'id'),
+        (5, 'callback_center.callback_record', 'status = 2 AND completed_at < $1', 'events', 'id'),
+        (6, 'callback_center.recon_diffs',
+         'resolution IN (''applied'', ''resolved'') AND created_at < $1', 'events', 'id'))
+           AS v(ord, rel, cond, age, key)
+     WHERE to_regclass(v.rel) IS NOT NULL
+     ORDER BY v.ord
+$$;
+
+-- Deletes one batch of at most batch_size rows of one retention target
+-- (see _purge_targets) older than cutoff with a key (its id, or outbox_id)
+-- above after_id, rows locked by others skipped.  Returns how many it
+-- deleted and the highest key it passed (the next batch's after_id).  22023 for a relation that is not
+-- a retention target.
+CREATE OR REPLACE FUNCTION callback_center._purge_batch(rel text, cutoff timestamptz, after_id bigint,
+    batch_size integer, OUT purged bigint, OUT last_id bigint)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    condition text;
+    k text;
+BEGIN
+    SELECT t.cond, t.key INTO condition, k FROM callback_center._purge_targets() t
+     WHERE t.rel = _purge_batch.rel;
+    IF condition IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('"%s" is not a retention target', _purge_batch.rel);
+    END IF;
+    -- Walk the primary key upwards: old rows have low ids, and no batch
+    -- rescans what an earlier one passed.  b is MATERIALIZED: evaluated
+    -- once whatever the plan, so that the rows counted, the rows deleted
+    -- and the batch's last id are the same LIMIT ... SKIP LOCKED pick (a
+    -- sub-select run again per row of a join would pick more rows).
+    EXECUTE format(
+        'WITH b AS MATERIALIZED (SELECT %1$I AS id FROM %2$s WHERE %1$I > $2 AND %3$s'
+        ' ORDER BY %1$I LIMIT $3 FOR UPDATE SKIP LOCKED),'
+        ' d AS (DELETE FROM %2$s WHERE %1$I IN (SELECT id FROM b) RETURNING 1)'
+        ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
+        ' FROM (SELECT count(*) FROM d) AS x',
+        k, _purge_batch.rel, condition)
+        INTO purged, last_id USING cutoff, after_id, batch_size;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._purge_targets() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center._purge_targets() TO callback_center_admin;
+
+-- One NULL check in SQL, the functions that run with the caller's rights
+-- too: _require and _require_key are granted to the app and admin roles
+-- (they read and write nothing), so _fsm_require_machine,
+-- attach_state_machine, detach_state_machine, apply_event and saga_run check
+-- their arguments with _require ("... must not be null", 22004 as before).
+GRANT EXECUTE ON FUNCTION callback_center._require(anyelement, text),
+    callback_center._require_key(text, text, integer)
+    TO callback_center_app, callback_center_admin;
+
+CREATE OR REPLACE FUNCTION callback_center._fsm_require_machine(machine text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(machine, 'machine');
+    IF NOT EXISTS (SELECT 1 FROM callback_center.state_machines m
+                    WHERE m.machine = _fsm_require_machine.machine) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB011',
+            MESSAGE = format('state machine "%s" does not exist', machine),
+            HINT = 'Create it with callback_center.create_state_machine().';
+    END IF;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION callback_center.attach_state_machine(
+    tbl regclass,
+    state_column name,
+    machine text,
+    id_column name DEFAULT 'id',
+    payload_columns name[] DEFAULT '{}')
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    kind "char";
+    state_type oid;
+    existing record;
+    bad text;
+    col name;
+    trigger_args text;
+    trigger_name name;
+    log_trigger_name name;
+BEGIN
+    PERFORM callback_center._require(
+        num_nulls(tbl, state_column, machine, id_column, payload_columns) = 0
+        AND array_position(payload_columns, NULL) IS NULL OR NULL,
+        'tbl, state_column, machine, id_column and payload_columns (and its elements)');
+    SELECT c.relkind INTO kind FROM pg_class c WHERE c.oid = tbl;
+    IF kind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION USING ERRCODE = '42809',
+            MESSAGE = format('"%s" is not a table', tbl);
+    END IF;
+    SELECT a.atttypid INTO state_type FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = state_column
+       AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42703',
+            MESSAGE = format('column "%s" of table %s does not exist', state_column, tbl);
+    END IF;
+    IF state_type NOT IN ('text'::regtype, 'varchar'::regtype) THEN
+        RAISE EXCEPTION USING ERRCODE = '42804',
+            MESSAGE = format('state column "%s" of table %s has type %s', state_column, tbl,
+                             format_type(state_type, NULL)),
+            DETAIL = 'A state column must be of type text or varchar.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attname = id_column
+                      AND a.attnum > 0 AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION USING ERRCODE = '42703',
+            MESSAGE = format('column "%s" of table %s does not exist', id_column, tbl),
+            HINT = 'Pass the column that identifies a row as id_column.';
+    END IF;
+    IF '*' = ANY (payload_columns) AND cardinality(payload_columns) > 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'payload column "*" (the whole row) cannot be listed with other columns';
+    END IF;
+    IF (SELECT count(DISTINCT c) FROM unnest(payload_columns) c) < cardinality(payload_columns) THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'payload columns cannot repeat';
+    END IF;
+    FOREACH col IN ARRAY payload_columns LOOP
+        CONTINUE WHEN col = '*';
+        IF NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = tbl AND a.attname = col
+                          AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION USING ERRCODE = '42703',
+                MESSAGE = format('column "%s" of table %s does not exist', col, tbl),
+                HINT = 'payload_columns names the columns emitted events carry.';
+        END IF;
+    END LOOP;
+    PERFORM callback_center._fsm_require_machine(machine);
+
+    SELECT * INTO existing FROM callback_center.state_machine_attachments s
+     WHERE s.table_name = tbl AND s.state_column = attach_state_machine.state_column;
+    IF FOUND THEN
+        IF existing.machine <> machine OR existing.id_column <> id_column THEN
+            RAISE EXCEPTION USING ERRCODE = '42710',
+                MESSAGE = format('column "%s" of table %s already has state machine "%s" attached',
+                                 state_column, tbl, existing.machine),
+                HINT = 'Detach it first with callback_center.detach_state_machine().';
+        END IF;
+        IF existing.payload_columns = payload_columns THEN
+            RETURN false;
+        END IF;
+        -- Only the payload changes: the pair is made again.
+        PERFORM callback_center.detach_state_machine(tbl, state_column);
+    ELSE
+        -- Rows already there must be in states the machine knows.
+        bad := callback_center._fsm_unknown_state(tbl, state_column,
+                   ARRAY(SELECT s.state FROM callback_center.machine_states s
+                          WHERE s.machine = attach_state_machine.machine));
+        IF bad IS NOT NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB011',
+                MESSAGE = format('unknown state "%s" in state machine "%s"', bad, machine),
+                DETAIL = format('Table %s already has rows in that state.', tbl);
+        END IF;
+    END IF;
+
+    SELECT string_agg(quote_literal(a), ', ' ORDER BY n) INTO trigger_args
+      FROM unnest(ARRAY[machine, state_column::text, id_column::text]
+                  || payload_columns::text[]) WITH ORDINALITY AS u(a, n);
+    trigger_name := callback_center._fsm_trigger_name(tbl, 'cc_fsm_' || state_column);
+    EXECUTE format('CREATE TRIGGER %I BEFORE INSERT OR UPDATE OF %I ON %s FOR EACH ROW '
+                   'EXECUTE FUNCTION callback_center.fsm_trigger(%s)',
+                   trigger_name, state_column, tbl, trigger_args);
+    log_trigger_name := callback_center._fsm_trigger_name(tbl, 'cc_fsm_' || state_column || '_log');
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE OF %I ON %s FOR EACH ROW '
+                   'EXECUTE FUNCTION callback_center.fsm_trigger(%s)',
+                   log_trigger_name, state_column, tbl, trigger_args);
+    RETURN true;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION callback_center.detach_state_machine(
+    tbl regclass,
+    state_column name)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    att record;
+    trigger_name name;
+BEGIN
+    PERFORM callback_center._require(num_nulls(tbl, state_column) = 0 OR NULL,
+                                     'tbl and state_column');
+    SELECT * INTO att
+      FROM callback_center.state_machine_attachments s
+     WHERE s.table_name = tbl AND s.state_column = detach_state_machine.state_column;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('no state machine is attached to column "%s" of table %s',
+                             state_column, tbl);
+    END IF;
+    -- The BEFORE trigger and its AFTER twin: same function, same arguments.
+    FOR trigger_name IN
+        SELECT t.tgname FROM pg_trigger t
+         WHERE t.tgrelid = tbl
+           AND t.tgfoid = 'callback_center.fsm_trigger()'::regprocedure
+           AND t.tgnargs >= 3
+           AND (callback_center._fsm_trigger_args(t.tgargs))[1:3]
+               = ARRAY[att.machine, state_column::text, att.id_column::text]
+    LOOP
+        EXECUTE format('DROP TRIGGER %I ON %s', trigger_name, tbl);
+    END LOOP;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION callback_center.apply_event(
+    tbl regclass,
+    state_column name,
+    entity_id text,
+    event text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    att record;
+    id_type text;
+    found_row boolean;
+    current_state text;
+    target text;
+    legal text;
+BEGIN
+    PERFORM callback_center._require(num_nulls(tbl, state_column, entity_id, event) = 0 OR NULL,
+                                     'tbl, state_column, entity_id and event');
+    SELECT * INTO att FROM callback_center.state_machine_attachments s
+     WHERE s.table_name = tbl AND s.state_column = apply_event.state_column;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('no state machine is attached to column "%s" of table %s',
+                             state_column, tbl),
+            HINT = 'Attach one with callback_center.attach_state_machine().';
+    END IF;
+    SELECT format_type(a.atttypid, a.atttypmod) INTO id_type FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = att.id_column AND NOT a.attisdropped;
+
+    EXECUTE format('SELECT true, %I::text FROM %s WHERE %I = CAST($1 AS %s) FOR UPDATE',
+                   state_column, tbl, att.id_column, id_type)
+       INTO found_row, current_state USING entity_id;
+    IF found_row IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'P0002',
+            MESSAGE = format('no row of table %s has %s = %s', tbl, att.id_column,
+                             quote_literal(entity_id));
+    END IF;
+    IF current_state IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22004',
+            MESSAGE = format('row %s of table %s has no state', quote_literal(entity_id), tbl),
+            DETAIL = format('Column "%s" is null.', state_column);
+    END IF;
+
+    SELECT t.to_state INTO target FROM callback_center.transitions t
+     WHERE t.machine = att.machine AND t.from_state = current_state
+       AND t.event = apply_event.event;
+    IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT 1 FROM callback_center.transitions t
+                        WHERE t.machine = att.machine AND t.event = apply_event.event) THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB011',
+                MESSAGE = format('unknown event "%s" in state machine "%s"', event, att.machine);
+        END IF;
+        SELECT string_agg(quote_ident(t.event), ', ' ORDER BY t.event) INTO legal
+          FROM callback_center.transitions t
+         WHERE t.machine = att.machine AND t.from_state = current_state;
+        RAISE EXCEPTION USING ERRCODE = 'CB010',
+            MESSAGE = format('illegal event "%s" in state "%s" of state machine "%s"',
+                             event, current_state, att.machine),
+            DETAIL = format('Row %s of table %s is in state "%s".',
+                            quote_literal(entity_id), tbl, current_state),
+            HINT = CASE WHEN legal IS NULL
+                        THEN format('No event leaves state "%s".', current_state)
+                        ELSE format('Legal events from "%s": %s.', current_state, legal) END;
+    END IF;
+
+    EXECUTE format('UPDATE %s SET %I = $1 WHERE %I = CAST($2 AS %s)',
+                   tbl, state_column, att.id_column, id_type)
+      USING target, entity_id;
+    RETURN target;
+END
+$$;
+
+
+CREATE OR REPLACE FUNCTION callback_center.saga_run(saga_id text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+AS $fn$
+DECLARE
+    st       text;
+    step     record;
+    outcome  text;
+    err      text;
+BEGIN
+    PERFORM callback_center._require(saga_run.saga_id, 'saga_id');
+    st := callback_center._saga_lock(saga_run.saga_id);
+    -- _saga_lock checked the session's role; this is the role the steps
+    -- would run as (not the same inside another SECURITY DEFINER function).
+    IF NOT EXISTS (SELECT FROM callback_center.sagas AS s
+                    WHERE s.saga_id OPERATOR(pg_catalog.=) saga_run.saga_id
+                      AND s.created_by OPERATOR(pg_catalog.=) current_user::text) THEN
+        RAISE EXCEPTION USING ERRCODE = '42501',
+            MESSAGE = pg_catalog.format('saga "%s" does not belong to role "%s"', saga_run.saga_id, current_user),
+            DETAIL = 'A saga''s steps run only as the role that declared it.';
+    END IF;
+    IF st IN ('completed', 'compensated') THEN
+        RETURN st;
+    END IF;
+    IF st = 'running' THEN
+        FOR step IN SELECT t.step_no, t.action FROM callback_center.saga_steps AS t
+                     WHERE t.saga_id = saga_run.saga_id AND t.status = 'pending'
+                     ORDER BY t.step_no
+        LOOP
+            BEGIN
+                outcome := callback_center.barrier(saga_run.saga_id, step.step_no::text, 'try');
+                IF outcome = 'proceed' THEN
+                    EXECUTE step.action USING saga_run.saga_id;
+                ELSIF outcome = 'refused' THEN
+                    RAISE EXCEPTION USING ERRCODE = '55000',
+                        MESSAGE = pg_catalog.format('step %s refused by the barrier', step.step_no),
+                        DETAIL = 'Its compensation already ran.';
+                END IF;
+                PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no, 'done', NULL);
+            EXCEPTION WHEN OTHERS THEN
+                err := pg_catalog.format('step %s: %s: %s', step.step_no, SQLSTATE, SQLERRM);
+                PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no, 'skipped', err);
+                EXIT;
+            END;
+        END LOOP;
+        IF err IS NULL THEN
+            PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'completed', NULL);
+            RETURN 'completed';
+        END IF;
+        PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensating', err);
+    END IF;
+    -- Compensating: from the last step down, each through the barrier.
+    FOR step IN SELECT t.step_no, t.status, t.compensation FROM callback_center.saga_steps AS t
+                 WHERE t.saga_id = saga_run.saga_id AND t.status <> 'compensated'
+                 ORDER BY t.step_no DESC
+    LOOP
+        BEGIN
+            outcome := callback_center.barrier(saga_run.saga_id, step.step_no::text, 'cancel');
+            IF outcome = 'proceed' AND step.compensation IS NOT NULL THEN
+                EXECUTE step.compensation USING saga_run.saga_id;
+            END IF;
+            PERFORM callback_center._saga_mark(saga_run.saga_id, step.step_no,
+                CASE WHEN step.status = 'done' THEN 'compensated' ELSE 'skipped' END, NULL);
+        EXCEPTION WHEN OTHERS THEN
+            err := pg_catalog.format('compensation of step %s: %s: %s',
+                                     step.step_no, SQLSTATE, SQLERRM);
+            PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensating', err);
+            RETURN 'compensating';
+        END;
+    END LOOP;
+    PERFORM callback_center._saga_mark(saga_run.saga_id, NULL, 'compensated', NULL);
+    RETURN 'compensated';
+END
+$fn$;
+
+
+REVOKE ALL ON FUNCTION callback_center._fsm_require_machine(text),
+    callback_center.attach_state_machine(regclass, name, text, name, name[]),
+    callback_center.detach_state_machine(regclass, name),
+    callback_center.apply_event(regclass, name, text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center._fsm_require_machine(text),
+    callback_center.attach_state_machine(regclass, name, text, name, name[]),
+    callback_center.detach_state_machine(regclass, name)
+    TO callback_center_admin;
+GRANT EXECUTE ON FUNCTION callback_center.apply_event(regclass, name, text, text)
+    TO callback_center_app, callback_center_admin;
+REVOKE ALL ON FUNCTION callback_center.saga_run(text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION callback_center.saga_run(text) TO callback_center_app, callback_center_admin;

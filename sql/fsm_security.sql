@@ -89,6 +89,10 @@ INSERT INTO public.sec_staff VALUES (1, 'Ann', '078-05-1120', 9000, 'open'),
                                     (2, 'Bob', '219-09-9999', 8000, 'open');
 GRANT SELECT (id, state), UPDATE (state) ON public.sec_staff TO regress_sec_clerk;
 SET ROLE regress_sec_clerk;
+-- apply_event runs with the caller's rights: its NULL check (_require) is
+-- granted to the app role, so a NULL is 22004, not 42501.
+SELECT sec_try($$SELECT callback_center.apply_event('public.sec_staff', 'state', '1', NULL)$$)
+    AS clerk_null_event;
 UPDATE public.sec_staff SET state = 'done' WHERE id = 1;
 SELECT sec_try($$SELECT string_agg(payload::text, ',') FROM callback_center.outbox
                   WHERE aggregate_id = '1' AND event_type = 'sec.finished'$$) AS clerk_reads_payload;

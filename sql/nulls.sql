@@ -57,13 +57,14 @@ CREATE FUNCTION pg_temp.sample(t regtype) RETURNS text LANGUAGE sql AS $$
         WHEN 'bytea'::regtype THEN '''x''::bytea'
         END $$;
 
--- The SQLSTATE a call raises, or ok; rolled back either way.
+-- The SQLSTATE a call raises, or ok, then a newline and its message;
+-- rolled back either way.
 CREATE FUNCTION pg_temp.outcome(q text) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE q;
     RAISE EXCEPTION USING ERRCODE = 'ZZ999';
 EXCEPTION WHEN OTHERS THEN
-    RETURN CASE SQLSTATE WHEN 'ZZ999' THEN 'ok' ELSE SQLSTATE END;
+    RETURN CASE SQLSTATE WHEN 'ZZ999' THEN 'ok' ELSE SQLSTATE END || E'\n' || SQLERRM;
 END $$;
 
 CREATE TEMP TABLE null_calls AS
@@ -82,12 +83,14 @@ WITH api AS (
             OR has_function_privilege('callback_center_admin', p.oid, 'EXECUTE'))
        AND p.pronargs > 0
 )
-SELECT api.oid::regprocedure::text AS function, api.names[i] AS argument, api.fn,
-       pg_temp.outcome(format('SELECT count(*) FROM callback_center.%I(%s)', api.fn,
-           (SELECT string_agg(CASE WHEN j = i THEN 'NULL::' || format_type(api.types[j], NULL)
-                                   ELSE pg_temp.sample(api.types[j]) END, ', ' ORDER BY j)
-              FROM generate_subscripts(api.types, 1) AS j))) AS got
-  FROM api, generate_subscripts(api.types, 1) AS i;
+SELECT x.function, x.argument, x.fn, split_part(x.r, E'\n', 1) AS got,
+       substr(x.r, strpos(x.r, E'\n') + 1) AS message
+  FROM (SELECT api.oid::regprocedure::text AS function, api.names[i] AS argument, api.fn,
+               pg_temp.outcome(format('SELECT count(*) FROM callback_center.%I(%s)', api.fn,
+                   (SELECT string_agg(CASE WHEN j = i THEN 'NULL::' || format_type(api.types[j], NULL)
+                                           ELSE pg_temp.sample(api.types[j]) END, ', ' ORDER BY j)
+                      FROM generate_subscripts(api.types, 1) AS j))) AS r
+          FROM api, generate_subscripts(api.types, 1) AS i) AS x;
 
 -- Every argument that must refuse NULL does, with 22004.
 SELECT c.function, c.argument,
@@ -99,6 +102,13 @@ SELECT count(*) AS calls,
        count(*) FILTER (WHERE m.fn IS NULL AND c.got <> '22004') AS not_22004,
        count(*) FILTER (WHERE m.fn IS NOT NULL AND c.got = '22004') AS meaningful_refused
   FROM null_calls c LEFT JOIN null_meaningful m ON m.fn = c.fn AND m.arg = c.argument;
+-- One wording for the whole API (_require): every 22004 says "... must
+-- not be null", naming the argument or the arguments checked together.
+-- Listed: those that do not (expected: none).
+SELECT c.function, c.argument, c.message
+  FROM null_calls c
+ WHERE c.got = '22004' AND c.message NOT LIKE '% must not be null'
+ ORDER BY c.function, c.argument;
 -- Every listed exception is an argument of the API.
 SELECT m.fn, m.arg FROM null_meaningful m
  WHERE NOT EXISTS (SELECT 1 FROM null_calls c WHERE c.fn = m.fn AND c.argument = m.arg);

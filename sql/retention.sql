@@ -58,9 +58,22 @@ SELECT o.id, o.endpoint_id, g, 200, 1,
   FROM callback_center.outbox o, generate_series(1, 27) g
  WHERE o.aggregate_id = 'rt-7';
 
--- Each relation has its own age: attempts and history kept 30 days here,
--- so they lose nothing.  Batches of 2: the 5 old delivered rows go in 3
--- batches (2, 2, 1).
+-- Providers' answers (one per outbox row): applied 10 days ago, applied a
+-- day ago, and one recorded 30 days ago and never applied (it stays,
+-- whatever the age).
+INSERT INTO callback_center.provider_answers (outbox_id, endpoint_id, provider, event_type,
+                                              aggregate_id, attempt, http_status, answer,
+                                              recorded_at, applied_at, outcome)
+SELECT o.id, o.endpoint_id, 'rt-pay', 'payment.query', o.aggregate_id, 1, 200, '{}',
+       now() - v.age, now() - v.applied, CASE WHEN v.applied IS NOT NULL THEN 'no_query' END
+  FROM callback_center.outbox o
+  JOIN (VALUES ('rt-7', interval '10 days', interval '10 days'),
+               ('rt-8', '2 days', '1 day'),
+               ('rt-9', '30 days', NULL)) AS v(agg, age, applied) ON v.agg = o.aggregate_id;
+
+-- Each relation has its own age: attempts (answers too) and history kept
+-- 30 days here, so they lose nothing.  Batches of 2: the 5 old delivered
+-- rows go in 3 batches (2, 2, 1).
 SELECT relation, purged, batches
   FROM callback_center.purge('7 days', 2, attempts_older_than => '30 days',
                              history_older_than => '30 days');
@@ -73,14 +86,18 @@ SELECT provider_txn_id FROM callback_center.recon_diffs WHERE channel = 'rt-chan
 
 SELECT count(*) AS attempts_left FROM callback_center.delivery_attempts a
   JOIN callback_center.outbox o ON o.id = a.outbox_id WHERE o.aggregate_id = 'rt-7';
+SELECT aggregate_id, applied_at IS NOT NULL AS applied FROM callback_center.provider_answers
+ WHERE aggregate_id LIKE 'rt-%' ORDER BY aggregate_id;
 
 -- Attempts kept 7 days, in batches of 10: the 25 old ones go in 3 batches
--- (10, 10, 5), the recent ones stay; history kept 10 days: the 20-day-old
--- rows go.
+-- (10, 10, 5), the recent ones stay, and the answer applied 10 days ago
+-- goes with them; history kept 10 days: the 20-day-old rows go.
 SELECT relation, purged, batches
   FROM callback_center.purge('7 days', 10, history_older_than => '10 days');
 SELECT count(*) AS attempts_left FROM callback_center.delivery_attempts a
   JOIN callback_center.outbox o ON o.id = a.outbox_id WHERE o.aggregate_id = 'rt-7';
+SELECT aggregate_id, applied_at IS NOT NULL AS applied FROM callback_center.provider_answers
+ WHERE aggregate_id LIKE 'rt-%' ORDER BY aggregate_id;
 SELECT count(*) AS history_left FROM callback_center.state_history WHERE entity_id IN ('rt-o1', 'pay_rt-o1');
 
 -- One batch deletes at most batch_size rows: 15 old attempts, a batch of 10.
@@ -106,6 +123,18 @@ SELECT purged FROM callback_center.purge('12 hours')
  WHERE relation = 'callback_center.outbox';
 SELECT aggregate_id, status FROM callback_center.outbox
  WHERE aggregate_id LIKE 'rt-%' ORDER BY aggregate_id;
+
+-- That shorter age took the answer applied a day ago too (answers go on
+-- the attempts' age, here older_than); the one never applied stays,
+-- however old, until it is applied.
+SELECT aggregate_id, applied_at IS NOT NULL AS applied FROM callback_center.provider_answers
+ WHERE aggregate_id LIKE 'rt-%' ORDER BY aggregate_id;
+SELECT purged FROM callback_center._purge_batch('callback_center.provider_answers',
+                                                now(), 0, 10);
+UPDATE callback_center.provider_answers SET applied_at = now() - interval '1 hour', outcome = 'no_query'
+ WHERE aggregate_id = 'rt-9';
+SELECT purged FROM callback_center._purge_batch('callback_center.provider_answers',
+                                                now(), 0, 10);
 
 -- Only the admin may purge.
 CREATE ROLE rt_admin NOLOGIN IN ROLE callback_center_admin;

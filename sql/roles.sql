@@ -123,7 +123,9 @@ SELECT p.oid::regprocedure AS app_executable
 --   app: _fsm_trigger_args (view state_machine_attachments, read by
 --        apply_event); _saga_lock, _saga_mark (saga_run runs its steps with
 --        the caller's rights, so it is SECURITY INVOKER; called directly
---        they only lock a saga or move its bookkeeping forward).
+--        they only lock a saga or move its bookkeeping forward); _require,
+--        _require_key (the argument checks of apply_event, saga_run and
+--        the admin's attach/detach_state_machine; they only raise).
 --   admin: the same; _fsm_require_machine, _fsm_trigger_name,
 --        _fsm_unknown_state (attach_state_machine); _purge_batch,
 --        _purge_check, _purge_targets (the procedure purge_in_batches, which

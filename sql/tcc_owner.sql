@@ -50,6 +50,9 @@ SELECT pg_temp.try($$SELECT callback_center.saga_run('to-saga-1')$$) AS other_ru
 SELECT pg_temp.try($$SELECT callback_center._saga_mark('to-saga-1', NULL, 'compensated', NULL)$$)
     AS other_mark;
 SELECT pg_temp.try($$SELECT callback_center._saga_lock('to-saga-1')$$) AS other_lock;
+-- saga_run runs with the caller's rights: its NULL check (_require) is
+-- granted to the app role, so a NULL is 22004, not 42501.
+SELECT pg_temp.try($$SELECT callback_center.saga_run(NULL)$$) AS app_null_run;
 RESET ROLE;
 -- Run as its creator (SET ROLE), it runs with the creator's rights only.
 SET ROLE tcc_owner_a;

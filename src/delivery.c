@@ -992,6 +992,8 @@ judge(Flight *f)
 	 * A provider answers in its own terms, 4xx included (WeChat Pay's 404
 	 * ORDER_NOT_EXIST): any whole response short of 5xx, 408 and 429 is an
 	 * answer, a success only once its signature verifies (check_answers).
+	 * The breaker hears of it then: a forged answer is a failure, and a
+	 * probe stays out (rt->probing) until it is known.
 	 */
 	if (e->format != NULL && r->error == NULL && !r->truncated &&
 		r->status >= 200 && r->status < 500 && r->status != 408 &&
@@ -1000,10 +1002,13 @@ judge(Flight *f)
 		cls = CC_ATTEMPT_SUCCESS;
 		f->check = true;
 	}
-	cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS,
-					  f->probe, t);
-	if (f->probe)
-		rt->probing = false;
+	else
+	{
+		cc_breaker_record(&rt->breaker, &cfg, cls == CC_ATTEMPT_SUCCESS,
+						  f->probe, t);
+		if (f->probe)
+			rt->probing = false;
+	}
 	if (cls == CC_ATTEMPT_SUCCESS)
 	{
 		rt->nok++;
@@ -1051,7 +1056,8 @@ wait_phase(int timeout_ms)
  * Providers' answers (the adapter layer): verifies, in a transaction of its
  * own, every judged answer of a provider-format endpoint (_adapter_check).
  * One whose signature does not verify, or that cannot be read, becomes a
- * failed attempt, retried on the schedule; the others carry their
+ * failed attempt, retried on the schedule and charged to the endpoint's
+ * breaker as a failure; the others are its successes and carry their
  * normalized answer to the record.
  */
 static void
@@ -1115,21 +1121,22 @@ check_answers(void)
 	for (i = 0; i < n; i++)
 	{
 		Flight	   *f = fl[i];
+		EndpointRuntime *rt = endpoint_state(f->ep->id);
+		CcBreakerConfig cfg = breaker_config(f->ep);
 
 		f->check = false;
+		cc_breaker_record(&rt->breaker, &cfg, ok[i], f->probe, t);
+		if (f->probe)
+			rt->probing = false;
 		if (ok[i])
 		{
 			f->answer = answers[i];
 			continue;
 		}
 		/* Judged a success: count it as the failure it is. */
-		{
-			EndpointRuntime *rt = endpoint_state(f->ep->id);
-
-			rt->nok--;
-			rt->latency_sum -= f->res.latency_ms;
-			rt->nfailed++;
-		}
+		rt->nok--;
+		rt->latency_sum -= f->res.latency_ms;
+		rt->nfailed++;
 		f->out.error = errors[i] ? errors[i] : "the provider's answer does not verify";
 		schedule_retry(f, t);
 	}

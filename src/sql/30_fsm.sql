@@ -208,10 +208,7 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF machine IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'state machine name cannot be null';
-    END IF;
+    PERFORM callback_center._require(machine, 'machine');
     IF NOT EXISTS (SELECT 1 FROM callback_center.state_machines m
                     WHERE m.machine = _fsm_require_machine.machine) THEN
         RAISE EXCEPTION USING ERRCODE = 'CB011',
@@ -495,11 +492,10 @@ DECLARE
     trigger_name name;
     log_trigger_name name;
 BEGIN
-    IF tbl IS NULL OR state_column IS NULL OR machine IS NULL OR id_column IS NULL
-       OR payload_columns IS NULL OR array_position(payload_columns, NULL) IS NOT NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'tbl, state_column, machine, id_column and payload_columns (and its elements) cannot be null';
-    END IF;
+    PERFORM callback_center._require(
+        num_nulls(tbl, state_column, machine, id_column, payload_columns) = 0
+        AND array_position(payload_columns, NULL) IS NULL OR NULL,
+        'tbl, state_column, machine, id_column and payload_columns (and its elements)');
     SELECT c.relkind INTO kind FROM pg_class c WHERE c.oid = tbl;
     IF kind NOT IN ('r', 'p') THEN
         RAISE EXCEPTION USING ERRCODE = '42809',
@@ -599,10 +595,8 @@ DECLARE
     att record;
     trigger_name name;
 BEGIN
-    IF tbl IS NULL OR state_column IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'tbl and state_column cannot be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(tbl, state_column) = 0 OR NULL,
+                                     'tbl and state_column');
     SELECT * INTO att
       FROM callback_center.state_machine_attachments s
      WHERE s.table_name = tbl AND s.state_column = detach_state_machine.state_column;
@@ -678,10 +672,8 @@ DECLARE
     target text;
     legal text;
 BEGIN
-    IF tbl IS NULL OR state_column IS NULL OR entity_id IS NULL OR event IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004',
-            MESSAGE = 'tbl, state_column, entity_id and event cannot be null';
-    END IF;
+    PERFORM callback_center._require(num_nulls(tbl, state_column, entity_id, event) = 0 OR NULL,
+                                     'tbl, state_column, entity_id and event');
     SELECT * INTO att FROM callback_center.state_machine_attachments s
      WHERE s.table_name = tbl AND s.state_column = apply_event.state_column;
     IF NOT FOUND THEN

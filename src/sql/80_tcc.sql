@@ -542,9 +542,7 @@ DECLARE
     outcome  text;
     err      text;
 BEGIN
-    IF saga_run.saga_id IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = '22004', MESSAGE = 'saga_id must not be null';
-    END IF;
+    PERFORM callback_center._require(saga_run.saga_id, 'saga_id');
     st := callback_center._saga_lock(saga_run.saga_id);
     -- _saga_lock checked the session's role; this is the role the steps
     -- would run as (not the same inside another SECURITY DEFINER function).

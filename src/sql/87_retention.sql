@@ -1,38 +1,42 @@
 
 -- Retention (doc/retention.md): purge() and purge_in_batches() delete, in
 -- bounded batches, what is old and no longer needed in the tables of every
--- area (outbox, delivery attempts, state history, callback records,
--- reconciliation differences).
+-- area (outbox, delivery attempts, providers' answers, state history,
+-- callback records, reconciliation differences).
 
 -- What retention deletes, per relation, in order: delivered outbox rows,
--- delivery attempts (when that table exists), state history, succeeded
+-- delivery attempts (when that table exists), providers' answers applied
+-- before the cutoff (the outcome of an attempt, so on the attempts' age;
+-- an answer not yet applied is never touched), state history, succeeded
 -- callback records and settled (applied or resolved) reconciliation
 -- differences older than the cutoff ($1).  Pending, delivering and dead
 -- outbox rows (dead ones stay for replay), pending, processing and failed
 -- callback records, and flagged or pending_grace differences are never
 -- touched.  age says which of purge's ages applies: attempts, history, or
--- events (older_than).
+-- events (older_than).  key is the bigint primary key the batches walk.
 CREATE FUNCTION callback_center._purge_targets()
-RETURNS TABLE (rel text, cond text, age text)
+RETURNS TABLE (rel text, cond text, age text, key text)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, callback_center
 AS $$
-    SELECT v.rel, v.cond, v.age
+    SELECT v.rel, v.cond, v.age, v.key
       FROM (VALUES
-        (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1', 'events'),
-        (2, 'callback_center.delivery_attempts', 'attempted_at < $1', 'attempts'),
-        (3, 'callback_center.state_history', 'at < $1', 'history'),
-        (4, 'callback_center.callback_record', 'status = 2 AND completed_at < $1', 'events'),
-        (5, 'callback_center.recon_diffs',
-         'resolution IN (''applied'', ''resolved'') AND created_at < $1', 'events')) AS v(ord, rel, cond, age)
+        (1, 'callback_center.outbox', 'status = ''delivered'' AND delivered_at < $1', 'events', 'id'),
+        (2, 'callback_center.delivery_attempts', 'attempted_at < $1', 'attempts', 'id'),
+        (3, 'callback_center.provider_answers', 'applied_at < $1', 'attempts', 'outbox_id'),
+        (4, 'callback_center.state_history', 'at < $1', 'history', 'id'),
+        (5, 'callback_center.callback_record', 'status = 2 AND completed_at < $1', 'events', 'id'),
+        (6, 'callback_center.recon_diffs',
+         'resolution IN (''applied'', ''resolved'') AND created_at < $1', 'events', 'id'))
+           AS v(ord, rel, cond, age, key)
      WHERE to_regclass(v.rel) IS NOT NULL
      ORDER BY v.ord
 $$;
 
 -- Deletes one batch of at most batch_size rows of one retention target
--- (see _purge_targets) older than cutoff with an id above after_id, rows
--- locked by others skipped.  Returns how many it deleted and the highest id
--- it passed (the next batch's after_id).  22023 for a relation that is not
+-- (see _purge_targets) older than cutoff with a key (its id, or outbox_id)
+-- above after_id, rows locked by others skipped.  Returns how many it
+-- deleted and the highest key it passed (the next batch's after_id).  22023 for a relation that is not
 -- a retention target.
 CREATE FUNCTION callback_center._purge_batch(rel text, cutoff timestamptz, after_id bigint,
     batch_size integer, OUT purged bigint, OUT last_id bigint)
@@ -41,8 +45,9 @@ SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
     condition text;
+    k text;
 BEGIN
-    SELECT t.cond INTO condition FROM callback_center._purge_targets() t
+    SELECT t.cond, t.key INTO condition, k FROM callback_center._purge_targets() t
      WHERE t.rel = _purge_batch.rel;
     IF condition IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
@@ -54,12 +59,12 @@ BEGIN
     -- and the batch's last id are the same LIMIT ... SKIP LOCKED pick (a
     -- sub-select run again per row of a join would pick more rows).
     EXECUTE format(
-        'WITH b AS MATERIALIZED (SELECT id FROM %s WHERE id > $2 AND %s ORDER BY id LIMIT $3'
-        ' FOR UPDATE SKIP LOCKED),'
-        ' d AS (DELETE FROM %s WHERE id IN (SELECT id FROM b) RETURNING id)'
+        'WITH b AS MATERIALIZED (SELECT %1$I AS id FROM %2$s WHERE %1$I > $2 AND %3$s'
+        ' ORDER BY %1$I LIMIT $3 FOR UPDATE SKIP LOCKED),'
+        ' d AS (DELETE FROM %2$s WHERE %1$I IN (SELECT id FROM b) RETURNING 1)'
         ' SELECT (SELECT count(*) FROM b), (SELECT max(id) FROM b)'
         ' FROM (SELECT count(*) FROM d) AS x',
-        _purge_batch.rel, condition, _purge_batch.rel)
+        k, _purge_batch.rel, condition)
         INTO purged, last_id USING cutoff, after_id, batch_size;
 END
 $$;
@@ -108,9 +113,9 @@ $$;
 -- Deletes, in batches of at most batch_size rows, what is older than its
 -- age and no longer needed (see _purge_targets), all in the caller's
 -- transaction: delivered events, callback records and reconciliation
--- differences older than older_than, delivery attempts older than
--- attempts_older_than and state history older than history_older_than
--- (each NULL: older_than).  Rows locked by others are skipped, never
+-- differences older than older_than, delivery attempts and applied
+-- providers' answers older than attempts_older_than and state history
+-- older than history_older_than (each NULL: older_than).  Rows locked by others are skipped, never
 -- waited for.  Returns the rows deleted and the batches run per relation.
 -- purge_in_batches does the same, committing after every batch.
 CREATE FUNCTION callback_center.purge(older_than interval DEFAULT '7 days',

@@ -348,6 +348,33 @@ my @rq = grep { $_->{op} eq 'refund_query' } mock_log('wx-r1');
 is($rq[0]{method} . ' ' . $rq[0]{path}, 'GET /v3/refund/domestic/refunds/wx-r1',
 	'wechatpay_v3: the refund query');
 
+# Forged answers count against the endpoint's circuit breaker, as failing
+# HTTP answers do: four badly signed answers open it (three failures in its
+# window suffice; open or, past open_ms, half open), and a badly signed
+# probe does not close it again.
+sq(q{SELECT callback_center.create_endpoint('brk-api', '} . $mock_url . q{', '{payment.query}', NULL,
+        '{"max_attempts": 5, "timeout_ms": 1000, "breaker_min_requests": 3, "breaker_window_s": 60,
+          "breaker_open_ms": 1000}');
+    SELECT callback_center.set_endpoint_format('brk-api', 'wechatpay_v3')});
+for my $i (1 .. 4)
+{
+	mock_say(id => "brk-$i", amount => 100, say => 'badsig');
+	sq(qq{SELECT callback_center.enqueue_to('brk-api', 'payment.query', 'brk-$i',
+	        '{"order_id": "brk-$i", "provider": "wx"}')});
+}
+my $brk_attempts = q{SELECT count(*) FROM callback_center.delivery_attempts a
+                       JOIN callback_center.endpoints e ON e.id = a.endpoint_id
+                      WHERE e.name = 'brk-api'};
+ok($node->poll_query_until('postgres', "SELECT ($brk_attempts) >= 4"),
+	'four badly signed answers recorded');
+my $brk_state = q{SELECT coalesce((SELECT s.breaker FROM callback_center.endpoint_state s
+                                     JOIN callback_center.endpoints e ON e.id = s.endpoint_id
+                                    WHERE e.name = 'brk-api'), 'none')};
+like(sq($brk_state), qr/^(open|half_open)$/, 'they opened the breaker');
+ok($node->poll_query_until('postgres', "SELECT ($brk_attempts) >= 5"),
+	'after open_ms, a probe');
+like(sq($brk_state), qr/^(open|half_open)$/, 'a badly signed probe does not close it');
+
 # The merchant's private key is readable by nobody but the owner.
 sq(q{CREATE ROLE ad_app LOGIN IN ROLE callback_center_app;
     CREATE ROLE ad_admin LOGIN IN ROLE callback_center_admin});
