@@ -11842,3 +11842,125 @@ GRANT EXECUTE ON FUNCTION callback_center.apply_event(regclass, name, text, text
     TO callback_center_app, callback_center_admin;
 REVOKE ALL ON FUNCTION callback_center.saga_run(text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION callback_center.saga_run(text) TO callback_center_app, callback_center_admin;
+
+-- One sender of payment queries: query_stuck_payments and
+-- query_expired_orders both call _send_payment_query.
+
+-- Sends one status query for a payment: a payment.query event to its
+-- provider's query endpoint only, whatever else subscribes, and the
+-- payment_queries row that waits for its answer.  False when the endpoint
+-- was disabled since the caller's scan (no query this time).  The one
+-- sender of the active query and of the ask-before-close.
+CREATE FUNCTION callback_center._send_payment_query(payment_id text, order_id text,
+    provider text, amount_cents bigint, endpoint_id integer)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ob_id bigint;
+BEGIN
+    ob_id := callback_center._enqueue_one(_send_payment_query.endpoint_id, 'payment.query',
+        _send_payment_query.order_id,
+        jsonb_build_object('payment_id', _send_payment_query.payment_id,
+                           'order_id', _send_payment_query.order_id,
+                           'provider', _send_payment_query.provider,
+                           'amount_cents', _send_payment_query.amount_cents));
+    IF ob_id IS NULL THEN
+        RETURN false;
+    END IF;
+    INSERT INTO callback_center.payment_queries
+           (payment_id, order_id, provider, endpoint_id, outbox_id)
+    VALUES (_send_payment_query.payment_id, _send_payment_query.order_id,
+            _send_payment_query.provider, _send_payment_query.endpoint_id, ob_id);
+    RETURN true;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._send_payment_query(text, text, text, bigint, integer)
+    FROM PUBLIC;
+
+-- query_stuck_payments and query_expired_orders with the one sender.
+
+CREATE OR REPLACE FUNCTION callback_center.query_stuck_payments(max_payments integer DEFAULT 100,
+    older_than interval DEFAULT NULL, min_interval interval DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    stuck interval := coalesce(older_than,
+        current_setting('callback_center.pay_query_after', true)::interval, '5 minutes');
+    again interval := coalesce(min_interval,
+        current_setting('callback_center.pay_query_interval', true)::interval, '1 minute');
+    r record;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_payments, 'max_payments');
+    IF max_payments < 1 OR stuck < interval '0' OR again < interval '0' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'max_payments must be positive and the intervals not negative';
+    END IF;
+    FOR r IN
+        SELECT p.payment_id, p.order_id, p.provider, p.amount_cents, e.id AS endpoint_id
+          FROM callback_center.payments p
+          JOIN callback_center.providers pr ON pr.name = p.provider
+          JOIN callback_center.endpoints e ON e.name = pr.query_endpoint AND e.enabled
+         WHERE p.status = 'PAYING' AND p.updated_at <= now() - stuck
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = p.payment_id
+                              AND (q.status = 'sent' OR q.queried_at > now() - again))
+         ORDER BY p.updated_at
+         LIMIT max_payments
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        IF callback_center._send_payment_query(r.payment_id, r.order_id, r.provider,
+                                               r.amount_cents, r.endpoint_id) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.query_expired_orders(max_orders integer DEFAULT 100)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r record;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(max_orders, 'max_orders');
+    IF max_orders < 1 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('max_orders must be positive, got %s', max_orders);
+    END IF;
+    FOR r IN
+        SELECT a.payment_id, a.order_id, a.provider, a.amount_cents, a.endpoint_id
+          FROM callback_center.orders o
+          JOIN callback_center._asked_before_close a ON a.order_id = o.order_id
+          JOIN callback_center.payments p ON p.payment_id = a.payment_id
+         WHERE o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+           AND o.pay_deadline <= now()
+           AND o.pay_deadline > now() - callback_center._close_query_max_wait()
+           AND NOT EXISTS (SELECT 1 FROM callback_center.payment_queries q
+                            WHERE q.payment_id = a.payment_id AND q.status = 'sent')
+           AND coalesce((SELECT max(q.finished_at)
+                                + least(interval '1 second' * power(2, least(count(*) - 1, 20)),
+                                        interval '5 minutes')
+                           FROM callback_center.payment_queries q
+                          WHERE q.payment_id = a.payment_id AND q.queried_at >= o.pay_deadline),
+                        '-infinity') <= now()
+         ORDER BY o.pay_deadline
+         LIMIT max_orders
+           FOR UPDATE OF p SKIP LOCKED
+    LOOP
+        IF callback_center._send_payment_query(r.payment_id, r.order_id, r.provider,
+                                               r.amount_cents, r.endpoint_id) THEN
+            n := n + 1;
+        END IF;
+    END LOOP;
+    RETURN n;
+END
+$$;

@@ -305,6 +305,39 @@ CREATE VIEW callback_center.provider_query_endpoints AS
 REVOKE ALL ON callback_center.provider_query_endpoints FROM PUBLIC;
 GRANT SELECT ON callback_center.provider_query_endpoints TO callback_center_admin;
 
+-- Sends one status query for a payment: a payment.query event to its
+-- provider's query endpoint only, whatever else subscribes, and the
+-- payment_queries row that waits for its answer.  False when the endpoint
+-- was disabled since the caller's scan (no query this time).  The one
+-- sender of the active query and of the ask-before-close.
+CREATE FUNCTION callback_center._send_payment_query(payment_id text, order_id text,
+    provider text, amount_cents bigint, endpoint_id integer)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ob_id bigint;
+BEGIN
+    ob_id := callback_center._enqueue_one(_send_payment_query.endpoint_id, 'payment.query',
+        _send_payment_query.order_id,
+        jsonb_build_object('payment_id', _send_payment_query.payment_id,
+                           'order_id', _send_payment_query.order_id,
+                           'provider', _send_payment_query.provider,
+                           'amount_cents', _send_payment_query.amount_cents));
+    IF ob_id IS NULL THEN
+        RETURN false;
+    END IF;
+    INSERT INTO callback_center.payment_queries
+           (payment_id, order_id, provider, endpoint_id, outbox_id)
+    VALUES (_send_payment_query.payment_id, _send_payment_query.order_id,
+            _send_payment_query.provider, _send_payment_query.endpoint_id, ob_id);
+    RETURN true;
+END
+$$;
+REVOKE ALL ON FUNCTION callback_center._send_payment_query(text, text, text, bigint, integer)
+    FROM PUBLIC;
+
 -- Sends a status query (event payment.query, to the provider's query
 -- endpoint only) for up to max_payments payments that have been PAYING for
 -- at least older_than (default callback_center.pay_query_after) and have no
@@ -323,8 +356,6 @@ DECLARE
     again interval := coalesce(min_interval,
         current_setting('callback_center.pay_query_interval', true)::interval, '1 minute');
     r record;
-    ob_id bigint;
-    body jsonb;
     n integer := 0;
 BEGIN
     PERFORM callback_center._require(max_payments, 'max_payments');
@@ -345,16 +376,10 @@ BEGIN
          LIMIT max_payments
            FOR UPDATE OF p SKIP LOCKED
     LOOP
-        -- To the query endpoint only, whatever else subscribes.
-        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
-                                   'provider', r.provider, 'amount_cents', r.amount_cents);
-        ob_id := callback_center._enqueue_one(r.endpoint_id, 'payment.query', r.order_id, body);
-        -- Disabled since the scan: no query for this payment this time.
-        CONTINUE WHEN ob_id IS NULL;
-        INSERT INTO callback_center.payment_queries
-               (payment_id, order_id, provider, endpoint_id, outbox_id)
-        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
-        n := n + 1;
+        IF callback_center._send_payment_query(r.payment_id, r.order_id, r.provider,
+                                               r.amount_cents, r.endpoint_id) THEN
+            n := n + 1;
+        END IF;
     END LOOP;
     RETURN n;
 END
@@ -508,8 +533,6 @@ SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
     r record;
-    ob_id bigint;
-    body jsonb;
     n integer := 0;
 BEGIN
     PERFORM callback_center._require(max_orders, 'max_orders');
@@ -537,16 +560,10 @@ BEGIN
          LIMIT max_orders
            FOR UPDATE OF p SKIP LOCKED
     LOOP
-        -- To the query endpoint only, whatever else subscribes.
-        body := jsonb_build_object('payment_id', r.payment_id, 'order_id', r.order_id,
-                                   'provider', r.provider, 'amount_cents', r.amount_cents);
-        ob_id := callback_center._enqueue_one(r.endpoint_id, 'payment.query', r.order_id, body);
-        -- Disabled since the scan: no query for this order this time.
-        CONTINUE WHEN ob_id IS NULL;
-        INSERT INTO callback_center.payment_queries
-               (payment_id, order_id, provider, endpoint_id, outbox_id)
-        VALUES (r.payment_id, r.order_id, r.provider, r.endpoint_id, ob_id);
-        n := n + 1;
+        IF callback_center._send_payment_query(r.payment_id, r.order_id, r.provider,
+                                               r.amount_cents, r.endpoint_id) THEN
+            n := n + 1;
+        END IF;
     END LOOP;
     RETURN n;
 END
