@@ -26,6 +26,9 @@
 #include "executor/spi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
@@ -133,30 +136,28 @@ AGGREGATE_HEAD \
 "       next_attempt_at = pg_catalog.now()" OP("+") "pg_catalog.make_interval(secs => $4)" \
 " WHERE o.id" OP("=") "ANY (ARRAY(SELECT p.id FROM picked p)) "
 
-/* The webhook body of outbox row o. */
-#define EVENT_BODY \
-"pg_catalog.jsonb_build_object('type', o.event_type, 'timestamp', o.created_at," \
-"                              'aggregate_id', o.aggregate_id, 'data', o.payload)::text"
-
 #define EVENT_SIZE \
 "callback_center._event_size(o.event_type, o.aggregate_id, o.payload)"
 
 /*
- * The request of outbox row o: the webhook body, or for an endpoint of a
- * provider format (in $6) the provider request _adapter_request builds and
- * signs, fresh for this attempt (src/sql/46_adapters.sql).
+ * What a request is built from (event_body_copy): for an endpoint of a
+ * provider format (in $6) the request _adapter_request builds and signs,
+ * fresh for this attempt (src/sql/46_adapters.sql); for the others the
+ * columns of the webhook body, which C prints.  Only for an event no larger
+ * than max_event_size (parameter max; the formats' endpoints in fmt).
  */
-#define CLAIM_BODY \
-"CASE WHEN o.endpoint_id" OP("=") "ANY ($6::int4[])" \
+#define EVENT_PARTS(max, fmt) \
+"CASE WHEN " EVENT_SIZE OP("<=") max " AND o.endpoint_id" OP("=") "ANY (" fmt "::int4[])" \
 "     THEN callback_center._adapter_request(o.endpoint_id, o.event_type," \
-"                                           o.aggregate_id, o.payload)" \
-"     ELSE " EVENT_BODY " END"
+"                                           o.aggregate_id, o.payload) END," \
+"  o.event_type, o.created_at, o.aggregate_id," \
+"  CASE WHEN " EVENT_SIZE OP("<=") max " AND NOT o.endpoint_id" OP("=") "ANY (" fmt "::int4[])" \
+"       THEN o.payload END"
 
 static const char claim_sql[] =
 CLAIM_PICK
-"RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1,"
-"  CASE WHEN " EVENT_SIZE OP("<=") "$5 THEN " CLAIM_BODY " END,"
-"  " EVENT_SIZE;
+"RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1, " EVENT_SIZE ","
+"  " EVENT_PARTS("$5", "$6");
 
 /*
  * The same claim without building any body, for when building them failed:
@@ -165,15 +166,11 @@ CLAIM_PICK
  */
 static const char claim_bare_sql[] =
 CLAIM_PICK
-"RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1, NULL::text, " EVENT_SIZE;
+"RETURNING o.id, o.endpoint_id, o.attempts" OP("+") "1, " EVENT_SIZE;
 
 static const char body_sql[] =
-"SELECT CASE WHEN e.format" OP("<>") "'standard_webhooks'"
-"            THEN callback_center._adapter_request(o.endpoint_id, o.event_type,"
-"                                                  o.aggregate_id, o.payload)"
-"            ELSE " EVENT_BODY " END"
+"SELECT " EVENT_PARTS("$2", "$3")
 "  FROM callback_center.outbox o"
-"  LEFT JOIN callback_center.endpoints e ON e.id" OP("=") "o.endpoint_id"
 " WHERE o.id" OP("=") "$1";
 
 /* The endpoints of a provider format, for the claim's $6. */
@@ -324,7 +321,7 @@ static CcPlan plans[NUM_QUEUE_PLANS] = {
 	[QUEUE_CLAIM_BARE] = {claim_bare_sql, 6,
 	{INT4ARRAYOID, INT4ARRAYOID, BOOLARRAYOID, FLOAT8OID, INT8OID, INT4ARRAYOID},
 	0, GENERIC},
-	[QUEUE_BODY] = {body_sql, 1, {INT8OID}, 0, GENERIC},
+	[QUEUE_BODY] = {body_sql, 3, {INT8OID, INT8OID, INT4ARRAYOID}, 0, GENERIC},
 	[QUEUE_RECORD] = {record_sql, 16,
 	{INT8ARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
 		INT4ARRAYOID, INT4ARRAYOID, FLOAT4ARRAYOID, TEXTARRAYOID,
@@ -493,9 +490,78 @@ cc_queue_load_endpoints(CcEndpoint **endpoints)
 }
 
 /*
+ * The webhook body: the text of jsonb_build_object('type', event_type,
+ * 'timestamp', created_at, 'aggregate_id', aggregate_id, 'data', payload),
+ * printed here instead: building that object copies the payload into a new
+ * jsonb only to print it again.  The keys come in jsonb's order (shorter
+ * first, then bytewise) and the timestamp as jsonb prints one, in the
+ * worker's TimeZone; receivers see the bytes they always did.
+ */
+static void
+event_body(StringInfo out, Datum event_type, Datum created_at,
+		   Datum aggregate_id, Datum payload)
+{
+	Jsonb	   *data = DatumGetJsonbP(payload);
+	char		ts[MAXDATELEN + 1];
+
+	appendStringInfoString(out, "{\"data\": ");
+	(void) JsonbToCString(out, &data->root, VARSIZE(data));
+	appendStringInfoString(out, ", \"type\": ");
+	escape_json(out, TextDatumGetCString(event_type));
+	appendStringInfoString(out, ", \"timestamp\": \"");
+	appendStringInfoString(out, JsonEncodeDateTime(ts, created_at,
+												   TIMESTAMPTZOID, NULL));
+	appendStringInfoString(out, "\", \"aggregate_id\": ");
+	escape_json(out, TextDatumGetCString(aggregate_id));
+	appendStringInfoChar(out, '}');
+}
+
+/*
+ * Sets job's body from the EVENT_PARTS columns of tup starting at column
+ * col (allocated in cxt): the provider request, or the webhook body built
+ * from its columns.  False when there is neither (too large to build).
+ */
+static bool
+job_body(CcJob *job, HeapTuple tup, TupleDesc td, int col, MemoryContext cxt)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(tup, td, col, &isnull);
+
+	if (!isnull)
+	{
+		text	   *body = DatumGetTextPP(d);
+
+		job->body_len = VARSIZE_ANY_EXHDR(body);
+		job->body = MemoryContextAlloc(cxt, job->body_len + 1);
+		memcpy(job->body, VARDATA_ANY(body), job->body_len);
+		job->body[job->body_len] = '\0';
+		return true;
+	}
+	d = SPI_getbinval(tup, td, col + 4, &isnull);
+	if (!isnull)
+	{
+		StringInfoData buf;
+		bool		n1,
+					n2,
+					n3;
+
+		initStringInfo(&buf);
+		event_body(&buf, SPI_getbinval(tup, td, col + 1, &n1),
+				   SPI_getbinval(tup, td, col + 2, &n2),
+				   SPI_getbinval(tup, td, col + 3, &n3), d);
+		job->body_len = buf.len;
+		job->body = MemoryContextAlloc(cxt, buf.len + 1);
+		memcpy(job->body, buf.data, buf.len + 1);
+		pfree(buf.data);
+		return true;
+	}
+	return false;
+}
+
+/*
  * Copies the claim's result rows into jobs[] (allocated in cxt).  A row
- * with a NULL body was too large to build (its size is column 5); with
- * bare, no row has a body yet.
+ * without a body was too large to build (its size is column 4); with bare,
+ * no row has a body yet.
  */
 static CcJob *
 claim_copy_jobs(MemoryContext cxt, int count, int64 max_size, bool bare)
@@ -508,25 +574,13 @@ claim_copy_jobs(MemoryContext cxt, int count, int64 max_size, bool bare)
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	td = SPI_tuptable->tupdesc;
 		bool		isnull;
-		bool		size_null;
-		Datum		d;
 		int64		size;
 
 		out[i].id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
 		out[i].endpoint_id = DatumGetInt32(SPI_getbinval(tup, td, 2, &isnull));
 		out[i].attempt = DatumGetInt32(SPI_getbinval(tup, td, 3, &isnull));
-		d = SPI_getbinval(tup, td, 4, &isnull);
-		size = DatumGetInt64(SPI_getbinval(tup, td, 5, &size_null));
-		if (!isnull)
-		{
-			text	   *body = DatumGetTextPP(d);
-
-			out[i].body_len = VARSIZE_ANY_EXHDR(body);
-			out[i].body = MemoryContextAlloc(cxt, out[i].body_len + 1);
-			memcpy(out[i].body, VARDATA_ANY(body), out[i].body_len);
-			out[i].body[out[i].body_len] = '\0';
-		}
-		else if (!bare || size > max_size)
+		size = DatumGetInt64(SPI_getbinval(tup, td, 4, &isnull));
+		if (bare ? size > max_size : !job_body(&out[i], tup, td, 5, cxt))
 			out[i].error = MemoryContextStrdup(cxt,
 											   psprintf("event of " INT64_FORMAT " bytes exceeds callback_center.max_event_size (" INT64_FORMAT " bytes)",
 														size, max_size));
@@ -541,42 +595,31 @@ claim_copy_jobs(MemoryContext cxt, int count, int64 max_size, bool bare)
  * For the rare round whose claim failed to build the batch's bodies.
  */
 static void
-claim_build_bodies_one_by_one(MemoryContext cxt, CcJob *jobs, int count)
+claim_build_bodies_one_by_one(MemoryContext cxt, CcJob *jobs, int count,
+							  Datum max_size, Datum formatted)
 {
 	SPIPlanPtr	body_plan = cc_plan(&plans[QUEUE_BODY]);
+	Datum		args[3] = {0, max_size, formatted};
 	int			i;
 
 	for (i = 0; i < count; i++)
 	{
 		ResourceOwner owner = CurrentResourceOwner;
-		Datum		arg = Int64GetDatum(jobs[i].id);
-
 		if (jobs[i].body != NULL || jobs[i].error != NULL)
 			continue;
+		args[0] = Int64GetDatum(jobs[i].id);
 		BeginInternalSubTransaction(NULL);
 		PG_TRY();
 		{
-			int			ret = SPI_execute_plan(body_plan, &arg, NULL, false, 1);
-			bool		isnull = true;
-			Datum		d = (Datum) 0;
+			int			ret = SPI_execute_plan(body_plan, args, NULL, false, 1);
 
 			if (ret != SPI_OK_SELECT)
 				elog(ERROR, "callback_center: building a request failed: %s",
 					 SPI_result_code_string(ret));
-			if (SPI_processed == 1)
-				d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-								  1, &isnull);
-			if (isnull)
+			if (SPI_processed != 1 ||
+				!job_body(&jobs[i], SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+						  1, cxt))
 				jobs[i].error = MemoryContextStrdup(cxt, "the event is gone");
-			else
-			{
-				text	   *body = DatumGetTextPP(d);
-
-				jobs[i].body_len = VARSIZE_ANY_EXHDR(body);
-				jobs[i].body = MemoryContextAlloc(cxt, jobs[i].body_len + 1);
-				memcpy(jobs[i].body, VARDATA_ANY(body), jobs[i].body_len);
-				jobs[i].body[jobs[i].body_len] = '\0';
-			}
 			ReleaseCurrentSubTransaction();
 			MemoryContextSwitchTo(cxt);
 			CurrentResourceOwner = owner;
@@ -711,7 +754,7 @@ cc_queue_claim(const int32 *endpoint_ids, const int32 *quotas,
 				 SPI_result_code_string(ret));
 		count = (int) SPI_processed;
 		out = claim_copy_jobs(outer, count, max_size, true);
-		claim_build_bodies_one_by_one(outer, out, count);
+		claim_build_bodies_one_by_one(outer, out, count, values[4], values[5]);
 	}
 	SPI_finish();
 	*jobs = out;

@@ -13,7 +13,9 @@ use CallbackCenterReceiver;
 
 my $secret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
 my $rcv = CallbackCenterReceiver->start(secrets => [$secret]);
-my $node = cc_node('delivery', conf => "callback_center.retry_jitter = 0\n");
+# A TimeZone with a half-hour offset: the body's timestamp is printed in it.
+my $node = cc_node('delivery',
+	conf => "callback_center.retry_jitter = 0\ntimezone = 'Asia/Kolkata'\n");
 
 sub sql { return $node->safe_psql('postgres', $_[0]); }
 
@@ -37,6 +39,38 @@ like($first->{body}, qr/"type": "order.paid"/, 'body carries the event type');
 like($first->{body}, qr/"data": \{"n": 1\}/, 'body carries the payload');
 is(sql(q{SELECT count(*) FROM callback_center.delivery_attempts WHERE http_status = 200}), '50',
 	'one attempt logged per event');
+
+# The body is the text of jsonb_build_object('type', event_type, 'timestamp',
+# created_at, 'aggregate_id', aggregate_id, 'data', payload), byte for byte,
+# whatever the payload and the names hold.
+sql(qq{SELECT callback_center.create_endpoint('shape', '@{[$rcv->url('/shape')]}',
+        '{shape.ev, "shape \\"q\\" é"}', '$secret')});
+sql(q{SELECT callback_center.enqueue(t, a, p::jsonb) FROM (VALUES
+        ('shape.ev', E'q"uote\\\\ tab\t', '{"s": "line\nbreak \u00e9 €", "n": 1.50, "big": 123456789012345678901234567890, "neg": -0.0, "arr": [1, "two", null, true, {"k": []}], "empty": {}, "": "e"}'),
+        ('shape.ev', 'ünïcödé', '[]'),
+        ('shape.ev', 'ctl', '"\u0001 \u001f"'),
+        ('shape.ev', 'null', 'null'),
+        ('shape "q" é', 'num', '12.3e4')) v(t, a, p)});
+ok($node->poll_query_until('postgres',
+		q{SELECT count(*) = 5 FROM callback_center.outbox o JOIN callback_center.endpoints e
+		   ON e.id = o.endpoint_id WHERE e.name = 'shape' AND o.status = 'delivered'}),
+	'five events of every shape delivered');
+my $rows = $node->safe_psql('postgres',
+	q{SELECT 'msg_' || o.id, jsonb_build_object('type', o.event_type, 'timestamp', o.created_at,
+	         'aggregate_id', o.aggregate_id, 'data', o.payload)::text
+	    FROM callback_center.outbox o JOIN callback_center.endpoints e ON e.id = o.endpoint_id
+	   WHERE e.name = 'shape'}, extra_params => ['-F', "\t", '-A', '-t']);
+utf8::decode($rows);
+my %want = map { split /\t/, $_, 2 } split /\n/, $rows;
+my @shapes = $rcv->log_lines('/shape');
+is(scalar(@shapes), 5, 'the receiver saw the five');
+like((values %want)[0], qr/\+05:30"/, 'the expected bodies carry the TimeZone offset');
+for my $g (@shapes)
+{
+	my $id = $g->{headers}{'webhook-id'};
+	is($g->{body}, $want{$id}, "body of $id is the jsonb_build_object text");
+}
+is(scalar(grep { $_->{signature_ok} } @shapes), 5, 'and each is signed over those bytes');
 
 # Retries on the schedule (1 s, 3 s, 5 s, no jitter here), then dead.
 sql(q{SELECT callback_center.create_endpoint('flaky', '} . $rcv->url('/flaky') . qq{', '{pay.flaky}', '$secret')});
