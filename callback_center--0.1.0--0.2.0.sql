@@ -11964,3 +11964,1626 @@ BEGIN
     RETURN n;
 END
 $$;
+
+-- One convention for parameter/column name clashes, the last functions
+-- (issue 9): a parameter is qualified by its function's name and a column
+-- by its table's alias; no #variable_conflict (delivery_stats,
+-- request_refund, _channel_parse) and no p_ copy of a parameter
+-- (_apply_refund_answer).  Public functions of 0.1.0 keep their parameter
+-- names (complete_callback, get_callback, set_provider, drop_provider) and
+-- so does request_refund, whose result columns have the plain names: they
+-- are re-created with qualified bodies.  The internal functions and the
+-- new public ones (provider_secret, set_platform_keys) that had p_
+-- parameters are dropped and created again, since CREATE OR REPLACE cannot
+-- rename a parameter.
+
+CREATE OR REPLACE FUNCTION callback_center.complete_callback(
+    p_biz_id text, p_callback_type text, p_succeeded boolean,
+    p_result jsonb DEFAULT NULL)
+RETURNS smallint
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.callback_record;
+    v_status smallint;
+BEGIN
+    PERFORM callback_center._require_key(complete_callback.p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(complete_callback.p_callback_type, 'callback_type');
+    PERFORM callback_center._require(complete_callback.p_succeeded, 'succeeded');
+    v_status := CASE WHEN complete_callback.p_succeeded THEN 2 ELSE 3 END;
+
+    SELECT * INTO r FROM callback_center.callback_record c
+     WHERE c.biz_id = complete_callback.p_biz_id AND c.callback_type = complete_callback.p_callback_type
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB021',
+            MESSAGE = format('unknown callback (%s, %s)', complete_callback.p_biz_id, complete_callback.p_callback_type),
+            HINT = 'Record the callback with callback_center.record_callback() first.';
+    END IF;
+
+    IF r.status IN (2, 3) THEN
+        IF r.status = v_status THEN
+            RETURN r.status;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('callback (%s, %s) is already completed', complete_callback.p_biz_id, complete_callback.p_callback_type),
+            DETAIL = format('It completed as %s and cannot now complete as %s.',
+                            CASE r.status WHEN 2 THEN 'succeeded' ELSE 'failed' END,
+                            CASE v_status WHEN 2 THEN 'succeeded' ELSE 'failed' END);
+    END IF;
+
+    UPDATE callback_center.callback_record c
+       SET status = v_status, result = complete_callback.p_result,
+           completed_at = now(), updated_at = now()
+     WHERE c.id = r.id;
+    RETURN v_status;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.get_callback(p_biz_id text, p_callback_type text)
+RETURNS callback_center.callback_record
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.callback_record;
+BEGIN
+    PERFORM callback_center._require_key(get_callback.p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(get_callback.p_callback_type, 'callback_type');
+    SELECT * INTO r FROM callback_center.callback_record c
+     WHERE c.biz_id = get_callback.p_biz_id AND c.callback_type = get_callback.p_callback_type;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB021',
+            MESSAGE = format('unknown callback (%s, %s)', get_callback.p_biz_id, get_callback.p_callback_type);
+    END IF;
+    RETURN r;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.set_provider(
+    p_name text, p_scheme text, p_secrets text[],
+    p_tolerance interval DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(set_provider.p_name, 'provider', 63);
+    PERFORM callback_center._require(set_provider.p_scheme, 'scheme');
+    IF set_provider.p_secrets IS NULL AND set_provider.p_scheme = 'unionpay' THEN
+        -- UnionPay has no shared secret: what is kept is the organisation
+        -- its signing certificates name.
+        set_provider.p_secrets := ARRAY['中国银联股份有限公司'];
+    ELSIF set_provider.p_secrets IS NULL AND set_provider.p_scheme = 'alipay' THEN
+        -- Alipay's certificate mode: no public key, the certificates come
+        -- with set_platform_keys.
+        set_provider.p_secrets := '{}';
+    ELSIF set_provider.p_secrets IS NULL THEN
+        set_provider.p_secrets := ARRAY[callback_center.new_webhook_secret()];
+    END IF;
+    -- Payment channels (45_channels.sql): wechatpay_v3, wechatpay_v2, alipay, unionpay.
+    IF set_provider.p_scheme NOT IN ('standard_webhooks', 'stripe', 'wechatpay_v3', 'wechatpay_v2', 'alipay',
+                        'unionpay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('unknown signature scheme "%s"', set_provider.p_scheme),
+            HINT = 'The schemes are standard_webhooks, stripe, wechatpay_v3, wechatpay_v2, alipay and unionpay.';
+    END IF;
+    IF (cardinality(set_provider.p_secrets) = 0 AND set_provider.p_scheme <> 'alipay')
+       OR array_position(set_provider.p_secrets, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'secrets must hold at least one secret and no nulls';
+    END IF;
+    IF set_provider.p_tolerance <= interval '0' OR set_provider.p_tolerance > interval '100 years' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'tolerance must be positive and at most 100 years',
+            DETAIL = format('The value given was %s.', set_provider.p_tolerance);
+    END IF;
+    FOREACH s IN ARRAY set_provider.p_secrets LOOP
+        IF s = '' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'secrets must not be empty';
+        END IF;
+        IF set_provider.p_scheme = 'standard_webhooks' THEN
+            -- raises 22023 for anything but whsec_<base64>
+            PERFORM callback_center.sign_webhook(s, 'probe', 0, '');
+        ELSIF set_provider.p_scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay') THEN
+            -- Payment channels: the APIv3 key, API key, Alipay public key,
+            -- UnionPay organisation name (22023)
+            PERFORM callback_center._channel_check_secret(set_provider.p_scheme, s);
+        END IF;
+    END LOOP;
+
+    INSERT INTO callback_center.providers (name, scheme, secrets, tolerance)
+    VALUES (set_provider.p_name, set_provider.p_scheme, set_provider.p_secrets, set_provider.p_tolerance)
+    ON CONFLICT (name) DO UPDATE
+       SET scheme = EXCLUDED.scheme, secrets = EXCLUDED.secrets,
+           tolerance = EXCLUDED.tolerance;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.drop_provider(p_name text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    PERFORM callback_center._require(drop_provider.p_name, 'name');
+    DELETE FROM callback_center.providers p WHERE p.name = drop_provider.p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', drop_provider.p_name);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.request_refund(
+    p_order_id text,
+    p_amount_cents bigint,
+    p_reason text,
+    p_refund_id text)
+RETURNS TABLE (refund_id text, status text, mode text, amount_cents bigint, is_new boolean)
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.refunds;
+    o callback_center.orders;
+    pay callback_center.payments;
+    taken bigint;
+BEGIN
+    PERFORM callback_center._require_key(request_refund.p_order_id, 'order_id');
+    PERFORM callback_center._require(request_refund.p_amount_cents, 'amount_cents');
+    PERFORM callback_center._require_key(request_refund.p_refund_id, 'refund_id', 64);
+    IF request_refund.p_reason IS NOT NULL THEN
+        PERFORM callback_center._require_key(request_refund.p_reason, 'reason');
+    END IF;
+    IF request_refund.p_refund_id !~ '^[A-Za-z0-9_|*@-]+$' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid refund_id "%s"', request_refund.p_refund_id),
+            DETAIL = 'A refund id is 1 to 64 letters, digits and _-|*@ (what providers take as out_refund_no).';
+    END IF;
+    IF request_refund.p_amount_cents <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('amount_cents must be positive, got %s', request_refund.p_amount_cents);
+    END IF;
+
+    -- Serialise calls for one refund id, then look: a repeat (or a call
+    -- that waited for a concurrent first one) finds the refund.
+    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.refund:' || request_refund.p_refund_id, 0));
+    SELECT * INTO r FROM callback_center.refunds x WHERE x.refund_id = request_refund.p_refund_id;
+    IF FOUND THEN
+        IF r.order_id = request_refund.p_order_id AND r.amount_cents = request_refund.p_amount_cents
+           AND r.reason IS NOT DISTINCT FROM request_refund.p_reason AND r.late_payment_id IS NULL THEN
+            RETURN QUERY SELECT r.refund_id, r.status, r.mode, r.amount_cents, false;
+            RETURN;
+        END IF;
+        RAISE EXCEPTION USING ERRCODE = 'CB062',
+            MESSAGE = format('refund "%s" already exists with other arguments', request_refund.p_refund_id),
+            DETAIL = format('It refunds %s cents of order "%s"%s.', r.amount_cents, r.order_id,
+                            CASE WHEN r.late_payment_id IS NOT NULL
+                                 THEN format(' (late payment %s)', r.late_payment_id)
+                                 ELSE coalesce(format(', reason "%s"', r.reason), ', no reason') END),
+            HINT = 'A refund id names one refund; use a new id for another refund.';
+    END IF;
+
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = request_refund.p_order_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB050',
+            MESSAGE = format('order "%s" does not exist', request_refund.p_order_id);
+    END IF;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    -- A REFUNDED payment counts as paid when its refunds refunded it (then
+    -- nothing is left: CB061 below), not when it was late money given back
+    -- or refunded by hand.
+    IF pay.payment_id IS NULL OR pay.status NOT IN ('PAID', 'PARTIALLY_REFUNDED', 'REFUNDED')
+       OR (pay.status = 'REFUNDED'
+           AND NOT EXISTS (SELECT 1 FROM callback_center.refunds x
+                            WHERE x.payment_id = pay.payment_id AND x.status = 'SUCCESS')) THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB060',
+            MESSAGE = format('order "%s" has no paid payment to refund', request_refund.p_order_id),
+            DETAIL = CASE WHEN pay.payment_id IS NULL THEN 'The order has no payment.'
+                          ELSE format('Its payment is %s.', pay.status) END,
+            HINT = CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
+                        THEN 'Money that came after the order closed is refunded as a late payment (see callback_center.late_payments).'
+                        ELSE 'Only a paid payment can be refunded.' END;
+    END IF;
+    -- Under the payment's lock: a concurrent request for the same payment
+    -- waits here and then counts this one.
+    SELECT coalesce(sum(x.amount_cents), 0) INTO taken FROM callback_center.refunds x
+     WHERE x.payment_id = pay.payment_id AND x.status <> 'FAILED';
+    IF taken + request_refund.p_amount_cents > pay.amount_cents THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB061',
+            MESSAGE = format('refund of %s cents exceeds what is left to refund of order "%s"',
+                             request_refund.p_amount_cents, request_refund.p_order_id),
+            DETAIL = format('Paid %s cents; %s refunded or being refunded; %s left.',
+                            pay.amount_cents, taken, pay.amount_cents - taken),
+            HINT = 'Refunds of a payment, failed ones aside, sum to at most what was paid.';
+    END IF;
+
+    r := NULL;
+    r.refund_id := request_refund.p_refund_id;
+    r.order_id := o.order_id;
+    r.payment_id := pay.payment_id;
+    r.provider := pay.provider;
+    r.provider_txn_id := pay.provider_txn_id;
+    r.amount_cents := request_refund.p_amount_cents;
+    r.total_cents := pay.amount_cents;
+    r.currency := o.currency;
+    r.reason := request_refund.p_reason;
+    r := callback_center._refund_create(r);
+    RETURN QUERY SELECT r.refund_id, r.status, r.mode, r.amount_cents, true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._apply_refund_answer(refund_id text, answer jsonb)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    r callback_center.refunds;
+    o callback_center.orders;
+    pay callback_center.payments;
+    verdict text;
+    prid text;
+    amount bigint;
+    refunded bigint;
+BEGIN
+    PERFORM callback_center._require(_apply_refund_answer.refund_id, 'refund_id');
+    PERFORM callback_center._require(answer, 'answer');
+    PERFORM callback_center._refund_check_answer(_apply_refund_answer.refund_id, answer);
+    verdict := answer->>'status';
+    prid := nullif(answer->>'provider_refund_id', '');
+    amount := (answer->>'amount_cents')::bigint;
+
+    SELECT x.order_id INTO o.order_id FROM callback_center.refunds x WHERE x.refund_id = _apply_refund_answer.refund_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = '42704',
+            MESSAGE = format('refund "%s" does not exist', _apply_refund_answer.refund_id);
+    END IF;
+    -- The lock order of every payment path: order, payment, refund.
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = o.order_id FOR UPDATE;
+    SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
+    SELECT * INTO r FROM callback_center.refunds x WHERE x.refund_id = _apply_refund_answer.refund_id FOR UPDATE;
+
+    IF r.status IN ('SUCCESS', 'FAILED') THEN
+        IF (verdict = 'success' AND r.status = 'SUCCESS') OR (verdict = 'failed' AND r.status = 'FAILED') THEN
+            IF r.provider_refund_id IS NULL AND prid IS NOT NULL THEN
+                UPDATE callback_center.refunds x SET provider_refund_id = prid, updated_at = now()
+                 WHERE x.refund_id = r.refund_id;
+            END IF;
+            RETURN 'already_applied';
+        ELSIF verdict IN ('success', 'failed') THEN
+            PERFORM callback_center.enqueue('refund.conflict', r.order_id,
+                jsonb_build_object('refund_id', r.refund_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'status', r.status, 'answer', answer));
+            RETURN 'conflict';
+        END IF;
+        RETURN 'already_final';
+    END IF;
+
+    IF verdict = 'success' THEN
+        IF amount IS NOT NULL AND amount <> r.amount_cents THEN
+            UPDATE callback_center.refunds x
+               SET error = format('the provider reports %s cents refunded, not %s', amount, r.amount_cents),
+                   updated_at = now()
+             WHERE x.refund_id = r.refund_id;
+            PERFORM callback_center.enqueue('refund.amount_mismatch', r.order_id,
+                jsonb_build_object('refund_id', r.refund_id, 'order_id', r.order_id,
+                                   'provider', r.provider, 'expected_cents', r.amount_cents,
+                                   'received_cents', amount));
+            RETURN 'amount_mismatch';
+        END IF;
+        UPDATE callback_center.refunds x
+           SET status = 'SUCCESS', provider_refund_id = coalesce(x.provider_refund_id, prid),
+               error = NULL, next_query_at = NULL, finished_at = now(), updated_at = now()
+         WHERE x.refund_id = r.refund_id;
+        IF r.late_payment_id IS NOT NULL THEN
+            PERFORM callback_center._late_payment_refunded(r.late_payment_id);
+            RETURN 'succeeded';
+        END IF;
+        SELECT coalesce(sum(x.amount_cents), 0) INTO refunded FROM callback_center.refunds x
+         WHERE x.payment_id = pay.payment_id AND x.status = 'SUCCESS';
+        IF refunded >= pay.amount_cents THEN
+            IF pay.status IN ('PAID', 'PARTIALLY_REFUNDED') THEN
+                PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                    pay.payment_id, 'refund');
+            END IF;
+            IF o.pay_status IN ('paid', 'partially_refunded') THEN
+                PERFORM callback_center.apply_event('callback_center.orders', 'pay_status',
+                                                    o.order_id, 'refund');
+            END IF;
+            IF o.status = 'confirmed' THEN
+                PERFORM callback_center._refund_return_holds(o);
+            END IF;
+        ELSE
+            IF pay.status = 'PAID' THEN
+                PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                    pay.payment_id, 'partial_refund');
+            END IF;
+            IF o.pay_status = 'paid' THEN
+                PERFORM callback_center.apply_event('callback_center.orders', 'pay_status',
+                                                    o.order_id, 'partial_refund');
+            END IF;
+        END IF;
+        RETURN 'succeeded';
+    ELSIF verdict = 'failed' THEN
+        UPDATE callback_center.refunds x
+           SET status = 'FAILED', provider_refund_id = coalesce(x.provider_refund_id, prid),
+               error = coalesce(answer->>'error', 'the provider refused the refund'),
+               next_query_at = NULL, finished_at = now(), updated_at = now()
+         WHERE x.refund_id = r.refund_id;
+        RETURN 'failed';
+    END IF;
+
+    -- processing or unknown: still open, asked again later.
+    UPDATE callback_center.refunds x
+       SET status = CASE WHEN verdict = 'processing' THEN 'PROCESSING' ELSE x.status END,
+           provider_refund_id = coalesce(x.provider_refund_id, prid),
+           error = coalesce(answer->>'error', x.error),
+           next_query_at = CASE WHEN x.mode = 'api'
+                                THEN now() + callback_center._refund_backoff(x.queries) END,
+           updated_at = now()
+     WHERE x.refund_id = r.refund_id;
+    RETURN verdict;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center.delivery_stats(window_len interval DEFAULT '1 hour')
+RETURNS TABLE (
+    endpoint text,
+    enabled boolean,
+    delivered bigint,
+    failed_attempts bigint,
+    retries bigint,
+    failure_rate double precision,
+    dead bigint,
+    pending bigint,
+    p50_ms double precision,
+    p95_ms double precision,
+    p99_ms double precision,
+    breaker text,
+    breaker_opened_at timestamptz,
+    tokens double precision,
+    degraded boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    -- plpgsql, not sql, only for this check: a NULL window returned
+    -- every endpoint with nothing counted.
+    PERFORM callback_center._require(delivery_stats.window_len, 'window_len');
+    RETURN QUERY
+    SELECT e.name, e.enabled,
+           coalesce(a.delivered, 0), coalesce(a.failed, 0), coalesce(a.retries, 0),
+           CASE WHEN coalesce(a.total, 0) = 0 THEN 0 ELSE a.failed::float8 / a.total END,
+           coalesce(q.dead, 0), coalesce(q.pending, 0),
+           a.p50, a.p95, a.p99,
+           coalesce(s.breaker, 'closed'), s.opened_at, s.tokens, coalesce(s.degraded, false)
+      FROM callback_center.endpoints e
+      LEFT JOIN LATERAL (
+        SELECT count(*) AS total,
+               count(*) FILTER (WHERE d.http_status BETWEEN 200 AND 299) AS delivered,
+               count(*) FILTER (WHERE d.http_status IS NULL OR d.http_status NOT BETWEEN 200 AND 299) AS failed,
+               count(*) FILTER (WHERE d.attempt > 1) AS retries,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY d.latency_ms) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY d.latency_ms) AS p95,
+               percentile_cont(0.99) WITHIN GROUP (ORDER BY d.latency_ms) AS p99
+          FROM callback_center.delivery_attempts d
+         WHERE d.endpoint_id = e.id AND d.attempted_at >= now() - delivery_stats.window_len) a ON true
+      LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE o.status = 'dead') AS dead,
+               count(*) FILTER (WHERE o.status IN ('pending', 'delivering')) AS pending
+          FROM callback_center.outbox o
+         WHERE o.endpoint_id = e.id AND o.status IN ('pending', 'delivering', 'dead')) q ON true
+      LEFT JOIN callback_center.endpoint_state s ON s.endpoint_id = e.id
+     ORDER BY e.name;
+END
+$$;
+
+DROP FUNCTION callback_center.provider_secret(text);
+
+CREATE FUNCTION callback_center.provider_secret(name text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    s text;
+BEGIN
+    PERFORM callback_center._require_key(provider_secret.name, 'provider', 63);
+    SELECT p.secrets[1] INTO s FROM callback_center.providers p WHERE p.name = provider_secret.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', provider_secret.name);
+    END IF;
+    RETURN s;
+END
+$$;
+
+COMMENT ON FUNCTION callback_center.provider_secret(text) IS
+    'The first secret of a webhook provider, to configure on its side (admin)';
+
+REVOKE ALL ON FUNCTION callback_center.provider_secret(text) FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION callback_center.provider_secret(text) TO callback_center_admin;
+
+DROP FUNCTION callback_center._channel_check_secret(text, text);
+
+CREATE FUNCTION callback_center._channel_check_secret(scheme text, secret text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF _channel_check_secret.scheme = 'wechatpay_v3' THEN
+        IF octet_length(convert_to(_channel_check_secret.secret, 'UTF8')) <> 32 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid APIv3 key',
+                DETAIL = format('The key is %s bytes; WeChat Pay APIv3 keys are 32.',
+                                octet_length(convert_to(_channel_check_secret.secret, 'UTF8'))),
+                HINT = 'Give the APIv3 key set in the merchant platform; platform certificates go to callback_center.set_platform_keys().';
+        END IF;
+    ELSIF _channel_check_secret.scheme = 'wechatpay_v2' THEN
+        IF octet_length(convert_to(regexp_replace(_channel_check_secret.secret, '^md5:', ''), 'UTF8')) <> 32 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid API key',
+                DETAIL = format('The key is %s bytes; WeChat Pay API keys are 32.',
+                                octet_length(convert_to(regexp_replace(_channel_check_secret.secret, '^md5:', ''), 'UTF8'))),
+                HINT = 'Give the API key set in the merchant platform, with md5: before it to accept the legacy MD5 sign.';
+        END IF;
+    ELSIF _channel_check_secret.scheme = 'alipay' THEN
+        -- raises 22023 for a malformed key, not RSA, under 2048 bits
+        PERFORM callback_center._key_info(_channel_check_secret.secret);
+    ELSIF _channel_check_secret.scheme = 'unionpay' THEN
+        -- The organisation the signing certificate names (the third
+        -- "@" field of its common name, as UnionPay's SDK reads it).
+        IF length(_channel_check_secret.secret) > 128 OR _channel_check_secret.secret ~ '[@[:cntrl:]]' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid UnionPay organisation name',
+                DETAIL = 'The name is at most 128 characters, without "@" or control characters.',
+                HINT = 'Give the organisation of UnionPay''s signing certificates, 中国银联股份有限公司 (the default when secrets are NULL); the certificates go to callback_center.set_platform_keys().';
+        END IF;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._channel_check_secret(text, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center.set_platform_keys(text, jsonb);
+
+CREATE FUNCTION callback_center.set_platform_keys(provider text, keys jsonb)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SECURITY DEFINER SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v_scheme text;
+    k record;
+    info record;
+    chk record;
+    cas text[];
+    why text;
+    n integer := 0;
+BEGIN
+    PERFORM callback_center._require(num_nulls(set_platform_keys.provider, set_platform_keys.keys) = 0 OR NULL, 'provider and keys');
+    SELECT p.scheme INTO v_scheme FROM callback_center.providers p
+     WHERE p.name = set_platform_keys.provider FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', set_platform_keys.provider),
+            HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
+    END IF;
+    IF v_scheme NOT IN ('wechatpay_v3', 'unionpay', 'alipay') THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', set_platform_keys.provider, v_scheme);
+    END IF;
+    IF jsonb_typeof(set_platform_keys.keys) <> 'object' OR set_platform_keys.keys = '{}' THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
+    END IF;
+
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = set_platform_keys.provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(set_platform_keys.keys) e ORDER BY e.key LOOP
+        IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = 'invalid platform key',
+                DETAIL = 'Every key needs a non-empty serial of at most 128 characters and a PEM string.';
+        END IF;
+        BEGIN
+            info := callback_center._key_info(k.value #>> '{}');
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS why = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = why,
+                HINT = 'Give the platform certificate or platform public key as PEM.';
+        END;
+        IF v_scheme = 'wechatpay_v3' AND info.kind = 'certificate' AND upper(k.key) <> info.serial THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid platform key "%s"', k.key),
+                DETAIL = 'The certificate''s serial number is not the name it is given.',
+                HINT = 'Name each certificate by its serial number in hex, as the Wechatpay-Serial header carries it.';
+        END IF;
+        IF v_scheme = 'unionpay' AND info.kind <> 'certificate' THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid UnionPay certificate "%s"', k.key),
+                DETAIL = 'UnionPay''s root and intermediate are X.509 certificates, not public keys.';
+        END IF;
+        IF v_scheme = 'alipay' AND (info.kind <> 'certificate'
+                                    OR k.key <> callback_center.alipay_cert_sn(k.value #>> '{}')) THEN
+            RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                MESSAGE = format('invalid Alipay certificate "%s"', k.key),
+                DETAIL = CASE WHEN info.kind <> 'certificate'
+                              THEN 'Certificate mode takes X.509 certificates; give a public key to callback_center.set_provider().'
+                              ELSE 'The certificate''s SN is not the name it is given.' END,
+                HINT = 'Name each certificate by its SN, callback_center.alipay_cert_sn(pem).';
+        END IF;
+        INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
+        VALUES (set_platform_keys.provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        n := n + 1;
+    END LOOP;
+
+    IF v_scheme IN ('unionpay', 'alipay') THEN
+        -- Every certificate must chain to a self-signed root among them
+        -- (a root chains to itself), or no notification ever verifies.
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
+          FROM callback_center.provider_keys pk WHERE pk.provider = set_platform_keys.provider;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = set_platform_keys.provider ORDER BY pk.key_id LOOP
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+                    MESSAGE = format('invalid %s certificate "%s"',
+                                     CASE v_scheme WHEN 'alipay' THEN 'Alipay' ELSE 'UnionPay' END, k.key_id),
+                    DETAIL = chk.detail,
+                    HINT = CASE v_scheme
+                        WHEN 'alipay' THEN 'Load the Alipay public-key certificate with the intermediate it holds (alipayCertPublicKey_RSA2.crt) and the RSA root certificates of alipayRootCert.crt together.'
+                        ELSE 'Load the UnionPay root certificate and the intermediate certificate together (acp_prod_root.cer and acp_prod_middle.cer of the SDK).' END;
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN n;
+END
+$$;
+
+COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
+    'Replaces a wechatpay_v3 provider''s platform certificates and public keys, by serial, a unionpay provider''s root and intermediate certificates, or an alipay provider''s certificates, by SN (admin)';
+
+REVOKE ALL ON FUNCTION callback_center.set_platform_keys(text, jsonb) FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION callback_center.set_platform_keys(text, jsonb) TO callback_center_admin;
+
+DROP FUNCTION callback_center._channel_header(jsonb, text);
+
+CREATE FUNCTION callback_center._channel_header(headers jsonb, name text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    v text[];
+BEGIN
+    IF jsonb_typeof(_channel_header.headers) <> 'object' THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(CASE WHEN jsonb_typeof(h.value) = 'string' THEN h.value #>> '{}' END)
+      INTO v
+      FROM jsonb_each(_channel_header.headers) h WHERE lower(h.key) = lower(_channel_header.name);
+    IF cardinality(v) > 1 THEN
+        RETURN '';
+    END IF;
+    RETURN v[1];
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._channel_header(jsonb, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._channel_answer(text, boolean, integer, text);
+
+CREATE FUNCTION callback_center._channel_answer(
+    scheme text, ok boolean, status integer, reason text,
+    OUT http_status integer, OUT response_body text)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF _channel_answer.scheme = 'wechatpay_v3' THEN
+        -- WeChat Pay: 200 or 204 with no body acknowledges; any 4xx/5xx
+        -- with {"code":"FAIL","message":...} makes it resend.
+        IF _channel_answer.ok THEN
+            http_status := 200;
+            response_body := '';
+        ELSE
+            http_status := _channel_answer.status;
+            response_body := jsonb_build_object('code', 'FAIL', 'message', _channel_answer.reason)::text;
+        END IF;
+    ELSIF _channel_answer.scheme = 'wechatpay_v2' THEN
+        -- WeChat Pay v2: return_code SUCCESS acknowledges; FAIL (or no
+        -- answer) makes it resend.
+        http_status := CASE WHEN _channel_answer.ok THEN 200 ELSE _channel_answer.status END;
+        response_body := format('<xml><return_code><![CDATA[%s]]></return_code>'
+                                '<return_msg><![CDATA[%s]]></return_msg></xml>',
+                                CASE WHEN _channel_answer.ok THEN 'SUCCESS' ELSE 'FAIL' END,
+                                CASE WHEN _channel_answer.ok THEN 'OK' ELSE _channel_answer.reason END);
+    ELSIF _channel_answer.scheme = 'alipay' THEN
+        -- Alipay: the exact body "success" acknowledges; anything else
+        -- makes it resend.
+        http_status := CASE WHEN _channel_answer.ok THEN 200 ELSE _channel_answer.status END;
+        response_body := CASE WHEN _channel_answer.ok THEN 'success' ELSE 'fail' END;
+    ELSIF _channel_answer.scheme = 'unionpay' THEN
+        -- UnionPay: HTTP 200 acknowledges (the acp SDK's demo answers
+        -- "ok"); any other status makes it resend.
+        http_status := CASE WHEN _channel_answer.ok THEN 200 ELSE _channel_answer.status END;
+        response_body := CASE WHEN _channel_answer.ok THEN 'ok' ELSE 'fail' END;
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', _channel_answer.scheme);
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._channel_answer(text, boolean, integer, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._channel_tolerance(interval);
+
+CREATE FUNCTION callback_center._channel_tolerance(tolerance interval)
+RETURNS interval
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    RETURN coalesce(_channel_tolerance.tolerance,
+                    current_setting('callback_center.signature_tolerance', true)::interval,
+                    interval '300 seconds');
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._channel_tolerance(interval) FROM PUBLIC;
+
+DROP FUNCTION callback_center._wechatpay_v3_parse(text, text[], interval, jsonb, text);
+
+CREATE FUNCTION callback_center._wechatpay_v3_parse(
+    provider text, secrets text[], tolerance interval,
+    headers jsonb, body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    ts text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Timestamp');
+    nonce text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Nonce');
+    sig_b64 text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Signature');
+    serial text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Serial');
+    sig_type text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Signature-Type');
+    sig bytea;
+    key_pem text;
+    why text;
+    ev jsonb;
+    res jsonb;
+    plain bytea;
+    tx jsonb;
+    s text;
+    total text;
+BEGIN
+    payload := _wechatpay_v3_parse.body;
+    IF nullif(ts, '') IS NULL OR nullif(nonce, '') IS NULL
+       OR nullif(sig_b64, '') IS NULL OR nullif(serial, '') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF sig_type IS NOT NULL AND sig_type <> 'WECHATPAY2-SHA256-RSA2048' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF ts !~ '^[0-9]{1,12}$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF abs(extract(epoch FROM now()) - ts::bigint)
+       > extract(epoch FROM callback_center._channel_tolerance(_wechatpay_v3_parse.tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(sig_b64, 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    IF NOT EXISTS (SELECT 1 FROM callback_center.provider_keys pk WHERE pk.provider = _wechatpay_v3_parse.provider) THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no platform keys', _wechatpay_v3_parse.provider),
+            HINT = 'An administrator loads them with callback_center.set_platform_keys().';
+    END IF;
+    SELECT pk.pem INTO key_pem FROM callback_center.provider_keys pk
+     WHERE pk.provider = _wechatpay_v3_parse.provider AND pk.key_id = serial;
+    IF NOT FOUND THEN
+        failure := 'unknown_key'; fail_status := 401;
+        RETURN;
+    END IF;
+    why := callback_center._rsa_sha256_check(key_pem,
+        convert_to(ts || E'\n' || nonce || E'\n' || _wechatpay_v3_parse.body || E'\n', 'UTF8'), sig);
+    IF why IS NOT NULL THEN
+        failure := CASE WHEN why LIKE '%expired%' OR why LIKE '%not valid yet%'
+                        THEN 'key_expired' ELSE 'invalid_signature' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by WeChat Pay: from here on a problem is the body's.
+    BEGIN
+        ev := _wechatpay_v3_parse.body::jsonb;
+    EXCEPTION WHEN OTHERS THEN
+        ev := NULL;
+    END;
+    res := ev->'resource';
+    msg_id := ev->>'id';
+    event_type := ev->>'event_type';
+    IF jsonb_typeof(ev) IS DISTINCT FROM 'object' OR nullif(msg_id, '') IS NULL
+       OR jsonb_typeof(res) IS DISTINCT FROM 'object'
+       OR res->>'algorithm' IS DISTINCT FROM 'AEAD_AES_256_GCM'
+       OR res->>'ciphertext' IS NULL OR res->>'nonce' IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    FOREACH s IN ARRAY _wechatpay_v3_parse.secrets LOOP
+        BEGIN
+            plain := callback_center._aes256gcm_decrypt(convert_to(s, 'UTF8'),
+                convert_to(res->>'nonce', 'UTF8'),
+                convert_to(coalesce(res->>'associated_data', ''), 'UTF8'),
+                decode(res->>'ciphertext', 'base64'));
+        EXCEPTION WHEN invalid_parameter_value THEN
+            plain := NULL;
+        END;
+        EXIT WHEN plain IS NOT NULL;
+    END LOOP;
+    IF plain IS NULL THEN
+        failure := 'decryption_failed'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        tx := convert_from(plain, 'UTF8')::jsonb;
+    EXCEPTION WHEN OTHERS THEN
+        tx := NULL;
+    END;
+    IF jsonb_typeof(tx) IS DISTINCT FROM 'object' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    -- Refunds (original_type refund, REFUND.SUCCESS / ABNORMAL / CLOSED):
+    -- order_id is our refund id (out_refund_no), txn_id WeChat Pay's
+    -- refund_id, amount_cents amount.refund; ABNORMAL (the money could
+    -- not reach the buyer; the merchant settles it in the merchant
+    -- platform) keeps the refund open.
+    IF res->>'original_type' = 'refund' AND coalesce(event_type, '') LIKE 'REFUND.%' THEN
+        order_id := tx->>'out_refund_no';
+        txn_id := tx->>'refund_id';
+        verdict := CASE tx->>'refund_status'
+            WHEN 'SUCCESS' THEN 'refund_success'
+            WHEN 'CLOSED' THEN 'refund_failed'
+            WHEN 'ABNORMAL' THEN 'refund_processing' END;
+        total := tx->'amount'->>'refund';
+        IF verdict IS NULL OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR total IS NULL OR total !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+        RETURN;
+    END IF;
+    -- Only transactions move payments; other resources are acknowledged
+    -- and recorded (verdict NULL).
+    IF coalesce(res->>'original_type', 'transaction') = 'transaction'
+       AND coalesce(event_type, '') LIKE 'TRANSACTION.%' THEN
+        order_id := tx->>'out_trade_no';
+        txn_id := tx->>'transaction_id';
+        verdict := CASE tx->>'trade_state'
+            WHEN 'SUCCESS' THEN 'success'
+            WHEN 'CLOSED' THEN 'failure'
+            WHEN 'REVOKED' THEN 'failure'
+            WHEN 'PAYERROR' THEN 'failure' END;
+        total := tx->'amount'->>'total';
+        currency := tx->'amount'->>'currency';
+        IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                    OR total IS NULL OR total !~ '^[0-9]{1,15}$'
+                                    OR nullif(currency, '') IS NULL) THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._wechatpay_v3_parse(text, text[], interval, jsonb, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._form_parse(text);
+
+CREATE FUNCTION callback_center._form_parse(body text, OUT names text[], OUT vals bytea[])
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    pair text;
+    eq integer;
+    n bytea;
+    v bytea;
+    nm text;
+BEGIN
+    IF _form_parse.body = '' THEN
+        RETURN;
+    END IF;
+    names := '{}';
+    vals := '{}';
+    FOREACH pair IN ARRAY string_to_array(_form_parse.body, '&') LOOP
+        CONTINUE WHEN pair = '';
+        eq := strpos(pair, '=');
+        IF eq = 0 THEN
+            n := callback_center._form_decode(pair);
+            v := '';
+        ELSE
+            n := callback_center._form_decode(left(pair, eq - 1));
+            v := callback_center._form_decode(substr(pair, eq + 1));
+        END IF;
+        IF n IS NULL OR v IS NULL OR encode(n, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e])+$' THEN
+            names := NULL; vals := NULL;
+            RETURN;
+        END IF;
+        nm := convert_from(n, 'UTF8');
+        IF nm = ANY (names) THEN
+            names := NULL; vals := NULL;
+            RETURN;
+        END IF;
+        names := names || nm;
+        vals := vals || v;
+    END LOOP;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._form_parse(text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._alipay_parse(text, text[], interval, jsonb, text);
+
+CREATE FUNCTION callback_center._alipay_parse(
+    provider text, secrets text[], tolerance interval,
+    headers jsonb, body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    texts text[];
+    cert_sn text;
+    cas text[];
+    k record;
+    chk record;
+    candidates integer := 0;
+    chain_failure text;
+    charset text := 'UTF8';
+    cs text;
+    content bytea;
+    sig bytea;
+    ok boolean := false;
+    s text;
+    f jsonb := '{}';
+    notify_time timestamptz;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(_alipay_parse.body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'charset')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs IN ('GBK', 'GB2312') THEN 'GBK'
+                    WHEN cs = 'GB18030' THEN 'GB18030' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- Characters of a text body beyond ASCII were decoded by the web tier:
+    -- on the wire they were the bytes of the form's charset.
+    IF charset <> 'UTF8' AND _alipay_parse.body ~ '[^\x01-\x7f]' THEN
+        BEGIN
+            SELECT f.names, f.vals INTO names, vals
+              FROM callback_center._form_parse(
+                       callback_center._form_escape(convert_to(_alipay_parse.body, charset))) f;
+        EXCEPTION WHEN untranslatable_character THEN
+            names := NULL;
+        END;
+        IF names IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+    END IF;
+    -- Every value decoded from the charset before anything is verified:
+    -- Alipay signs the decoded values (encoded in that charset again, which
+    -- gives back the %-decoded bytes), and bytes that are not text in it
+    -- were not signed by Alipay.
+    BEGIN
+        texts := ARRAY(SELECT convert_from(x.v, charset)
+                         FROM unnest(vals) WITH ORDINALITY AS x(v, i) ORDER BY x.i);
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF array_position(names, 'sign') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    IF coalesce(callback_center._channel_ascii(vals[array_position(names, 'sign_type')]), 'RSA2') <> 'RSA2' THEN
+        -- RSA (SHA1withRSA) is Alipay's legacy; only RSA2 is accepted.
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'sign')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END;
+
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
+    -- Public-key mode: the Alipay public keys of secrets.
+    FOREACH s IN ARRAY _alipay_parse.secrets LOOP
+        ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
+    END LOOP;
+    -- Certificate mode: the Alipay public-key certificates loaded with
+    -- set_platform_keys (named by their SN), each checked against the
+    -- loaded roots now, since a certificate expires after it was loaded;
+    -- alipay_cert_sn, when the notification carries it, names the one.
+    -- The roots themselves sign no notification.
+    IF NOT ok THEN
+        cert_sn := callback_center._channel_ascii(vals[array_position(names, 'alipay_cert_sn')]);
+        SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+         WHERE pk.provider = _alipay_parse.provider;
+        IF cas IS NULL AND cardinality(_alipay_parse.secrets) = 0 THEN
+            RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+                MESSAGE = format('provider "%s" has no Alipay public key or certificate', _alipay_parse.provider),
+                HINT = 'An administrator gives the Alipay public key to callback_center.set_provider(), or loads the Alipay certificates with callback_center.set_platform_keys().';
+        END IF;
+        FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
+                  WHERE pk.provider = _alipay_parse.provider
+                    AND (cert_sn IS NULL OR pk.key_id = cert_sn)
+                  ORDER BY pk.key_id LOOP
+            CONTINUE WHEN (callback_center._x509_chain_check(k.pem, ARRAY[k.pem], NULL)).verdict = 'ok';
+            candidates := candidates + 1;
+            chk := callback_center._x509_chain_check(k.pem, cas, NULL);
+            IF chk.verdict <> 'ok' THEN
+                chain_failure := chk.verdict;
+            ELSIF callback_center._rsa_sha256_check(k.pem, coalesce(content, ''), sig) IS NULL THEN
+                ok := true;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF NOT ok THEN
+            failure := CASE WHEN cert_sn IS NOT NULL AND cas IS NOT NULL AND candidates = 0
+                            THEN 'unknown_key'
+                            WHEN chain_failure = 'expired' THEN 'key_expired'
+                            WHEN chain_failure IS NOT NULL THEN 'untrusted_key'
+                            ELSE 'invalid_signature' END;
+            fail_status := 401;
+            RETURN;
+        END IF;
+    END IF;
+
+    -- Signed by Alipay: from here on a problem is the body's.
+    SELECT jsonb_object_agg(x.nm, x.t)
+      INTO f FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm IN ('notify_id', 'notify_time', 'notify_type', 'out_trade_no',
+                    'trade_no', 'trade_status', 'total_amount', 'trans_currency',
+                    'out_biz_no', 'refund_fee', 'gmt_refund');
+    SELECT string_agg(x.nm || '=' || x.t, '&' ORDER BY x.nm COLLATE "C")
+      INTO payload FROM unnest(names, texts) AS x(nm, t)
+     WHERE x.nm NOT IN ('sign', 'sign_type', 'notify_time');
+    msg_id := f->>'notify_id';
+    event_type := f->>'notify_type';
+    IF nullif(msg_id, '') IS NULL
+       OR coalesce(f->>'notify_time', '') !~ '^[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        notify_time := (f->>'notify_time')::timestamp AT TIME ZONE 'Asia/Shanghai';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF abs(extract(epoch FROM now() - notify_time))
+       > extract(epoch FROM callback_center._channel_tolerance(_alipay_parse.tolerance)) THEN
+        failure := 'signature_expired'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- A refund arrives as a trade notification carrying refund_fee and
+    -- gmt_refund (TRADE_SUCCESS after a partial refund, TRADE_CLOSED after
+    -- a full one), out_biz_no naming the refund (our out_request_no), and
+    -- only once it succeeded.  order_id is our refund id; txn_id NULL
+    -- (Alipay gives a refund no id of its own).  refund_fee is the
+    -- trade's total refunded so far, not this refund's amount: not
+    -- compared (amount_cents NULL); reconciliation compares amounts.
+    IF f ? 'gmt_refund' OR f ? 'refund_fee' THEN
+        order_id := f->>'out_biz_no';
+        verdict := 'refund_success';
+        IF nullif(order_id, '') IS NULL OR nullif(f->>'trade_no', '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+        END IF;
+        RETURN;
+    END IF;
+    order_id := f->>'out_trade_no';
+    txn_id := f->>'trade_no';
+    verdict := CASE f->>'trade_status'
+        WHEN 'TRADE_SUCCESS' THEN 'success'
+        WHEN 'TRADE_FINISHED' THEN 'success'
+        WHEN 'TRADE_CLOSED' THEN 'failure' END;
+    currency := coalesce(nullif(f->>'trans_currency', ''), 'CNY');
+    total := f->>'total_amount';
+    IF verdict IS NOT NULL AND (nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+                                OR total IS NULL
+                                OR total !~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$') THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    IF total ~ '^(0|[1-9][0-9]{0,12})(\.[0-9]{1,2})?$' THEN
+        amount_cents := (total::numeric * 100)::bigint;
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._alipay_parse(text, text[], interval, jsonb, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._wechatpay_v2_parse(text, text[], interval, jsonb, text);
+
+CREATE FUNCTION callback_center._wechatpay_v2_parse(
+    provider text, secrets text[], tolerance interval,
+    headers jsonb, body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    doc xml;
+    f jsonb;
+    n integer;
+    content text;
+    given text;
+    sign_type text;
+    s text;
+    key text;
+    calc text;
+    ok boolean := false;
+    crypto_schema name;
+    ct bytea;
+    plain bytea;
+    r jsonb;
+BEGIN
+    payload := _wechatpay_v2_parse.body;
+    IF position('<!' IN regexp_replace(_wechatpay_v2_parse.body, '<!\[CDATA\[', '', 'g')) > 0 THEN
+        -- No DTD, no comments: WeChat sends neither.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    BEGIN
+        doc := xmlparse(DOCUMENT _wechatpay_v2_parse.body);
+        SELECT jsonb_object_agg(x.name, coalesce(x.value, '')), count(*)
+          INTO f, n
+          FROM XMLTABLE('/xml/*' PASSING doc
+                        COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF f IS NULL OR n <> (SELECT count(*) FROM jsonb_object_keys(f)) THEN
+        -- A parameter twice.
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- A refund notification carries no sign: req_info is AES-256-ECB
+    -- (PKCS#7 padding) under the lower-case hex MD5 of the API key, and
+    -- only the key opens it (WeChat Pay authenticates refund notifications
+    -- so, and no other way).  Read: order_id our refund id (out_refund_no),
+    -- txn_id WeChat Pay's refund_id, amount_cents refund_fee; refund_status
+    -- SUCCESS refunded, REFUNDCLOSE failed, CHANGE (abnormal: settled in
+    -- the merchant platform) still open.  Keyed by refund_id and status.
+    IF f ? 'req_info' AND NOT f ? 'sign' THEN
+        BEGIN
+            ct := decode(f->>'req_info', 'base64');
+        EXCEPTION WHEN OTHERS THEN
+            ct := NULL;
+        END;
+        IF ct IS NULL OR ct = '' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        -- pgcrypto is relocatable: find where it lives.
+        SELECT x.nspname INTO crypto_schema
+          FROM pg_extension e JOIN pg_namespace x ON x.oid = e.extnamespace
+         WHERE e.extname = 'pgcrypto';
+        FOREACH s IN ARRAY _wechatpay_v2_parse.secrets LOOP
+            BEGIN
+                EXECUTE format('SELECT %I.decrypt($1, $2, %L)', crypto_schema, 'aes-ecb/pad:pkcs')
+                   INTO plain USING ct, convert_to(md5(regexp_replace(s, '^md5:', '')), 'UTF8');
+                IF position('<!' IN regexp_replace(convert_from(plain, 'UTF8'), '<!\[CDATA\[', '', 'g')) > 0 THEN
+                    plain := NULL;
+                END IF;
+                SELECT jsonb_object_agg(x.name, coalesce(x.value, '')) INTO r
+                  FROM XMLTABLE('/root/*' PASSING xmlparse(DOCUMENT convert_from(plain, 'UTF8'))
+                                COLUMNS name text PATH 'local-name()', value text PATH 'string(.)') x;
+            EXCEPTION WHEN OTHERS THEN
+                r := NULL;
+            END;
+            EXIT WHEN r IS NOT NULL;
+        END LOOP;
+        IF r IS NULL THEN
+            -- Nothing but the key makes a req_info that opens.
+            failure := 'invalid_signature'; fail_status := 401;
+            RETURN;
+        END IF;
+        order_id := r->>'out_refund_no';
+        txn_id := r->>'refund_id';
+        verdict := CASE r->>'refund_status' WHEN 'SUCCESS' THEN 'refund_success'
+                                            WHEN 'REFUNDCLOSE' THEN 'refund_failed'
+                                            WHEN 'CHANGE' THEN 'refund_processing' END;
+        event_type := 'refund ' || coalesce(r->>'refund_status', '');
+        msg_id := 'refund:' || (r->>'refund_id') || ':' || (r->>'refund_status');
+        IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' OR verdict IS NULL
+           OR nullif(order_id, '') IS NULL OR nullif(txn_id, '') IS NULL
+           OR coalesce(r->>'refund_fee', '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := (r->>'refund_fee')::bigint;
+        RETURN;
+    END IF;
+    given := f->>'sign';
+    IF nullif(given, '') IS NULL THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    sign_type := coalesce(nullif(f->>'sign_type', ''), 'HMAC-SHA256');
+    IF sign_type NOT IN ('HMAC-SHA256', 'MD5') THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(e.key || '=' || e.value, '&' ORDER BY e.key COLLATE "C")
+      INTO content
+      FROM jsonb_each_text(f) e WHERE e.key <> 'sign' AND e.value <> '';
+    FOREACH s IN ARRAY _wechatpay_v2_parse.secrets LOOP
+        key := regexp_replace(s, '^md5:', '');
+        IF sign_type = 'HMAC-SHA256' THEN
+            calc := upper(encode(callback_center._hmac_sha256(convert_to(key, 'UTF8'),
+                convert_to(content || '&key=' || key, 'UTF8')), 'hex'));
+        ELSIF s LIKE 'md5:%' THEN
+            calc := upper(md5(convert_to(content || '&key=' || key, 'UTF8')));
+        ELSE
+            CONTINUE;
+        END IF;
+        -- Compared as digests: the time taken says nothing about the sign.
+        ok := ok OR sha256(convert_to(calc, 'UTF8')) = sha256(convert_to(upper(given), 'UTF8'));
+    END LOOP;
+    IF NOT ok THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by WeChat Pay: from here on a problem is the body's.
+    IF f->>'return_code' IS DISTINCT FROM 'SUCCESS' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := f->>'transaction_id';
+    txn_id := f->>'transaction_id';
+    order_id := f->>'out_trade_no';
+    event_type := coalesce(f->>'trade_type', 'payment');
+    -- result_code FAIL is one failed attempt: the order stays payable.
+    verdict := CASE f->>'result_code' WHEN 'SUCCESS' THEN 'success'
+                                      WHEN 'FAIL' THEN 'attempt_failed' END;
+    currency := coalesce(nullif(f->>'fee_type', ''), 'CNY');
+    IF nullif(msg_id, '') IS NULL OR nullif(order_id, '') IS NULL OR verdict IS NULL
+       OR coalesce(f->>'total_fee', '') !~ '^[0-9]{1,15}$' THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    amount_cents := (f->>'total_fee')::bigint;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._wechatpay_v2_parse(text, text[], interval, jsonb, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._unionpay_parse(text, text[], interval, jsonb, text);
+
+CREATE FUNCTION callback_center._unionpay_parse(
+    provider text, secrets text[], tolerance interval,
+    headers jsonb, body text,
+    OUT failure text, OUT fail_status integer, OUT msg_id text,
+    OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
+    OUT amount_cents bigint, OUT currency text, OUT payload text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    names text[];
+    vals bytea[];
+    charset text;
+    cs text;
+    cert bytea;
+    cert_pem text;
+    content bytea;
+    sig bytea;
+    cas text[];
+    chk record;
+    f jsonb;
+    total text;
+BEGIN
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(_unionpay_parse.body) f;
+    IF names IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+
+    cs := upper(callback_center._channel_ascii(vals[array_position(names, 'encoding')]));
+    charset := CASE WHEN cs IS NULL OR cs IN ('UTF-8', 'UTF8') THEN 'UTF8'
+                    WHEN cs = 'GBK' THEN 'GBK' END;
+    IF charset IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    -- signMethod 01 of version 5.1.0 only: 5.0.0 signs SHA-1 digests with
+    -- a certificate chosen by certId, 11 and 12 are symmetric keys.
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        sig := NULL;
+    END;
+    IF sig IS NULL OR sig = '' THEN
+        failure := 'malformed_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- In a fixed order: the certificate cache (crypto.c) is keyed by them.
+    SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = _unionpay_parse.provider;
+    IF cas IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no UnionPay certificates', _unionpay_parse.provider),
+            HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
+    END IF;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, cas, _unionpay_parse.secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
+                                    WHEN 'expired' THEN 'key_expired'
+                                    WHEN 'wrong_name' THEN 'wrong_organisation'
+                                    ELSE 'untrusted_key' END;
+        fail_status := 401;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature'; fail_status := 401;
+        RETURN;
+    END IF;
+
+    -- Signed by UnionPay: from here on a problem is the body's.
+    BEGIN
+        SELECT jsonb_object_agg(x.nm, convert_from(x.v, charset))
+          INTO f FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm IN ('orderId', 'queryId', 'txnType', 'txnSubType', 'respCode',
+                        'txnAmt', 'currencyCode', 'origQryId');
+        -- What a resend repeats: the signed parameters but the certificate
+        -- (UnionPay may sign a resend under its next certificate).
+        SELECT string_agg(x.nm || '=' || convert_from(x.v, charset), '&' ORDER BY x.nm COLLATE "C")
+          INTO payload FROM unnest(names, vals) AS x(nm, v)
+         WHERE x.nm NOT IN ('signature', 'signPubKeyCert') AND x.v <> '';
+    EXCEPTION WHEN OTHERS THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END;
+    IF nullif(f->>'queryId', '') IS NULL OR nullif(f->>'txnType', '') IS NULL THEN
+        failure := 'malformed_body'; fail_status := 400;
+        RETURN;
+    END IF;
+    msg_id := (f->>'queryId') || ':' || (f->>'txnType');
+    event_type := 'txnType ' || (f->>'txnType') || coalesce('/' || (f->>'txnSubType'), '');
+    IF f->>'txnType' = '01' THEN
+        -- Consumption: respCode 00 (success) and A6 (success with a
+        -- defect) pay; any other is one failed attempt.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'success' ELSE 'attempt_failed' END;
+        -- ISO 4217 numeric codes.
+        currency := CASE f->>'currencyCode'
+            WHEN '156' THEN 'CNY' WHEN '344' THEN 'HKD' WHEN '446' THEN 'MOP'
+            WHEN '901' THEN 'TWD' WHEN '840' THEN 'USD' WHEN '978' THEN 'EUR'
+            WHEN '826' THEN 'GBP' WHEN '392' THEN 'JPY' WHEN '410' THEN 'KRW'
+            WHEN '702' THEN 'SGD' WHEN '036' THEN 'AUD' WHEN '124' THEN 'CAD'
+            ELSE f->>'currencyCode' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$'
+           OR nullif(currency, '') IS NULL THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    IF f->>'txnType' = '04' THEN
+        -- Refund (back notification): orderId is the refund's own order
+        -- id, our refund id; queryId UnionPay's id of the refund; txnAmt
+        -- its amount.  respCode 00 and A6 refunded; any other failed.
+        order_id := f->>'orderId';
+        txn_id := f->>'queryId';
+        verdict := CASE WHEN f->>'respCode' IN ('00', 'A6') THEN 'refund_success' ELSE 'refund_failed' END;
+        total := f->>'txnAmt';
+        IF nullif(order_id, '') IS NULL OR coalesce(total, '') !~ '^[0-9]{1,15}$' THEN
+            failure := 'malformed_body'; fail_status := 400;
+            RETURN;
+        END IF;
+        amount_cents := total::bigint;
+    END IF;
+    -- Other transaction types (cancellations 31, ...) are recorded and
+    -- acknowledged (verdict NULL).
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._unionpay_parse(text, text[], interval, jsonb, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._channel_parse(text, text, jsonb, text);
+
+CREATE FUNCTION callback_center._channel_parse(
+    scheme text, provider text, headers jsonb, body text)
+RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
+               order_id text, txn_id text, amount_cents bigint, currency text,
+               payload text, http_status integer, response_body text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    prov callback_center.providers;
+    m record;
+    a record;
+BEGIN
+    PERFORM callback_center._require(num_nulls(_channel_parse.scheme, _channel_parse.provider, _channel_parse.headers, _channel_parse.body) = 0 OR NULL,
+                                     'scheme, provider, headers and body');
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = _channel_parse.provider;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB033',
+            MESSAGE = format('unknown provider "%s"', _channel_parse.provider),
+            HINT = 'An administrator registers providers with callback_center.set_provider().';
+    END IF;
+    IF prov.scheme <> _channel_parse.scheme THEN
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('provider "%s" has scheme %s, not %s', _channel_parse.provider, prov.scheme, _channel_parse.scheme);
+    END IF;
+
+    IF _channel_parse.scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(_channel_parse.provider, prov.secrets, prov.tolerance,
+                                                 _channel_parse.headers, _channel_parse.body);
+    ELSIF _channel_parse.scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(_channel_parse.provider, prov.secrets, prov.tolerance,
+                                                 _channel_parse.headers, _channel_parse.body);
+    ELSIF _channel_parse.scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(_channel_parse.provider, prov.secrets, prov.tolerance,
+                                           _channel_parse.headers, _channel_parse.body);
+    ELSIF _channel_parse.scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(_channel_parse.provider, prov.secrets, prov.tolerance,
+                                             _channel_parse.headers, _channel_parse.body);
+    ELSE
+        RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+            MESSAGE = format('scheme %s is not a payment channel', _channel_parse.scheme);
+    END IF;
+
+    a := callback_center._channel_answer(_channel_parse.scheme, m.failure IS NULL, m.fail_status,
+                                         replace(coalesce(m.failure, 'ok'), '_', ' '));
+    RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
+                        m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,
+                        a.http_status, a.response_body;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._channel_parse(text, text, jsonb, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._refund_check_answer(text, jsonb);
+
+CREATE FUNCTION callback_center._refund_check_answer(refund_id text, answer jsonb)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+BEGIN
+    IF jsonb_typeof(answer) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a refund answer must be a JSON object';
+    END IF;
+    IF answer ? 'refund_id' AND answer->>'refund_id' IS DISTINCT FROM _refund_check_answer.refund_id THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('the answer is about refund "%s", not "%s"',
+                             answer->>'refund_id', _refund_check_answer.refund_id);
+    END IF;
+    IF coalesce(answer->>'status', '') NOT IN ('success', 'processing', 'failed', 'unknown') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('invalid refund answer status "%s"', coalesce(answer->>'status', '(none)')),
+            DETAIL = 'The status is success, processing, failed or unknown.';
+    END IF;
+    IF jsonb_typeof(answer->'amount_cents') NOT IN ('number', 'null')
+       OR (jsonb_typeof(answer->'amount_cents') = 'number'
+           AND (answer->>'amount_cents') !~ '^[0-9]{1,18}$') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'the answer''s amount_cents must be a non-negative integer or null';
+    END IF;
+    IF jsonb_typeof(answer->'provider_refund_id') NOT IN ('string', 'null')
+       OR jsonb_typeof(answer->'error') NOT IN ('string', 'null') THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'the answer''s provider_refund_id and error must be strings or null';
+    END IF;
+    IF octet_length(answer->>'provider_refund_id') > 200 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'the answer''s provider_refund_id is longer than 200 bytes';
+    END IF;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._refund_check_answer(text, jsonb) FROM PUBLIC;
+
+DROP FUNCTION callback_center._apply_refund_notification(text, text, text, bigint, text, text);
+
+CREATE FUNCTION callback_center._apply_refund_notification(
+    provider text, refund_id text, provider_refund_id text,
+    amount_cents bigint, verdict text, event_type text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    owner text;
+BEGIN
+    SELECT x.provider INTO owner FROM callback_center.refunds x WHERE x.refund_id = _apply_refund_notification.refund_id;
+    IF NOT FOUND THEN
+        RETURN 'unknown_refund';
+    END IF;
+    IF owner IS DISTINCT FROM _apply_refund_notification.provider THEN
+        RETURN 'provider_mismatch';
+    END IF;
+    RETURN callback_center._apply_refund_answer(_apply_refund_notification.refund_id,
+        jsonb_build_object('refund_id', _apply_refund_notification.refund_id,
+                           'status', CASE _apply_refund_notification.verdict WHEN 'refund_success' THEN 'success'
+                                                    WHEN 'refund_failed' THEN 'failed'
+                                                    ELSE 'processing' END,
+                           'provider_refund_id', _apply_refund_notification.provider_refund_id,
+                           'amount_cents', _apply_refund_notification.amount_cents,
+                           'error', CASE WHEN _apply_refund_notification.verdict <> 'refund_success'
+                                         THEN format('notification %s', _apply_refund_notification.event_type) END));
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._apply_refund_notification(text, text, text, bigint, text, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._late_refund(bigint, text);
+
+CREATE FUNCTION callback_center._late_refund(lp_id bigint, mode text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    lp callback_center.late_payments;
+    o callback_center.orders;
+    r callback_center.refunds;
+BEGIN
+    SELECT * INTO lp FROM callback_center.late_payments l WHERE l.id = lp_id;
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = lp.order_id FOR UPDATE;
+    PERFORM 1 FROM callback_center.payments x WHERE x.order_id = lp.order_id FOR UPDATE;
+    SELECT * INTO lp FROM callback_center.late_payments l WHERE l.id = lp_id FOR UPDATE;
+    SELECT x.refund_id INTO r.refund_id FROM callback_center.refunds x
+     WHERE x.late_payment_id = lp.id;
+    IF r.refund_id IS NOT NULL OR NOT (lp.amount_cents > 0) THEN
+        RETURN r.refund_id;
+    END IF;
+    r.refund_id := 'late_' || lp.id;
+    r.order_id := lp.order_id;
+    r.late_payment_id := lp.id;
+    r.provider := lp.provider;
+    r.provider_txn_id := lp.provider_txn_id;
+    r.amount_cents := lp.amount_cents;
+    r.total_cents := lp.amount_cents;
+    r.currency := coalesce(o.currency, 'CNY');
+    r.reason := 'late payment';
+    r.mode := _late_refund.mode;
+    r := callback_center._refund_create(r);
+    RETURN r.refund_id;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._late_refund(bigint, text) FROM PUBLIC;
+
+DROP FUNCTION callback_center._note_close_failure(text, text);
+
+CREATE FUNCTION callback_center._note_close_failure(order_id text, error text)
+RETURNS timestamptz
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    retry timestamptz;
+BEGIN
+    DELETE FROM callback_center.close_failures f
+     WHERE NOT EXISTS (SELECT 1 FROM callback_center.orders o
+                        WHERE o.order_id = f.order_id AND o.status = 'confirmed'
+                          AND o.pay_status IN ('unpaid', 'paying'));
+    INSERT INTO callback_center.close_failures AS f
+           (order_id, failures, last_error, failed_at, retry_at)
+    VALUES (_note_close_failure.order_id, 1, _note_close_failure.error, now(), now() + interval '1 second')
+    ON CONFLICT ON CONSTRAINT close_failures_pkey DO UPDATE
+       SET failures = f.failures + 1, last_error = excluded.last_error, failed_at = now(),
+           retry_at = now() + least(interval '1 second' * power(2, least(f.failures, 20)),
+                                    interval '5 minutes')
+    RETURNING f.retry_at INTO retry;
+    RETURN retry;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._note_close_failure(text, text) FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION callback_center._note_close_failure(text, text) TO callback_center_worker;
+
+DROP FUNCTION callback_center._close_order(text);
+
+CREATE FUNCTION callback_center._close_order(order_id text)
+RETURNS boolean
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    o callback_center.orders;
+BEGIN
+    SELECT * INTO o FROM callback_center.orders x
+     WHERE x.order_id = _close_order.order_id FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        IF NOT EXISTS (SELECT 1 FROM callback_center.orders x WHERE x.order_id = _close_order.order_id) THEN
+            RAISE EXCEPTION USING ERRCODE = 'CB050',
+                MESSAGE = format('order "%s" does not exist', _close_order.order_id);
+        END IF;
+        RETURN false;
+    END IF;
+    IF NOT (o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying')
+            AND o.pay_deadline <= now()) THEN
+        RETURN false;
+    END IF;
+    RETURN callback_center._close_locked_orders(ARRAY[o.order_id]) = 1;
+END
+$$;
+
+REVOKE ALL ON FUNCTION callback_center._close_order(text) FROM PUBLIC;
+
+GRANT EXECUTE ON FUNCTION callback_center._close_order(text) TO callback_center_worker;

@@ -17,8 +17,8 @@
 #include "utils/guc.h"
 
 #include "allowlist.h"
-#include "callbacks.h"
 #include "fsm.h"
+#include "inbound.h"
 #include "jobs.h"
 #include "outbox.h"
 #include "shmem.h"

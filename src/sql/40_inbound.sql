@@ -106,17 +106,17 @@ DECLARE
     r callback_center.callback_record;
     v_status smallint;
 BEGIN
-    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
-    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
-    PERFORM callback_center._require(p_succeeded, 'succeeded');
-    v_status := CASE WHEN p_succeeded THEN 2 ELSE 3 END;
+    PERFORM callback_center._require_key(complete_callback.p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(complete_callback.p_callback_type, 'callback_type');
+    PERFORM callback_center._require(complete_callback.p_succeeded, 'succeeded');
+    v_status := CASE WHEN complete_callback.p_succeeded THEN 2 ELSE 3 END;
 
     SELECT * INTO r FROM callback_center.callback_record c
-     WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type
+     WHERE c.biz_id = complete_callback.p_biz_id AND c.callback_type = complete_callback.p_callback_type
        FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB021',
-            MESSAGE = format('unknown callback (%s, %s)', p_biz_id, p_callback_type),
+            MESSAGE = format('unknown callback (%s, %s)', complete_callback.p_biz_id, complete_callback.p_callback_type),
             HINT = 'Record the callback with callback_center.record_callback() first.';
     END IF;
 
@@ -125,14 +125,14 @@ BEGIN
             RETURN r.status;
         END IF;
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('callback (%s, %s) is already completed', p_biz_id, p_callback_type),
+            MESSAGE = format('callback (%s, %s) is already completed', complete_callback.p_biz_id, complete_callback.p_callback_type),
             DETAIL = format('It completed as %s and cannot now complete as %s.',
                             CASE r.status WHEN 2 THEN 'succeeded' ELSE 'failed' END,
                             CASE v_status WHEN 2 THEN 'succeeded' ELSE 'failed' END);
     END IF;
 
     UPDATE callback_center.callback_record c
-       SET status = v_status, result = p_result,
+       SET status = v_status, result = complete_callback.p_result,
            completed_at = now(), updated_at = now()
      WHERE c.id = r.id;
     RETURN v_status;
@@ -150,13 +150,13 @@ AS $$
 DECLARE
     r callback_center.callback_record;
 BEGIN
-    PERFORM callback_center._require_key(p_biz_id, 'biz_id');
-    PERFORM callback_center._require_key(p_callback_type, 'callback_type');
+    PERFORM callback_center._require_key(get_callback.p_biz_id, 'biz_id');
+    PERFORM callback_center._require_key(get_callback.p_callback_type, 'callback_type');
     SELECT * INTO r FROM callback_center.callback_record c
-     WHERE c.biz_id = p_biz_id AND c.callback_type = p_callback_type;
+     WHERE c.biz_id = get_callback.p_biz_id AND c.callback_type = get_callback.p_callback_type;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB021',
-            MESSAGE = format('unknown callback (%s, %s)', p_biz_id, p_callback_type);
+            MESSAGE = format('unknown callback (%s, %s)', get_callback.p_biz_id, get_callback.p_callback_type);
     END IF;
     RETURN r;
 END
@@ -274,53 +274,53 @@ AS $$
 DECLARE
     s text;
 BEGIN
-    PERFORM callback_center._require_key(p_name, 'provider', 63);
-    PERFORM callback_center._require(p_scheme, 'scheme');
-    IF p_secrets IS NULL AND p_scheme = 'unionpay' THEN
+    PERFORM callback_center._require_key(set_provider.p_name, 'provider', 63);
+    PERFORM callback_center._require(set_provider.p_scheme, 'scheme');
+    IF set_provider.p_secrets IS NULL AND set_provider.p_scheme = 'unionpay' THEN
         -- UnionPay has no shared secret: what is kept is the organisation
         -- its signing certificates name.
-        p_secrets := ARRAY['中国银联股份有限公司'];
-    ELSIF p_secrets IS NULL AND p_scheme = 'alipay' THEN
+        set_provider.p_secrets := ARRAY['中国银联股份有限公司'];
+    ELSIF set_provider.p_secrets IS NULL AND set_provider.p_scheme = 'alipay' THEN
         -- Alipay's certificate mode: no public key, the certificates come
         -- with set_platform_keys.
-        p_secrets := '{}';
-    ELSIF p_secrets IS NULL THEN
-        p_secrets := ARRAY[callback_center.new_webhook_secret()];
+        set_provider.p_secrets := '{}';
+    ELSIF set_provider.p_secrets IS NULL THEN
+        set_provider.p_secrets := ARRAY[callback_center.new_webhook_secret()];
     END IF;
     -- Payment channels (45_channels.sql): wechatpay_v3, wechatpay_v2, alipay, unionpay.
-    IF p_scheme NOT IN ('standard_webhooks', 'stripe', 'wechatpay_v3', 'wechatpay_v2', 'alipay',
+    IF set_provider.p_scheme NOT IN ('standard_webhooks', 'stripe', 'wechatpay_v3', 'wechatpay_v2', 'alipay',
                         'unionpay') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('unknown signature scheme "%s"', p_scheme),
+            MESSAGE = format('unknown signature scheme "%s"', set_provider.p_scheme),
             HINT = 'The schemes are standard_webhooks, stripe, wechatpay_v3, wechatpay_v2, alipay and unionpay.';
     END IF;
-    IF (cardinality(p_secrets) = 0 AND p_scheme <> 'alipay')
-       OR array_position(p_secrets, NULL) IS NOT NULL THEN
+    IF (cardinality(set_provider.p_secrets) = 0 AND set_provider.p_scheme <> 'alipay')
+       OR array_position(set_provider.p_secrets, NULL) IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'secrets must hold at least one secret and no nulls';
     END IF;
-    IF p_tolerance <= interval '0' OR p_tolerance > interval '100 years' THEN
+    IF set_provider.p_tolerance <= interval '0' OR set_provider.p_tolerance > interval '100 years' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'tolerance must be positive and at most 100 years',
-            DETAIL = format('The value given was %s.', p_tolerance);
+            DETAIL = format('The value given was %s.', set_provider.p_tolerance);
     END IF;
-    FOREACH s IN ARRAY p_secrets LOOP
+    FOREACH s IN ARRAY set_provider.p_secrets LOOP
         IF s = '' THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
                 MESSAGE = 'secrets must not be empty';
         END IF;
-        IF p_scheme = 'standard_webhooks' THEN
+        IF set_provider.p_scheme = 'standard_webhooks' THEN
             -- raises 22023 for anything but whsec_<base64>
             PERFORM callback_center.sign_webhook(s, 'probe', 0, '');
-        ELSIF p_scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay') THEN
+        ELSIF set_provider.p_scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay') THEN
             -- Payment channels: the APIv3 key, API key, Alipay public key,
             -- UnionPay organisation name (22023)
-            PERFORM callback_center._channel_check_secret(p_scheme, s);
+            PERFORM callback_center._channel_check_secret(set_provider.p_scheme, s);
         END IF;
     END LOOP;
 
     INSERT INTO callback_center.providers (name, scheme, secrets, tolerance)
-    VALUES (p_name, p_scheme, p_secrets, p_tolerance)
+    VALUES (set_provider.p_name, set_provider.p_scheme, set_provider.p_secrets, set_provider.p_tolerance)
     ON CONFLICT (name) DO UPDATE
        SET scheme = EXCLUDED.scheme, secrets = EXCLUDED.secrets,
            tolerance = EXCLUDED.tolerance;
@@ -333,7 +333,7 @@ COMMENT ON FUNCTION callback_center.set_provider(text, text, text[], interval) I
 -- The provider's first secret (the one set_provider generated), to give to
 -- the provider's side (admin; the app role cannot read it).  CB033 for an
 -- unknown provider.
-CREATE FUNCTION callback_center.provider_secret(p_name text)
+CREATE FUNCTION callback_center.provider_secret(name text)
 RETURNS text
 LANGUAGE plpgsql STABLE
 SECURITY DEFINER SET search_path = pg_catalog, callback_center
@@ -341,11 +341,11 @@ AS $$
 DECLARE
     s text;
 BEGIN
-    PERFORM callback_center._require_key(p_name, 'provider', 63);
-    SELECT p.secrets[1] INTO s FROM callback_center.providers p WHERE p.name = p_name;
+    PERFORM callback_center._require_key(provider_secret.name, 'provider', 63);
+    SELECT p.secrets[1] INTO s FROM callback_center.providers p WHERE p.name = provider_secret.name;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
-            MESSAGE = format('unknown provider "%s"', p_name);
+            MESSAGE = format('unknown provider "%s"', provider_secret.name);
     END IF;
     RETURN s;
 END
@@ -360,11 +360,11 @@ LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    PERFORM callback_center._require(p_name, 'name');
-    DELETE FROM callback_center.providers WHERE name = p_name;
+    PERFORM callback_center._require(drop_provider.p_name, 'name');
+    DELETE FROM callback_center.providers p WHERE p.name = drop_provider.p_name;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
-            MESSAGE = format('unknown provider "%s"', p_name);
+            MESSAGE = format('unknown provider "%s"', drop_provider.p_name);
     END IF;
 END
 $$;

@@ -107,35 +107,35 @@ COMMENT ON FUNCTION callback_center.alipay_root_cert_sn(text) IS
 
 -- Checks one entry of set_provider's secrets for a channel scheme: 22023
 -- with a detail that never quotes it.
-CREATE FUNCTION callback_center._channel_check_secret(p_scheme text, p_secret text)
+CREATE FUNCTION callback_center._channel_check_secret(scheme text, secret text)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF p_scheme = 'wechatpay_v3' THEN
-        IF octet_length(convert_to(p_secret, 'UTF8')) <> 32 THEN
+    IF _channel_check_secret.scheme = 'wechatpay_v3' THEN
+        IF octet_length(convert_to(_channel_check_secret.secret, 'UTF8')) <> 32 THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
                 MESSAGE = 'invalid APIv3 key',
                 DETAIL = format('The key is %s bytes; WeChat Pay APIv3 keys are 32.',
-                                octet_length(convert_to(p_secret, 'UTF8'))),
+                                octet_length(convert_to(_channel_check_secret.secret, 'UTF8'))),
                 HINT = 'Give the APIv3 key set in the merchant platform; platform certificates go to callback_center.set_platform_keys().';
         END IF;
-    ELSIF p_scheme = 'wechatpay_v2' THEN
-        IF octet_length(convert_to(regexp_replace(p_secret, '^md5:', ''), 'UTF8')) <> 32 THEN
+    ELSIF _channel_check_secret.scheme = 'wechatpay_v2' THEN
+        IF octet_length(convert_to(regexp_replace(_channel_check_secret.secret, '^md5:', ''), 'UTF8')) <> 32 THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
                 MESSAGE = 'invalid API key',
                 DETAIL = format('The key is %s bytes; WeChat Pay API keys are 32.',
-                                octet_length(convert_to(regexp_replace(p_secret, '^md5:', ''), 'UTF8'))),
+                                octet_length(convert_to(regexp_replace(_channel_check_secret.secret, '^md5:', ''), 'UTF8'))),
                 HINT = 'Give the API key set in the merchant platform, with md5: before it to accept the legacy MD5 sign.';
         END IF;
-    ELSIF p_scheme = 'alipay' THEN
+    ELSIF _channel_check_secret.scheme = 'alipay' THEN
         -- raises 22023 for a malformed key, not RSA, under 2048 bits
-        PERFORM callback_center._key_info(p_secret);
-    ELSIF p_scheme = 'unionpay' THEN
+        PERFORM callback_center._key_info(_channel_check_secret.secret);
+    ELSIF _channel_check_secret.scheme = 'unionpay' THEN
         -- The organisation the signing certificate names (the third
         -- "@" field of its common name, as UnionPay's SDK reads it).
-        IF length(p_secret) > 128 OR p_secret ~ '[@[:cntrl:]]' THEN
+        IF length(_channel_check_secret.secret) > 128 OR _channel_check_secret.secret ~ '[@[:cntrl:]]' THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
                 MESSAGE = 'invalid UnionPay organisation name',
                 DETAIL = 'The name is at most 128 characters, without "@" or control characters.',
@@ -156,7 +156,7 @@ $$;
 -- and the RSA root certificates, which all must chain to a root.
 -- Each key is checked (RSA, 2048 bits or more, a certificate valid now
 -- whose serial is its name for wechatpay_v3); returns how many are loaded.
-CREATE FUNCTION callback_center.set_platform_keys(p_provider text, p_keys jsonb)
+CREATE FUNCTION callback_center.set_platform_keys(provider text, keys jsonb)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE
 SECURITY DEFINER SET search_path = pg_catalog, callback_center
@@ -170,25 +170,25 @@ DECLARE
     why text;
     n integer := 0;
 BEGIN
-    PERFORM callback_center._require(num_nulls(p_provider, p_keys) = 0 OR NULL, 'provider and keys');
+    PERFORM callback_center._require(num_nulls(set_platform_keys.provider, set_platform_keys.keys) = 0 OR NULL, 'provider and keys');
     SELECT p.scheme INTO v_scheme FROM callback_center.providers p
-     WHERE p.name = p_provider FOR UPDATE;
+     WHERE p.name = set_platform_keys.provider FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
-            MESSAGE = format('unknown provider "%s"', p_provider),
+            MESSAGE = format('unknown provider "%s"', set_platform_keys.provider),
             HINT = 'Create it first with callback_center.set_provider(name, ''wechatpay_v3'', ARRAY[apiv3_key]) or set_provider(name, ''unionpay'', NULL).';
     END IF;
     IF v_scheme NOT IN ('wechatpay_v3', 'unionpay', 'alipay') THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', p_provider, v_scheme);
+            MESSAGE = format('provider "%s" has scheme %s, not wechatpay_v3, unionpay or alipay', set_platform_keys.provider, v_scheme);
     END IF;
-    IF jsonb_typeof(p_keys) <> 'object' OR p_keys = '{}' THEN
+    IF jsonb_typeof(set_platform_keys.keys) <> 'object' OR set_platform_keys.keys = '{}' THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
             MESSAGE = 'keys must be a non-empty JSON object of serial to PEM';
     END IF;
 
-    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
-    FOR k IN SELECT e.key, e.value FROM jsonb_each(p_keys) e ORDER BY e.key LOOP
+    DELETE FROM callback_center.provider_keys pk WHERE pk.provider = set_platform_keys.provider;
+    FOR k IN SELECT e.key, e.value FROM jsonb_each(set_platform_keys.keys) e ORDER BY e.key LOOP
         IF jsonb_typeof(k.value) <> 'string' OR k.key = '' OR length(k.key) > 128 THEN
             RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
                 MESSAGE = 'invalid platform key',
@@ -224,7 +224,7 @@ BEGIN
                 HINT = 'Name each certificate by its SN, callback_center.alipay_cert_sn(pem).';
         END IF;
         INSERT INTO callback_center.provider_keys (provider, key_id, kind, pem, not_after)
-        VALUES (p_provider, k.key, info.kind, k.value #>> '{}', info.not_after);
+        VALUES (set_platform_keys.provider, k.key, info.kind, k.value #>> '{}', info.not_after);
         n := n + 1;
     END LOOP;
 
@@ -232,9 +232,9 @@ BEGIN
         -- Every certificate must chain to a self-signed root among them
         -- (a root chains to itself), or no notification ever verifies.
         SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas
-          FROM callback_center.provider_keys pk WHERE pk.provider = p_provider;
+          FROM callback_center.provider_keys pk WHERE pk.provider = set_platform_keys.provider;
         FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
-                  WHERE pk.provider = p_provider ORDER BY pk.key_id LOOP
+                  WHERE pk.provider = set_platform_keys.provider ORDER BY pk.key_id LOOP
             chk := callback_center._x509_chain_check(k.pem, cas, NULL);
             IF chk.verdict <> 'ok' THEN
                 RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
@@ -256,7 +256,7 @@ COMMENT ON FUNCTION callback_center.set_platform_keys(text, jsonb) IS
 
 -- A header's value, ASCII case-insensitive; NULL when absent or not a
 -- string, and '' marks it present twice (the caller refuses both).
-CREATE FUNCTION callback_center._channel_header(p_headers jsonb, p_name text)
+CREATE FUNCTION callback_center._channel_header(headers jsonb, name text)
 RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
@@ -264,12 +264,12 @@ AS $$
 DECLARE
     v text[];
 BEGIN
-    IF jsonb_typeof(p_headers) <> 'object' THEN
+    IF jsonb_typeof(_channel_header.headers) <> 'object' THEN
         RETURN NULL;
     END IF;
     SELECT array_agg(CASE WHEN jsonb_typeof(h.value) = 'string' THEN h.value #>> '{}' END)
       INTO v
-      FROM jsonb_each(p_headers) h WHERE lower(h.key) = lower(p_name);
+      FROM jsonb_each(_channel_header.headers) h WHERE lower(h.key) = lower(_channel_header.name);
     IF cardinality(v) > 1 THEN
         RETURN '';
     END IF;
@@ -280,56 +280,56 @@ $$;
 -- The answer a channel's provider expects: success, or failure with a
 -- short reason (never key material or the request).
 CREATE FUNCTION callback_center._channel_answer(
-    p_scheme text, p_ok boolean, p_status integer, p_reason text,
+    scheme text, ok boolean, status integer, reason text,
     OUT http_status integer, OUT response_body text)
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    IF p_scheme = 'wechatpay_v3' THEN
+    IF _channel_answer.scheme = 'wechatpay_v3' THEN
         -- WeChat Pay: 200 or 204 with no body acknowledges; any 4xx/5xx
         -- with {"code":"FAIL","message":...} makes it resend.
-        IF p_ok THEN
+        IF _channel_answer.ok THEN
             http_status := 200;
             response_body := '';
         ELSE
-            http_status := p_status;
-            response_body := jsonb_build_object('code', 'FAIL', 'message', p_reason)::text;
+            http_status := _channel_answer.status;
+            response_body := jsonb_build_object('code', 'FAIL', 'message', _channel_answer.reason)::text;
         END IF;
-    ELSIF p_scheme = 'wechatpay_v2' THEN
+    ELSIF _channel_answer.scheme = 'wechatpay_v2' THEN
         -- WeChat Pay v2: return_code SUCCESS acknowledges; FAIL (or no
         -- answer) makes it resend.
-        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
+        http_status := CASE WHEN _channel_answer.ok THEN 200 ELSE _channel_answer.status END;
         response_body := format('<xml><return_code><![CDATA[%s]]></return_code>'
                                 '<return_msg><![CDATA[%s]]></return_msg></xml>',
-                                CASE WHEN p_ok THEN 'SUCCESS' ELSE 'FAIL' END,
-                                CASE WHEN p_ok THEN 'OK' ELSE p_reason END);
-    ELSIF p_scheme = 'alipay' THEN
+                                CASE WHEN _channel_answer.ok THEN 'SUCCESS' ELSE 'FAIL' END,
+                                CASE WHEN _channel_answer.ok THEN 'OK' ELSE _channel_answer.reason END);
+    ELSIF _channel_answer.scheme = 'alipay' THEN
         -- Alipay: the exact body "success" acknowledges; anything else
         -- makes it resend.
-        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
-        response_body := CASE WHEN p_ok THEN 'success' ELSE 'fail' END;
-    ELSIF p_scheme = 'unionpay' THEN
+        http_status := CASE WHEN _channel_answer.ok THEN 200 ELSE _channel_answer.status END;
+        response_body := CASE WHEN _channel_answer.ok THEN 'success' ELSE 'fail' END;
+    ELSIF _channel_answer.scheme = 'unionpay' THEN
         -- UnionPay: HTTP 200 acknowledges (the acp SDK's demo answers
         -- "ok"); any other status makes it resend.
-        http_status := CASE WHEN p_ok THEN 200 ELSE p_status END;
-        response_body := CASE WHEN p_ok THEN 'ok' ELSE 'fail' END;
+        http_status := CASE WHEN _channel_answer.ok THEN 200 ELSE _channel_answer.status END;
+        response_body := CASE WHEN _channel_answer.ok THEN 'ok' ELSE 'fail' END;
     ELSE
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+            MESSAGE = format('scheme %s is not a payment channel', _channel_answer.scheme);
     END IF;
 END
 $$;
 
 -- The timestamp tolerance of a provider: its own, else the GUC
 -- callback_center.signature_tolerance.
-CREATE FUNCTION callback_center._channel_tolerance(p_tolerance interval)
+CREATE FUNCTION callback_center._channel_tolerance(tolerance interval)
 RETURNS interval
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, callback_center
 AS $$
 BEGIN
-    RETURN coalesce(p_tolerance,
+    RETURN coalesce(_channel_tolerance.tolerance,
                     current_setting('callback_center.signature_tolerance', true)::interval,
                     interval '300 seconds');
 END
@@ -342,8 +342,8 @@ $$;
 -- the message is good; else the outcome, with fail_status the HTTP status
 -- to answer.
 CREATE FUNCTION callback_center._wechatpay_v3_parse(
-    p_provider text, p_secrets text[], p_tolerance interval,
-    p_headers jsonb, p_body text,
+    provider text, secrets text[], tolerance interval,
+    headers jsonb, body text,
     OUT failure text, OUT fail_status integer, OUT msg_id text,
     OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
     OUT amount_cents bigint, OUT currency text, OUT payload text)
@@ -351,11 +351,11 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    ts text := callback_center._channel_header(p_headers, 'Wechatpay-Timestamp');
-    nonce text := callback_center._channel_header(p_headers, 'Wechatpay-Nonce');
-    sig_b64 text := callback_center._channel_header(p_headers, 'Wechatpay-Signature');
-    serial text := callback_center._channel_header(p_headers, 'Wechatpay-Serial');
-    sig_type text := callback_center._channel_header(p_headers, 'Wechatpay-Signature-Type');
+    ts text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Timestamp');
+    nonce text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Nonce');
+    sig_b64 text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Signature');
+    serial text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Serial');
+    sig_type text := callback_center._channel_header(_wechatpay_v3_parse.headers, 'Wechatpay-Signature-Type');
     sig bytea;
     key_pem text;
     why text;
@@ -366,7 +366,7 @@ DECLARE
     s text;
     total text;
 BEGIN
-    payload := p_body;
+    payload := _wechatpay_v3_parse.body;
     IF nullif(ts, '') IS NULL OR nullif(nonce, '') IS NULL
        OR nullif(sig_b64, '') IS NULL OR nullif(serial, '') IS NULL THEN
         failure := 'malformed_signature'; fail_status := 401;
@@ -381,7 +381,7 @@ BEGIN
         RETURN;
     END IF;
     IF abs(extract(epoch FROM now()) - ts::bigint)
-       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+       > extract(epoch FROM callback_center._channel_tolerance(_wechatpay_v3_parse.tolerance)) THEN
         failure := 'signature_expired'; fail_status := 401;
         RETURN;
     END IF;
@@ -392,19 +392,19 @@ BEGIN
         RETURN;
     END;
 
-    IF NOT EXISTS (SELECT 1 FROM callback_center.provider_keys pk WHERE pk.provider = p_provider) THEN
+    IF NOT EXISTS (SELECT 1 FROM callback_center.provider_keys pk WHERE pk.provider = _wechatpay_v3_parse.provider) THEN
         RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
-            MESSAGE = format('provider "%s" has no platform keys', p_provider),
+            MESSAGE = format('provider "%s" has no platform keys', _wechatpay_v3_parse.provider),
             HINT = 'An administrator loads them with callback_center.set_platform_keys().';
     END IF;
     SELECT pk.pem INTO key_pem FROM callback_center.provider_keys pk
-     WHERE pk.provider = p_provider AND pk.key_id = serial;
+     WHERE pk.provider = _wechatpay_v3_parse.provider AND pk.key_id = serial;
     IF NOT FOUND THEN
         failure := 'unknown_key'; fail_status := 401;
         RETURN;
     END IF;
     why := callback_center._rsa_sha256_check(key_pem,
-        convert_to(ts || E'\n' || nonce || E'\n' || p_body || E'\n', 'UTF8'), sig);
+        convert_to(ts || E'\n' || nonce || E'\n' || _wechatpay_v3_parse.body || E'\n', 'UTF8'), sig);
     IF why IS NOT NULL THEN
         failure := CASE WHEN why LIKE '%expired%' OR why LIKE '%not valid yet%'
                         THEN 'key_expired' ELSE 'invalid_signature' END;
@@ -414,7 +414,7 @@ BEGIN
 
     -- Signed by WeChat Pay: from here on a problem is the body's.
     BEGIN
-        ev := p_body::jsonb;
+        ev := _wechatpay_v3_parse.body::jsonb;
     EXCEPTION WHEN OTHERS THEN
         ev := NULL;
     END;
@@ -428,7 +428,7 @@ BEGIN
         failure := 'malformed_body'; fail_status := 400;
         RETURN;
     END IF;
-    FOREACH s IN ARRAY p_secrets LOOP
+    FOREACH s IN ARRAY _wechatpay_v3_parse.secrets LOOP
         BEGIN
             plain := callback_center._aes256gcm_decrypt(convert_to(s, 'UTF8'),
                 convert_to(res->>'nonce', 'UTF8'),
@@ -515,7 +515,7 @@ $$;
 -- names is NULL for a body that cannot be one form: empty, a "%" not
 -- followed by two hex digits, a name that is not printable ASCII, or a
 -- parameter twice (which one did the provider sign?).
-CREATE FUNCTION callback_center._form_parse(p_body text, OUT names text[], OUT vals bytea[])
+CREATE FUNCTION callback_center._form_parse(body text, OUT names text[], OUT vals bytea[])
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
@@ -526,12 +526,12 @@ DECLARE
     v bytea;
     nm text;
 BEGIN
-    IF p_body = '' THEN
+    IF _form_parse.body = '' THEN
         RETURN;
     END IF;
     names := '{}';
     vals := '{}';
-    FOREACH pair IN ARRAY string_to_array(p_body, '&') LOOP
+    FOREACH pair IN ARRAY string_to_array(_form_parse.body, '&') LOOP
         CONTINUE WHEN pair = '';
         eq := strpos(pair, '=');
         IF eq = 0 THEN
@@ -567,8 +567,8 @@ $$;
 -- Alipay public-key certificates that chain to the loaded Alipay roots
 -- (certificate mode, set_platform_keys).
 CREATE FUNCTION callback_center._alipay_parse(
-    p_provider text, p_secrets text[], p_tolerance interval,
-    p_headers jsonb, p_body text,
+    provider text, secrets text[], tolerance interval,
+    headers jsonb, body text,
     OUT failure text, OUT fail_status integer, OUT msg_id text,
     OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
     OUT amount_cents bigint, OUT currency text, OUT payload text)
@@ -595,7 +595,7 @@ DECLARE
     notify_time timestamptz;
     total text;
 BEGIN
-    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(_alipay_parse.body) f;
     IF names IS NULL THEN
         failure := 'malformed_body'; fail_status := 400;
         RETURN;
@@ -611,11 +611,11 @@ BEGIN
     END IF;
     -- Characters of a text body beyond ASCII were decoded by the web tier:
     -- on the wire they were the bytes of the form's charset.
-    IF charset <> 'UTF8' AND p_body ~ '[^\x01-\x7f]' THEN
+    IF charset <> 'UTF8' AND _alipay_parse.body ~ '[^\x01-\x7f]' THEN
         BEGIN
             SELECT f.names, f.vals INTO names, vals
               FROM callback_center._form_parse(
-                       callback_center._form_escape(convert_to(p_body, charset))) f;
+                       callback_center._form_escape(convert_to(_alipay_parse.body, charset))) f;
         EXCEPTION WHEN untranslatable_character THEN
             names := NULL;
         END;
@@ -657,7 +657,7 @@ BEGIN
       FROM unnest(names, vals) AS x(nm, v)
      WHERE x.nm NOT IN ('sign', 'sign_type') AND x.v <> '';
     -- Public-key mode: the Alipay public keys of secrets.
-    FOREACH s IN ARRAY p_secrets LOOP
+    FOREACH s IN ARRAY _alipay_parse.secrets LOOP
         ok := ok OR callback_center._rsa_sha256_check(s, coalesce(content, ''), sig) IS NULL;
     END LOOP;
     -- Certificate mode: the Alipay public-key certificates loaded with
@@ -668,14 +668,14 @@ BEGIN
     IF NOT ok THEN
         cert_sn := callback_center._channel_ascii(vals[array_position(names, 'alipay_cert_sn')]);
         SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
-         WHERE pk.provider = p_provider;
-        IF cas IS NULL AND cardinality(p_secrets) = 0 THEN
+         WHERE pk.provider = _alipay_parse.provider;
+        IF cas IS NULL AND cardinality(_alipay_parse.secrets) = 0 THEN
             RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
-                MESSAGE = format('provider "%s" has no Alipay public key or certificate', p_provider),
+                MESSAGE = format('provider "%s" has no Alipay public key or certificate', _alipay_parse.provider),
                 HINT = 'An administrator gives the Alipay public key to callback_center.set_provider(), or loads the Alipay certificates with callback_center.set_platform_keys().';
         END IF;
         FOR k IN SELECT pk.key_id, pk.pem FROM callback_center.provider_keys pk
-                  WHERE pk.provider = p_provider
+                  WHERE pk.provider = _alipay_parse.provider
                     AND (cert_sn IS NULL OR pk.key_id = cert_sn)
                   ORDER BY pk.key_id LOOP
             CONTINUE WHEN (callback_center._x509_chain_check(k.pem, ARRAY[k.pem], NULL)).verdict = 'ok';
@@ -722,7 +722,7 @@ BEGIN
         RETURN;
     END;
     IF abs(extract(epoch FROM now() - notify_time))
-       > extract(epoch FROM callback_center._channel_tolerance(p_tolerance)) THEN
+       > extract(epoch FROM callback_center._channel_tolerance(_alipay_parse.tolerance)) THEN
         failure := 'signature_expired'; fail_status := 401;
         RETURN;
     END IF;
@@ -770,8 +770,8 @@ $$;
 -- case hex.  v2 signs no timestamp: there is no replay window to check,
 -- and a replay is a repeat of a recorded message (keyed by transaction_id).
 CREATE FUNCTION callback_center._wechatpay_v2_parse(
-    p_provider text, p_secrets text[], p_tolerance interval,
-    p_headers jsonb, p_body text,
+    provider text, secrets text[], tolerance interval,
+    headers jsonb, body text,
     OUT failure text, OUT fail_status integer, OUT msg_id text,
     OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
     OUT amount_cents bigint, OUT currency text, OUT payload text)
@@ -794,14 +794,14 @@ DECLARE
     plain bytea;
     r jsonb;
 BEGIN
-    payload := p_body;
-    IF position('<!' IN regexp_replace(p_body, '<!\[CDATA\[', '', 'g')) > 0 THEN
+    payload := _wechatpay_v2_parse.body;
+    IF position('<!' IN regexp_replace(_wechatpay_v2_parse.body, '<!\[CDATA\[', '', 'g')) > 0 THEN
         -- No DTD, no comments: WeChat sends neither.
         failure := 'malformed_body'; fail_status := 400;
         RETURN;
     END IF;
     BEGIN
-        doc := xmlparse(DOCUMENT p_body);
+        doc := xmlparse(DOCUMENT _wechatpay_v2_parse.body);
         SELECT jsonb_object_agg(x.name, coalesce(x.value, '')), count(*)
           INTO f, n
           FROM XMLTABLE('/xml/*' PASSING doc
@@ -836,7 +836,7 @@ BEGIN
         SELECT x.nspname INTO crypto_schema
           FROM pg_extension e JOIN pg_namespace x ON x.oid = e.extnamespace
          WHERE e.extname = 'pgcrypto';
-        FOREACH s IN ARRAY p_secrets LOOP
+        FOREACH s IN ARRAY _wechatpay_v2_parse.secrets LOOP
             BEGIN
                 EXECUTE format('SELECT %I.decrypt($1, $2, %L)', crypto_schema, 'aes-ecb/pad:pkcs')
                    INTO plain USING ct, convert_to(md5(regexp_replace(s, '^md5:', '')), 'UTF8');
@@ -885,7 +885,7 @@ BEGIN
     SELECT string_agg(e.key || '=' || e.value, '&' ORDER BY e.key COLLATE "C")
       INTO content
       FROM jsonb_each_text(f) e WHERE e.key <> 'sign' AND e.value <> '';
-    FOREACH s IN ARRAY p_secrets LOOP
+    FOREACH s IN ARRAY _wechatpay_v2_parse.secrets LOOP
         key := regexp_replace(s, '^md5:', '');
         IF sign_type = 'HMAC-SHA256' THEN
             calc := upper(encode(callback_center._hmac_sha256(convert_to(key, 'UTF8'),
@@ -934,12 +934,12 @@ $$;
 -- the lower-case hex SHA-256 digest of it, by the key of the certificate
 -- in signPubKeyCert, which must chain to the root and intermediate
 -- certificates loaded with set_platform_keys, be valid now and name one of
--- the provider's organisation names (p_secrets).  UnionPay signs no
+-- the provider's organisation names (secrets).  UnionPay signs no
 -- notification time: a replay is a repeat of the recorded message, keyed
 -- by queryId and txnType.
 CREATE FUNCTION callback_center._unionpay_parse(
-    p_provider text, p_secrets text[], p_tolerance interval,
-    p_headers jsonb, p_body text,
+    provider text, secrets text[], tolerance interval,
+    headers jsonb, body text,
     OUT failure text, OUT fail_status integer, OUT msg_id text,
     OUT event_type text, OUT verdict text, OUT order_id text, OUT txn_id text,
     OUT amount_cents bigint, OUT currency text, OUT payload text)
@@ -960,7 +960,7 @@ DECLARE
     f jsonb;
     total text;
 BEGIN
-    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(p_body) f;
+    SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(_unionpay_parse.body) f;
     IF names IS NULL THEN
         failure := 'malformed_body'; fail_status := 400;
         RETURN;
@@ -995,14 +995,14 @@ BEGIN
 
     -- In a fixed order: the certificate cache (crypto.c) is keyed by them.
     SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
-     WHERE pk.provider = p_provider;
+     WHERE pk.provider = _unionpay_parse.provider;
     IF cas IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
-            MESSAGE = format('provider "%s" has no UnionPay certificates', p_provider),
+            MESSAGE = format('provider "%s" has no UnionPay certificates', _unionpay_parse.provider),
             HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
     END IF;
     cert_pem := convert_from(cert, 'UTF8');
-    chk := callback_center._x509_chain_check(cert_pem, cas, p_secrets);
+    chk := callback_center._x509_chain_check(cert_pem, cas, _unionpay_parse.secrets);
     IF chk.verdict <> 'ok' THEN
         failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
                                     WHEN 'expired' THEN 'key_expired'
@@ -1096,50 +1096,49 @@ $$;
 -- for UnionPay the signed parameters without the certificate).  Raises only for misuse:
 -- CB033 unknown provider, 55000 no key loaded, 22023 not a channel.
 CREATE FUNCTION callback_center._channel_parse(
-    p_scheme text, p_provider text, p_headers jsonb, p_body text)
+    scheme text, provider text, headers jsonb, body text)
 RETURNS TABLE (ok boolean, failure text, msg_id text, event_type text, verdict text,
                order_id text, txn_id text, amount_cents bigint, currency text,
                payload text, http_status integer, response_body text)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, callback_center
 AS $$
-#variable_conflict use_variable
 DECLARE
     prov callback_center.providers;
     m record;
     a record;
 BEGIN
-    PERFORM callback_center._require(num_nulls(p_scheme, p_provider, p_headers, p_body) = 0 OR NULL,
+    PERFORM callback_center._require(num_nulls(_channel_parse.scheme, _channel_parse.provider, _channel_parse.headers, _channel_parse.body) = 0 OR NULL,
                                      'scheme, provider, headers and body');
-    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = p_provider;
+    SELECT * INTO prov FROM callback_center.providers x WHERE x.name = _channel_parse.provider;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB033',
-            MESSAGE = format('unknown provider "%s"', p_provider),
+            MESSAGE = format('unknown provider "%s"', _channel_parse.provider),
             HINT = 'An administrator registers providers with callback_center.set_provider().';
     END IF;
-    IF prov.scheme <> p_scheme THEN
+    IF prov.scheme <> _channel_parse.scheme THEN
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('provider "%s" has scheme %s, not %s', p_provider, prov.scheme, p_scheme);
+            MESSAGE = format('provider "%s" has scheme %s, not %s', _channel_parse.provider, prov.scheme, _channel_parse.scheme);
     END IF;
 
-    IF p_scheme = 'wechatpay_v3' THEN
-        m := callback_center._wechatpay_v3_parse(p_provider, prov.secrets, prov.tolerance,
-                                                 p_headers, p_body);
-    ELSIF p_scheme = 'wechatpay_v2' THEN
-        m := callback_center._wechatpay_v2_parse(p_provider, prov.secrets, prov.tolerance,
-                                                 p_headers, p_body);
-    ELSIF p_scheme = 'alipay' THEN
-        m := callback_center._alipay_parse(p_provider, prov.secrets, prov.tolerance,
-                                           p_headers, p_body);
-    ELSIF p_scheme = 'unionpay' THEN
-        m := callback_center._unionpay_parse(p_provider, prov.secrets, prov.tolerance,
-                                             p_headers, p_body);
+    IF _channel_parse.scheme = 'wechatpay_v3' THEN
+        m := callback_center._wechatpay_v3_parse(_channel_parse.provider, prov.secrets, prov.tolerance,
+                                                 _channel_parse.headers, _channel_parse.body);
+    ELSIF _channel_parse.scheme = 'wechatpay_v2' THEN
+        m := callback_center._wechatpay_v2_parse(_channel_parse.provider, prov.secrets, prov.tolerance,
+                                                 _channel_parse.headers, _channel_parse.body);
+    ELSIF _channel_parse.scheme = 'alipay' THEN
+        m := callback_center._alipay_parse(_channel_parse.provider, prov.secrets, prov.tolerance,
+                                           _channel_parse.headers, _channel_parse.body);
+    ELSIF _channel_parse.scheme = 'unionpay' THEN
+        m := callback_center._unionpay_parse(_channel_parse.provider, prov.secrets, prov.tolerance,
+                                             _channel_parse.headers, _channel_parse.body);
     ELSE
         RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
-            MESSAGE = format('scheme %s is not a payment channel', p_scheme);
+            MESSAGE = format('scheme %s is not a payment channel', _channel_parse.scheme);
     END IF;
 
-    a := callback_center._channel_answer(p_scheme, m.failure IS NULL, m.fail_status,
+    a := callback_center._channel_answer(_channel_parse.scheme, m.failure IS NULL, m.fail_status,
                                          replace(coalesce(m.failure, 'ok'), '_', ' '));
     RETURN QUERY SELECT m.failure IS NULL, m.failure, m.msg_id, m.event_type, m.verdict,
                         m.order_id, m.txn_id, m.amount_cents, m.currency, m.payload,

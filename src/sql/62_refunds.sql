@@ -215,6 +215,9 @@ $$;
 -- figures).  refund_id is what the provider gets as out_refund_no /
 -- out_request_no: 1 to 64 letters, digits and _-|*@ (22023).  reason may
 -- be NULL.  Any refusal writes nothing.  See doc/refunds.md.
+-- The parameters keep their p_ prefix: the result columns refund_id and
+-- amount_cents have the plain names, and PL/pgSQL refuses a parameter and a
+-- result column of one name.
 CREATE FUNCTION callback_center.request_refund(
     p_order_id text,
     p_amount_cents bigint,
@@ -224,41 +227,40 @@ RETURNS TABLE (refund_id text, status text, mode text, amount_cents bigint, is_n
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-#variable_conflict use_column
 DECLARE
     r callback_center.refunds;
     o callback_center.orders;
     pay callback_center.payments;
     taken bigint;
 BEGIN
-    PERFORM callback_center._require_key(p_order_id, 'order_id');
-    PERFORM callback_center._require(p_amount_cents, 'amount_cents');
-    PERFORM callback_center._require_key(p_refund_id, 'refund_id', 64);
-    IF p_reason IS NOT NULL THEN
-        PERFORM callback_center._require_key(p_reason, 'reason');
+    PERFORM callback_center._require_key(request_refund.p_order_id, 'order_id');
+    PERFORM callback_center._require(request_refund.p_amount_cents, 'amount_cents');
+    PERFORM callback_center._require_key(request_refund.p_refund_id, 'refund_id', 64);
+    IF request_refund.p_reason IS NOT NULL THEN
+        PERFORM callback_center._require_key(request_refund.p_reason, 'reason');
     END IF;
-    IF p_refund_id !~ '^[A-Za-z0-9_|*@-]+$' THEN
+    IF request_refund.p_refund_id !~ '^[A-Za-z0-9_|*@-]+$' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('invalid refund_id "%s"', p_refund_id),
+            MESSAGE = format('invalid refund_id "%s"', request_refund.p_refund_id),
             DETAIL = 'A refund id is 1 to 64 letters, digits and _-|*@ (what providers take as out_refund_no).';
     END IF;
-    IF p_amount_cents <= 0 THEN
+    IF request_refund.p_amount_cents <= 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('amount_cents must be positive, got %s', p_amount_cents);
+            MESSAGE = format('amount_cents must be positive, got %s', request_refund.p_amount_cents);
     END IF;
 
     -- Serialise calls for one refund id, then look: a repeat (or a call
     -- that waited for a concurrent first one) finds the refund.
-    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.refund:' || p_refund_id, 0));
-    SELECT * INTO r FROM callback_center.refunds x WHERE x.refund_id = p_refund_id;
+    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.refund:' || request_refund.p_refund_id, 0));
+    SELECT * INTO r FROM callback_center.refunds x WHERE x.refund_id = request_refund.p_refund_id;
     IF FOUND THEN
-        IF r.order_id = p_order_id AND r.amount_cents = p_amount_cents
-           AND r.reason IS NOT DISTINCT FROM p_reason AND r.late_payment_id IS NULL THEN
+        IF r.order_id = request_refund.p_order_id AND r.amount_cents = request_refund.p_amount_cents
+           AND r.reason IS NOT DISTINCT FROM request_refund.p_reason AND r.late_payment_id IS NULL THEN
             RETURN QUERY SELECT r.refund_id, r.status, r.mode, r.amount_cents, false;
             RETURN;
         END IF;
         RAISE EXCEPTION USING ERRCODE = 'CB062',
-            MESSAGE = format('refund "%s" already exists with other arguments', p_refund_id),
+            MESSAGE = format('refund "%s" already exists with other arguments', request_refund.p_refund_id),
             DETAIL = format('It refunds %s cents of order "%s"%s.', r.amount_cents, r.order_id,
                             CASE WHEN r.late_payment_id IS NOT NULL
                                  THEN format(' (late payment %s)', r.late_payment_id)
@@ -266,10 +268,10 @@ BEGIN
             HINT = 'A refund id names one refund; use a new id for another refund.';
     END IF;
 
-    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = request_refund.p_order_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = 'CB050',
-            MESSAGE = format('order "%s" does not exist', p_order_id);
+            MESSAGE = format('order "%s" does not exist', request_refund.p_order_id);
     END IF;
     SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
     -- A REFUNDED payment counts as paid when its refunds refunded it (then
@@ -280,7 +282,7 @@ BEGIN
            AND NOT EXISTS (SELECT 1 FROM callback_center.refunds x
                             WHERE x.payment_id = pay.payment_id AND x.status = 'SUCCESS')) THEN
         RAISE EXCEPTION USING ERRCODE = 'CB060',
-            MESSAGE = format('order "%s" has no paid payment to refund', p_order_id),
+            MESSAGE = format('order "%s" has no paid payment to refund', request_refund.p_order_id),
             DETAIL = CASE WHEN pay.payment_id IS NULL THEN 'The order has no payment.'
                           ELSE format('Its payment is %s.', pay.status) END,
             HINT = CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
@@ -291,25 +293,25 @@ BEGIN
     -- waits here and then counts this one.
     SELECT coalesce(sum(x.amount_cents), 0) INTO taken FROM callback_center.refunds x
      WHERE x.payment_id = pay.payment_id AND x.status <> 'FAILED';
-    IF taken + p_amount_cents > pay.amount_cents THEN
+    IF taken + request_refund.p_amount_cents > pay.amount_cents THEN
         RAISE EXCEPTION USING ERRCODE = 'CB061',
             MESSAGE = format('refund of %s cents exceeds what is left to refund of order "%s"',
-                             p_amount_cents, p_order_id),
+                             request_refund.p_amount_cents, request_refund.p_order_id),
             DETAIL = format('Paid %s cents; %s refunded or being refunded; %s left.',
                             pay.amount_cents, taken, pay.amount_cents - taken),
             HINT = 'Refunds of a payment, failed ones aside, sum to at most what was paid.';
     END IF;
 
     r := NULL;
-    r.refund_id := p_refund_id;
+    r.refund_id := request_refund.p_refund_id;
     r.order_id := o.order_id;
     r.payment_id := pay.payment_id;
     r.provider := pay.provider;
     r.provider_txn_id := pay.provider_txn_id;
-    r.amount_cents := p_amount_cents;
+    r.amount_cents := request_refund.p_amount_cents;
     r.total_cents := pay.amount_cents;
     r.currency := o.currency;
-    r.reason := p_reason;
+    r.reason := request_refund.p_reason;
     r := callback_center._refund_create(r);
     RETURN QUERY SELECT r.refund_id, r.status, r.mode, r.amount_cents, true;
 END
@@ -344,7 +346,7 @@ $$;
 
 -- Checks an answer's shape (the adapters and the channel parsers build
 -- it): 22023 otherwise.
-CREATE FUNCTION callback_center._refund_check_answer(p_refund_id text, answer jsonb)
+CREATE FUNCTION callback_center._refund_check_answer(refund_id text, answer jsonb)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, callback_center
@@ -353,10 +355,10 @@ BEGIN
     IF jsonb_typeof(answer) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION USING ERRCODE = '22023', MESSAGE = 'a refund answer must be a JSON object';
     END IF;
-    IF answer ? 'refund_id' AND answer->>'refund_id' IS DISTINCT FROM p_refund_id THEN
+    IF answer ? 'refund_id' AND answer->>'refund_id' IS DISTINCT FROM _refund_check_answer.refund_id THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('the answer is about refund "%s", not "%s"',
-                             answer->>'refund_id', p_refund_id);
+                             answer->>'refund_id', _refund_check_answer.refund_id);
     END IF;
     IF coalesce(answer->>'status', '') NOT IN ('success', 'processing', 'failed', 'unknown') THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
@@ -439,7 +441,6 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
 AS $$
 DECLARE
-    p_refund_id text := _apply_refund_answer.refund_id;
     r callback_center.refunds;
     o callback_center.orders;
     pay callback_center.payments;
@@ -448,22 +449,22 @@ DECLARE
     amount bigint;
     refunded bigint;
 BEGIN
-    PERFORM callback_center._require(p_refund_id, 'refund_id');
+    PERFORM callback_center._require(_apply_refund_answer.refund_id, 'refund_id');
     PERFORM callback_center._require(answer, 'answer');
-    PERFORM callback_center._refund_check_answer(p_refund_id, answer);
+    PERFORM callback_center._refund_check_answer(_apply_refund_answer.refund_id, answer);
     verdict := answer->>'status';
     prid := nullif(answer->>'provider_refund_id', '');
     amount := (answer->>'amount_cents')::bigint;
 
-    SELECT x.order_id INTO o.order_id FROM callback_center.refunds x WHERE x.refund_id = p_refund_id;
+    SELECT x.order_id INTO o.order_id FROM callback_center.refunds x WHERE x.refund_id = _apply_refund_answer.refund_id;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING ERRCODE = '42704',
-            MESSAGE = format('refund "%s" does not exist', p_refund_id);
+            MESSAGE = format('refund "%s" does not exist', _apply_refund_answer.refund_id);
     END IF;
     -- The lock order of every payment path: order, payment, refund.
     SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = o.order_id FOR UPDATE;
     SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
-    SELECT * INTO r FROM callback_center.refunds x WHERE x.refund_id = p_refund_id FOR UPDATE;
+    SELECT * INTO r FROM callback_center.refunds x WHERE x.refund_id = _apply_refund_answer.refund_id FOR UPDATE;
 
     IF r.status IN ('SUCCESS', 'FAILED') THEN
         IF (verdict = 'success' AND r.status = 'SUCCESS') OR (verdict = 'failed' AND r.status = 'FAILED') THEN
@@ -558,8 +559,8 @@ $$;
 -- here; reconciliation shows it), provider_mismatch (the refund is
 -- another provider's).
 CREATE FUNCTION callback_center._apply_refund_notification(
-    p_provider text, p_refund_id text, p_provider_refund_id text,
-    p_amount_cents bigint, p_verdict text, p_event_type text)
+    provider text, refund_id text, provider_refund_id text,
+    amount_cents bigint, verdict text, event_type text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
@@ -567,22 +568,22 @@ AS $$
 DECLARE
     owner text;
 BEGIN
-    SELECT x.provider INTO owner FROM callback_center.refunds x WHERE x.refund_id = p_refund_id;
+    SELECT x.provider INTO owner FROM callback_center.refunds x WHERE x.refund_id = _apply_refund_notification.refund_id;
     IF NOT FOUND THEN
         RETURN 'unknown_refund';
     END IF;
-    IF owner IS DISTINCT FROM p_provider THEN
+    IF owner IS DISTINCT FROM _apply_refund_notification.provider THEN
         RETURN 'provider_mismatch';
     END IF;
-    RETURN callback_center._apply_refund_answer(p_refund_id,
-        jsonb_build_object('refund_id', p_refund_id,
-                           'status', CASE p_verdict WHEN 'refund_success' THEN 'success'
+    RETURN callback_center._apply_refund_answer(_apply_refund_notification.refund_id,
+        jsonb_build_object('refund_id', _apply_refund_notification.refund_id,
+                           'status', CASE _apply_refund_notification.verdict WHEN 'refund_success' THEN 'success'
                                                     WHEN 'refund_failed' THEN 'failed'
                                                     ELSE 'processing' END,
-                           'provider_refund_id', p_provider_refund_id,
-                           'amount_cents', p_amount_cents,
-                           'error', CASE WHEN p_verdict <> 'refund_success'
-                                         THEN format('notification %s', p_event_type) END));
+                           'provider_refund_id', _apply_refund_notification.provider_refund_id,
+                           'amount_cents', _apply_refund_notification.amount_cents,
+                           'error', CASE WHEN _apply_refund_notification.verdict <> 'refund_success'
+                                         THEN format('notification %s', _apply_refund_notification.event_type) END));
 END
 $$;
 
@@ -618,12 +619,12 @@ $$;
 
 -- The refund of a late payment, created if it has none (refund id
 -- "late_<id>", the whole amount, to the provider transaction that
--- brought the money; p_mode NULL: api or manual by the provider's
+-- brought the money; mode NULL: api or manual by the provider's
 -- endpoint, 'manual': settled by the caller at once, nothing sent), under
 -- the order's, the payment's and the late payment's locks.  Returns its
 -- refund id; NULL when the late payment's amount is unknown (nothing to
 -- ask for).
-CREATE FUNCTION callback_center._late_refund(lp_id bigint, p_mode text DEFAULT NULL)
+CREATE FUNCTION callback_center._late_refund(lp_id bigint, mode text DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
@@ -651,7 +652,7 @@ BEGIN
     r.total_cents := lp.amount_cents;
     r.currency := coalesce(o.currency, 'CNY');
     r.reason := 'late payment';
-    r.mode := p_mode;
+    r.mode := _late_refund.mode;
     r := callback_center._refund_create(r);
     RETURN r.refund_id;
 END

@@ -171,11 +171,10 @@ RETURNS TABLE (
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-#variable_conflict use_column
 BEGIN
     -- plpgsql, not sql, only for this check: a NULL window returned
     -- every endpoint with nothing counted.
-    PERFORM callback_center._require(window_len, 'window_len');
+    PERFORM callback_center._require(delivery_stats.window_len, 'window_len');
     RETURN QUERY
     SELECT e.name, e.enabled,
            coalesce(a.delivered, 0), coalesce(a.failed, 0), coalesce(a.retries, 0),
@@ -193,7 +192,7 @@ BEGIN
                percentile_cont(0.95) WITHIN GROUP (ORDER BY d.latency_ms) AS p95,
                percentile_cont(0.99) WITHIN GROUP (ORDER BY d.latency_ms) AS p99
           FROM callback_center.delivery_attempts d
-         WHERE d.endpoint_id = e.id AND d.attempted_at >= now() - window_len) a ON true
+         WHERE d.endpoint_id = e.id AND d.attempted_at >= now() - delivery_stats.window_len) a ON true
       LEFT JOIN LATERAL (
         SELECT count(*) FILTER (WHERE o.status = 'dead') AS dead,
                count(*) FILTER (WHERE o.status IN ('pending', 'delivering')) AS pending

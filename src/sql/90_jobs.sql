@@ -69,10 +69,10 @@ CREATE VIEW callback_center._orders_due AS
             OR NOT EXISTS (SELECT 1 FROM callback_center._asked_before_close a
                             WHERE a.order_id = o.order_id));
 
--- Records that closing p_order_id raised error: one more failure, tried
+-- Records that closing order_id raised error: one more failure, tried
 -- again after 2^(failures - 1) seconds, at most 5 minutes.  Also drops the
 -- rows of orders no longer waiting for money.  Returns when it is retried.
-CREATE FUNCTION callback_center._note_close_failure(p_order_id text, error text)
+CREATE FUNCTION callback_center._note_close_failure(order_id text, error text)
 RETURNS timestamptz
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
@@ -86,8 +86,8 @@ BEGIN
                           AND o.pay_status IN ('unpaid', 'paying'));
     INSERT INTO callback_center.close_failures AS f
            (order_id, failures, last_error, failed_at, retry_at)
-    VALUES (p_order_id, 1, error, now(), now() + interval '1 second')
-    ON CONFLICT (order_id) DO UPDATE
+    VALUES (_note_close_failure.order_id, 1, _note_close_failure.error, now(), now() + interval '1 second')
+    ON CONFLICT ON CONSTRAINT close_failures_pkey DO UPDATE
        SET failures = f.failures + 1, last_error = excluded.last_error, failed_at = now(),
            retry_at = now() + least(interval '1 second' * power(2, least(f.failures, 20)),
                                     interval '5 minutes')
@@ -148,7 +148,7 @@ $$;
 -- Returns true when this call closed the order, false when it was not
 -- due, no longer waiting for money, or busy (locked by someone else: try
 -- again later).  CB050 when the order does not exist.
-CREATE FUNCTION callback_center._close_order(p_order_id text)
+CREATE FUNCTION callback_center._close_order(order_id text)
 RETURNS boolean
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
@@ -157,11 +157,11 @@ DECLARE
     o callback_center.orders;
 BEGIN
     SELECT * INTO o FROM callback_center.orders x
-     WHERE x.order_id = p_order_id FOR UPDATE SKIP LOCKED;
+     WHERE x.order_id = _close_order.order_id FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
-        IF NOT EXISTS (SELECT 1 FROM callback_center.orders x WHERE x.order_id = p_order_id) THEN
+        IF NOT EXISTS (SELECT 1 FROM callback_center.orders x WHERE x.order_id = _close_order.order_id) THEN
             RAISE EXCEPTION USING ERRCODE = 'CB050',
-                MESSAGE = format('order "%s" does not exist', p_order_id);
+                MESSAGE = format('order "%s" does not exist', _close_order.order_id);
         END IF;
         RETURN false;
     END IF;

@@ -1,16 +1,16 @@
 /*-------------------------------------------------------------------------
  *
- * callbacks.h
+ * inbound.h
  *		Inbound callbacks: idempotent recording and signature verification.
  *
  *-------------------------------------------------------------------------
  */
-#ifndef CC_CALLBACKS_H
-#define CC_CALLBACKS_H
+#ifndef CC_INBOUND_H
+#define CC_INBOUND_H
 
 extern int	cc_signature_tolerance_s;
 extern int	cc_callback_max_retries;
 
 extern void cc_inbound_define_gucs(void);
 
-#endif							/* CC_CALLBACKS_H */
+#endif							/* CC_INBOUND_H */

@@ -1,6 +1,6 @@
 /*-------------------------------------------------------------------------
  *
- * callbacks.c
+ * inbound.c
  *		Inbound callbacks: idempotent recording (record_callback) and the SQL
  *		face of webhook signatures (verify_signature, sign_webhook,
  *		sign_stripe) and secrets (new_webhook_secret, _new_endpoint_secret).
@@ -32,7 +32,7 @@
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 
-#include "callbacks.h"
+#include "inbound.h"
 #include "errcodes.h"
 #include "signature.h"
 #include "spi.h"
