@@ -1,9 +1,10 @@
 
 -- Payment channels, outbound: the adapter layer (doc/adapters.md).  An
--- endpoint whose format is a provider's (wechatpay_v3, alipay, unionpay)
--- receives payment.query, payment.close, refund.request and refund.query
--- events as that provider's own API calls: the delivery worker's claim
--- builds each request here (_adapter_request: method, URL, headers, body,
+-- endpoint whose format (its option "format", set by create_endpoint or
+-- alter_endpoint) is a provider's (wechatpay_v3, alipay, unionpay) receives
+-- payment.query, payment.close, refund.request and refund.query events as
+-- that provider's own API calls: the delivery worker's claim builds each
+-- request here (_adapter_request: method, URL, headers, body,
 -- signed with the merchant's private key, fresh for every attempt), the
 -- worker sends it, checks the response here (_adapter_check: the
 -- provider's signature, then the answer normalized), and records the
@@ -185,33 +186,6 @@ BEGIN
        SET merchant_id = excluded.merchant_id, private_key = excluded.private_key,
            key_bits = excluded.key_bits, key_serial = excluded.key_serial,
            options = excluded.options, updated_at = now();
-END
-$$;
-
--- Sets how requests to an endpoint are shaped (admin): standard_webhooks
--- (the default: signed POSTs of the event) or a provider's API
--- (wechatpay_v3, alipay, unionpay), whose requests go to the endpoint's
--- URL as the provider's gateway.  22004 NULL, CB040 unknown endpoint,
--- 22023 unknown format.
-CREATE FUNCTION callback_center.set_endpoint_format(endpoint text, format text)
-RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, callback_center
-AS $$
-DECLARE
-    ep_id integer;
-BEGIN
-    PERFORM callback_center._require(set_endpoint_format.endpoint, 'endpoint');
-    PERFORM callback_center._require(set_endpoint_format.format, 'format');
-    IF set_endpoint_format.format NOT IN ('standard_webhooks', 'wechatpay_v3', 'alipay', 'unionpay') THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = pg_catalog.format('unknown endpoint format "%s"', set_endpoint_format.format),
-            HINT = 'The formats are standard_webhooks, wechatpay_v3, alipay and unionpay.';
-    END IF;
-    ep_id := callback_center._endpoint_id(set_endpoint_format.endpoint, true);
-    UPDATE callback_center.endpoints e
-       SET format = set_endpoint_format.format, updated_at = now()
-     WHERE e.id = ep_id;
 END
 $$;
 
@@ -1016,7 +990,6 @@ REVOKE ALL ON FUNCTION
     callback_center._merchant_sign(text, bytea),
     callback_center._adapter_nonce(),
     callback_center.set_merchant(text, text, text, text, jsonb),
-    callback_center.set_endpoint_format(text, text),
     callback_center._url_encode(text),
     callback_center._yuan(bigint),
     callback_center._adapter_request(integer, text, text, jsonb),
@@ -1034,8 +1007,7 @@ REVOKE ALL ON FUNCTION
     callback_center._adapter_record(bigint[], integer[], integer[], jsonb[], text[])
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    callback_center.set_merchant(text, text, text, text, jsonb),
-    callback_center.set_endpoint_format(text, text)
+    callback_center.set_merchant(text, text, text, text, jsonb)
     TO callback_center_admin;
 -- The delivery worker (src/queue.c) builds requests, checks and keeps
 -- answers through these; they run as their owner (the worker role reads
