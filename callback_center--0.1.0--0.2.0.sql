@@ -12510,3 +12510,96 @@ BEGIN
     END IF;
 END
 $$;
+
+-- ------------------------------------------------------------------------
+-- TCC: the two tries are one internal first phase (_tcc_first_phase:
+-- checks, barrier, take the resource, record the reservation) behind thin
+-- SECURITY DEFINER wrappers, as the second phase already was.
+-- ------------------------------------------------------------------------
+
+CREATE FUNCTION callback_center._tcc_first_phase(
+    gid text, branch_id text, kind text, resource_id text, quantity bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome  text;
+    cur      bigint;
+    nslots   integer;
+BEGIN
+    PERFORM callback_center._require_key(_tcc_first_phase.gid, 'gid');
+    PERFORM callback_center._require_key(_tcc_first_phase.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(_tcc_first_phase.resource_id,
+        CASE _tcc_first_phase.kind WHEN 'stock' THEN 'sku_id' ELSE 'coupon_id' END);
+    PERFORM callback_center._require(_tcc_first_phase.quantity, 'qty');
+    IF _tcc_first_phase.quantity <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('qty must be positive: %s', _tcc_first_phase.quantity);
+    END IF;
+    outcome := callback_center.barrier(_tcc_first_phase.gid, _tcc_first_phase.branch_id, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    IF _tcc_first_phase.kind = 'coupon' THEN
+        PERFORM callback_center.freeze_coupon(_tcc_first_phase.resource_id, _tcc_first_phase.gid);
+    ELSE
+        UPDATE callback_center.stock AS s
+           SET available = s.available - _tcc_first_phase.quantity,
+               reserved = s.reserved + _tcc_first_phase.quantity,
+               version = s.version + 1,
+               updated_at = pg_catalog.now()
+         WHERE s.sku_id = _tcc_first_phase.resource_id AND s.available >= _tcc_first_phase.quantity;
+        IF NOT FOUND THEN
+            SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s
+             WHERE s.sku_id = _tcc_first_phase.resource_id;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'CB004',
+                    MESSAGE = pg_catalog.format('unknown SKU "%s"', _tcc_first_phase.resource_id),
+                    HINT = 'Create it with callback_center.set_stock().';
+            END IF;
+            -- A hot SKU's units are in its slots, not on the row: a
+            -- reservation there would have to be given back to a slot by
+            -- the cancel, which the reservation model (one row) does not do.
+            IF nslots > 0 THEN
+                RAISE EXCEPTION USING ERRCODE = '0A000',
+                    MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', _tcc_first_phase.resource_id),
+                    DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
+                    HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
+            END IF;
+            RAISE EXCEPTION USING ERRCODE = 'CB001',
+                MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', _tcc_first_phase.resource_id),
+                DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
+                                           _tcc_first_phase.quantity, cur);
+        END IF;
+    END IF;
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (_tcc_first_phase.gid, _tcc_first_phase.branch_id, _tcc_first_phase.kind,
+            _tcc_first_phase.resource_id, _tcc_first_phase.quantity);
+    RETURN outcome;
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION callback_center._tcc_first_phase(text, text, text, text, bigint) FROM PUBLIC;
+
+-- The wrappers, now LANGUAGE sql (grants and comments kept).
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_stock_try(
+    gid text,
+    branch_id text,
+    sku_id text,
+    qty bigint)
+RETURNS text
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT callback_center._tcc_first_phase($1, $2, 'stock', $3, $4);
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_coupon_try(gid text, branch_id text, coupon_id text)
+RETURNS text
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT callback_center._tcc_first_phase($1, $2, 'coupon', $3, 1);
+$fn$;
