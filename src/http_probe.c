@@ -134,9 +134,10 @@ probe_check_range(const char *name, int v, int lo, int hi)
  * http_probe(urls, request_body, headers, timeout_ms, max_concurrent,
  * max_body_bytes, max_per_host): POSTs request_body to every URL
  * concurrently (at most max_concurrent at once, at most max_per_host to one
- * origin when given) and returns one row per URL, in the order given.  Failed transfers are rows with an
- * error, not ERRORs.  A cancel stops the transfers within about 100 ms and
- * raises the usual 57014.
+ * origin when given) and returns one row per URL, in the order given.
+ * Failed transfers are rows with an error, not ERRORs.  A cancel stops the
+ * transfers within one of http.c's poll waits (CC_HTTP_POLL_MS) and raises
+ * the usual 57014.
  */
 Datum
 cc_http_probe(PG_FUNCTION_ARGS)

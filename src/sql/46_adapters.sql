@@ -98,9 +98,9 @@ LANGUAGE C VOLATILE;
 -- (notify_url: WeChat Pay's refund notification URL; back_url: UnionPay's
 -- backUrl; Alipay's certificate mode: app_cert_sn and
 -- alipay_root_cert_sn, sent with every request).  Replaces what was
--- loaded.  Refused, with nothing written: 22004 NULL, CB033 unknown provider, 22023 a provider whose scheme has no
--- outbound API, a bad merchant id, key (detail says why, never quoting
--- it), serial or option.
+-- loaded.  Refused, with nothing written: 22004 NULL, CB033 unknown
+-- provider, 22023 a provider whose scheme has no outbound API, a bad
+-- merchant id, key (detail says why, never quoting it), serial or option.
 CREATE FUNCTION callback_center.set_merchant(provider text, merchant_id text,
     private_key text, key_serial text DEFAULT NULL, options jsonb DEFAULT '{}')
 RETURNS void
@@ -225,12 +225,12 @@ AS $$
 $$;
 
 -- The request of one event to a provider-format endpoint, as the delivery
--- worker sends it (src/adapter.c reads it): "METHOD URL", header lines, an
--- empty line, the body.  Signed now with the merchant's key, so every
--- attempt (every claim) carries a fresh timestamp and nonce.  Raises, and
--- the worker makes the event dead with the message: CB070 the provider has
--- no merchant settings, CB071 the provider's scheme is not the endpoint's
--- format, CB072 an event type the format does not send.
+-- worker sends it (the text of _adapter_http).  Signed now with the
+-- merchant's key, so every attempt (every claim) carries a fresh timestamp
+-- and nonce.  Raises, and the worker makes the event dead with the
+-- message: CB070 the provider has no merchant settings, CB071 the
+-- provider's scheme is not the endpoint's format, CB072 an event type the
+-- format does not send.
 CREATE FUNCTION callback_center._adapter_request(endpoint_id integer, event_type text,
     aggregate_id text, payload jsonb)
 RETURNS text
