@@ -18,6 +18,7 @@
 #include "utils/builtins.h"
 #include "utils/tuplestore.h"
 
+#include "errcodes.h"
 #include "http.h"
 
 #define PROBE_MAX_TIMEOUT_MS	3600000
@@ -158,11 +159,8 @@ cc_http_probe(PG_FUNCTION_ARGS)
 	const char *names[] = {"urls", "request_body", "headers", "timeout_ms",
 	"max_concurrent", "max_body_bytes"};
 
-	for (i = 0; i < 6; i++)
-		if (PG_ARGISNULL(i))
-			ereport(ERROR,
-					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("%s must not be null", names[i])));
+	for (i = 0; i < lengthof(names); i++)
+		cc_require_arg(fcinfo, i, names[i]);
 
 	urls = probe_text_array(PG_GETARG_ARRAYTYPE_P(0), "urls", &nurls);
 	body = PG_GETARG_TEXT_PP(1);
