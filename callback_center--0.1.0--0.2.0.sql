@@ -13587,3 +13587,642 @@ $$;
 REVOKE ALL ON FUNCTION callback_center._close_order(text) FROM PUBLIC;
 
 GRANT EXECUTE ON FUNCTION callback_center._close_order(text) TO callback_center_worker;
+
+-- ------------------------------------------------------------------------
+-- One owner of endpoint options: an endpoint's format is the option
+-- "format" of create_endpoint and alter_endpoint (_endpoint_apply checks
+-- it with the others); set_endpoint_format, new in 0.2.0, is gone.
+-- ------------------------------------------------------------------------
+
+DROP FUNCTION callback_center.set_endpoint_format(text, text);
+
+CREATE OR REPLACE FUNCTION callback_center._endpoint_apply(id integer, options jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    known constant text[] := ARRAY['url', 'event_types', 'timeout_ms',
+        'retry_schedule', 'max_attempts', 'rate_limit_per_s',
+        'breaker_failure_ratio', 'breaker_window_s', 'breaker_min_requests',
+        'breaker_open_ms', 'is_core', 'ordered', 'enabled', 'format'];
+    bad text;
+    k text;
+    v jsonb;
+    ep callback_center.endpoints;
+    n numeric;
+BEGIN
+    PERFORM callback_center._require(options, 'options');
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'options must be a JSON object',
+            DETAIL = format('A JSON %s was given.', jsonb_typeof(options));
+    END IF;
+    SELECT string_agg(format('"%s"', o), ', ' ORDER BY o) INTO bad
+      FROM jsonb_object_keys(options) o
+     WHERE o <> ALL (known);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('unknown endpoint option %s', bad),
+            HINT = format('Known options: %s.', array_to_string(known, ', '));
+    END IF;
+
+    SELECT * INTO ep FROM callback_center.endpoints e WHERE e.id = _endpoint_apply.id;
+    FOR k, v IN SELECT * FROM jsonb_each(options)
+    LOOP
+        CASE k
+        WHEN 'url' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "url" must be a string';
+            END IF;
+            ep.url := callback_center._check_url(v #>> '{}');
+        WHEN 'event_types' THEN
+            IF jsonb_typeof(v) <> 'array' OR jsonb_array_length(v) = 0
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(v) x
+                           WHERE jsonb_typeof(x) <> 'string' OR x #>> '{}' = '') THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "event_types" must be a non-empty array of non-empty strings';
+            END IF;
+            ep.event_types := ARRAY(SELECT jsonb_array_elements_text(v));
+        WHEN 'timeout_ms' THEN
+            ep.timeout_ms := callback_center._option_int(k, v, 1, 600000);
+        WHEN 'retry_schedule' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "retry_schedule" must be a string';
+            END IF;
+            IF NOT EXISTS (SELECT 1 FROM callback_center.retry_schedules s
+                            WHERE s.name = v #>> '{}') THEN
+                RAISE EXCEPTION USING ERRCODE = '42704',
+                    MESSAGE = format('retry schedule "%s" does not exist', v #>> '{}'),
+                    HINT = 'The retry_schedules table lists them.';
+            END IF;
+            ep.retry_schedule := v #>> '{}';
+        WHEN 'max_attempts' THEN
+            ep.max_attempts := CASE WHEN jsonb_typeof(v) = 'null' THEN NULL
+                ELSE callback_center._option_int(k, v, 1, 1000000) END;
+        WHEN 'rate_limit_per_s' THEN
+            IF jsonb_typeof(v) = 'null' THEN
+                ep.rate_limit_per_s := NULL;
+            ELSIF jsonb_typeof(v) <> 'number' OR v::numeric < 0.001 OR v::numeric > 1000000 THEN
+                -- The worker's token bucket works in doubles: 1e400 was
+                -- infinity there and stopped every delivery.
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "rate_limit_per_s" must be a number between 0.001 and 1000000, or null',
+                    DETAIL = format('The value given was %s.', left(v::text, 40));
+            ELSE
+                ep.rate_limit_per_s := v::numeric;
+            END IF;
+        WHEN 'breaker_failure_ratio' THEN
+            IF jsonb_typeof(v) <> 'number' OR v::numeric <= 0 OR v::numeric > 1 THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "breaker_failure_ratio" must be a number in (0, 1]';
+            END IF;
+            ep.breaker_failure_ratio := v::numeric;
+        WHEN 'breaker_window_s' THEN
+            ep.breaker_window_s := callback_center._option_int(k, v, 1, 86400);
+        WHEN 'breaker_min_requests' THEN
+            ep.breaker_min_requests := callback_center._option_int(k, v, 1, 1000000);
+        WHEN 'breaker_open_ms' THEN
+            ep.breaker_open_ms := callback_center._option_int(k, v, 1, 86400000);
+        WHEN 'format' THEN
+            -- How requests are shaped: the adapters of 46_adapters.sql.
+            IF jsonb_typeof(v) <> 'string' OR v #>> '{}' NOT IN
+               ('standard_webhooks', 'wechatpay_v3', 'alipay', 'unionpay') THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('unknown endpoint format %s', v),
+                    HINT = 'The formats are standard_webhooks, wechatpay_v3, alipay and unionpay.';
+            END IF;
+            ep.format := v #>> '{}';
+        ELSE
+            -- is_core, ordered, enabled
+            IF jsonb_typeof(v) <> 'boolean' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('endpoint option "%s" must be true or false', k);
+            END IF;
+            CASE k
+            WHEN 'is_core' THEN ep.is_core := v::boolean;
+            WHEN 'ordered' THEN ep.ordered := v::boolean;
+            ELSE ep.enabled := v::boolean;
+            END CASE;
+        END CASE;
+    END LOOP;
+
+    UPDATE callback_center.endpoints e
+       SET url = ep.url, event_types = ep.event_types, timeout_ms = ep.timeout_ms,
+           retry_schedule = ep.retry_schedule, max_attempts = ep.max_attempts,
+           rate_limit_per_s = ep.rate_limit_per_s,
+           breaker_failure_ratio = ep.breaker_failure_ratio,
+           breaker_window_s = ep.breaker_window_s,
+           breaker_min_requests = ep.breaker_min_requests,
+           breaker_open_ms = ep.breaker_open_ms, is_core = ep.is_core,
+           ordered = ep.ordered, enabled = ep.enabled, format = ep.format,
+           updated_at = now()
+     WHERE e.id = _endpoint_apply.id;
+END
+$$;
+
+-- ------------------------------------------------------------------------
+-- The adapters' shared skeletons: one layout of the request text
+-- (_adapter_http, read by src/adapter.c), one signed form POST for Alipay
+-- and UnionPay (_adapter_form_post), one shape of the normalized payment
+-- and refund answers (_adapter_payment_answer, _adapter_refund_answer).
+-- The same requests and answers as before.
+-- ------------------------------------------------------------------------
+
+CREATE FUNCTION callback_center._adapter_http(method text, url text, headers text[], body text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT _adapter_http.method || ' ' || _adapter_http.url || E'\n'
+        || coalesce((SELECT string_agg(h.line || E'\n', '' ORDER BY h.n)
+                       FROM unnest(_adapter_http.headers) WITH ORDINALITY AS h(line, n)), '')
+        || E'\n' || _adapter_http.body
+$$;
+
+CREATE FUNCTION callback_center._adapter_form_post(url text, provider text, fields jsonb,
+    sign_field text, digest boolean, content_type text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    f jsonb := _adapter_form_post.fields;
+    signed bytea;
+    body text;
+BEGIN
+    SELECT convert_to(string_agg(x.key || '=' || (x.value #>> '{}'), '&' ORDER BY x.key COLLATE "C"), 'UTF8')
+      INTO signed FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
+    IF _adapter_form_post.digest THEN
+        signed := convert_to(encode(sha256(signed), 'hex'), 'UTF8');
+    END IF;
+    f := f || jsonb_build_object(_adapter_form_post.sign_field,
+                                 callback_center._merchant_sign(_adapter_form_post.provider, signed));
+    SELECT string_agg(x.key || '=' || callback_center._url_encode(x.value #>> '{}'), '&'
+                      ORDER BY x.key COLLATE "C")
+      INTO body FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
+    RETURN callback_center._adapter_http('POST', _adapter_form_post.url,
+        ARRAY['Content-Type: ' || _adapter_form_post.content_type], body);
+END
+$$;
+
+CREATE FUNCTION callback_center._adapter_payment_answer(status text, provider_status text,
+    txn_id text, amount_cents bigint, currency text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT jsonb_build_object('status', _adapter_payment_answer.status,
+                              'provider_status', _adapter_payment_answer.provider_status,
+                              'txn_id', _adapter_payment_answer.txn_id,
+                              'amount_cents', _adapter_payment_answer.amount_cents,
+                              'currency', _adapter_payment_answer.currency)
+$$;
+
+CREATE FUNCTION callback_center._adapter_refund_answer(payload jsonb, status text,
+    provider_refund_id text, amount_cents bigint, error text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT jsonb_build_object('refund_id', _adapter_refund_answer.payload->>'refund_id',
+                              'status', _adapter_refund_answer.status,
+                              'provider_refund_id', _adapter_refund_answer.provider_refund_id,
+                              'amount_cents', _adapter_refund_answer.amount_cents,
+                              'error', _adapter_refund_answer.error)
+$$;
+
+REVOKE ALL ON FUNCTION
+    callback_center._adapter_http(text, text, text[], text),
+    callback_center._adapter_form_post(text, text, jsonb, text, boolean, text),
+    callback_center._adapter_payment_answer(text, text, text, bigint, text),
+    callback_center._adapter_refund_answer(jsonb, text, text, bigint, text)
+    FROM PUBLIC;
+
+-- The builders and normalizers, now calling them.
+
+CREATE OR REPLACE FUNCTION callback_center._wechatpay_v3_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    base text := rtrim(_wechatpay_v3_request.url, '/');
+    method text;
+    path text;
+    body text := '';
+    full_url text;
+    signed_path text;
+    ts text := extract(epoch FROM clock_timestamp())::bigint::text;
+    nonce text := callback_center._adapter_nonce();
+    sig text;
+    req jsonb;
+BEGIN
+    IF _wechatpay_v3_request.event_type = 'payment.query' THEN
+        method := 'GET';
+        path := '/v3/pay/transactions/out-trade-no/'
+                || callback_center._url_encode(_wechatpay_v3_request.payload->>'order_id')
+                || '?mchid=' || callback_center._url_encode(m.merchant_id);
+    ELSIF _wechatpay_v3_request.event_type = 'payment.close' THEN
+        method := 'POST';
+        path := '/v3/pay/transactions/out-trade-no/'
+                || callback_center._url_encode(_wechatpay_v3_request.payload->>'order_id') || '/close';
+        body := jsonb_build_object('mchid', m.merchant_id)::text;
+    ELSIF _wechatpay_v3_request.event_type = 'refund.request' THEN
+        method := 'POST';
+        path := '/v3/refund/domestic/refunds';
+        req := jsonb_build_object(
+            'out_trade_no', _wechatpay_v3_request.payload->>'order_id',
+            'out_refund_no', _wechatpay_v3_request.payload->>'refund_id',
+            'amount', jsonb_build_object('refund', (_wechatpay_v3_request.payload->>'amount_cents')::bigint,
+                                         'total', (_wechatpay_v3_request.payload->>'total_cents')::bigint,
+                                         'currency', coalesce(_wechatpay_v3_request.payload->>'currency', 'CNY')));
+        IF _wechatpay_v3_request.payload->>'provider_txn_id' IS NOT NULL THEN
+            req := req || jsonb_build_object('transaction_id', _wechatpay_v3_request.payload->>'provider_txn_id');
+        END IF;
+        IF _wechatpay_v3_request.payload->>'reason' IS NOT NULL THEN
+            req := req || jsonb_build_object('reason', left(_wechatpay_v3_request.payload->>'reason', 80));
+        END IF;
+        IF m.options->>'notify_url' IS NOT NULL THEN
+            req := req || jsonb_build_object('notify_url', m.options->>'notify_url');
+        END IF;
+        body := req::text;
+    ELSIF _wechatpay_v3_request.event_type = 'refund.query' THEN
+        method := 'GET';
+        path := '/v3/refund/domestic/refunds/' || callback_center._url_encode(_wechatpay_v3_request.payload->>'refund_id');
+    ELSE
+        PERFORM callback_center._adapter_unsupported('wechatpay_v3', _wechatpay_v3_request.event_type);
+    END IF;
+    full_url := base || path;
+    -- The signed path is the request URL's absolute path with its query.
+    signed_path := coalesce(substring(full_url FROM '^[A-Za-z]+://[^/?#]+(/[^#]*)$'), path);
+    sig := callback_center._merchant_sign(m.provider,
+        convert_to(method || E'\n' || signed_path || E'\n' || ts || E'\n' || nonce || E'\n'
+                   || body || E'\n', 'UTF8'));
+    RETURN callback_center._adapter_http(method, full_url,
+        ARRAY[format('Authorization: WECHATPAY2-SHA256-RSA2048 mchid="%s",nonce_str="%s",signature="%s",timestamp="%s",serial_no="%s"',
+                     m.merchant_id, nonce, sig, ts, m.key_serial),
+              'Accept: application/json',
+              'Content-Type: application/json'],
+        body);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._alipay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    api text;
+    biz jsonb;
+    params jsonb;
+BEGIN
+    IF _alipay_request.event_type = 'payment.query' THEN
+        api := 'alipay.trade.query';
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id');
+    ELSIF _alipay_request.event_type = 'payment.close' THEN
+        api := 'alipay.trade.close';
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id');
+    ELSIF _alipay_request.event_type = 'refund.request' THEN
+        api := 'alipay.trade.refund';
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id',
+                                  'out_request_no', _alipay_request.payload->>'refund_id',
+                                  'refund_amount',
+                                  callback_center._yuan((_alipay_request.payload->>'amount_cents')::bigint));
+        IF _alipay_request.payload->>'reason' IS NOT NULL THEN
+            biz := biz || jsonb_build_object('refund_reason', left(_alipay_request.payload->>'reason', 256));
+        END IF;
+    ELSIF _alipay_request.event_type = 'refund.query' THEN
+        api := 'alipay.trade.fastpay.refund.query';
+        biz := jsonb_build_object('out_trade_no', _alipay_request.payload->>'order_id',
+                                  'out_request_no', _alipay_request.payload->>'refund_id');
+    ELSE
+        PERFORM callback_center._adapter_unsupported('alipay', _alipay_request.event_type);
+    END IF;
+    params := jsonb_build_object(
+        'app_id', m.merchant_id, 'method', api, 'format', 'JSON', 'charset', 'utf-8',
+        'sign_type', 'RSA2', 'version', '1.0', 'biz_content', biz::text,
+        'timestamp', to_char(clock_timestamp() AT TIME ZONE 'Asia/Shanghai',
+                             'YYYY-MM-DD HH24:MI:SS'));
+    -- Certificate mode: the application's and Alipay's root certificate SNs.
+    params := params || jsonb_strip_nulls(jsonb_build_object(
+        'app_cert_sn', m.options->>'app_cert_sn',
+        'alipay_root_cert_sn', m.options->>'alipay_root_cert_sn'));
+    RETURN callback_center._adapter_form_post(_alipay_request.url, m.provider, params, 'sign', false,
+        'application/x-www-form-urlencoded;charset=utf-8');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._unionpay_request(url text,
+    m callback_center.merchant_settings, event_type text, payload jsonb)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    base text := rtrim(_unionpay_request.url, '/');
+    path text;
+    f jsonb;
+    started timestamptz;
+BEGIN
+    f := jsonb_build_object('version', '5.1.0', 'encoding', 'UTF-8', 'signMethod', '01',
+                            'certId', m.key_serial, 'merId', m.merchant_id, 'accessType', '0');
+    IF _unionpay_request.event_type = 'payment.query' THEN
+        -- The order is named by orderId and the txnTime it was sent with:
+        -- the time its payment started (start_payment), in Beijing time.
+        SELECT p.updated_at INTO started FROM callback_center.payments p
+         WHERE p.order_id = _unionpay_request.payload->>'order_id';
+        path := '/gateway/api/queryTrans.do';
+        f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
+                                     'orderId', _unionpay_request.payload->>'order_id',
+                                     'txnTime', to_char(coalesce(started, clock_timestamp())
+                                                        AT TIME ZONE 'Asia/Shanghai',
+                                                        'YYYYMMDDHH24MISS'));
+    ELSIF _unionpay_request.event_type = 'refund.request' THEN
+        path := '/gateway/api/backTransReq.do';
+        f := f || jsonb_build_object('txnType', '04', 'txnSubType', '00', 'bizType', '000201',
+                                     'channelType', '07', 'currencyCode', '156',
+                                     'orderId', _unionpay_request.payload->>'refund_id',
+                                     'txnTime', callback_center._unionpay_refund_time(
+                                                    _unionpay_request.payload->>'refund_id'),
+                                     'origQryId', _unionpay_request.payload->>'provider_txn_id',
+                                     'txnAmt', (_unionpay_request.payload->>'amount_cents')::bigint::text);
+        IF m.options->>'back_url' IS NOT NULL THEN
+            f := f || jsonb_build_object('backUrl', m.options->>'back_url');
+        END IF;
+    ELSIF _unionpay_request.event_type = 'refund.query' THEN
+        path := '/gateway/api/queryTrans.do';
+        f := f || jsonb_build_object('txnType', '00', 'txnSubType', '00', 'bizType', '000000',
+                                     'orderId', _unionpay_request.payload->>'refund_id',
+                                     'txnTime', callback_center._unionpay_refund_time(
+                                                    _unionpay_request.payload->>'refund_id'));
+    ELSE
+        PERFORM callback_center._adapter_unsupported('unionpay', _unionpay_request.event_type);
+    END IF;
+    RETURN callback_center._adapter_form_post(base || path, m.provider, f, 'signature', true,
+        'application/x-www-form-urlencoded;charset=UTF-8');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._adapter_error_answer(event_type text, payload jsonb,
+    error text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT CASE WHEN _adapter_error_answer.event_type LIKE 'refund.%'
+                THEN callback_center._adapter_refund_answer(_adapter_error_answer.payload, 'unknown',
+                                                            NULL, NULL, _adapter_error_answer.error)
+                ELSE jsonb_build_object('status', 'error', 'error', _adapter_error_answer.error) END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._wechatpay_v3_answer(event_type text, payload jsonb,
+    status integer, body text)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    j jsonb;
+    st text;
+BEGIN
+    IF _wechatpay_v3_answer.body <> '' THEN
+        j := _wechatpay_v3_answer.body::jsonb;
+    END IF;
+    IF _wechatpay_v3_answer.status NOT BETWEEN 200 AND 299 THEN
+        IF _wechatpay_v3_answer.event_type = 'payment.query' AND j->>'code' = 'ORDER_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', j->>'code');
+        END IF;
+        RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+            format('HTTP %s %s: %s', _wechatpay_v3_answer.status, j->>'code', j->>'message'));
+    END IF;
+    IF _wechatpay_v3_answer.event_type = 'payment.query' THEN
+        IF j->>'out_trade_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('the answer is about order "%s"', j->>'out_trade_no'));
+        END IF;
+        st := CASE j->>'trade_state'
+                WHEN 'SUCCESS' THEN 'paid' WHEN 'REFUND' THEN 'paid'
+                WHEN 'NOTPAY' THEN 'unpaid' WHEN 'USERPAYING' THEN 'unpaid'
+                WHEN 'CLOSED' THEN 'closed' WHEN 'REVOKED' THEN 'closed'
+                WHEN 'PAYERROR' THEN 'failed' END;
+        IF st IS NULL THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('unknown trade_state "%s"', j->>'trade_state'));
+        END IF;
+        RETURN callback_center._adapter_payment_answer(st, j->>'trade_state', j->>'transaction_id',
+                                                       (j->'amount'->>'total')::bigint,
+                                                       j->'amount'->>'currency');
+    ELSIF _wechatpay_v3_answer.event_type = 'payment.close' THEN
+        RETURN jsonb_build_object('status', 'closed');
+    ELSE
+        IF j->>'out_refund_no' IS DISTINCT FROM _wechatpay_v3_answer.payload->>'refund_id' THEN
+            RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
+                format('the answer is about refund "%s"', j->>'out_refund_no'));
+        END IF;
+        RETURN callback_center._adapter_refund_answer(_wechatpay_v3_answer.payload,
+            CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
+                              WHEN 'PROCESSING' THEN 'processing'
+                              -- not final: the merchant platform settles it
+                              -- (a failed refund's amount could be refunded
+                              -- again)
+                              WHEN 'ABNORMAL' THEN 'processing'
+                              WHEN 'CLOSED' THEN 'failed' ELSE 'unknown' END,
+            j->>'refund_id', (j->'amount'->>'refund')::bigint,
+            CASE WHEN j->>'status' IN ('SUCCESS', 'PROCESSING') THEN NULL ELSE j->>'status' END);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._alipay_answer(event_type text, payload jsonb,
+    node jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    st text;
+BEGIN
+    IF _alipay_answer.node->>'code' IS DISTINCT FROM '10000' THEN
+        IF _alipay_answer.event_type = 'payment.query' AND _alipay_answer.node->>'sub_code' = 'ACQ.TRADE_NOT_EXIST' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', _alipay_answer.node->>'sub_code');
+        END IF;
+        RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+            format('%s %s: %s', _alipay_answer.node->>'code', _alipay_answer.node->>'sub_code',
+                   coalesce(_alipay_answer.node->>'sub_msg', _alipay_answer.node->>'msg')));
+    END IF;
+    IF _alipay_answer.event_type = 'payment.query' THEN
+        IF _alipay_answer.node->>'out_trade_no' IS DISTINCT FROM _alipay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('the answer is about order "%s"', _alipay_answer.node->>'out_trade_no'));
+        END IF;
+        st := CASE _alipay_answer.node->>'trade_status'
+                WHEN 'TRADE_SUCCESS' THEN 'paid' WHEN 'TRADE_FINISHED' THEN 'paid'
+                WHEN 'WAIT_BUYER_PAY' THEN 'unpaid' WHEN 'TRADE_CLOSED' THEN 'closed' END;
+        IF st IS NULL THEN
+            RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
+                format('unknown trade_status "%s"', _alipay_answer.node->>'trade_status'));
+        END IF;
+        RETURN callback_center._adapter_payment_answer(st, _alipay_answer.node->>'trade_status',
+            _alipay_answer.node->>'trade_no',
+            round((_alipay_answer.node->>'total_amount')::numeric * 100)::bigint, 'CNY');
+    ELSIF _alipay_answer.event_type = 'payment.close' THEN
+        RETURN jsonb_build_object('status', 'closed');
+    ELSIF _alipay_answer.event_type = 'refund.request' THEN
+        -- Alipay gives a refund no id (trade_no is the payment's), and
+        -- refund_fee is the trade's total refunded, not this refund's.
+        RETURN callback_center._adapter_refund_answer(_alipay_answer.payload,
+            CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
+            NULL, NULL, NULL);
+    ELSE
+        RETURN callback_center._adapter_refund_answer(_alipay_answer.payload,
+            CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
+                 ELSE 'processing' END,
+            NULL, round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint, NULL);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION callback_center._unionpay_answer(event_type text, payload jsonb,
+    f jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    orig text := f->>'origRespCode';
+BEGIN
+    IF _unionpay_answer.event_type = 'payment.query' THEN
+        IF f->>'respCode' = '34' THEN
+            RETURN jsonb_build_object('status', 'not_found', 'provider_status', '34');
+        END IF;
+        IF f->>'respCode' IS DISTINCT FROM '00' THEN
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
+                format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
+        END IF;
+        IF f->>'orderId' IS DISTINCT FROM _unionpay_answer.payload->>'order_id' THEN
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
+                format('the answer is about order "%s"', f->>'orderId'));
+        END IF;
+        RETURN callback_center._adapter_payment_answer(
+            CASE WHEN orig = '00' THEN 'paid'
+                 WHEN orig IN ('03', '04', '05') THEN 'unpaid' ELSE 'failed' END,
+            orig, f->>'queryId', (f->>'txnAmt')::bigint, 'CNY');
+    ELSIF _unionpay_answer.event_type = 'refund.request' THEN
+        RETURN callback_center._adapter_refund_answer(_unionpay_answer.payload,
+            CASE WHEN f->>'respCode' = '00' THEN 'processing' ELSE 'failed' END,
+            f->>'queryId', (f->>'txnAmt')::bigint,
+            CASE WHEN f->>'respCode' = '00' THEN NULL
+                 ELSE format('respCode %s: %s', f->>'respCode', f->>'respMsg') END);
+    ELSE
+        IF f->>'respCode' IS DISTINCT FROM '00' THEN
+            RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
+                format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
+        END IF;
+        RETURN callback_center._adapter_refund_answer(_unionpay_answer.payload,
+            CASE WHEN orig = '00' THEN 'success'
+                 WHEN orig IN ('03', '04', '05') THEN 'processing' ELSE 'failed' END,
+            f->>'queryId', (f->>'txnAmt')::bigint,
+            CASE WHEN orig IN ('00', '03', '04', '05') THEN NULL
+                 ELSE format('origRespCode %s: %s', orig, f->>'origRespMsg') END);
+    END IF;
+END
+$$;
+
+-- ------------------------------------------------------------------------
+-- TCC: the two tries are one internal first phase (_tcc_first_phase:
+-- checks, barrier, take the resource, record the reservation) behind thin
+-- SECURITY DEFINER wrappers, as the second phase already was.
+-- ------------------------------------------------------------------------
+
+CREATE FUNCTION callback_center._tcc_first_phase(
+    gid text, branch_id text, kind text, resource_id text, quantity bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome  text;
+    cur      bigint;
+    nslots   integer;
+BEGIN
+    PERFORM callback_center._require_key(_tcc_first_phase.gid, 'gid');
+    PERFORM callback_center._require_key(_tcc_first_phase.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(_tcc_first_phase.resource_id,
+        CASE _tcc_first_phase.kind WHEN 'stock' THEN 'sku_id' ELSE 'coupon_id' END);
+    PERFORM callback_center._require(_tcc_first_phase.quantity, 'qty');
+    IF _tcc_first_phase.quantity <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('qty must be positive: %s', _tcc_first_phase.quantity);
+    END IF;
+    outcome := callback_center.barrier(_tcc_first_phase.gid, _tcc_first_phase.branch_id, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    IF _tcc_first_phase.kind = 'coupon' THEN
+        PERFORM callback_center.freeze_coupon(_tcc_first_phase.resource_id, _tcc_first_phase.gid);
+    ELSE
+        UPDATE callback_center.stock AS s
+           SET available = s.available - _tcc_first_phase.quantity,
+               reserved = s.reserved + _tcc_first_phase.quantity,
+               version = s.version + 1,
+               updated_at = pg_catalog.now()
+         WHERE s.sku_id = _tcc_first_phase.resource_id AND s.available >= _tcc_first_phase.quantity;
+        IF NOT FOUND THEN
+            SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s
+             WHERE s.sku_id = _tcc_first_phase.resource_id;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'CB004',
+                    MESSAGE = pg_catalog.format('unknown SKU "%s"', _tcc_first_phase.resource_id),
+                    HINT = 'Create it with callback_center.set_stock().';
+            END IF;
+            -- A hot SKU's units are in its slots, not on the row: a
+            -- reservation there would have to be given back to a slot by
+            -- the cancel, which the reservation model (one row) does not do.
+            IF nslots > 0 THEN
+                RAISE EXCEPTION USING ERRCODE = '0A000',
+                    MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', _tcc_first_phase.resource_id),
+                    DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
+                    HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
+            END IF;
+            RAISE EXCEPTION USING ERRCODE = 'CB001',
+                MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', _tcc_first_phase.resource_id),
+                DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
+                                           _tcc_first_phase.quantity, cur);
+        END IF;
+    END IF;
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (_tcc_first_phase.gid, _tcc_first_phase.branch_id, _tcc_first_phase.kind,
+            _tcc_first_phase.resource_id, _tcc_first_phase.quantity);
+    RETURN outcome;
+END
+$fn$;
+
+REVOKE ALL ON FUNCTION callback_center._tcc_first_phase(text, text, text, text, bigint) FROM PUBLIC;
+
+-- The wrappers, now LANGUAGE sql (grants and comments kept).
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_stock_try(
+    gid text,
+    branch_id text,
+    sku_id text,
+    qty bigint)
+RETURNS text
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT callback_center._tcc_first_phase($1, $2, 'stock', $3, $4);
+$fn$;
+
+CREATE OR REPLACE FUNCTION callback_center.tcc_coupon_try(gid text, branch_id text, coupon_id text)
+RETURNS text
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, callback_center
+AS $fn$
+    SELECT callback_center._tcc_first_phase($1, $2, 'coupon', $3, 1);
+$fn$;

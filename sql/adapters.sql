@@ -154,11 +154,11 @@ SELECT ad_err(format('SELECT callback_center.set_merchant(%L, %L, %L, NULL, %L)'
     '{"notify_url":"https://m.example/n"}'));
 SELECT ad_written();
 
--- set_endpoint_format refuses, writing nothing.
-SELECT ad_err('SELECT callback_center.set_endpoint_format(NULL, ''alipay'')');
-SELECT ad_err('SELECT callback_center.set_endpoint_format(''ad-api'', NULL)');
-SELECT ad_err('SELECT callback_center.set_endpoint_format(''nowhere'', ''alipay'')');
-SELECT ad_err('SELECT callback_center.set_endpoint_format(''ad-api'', ''wechatpay_v2'')');
+-- alter_endpoint refuses a bad format, writing nothing.
+SELECT ad_err('SELECT callback_center.alter_endpoint(NULL, ''{"format": "alipay"}'')');
+SELECT ad_err('SELECT callback_center.alter_endpoint(''ad-api'', ''{"format": null}'')');
+SELECT ad_err('SELECT callback_center.alter_endpoint(''nowhere'', ''{"format": "alipay"}'')');
+SELECT ad_err('SELECT callback_center.alter_endpoint(''ad-api'', ''{"format": "wechatpay_v2"}'')');
 SELECT ad_written();
 
 -- Accepted: shown without the key; loaded again, replaced.
@@ -168,13 +168,13 @@ SELECT callback_center.set_merchant('ad-ali', '2021000000000001', ad_key('key204
     '{"app_cert_sn":"0123456789abcdef0123456789abcdef","alipay_root_cert_sn":"0123456789abcdef0123456789abcdef_fedcba9876543210fedcba9876543210"}');
 SELECT callback_center.set_merchant('ad-wx', '1900000110', ad_key('key2048'), 'MCHSERIAL0002');
 SELECT provider, format, merchant_id, key_serial, key_bits, options FROM callback_center.merchants ORDER BY provider;
-SELECT callback_center.set_endpoint_format('ad-api', 'wechatpay_v3');
+SELECT callback_center.alter_endpoint('ad-api', '{"format": "wechatpay_v3"}');
 SELECT ad_written();
 
 -- A query endpoint of a provider format needs no https: its answers are verified.
 SELECT callback_center.create_endpoint('ad-plain', 'http://127.0.0.1:9', '{payment.query}') > 0 AS plain;
 SELECT ad_err('SELECT callback_center.set_provider_query_endpoint(''ad-wx'', ''ad-plain'')');
-SELECT callback_center.set_endpoint_format('ad-plain', 'wechatpay_v3');
+SELECT callback_center.alter_endpoint('ad-plain', '{"format": "wechatpay_v3"}');
 SELECT callback_center.set_provider_query_endpoint('ad-wx', 'ad-plain');
 
 -- Requests: built and signed, or the reason the event cannot be sent.

@@ -516,9 +516,9 @@ find_range(const ReservedRange *ranges, int n, const CcIpAddr *ip)
 /*
  * The name of the reserved range ip lies in ("loopback", "link-local",
  * "unspecified", "multicast", "broadcast or reserved", "site-local", "this
- * host" for one of the nown addresses own, "private"), with its prefix
- * length in *bits (32 or 128 for this host's addresses); NULL for a public
- * address.
+ * host" for one of this host's nown addresses in own, "private"), with its
+ * prefix length in *bits (32 or 128 for this host's addresses); NULL for a
+ * public address.
  */
 const char *
 cc_ip_reserved(const CcIpAddr *ip, const CcIpAddr *own, int nown, int *bits)

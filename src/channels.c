@@ -208,10 +208,9 @@ cc_form_decode(PG_FUNCTION_ARGS)
 /*
  * callback_center._form_escape(b bytea): a form body given as bytes
  * (payment_callback's bytea overload: a GBK body need not be valid text) as
- * text that
- * _form_decode reads back to the same bytes: every byte outside printable
- * ASCII becomes %XX, the rest ("&", "=", "+" and "%" escapes included) is
- * kept as it is.
+ * text that _form_decode reads back to the same bytes: every byte outside
+ * printable ASCII becomes %XX, the rest ("&", "=", "+" and "%" escapes
+ * included) is kept as it is.
  */
 Datum
 cc_form_escape(PG_FUNCTION_ARGS)

@@ -18,6 +18,7 @@
 #include "utils/builtins.h"
 #include "utils/tuplestore.h"
 
+#include "errcodes.h"
 #include "http.h"
 
 #define PROBE_MAX_TIMEOUT_MS	3600000
@@ -134,9 +135,10 @@ probe_check_range(const char *name, int v, int lo, int hi)
  * http_probe(urls, request_body, headers, timeout_ms, max_concurrent,
  * max_body_bytes, max_per_host): POSTs request_body to every URL
  * concurrently (at most max_concurrent at once, at most max_per_host to one
- * origin when given) and returns one row per URL, in the order given.  Failed transfers are rows with an
- * error, not ERRORs.  A cancel stops the transfers within about 100 ms and
- * raises the usual 57014.
+ * origin when given) and returns one row per URL, in the order given.
+ * Failed transfers are rows with an error, not ERRORs.  A cancel stops the
+ * transfers within one of http.c's poll waits (CC_HTTP_POLL_MS) and raises
+ * the usual 57014.
  */
 Datum
 cc_http_probe(PG_FUNCTION_ARGS)
@@ -157,11 +159,8 @@ cc_http_probe(PG_FUNCTION_ARGS)
 	const char *names[] = {"urls", "request_body", "headers", "timeout_ms",
 	"max_concurrent", "max_body_bytes"};
 
-	for (i = 0; i < 6; i++)
-		if (PG_ARGISNULL(i))
-			ereport(ERROR,
-					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-					 errmsg("%s must not be null", names[i])));
+	for (i = 0; i < lengthof(names); i++)
+		cc_require_arg(fcinfo, i, names[i]);
 
 	urls = probe_text_array(PG_GETARG_ARRAYTYPE_P(0), "urls", &nurls);
 	body = PG_GETARG_TEXT_PP(1);

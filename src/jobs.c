@@ -12,8 +12,8 @@
  * close_expired_orders, query_stuck_payments, query_expired_orders (the
  * question asked before closing an order a provider may have been paid
  * for), apply_query_answers, apply_provider_answers, refund_jobs (late
- * payments refunded, open refunds queried again).  An
- * error in a round is logged and counted; the worker carries on.  When a
+ * payments refunded, open refunds queried again).  An error in a round is
+ * logged and counted; the worker carries on.  When a
  * close batch fails, the due orders are closed one per transaction, and
  * each order that fails is recorded in close_failures and left alone for a
  * while (backing off), so failing orders, however many, cannot hold back

@@ -9,10 +9,10 @@
  * subscribed to the event type, and _enqueue_one() (behind enqueue_to and
  * the active payment query) one row for one endpoint, both in the caller's
  * transaction, with the same checks, ordering lock and wake-up.  Reading the
- * endpoints table on every call costs about a fifth of the throughput of a
- * plain INSERT (an extra scan and buffer pin of one hot page under many
- * clients), so each backend keeps the subscription list in memory and
- * executes a prepared INSERT ... VALUES per matching endpoint.
+ * endpoints table on every call would add a scan and a buffer pin of one
+ * hot page, shared by every client, to each enqueue, so each backend keeps
+ * the subscription list in memory and executes a prepared INSERT ...
+ * VALUES per matching endpoint.
  *
  * The list is rebuilt after any change to callback_center.endpoints: a
  * statement trigger on that table (cc_outbox_endpoints_changed) sends a
@@ -33,8 +33,9 @@
  * row for an ordered endpoint gets its id, the writer therefore takes a
  * transaction-scoped advisory lock on the aggregate: a second transaction
  * for that aggregate waits until the first ends, and its ids follow (rows
- * for unordered endpoints need no order).  Only ordered endpoints pay; the key is a hash of the
- * aggregate id, so a collision only serializes two aggregates needlessly.
+ * for unordered endpoints need no order).  Only ordered endpoints pay; the
+ * key is a hash of the aggregate id, so a collision only serializes two
+ * aggregates needlessly.
  * A transaction that enqueues for aggregates A then B while another
  * enqueues B then A deadlocks (one is cancelled, SQLSTATE 40P01).
  *
@@ -511,9 +512,8 @@ cc_outbox_begin(CcOutboxWrite *w, FunctionCallInfo fcinfo, int first_arg,
 
 /*
  * Inserts the event for one endpoint and returns the row's id (0 unless
- * want_id).  The first
- * row for an ordered endpoint takes the aggregate's ordering lock before it
- * gets its id (see the head of this file).
+ * want_id).  The first row for an ordered endpoint takes the aggregate's
+ * ordering lock before it gets its id (see the head of this file).
  */
 static int64
 cc_outbox_insert(CcOutboxWrite *w, int32 endpoint_id, bool ordered)

@@ -140,8 +140,8 @@ cc_shmem_request(void)
 
 /*
  * Attaches to (or, first time round, creates) the shared state of both
- * workers.  Runs in the
- * postmaster and again in every child on EXEC_BACKEND builds.
+ * workers.  Runs in the postmaster and again in every child on
+ * EXEC_BACKEND builds.
  */
 static void
 cc_shmem_startup(void)

@@ -79,10 +79,10 @@ typedef struct StockOutcome
 } StockOutcome;
 
 /*
- * The statements, prepared once per backend (a plan table, spi.h).
- * They never depend on the caller's search_path:
- * every table, function, operator and collation is schema-qualified, and
- * they are prepared and run only under the pinned path of stock_enter().
+ * The statements, prepared once per backend (a plan table, spi.h).  They
+ * never depend on the caller's search_path: every table, function,
+ * operator and collation is schema-qualified, and they are prepared and
+ * run only under the pinned path of stock_enter().
  */
 typedef enum StockPlanId
 {
@@ -190,8 +190,8 @@ static CcPlan plans[NUM_STOCK_PLANS] = {
 	 * also evaluated once).  Not a sub-select in FROM: the planner may put
 	 * it on the inner side of a nested loop and run it again for each outer
 	 * row, and each run of a SKIP LOCKED LIMIT 1 picks another free slot,
-	 * so that one statement changed many slots (max_rows 1 now refuses
-	 * that as well).
+	 * so that one statement would change many slots (max_rows 1 refuses
+	 * such a statement too).
 	 */
 
 	/*
@@ -283,8 +283,8 @@ stock_exec(StockPlanId id, Datum *args, int expect)
  *
  * deduct_stock and restore_stock are neither SECURITY DEFINER nor declared
  * with SET search_path: fmgr_security_definer's GUC nest level, the
- * search_path assignment and AtEOXact_GUC cost about a tenth of a
- * deduction.  stock_enter() does the same job directly:
+ * search_path assignment and AtEOXact_GUC would weigh on every deduction,
+ * a call that does little else.  stock_enter() does the same job directly:
  *
  * - The user id becomes the owner of the called function (pg_proc), with
  *   SECURITY_LOCAL_USERID_CHANGE added to the security context, as
@@ -935,8 +935,8 @@ slot_give(Datum sku, int64 qty, int32 nslots)
  * closed without being paid (pay status pay_failed or closed), or was
  * refunded in full before it was fulfilled (status refunded: the refund
  * path moves it there, then restores), the states from which it never
- * takes goods; a paid order keeps its stock,
- * and one still waiting for money may yet be paid.  Those states are
+ * takes goods; a paid order keeps its stock, and one still waiting for
+ * money may yet be paid.  Those states are
  * final, so once seen they hold; an order in another state may reach one
  * later (the payment failure and timeout close paths restore right after
  * moving it there).  Any other biz id is the application's, restored

@@ -129,10 +129,7 @@ cc_check_url(PG_FUNCTION_ARGS)
 	text	   *url_t;
 	char	   *host;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("url must not be null")));
+	cc_require_arg(fcinfo, 0, "url");
 	url_t = PG_GETARG_TEXT_PP(0);
 	host = check_url_syntax(text_to_cstring(url_t));
 	check_destination(host, NULL);
@@ -154,10 +151,7 @@ cc_check_destination(PG_FUNCTION_ARGS)
 	char	   *host;
 	CcAllowList *own_list = NULL;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("url must not be null")));
+	cc_require_arg(fcinfo, 0, "url");
 	url_t = PG_GETARG_TEXT_PP(0);
 	host = check_url_syntax(text_to_cstring(url_t));
 	if (PG_NARGS() > 1 && !PG_ARGISNULL(1))

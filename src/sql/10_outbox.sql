@@ -329,7 +329,7 @@ DECLARE
     known constant text[] := ARRAY['url', 'event_types', 'timeout_ms',
         'retry_schedule', 'max_attempts', 'rate_limit_per_s',
         'breaker_failure_ratio', 'breaker_window_s', 'breaker_min_requests',
-        'breaker_open_ms', 'is_core', 'ordered', 'enabled'];
+        'breaker_open_ms', 'is_core', 'ordered', 'enabled', 'format'];
     bad text;
     k text;
     v jsonb;
@@ -410,6 +410,15 @@ BEGIN
             ep.breaker_min_requests := callback_center._option_int(k, v, 1, 1000000);
         WHEN 'breaker_open_ms' THEN
             ep.breaker_open_ms := callback_center._option_int(k, v, 1, 86400000);
+        WHEN 'format' THEN
+            -- How requests are shaped: the adapters of 46_adapters.sql.
+            IF jsonb_typeof(v) <> 'string' OR v #>> '{}' NOT IN
+               ('standard_webhooks', 'wechatpay_v3', 'alipay', 'unionpay') THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('unknown endpoint format %s', v),
+                    HINT = 'The formats are standard_webhooks, wechatpay_v3, alipay and unionpay.';
+            END IF;
+            ep.format := v #>> '{}';
         ELSE
             -- is_core, ordered, enabled
             IF jsonb_typeof(v) <> 'boolean' THEN
@@ -432,7 +441,8 @@ BEGIN
            breaker_window_s = ep.breaker_window_s,
            breaker_min_requests = ep.breaker_min_requests,
            breaker_open_ms = ep.breaker_open_ms, is_core = ep.is_core,
-           ordered = ep.ordered, enabled = ep.enabled, updated_at = now()
+           ordered = ep.ordered, enabled = ep.enabled, format = ep.format,
+           updated_at = now()
      WHERE e.id = _endpoint_apply.id;
 END
 $$;

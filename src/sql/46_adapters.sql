@@ -1,9 +1,10 @@
 
 -- Payment channels, outbound: the adapter layer (doc/adapters.md).  An
--- endpoint whose format is a provider's (wechatpay_v3, alipay, unionpay)
--- receives payment.query, payment.close, refund.request and refund.query
--- events as that provider's own API calls: the delivery worker's claim
--- builds each request here (_adapter_request: method, URL, headers, body,
+-- endpoint whose format (its option "format", set by create_endpoint or
+-- alter_endpoint) is a provider's (wechatpay_v3, alipay, unionpay) receives
+-- payment.query, payment.close, refund.request and refund.query events as
+-- that provider's own API calls: the delivery worker's claim builds each
+-- request here (_adapter_request: method, URL, headers, body,
 -- signed with the merchant's private key, fresh for every attempt), the
 -- worker sends it, checks the response here (_adapter_check: the
 -- provider's signature, then the answer normalized), and records the
@@ -97,9 +98,9 @@ LANGUAGE C VOLATILE;
 -- (notify_url: WeChat Pay's refund notification URL; back_url: UnionPay's
 -- backUrl; Alipay's certificate mode: app_cert_sn and
 -- alipay_root_cert_sn, sent with every request).  Replaces what was
--- loaded.  Refused, with nothing written: 22004 NULL, CB033 unknown provider, 22023 a provider whose scheme has no
--- outbound API, a bad merchant id, key (detail says why, never quoting
--- it), serial or option.
+-- loaded.  Refused, with nothing written: 22004 NULL, CB033 unknown
+-- provider, 22023 a provider whose scheme has no outbound API, a bad
+-- merchant id, key (detail says why, never quoting it), serial or option.
 CREATE FUNCTION callback_center.set_merchant(provider text, merchant_id text,
     private_key text, key_serial text DEFAULT NULL, options jsonb DEFAULT '{}')
 RETURNS void
@@ -188,33 +189,6 @@ BEGIN
 END
 $$;
 
--- Sets how requests to an endpoint are shaped (admin): standard_webhooks
--- (the default: signed POSTs of the event) or a provider's API
--- (wechatpay_v3, alipay, unionpay), whose requests go to the endpoint's
--- URL as the provider's gateway.  22004 NULL, CB040 unknown endpoint,
--- 22023 unknown format.
-CREATE FUNCTION callback_center.set_endpoint_format(endpoint text, format text)
-RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, callback_center
-AS $$
-DECLARE
-    ep_id integer;
-BEGIN
-    PERFORM callback_center._require(set_endpoint_format.endpoint, 'endpoint');
-    PERFORM callback_center._require(set_endpoint_format.format, 'format');
-    IF set_endpoint_format.format NOT IN ('standard_webhooks', 'wechatpay_v3', 'alipay', 'unionpay') THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = pg_catalog.format('unknown endpoint format "%s"', set_endpoint_format.format),
-            HINT = 'The formats are standard_webhooks, wechatpay_v3, alipay and unionpay.';
-    END IF;
-    ep_id := callback_center._endpoint_id(set_endpoint_format.endpoint, true);
-    UPDATE callback_center.endpoints e
-       SET format = set_endpoint_format.format, updated_at = now()
-     WHERE e.id = ep_id;
-END
-$$;
-
 -- s percent-encoded as RFC 3986 asks of a URL component or form value
 -- (UTF-8; unreserved characters kept).
 CREATE FUNCTION callback_center._url_encode(s text)
@@ -251,12 +225,12 @@ AS $$
 $$;
 
 -- The request of one event to a provider-format endpoint, as the delivery
--- worker sends it (src/adapter.c reads it): "METHOD URL", header lines, an
--- empty line, the body.  Signed now with the merchant's key, so every
--- attempt (every claim) carries a fresh timestamp and nonce.  Raises, and
--- the worker makes the event dead with the message: CB070 the provider has
--- no merchant settings, CB071 the provider's scheme is not the endpoint's
--- format, CB072 an event type the format does not send.
+-- worker sends it (the text of _adapter_http).  Signed now with the
+-- merchant's key, so every attempt (every claim) carries a fresh timestamp
+-- and nonce.  Raises, and the worker makes the event dead with the
+-- message: CB070 the provider has no merchant settings, CB071 the
+-- provider's scheme is not the endpoint's format, CB072 an event type the
+-- format does not send.
 CREATE FUNCTION callback_center._adapter_request(endpoint_id integer, event_type text,
     aggregate_id text, payload jsonb)
 RETURNS text
@@ -304,6 +278,51 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'CB072',
         MESSAGE = format('event type "%s" cannot be sent to a %s endpoint', _adapter_unsupported.event_type, _adapter_unsupported.format),
         HINT = 'Provider endpoints take payment.query, payment.close, refund.request and refund.query.';
+END
+$$;
+
+-- A request as the delivery worker sends it (src/adapter.c reads it):
+-- "METHOD URL", one "Name: value" line per header, an empty line, then the
+-- body, byte for byte as it was signed.
+CREATE FUNCTION callback_center._adapter_http(method text, url text, headers text[], body text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT _adapter_http.method || ' ' || _adapter_http.url || E'\n'
+        || coalesce((SELECT string_agg(h.line || E'\n', '' ORDER BY h.n)
+                       FROM unnest(_adapter_http.headers) WITH ORDINALITY AS h(line, n)), '')
+        || E'\n' || _adapter_http.body
+$$;
+
+-- A signed form POST (Alipay, UnionPay).  The fields whose value is not
+-- empty, sorted by name (bytewise), as "k=v&...", are signed with the
+-- merchant key of provider (with digest, their hex SHA-256: UnionPay signs
+-- the digest); the signature is added as the field sign_field, and the
+-- body is the same fields and the signature, sorted, values percent-encoded.
+CREATE FUNCTION callback_center._adapter_form_post(url text, provider text, fields jsonb,
+    sign_field text, digest boolean, content_type text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    f jsonb := _adapter_form_post.fields;
+    signed bytea;
+    body text;
+BEGIN
+    SELECT convert_to(string_agg(x.key || '=' || (x.value #>> '{}'), '&' ORDER BY x.key COLLATE "C"), 'UTF8')
+      INTO signed FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
+    IF _adapter_form_post.digest THEN
+        signed := convert_to(encode(sha256(signed), 'hex'), 'UTF8');
+    END IF;
+    f := f || jsonb_build_object(_adapter_form_post.sign_field,
+                                 callback_center._merchant_sign(_adapter_form_post.provider, signed));
+    SELECT string_agg(x.key || '=' || callback_center._url_encode(x.value #>> '{}'), '&'
+                      ORDER BY x.key COLLATE "C")
+      INTO body FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
+    RETURN callback_center._adapter_http('POST', _adapter_form_post.url,
+        ARRAY['Content-Type: ' || _adapter_form_post.content_type], body);
 END
 $$;
 
@@ -368,12 +387,12 @@ BEGIN
     sig := callback_center._merchant_sign(m.provider,
         convert_to(method || E'\n' || signed_path || E'\n' || ts || E'\n' || nonce || E'\n'
                    || body || E'\n', 'UTF8'));
-    RETURN method || ' ' || full_url || E'\n'
-        || format('Authorization: WECHATPAY2-SHA256-RSA2048 mchid="%s",nonce_str="%s",signature="%s",timestamp="%s",serial_no="%s"',
-                  m.merchant_id, nonce, sig, ts, m.key_serial) || E'\n'
-        || E'Accept: application/json\n'
-        || E'Content-Type: application/json\n'
-        || E'\n' || body;
+    RETURN callback_center._adapter_http(method, full_url,
+        ARRAY[format('Authorization: WECHATPAY2-SHA256-RSA2048 mchid="%s",nonce_str="%s",signature="%s",timestamp="%s",serial_no="%s"',
+                     m.merchant_id, nonce, sig, ts, m.key_serial),
+              'Accept: application/json',
+              'Content-Type: application/json'],
+        body);
 END
 $$;
 
@@ -391,8 +410,6 @@ DECLARE
     api text;
     biz jsonb;
     params jsonb;
-    signed text;
-    body text;
 BEGIN
     IF _alipay_request.event_type = 'payment.query' THEN
         api := 'alipay.trade.query';
@@ -425,16 +442,8 @@ BEGIN
     params := params || jsonb_strip_nulls(jsonb_build_object(
         'app_cert_sn', m.options->>'app_cert_sn',
         'alipay_root_cert_sn', m.options->>'alipay_root_cert_sn'));
-    SELECT string_agg(p.key || '=' || (p.value #>> '{}'), '&' ORDER BY p.key COLLATE "C")
-      INTO signed FROM jsonb_each(params) p WHERE (p.value #>> '{}') <> '';
-    params := params || jsonb_build_object('sign',
-        callback_center._merchant_sign(m.provider, convert_to(signed, 'UTF8')));
-    SELECT string_agg(p.key || '=' || callback_center._url_encode(p.value #>> '{}'), '&'
-                      ORDER BY p.key COLLATE "C")
-      INTO body FROM jsonb_each(params) p;
-    RETURN 'POST ' || _alipay_request.url || E'\n'
-        || E'Content-Type: application/x-www-form-urlencoded;charset=utf-8\n'
-        || E'\n' || body;
+    RETURN callback_center._adapter_form_post(_alipay_request.url, m.provider, params, 'sign', false,
+        'application/x-www-form-urlencoded;charset=utf-8');
 END
 $$;
 
@@ -475,8 +484,6 @@ DECLARE
     path text;
     f jsonb;
     started timestamptz;
-    signed text;
-    body text;
 BEGIN
     f := jsonb_build_object('version', '5.1.0', 'encoding', 'UTF-8', 'signMethod', '01',
                             'certId', m.key_serial, 'merId', m.merchant_id, 'accessType', '0');
@@ -512,18 +519,41 @@ BEGIN
     ELSE
         PERFORM callback_center._adapter_unsupported('unionpay', _unionpay_request.event_type);
     END IF;
-    SELECT string_agg(x.key || '=' || (x.value #>> '{}'), '&' ORDER BY x.key COLLATE "C")
-      INTO signed FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
-    f := f || jsonb_build_object('signature',
-        callback_center._merchant_sign(m.provider,
-            convert_to(encode(sha256(convert_to(signed, 'UTF8')), 'hex'), 'UTF8')));
-    SELECT string_agg(x.key || '=' || callback_center._url_encode(x.value #>> '{}'), '&'
-                      ORDER BY x.key COLLATE "C")
-      INTO body FROM jsonb_each(f) x WHERE (x.value #>> '{}') <> '';
-    RETURN 'POST ' || base || path || E'\n'
-        || E'Content-Type: application/x-www-form-urlencoded;charset=UTF-8\n'
-        || E'\n' || body;
+    RETURN callback_center._adapter_form_post(base || path, m.provider, f, 'signature', true,
+        'application/x-www-form-urlencoded;charset=UTF-8');
 END
+$$;
+
+-- A normalized answer to a payment.query (doc/adapters.md, "Normalized
+-- answers"): status paid, unpaid, closed or failed, with what the
+-- provider said.
+CREATE FUNCTION callback_center._adapter_payment_answer(status text, provider_status text,
+    txn_id text, amount_cents bigint, currency text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT jsonb_build_object('status', _adapter_payment_answer.status,
+                              'provider_status', _adapter_payment_answer.provider_status,
+                              'txn_id', _adapter_payment_answer.txn_id,
+                              'amount_cents', _adapter_payment_answer.amount_cents,
+                              'currency', _adapter_payment_answer.currency)
+$$;
+
+-- A normalized answer to a refund.* event, the refunds' contract
+-- (_apply_refund_answer, 62_refunds.sql): the event's refund_id, status
+-- success, processing, failed or unknown.
+CREATE FUNCTION callback_center._adapter_refund_answer(payload jsonb, status text,
+    provider_refund_id text, amount_cents bigint, error text)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, callback_center
+AS $$
+    SELECT jsonb_build_object('refund_id', _adapter_refund_answer.payload->>'refund_id',
+                              'status', _adapter_refund_answer.status,
+                              'provider_refund_id', _adapter_refund_answer.provider_refund_id,
+                              'amount_cents', _adapter_refund_answer.amount_cents,
+                              'error', _adapter_refund_answer.error)
 $$;
 
 -- The normalized answer for an event type: payment.* {status, ...} with
@@ -535,9 +565,8 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, callback_center
 AS $$
     SELECT CASE WHEN _adapter_error_answer.event_type LIKE 'refund.%'
-                THEN jsonb_build_object('refund_id', _adapter_error_answer.payload->>'refund_id', 'status', 'unknown',
-                                        'provider_refund_id', NULL, 'amount_cents', NULL,
-                                        'error', _adapter_error_answer.error)
+                THEN callback_center._adapter_refund_answer(_adapter_error_answer.payload, 'unknown',
+                                                            NULL, NULL, _adapter_error_answer.error)
                 ELSE jsonb_build_object('status', 'error', 'error', _adapter_error_answer.error) END
 $$;
 
@@ -582,10 +611,9 @@ BEGIN
             RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
                 format('unknown trade_state "%s"', j->>'trade_state'));
         END IF;
-        RETURN jsonb_build_object('status', st, 'provider_status', j->>'trade_state',
-                                  'txn_id', j->>'transaction_id',
-                                  'amount_cents', (j->'amount'->>'total')::bigint,
-                                  'currency', j->'amount'->>'currency');
+        RETURN callback_center._adapter_payment_answer(st, j->>'trade_state', j->>'transaction_id',
+                                                       (j->'amount'->>'total')::bigint,
+                                                       j->'amount'->>'currency');
     ELSIF _wechatpay_v3_answer.event_type = 'payment.close' THEN
         RETURN jsonb_build_object('status', 'closed');
     ELSE
@@ -593,19 +621,16 @@ BEGIN
             RETURN callback_center._adapter_error_answer(_wechatpay_v3_answer.event_type, _wechatpay_v3_answer.payload,
                 format('the answer is about refund "%s"', j->>'out_refund_no'));
         END IF;
-        RETURN jsonb_build_object(
-            'refund_id', _wechatpay_v3_answer.payload->>'refund_id',
-            'status', CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
-                                        WHEN 'PROCESSING' THEN 'processing'
-                                        -- not final: the merchant platform
-                                        -- settles it (a failed refund's
-                                        -- amount could be refunded again)
-                                        WHEN 'ABNORMAL' THEN 'processing'
-                                        WHEN 'CLOSED' THEN 'failed' ELSE 'unknown' END,
-            'provider_refund_id', j->>'refund_id',
-            'amount_cents', (j->'amount'->>'refund')::bigint,
-            'error', CASE WHEN j->>'status' IN ('SUCCESS', 'PROCESSING') THEN NULL
-                          ELSE j->>'status' END);
+        RETURN callback_center._adapter_refund_answer(_wechatpay_v3_answer.payload,
+            CASE j->>'status' WHEN 'SUCCESS' THEN 'success'
+                              WHEN 'PROCESSING' THEN 'processing'
+                              -- not final: the merchant platform settles it
+                              -- (a failed refund's amount could be refunded
+                              -- again)
+                              WHEN 'ABNORMAL' THEN 'processing'
+                              WHEN 'CLOSED' THEN 'failed' ELSE 'unknown' END,
+            j->>'refund_id', (j->'amount'->>'refund')::bigint,
+            CASE WHEN j->>'status' IN ('SUCCESS', 'PROCESSING') THEN NULL ELSE j->>'status' END);
     END IF;
 END
 $$;
@@ -697,30 +722,22 @@ BEGIN
             RETURN callback_center._adapter_error_answer(_alipay_answer.event_type, _alipay_answer.payload,
                 format('unknown trade_status "%s"', _alipay_answer.node->>'trade_status'));
         END IF;
-        RETURN jsonb_build_object('status', st, 'provider_status', _alipay_answer.node->>'trade_status',
-                                  'txn_id', _alipay_answer.node->>'trade_no',
-                                  'amount_cents',
-                                  round((_alipay_answer.node->>'total_amount')::numeric * 100)::bigint,
-                                  'currency', 'CNY');
+        RETURN callback_center._adapter_payment_answer(st, _alipay_answer.node->>'trade_status',
+            _alipay_answer.node->>'trade_no',
+            round((_alipay_answer.node->>'total_amount')::numeric * 100)::bigint, 'CNY');
     ELSIF _alipay_answer.event_type = 'payment.close' THEN
         RETURN jsonb_build_object('status', 'closed');
     ELSIF _alipay_answer.event_type = 'refund.request' THEN
-        RETURN jsonb_build_object(
-            'refund_id', _alipay_answer.payload->>'refund_id',
-            'status', CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
-            -- Alipay gives a refund no id (trade_no is the payment's), and
-            -- refund_fee is the trade's total refunded, not this refund's.
-            'provider_refund_id', NULL,
-            'amount_cents', NULL,
-            'error', NULL);
+        -- Alipay gives a refund no id (trade_no is the payment's), and
+        -- refund_fee is the trade's total refunded, not this refund's.
+        RETURN callback_center._adapter_refund_answer(_alipay_answer.payload,
+            CASE WHEN _alipay_answer.node->>'fund_change' = 'Y' THEN 'success' ELSE 'processing' END,
+            NULL, NULL, NULL);
     ELSE
-        RETURN jsonb_build_object(
-            'refund_id', _alipay_answer.payload->>'refund_id',
-            'status', CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
-                           ELSE 'processing' END,
-            'provider_refund_id', NULL,
-            'amount_cents', round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint,
-            'error', NULL);
+        RETURN callback_center._adapter_refund_answer(_alipay_answer.payload,
+            CASE WHEN _alipay_answer.node->>'refund_status' = 'REFUND_SUCCESS' THEN 'success'
+                 ELSE 'processing' END,
+            NULL, round((_alipay_answer.node->>'refund_amount')::numeric * 100)::bigint, NULL);
     END IF;
 END
 $$;
@@ -752,32 +769,27 @@ BEGIN
             RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
                 format('the answer is about order "%s"', f->>'orderId'));
         END IF;
-        RETURN jsonb_build_object(
-            'status', CASE WHEN orig = '00' THEN 'paid'
-                           WHEN orig IN ('03', '04', '05') THEN 'unpaid' ELSE 'failed' END,
-            'provider_status', orig, 'txn_id', f->>'queryId',
-            'amount_cents', (f->>'txnAmt')::bigint, 'currency', 'CNY');
+        RETURN callback_center._adapter_payment_answer(
+            CASE WHEN orig = '00' THEN 'paid'
+                 WHEN orig IN ('03', '04', '05') THEN 'unpaid' ELSE 'failed' END,
+            orig, f->>'queryId', (f->>'txnAmt')::bigint, 'CNY');
     ELSIF _unionpay_answer.event_type = 'refund.request' THEN
-        RETURN jsonb_build_object(
-            'refund_id', _unionpay_answer.payload->>'refund_id',
-            'status', CASE WHEN f->>'respCode' = '00' THEN 'processing' ELSE 'failed' END,
-            'provider_refund_id', f->>'queryId',
-            'amount_cents', (f->>'txnAmt')::bigint,
-            'error', CASE WHEN f->>'respCode' = '00' THEN NULL
-                          ELSE format('respCode %s: %s', f->>'respCode', f->>'respMsg') END);
+        RETURN callback_center._adapter_refund_answer(_unionpay_answer.payload,
+            CASE WHEN f->>'respCode' = '00' THEN 'processing' ELSE 'failed' END,
+            f->>'queryId', (f->>'txnAmt')::bigint,
+            CASE WHEN f->>'respCode' = '00' THEN NULL
+                 ELSE format('respCode %s: %s', f->>'respCode', f->>'respMsg') END);
     ELSE
         IF f->>'respCode' IS DISTINCT FROM '00' THEN
             RETURN callback_center._adapter_error_answer(_unionpay_answer.event_type, _unionpay_answer.payload,
                 format('respCode %s: %s', f->>'respCode', f->>'respMsg'));
         END IF;
-        RETURN jsonb_build_object(
-            'refund_id', _unionpay_answer.payload->>'refund_id',
-            'status', CASE WHEN orig = '00' THEN 'success'
-                           WHEN orig IN ('03', '04', '05') THEN 'processing' ELSE 'failed' END,
-            'provider_refund_id', f->>'queryId',
-            'amount_cents', (f->>'txnAmt')::bigint,
-            'error', CASE WHEN orig IN ('00', '03', '04', '05') THEN NULL
-                          ELSE format('origRespCode %s: %s', orig, f->>'origRespMsg') END);
+        RETURN callback_center._adapter_refund_answer(_unionpay_answer.payload,
+            CASE WHEN orig = '00' THEN 'success'
+                 WHEN orig IN ('03', '04', '05') THEN 'processing' ELSE 'failed' END,
+            f->>'queryId', (f->>'txnAmt')::bigint,
+            CASE WHEN orig IN ('00', '03', '04', '05') THEN NULL
+                 ELSE format('origRespCode %s: %s', orig, f->>'origRespMsg') END);
     END IF;
 END
 $$;
@@ -1016,14 +1028,17 @@ REVOKE ALL ON FUNCTION
     callback_center._merchant_sign(text, bytea),
     callback_center._adapter_nonce(),
     callback_center.set_merchant(text, text, text, text, jsonb),
-    callback_center.set_endpoint_format(text, text),
     callback_center._url_encode(text),
     callback_center._yuan(bigint),
     callback_center._adapter_request(integer, text, text, jsonb),
     callback_center._adapter_unsupported(text, text),
+    callback_center._adapter_http(text, text, text[], text),
+    callback_center._adapter_form_post(text, text, jsonb, text, boolean, text),
     callback_center._wechatpay_v3_request(text, callback_center.merchant_settings, text, jsonb),
     callback_center._alipay_request(text, callback_center.merchant_settings, text, jsonb),
     callback_center._unionpay_request(text, callback_center.merchant_settings, text, jsonb),
+    callback_center._adapter_payment_answer(text, text, text, bigint, text),
+    callback_center._adapter_refund_answer(jsonb, text, text, bigint, text),
     callback_center._adapter_error_answer(text, jsonb, text),
     callback_center._wechatpay_v3_answer(text, jsonb, integer, text),
     callback_center._alipay_node_text(text, text),
@@ -1034,8 +1049,7 @@ REVOKE ALL ON FUNCTION
     callback_center._adapter_record(bigint[], integer[], integer[], jsonb[], text[])
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
-    callback_center.set_merchant(text, text, text, text, jsonb),
-    callback_center.set_endpoint_format(text, text)
+    callback_center.set_merchant(text, text, text, text, jsonb)
     TO callback_center_admin;
 -- The delivery worker (src/queue.c) builds requests, checks and keeps
 -- answers through these; they run as their owner (the worker role reads

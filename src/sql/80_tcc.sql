@@ -193,6 +193,75 @@ $fn$;
 COMMENT ON FUNCTION callback_center.barrier(text, text, text) IS
     'TCC/saga barrier: proceed, duplicate, empty_compensation or refused for (gid, branch, op)';
 
+-- The first phase (try) of a TCC branch on a resource of the given kind:
+-- checks the arguments, goes through the barrier, then, only on
+-- 'proceed', takes the resource (stock: quantity units of the SKU move
+-- from available to reserved; coupon: frozen with biz_id = gid) and
+-- records the reservation.  Returns the barrier outcome.  Runs as the
+-- SECURITY DEFINER wrapper that calls it.
+CREATE FUNCTION callback_center._tcc_first_phase(
+    gid text, branch_id text, kind text, resource_id text, quantity bigint)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $fn$
+DECLARE
+    outcome  text;
+    cur      bigint;
+    nslots   integer;
+BEGIN
+    PERFORM callback_center._require_key(_tcc_first_phase.gid, 'gid');
+    PERFORM callback_center._require_key(_tcc_first_phase.branch_id, 'branch_id');
+    PERFORM callback_center._require_key(_tcc_first_phase.resource_id,
+        CASE _tcc_first_phase.kind WHEN 'stock' THEN 'sku_id' ELSE 'coupon_id' END);
+    PERFORM callback_center._require(_tcc_first_phase.quantity, 'qty');
+    IF _tcc_first_phase.quantity <= 0 THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = pg_catalog.format('qty must be positive: %s', _tcc_first_phase.quantity);
+    END IF;
+    outcome := callback_center.barrier(_tcc_first_phase.gid, _tcc_first_phase.branch_id, 'try');
+    IF outcome <> 'proceed' THEN
+        RETURN outcome;
+    END IF;
+    IF _tcc_first_phase.kind = 'coupon' THEN
+        PERFORM callback_center.freeze_coupon(_tcc_first_phase.resource_id, _tcc_first_phase.gid);
+    ELSE
+        UPDATE callback_center.stock AS s
+           SET available = s.available - _tcc_first_phase.quantity,
+               reserved = s.reserved + _tcc_first_phase.quantity,
+               version = s.version + 1,
+               updated_at = pg_catalog.now()
+         WHERE s.sku_id = _tcc_first_phase.resource_id AND s.available >= _tcc_first_phase.quantity;
+        IF NOT FOUND THEN
+            SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s
+             WHERE s.sku_id = _tcc_first_phase.resource_id;
+            IF NOT FOUND THEN
+                RAISE EXCEPTION USING ERRCODE = 'CB004',
+                    MESSAGE = pg_catalog.format('unknown SKU "%s"', _tcc_first_phase.resource_id),
+                    HINT = 'Create it with callback_center.set_stock().';
+            END IF;
+            -- A hot SKU's units are in its slots, not on the row: a
+            -- reservation there would have to be given back to a slot by
+            -- the cancel, which the reservation model (one row) does not do.
+            IF nslots > 0 THEN
+                RAISE EXCEPTION USING ERRCODE = '0A000',
+                    MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', _tcc_first_phase.resource_id),
+                    DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
+                    HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
+            END IF;
+            RAISE EXCEPTION USING ERRCODE = 'CB001',
+                MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', _tcc_first_phase.resource_id),
+                DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
+                                           _tcc_first_phase.quantity, cur);
+        END IF;
+    END IF;
+    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
+    VALUES (_tcc_first_phase.gid, _tcc_first_phase.branch_id, _tcc_first_phase.kind,
+            _tcc_first_phase.resource_id, _tcc_first_phase.quantity);
+    RETURN outcome;
+END
+$fn$;
+
 -- Marks the reservation of (gid, branch) of the given kind confirmed or
 -- cancelled and returns it; 55000 when there is none still reserved.
 CREATE FUNCTION callback_center._tcc_settle(
@@ -272,57 +341,10 @@ CREATE FUNCTION callback_center.tcc_stock_try(
     sku_id text,
     qty bigint)
 RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-DECLARE
-    outcome  text;
-    cur      bigint;
-    nslots   integer;
-BEGIN
-    PERFORM callback_center._require_key(tcc_stock_try.gid, 'gid');
-    PERFORM callback_center._require_key(tcc_stock_try.branch_id, 'branch_id');
-    PERFORM callback_center._require_key(tcc_stock_try.sku_id, 'sku_id');
-    PERFORM callback_center._require(tcc_stock_try.qty, 'qty');
-    IF tcc_stock_try.qty <= 0 THEN
-        RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = pg_catalog.format('qty must be positive: %s', tcc_stock_try.qty);
-    END IF;
-    outcome := callback_center.barrier(tcc_stock_try.gid, tcc_stock_try.branch_id, 'try');
-    IF outcome <> 'proceed' THEN
-        RETURN outcome;
-    END IF;
-    UPDATE callback_center.stock AS s
-       SET available = s.available - tcc_stock_try.qty,
-           reserved = s.reserved + tcc_stock_try.qty,
-           version = s.version + 1,
-           updated_at = pg_catalog.now()
-     WHERE s.sku_id = tcc_stock_try.sku_id AND s.available >= tcc_stock_try.qty;
-    IF NOT FOUND THEN
-        SELECT s.available, s.slots INTO cur, nslots FROM callback_center.stock AS s WHERE s.sku_id = tcc_stock_try.sku_id;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION USING ERRCODE = 'CB004',
-                MESSAGE = pg_catalog.format('unknown SKU "%s"', tcc_stock_try.sku_id),
-                HINT = 'Create it with callback_center.set_stock().';
-        END IF;
-        -- A hot SKU's units are in its slots, not on the row: a reservation
-        -- there would have to be given back to a slot by the cancel, which
-        -- the reservation model (one row) does not do.
-        IF nslots > 0 THEN
-            RAISE EXCEPTION USING ERRCODE = '0A000',
-                MESSAGE = pg_catalog.format('cannot reserve hot SKU "%s" through TCC', tcc_stock_try.sku_id),
-                DETAIL = pg_catalog.format('Its units are spread over %s slots.', nslots),
-                HINT = 'Deduct it with deduct_stock() (restore_stock() compensates), or make it normal with set_hot_sku(sku, 1).';
-        END IF;
-        RAISE EXCEPTION USING ERRCODE = 'CB001',
-            MESSAGE = pg_catalog.format('insufficient stock for SKU "%s"', tcc_stock_try.sku_id),
-            DETAIL = pg_catalog.format('Reserving %s units needs more than the %s available.',
-                                       tcc_stock_try.qty, cur);
-    END IF;
-    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
-    VALUES (tcc_stock_try.gid, tcc_stock_try.branch_id, 'stock', tcc_stock_try.sku_id, tcc_stock_try.qty);
-    RETURN outcome;
-END
+    SELECT callback_center._tcc_first_phase($1, $2, 'stock', $3, $4);
 $fn$;
 
 COMMENT ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) IS
@@ -356,24 +378,10 @@ COMMENT ON FUNCTION callback_center.tcc_stock_cancel(text, text) IS
 -- TCC try on a coupon: freezes it with biz_id = gid, once.
 CREATE FUNCTION callback_center.tcc_coupon_try(gid text, branch_id text, coupon_id text)
 RETURNS text
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $fn$
-DECLARE
-    outcome  text;
-BEGIN
-    PERFORM callback_center._require_key(tcc_coupon_try.gid, 'gid');
-    PERFORM callback_center._require_key(tcc_coupon_try.branch_id, 'branch_id');
-    PERFORM callback_center._require_key(tcc_coupon_try.coupon_id, 'coupon_id');
-    outcome := callback_center.barrier(tcc_coupon_try.gid, tcc_coupon_try.branch_id, 'try');
-    IF outcome <> 'proceed' THEN
-        RETURN outcome;
-    END IF;
-    PERFORM callback_center.freeze_coupon(tcc_coupon_try.coupon_id, tcc_coupon_try.gid);
-    INSERT INTO callback_center.tcc_reservations (gid, branch_id, kind, resource_id, quantity)
-    VALUES (tcc_coupon_try.gid, tcc_coupon_try.branch_id, 'coupon', tcc_coupon_try.coupon_id, 1);
-    RETURN outcome;
-END
+    SELECT callback_center._tcc_first_phase($1, $2, 'coupon', $3, 1);
 $fn$;
 
 COMMENT ON FUNCTION callback_center.tcc_coupon_try(text, text, text) IS
@@ -613,6 +621,7 @@ COMMENT ON FUNCTION callback_center.saga_run(text) IS
 REVOKE ALL ON FUNCTION callback_center._caller() FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.barrier(text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._tcc_settle(text, text, text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION callback_center._tcc_first_phase(text, text, text, text, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center._tcc_second_phase(text, text, text, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.tcc_stock_try(text, text, text, bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION callback_center.tcc_stock_confirm(text, text) FROM PUBLIC;
@@ -630,7 +639,8 @@ REVOKE ALL ON FUNCTION callback_center.saga_run(text) FROM PUBLIC;
 -- Called directly they move only the bookkeeping, forward (a step or a
 -- saga can be marked done without running it; nothing is reserved or
 -- released that way, the branches go through the barrier).  _tcc_settle
--- is called only by SECURITY DEFINER functions and granted to no one.
+-- and the two phases are called only by SECURITY DEFINER functions and
+-- granted to no one.
 GRANT EXECUTE ON FUNCTION
     callback_center.barrier(text, text, text),
     callback_center.tcc_stock_try(text, text, text, bigint),

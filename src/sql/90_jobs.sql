@@ -252,7 +252,7 @@ $$;
 -- only TLS vouches for them: such an endpoint whose URL is not https is
 -- refused (22023) unless allow_plain_http, recorded in
 -- providers.query_allow_plain_http.  An endpoint of a provider format
--- (set_endpoint_format) is the provider's API: its answers are verified
+-- (endpoint option "format") is the provider's API: its answers are verified
 -- with the provider's key, over any scheme.
 -- CB033 unknown provider, CB040 unknown endpoint.
 CREATE FUNCTION callback_center.set_provider_query_endpoint(provider text, endpoint text,

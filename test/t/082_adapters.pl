@@ -93,7 +93,7 @@ for my $p (sort keys %api)
 	my ($format, $url, $mch, $serial, $opts) = @{ $api{$p} };
 	sq(sprintf(q{SELECT callback_center.create_endpoint('%s-api', '%s', '{payment.query}', NULL,
 	        '{"max_attempts": 2, "timeout_ms": 1000}')}, $p, $url));
-	sq(sprintf(q{SELECT callback_center.set_endpoint_format('%s-api', '%s')}, $p, $format));
+	sq(sprintf(q{SELECT callback_center.alter_endpoint('%s-api', '{"format": "%s"}')}, $p, $format));
 	# The statement carries the key: not in the server log.
 	sq(sprintf(q{SET log_statement = 'none';
 	    SELECT callback_center.set_merchant('%s', '%s', %s, %s, '%s')},
@@ -306,7 +306,7 @@ sq(sprintf(q{SELECT callback_center.set_platform_keys('alic', jsonb_build_object
 	quote($ali_root), quote($ali_root), quote($ali_cert), quote($ali_cert)));
 sq(sprintf(q{SELECT callback_center.create_endpoint('alic-api', '%s/alipay-cert', '{payment.query}',
         NULL, '{"max_attempts": 2, "timeout_ms": 1000}');
-    SELECT callback_center.set_endpoint_format('alic-api', 'alipay');
+    SELECT callback_center.alter_endpoint('alic-api', '{"format": "alipay"}');
     SET log_statement = 'none';
     SELECT callback_center.set_merchant('alic', '2021000000000002', %s, NULL,
         jsonb_build_object('app_cert_sn', callback_center.alipay_cert_sn(%s),
@@ -355,7 +355,7 @@ is($rq[0]{method} . ' ' . $rq[0]{path}, 'GET /v3/refund/domestic/refunds/wx-r1',
 sq(q{SELECT callback_center.create_endpoint('brk-api', '} . $mock_url . q{', '{payment.query}', NULL,
         '{"max_attempts": 5, "timeout_ms": 1000, "breaker_min_requests": 3, "breaker_window_s": 60,
           "breaker_open_ms": 1000}');
-    SELECT callback_center.set_endpoint_format('brk-api', 'wechatpay_v3')});
+    SELECT callback_center.alter_endpoint('brk-api', '{"format": "wechatpay_v3"}')});
 for my $i (1 .. 4)
 {
 	mock_say(id => "brk-$i", amount => 100, say => 'badsig');

@@ -85,7 +85,7 @@ for my $p (sort keys %api)
 	my ($format, $url, $mch, $serial, $opts) = @{ $api{$p} };
 	sq(sprintf(q{SELECT callback_center.create_endpoint('%s-api', '%s', '{payment.query}', NULL,
 	        '{"max_attempts": 2, "timeout_ms": 2000}')}, $p, $url));
-	sq(sprintf(q{SELECT callback_center.set_endpoint_format('%s-api', '%s')}, $p, $format));
+	sq(sprintf(q{SELECT callback_center.alter_endpoint('%s-api', '{"format": "%s"}')}, $p, $format));
 	sq(sprintf(q{SET log_statement = 'none';
 	    SELECT callback_center.set_merchant('%s', '%s', %s, %s, '%s')},
 		$p, $mch, quote($merchant_key), defined $serial ? quote($serial) : 'NULL', $opts));
