@@ -996,10 +996,9 @@ cc_fsm_unknown_state(PG_FUNCTION_ARGS)
 	char	   *bad = NULL;
 	int			rc;
 
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("tbl, state_column and states cannot be null")));
+	cc_require_arg(fcinfo, 0, "tbl");
+	cc_require_arg(fcinfo, 1, "state_column");
+	cc_require_arg(fcinfo, 2, "states");
 	relid = PG_GETARG_OID(0);
 	colname = NameStr(*PG_GETARG_NAME(1));
 	states = PG_GETARG_DATUM(2);

@@ -24,6 +24,19 @@
 #include "crypto.h"
 #include "errcodes.h"
 #include "signature.h"
+#include "spi.h"
+
+typedef enum MerchantPlanId
+{
+	MERCHANT_KEY,
+	NUM_MERCHANT_PLANS
+} MerchantPlanId;
+
+static CcPlan plans[NUM_MERCHANT_PLANS] = {
+	[MERCHANT_KEY] = {"SELECT m.private_key FROM callback_center.merchant_settings m"
+					  " WHERE m.provider OPERATOR(pg_catalog.=) $1",
+					  1, {TEXTOID}, 1},
+};
 
 PG_FUNCTION_INFO_V1(cc_merchant_key_bits);
 PG_FUNCTION_INFO_V1(cc_merchant_sign);
@@ -63,14 +76,12 @@ cc_merchant_sign(PG_FUNCTION_ARGS)
 {
 	text	   *provider;
 	bytea	   *data;
-	Oid			argtypes[1] = {TEXTOID};
 	Datum		args[1];
 	char	   *pem = NULL;
 	unsigned char sig[CC_RSA_MAX_SIG_LEN];
 	size_t		siglen = 0;
 	const char *why = NULL;
 	bool		ok;
-	int			ret;
 
 	cc_require_arg(fcinfo, 0, "provider");
 	cc_require_arg(fcinfo, 1, "data");
@@ -79,13 +90,8 @@ cc_merchant_sign(PG_FUNCTION_ARGS)
 
 	args[0] = PointerGetDatum(provider);
 	SPI_connect();
-	ret = SPI_execute_with_args("SELECT m.private_key FROM callback_center.merchant_settings m"
-								" WHERE m.provider OPERATOR(pg_catalog.=) $1",
-								1, argtypes, args, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "callback_center: reading merchant settings failed: %s",
-			 SPI_result_code_string(ret));
-	if (SPI_processed == 1)
+	if (cc_plan_exec(&plans[MERCHANT_KEY], args, NULL, true, 1,
+					 SPI_OK_SELECT) == 1)
 	{
 		char	   *v = SPI_getvalue(SPI_tuptable->vals[0],
 									 SPI_tuptable->tupdesc, 1);
