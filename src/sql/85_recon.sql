@@ -121,6 +121,7 @@ DECLARE
     l_amounts bigint[];
     l_statuses text[];
     l_paid_ats timestamptz[];
+    settled boolean;
     o callback_center.orders;
     pay callback_center.payments;
     outcome text;
@@ -160,6 +161,14 @@ BEGIN
     -- compilation with inlining and optimisation taking longer than the
     -- join itself, and the comparison called _recon_status_agrees a
     -- million times.
+
+    -- Whether an earlier run settled lines of this day (only runs, which
+    -- hold the lock, settle them): when none did, the plan leaves out the
+    -- anti-join of every line against recon_diffs.
+    settled := EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                        WHERE d.channel = reconcile.channel
+                          AND d.bill_date = reconcile.bill_date
+                          AND d.resolution = 'applied');
     SELECT array_agg(s.provider_txn_id), array_agg(s.order_id), array_agg(s.amount_cents),
            array_agg(s.status), array_agg(l.provider_txn_id), array_agg(l.order_id),
            array_agg(l.amount_cents), array_agg(l.status), array_agg(l.paid_at)
@@ -169,11 +178,12 @@ BEGIN
               FROM callback_center.provider_statement st
              WHERE st.channel = reconcile.channel AND st.bill_date = reconcile.bill_date
                AND st.refund_id IS NULL
-               AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
-                                WHERE d.channel = reconcile.channel
-                                  AND d.bill_date = reconcile.bill_date
-                                  AND d.provider_txn_id = st.provider_txn_id
-                                  AND d.resolution = 'applied')) s
+               AND (NOT settled
+                    OR NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                                    WHERE d.channel = reconcile.channel
+                                      AND d.bill_date = reconcile.bill_date
+                                      AND d.provider_txn_id = st.provider_txn_id
+                                      AND d.resolution = 'applied'))) s
       FULL JOIN
            (SELECT p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
               FROM callback_center.payments p
