@@ -212,18 +212,19 @@ BEGIN
 END
 $$;
 
--- What place_order returns for an order.
-CREATE FUNCTION callback_center._order_summary(p_order_id text, p_is_new boolean)
+-- What place_order returns for an order that already existed (placed false)
+-- or that this call placed (placed true).
+CREATE FUNCTION callback_center._order_summary(id text, placed boolean)
 RETURNS TABLE (order_id text, status text, pay_status text, payment_id text,
                pay_deadline timestamptz, failure_reason text, is_new boolean)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, callback_center
 AS $$
     SELECT o.order_id, o.status, o.pay_status, p.payment_id, o.pay_deadline,
-           o.failure_reason, p_is_new
+           o.failure_reason, _order_summary.placed
       FROM callback_center.orders o
       LEFT JOIN callback_center.payments p ON p.order_id = o.order_id
-     WHERE o.order_id = p_order_id
+     WHERE o.order_id = _order_summary.id
 $$;
 REVOKE ALL ON FUNCTION callback_center._order_summary(text, boolean) FROM PUBLIC;
 
@@ -254,26 +255,25 @@ RETURNS TABLE (
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-#variable_conflict use_column
 DECLARE
     timeout interval := current_setting('callback_center.pay_timeout')::interval;
     reason text;
 BEGIN
-    PERFORM callback_center._require_key(p_order_id, 'order_id');
-    PERFORM callback_center._require_key(p_user_id, 'user_id');
-    PERFORM callback_center._require(p_items, 'items');
-    PERFORM callback_center._require(p_amount_cents, 'amount_cents');
-    IF p_coupon_id IS NOT NULL THEN
-        PERFORM callback_center._require_key(p_coupon_id, 'coupon_id');
+    PERFORM callback_center._require_key(place_order.p_order_id, 'order_id');
+    PERFORM callback_center._require_key(place_order.p_user_id, 'user_id');
+    PERFORM callback_center._require(place_order.p_items, 'items');
+    PERFORM callback_center._require(place_order.p_amount_cents, 'amount_cents');
+    IF place_order.p_coupon_id IS NOT NULL THEN
+        PERFORM callback_center._require_key(place_order.p_coupon_id, 'coupon_id');
     END IF;
-    IF p_provider IS NOT NULL THEN
-        PERFORM callback_center._require_provider(p_provider);
+    IF place_order.p_provider IS NOT NULL THEN
+        PERFORM callback_center._require_provider(place_order.p_provider);
     END IF;
-    IF p_amount_cents < 0 THEN
+    IF place_order.p_amount_cents < 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
-            MESSAGE = format('amount_cents must not be negative, got %s', p_amount_cents);
+            MESSAGE = format('amount_cents must not be negative, got %s', place_order.p_amount_cents);
     END IF;
-    IF jsonb_typeof(p_items) <> 'array' OR jsonb_array_length(p_items) = 0 THEN
+    IF jsonb_typeof(place_order.p_items) <> 'array' OR jsonb_array_length(place_order.p_items) = 0 THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = 'items must be a non-empty JSON array',
             HINT = 'Pass [{"sku": "A", "qty": 1}, ...].';
@@ -283,44 +283,61 @@ BEGIN
     -- that waited for a concurrent first one) returns the order as it is.
     -- Not INSERT ... ON CONFLICT: BEFORE INSERT triggers (state history)
     -- would fire for a row that is then skipped.
-    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.order:' || p_order_id, 0));
-    IF EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = p_order_id) THEN
-        RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, false);
+    PERFORM pg_advisory_xact_lock(hashtextextended('callback_center.order:' || place_order.p_order_id, 0));
+    IF EXISTS (SELECT 1 FROM callback_center.orders o WHERE o.order_id = place_order.p_order_id) THEN
+        RETURN QUERY SELECT * FROM callback_center._order_summary(place_order.p_order_id, false);
         RETURN;
     END IF;
     INSERT INTO callback_center.orders
            (order_id, user_id, items, amount_cents, coupon_id, provider, pay_deadline)
-    VALUES (p_order_id, p_user_id, p_items, p_amount_cents, p_coupon_id, p_provider,
+    VALUES (place_order.p_order_id, place_order.p_user_id, place_order.p_items,
+            place_order.p_amount_cents, place_order.p_coupon_id, place_order.p_provider,
             now() + timeout);
 
     BEGIN
-        PERFORM callback_center.deduct_stock(p_order_id, p_items);
-        IF p_coupon_id IS NOT NULL THEN
+        PERFORM callback_center.deduct_stock(place_order.p_order_id, place_order.p_items);
+        IF place_order.p_coupon_id IS NOT NULL THEN
             -- A coupon is its owner's: another user's order cannot hold it
             -- (one issued to no user is anyone's).
             IF EXISTS (SELECT 1 FROM callback_center.coupons k
-                        WHERE k.coupon_id = p_coupon_id AND k.user_id <> p_user_id) THEN
+                        WHERE k.coupon_id = place_order.p_coupon_id
+                          AND k.user_id <> place_order.p_user_id) THEN
                 RAISE EXCEPTION USING ERRCODE = 'CB051',
-                    MESSAGE = format('coupon "%s" belongs to another user', p_coupon_id);
+                    MESSAGE = format('coupon "%s" belongs to another user', place_order.p_coupon_id);
             END IF;
-            PERFORM callback_center.freeze_coupon(p_coupon_id, p_order_id);
+            PERFORM callback_center.freeze_coupon(place_order.p_coupon_id, place_order.p_order_id);
         END IF;
     EXCEPTION WHEN SQLSTATE 'CB001' OR SQLSTATE 'CB051' THEN
         -- The subtransaction is gone: no stock taken, no coupon held.
         reason := SQLERRM;
     END;
 
+    -- The order was inserted above, pending_confirmation, under the lock:
+    -- confirm and fail are its legal events (pending_confirmation ->
+    -- confirmed / failed, the only transitions to those states), so the
+    -- state is set directly rather than through apply_event; the machine's
+    -- trigger still checks the move, records it and emits.  The row is
+    -- read back as it is left, for the answer.
     IF reason IS NOT NULL THEN
-        UPDATE callback_center.orders o SET failure_reason = reason, updated_at = now()
-         WHERE o.order_id = p_order_id;
-        PERFORM callback_center.apply_event('callback_center.orders', 'status', p_order_id, 'fail');
+        UPDATE callback_center.orders o
+           SET failure_reason = reason, updated_at = now(), status = 'failed'
+         WHERE o.order_id = place_order.p_order_id
+        RETURNING o.order_id, o.status, o.pay_status, o.pay_deadline, o.failure_reason
+             INTO place_order.order_id, place_order.status, place_order.pay_status,
+                  place_order.pay_deadline, place_order.failure_reason;
     ELSE
-        PERFORM callback_center.apply_event('callback_center.orders', 'status', p_order_id, 'confirm');
-        INSERT INTO callback_center.payments (payment_id, order_id, provider, amount_cents)
-        VALUES ('pay_' || p_order_id, p_order_id, p_provider, p_amount_cents);
+        UPDATE callback_center.orders o SET status = 'confirmed'
+         WHERE o.order_id = place_order.p_order_id
+        RETURNING o.order_id, o.status, o.pay_status, o.pay_deadline, o.failure_reason
+             INTO place_order.order_id, place_order.status, place_order.pay_status,
+                  place_order.pay_deadline, place_order.failure_reason;
+        INSERT INTO callback_center.payments AS p (payment_id, order_id, provider, amount_cents)
+        VALUES ('pay_' || place_order.p_order_id, place_order.p_order_id, place_order.p_provider,
+                place_order.p_amount_cents)
+        RETURNING p.payment_id INTO place_order.payment_id;
     END IF;
-
-    RETURN QUERY SELECT * FROM callback_center._order_summary(p_order_id, true);
+    place_order.is_new := true;
+    RETURN NEXT;
 END
 $$;
 
@@ -462,7 +479,7 @@ GRANT SELECT ON callback_center.late_payments TO callback_center_admin;
 -- transaction, so that nothing can change what was checked before the
 -- verdict is applied), returns refusal NULL when the verdict may be
 -- applied, else unknown_order (no such order), provider_mismatch (the
--- payment is not p_provider's: the payment's provider, set by place_order
+-- payment is not provider's: the payment's provider, set by place_order
 -- or start_payment, or the order's when it has no payment; a payment with
 -- none takes nobody's verdict), amount_mismatch (a success whose amount is
 -- missing or differs from the payment's, or a failure naming another
@@ -472,7 +489,7 @@ GRANT SELECT ON callback_center.late_payments TO callback_center_admin;
 -- with no verdict, for the order's existence only.  payment_provider,
 -- expected_cents and expected_currency say what was expected.
 CREATE FUNCTION callback_center._payment_check(
-    p_provider text, p_order_id text, p_amount_cents bigint, p_currency text, p_verdict text,
+    provider text, order_id text, amount_cents bigint, currency text, verdict text,
     OUT refusal text, OUT payment_provider text, OUT expected_cents bigint,
     OUT expected_currency text)
 LANGUAGE plpgsql
@@ -482,7 +499,8 @@ DECLARE
     o callback_center.orders;
     pay callback_center.payments;
 BEGIN
-    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    SELECT * INTO o FROM callback_center.orders x
+     WHERE x.order_id = _payment_check.order_id FOR UPDATE;
     IF NOT FOUND THEN
         refusal := 'unknown_order';
         RETURN;
@@ -491,19 +509,20 @@ BEGIN
     payment_provider := CASE WHEN pay.payment_id IS NOT NULL THEN pay.provider ELSE o.provider END;
     expected_cents := coalesce(pay.amount_cents, o.amount_cents);
     expected_currency := o.currency;
-    IF p_verdict IS NULL THEN
+    IF _payment_check.verdict IS NULL THEN
         RETURN;
     END IF;
     -- Another provider's word on a payment, signed or not, is no word at all.
-    IF payment_provider IS DISTINCT FROM p_provider THEN
+    IF payment_provider IS DISTINCT FROM _payment_check.provider THEN
         refusal := 'provider_mismatch';
-    ELSIF p_verdict = 'attempt_failed' THEN
+    ELSIF _payment_check.verdict = 'attempt_failed' THEN
         -- It moves nothing, so its amount cannot pay or fail anything.
         RETURN;
-    ELSIF (p_verdict = 'success' AND p_amount_cents IS DISTINCT FROM expected_cents)
-          OR (p_verdict <> 'success' AND p_amount_cents <> expected_cents) THEN
+    ELSIF (_payment_check.verdict = 'success'
+           AND _payment_check.amount_cents IS DISTINCT FROM expected_cents)
+          OR (_payment_check.verdict <> 'success' AND _payment_check.amount_cents <> expected_cents) THEN
         refusal := 'amount_mismatch';
-    ELSIF upper(p_currency) <> o.currency THEN
+    ELSIF upper(_payment_check.currency) <> o.currency THEN
         refusal := 'currency_mismatch';
     END IF;
 END
@@ -518,8 +537,8 @@ $$;
 -- this payment), attempt_failed (a non-terminal failure: nothing moves) or
 -- ignored (no verdict, or a failure for an order no longer waiting).
 CREATE FUNCTION callback_center._move_payment(
-    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
-    p_verdict text, p_source text)
+    provider text, txn_id text, order_id text, amount_cents bigint,
+    verdict text, source text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
@@ -528,57 +547,76 @@ DECLARE
     o callback_center.orders;
     pay callback_center.payments;
 BEGIN
-    SELECT * INTO o FROM callback_center.orders x WHERE x.order_id = p_order_id FOR UPDATE;
+    SELECT * INTO o FROM callback_center.orders x
+     WHERE x.order_id = _move_payment.order_id FOR UPDATE;
     SELECT * INTO pay FROM callback_center.payments x WHERE x.order_id = o.order_id FOR UPDATE;
-    IF p_verdict IS NULL THEN
+    IF _move_payment.verdict IS NULL THEN
         RETURN 'ignored';
     END IF;
-    IF p_verdict = 'attempt_failed' THEN
+    IF _move_payment.verdict = 'attempt_failed' THEN
         -- The customer may retry on the same transaction: the payment stays
         -- open until a success, a terminal failure or the timeout close.
         RETURN 'attempt_failed';
     END IF;
 
-    IF p_verdict = 'success' THEN
-        IF pay.provider_txn_id = p_txn_id THEN
+    IF _move_payment.verdict = 'success' THEN
+        IF pay.provider_txn_id = _move_payment.txn_id THEN
             -- Told twice of the same money (a callback and a query answer).
             RETURN CASE WHEN pay.status IN ('REFUND_REQUIRED', 'REFUNDED')
                         THEN 'refund_required' ELSE 'already_applied' END;
         END IF;
         IF o.status = 'confirmed' AND o.pay_status IN ('unpaid', 'paying') THEN
-            UPDATE callback_center.payments x
-               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
-             WHERE x.payment_id = pay.payment_id;
-            PERFORM callback_center.apply_event('callback_center.payments', 'status', pay.payment_id, 'success');
+            IF pay.status IN ('CREATED', 'PAYING') THEN
+                -- Event success from CREATED or PAYING is the move to PAID
+                -- (the machine's only way there): set with the money in one
+                -- UPDATE; the trigger still checks, records and emits.
+                UPDATE callback_center.payments x
+                   SET provider = _move_payment.provider, provider_txn_id = _move_payment.txn_id,
+                       paid_at = now(), updated_at = now(), status = 'PAID'
+                 WHERE x.payment_id = pay.payment_id;
+            ELSE
+                UPDATE callback_center.payments x
+                   SET provider = _move_payment.provider, provider_txn_id = _move_payment.txn_id,
+                       paid_at = now(), updated_at = now()
+                 WHERE x.payment_id = pay.payment_id;
+                -- Any other state is the machine's error (CB010; 22004
+                -- without a payment).
+                PERFORM callback_center.apply_event('callback_center.payments', 'status',
+                                                    pay.payment_id, 'success');
+            END IF;
             IF o.coupon_id IS NOT NULL THEN
                 PERFORM callback_center.use_coupon(o.coupon_id, o.order_id);
             END IF;
-            PERFORM callback_center.apply_event('callback_center.orders', 'pay_status', o.order_id, 'pay_success');
+            -- Event pay_success from unpaid or paying, checked above under
+            -- the row lock: the move to paid.
+            UPDATE callback_center.orders x SET pay_status = 'paid' WHERE x.order_id = o.order_id;
             RETURN 'paid';
         END IF;
         -- Late money: kept once per transaction, never reopening the order.
         INSERT INTO callback_center.late_payments
                (provider, provider_txn_id, order_id, payment_id, amount_cents,
                 order_status, pay_status, payment_status, source)
-        VALUES (p_provider, p_txn_id, o.order_id, pay.payment_id,
-                coalesce(p_amount_cents, pay.amount_cents),
-                o.status, o.pay_status, pay.status, p_source)
-        ON CONFLICT (provider, provider_txn_id) DO NOTHING;
+        VALUES (_move_payment.provider, _move_payment.txn_id, o.order_id, pay.payment_id,
+                coalesce(_move_payment.amount_cents, pay.amount_cents),
+                o.status, o.pay_status, pay.status, _move_payment.source)
+        ON CONFLICT ON CONSTRAINT late_payments_provider_provider_txn_id_key DO NOTHING;
         IF NOT FOUND THEN
             RETURN 'refund_required';
         END IF;
         IF pay.status IN ('CLOSED', 'FAILED') AND pay.provider_txn_id IS NULL THEN
             UPDATE callback_center.payments x
-               SET provider = p_provider, provider_txn_id = p_txn_id, paid_at = now(), updated_at = now()
+               SET provider = _move_payment.provider, provider_txn_id = _move_payment.txn_id,
+                   paid_at = now(), updated_at = now()
              WHERE x.payment_id = pay.payment_id;
             PERFORM callback_center.apply_event('callback_center.payments', 'status',
                                                 pay.payment_id, 'late_success');
         END IF;
         PERFORM callback_center.enqueue('payment.refund_required', o.order_id,
-            jsonb_build_object('order_id', o.order_id, 'txn_id', p_txn_id, 'provider', p_provider,
-                               'amount_cents', coalesce(p_amount_cents, pay.amount_cents),
+            jsonb_build_object('order_id', o.order_id, 'txn_id', _move_payment.txn_id,
+                               'provider', _move_payment.provider,
+                               'amount_cents', coalesce(_move_payment.amount_cents, pay.amount_cents),
                                'order_status', o.status, 'pay_status', o.pay_status,
-                               'source', p_source));
+                               'source', _move_payment.source));
         RETURN 'refund_required';
     END IF;
 
@@ -606,8 +644,8 @@ $$;
 -- a provider's refused notification is answered with its failure answer
 -- and recorded nowhere.)
 CREATE FUNCTION callback_center._apply_payment_result(
-    p_provider text, p_txn_id text, p_order_id text, p_amount_cents bigint,
-    p_currency text, p_verdict text, p_source text)
+    provider text, txn_id text, order_id text, amount_cents bigint,
+    currency text, verdict text, source text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, callback_center
@@ -615,29 +653,44 @@ AS $$
 DECLARE
     chk record;
 BEGIN
-    chk := callback_center._payment_check(p_provider, p_order_id, p_amount_cents, p_currency,
-                                          p_verdict);
+    chk := callback_center._payment_check(_apply_payment_result.provider,
+                                          _apply_payment_result.order_id,
+                                          _apply_payment_result.amount_cents,
+                                          _apply_payment_result.currency,
+                                          _apply_payment_result.verdict);
     IF chk.refusal = 'unknown_order' THEN
         RAISE EXCEPTION USING ERRCODE = 'CB050',
-            MESSAGE = format('order "%s" does not exist', p_order_id),
-            DETAIL = format('Transaction %s from provider %s.', p_txn_id, p_provider),
+            MESSAGE = format('order "%s" does not exist', _apply_payment_result.order_id),
+            DETAIL = format('Transaction %s from provider %s.', _apply_payment_result.txn_id,
+                            _apply_payment_result.provider),
             HINT = 'Nothing was recorded; the provider will deliver it again.';
     ELSIF chk.refusal = 'provider_mismatch' THEN
-        PERFORM callback_center.enqueue('payment.provider_mismatch', p_order_id,
-            jsonb_build_object('order_id', p_order_id, 'txn_id', p_txn_id, 'provider', p_provider,
-                               'payment_provider', chk.payment_provider, 'verdict', p_verdict,
-                               'source', p_source));
+        PERFORM callback_center.enqueue('payment.provider_mismatch', _apply_payment_result.order_id,
+            jsonb_build_object('order_id', _apply_payment_result.order_id,
+                               'txn_id', _apply_payment_result.txn_id,
+                               'provider', _apply_payment_result.provider,
+                               'payment_provider', chk.payment_provider,
+                               'verdict', _apply_payment_result.verdict,
+                               'source', _apply_payment_result.source));
         RETURN chk.refusal;
     ELSIF chk.refusal IS NOT NULL THEN
-        PERFORM callback_center.enqueue('payment.amount_mismatch', p_order_id,
-            jsonb_build_object('order_id', p_order_id, 'txn_id', p_txn_id, 'provider', p_provider,
-                               'expected_cents', chk.expected_cents, 'received_cents', p_amount_cents,
+        PERFORM callback_center.enqueue('payment.amount_mismatch', _apply_payment_result.order_id,
+            jsonb_build_object('order_id', _apply_payment_result.order_id,
+                               'txn_id', _apply_payment_result.txn_id,
+                               'provider', _apply_payment_result.provider,
+                               'expected_cents', chk.expected_cents,
+                               'received_cents', _apply_payment_result.amount_cents,
                                'expected_currency', chk.expected_currency,
-                               'received_currency', p_currency, 'source', p_source));
+                               'received_currency', _apply_payment_result.currency,
+                               'source', _apply_payment_result.source));
         RETURN chk.refusal;
     END IF;
-    RETURN callback_center._move_payment(p_provider, p_txn_id, p_order_id, p_amount_cents,
-                                         p_verdict, p_source);
+    RETURN callback_center._move_payment(_apply_payment_result.provider,
+                                         _apply_payment_result.txn_id,
+                                         _apply_payment_result.order_id,
+                                         _apply_payment_result.amount_cents,
+                                         _apply_payment_result.verdict,
+                                         _apply_payment_result.source);
 END
 $$;
 
@@ -706,10 +759,8 @@ RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcom
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-#variable_conflict use_column
 DECLARE
-    p_provider text := payment_callback.provider;
-    cb_type text := 'payment:' || p_provider;
+    cb_type text := 'payment:' || payment_callback.provider;
     scheme text;
     channel boolean;
     msg record;
@@ -723,17 +774,18 @@ DECLARE
     refused text;
     rec_payload text := payment_callback.body;
 BEGIN
-    PERFORM callback_center._require(p_provider, 'provider');
+    PERFORM callback_center._require(payment_callback.provider, 'provider');
     PERFORM callback_center._require(payment_callback.headers, 'headers');
     PERFORM callback_center._require(payment_callback.body, 'body');
-    SELECT p.scheme INTO scheme FROM callback_center.providers p WHERE p.name = p_provider;
+    SELECT p.scheme INTO scheme FROM callback_center.providers p
+     WHERE p.name = payment_callback.provider;
     channel := scheme IN ('wechatpay_v3', 'wechatpay_v2', 'alipay', 'unionpay');
     -- Payment channels (45_channels.sql: wechatpay_v3, wechatpay_v2, alipay, unionpay):
     -- verified and decoded by _channel_parse; whatever the provider got
     -- wrong is answered in its own format, recording nothing.  Its
     -- acknowledgement replaces ack.
     IF channel THEN
-        SELECT * INTO ch FROM callback_center._channel_parse(scheme, p_provider,
+        SELECT * INTO ch FROM callback_center._channel_parse(scheme, payment_callback.provider,
                                                              payment_callback.headers,
                                                              payment_callback.body);
         IF NOT ch.ok THEN
@@ -754,7 +806,8 @@ BEGIN
         -- read better: it is recorded and refused once, with 400, and
         -- every redelivery gets that answer.
         BEGIN
-            PERFORM callback_center.verify_signature(p_provider, payment_callback.headers,
+            PERFORM callback_center.verify_signature(payment_callback.provider,
+                                                     payment_callback.headers,
                                                      payment_callback.body);
             msg := callback_center._parse_payment_body(scheme, payment_callback.body);
         EXCEPTION
@@ -797,8 +850,9 @@ BEGIN
         -- refund by _apply_refund_notification, which answers a mismatch
         -- as an outcome.)
         IF msg.verdict IS NOT NULL AND msg.verdict NOT LIKE 'refund\_%' THEN
-            refused := (callback_center._payment_check(p_provider, msg.order_id, msg.amount_cents,
-                                                       msg.currency, msg.verdict)).refusal;
+            refused := (callback_center._payment_check(payment_callback.provider, msg.order_id,
+                                                       msg.amount_cents, msg.currency,
+                                                       msg.verdict)).refusal;
         END IF;
     END IF;
     IF refused IS NOT NULL
@@ -860,12 +914,14 @@ BEGIN
     ELSIF msg.verdict LIKE 'refund\_%' THEN
         -- A channel's refund notification (45_channels.sql): order_id is
         -- our refund id, txn_id the provider's refund id (62_refunds.sql).
-        result := callback_center._apply_refund_notification(p_provider, msg.order_id, msg.txn_id,
+        result := callback_center._apply_refund_notification(payment_callback.provider,
+                                                             msg.order_id, msg.txn_id,
                                                              msg.amount_cents, msg.verdict,
                                                              msg.event_type);
     ELSE
-        result := callback_center._move_payment(p_provider, msg.txn_id, msg.order_id,
-                                                msg.amount_cents, msg.verdict, 'callback');
+        result := callback_center._move_payment(payment_callback.provider, msg.txn_id,
+                                                msg.order_id, msg.amount_cents, msg.verdict,
+                                                'callback');
     END IF;
 
     PERFORM callback_center.complete_callback(msg_id, cb_type, true,
@@ -889,7 +945,6 @@ RETURNS TABLE (http_status integer, response_body text, is_first boolean, outcom
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-#variable_conflict use_column
 DECLARE
     scheme text;
     t text;

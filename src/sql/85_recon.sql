@@ -24,6 +24,12 @@ CREATE TABLE callback_center.provider_statement (
 );
 COMMENT ON TABLE callback_center.provider_statement IS
     'Provider statements, one row per transaction per bill date; load with COPY';
+-- A day's refund lines, which reconcile compares apart from its payment
+-- lines, and a refund's line on the neighbouring days: found without
+-- reading the day's whole statement.
+CREATE INDEX provider_statement_refunds
+    ON callback_center.provider_statement (channel, bill_date, refund_id)
+    WHERE refund_id IS NOT NULL;
 
 -- What reconcile found.  One row per (statement line or local payment,
 -- kind); refund_required is money the provider took for an order that could
@@ -98,33 +104,41 @@ RETURNS TABLE (kind text, count bigint)
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, callback_center
 AS $$
-#variable_conflict use_column
 DECLARE
-    p_channel text := reconcile.channel;
-    p_date date := reconcile.bill_date;
     day_start timestamptz;
     day_end timestamptz;
     run_at timestamptz := clock_timestamp();
     r record;
     applied_ids bigint[];
     refund_ids bigint[];
+    -- The pairs of statement line (s_) and local payment (l_) that may differ.
+    s_txns text[];
+    s_orders text[];
+    s_amounts bigint[];
+    s_statuses text[];
+    l_txns text[];
+    l_orders text[];
+    l_amounts bigint[];
+    l_statuses text[];
+    l_paid_ats timestamptz[];
+    settled boolean;
     o callback_center.orders;
     pay callback_center.payments;
     outcome text;
 BEGIN
-    PERFORM callback_center._require_key(p_channel, 'channel', 63);
-    PERFORM callback_center._require(p_date, 'bill_date');
+    PERFORM callback_center._require_key(reconcile.channel, 'channel', 63);
+    PERFORM callback_center._require(reconcile.bill_date, 'bill_date');
     PERFORM callback_center._require(reconcile.grace, 'grace');
     IF reconcile.grace < interval '0' OR reconcile.grace >= interval '12 hours' THEN
         RAISE EXCEPTION USING ERRCODE = '22023',
             MESSAGE = format('grace must be between 0 and 12 hours, got %s', reconcile.grace);
     END IF;
-    day_start := p_date::timestamptz;
-    day_end := (p_date + 1)::timestamptz;
+    day_start := reconcile.bill_date::timestamptz;
+    day_end := (reconcile.bill_date + 1)::timestamptz;
 
     -- Serialise runs for one (channel, bill_date).
     PERFORM pg_advisory_xact_lock(hashtextextended(
-        'callback_center.recon:' || p_channel || ':' || p_date::text, 0));
+        'callback_center.recon:' || reconcile.channel || ':' || reconcile.bill_date::text, 0));
 
     -- One pass: statement lines of the day FULL JOIN local payments of the
     -- provider paid in the day widened by grace at both edges, matched on
@@ -137,28 +151,56 @@ BEGIN
     -- how long before or after midnight one may still turn up on the
     -- neighbour's statement, so those wait as pending_grace.  Lines already
     -- settled by an earlier run are left alone.
-    WITH s AS (
-        SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
-          FROM callback_center.provider_statement st
-         WHERE st.channel = p_channel AND st.bill_date = p_date
-           AND st.refund_id IS NULL
-           AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
-                            WHERE d.channel = p_channel AND d.bill_date = p_date
-                              AND d.provider_txn_id = st.provider_txn_id
-                              AND d.resolution = 'applied')
-    ), l AS (
-        SELECT p.payment_id, p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
-          FROM callback_center.payments p
-         WHERE p.provider = p_channel
-           AND p.paid_at >= day_start - reconcile.grace
-           AND p.paid_at < day_end + reconcile.grace
-           AND p.provider_txn_id IS NOT NULL
-    ), j AS (
-        SELECT s.provider_txn_id AS s_txn, s.order_id AS s_order, s.amount_cents AS s_amount,
-               s.status AS s_status,
-               l.provider_txn_id AS l_txn, l.order_id AS l_order, l.amount_cents AS l_amount,
-               l.status AS l_status, l.paid_at AS l_paid_at
-          FROM s FULL JOIN l ON l.provider_txn_id = s.provider_txn_id
+    --
+    -- In two statements.  The join keeps every pair that may differ: the
+    -- unmatched, and the matched ones that are not the same amount with
+    -- the commonest agreeing statuses (success and PAID); the lookups and
+    -- the full comparison then run on those few only.  In one statement
+    -- the planner charged the two per-line lookups to each of the million
+    -- matched lines (a cost 300 times the join's), which bought a JIT
+    -- compilation with inlining and optimisation taking longer than the
+    -- join itself, and the comparison called _recon_status_agrees a
+    -- million times.
+
+    -- Whether an earlier run settled lines of this day (only runs, which
+    -- hold the lock, settle them): when none did, the plan leaves out the
+    -- anti-join of every line against recon_diffs.
+    settled := EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                        WHERE d.channel = reconcile.channel
+                          AND d.bill_date = reconcile.bill_date
+                          AND d.resolution = 'applied');
+    SELECT array_agg(s.provider_txn_id), array_agg(s.order_id), array_agg(s.amount_cents),
+           array_agg(s.status), array_agg(l.provider_txn_id), array_agg(l.order_id),
+           array_agg(l.amount_cents), array_agg(l.status), array_agg(l.paid_at)
+      INTO s_txns, s_orders, s_amounts, s_statuses, l_txns, l_orders, l_amounts, l_statuses,
+           l_paid_ats
+      FROM (SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status
+              FROM callback_center.provider_statement st
+             WHERE st.channel = reconcile.channel AND st.bill_date = reconcile.bill_date
+               AND st.refund_id IS NULL
+               AND (NOT settled
+                    OR NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
+                                    WHERE d.channel = reconcile.channel
+                                      AND d.bill_date = reconcile.bill_date
+                                      AND d.provider_txn_id = st.provider_txn_id
+                                      AND d.resolution = 'applied'))) s
+      FULL JOIN
+           (SELECT p.order_id, p.provider_txn_id, p.amount_cents, p.status, p.paid_at
+              FROM callback_center.payments p
+             WHERE p.provider = reconcile.channel
+               AND p.paid_at >= day_start - reconcile.grace
+               AND p.paid_at < day_end + reconcile.grace
+               AND p.provider_txn_id IS NOT NULL) l
+        ON l.provider_txn_id = s.provider_txn_id
+     WHERE s.provider_txn_id IS NULL OR l.provider_txn_id IS NULL
+        OR s.amount_cents <> l.amount_cents OR s.status <> 'success' OR l.status <> 'PAID';
+
+    WITH j AS (
+        SELECT *
+          FROM unnest(s_txns, s_orders, s_amounts, s_statuses, l_txns, l_orders, l_amounts,
+                      l_statuses, l_paid_ats)
+               AS j(s_txn, s_order, s_amount, s_status, l_txn, l_order, l_amount, l_status,
+                    l_paid_at)
     ), c AS (
         SELECT coalesce(j.s_txn, j.l_txn) AS txn,
                coalesce(j.s_order, j.l_order, x.order_id, u.order_id) AS order_id,
@@ -176,8 +218,9 @@ BEGIN
                    CASE WHEN j.l_paid_at >= day_start AND j.l_paid_at < day_end
                              AND NOT EXISTS (
                                  SELECT 1 FROM callback_center.provider_statement n
-                                  WHERE n.channel = p_channel
-                                    AND n.bill_date IN (p_date - 1, p_date + 1)
+                                  WHERE n.channel = reconcile.channel
+                                    AND n.bill_date IN (reconcile.bill_date - 1,
+                                                        reconcile.bill_date + 1)
                                     AND n.provider_txn_id = j.l_txn)
                         THEN 'missing_provider' END
                  WHEN x.payment_id IS NOT NULL THEN
@@ -207,19 +250,19 @@ BEGIN
           LEFT JOIN LATERAL (
                 SELECT * FROM callback_center.payments p
                  WHERE j.l_txn IS NULL AND p.provider_txn_id = j.s_txn
-                   AND p.provider = p_channel
+                   AND p.provider = reconcile.channel
                  LIMIT 1) x ON true
           LEFT JOIN LATERAL (
                 SELECT * FROM callback_center.payments p
                  WHERE j.l_txn IS NULL AND x.payment_id IS NULL
                    AND p.order_id = j.s_order AND p.provider_txn_id IS NULL
-                   AND p.provider = p_channel
+                   AND p.provider = reconcile.channel
                  LIMIT 1) u ON true
     ), ins AS (
         INSERT INTO callback_center.recon_diffs AS d
                (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
                 local_amount, provider_status, local_status, resolution, checked_at)
-        SELECT p_channel, p_date, c.txn, c.order_id,
+        SELECT reconcile.channel, reconcile.bill_date, c.txn, c.order_id,
                -- Known late money is a refund for people, whatever else
                -- differs; once refunded, the provider's refund agrees.
                CASE WHEN lp.status = 'refund_required' AND c.resolution <> 'applied'
@@ -231,10 +274,10 @@ BEGIN
           FROM c
           LEFT JOIN LATERAL (
                 SELECT l.status FROM callback_center.late_payments l
-                 WHERE l.provider = p_channel AND l.provider_txn_id = c.txn) lp ON true
+                 WHERE l.provider = reconcile.channel AND l.provider_txn_id = c.txn) lp ON true
          WHERE c.kind IS NOT NULL
            AND NOT (lp.status IS NOT DISTINCT FROM 'refunded' AND c.s_status = 'refund')
-        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+        ON CONFLICT ON CONSTRAINT recon_diffs_channel_bill_date_provider_txn_id_kind_key DO UPDATE
            SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
                local_amount = excluded.local_amount, provider_status = excluded.provider_status,
                local_status = excluded.local_status, resolution = excluded.resolution,
@@ -261,16 +304,18 @@ BEGIN
     WITH s AS (
         SELECT st.provider_txn_id, st.order_id, st.amount_cents, st.status, st.refund_id
           FROM callback_center.provider_statement st
-         WHERE st.channel = p_channel AND st.bill_date = p_date AND st.refund_id IS NOT NULL
+         WHERE st.channel = reconcile.channel AND st.bill_date = reconcile.bill_date
+           AND st.refund_id IS NOT NULL
            AND NOT EXISTS (SELECT 1 FROM callback_center.recon_diffs d
-                            WHERE d.channel = p_channel AND d.bill_date = p_date
+                            WHERE d.channel = reconcile.channel
+                              AND d.bill_date = reconcile.bill_date
                               AND d.provider_txn_id = st.provider_txn_id
                               AND d.resolution = 'applied')
     ), l AS (
         SELECT rf.refund_id, rf.order_id, rf.amount_cents, rf.status, rf.finished_at,
                rf.provider_txn_id, rf.refund_id AS txn
           FROM callback_center.refunds rf
-         WHERE rf.provider = p_channel AND rf.status = 'SUCCESS'
+         WHERE rf.provider = reconcile.channel AND rf.status = 'SUCCESS'
            AND rf.finished_at >= day_start - reconcile.grace
            AND rf.finished_at < day_end + reconcile.grace
     ), c AS (
@@ -289,13 +334,15 @@ BEGIN
                    CASE WHEN l.finished_at >= day_start AND l.finished_at < day_end
                              AND NOT EXISTS (
                                  SELECT 1 FROM callback_center.provider_statement n
-                                  WHERE n.channel = p_channel
-                                    AND n.bill_date BETWEEN p_date - 1 AND p_date + 1
+                                  WHERE n.channel = reconcile.channel
+                                    AND n.bill_date BETWEEN reconcile.bill_date - 1
+                                                        AND reconcile.bill_date + 1
                                     AND n.refund_id = l.refund_id)
                              AND NOT EXISTS (
                                  SELECT 1 FROM callback_center.provider_statement n
-                                  WHERE n.channel = p_channel
-                                    AND n.bill_date BETWEEN p_date - 1 AND p_date + 1
+                                  WHERE n.channel = reconcile.channel
+                                    AND n.bill_date BETWEEN reconcile.bill_date - 1
+                                                        AND reconcile.bill_date + 1
                                     AND n.refund_id IS NULL AND n.status = 'refund'
                                     AND n.provider_txn_id = l.provider_txn_id)
                         THEN 'missing_provider' END
@@ -316,16 +363,16 @@ BEGIN
           LEFT JOIN LATERAL (
                 SELECT * FROM callback_center.refunds rf
                  WHERE l.refund_id IS NULL AND rf.refund_id = s.refund_id
-                   AND rf.provider = p_channel) x ON true
+                   AND rf.provider = reconcile.channel) x ON true
     ), ins AS (
         INSERT INTO callback_center.recon_diffs AS d
                (channel, bill_date, provider_txn_id, order_id, kind, provider_amount,
                 local_amount, provider_status, local_status, resolution, checked_at, refund_id)
-        SELECT p_channel, p_date, c.txn, c.order_id, c.kind, c.s_amount, c.local_amount,
-               c.s_status, c.local_status, c.resolution, run_at, c.refund_id
+        SELECT reconcile.channel, reconcile.bill_date, c.txn, c.order_id, c.kind, c.s_amount,
+               c.local_amount, c.s_status, c.local_status, c.resolution, run_at, c.refund_id
           FROM c
          WHERE c.kind IS NOT NULL
-        ON CONFLICT (channel, bill_date, provider_txn_id, kind) DO UPDATE
+        ON CONFLICT ON CONSTRAINT recon_diffs_channel_bill_date_provider_txn_id_kind_key DO UPDATE
            SET order_id = excluded.order_id, provider_amount = excluded.provider_amount,
                local_amount = excluded.local_amount, provider_status = excluded.provider_status,
                local_status = excluded.local_status, resolution = excluded.resolution,
@@ -339,17 +386,18 @@ BEGIN
 
     -- Differences an earlier run recorded that this run no longer finds.
     DELETE FROM callback_center.recon_diffs d
-     WHERE d.channel = p_channel AND d.bill_date = p_date
+     WHERE d.channel = reconcile.channel AND d.bill_date = reconcile.bill_date
        AND d.resolution NOT IN ('applied', 'resolved') AND d.checked_at <> run_at;
 
     -- Local payments a neighbouring day's run left waiting for a
     -- statement line that turned up on this day's statement: compared
     -- above, so no longer differences of that day.
     DELETE FROM callback_center.recon_diffs d
-     WHERE d.channel = p_channel AND d.bill_date IN (p_date - 1, p_date + 1)
+     WHERE d.channel = reconcile.channel
+       AND d.bill_date IN (reconcile.bill_date - 1, reconcile.bill_date + 1)
        AND d.kind = 'missing_provider' AND d.resolution = 'pending_grace'
        AND EXISTS (SELECT 1 FROM callback_center.provider_statement st
-                    WHERE st.channel = p_channel AND st.bill_date = p_date
+                    WHERE st.channel = reconcile.channel AND st.bill_date = reconcile.bill_date
                       AND (st.provider_txn_id = d.provider_txn_id
                            OR st.refund_id = d.refund_id));
 
@@ -378,7 +426,7 @@ BEGIN
         SELECT d.id, d.provider_txn_id, d.order_id, d.provider_amount, st.currency
           FROM callback_center.recon_diffs d
           LEFT JOIN callback_center.provider_statement st
-                 ON st.channel = p_channel AND st.bill_date = p_date
+                 ON st.channel = reconcile.channel AND st.bill_date = reconcile.bill_date
                 AND st.provider_txn_id = d.provider_txn_id
          WHERE d.id = ANY (coalesce(applied_ids, '{}'))
          ORDER BY d.id
@@ -393,9 +441,9 @@ BEGIN
              WHERE d.id = r.id;
             CONTINUE;
         END IF;
-        outcome := callback_center._apply_payment_result(p_channel, r.provider_txn_id, r.order_id,
-                                                         r.provider_amount, r.currency, 'success',
-                                                         'reconciliation');
+        outcome := callback_center._apply_payment_result(reconcile.channel, r.provider_txn_id,
+                                                         r.order_id, r.provider_amount, r.currency,
+                                                         'success', 'reconciliation');
         UPDATE callback_center.recon_diffs d
            SET kind = CASE outcome WHEN 'refund_required' THEN 'refund_required' ELSE d.kind END,
                resolution = CASE outcome WHEN 'paid' THEN d.resolution ELSE 'flagged' END,
@@ -413,7 +461,8 @@ BEGIN
           FROM unnest(ARRAY['missing_local', 'missing_provider', 'amount_mismatch',
                             'status_mismatch', 'refund_required']) WITH ORDINALITY AS k(kind, ord)
           LEFT JOIN callback_center.recon_diffs d
-                 ON d.channel = p_channel AND d.bill_date = p_date AND d.kind = k.kind
+                 ON d.channel = reconcile.channel AND d.bill_date = reconcile.bill_date
+                AND d.kind = k.kind
          GROUP BY k.kind, k.ord
          ORDER BY k.ord;
 END
