@@ -15146,3 +15146,132 @@ REVOKE ALL ON FUNCTION callback_center._order_summary(text, boolean),
     callback_center._payment_check(text, text, bigint, text, text),
     callback_center._move_payment(text, text, text, bigint, text, text),
     callback_center._apply_payment_result(text, text, text, bigint, text, text, text) FROM PUBLIC;
+
+-- Comment of _endpoint_apply: the reason for the rate_limit_per_s bound, without its history.
+
+CREATE OR REPLACE FUNCTION callback_center._endpoint_apply(id integer, options jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    known constant text[] := ARRAY['url', 'event_types', 'timeout_ms',
+        'retry_schedule', 'max_attempts', 'rate_limit_per_s',
+        'breaker_failure_ratio', 'breaker_window_s', 'breaker_min_requests',
+        'breaker_open_ms', 'is_core', 'ordered', 'enabled', 'format'];
+    bad text;
+    k text;
+    v jsonb;
+    ep callback_center.endpoints;
+    n numeric;
+BEGIN
+    PERFORM callback_center._require(options, 'options');
+    IF jsonb_typeof(options) <> 'object' THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = 'options must be a JSON object',
+            DETAIL = format('A JSON %s was given.', jsonb_typeof(options));
+    END IF;
+    SELECT string_agg(format('"%s"', o), ', ' ORDER BY o) INTO bad
+      FROM jsonb_object_keys(options) o
+     WHERE o <> ALL (known);
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = '22023',
+            MESSAGE = format('unknown endpoint option %s', bad),
+            HINT = format('Known options: %s.', array_to_string(known, ', '));
+    END IF;
+
+    SELECT * INTO ep FROM callback_center.endpoints e WHERE e.id = _endpoint_apply.id;
+    FOR k, v IN SELECT * FROM jsonb_each(options)
+    LOOP
+        CASE k
+        WHEN 'url' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "url" must be a string';
+            END IF;
+            ep.url := callback_center._check_url(v #>> '{}');
+        WHEN 'event_types' THEN
+            IF jsonb_typeof(v) <> 'array' OR jsonb_array_length(v) = 0
+               OR EXISTS (SELECT 1 FROM jsonb_array_elements(v) x
+                           WHERE jsonb_typeof(x) <> 'string' OR x #>> '{}' = '') THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "event_types" must be a non-empty array of non-empty strings';
+            END IF;
+            ep.event_types := ARRAY(SELECT jsonb_array_elements_text(v));
+        WHEN 'timeout_ms' THEN
+            ep.timeout_ms := callback_center._option_int(k, v, 1, 600000);
+        WHEN 'retry_schedule' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "retry_schedule" must be a string';
+            END IF;
+            IF NOT EXISTS (SELECT 1 FROM callback_center.retry_schedules s
+                            WHERE s.name = v #>> '{}') THEN
+                RAISE EXCEPTION USING ERRCODE = '42704',
+                    MESSAGE = format('retry schedule "%s" does not exist', v #>> '{}'),
+                    HINT = 'The retry_schedules table lists them.';
+            END IF;
+            ep.retry_schedule := v #>> '{}';
+        WHEN 'max_attempts' THEN
+            ep.max_attempts := CASE WHEN jsonb_typeof(v) = 'null' THEN NULL
+                ELSE callback_center._option_int(k, v, 1, 1000000) END;
+        WHEN 'rate_limit_per_s' THEN
+            IF jsonb_typeof(v) = 'null' THEN
+                ep.rate_limit_per_s := NULL;
+            ELSIF jsonb_typeof(v) <> 'number' OR v::numeric < 0.001 OR v::numeric > 1000000 THEN
+                -- The worker's token bucket works in doubles, where 1e400
+                -- is infinity: it would stop every delivery.
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "rate_limit_per_s" must be a number between 0.001 and 1000000, or null',
+                    DETAIL = format('The value given was %s.', left(v::text, 40));
+            ELSE
+                ep.rate_limit_per_s := v::numeric;
+            END IF;
+        WHEN 'breaker_failure_ratio' THEN
+            IF jsonb_typeof(v) <> 'number' OR v::numeric <= 0 OR v::numeric > 1 THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = 'endpoint option "breaker_failure_ratio" must be a number in (0, 1]';
+            END IF;
+            ep.breaker_failure_ratio := v::numeric;
+        WHEN 'breaker_window_s' THEN
+            ep.breaker_window_s := callback_center._option_int(k, v, 1, 86400);
+        WHEN 'breaker_min_requests' THEN
+            ep.breaker_min_requests := callback_center._option_int(k, v, 1, 1000000);
+        WHEN 'breaker_open_ms' THEN
+            ep.breaker_open_ms := callback_center._option_int(k, v, 1, 86400000);
+        WHEN 'format' THEN
+            -- How requests are shaped: the adapters of 46_adapters.sql.
+            IF jsonb_typeof(v) <> 'string' OR v #>> '{}' NOT IN
+               ('standard_webhooks', 'wechatpay_v3', 'alipay', 'unionpay') THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('unknown endpoint format %s', v),
+                    HINT = 'The formats are standard_webhooks, wechatpay_v3, alipay and unionpay.';
+            END IF;
+            ep.format := v #>> '{}';
+        ELSE
+            -- is_core, ordered, enabled
+            IF jsonb_typeof(v) <> 'boolean' THEN
+                RAISE EXCEPTION USING ERRCODE = '22023',
+                    MESSAGE = format('endpoint option "%s" must be true or false', k);
+            END IF;
+            CASE k
+            WHEN 'is_core' THEN ep.is_core := v::boolean;
+            WHEN 'ordered' THEN ep.ordered := v::boolean;
+            ELSE ep.enabled := v::boolean;
+            END CASE;
+        END CASE;
+    END LOOP;
+
+    UPDATE callback_center.endpoints e
+       SET url = ep.url, event_types = ep.event_types, timeout_ms = ep.timeout_ms,
+           retry_schedule = ep.retry_schedule, max_attempts = ep.max_attempts,
+           rate_limit_per_s = ep.rate_limit_per_s,
+           breaker_failure_ratio = ep.breaker_failure_ratio,
+           breaker_window_s = ep.breaker_window_s,
+           breaker_min_requests = ep.breaker_min_requests,
+           breaker_open_ms = ep.breaker_open_ms, is_core = ep.is_core,
+           ordered = ep.ordered, enabled = ep.enabled, format = ep.format,
+           updated_at = now()
+     WHERE e.id = _endpoint_apply.id;
+END
+$$;

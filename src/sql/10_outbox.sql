@@ -8,8 +8,8 @@
 -- Retry schedules: delays[k] is the wait after failed attempt k+1.  An
 -- endpoint makes cardinality(delays) + 1 attempts unless max_attempts says
 -- otherwise (then the last delay repeats).  Each delay is at most 30 days:
--- the worker computes in milliseconds and timestamps, and a delay of
--- 300,000 years overflowed both.
+-- the worker computes in milliseconds and timestamps, which a delay of
+-- centuries overflows.
 CREATE TABLE callback_center.retry_schedules (
     name    text PRIMARY KEY
             CHECK (name ~ '^[a-z0-9][a-z0-9_]{0,62}$'),
@@ -390,8 +390,8 @@ BEGIN
             IF jsonb_typeof(v) = 'null' THEN
                 ep.rate_limit_per_s := NULL;
             ELSIF jsonb_typeof(v) <> 'number' OR v::numeric < 0.001 OR v::numeric > 1000000 THEN
-                -- The worker's token bucket works in doubles: 1e400 was
-                -- infinity there and stopped every delivery.
+                -- The worker's token bucket works in doubles, where 1e400
+                -- is infinity: it would stop every delivery.
                 RAISE EXCEPTION USING ERRCODE = '22023',
                     MESSAGE = 'endpoint option "rate_limit_per_s" must be a number between 0.001 and 1000000, or null',
                     DETAIL = format('The value given was %s.', left(v::text, 40));
