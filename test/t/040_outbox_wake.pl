@@ -102,6 +102,11 @@ $node->safe_psql('postgres', q{SELECT pg_reload_conf()});
 ok($node->poll_query_until('postgres',
 		"SELECT reloads > $reloads FROM callback_center.worker_status()"),
 	'the worker reloaded with delivery paused');
+# Pausing stops claims; what was claimed before still goes out, each result
+# a loop.  Count from when that has been recorded.
+ok($node->poll_query_until('postgres',
+		q{SELECT NOT EXISTS (SELECT 1 FROM callback_center.outbox WHERE status = 'delivering')}),
+	'the events claimed before the pause are recorded');
 $loops = $node->safe_psql('postgres', 'SELECT loops FROM callback_center.worker_status()');
 my $t0 = time();
 $node->pgbench(
