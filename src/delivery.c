@@ -1336,8 +1336,11 @@ cc_delivery_step(uint64 commit_gen, bool claim_allowed, int64 *wait_ms)
 		return true;
 	}
 	t = now_ms();
-	*wait_ms = (claim_allowed && claim_due(commit_gen, t)) ? 0 :
-		Max(next_claim_ms - t, 1);
+	/* Paused, there is no claim to time: sleep until the poll or a wake(). */
+	if (!claim_allowed)
+		*wait_ms = cc_poll_interval_ms;
+	else
+		*wait_ms = claim_due(commit_gen, t) ? 0 : Max(next_claim_ms - t, 1);
 	return false;
 }
 

@@ -6,6 +6,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 use CallbackCenterTest;
 
 my $node = cc_node('outbox_wake');
@@ -102,11 +103,20 @@ $node->safe_psql('postgres', q{SELECT pg_reload_conf()});
 ok($node->poll_query_until('postgres',
 		"SELECT reloads > $reloads FROM callback_center.worker_status()"),
 	'the worker reloaded with delivery paused');
-# Pausing stops claims; what was claimed before still goes out, each result
-# a loop.  Count from when that has been recorded.
+# Pausing stops claims; what was claimed before still goes out, a loop per
+# result.  Count from when that has been recorded.
 ok($node->poll_query_until('postgres',
 		q{SELECT NOT EXISTS (SELECT 1 FROM callback_center.outbox WHERE status = 'delivering')}),
 	'the events claimed before the pause are recorded');
+# Paused and idle, the worker sleeps until its poll: its next claim time
+# lies in the past and there is no claim to time.
+$loops = $node->safe_psql('postgres', 'SELECT loops FROM callback_center.worker_status()');
+my $i0 = Time::HiRes::time();
+usleep(1_000_000);
+my $idle_loops = $node->safe_psql('postgres', 'SELECT loops FROM callback_center.worker_status()') - $loops;
+my $idle_s = Time::HiRes::time() - $i0;
+ok($idle_loops <= 20 * $idle_s + 10,
+	sprintf('paused and idle: %d worker loops in %.1f s (polls only)', $idle_loops, $idle_s));
 $loops = $node->safe_psql('postgres', 'SELECT loops FROM callback_center.worker_status()');
 my $t0 = time();
 $node->pgbench(
