@@ -737,10 +737,91 @@ slot_take_exact(Datum sku, int64 qty, int64 *total)
 }
 
 /*
+ * Longest biz id or SKU id, in bytes: the limit every key of the API has
+ * (callback_center._require_key), so that a huge key is a clear 22023 and
+ * not an index row too large (54000) or a megabyte in every log line.
+ * Checked where a key is written; a restore only looks up what was.
+ */
+#define CC_KEY_MAX_BYTES 200
+
+/*
+ * Hot SKUs this backend has deducted from, with their slot count and the
+ * stock row's version as last read.  A deduction of a SKU found here goes
+ * to its slots at once, instead of first running the stock row's
+ * conditional UPDATE (which matches nothing on a hot SKU's 0 available)
+ * and reading the row: two of the five statements of a hot deduction.
+ *
+ * Only a hint, never trusted for a decision: deduct_hot() already runs
+ * after the stock row was read, with no lock on it, so set_hot_sku may have
+ * changed the slots by the time it runs, and it checks.  A SKU gone normal
+ * has no slot rows: the three steps take nothing, the version read at the
+ * end differs (every admin change bumps it), and the deduction starts over
+ * on the stock row, forgetting the hint.  A changed slot count only skews
+ * the random start, since the steps scan every slot.  So the hint needs no
+ * invalidation; a compare-and-set never uses it (it must be refused on a
+ * hot SKU, which takes the read).
+ */
+#define HOT_HINT_SLOTS 16
+
+typedef struct HotHint
+{
+	int			len;			/* bytes of sku; 0: entry unused */
+	char		sku[CC_KEY_MAX_BYTES];
+	int32		nslots;
+	int64		version;
+} HotHint;
+
+static HotHint hot_hints[HOT_HINT_SLOTS];
+static int	hot_hint_next = 0;
+
+/* The hint of sku, or NULL. */
+static HotHint *
+hot_hint_find(const text *sku)
+{
+	int			len = VARSIZE_ANY_EXHDR(sku);
+
+	for (int i = 0; i < HOT_HINT_SLOTS; i++)
+		if (hot_hints[i].len == len &&
+			memcmp(hot_hints[i].sku, VARDATA_ANY(sku), len) == 0)
+			return &hot_hints[i];
+	return NULL;
+}
+
+/* Remembers that sku was hot with nslots slots at version. */
+static void
+hot_hint_set(const text *sku, int32 nslots, int64 version)
+{
+	HotHint    *h = hot_hint_find(sku);
+	int			len = VARSIZE_ANY_EXHDR(sku);
+
+	if (len == 0 || len > CC_KEY_MAX_BYTES)
+		return;
+	if (h == NULL)
+	{
+		h = &hot_hints[hot_hint_next];
+		hot_hint_next = (hot_hint_next + 1) % HOT_HINT_SLOTS;
+		memcpy(h->sku, VARDATA_ANY(sku), len);
+		h->len = len;
+	}
+	h->nslots = nslots;
+	h->version = version;
+}
+
+/* Forgets the hint of sku, if any. */
+static void
+hot_hint_forget(const text *sku)
+{
+	HotHint    *h = hot_hint_find(sku);
+
+	if (h != NULL)
+		h->len = 0;
+}
+
+/*
  * Deducts item from hot SKU with nslots slots, whose stock row had
- * version when read.  Returns false when set_hot_sku changed the SKU
- * meanwhile and the deduction must start over; raises CB001 when the
- * slots hold fewer units than asked.
+ * version when read (just now, or earlier: a hint).  Returns false when
+ * set_hot_sku changed the SKU since and the deduction must start over;
+ * raises CB001 when the slots hold fewer units than asked.
  */
 static bool
 deduct_hot(const StockItem *item, int32 nslots, int64 version,
@@ -764,7 +845,7 @@ deduct_hot(const StockItem *item, int32 nslots, int64 version,
 		 * slots it found.
 		 */
 		if (stock_exec(PLAN_CURRENT, &sku, SPI_OK_SELECT) != 1 ||
-			spi_int8(2) != version)
+			spi_int8(2) != version || spi_int4(3) == 0)
 			return false;
 		ereport(ERROR,
 				(errcode(CC_ERRCODE_INSUFFICIENT_STOCK),
@@ -779,14 +860,6 @@ deduct_hot(const StockItem *item, int32 nslots, int64 version,
 	read_total(sku, o);
 	return true;
 }
-
-/*
- * Longest biz id or SKU id, in bytes: the limit every key of the API has
- * (callback_center._require_key), so that a huge key is a clear 22023 and
- * not an index row too large (54000) or a megabyte in every log line.
- * Checked where a key is written; a restore only looks up what was.
- */
-#define CC_KEY_MAX_BYTES 200
 
 static void
 check_key(Datum key, const char *name)
@@ -840,6 +913,18 @@ deduct_one(Datum biz, const StockItem *item)
 		return o;
 	}
 
+	if (!item->has_version)
+	{
+		HotHint    *h = hot_hint_find(item->sku);
+
+		if (h != NULL)
+		{
+			if (deduct_hot(item, h->nslots, h->version, &o))
+				return o;
+			hot_hint_forget(item->sku);
+		}
+	}
+
 	args[0] = PointerGetDatum(item->sku);
 	args[1] = Int64GetDatum(item->qty);
 	args[2] = Int64GetDatum(item->expected);
@@ -875,8 +960,10 @@ deduct_one(Datum biz, const StockItem *item)
 						 errdetail("Its units are spread over %d slots, and its version changes only when an admin changes the SKU.",
 								   cur_slots),
 						 errhint("Deduct without an expected version, or make the SKU normal again with callback_center.set_hot_sku(sku_id, 1).")));
+			hot_hint_set(item->sku, cur_slots, cur_version);
 			if (deduct_hot(item, cur_slots, cur_version, &o))
 				return o;
+			hot_hint_forget(item->sku);
 			continue;
 		}
 		if (item->has_version && cur_version != item->expected)
