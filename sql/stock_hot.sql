@@ -224,6 +224,23 @@ SELECT * FROM pg_temp.hs WHERE sku_id = 'hs-h';
 SELECT count(*) AS deductions, sum(quantity) AS units FROM callback_center.stock_deductions
  WHERE sku_id = 'hs-h';
 
+-- the slot statements run with enable_seqscan off (src/stock.c): the
+-- caller's setting is back after a deduction, a restore and an error
+SET enable_seqscan = on;
+SELECT sku, qty, status FROM callback_center.deduct_stock('hs-h11', 'hs-h', 1);
+SHOW enable_seqscan;
+SELECT sku, qty FROM callback_center.restore_stock('hs-h11');
+SHOW enable_seqscan;
+SELECT pg_temp.try($$SELECT callback_center.deduct_stock('hs-h12', 'hs-h', 100)$$);
+SHOW enable_seqscan;
+BEGIN;
+SET LOCAL enable_seqscan = off;
+SELECT sku, qty, status FROM callback_center.deduct_stock('hs-h13', 'hs-h', 1);
+SHOW enable_seqscan;
+ROLLBACK;
+SHOW enable_seqscan;
+RESET enable_seqscan;
+
 DELETE FROM callback_center.tcc_barrier WHERE gid LIKE 'hs-%';
 DELETE FROM callback_center.tcc_reservations WHERE gid LIKE 'hs-%';
 DELETE FROM callback_center.stock_deductions WHERE sku_id LIKE 'hs-%';
