@@ -188,6 +188,59 @@ DROP ROLE hs_app;
 REVOKE USAGE ON SCHEMA callback_center FROM hs_admin;
 DROP ROLE hs_admin;
 
+--
+-- a session remembers which SKUs it found hot (src/stock.c, hot hints) and
+-- goes to their slots at once: every change of the SKU since is still seen
+--
+SELECT sku_id, available FROM callback_center.set_stock('hs-h', 10);
+SELECT sku_id, available, slots FROM callback_center.set_hot_sku('hs-h', 4);
+SELECT sku, qty, available, status FROM callback_center.deduct_stock('hs-h1', 'hs-h', 1);
+-- made normal: the deduction takes from the row (version moves)
+SELECT sku_id, available, version, slots FROM callback_center.set_hot_sku('hs-h', 1);
+SELECT sku, qty, available, version, status FROM callback_center.deduct_stock('hs-h2', 'hs-h', 2);
+SELECT * FROM pg_temp.hs WHERE sku_id = 'hs-h';
+-- hot again with fewer slots, then more: nothing lost, nothing over
+SELECT sku_id, available, slots FROM callback_center.set_hot_sku('hs-h', 2);
+SELECT sku, qty, available, status FROM callback_center.deduct_stock('hs-h3', 'hs-h', 1);
+SELECT sku_id, available, slots FROM callback_center.set_hot_sku('hs-h', 6);
+SELECT sku, qty, available, status FROM callback_center.deduct_stock('hs-h4', 'hs-h', 1);
+SELECT * FROM pg_temp.hs WHERE sku_id = 'hs-h';
+-- units added by an admin since: taken across slots, then CB001 with the
+-- true total
+SELECT sku_id, available FROM callback_center.adjust_stock('hs-h', 3);
+SELECT sku, qty, available, status FROM callback_center.deduct_stock('hs-h5', 'hs-h', 8);
+SELECT pg_temp.try($$SELECT callback_center.deduct_stock('hs-h6', 'hs-h', 2)$$);
+-- made normal with units: the row has them, the hint is wrong
+SELECT sku_id, available, slots FROM callback_center.set_hot_sku('hs-h', 1);
+SELECT sku_id, available FROM callback_center.set_stock('hs-h', 5);
+SELECT sku, qty, available, status FROM callback_center.deduct_stock('hs-h7', 'hs-h', 5);
+SELECT pg_temp.try($$SELECT callback_center.deduct_stock('hs-h8', 'hs-h', 1)$$);
+-- a compare-and-set never uses the hint: refused while hot, done when not
+SELECT sku_id, available, slots FROM callback_center.set_hot_sku('hs-h', 3);
+SELECT sku_id, available FROM callback_center.adjust_stock('hs-h', 2);
+SELECT sku, qty, available, status FROM callback_center.deduct_stock('hs-h9', 'hs-h', 1);
+SELECT pg_temp.try($$SELECT callback_center.deduct_stock('hs-h10', 'hs-h', 1, 7)$$);
+SELECT * FROM pg_temp.hs WHERE sku_id = 'hs-h';
+SELECT count(*) AS deductions, sum(quantity) AS units FROM callback_center.stock_deductions
+ WHERE sku_id = 'hs-h';
+
+-- the slot statements run with enable_seqscan off (src/stock.c): the
+-- caller's setting is back after a deduction, a restore and an error
+SET enable_seqscan = on;
+SELECT sku, qty, status FROM callback_center.deduct_stock('hs-h11', 'hs-h', 1);
+SHOW enable_seqscan;
+SELECT sku, qty FROM callback_center.restore_stock('hs-h11');
+SHOW enable_seqscan;
+SELECT pg_temp.try($$SELECT callback_center.deduct_stock('hs-h12', 'hs-h', 100)$$);
+SHOW enable_seqscan;
+BEGIN;
+SET LOCAL enable_seqscan = off;
+SELECT sku, qty, status FROM callback_center.deduct_stock('hs-h13', 'hs-h', 1);
+SHOW enable_seqscan;
+ROLLBACK;
+SHOW enable_seqscan;
+RESET enable_seqscan;
+
 DELETE FROM callback_center.tcc_barrier WHERE gid LIKE 'hs-%';
 DELETE FROM callback_center.tcc_reservations WHERE gid LIKE 'hs-%';
 DELETE FROM callback_center.stock_deductions WHERE sku_id LIKE 'hs-%';

@@ -624,6 +624,36 @@ read_total(Datum sku, StockOutcome *o)
  */
 
 /*
+ * The slot statements find their rows by the primary key (sku_id, slot).
+ * A hot SKU's slot rows fill a few pages (fillfactor 10), few enough that
+ * the planner prefers sequential scans: the choice of a slot then reads
+ * and sorts every slot row, and the UPDATE hashes them all to join, where
+ * two index probes do (77,000 of the 519,000 instructions of a hot
+ * deduction, callgrind).  So they run with enable_seqscan off, set around
+ * their executions only, since the plan cache plans under the settings of
+ * the moment it plans.  read_total keeps the planner's choice: to sum
+ * every slot a sequential scan is the cheaper.  Only plans change, and no
+ * statement's effect depends on its plan (the STOCK_PLANS test runs).  An
+ * error in between needs no cleanup: aborting the (sub)transaction unwinds
+ * the GUC nest level, as it does a SET clause's.
+ */
+static int
+slots_by_key_begin(void)
+{
+	int			level = NewGUCNestLevel();
+
+	(void) set_config_option("enable_seqscan", "off", PGC_USERSET,
+							 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	return level;
+}
+
+static void
+slots_by_key_end(int level)
+{
+	AtEOXact_GUC(true, level);
+}
+
+/*
  * Takes qty from one slot of a hot SKU with nslots slots, starting at slot
  * start, in a subtransaction that is rolled back when it takes nothing, so
  * that no row it locked stays locked then.  PLAN_SLOT_TAKE never waits and
@@ -737,10 +767,91 @@ slot_take_exact(Datum sku, int64 qty, int64 *total)
 }
 
 /*
+ * Longest biz id or SKU id, in bytes: the limit every key of the API has
+ * (callback_center._require_key), so that a huge key is a clear 22023 and
+ * not an index row too large (54000) or a megabyte in every log line.
+ * Checked where a key is written; a restore only looks up what was.
+ */
+#define CC_KEY_MAX_BYTES 200
+
+/*
+ * Hot SKUs this backend has deducted from, with their slot count and the
+ * stock row's version as last read.  A deduction of a SKU found here goes
+ * to its slots at once, instead of first running the stock row's
+ * conditional UPDATE (which matches nothing on a hot SKU's 0 available)
+ * and reading the row: two of the five statements of a hot deduction.
+ *
+ * Only a hint, never trusted for a decision: deduct_hot() already runs
+ * after the stock row was read, with no lock on it, so set_hot_sku may have
+ * changed the slots by the time it runs, and it checks.  A SKU gone normal
+ * has no slot rows: the three steps take nothing, the version read at the
+ * end differs (every admin change bumps it), and the deduction starts over
+ * on the stock row, forgetting the hint.  A changed slot count only skews
+ * the random start, since the steps scan every slot.  So the hint needs no
+ * invalidation; a compare-and-set never uses it (it must be refused on a
+ * hot SKU, which takes the read).
+ */
+#define HOT_HINT_SLOTS 16
+
+typedef struct HotHint
+{
+	int			len;			/* bytes of sku; 0: entry unused */
+	char		sku[CC_KEY_MAX_BYTES];
+	int32		nslots;
+	int64		version;
+} HotHint;
+
+static HotHint hot_hints[HOT_HINT_SLOTS];
+static int	hot_hint_next = 0;
+
+/* The hint of sku, or NULL. */
+static HotHint *
+hot_hint_find(const text *sku)
+{
+	int			len = VARSIZE_ANY_EXHDR(sku);
+
+	for (int i = 0; i < HOT_HINT_SLOTS; i++)
+		if (hot_hints[i].len == len &&
+			memcmp(hot_hints[i].sku, VARDATA_ANY(sku), len) == 0)
+			return &hot_hints[i];
+	return NULL;
+}
+
+/* Remembers that sku was hot with nslots slots at version. */
+static void
+hot_hint_set(const text *sku, int32 nslots, int64 version)
+{
+	HotHint    *h = hot_hint_find(sku);
+	int			len = VARSIZE_ANY_EXHDR(sku);
+
+	if (len == 0 || len > CC_KEY_MAX_BYTES)
+		return;
+	if (h == NULL)
+	{
+		h = &hot_hints[hot_hint_next];
+		hot_hint_next = (hot_hint_next + 1) % HOT_HINT_SLOTS;
+		memcpy(h->sku, VARDATA_ANY(sku), len);
+		h->len = len;
+	}
+	h->nslots = nslots;
+	h->version = version;
+}
+
+/* Forgets the hint of sku, if any. */
+static void
+hot_hint_forget(const text *sku)
+{
+	HotHint    *h = hot_hint_find(sku);
+
+	if (h != NULL)
+		h->len = 0;
+}
+
+/*
  * Deducts item from hot SKU with nslots slots, whose stock row had
- * version when read.  Returns false when set_hot_sku changed the SKU
- * meanwhile and the deduction must start over; raises CB001 when the
- * slots hold fewer units than asked.
+ * version when read (just now, or earlier: a hint).  Returns false when
+ * set_hot_sku changed the SKU since and the deduction must start over;
+ * raises CB001 when the slots hold fewer units than asked.
  */
 static bool
 deduct_hot(const StockItem *item, int32 nslots, int64 version,
@@ -749,12 +860,17 @@ deduct_hot(const StockItem *item, int32 nslots, int64 version,
 	Datum		sku = PointerGetDatum(item->sku);
 	int64		total;
 	int32		start;
+	int			level;
+	bool		taken;
 
 	start = (int32) pg_prng_uint64_range(&pg_global_prng_state, 0,
 										 (uint64) nslots - 1);
-	if (!slot_take_sub(PLAN_SLOT_TAKE, sku, item->qty, start) &&
-		!slot_take_sub(PLAN_SLOT_WAIT, sku, item->qty, start) &&
-		!slot_take_exact(sku, item->qty, &total))
+	level = slots_by_key_begin();
+	taken = slot_take_sub(PLAN_SLOT_TAKE, sku, item->qty, start) ||
+		slot_take_sub(PLAN_SLOT_WAIT, sku, item->qty, start) ||
+		slot_take_exact(sku, item->qty, &total);
+	slots_by_key_end(level);
+	if (!taken)
 	{
 		/*
 		 * Every slot is locked and they fall short: exact, unless the set
@@ -764,7 +880,7 @@ deduct_hot(const StockItem *item, int32 nslots, int64 version,
 		 * slots it found.
 		 */
 		if (stock_exec(PLAN_CURRENT, &sku, SPI_OK_SELECT) != 1 ||
-			spi_int8(2) != version)
+			spi_int8(2) != version || spi_int4(3) == 0)
 			return false;
 		ereport(ERROR,
 				(errcode(CC_ERRCODE_INSUFFICIENT_STOCK),
@@ -780,14 +896,7 @@ deduct_hot(const StockItem *item, int32 nslots, int64 version,
 	return true;
 }
 
-/*
- * Longest biz id or SKU id, in bytes: the limit every key of the API has
- * (callback_center._require_key), so that a huge key is a clear 22023 and
- * not an index row too large (54000) or a megabyte in every log line.
- * Checked where a key is written; a restore only looks up what was.
- */
-#define CC_KEY_MAX_BYTES 200
-
+/* Raises 22023 when a key is longer than CC_KEY_MAX_BYTES. */
 static void
 check_key(Datum key, const char *name)
 {
@@ -840,6 +949,18 @@ deduct_one(Datum biz, const StockItem *item)
 		return o;
 	}
 
+	if (!item->has_version)
+	{
+		HotHint    *h = hot_hint_find(item->sku);
+
+		if (h != NULL)
+		{
+			if (deduct_hot(item, h->nslots, h->version, &o))
+				return o;
+			hot_hint_forget(item->sku);
+		}
+	}
+
 	args[0] = PointerGetDatum(item->sku);
 	args[1] = Int64GetDatum(item->qty);
 	args[2] = Int64GetDatum(item->expected);
@@ -875,8 +996,10 @@ deduct_one(Datum biz, const StockItem *item)
 						 errdetail("Its units are spread over %d slots, and its version changes only when an admin changes the SKU.",
 								   cur_slots),
 						 errhint("Deduct without an expected version, or make the SKU normal again with callback_center.set_hot_sku(sku_id, 1).")));
+			hot_hint_set(item->sku, cur_slots, cur_version);
 			if (deduct_hot(item, cur_slots, cur_version, &o))
 				return o;
+			hot_hint_forget(item->sku);
 			continue;
 		}
 		if (item->has_version && cur_version != item->expected)
@@ -910,6 +1033,8 @@ slot_give(Datum sku, int64 qty, int32 nslots)
 {
 	Datum		args[4];
 	int32		start;
+	int			level;
+	bool		given;
 
 	start = (int32) pg_prng_uint64_range(&pg_global_prng_state, 0,
 										 (uint64) nslots - 1);
@@ -917,16 +1042,22 @@ slot_give(Datum sku, int64 qty, int32 nslots)
 	args[1] = Int64GetDatum(qty);
 	args[2] = Int32GetDatum(start);
 	args[3] = Int32GetDatum(PG_INT32_MAX);
-	if (stock_exec(PLAN_SLOT_GIVE, args, SPI_OK_UPDATE_RETURNING) == 1)
-		return true;
-	args[2] = Int32GetDatum(0);
-	args[3] = Int32GetDatum(start);
-	if (start > 0 &&
-		stock_exec(PLAN_SLOT_GIVE, args, SPI_OK_UPDATE_RETURNING) == 1)
-		return true;
-	args[1] = Int32GetDatum(start);
-	args[2] = Int64GetDatum(qty);
-	return stock_exec(PLAN_SLOT_ADD, args, SPI_OK_UPDATE) == 1;
+	level = slots_by_key_begin();
+	given = stock_exec(PLAN_SLOT_GIVE, args, SPI_OK_UPDATE_RETURNING) == 1;
+	if (!given && start > 0)
+	{
+		args[2] = Int32GetDatum(0);
+		args[3] = Int32GetDatum(start);
+		given = stock_exec(PLAN_SLOT_GIVE, args, SPI_OK_UPDATE_RETURNING) == 1;
+	}
+	if (!given)
+	{
+		args[1] = Int32GetDatum(start);
+		args[2] = Int64GetDatum(qty);
+		given = stock_exec(PLAN_SLOT_ADD, args, SPI_OK_UPDATE) == 1;
+	}
+	slots_by_key_end(level);
+	return given;
 }
 
 /*
