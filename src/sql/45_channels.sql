@@ -925,16 +925,81 @@ BEGIN
 END
 $$;
 
+-- The one check of a UnionPay signature (acp 5.1.0, signMethod 01), of
+-- notifications (_unionpay_parse) and of back-channel answers
+-- (_unionpay_answer_fields): signPubKeyCert must chain to the root and
+-- intermediate certificates loaded with set_platform_keys, be valid now and
+-- name one of the provider's organisation names (secrets); the signature
+-- is over the hex SHA-256 of every field but signature, empty values left
+-- out, sorted by name in byte order, joined as k=v&...  failure is NULL
+-- when it verifies, else why not.  5.0.0 signs SHA-1 digests with a
+-- certificate chosen by certId, and signMethods 11 and 12 are symmetric
+-- keys: refused.
+CREATE FUNCTION callback_center._unionpay_verify(provider text, secrets text[],
+    names text[], vals bytea[], OUT failure text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, callback_center
+AS $$
+DECLARE
+    cert bytea;
+    cert_pem text;
+    sig bytea;
+    cas text[];
+    chk record;
+    content bytea;
+BEGIN
+    cert := vals[array_position(names, 'signPubKeyCert')];
+    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
+       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
+       OR array_position(names, 'signature') IS NULL
+       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
+        failure := 'malformed_signature';
+        RETURN;
+    END IF;
+    BEGIN
+        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
+    EXCEPTION WHEN OTHERS THEN
+        sig := NULL;
+    END;
+    IF sig IS NULL OR sig = '' THEN
+        failure := 'malformed_signature';
+        RETURN;
+    END IF;
+
+    -- In a fixed order: the certificate cache (crypto.c) is keyed by them.
+    SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
+     WHERE pk.provider = _unionpay_verify.provider;
+    IF cas IS NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
+            MESSAGE = format('provider "%s" has no UnionPay certificates', _unionpay_verify.provider),
+            HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
+    END IF;
+    cert_pem := convert_from(cert, 'UTF8');
+    chk := callback_center._x509_chain_check(cert_pem, cas, _unionpay_verify.secrets);
+    IF chk.verdict <> 'ok' THEN
+        failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
+                                    WHEN 'expired' THEN 'key_expired'
+                                    WHEN 'wrong_name' THEN 'wrong_organisation'
+                                    ELSE 'untrusted_key' END;
+        RETURN;
+    END IF;
+    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
+                      ORDER BY x.nm COLLATE "C")
+      INTO content
+      FROM unnest(names, vals) AS x(nm, v)
+     WHERE x.nm <> 'signature' AND x.v <> '';
+    IF callback_center._rsa_sha256_check(cert_pem,
+           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
+        failure := 'invalid_signature';
+    END IF;
+END
+$$;
+
 -- UnionPay (China UnionPay online payments, acp SDK 5.1.0) back-end
 -- notifications.  The body is the form as posted; names and values are
--- %-decoded to the bytes of the form's encoding (UTF-8 or GBK).  The
--- signed string is every parameter but signature, empty values left out
--- (the SDK neither sends nor reads them), sorted by name, joined as
--- k=v&...; signature is SHA256withRSA (signMethod 01, version 5.1.0) over
--- the lower-case hex SHA-256 digest of it, by the key of the certificate
--- in signPubKeyCert, which must chain to the root and intermediate
--- certificates loaded with set_platform_keys, be valid now and name one of
--- the provider's organisation names (secrets).  UnionPay signs no
+-- %-decoded to the bytes of the form's encoding (UTF-8 or GBK) and
+-- verified by _unionpay_verify (the SDK neither sends nor reads empty
+-- values, so the signed string leaves them out).  UnionPay signs no
 -- notification time: a replay is a repeat of the recorded message, keyed
 -- by queryId and txnType.
 CREATE FUNCTION callback_center._unionpay_parse(
@@ -951,12 +1016,6 @@ DECLARE
     vals bytea[];
     charset text;
     cs text;
-    cert bytea;
-    cert_pem text;
-    content bytea;
-    sig bytea;
-    cas text[];
-    chk record;
     f jsonb;
     total text;
 BEGIN
@@ -973,52 +1032,10 @@ BEGIN
         failure := 'malformed_body'; fail_status := 400;
         RETURN;
     END IF;
-    -- signMethod 01 of version 5.1.0 only: 5.0.0 signs SHA-1 digests with
-    -- a certificate chosen by certId, 11 and 12 are symmetric keys.
-    cert := vals[array_position(names, 'signPubKeyCert')];
-    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
-       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
-       OR array_position(names, 'signature') IS NULL
-       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
-        failure := 'malformed_signature'; fail_status := 401;
-        RETURN;
-    END IF;
-    BEGIN
-        sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
-    EXCEPTION WHEN OTHERS THEN
-        sig := NULL;
-    END;
-    IF sig IS NULL OR sig = '' THEN
-        failure := 'malformed_signature'; fail_status := 401;
-        RETURN;
-    END IF;
-
-    -- In a fixed order: the certificate cache (crypto.c) is keyed by them.
-    SELECT array_agg(pk.pem ORDER BY pk.key_id) INTO cas FROM callback_center.provider_keys pk
-     WHERE pk.provider = _unionpay_parse.provider;
-    IF cas IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'object_not_in_prerequisite_state',
-            MESSAGE = format('provider "%s" has no UnionPay certificates', _unionpay_parse.provider),
-            HINT = 'An administrator loads the root and intermediate certificates with callback_center.set_platform_keys().';
-    END IF;
-    cert_pem := convert_from(cert, 'UTF8');
-    chk := callback_center._x509_chain_check(cert_pem, cas, _unionpay_parse.secrets);
-    IF chk.verdict <> 'ok' THEN
-        failure := CASE chk.verdict WHEN 'malformed' THEN 'malformed_signature'
-                                    WHEN 'expired' THEN 'key_expired'
-                                    WHEN 'wrong_name' THEN 'wrong_organisation'
-                                    ELSE 'untrusted_key' END;
+    failure := callback_center._unionpay_verify(_unionpay_parse.provider,
+                                                _unionpay_parse.secrets, names, vals);
+    IF failure IS NOT NULL THEN
         fail_status := 401;
-        RETURN;
-    END IF;
-    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
-                      ORDER BY x.nm COLLATE "C")
-      INTO content
-      FROM unnest(names, vals) AS x(nm, v)
-     WHERE x.nm <> 'signature' AND x.v <> '';
-    IF callback_center._rsa_sha256_check(cert_pem,
-           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
-        failure := 'invalid_signature'; fail_status := 401;
         RETURN;
     END IF;
 
@@ -1164,6 +1181,7 @@ REVOKE ALL ON FUNCTION
     callback_center._wechatpay_v2_parse(text, text[], interval, jsonb, text),
     callback_center._hmac_sha256(bytea, bytea),
     callback_center._x509_chain_check(text, text[], text[]),
+    callback_center._unionpay_verify(text, text[], text[], bytea[]),
     callback_center._unionpay_parse(text, text[], interval, jsonb, text),
     callback_center._channel_parse(text, text, jsonb, text)
 FROM PUBLIC;

@@ -794,10 +794,8 @@ BEGIN
 END
 $$;
 
--- A UnionPay back-channel answer (a form, acp 5.1.0, signMethod 01)
--- verified as _unionpay_parse verifies notifications: signPubKeyCert
--- chained to the loaded roots and naming the organisation, then the
--- signature over the hex SHA-256 of the sorted fields.  Unlike a
+-- A UnionPay back-channel answer (a form, acp 5.1.0, signMethod 01),
+-- verified as notifications are (_unionpay_verify).  Unlike a
 -- notification an answer need not carry a queryId (respCode 34, no such
 -- transaction, names none).  failure is NULL when it verifies, with
 -- fields every field decoded; else why not.
@@ -809,43 +807,15 @@ AS $$
 DECLARE
     names text[];
     vals bytea[];
-    cert bytea;
-    cert_pem text;
-    sig bytea;
-    cas text[];
-    chk record;
-    content bytea;
 BEGIN
     SELECT f.names, f.vals INTO names, vals FROM callback_center._form_parse(_unionpay_answer_fields.body) f;
     IF names IS NULL THEN
         failure := 'malformed_body';
         RETURN;
     END IF;
-    cert := vals[array_position(names, 'signPubKeyCert')];
-    IF callback_center._channel_ascii(vals[array_position(names, 'signMethod')]) IS DISTINCT FROM '01'
-       OR callback_center._channel_ascii(vals[array_position(names, 'version')]) IS DISTINCT FROM '5.1.0'
-       OR array_position(names, 'signature') IS NULL
-       OR cert IS NULL OR encode(cert, 'hex') !~ '^([2-6][0-9a-f]|7[0-9a-e]|0d|0a)+$' THEN
-        failure := 'malformed_signature';
-        RETURN;
-    END IF;
-    sig := decode(callback_center._channel_ascii(vals[array_position(names, 'signature')]), 'base64');
-    SELECT array_agg(pk.pem) INTO cas FROM callback_center.provider_keys pk
-     WHERE pk.provider = _unionpay_answer_fields.provider;
-    cert_pem := convert_from(cert, 'UTF8');
-    chk := callback_center._x509_chain_check(cert_pem, coalesce(cas, '{}'), _unionpay_answer_fields.secrets);
-    IF chk.verdict <> 'ok' THEN
-        failure := 'untrusted_key: ' || chk.verdict;
-        RETURN;
-    END IF;
-    SELECT string_agg(convert_to(x.nm, 'UTF8') || '\x3d'::bytea || x.v, '\x26'::bytea
-                      ORDER BY x.nm COLLATE "C")
-      INTO content
-      FROM unnest(names, vals) AS x(nm, v)
-     WHERE x.nm <> 'signature' AND x.v <> '';
-    IF callback_center._rsa_sha256_check(cert_pem,
-           convert_to(encode(sha256(content), 'hex'), 'UTF8'), sig) IS NOT NULL THEN
-        failure := 'invalid_signature';
+    failure := callback_center._unionpay_verify(_unionpay_answer_fields.provider,
+                                                _unionpay_answer_fields.secrets, names, vals);
+    IF failure IS NOT NULL THEN
         RETURN;
     END IF;
     SELECT jsonb_object_agg(x.nm, convert_from(x.v, 'UTF8')) INTO fields

@@ -175,6 +175,18 @@ is(callback('up', $f), '200|ok|true|unknown_refund',
 	'unionpay: a refund notification naming no refund here is recorded and acknowledged');
 is(recorded($key), '1', 'unionpay: the refund is keyed by its own queryId:04');
 
+# What _unionpay_answer_fields (the check of a back-channel answer) says of
+# a form: its failure, or the orderId of the fields it decoded.
+sub answer_failure
+{
+	my ($form) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT coalesce(a.failure, 'ok ' || (a.fields->>'orderId'))
+		   FROM callback_center.providers p,
+		        callback_center._unionpay_answer_fields(p.name, p.secrets, " . q_lit($form) . ") a
+		  WHERE p.name = 'up'");
+}
+
 # Refusals, all about up-5 (500 fen), each recording nothing.
 my @refusals = (
 	[ 'a certificate that does not chain', [ cert => 'unchained' ], '401|fail|false|untrusted_key' ],
@@ -193,6 +205,8 @@ my @refusals = (
 	  '401|fail|false|invalid_signature' ],
 	[ 'no signature', [ tamper => sub { my $x = shift; $x =~ s/&?signature=[^&]*//; $x } ],
 	  '401|fail|false|malformed_signature' ],
+	[ 'a signature that is not base64', [ tamper => sub { my $x = shift; $x =~ s/signature=[^&]*/signature=%21%21%21/; $x } ],
+	  '401|fail|false|malformed_signature' ],
 	[ 'no certificate', [ signPubKeyCert => undef ], '401|fail|false|malformed_signature' ],
 	[ 'version 5.0.0', [ version => '5.0.0' ], '401|fail|false|malformed_signature' ],
 	[ 'signMethod 11', [ signMethod => '11' ], '401|fail|false|malformed_signature' ],
@@ -210,9 +224,14 @@ for my $r (@refusals)
 	my ($rf, $rk) = up_notify(orderId => 'up-5', txnAmt => '500', @$opts);
 	is(callback('up', $rf), $want, "unionpay refuses: $name");
 	is(recorded($rk), '0', "unionpay $name: nothing recorded");
+	# A back-channel answer is verified by the same check (one owner):
+	# the same form gets the same verdict.
+	next unless $want =~ /^401\|fail\|false\|(.*)$/;
+	is(answer_failure($rf), $1, "unionpay answer refused the same way: $name");
 }
 is(trace('up-5'), 'records=0 outbox=1 payment=CREATED/- order=unpaid', 'unionpay: refusals moved nothing');
 ($f) = up_notify(orderId => 'up-5', txnAmt => '500');
+is(answer_failure($f), 'ok up-5', 'unionpay: a valid form verifies as an answer too');
 is(callback('up', $f), '200|ok|true|paid', 'unionpay: after the refusals the valid one pays');
 
 # Another organisation name configured: the same certificate is refused.
