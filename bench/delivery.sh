@@ -347,9 +347,15 @@ fi
 
 if step big; then
 cc_say "4/5. $N_BIG events queued, then drained; worker memory sampled"
-# The worker at rest before this drain, unless step 2 took one after its
-# first drain.
-grep -q '^idle:' "$work/mem.txt" || idle_sample "idle:0"
+# The worker at rest before this drain, once it has delivered (its caches
+# and plans filled): the sample step 2 took after its first drain, else
+# one after a drain of MEM_FIRST events here.  A sample before any
+# delivery would count the caches' first filling as growth.
+if ! grep -q '^idle:' "$work/mem.txt"; then
+    enqueue_n "$MEM_FIRST" || exit 1
+    wait_drained 120 || exit 1
+    idle_sample "idle:0"
+fi
 set_delivery off || exit 1
 base=$(last_id)
 att_base=$(psql_ -c "SELECT coalesce(max(id), 0) FROM callback_center.delivery_attempts")
