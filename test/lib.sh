@@ -14,7 +14,7 @@ CC_PG_USER=postgres
 # Debian packages the build, the tests, the demo and the benchmarks need.
 CC_PACKAGES="postgresql-$CC_PG_VERSION postgresql-server-dev-$CC_PG_VERSION
 postgresql-$CC_PG_VERSION-cron postgresql-contrib libcurl4-openssl-dev libssl-dev
-libipc-run-perl make gcc ca-certificates python3 curl procps nginx-light wrk"
+libipc-run-perl make gcc ca-certificates python3 curl procps iproute2 nginx-light wrk"
 
 cc_say() { printf '==> %s\n' "$*"; }
 
@@ -74,10 +74,14 @@ cc_work_copy() {
     echo "$dir"
 }
 
-# Prints a TCP port on 127.0.0.1 that nothing listens on.
+# Prints a TCP port on 127.0.0.1 that no socket uses: nothing listens on
+# it, and no connection has it as its local port.  The bases the scripts
+# pass lie in Linux's ephemeral range (32768-60999), so a client's
+# connection may hold one; a server cannot bind it then.
 cc_free_port() {
     local p=${1:-54320}
-    while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; do
+    while (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null ||
+        [ -n "$(ss -Htan "sport = :$p" 2>/dev/null)" ]; do
         p=$((p + 1))
     done
     echo "$p"
