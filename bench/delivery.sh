@@ -359,7 +359,7 @@ read -r n p50 p99 pmax <<<"$(latency_run "$LAT_HIGH" 4 "" 10)" || exit 1
 achieved=$((n / LAT_SECONDS))
 echo "    $n events ($achieved/s achieved): p50 $p50 ms, p99 $p99 ms, max $pmax ms"
 row "latency at ${LAT_HIGH}/s offered, 10 events a transaction ($achieved/s achieved), p99 / max" \
-    "$p99 ms / $pmax ms" "<= 50 ms" "report"
+    "$p99 ms / $pmax ms" "-" "report"
 bench_csv "delivery latency at ${LAT_HIGH}/s offered, 10 events a transaction ($achieved/s achieved)" \
     "$n" "events" "" "" "" "" "$p50" "$p99" "-" "report only"
 fi
